@@ -1,0 +1,262 @@
+"""The prepared-data format: parquet shards per split plus ``meta.json``.
+
+Layout of a prepared directory::
+
+    meta.json                  schema, cardinalities, rows per split, options, bad-row report
+    frequencies.safetensors    per sparse field, int64 train-split counts indexed by id (id 0 = OOV)
+    train/part-00000.parquet   columns: label, dense..., sparse...  (sparse ids are int32;
+    valid/part-00000.parquet            multi-hot fields are list<int32>)
+    test/part-00000.parquet
+
+Ids of every sparse field are assigned in descending train frequency, so id 1 is the most
+frequent value and id 0 is the OOV bucket (rare, unseen or missing values).
+
+Example::
+
+    meta = DatasetMeta.load("data/synth")
+    meta.sparse[0].name, meta.sparse[0].cardinality, meta.rows("train")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT_NAME = "ctr-compress/prepared"
+FORMAT_VERSION = 1
+SPLITS = ("train", "valid", "test")
+FREQUENCIES_FILE = "frequencies.safetensors"
+
+
+class PreparedDataError(ValueError):
+    """A prepared directory is missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class SparseField:
+    """One categorical field after encoding: ids live in ``[0, cardinality)``, 0 = OOV."""
+
+    name: str
+    cardinality: int
+    multi_hot: bool = False
+
+
+@dataclass
+class SplitInfo:
+    rows: int = 0
+    files: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DatasetMeta:
+    """Everything ``meta.json`` records about a prepared dataset."""
+
+    name: str
+    label: str
+    dense: list[str]
+    sparse: list[SparseField]
+    splits: dict[str, SplitInfo]
+    options: dict[str, Any] = field(default_factory=dict)
+    bad_rows: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    root: Path | None = None
+
+    def rows(self, split: str) -> int:
+        return self.split(split).rows
+
+    def split(self, split: str) -> SplitInfo:
+        if split not in self.splits:
+            raise PreparedDataError(
+                f"{self._where()}: no split {split!r}; available: {sorted(self.splits)}"
+            )
+        return self.splits[split]
+
+    def files(self, split: str) -> list[Path]:
+        assert self.root is not None, "meta was not loaded from a directory"
+        return [self.root / f for f in self.split(split).files]
+
+    @property
+    def sparse_names(self) -> list[str]:
+        return [f.name for f in self.sparse]
+
+    def frequencies(self) -> dict[str, np.ndarray]:
+        """Per-field train counts indexed by id (index 0 counts OOV occurrences)."""
+        assert self.root is not None, "meta was not loaded from a directory"
+        path = self.root / FREQUENCIES_FILE
+        if not path.exists():
+            raise PreparedDataError(f"{path}: missing frequency file")
+        tensors = load_file(str(path))
+        out = {}
+        for f in self.sparse:
+            if f.name not in tensors:
+                raise PreparedDataError(f"{path}: no frequencies for field {f.name!r}")
+            counts = tensors[f.name].numpy()
+            if counts.shape != (f.cardinality,):
+                raise PreparedDataError(
+                    f"{path}: field {f.name!r} has {counts.shape[0]} counts, "
+                    f"cardinality is {f.cardinality}"
+                )
+            out[f.name] = counts
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "name": self.name,
+            "label": self.label,
+            "dense": list(self.dense),
+            "sparse": [asdict(f) for f in self.sparse],
+            "frequencies": FREQUENCIES_FILE,
+            "splits": {k: asdict(v) for k, v in self.splits.items()},
+            "options": self.options,
+            "bad_rows": self.bad_rows,
+            **self.extra,
+        }
+
+    def save(self, root: str | os.PathLike) -> None:
+        atomic_write_text(Path(root) / "meta.json", json.dumps(self.to_json(), indent=2))
+
+    @classmethod
+    def load(cls, root: str | os.PathLike) -> DatasetMeta:
+        root = Path(root)
+        path = root / "meta.json"
+        if not path.exists():
+            raise PreparedDataError(
+                f"{root}: not a prepared dataset (no meta.json); "
+                "create one with `ctr synth` or `ctr prepare`"
+            )
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise PreparedDataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+        if raw.get("format") != FORMAT_NAME:
+            raise PreparedDataError(f"{path}: format is {raw.get('format')!r}, not {FORMAT_NAME}")
+        if raw.get("version") != FORMAT_VERSION:
+            raise PreparedDataError(f"{path}: unsupported version {raw.get('version')!r}")
+        known = {"format", "version", "name", "label", "dense", "sparse", "frequencies",
+                 "splits", "options", "bad_rows"}
+        try:
+            meta = cls(
+                name=raw["name"],
+                label=raw["label"],
+                dense=list(raw["dense"]),
+                sparse=[SparseField(**f) for f in raw["sparse"]],
+                splits={k: SplitInfo(**v) for k, v in raw["splits"].items()},
+                options=raw.get("options", {}),
+                bad_rows=raw.get("bad_rows", {}),
+                extra={k: v for k, v in raw.items() if k not in known},
+                root=root,
+            )
+        except (KeyError, TypeError) as e:
+            raise PreparedDataError(f"{path}: malformed meta.json ({e})") from e
+        for f in meta.sparse:
+            if f.cardinality < 1:
+                raise PreparedDataError(f"{path}: field {f.name!r} has cardinality {f.cardinality}")
+        return meta
+
+
+def arrow_schema(label: str, dense: list[str], sparse: list[SparseField]) -> pa.Schema:
+    fields = [pa.field(label, pa.float32())]
+    fields += [pa.field(d, pa.float32()) for d in dense]
+    fields += [
+        pa.field(f.name, pa.list_(pa.int32()) if f.multi_hot else pa.int32()) for f in sparse
+    ]
+    return pa.schema(fields)
+
+
+class ShardWriter:
+    """Writes one split as numbered parquet shards, each written atomically.
+
+    Rows arrive in chunks (``write(table)``) and are cut into shards of ``rows_per_shard``
+    so memory stays bounded by one shard whatever the split's size.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike, split: str, schema: pa.Schema, rows_per_shard: int = 1 << 20
+    ) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.schema = schema
+        self.rows_per_shard = rows_per_shard
+        self.info = SplitInfo()
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        (self.root / split).mkdir(parents=True, exist_ok=True)
+
+    def write(self, table: pa.Table) -> None:
+        table = table.select(self.schema.names).cast(self.schema)
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        while self._pending_rows >= self.rows_per_shard:
+            merged = pa.concat_tables(self._pending)
+            self._flush(merged.slice(0, self.rows_per_shard))
+            rest = merged.slice(self.rows_per_shard)
+            self._pending, self._pending_rows = [rest], rest.num_rows
+
+    def close(self) -> SplitInfo:
+        if self._pending_rows or not self.info.files:
+            self._flush(pa.concat_tables(self._pending) if self._pending else self.schema.empty_table())
+        self._pending, self._pending_rows = [], 0
+        return self.info
+
+    def _flush(self, table: pa.Table) -> None:
+        rel = f"{self.split}/part-{len(self.info.files):05d}.parquet"
+        path = self.root / rel
+        tmp = path.with_suffix(".parquet.tmp")
+        pq.write_table(table, tmp, row_group_size=1 << 16)
+        os.replace(tmp, path)
+        self.info.files.append(rel)
+        self.info.rows += table.num_rows
+
+
+def save_frequencies(root: str | os.PathLike, counts: Mapping[str, np.ndarray]) -> None:
+    path = Path(root) / FREQUENCIES_FILE
+    tmp = path.with_suffix(".tmp")
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)) for k, v in counts.items()},
+              str(tmp))
+    os.replace(tmp, path)
+
+
+def frequency_order(counts: np.ndarray, min_count: int = 1) -> tuple[np.ndarray, int]:
+    """Maps raw value indices to ids in descending-frequency order.
+
+    ``counts[i]`` is the train count of raw value ``i``. Returns ``(remap, cardinality)`` where
+    ``remap[i]`` is the id of raw value ``i`` (0 when its count is below ``min_count``) and
+    ``cardinality`` counts the OOV id. Ties keep raw order, so the mapping is deterministic.
+    """
+    order = np.argsort(-counts, kind="stable")
+    kept = int((counts >= max(min_count, 1)).sum())
+    remap = np.zeros(len(counts), dtype=np.int64)
+    remap[order[:kept]] = np.arange(1, kept + 1)
+    return remap, kept + 1
+
+
+def encoded_counts(remap: np.ndarray, counts: np.ndarray, cardinality: int) -> np.ndarray:
+    """Train counts indexed by encoded id (index 0 sums all values folded into OOV)."""
+    return np.bincount(remap, weights=counts, minlength=cardinality).astype(np.int64)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def iter_tables(paths: Iterable[Path], columns: list[str] | None = None) -> Iterable[pa.Table]:
+    for p in paths:
+        try:
+            yield pq.read_table(p, columns=columns)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise PreparedDataError(f"{p}: cannot read parquet shard ({e})") from e
