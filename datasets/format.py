@@ -4,6 +4,7 @@ Layout of a prepared directory::
 
     meta.json                  schema, cardinalities, rows per split, options, bad-row report
     frequencies.safetensors    per sparse field, int64 train-split counts indexed by id (id 0 = OOV)
+    vocab.parquet              raw value -> id per sparse field (columns field, value, id; id >= 1)
     train/part-00000.parquet   columns: label, dense..., sparse...  (sparse ids are int32;
     valid/part-00000.parquet            multi-hot fields are list<int32>)
     test/part-00000.parquet
@@ -36,6 +37,7 @@ FORMAT_NAME = "ctr-compress/prepared"
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
 FREQUENCIES_FILE = "frequencies.safetensors"
+VOCAB_FILE = "vocab.parquet"
 
 
 class PreparedDataError(ValueError):
@@ -245,6 +247,37 @@ def frequency_order(counts: np.ndarray, min_count: int = 1) -> tuple[np.ndarray,
 def encoded_counts(remap: np.ndarray, counts: np.ndarray, cardinality: int) -> np.ndarray:
     """Train counts indexed by encoded id (index 0 sums all values folded into OOV)."""
     return np.bincount(remap, weights=counts, minlength=cardinality).astype(np.int64)
+
+
+def save_vocab(root: str | os.PathLike, vocab: Mapping[str, tuple[pa.Array, np.ndarray]]) -> None:
+    """Writes ``{field: (raw values as strings, their ids)}``; values absent from it are OOV."""
+    parts = []
+    for name, (values, ids) in vocab.items():
+        values = pa.array(values, pa.string()) if not isinstance(values, pa.Array) else values
+        parts.append(pa.table({
+            "field": pa.array([name] * len(values), pa.string()),
+            "value": values.cast(pa.string()),
+            "id": pa.array(np.asarray(ids, dtype=np.int32)),
+        }))
+    schema = pa.schema([("field", pa.string()), ("value", pa.string()), ("id", pa.int32())])
+    table = pa.concat_tables(parts) if parts else schema.empty_table()
+    path = Path(root) / VOCAB_FILE
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def load_vocab(root: str | os.PathLike) -> dict[str, dict[str, int]]:
+    """``{field: {raw value: id}}`` as written by :func:`save_vocab`."""
+    path = Path(root) / VOCAB_FILE
+    if not path.exists():
+        raise PreparedDataError(f"{path}: missing vocabulary file")
+    table = pq.read_table(path)
+    out: dict[str, dict[str, int]] = {}
+    for name, value, id_ in zip(table["field"].to_pylist(), table["value"].to_pylist(),
+                                table["id"].to_pylist(), strict=True):
+        out.setdefault(name, {})[value] = id_
+    return out
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

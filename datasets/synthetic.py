@@ -39,6 +39,7 @@ from datasets.format import (
     encoded_counts,
     frequency_order,
     save_frequencies,
+    save_vocab,
 )
 
 # Distinct values per categorical field in Criteo Kaggle's train.txt (C1..C26).
@@ -324,6 +325,11 @@ def generate_synthetic(
             for i, s in enumerate(sparse)
         },
     )
+    # Raw values of a synthetic field are its Zipf ranks, written as decimal strings.
+    save_vocab(out, {
+        s.name: (np.flatnonzero(remaps[i]).astype(str), remaps[i][remaps[i] > 0])
+        for i, s in enumerate(sparse)
+    })
     meta = DatasetMeta(
         name="synthetic-criteo",
         label=label,
