@@ -79,7 +79,7 @@ class DatasetMeta:
     def split(self, split: str) -> SplitInfo:
         if split not in self.splits:
             raise PreparedDataError(
-                f"{self._where()}: no split {split!r}; available: {sorted(self.splits)}"
+                f"{self.root or self.name}: no split {split!r}; available: {sorted(self.splits)}"
             )
         return self.splits[split]
 

@@ -241,10 +241,11 @@ def _split_bounds(config: SyntheticConfig) -> dict[str, tuple[int, int]]:
     }
 
 
-def _chunks(gen: _Generator, stop: int) -> Iterator[_Chunk]:
-    size = gen.config.chunk_rows
-    for index, start in enumerate(range(0, stop, size)):
-        yield gen.chunk(index, start, min(size, stop - start))
+def _chunks(gen: _Generator) -> Iterator[_Chunk]:
+    """The dataset's chunks; both passes draw exactly these, so counts match what is written."""
+    size, rows = gen.config.chunk_rows, gen.config.rows
+    for index, start in enumerate(range(0, rows, size)):
+        yield gen.chunk(index, start, min(size, rows - start))
 
 
 def generate_synthetic(
@@ -261,17 +262,22 @@ def generate_synthetic(
     names = [f"C{i + 1}" for i in range(gen.num_single)]
     names += [f"M{i + 1}" for i in range(config.multi_hot_fields)]
     dense_names = [f"I{i + 1}" for i in range(config.num_dense)]
-    n_chunks = math.ceil(config.rows / config.chunk_rows)
 
     # Pass 1: train-split counts per raw value.
     counts = [np.zeros(n, dtype=np.int64) for n in gen.sizes]
     bar = tqdm(total=n_train + config.rows, desc="synth", unit="rows", disable=not progress)
-    for chunk in _chunks(gen, n_train):
+    for chunk in _chunks(gen):
+        if chunk.start >= n_train:
+            break
+        keep = min(len(chunk.dense), n_train - chunk.start)
         for f in range(gen.num_single):
-            counts[f] += np.bincount(chunk.ranks[:, f], minlength=gen.sizes[f])
-        for m, values in enumerate(chunk.multi_values):
-            counts[gen.num_single + m] += np.bincount(values, minlength=gen.sizes[gen.num_single + m])
-        bar.update(len(chunk.dense))
+            counts[f] += np.bincount(chunk.ranks[:keep, f], minlength=gen.sizes[f])
+        for m, (values, lengths) in enumerate(zip(chunk.multi_values, chunk.multi_lengths,
+                                                  strict=True)):
+            kept_values = values[: int(lengths[:keep].sum())]
+            counts[gen.num_single + m] += np.bincount(kept_values,
+                                                      minlength=gen.sizes[gen.num_single + m])
+        bar.update(keep)
     remaps, cards = zip(*(frequency_order(c, config.min_count) for c in counts), strict=True)
     sparse = [
         SparseField(name, card, multi_hot=i >= gen.num_single)
@@ -283,9 +289,8 @@ def generate_synthetic(
     schema = arrow_schema(label, dense_names, sparse)
     writers = {s: ShardWriter(out, s, schema, config.rows_per_shard) for s in SPLITS}
     scored: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"valid": [], "test": []}
-    for index in range(n_chunks):
-        start = index * config.chunk_rows
-        chunk = gen.chunk(index, start, min(config.chunk_rows, config.rows - start))
+    for index, chunk in enumerate(_chunks(gen)):
+        start = chunk.start
         logit = gen.logits(chunk)
         p = 1.0 / (1.0 + np.exp(-logit))
         labels = (np.random.default_rng([config.seed, 2, index]).random(len(p)) < p).astype(np.float32)

@@ -1,0 +1,278 @@
+"""Physical tables: trained as a TorchRec ``EmbeddingBagCollection``, served by fbgemm.
+
+Training storage is an EBC (so DMP can shard it, and the trainer can swap it for a fused
+``FusedEmbeddingBagCollection`` whose optimizer runs inside fbgemm's backward). Serving storage
+is one ``IntNBitTableBatchedEmbeddingBagsCodegen`` holding every table at its own dtype.
+
+Serving bytes follow fbgemm's inference row format (CPU row alignment 1): fp32 ``4·d``, fp16
+``2·d``, intN ``d·N/8 + 4`` (an fp16 scale and an fp16 bias lead each row).
+
+Example::
+
+    tables = [TableSpec("t0", rows=1000, dim=16, dtype="int8")]
+    train = TrainTables(tables, [Lookup("C1", "t0")])
+    packed = {t.name: pack_rows(w, t.dtype) for t, w in zip(tables, train.weights().values())}
+    serve = ServeTables(tables, [Lookup("C1", "t0")], packed)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torchrec.optim as trec_optim
+from fbgemm_gpu.split_embedding_configs import SparseType
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (
+    IntNBitTableBatchedEmbeddingBagsCodegen,
+)
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+
+BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
+SCALE_BIAS_BYTES = 4
+_SPARSE_TYPES = {
+    "fp32": SparseType.FP32, "fp16": SparseType.FP16, "int8": SparseType.INT8,
+    "int4": SparseType.INT4, "int2": SparseType.INT2,
+}
+TABLE_OPTIMIZERS = {
+    "sgd": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
+    "rowwise_adagrad": trec_optim.RowWiseAdagrad,
+}
+
+
+def check_dtype(dtype: str, dim: int) -> None:
+    if dtype not in BITS:
+        raise ValueError(f"unknown storage dtype {dtype!r}; choose from {sorted(BITS)}")
+    if (dim * BITS[dtype]) % 8:
+        raise ValueError(f"{dtype} storage needs dim * bits divisible by 8, got dim={dim}")
+
+
+def row_bytes(dim: int, dtype: str) -> int:
+    """Bytes of one served row in fbgemm's inference format."""
+    check_dtype(dtype, dim)
+    payload = dim * BITS[dtype] // 8
+    return payload + (SCALE_BIAS_BYTES if dtype.startswith("int") else 0)
+
+
+def optimizer_state_bytes(rows: int, dim: int, optimizer: str) -> int:
+    """Optimizer state an fbgemm fused optimizer keeps for one fp32 table."""
+    per_row = {"sgd": 0, "rowwise_adagrad": 1, "adagrad": dim}
+    if optimizer not in per_row:
+        raise ValueError(f"unknown table optimizer {optimizer!r}; choose from {sorted(per_row)}")
+    return rows * per_row[optimizer] * 4
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One physical table: ``rows × dim`` trained in fp32, served at ``dtype``."""
+
+    name: str
+    rows: int
+    dim: int
+    dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.rows < 1 or self.dim < 1:
+            raise ValueError(f"table {self.name!r}: rows and dim must be positive")
+        check_dtype(self.dtype, self.dim)
+
+    @property
+    def serve_bytes(self) -> int:
+        return self.rows * row_bytes(self.dim, self.dtype)
+
+    def train_bytes(self, optimizer: str) -> int:
+        return self.rows * self.dim * 4 + optimizer_state_bytes(self.rows, self.dim, optimizer)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """One pooled lookup: rows keyed ``key`` are read from ``table`` and pooled.
+
+    The pooled vector lands in ``field``'s output columns ``[start, start + table dim)``;
+    term-0 lookups tile every field, a lookup of term ``t > 0`` is combined into the same
+    columns (QR's second table). Storage only reads ``key`` and ``table``.
+    """
+
+    key: str
+    table: str
+    field: int = 0
+    start: int = 0
+    term: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def pack_rows(weight: torch.Tensor, dtype: str) -> torch.Tensor:
+    """fp32 rows -> the exact tensor an artifact stores for ``dtype``.
+
+    fp32/fp16 stay float tensors; intN become uint8 rows ``[scale fp16 | bias fp16 | codes]``
+    (fbgemm's row-wise asymmetric min/max quantisation, codes packed low bits first).
+    """
+    check_dtype(dtype, weight.shape[1])
+    weight = weight.detach().float().contiguous()
+    if dtype == "fp32":
+        return weight.clone()
+    if dtype == "fp16":
+        return weight.half()
+    fused = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(weight, BITS[dtype])
+    # fbgemm's quantiser appends scale/bias; the inference TBE expects them first.
+    return torch.cat([fused[:, -SCALE_BIAS_BYTES:], fused[:, :-SCALE_BIAS_BYTES]], dim=1)
+
+
+def unpack_rows(packed: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Inverse of :func:`pack_rows` (dequantised to fp32)."""
+    if dtype in ("fp32", "fp16"):
+        return packed.float()
+    fused = torch.cat([packed[:, SCALE_BIAS_BYTES:], packed[:, :SCALE_BIAS_BYTES]], dim=1)
+    return torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(fused.contiguous(), BITS[dtype])
+
+
+def _column_order(lookups: Sequence[Lookup]) -> list[Lookup]:
+    """Lookups grouped by table (tables in first-use order), as an EBC is configured."""
+    order = list(dict.fromkeys(lk.table for lk in lookups))
+    return [lk for t in order for lk in lookups if lk.table == t]
+
+
+def _validate(tables: Sequence[TableSpec], lookups: Sequence[Lookup]) -> None:
+    names = [t.name for t in tables]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate table names in {names}")
+    keys = [lk.key for lk in lookups]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate lookup keys")
+    unknown = {lk.table for lk in lookups} - set(names)
+    if unknown:
+        raise ValueError(f"lookups read unknown tables {sorted(unknown)}")
+    unused = set(names) - {lk.table for lk in lookups}
+    if unused:
+        raise ValueError(f"tables {sorted(unused)} are never looked up")
+
+
+class TrainTables(nn.Module):
+    """Trainable fp32 tables behind one ``EmbeddingBagCollection``.
+
+    ``forward`` takes a KJT keyed by lookup keys (in ``lookups`` order) and returns
+    ``[B, Σ dim]`` with each lookup's pooled vector in ``lookups`` order.
+    """
+
+    def __init__(
+        self, tables: Sequence[TableSpec], lookups: Sequence[Lookup], init_scale: float = 0.01
+    ) -> None:
+        super().__init__()
+        _validate(tables, lookups)
+        self.tables = list(tables)
+        self.lookups = list(lookups)
+        emitted = _column_order(lookups)
+        by_name = {t.name: t for t in tables}
+        init = functools.partial(nn.init.uniform_, a=-init_scale, b=init_scale)
+        configs = [
+            EmbeddingBagConfig(
+                name=name,
+                num_embeddings=by_name[name].rows,
+                embedding_dim=by_name[name].dim,
+                feature_names=[lk.key for lk in emitted if lk.table == name],
+                init_fn=init,
+            )
+            for name in dict.fromkeys(lk.table for lk in emitted)
+        ]
+        self.ebc: nn.Module = EmbeddingBagCollection(tables=configs)
+        self._keys = [lk.key for lk in lookups]
+        self._perms: dict[tuple[str, ...], torch.Tensor | None] = {}
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        pooled = self.ebc(features)
+        # EBCs emit lookups grouped by table, and a sharded EBC in its own sharding order:
+        # reorder by key into lookup order (cached per emitted order; usually a no-op).
+        keys = tuple(pooled.keys())
+        if keys not in self._perms:
+            self._perms[keys] = _permutation(keys, pooled.length_per_key(), self._keys)
+        perm = self._perms[keys]
+        out = pooled.values()
+        return out if perm is None else out.index_select(1, perm.to(out.device))
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Each table's fp32 weights (views), by table name."""
+        return {t.name: self.ebc.embedding_bags[t.name].weight for t in self.tables}
+
+    def fuse(self, optimizer: str, lr: float, **kwargs: Any) -> None:
+        """Swaps the EBC for a fused one whose optimizer runs in fbgemm's backward.
+
+        Weights are carried over; the fused tables stop being ordinary autograd parameters.
+        """
+        if optimizer not in TABLE_OPTIMIZERS:
+            raise ValueError(f"unknown table optimizer {optimizer!r}; choose from {sorted(TABLE_OPTIMIZERS)}")
+        if isinstance(self.ebc, FusedEmbeddingBagCollection):
+            return
+        old = self.weights()
+        fused = FusedEmbeddingBagCollection(
+            tables=self.ebc.embedding_bag_configs(),
+            optimizer_type=TABLE_OPTIMIZERS[optimizer],
+            optimizer_kwargs={"lr": lr, **kwargs},
+            device=torch.device("cpu"),
+        )
+        with torch.no_grad():
+            for name, w in old.items():
+                fused.embedding_bags[name].weight.copy_(w)
+        self.ebc = fused
+
+
+def _permutation(
+    emitted: Sequence[str], widths: Sequence[int], wanted: Sequence[str]
+) -> torch.Tensor | None:
+    """Columns that reorder pooled lookups from ``emitted`` key order to ``wanted`` order."""
+    if list(emitted) == list(wanted):
+        return None
+    spans, start = {}, 0
+    for key, width in zip(emitted, widths, strict=True):
+        spans[key] = (start, start + width)
+        start += width
+    return torch.cat([torch.arange(*spans[k]) for k in wanted])
+
+
+class ServeTables(nn.Module):
+    """The same tables packed for fbgemm's int-N inference kernel (one TBE for all tables)."""
+
+    def __init__(
+        self,
+        tables: Sequence[TableSpec],
+        lookups: Sequence[Lookup],
+        packed: Mapping[str, torch.Tensor],
+    ) -> None:
+        super().__init__()
+        _validate(tables, lookups)
+        index = {t.name: i for i, t in enumerate(tables)}
+        self.tbe = IntNBitTableBatchedEmbeddingBagsCodegen(
+            embedding_specs=[
+                (t.name, t.rows, t.dim, _SPARSE_TYPES[t.dtype], EmbeddingLocation.HOST)
+                for t in tables
+            ],
+            feature_table_map=[index[lk.table] for lk in lookups],
+            device="cpu",
+            pooling_mode=PoolingMode.SUM,
+            output_dtype=SparseType.FP32,
+            row_alignment=1,
+        )
+        self.tbe.initialize_weights()
+        for t, (dest, _, _) in zip(tables, self.tbe.split_embedding_weights_with_scale_bias(0),
+                                   strict=True):
+            src = packed[t.name]
+            expected = (t.rows, row_bytes(t.dim, t.dtype))
+            as_bytes = src.contiguous().view(torch.uint8).view(t.rows, -1)
+            if tuple(as_bytes.shape) != expected:
+                raise ValueError(
+                    f"table {t.name!r}: packed shape {tuple(as_bytes.shape)} bytes, expected {expected}"
+                )
+            dest.copy_(as_bytes)
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        return self.tbe(features.values().int(), features.offsets().int())

@@ -1,0 +1,237 @@
+"""Serving artifacts: ``manifest.json`` + ``tensors.safetensors``, loadable without pickle.
+
+The safetensors file holds the embedding's serving tensors under ``embedding.`` (their bytes
+are exactly the method's ``serve_bytes``) and the rest of the model under ``model.``; the
+manifest records schema, method, dims, dtypes, shapes and sha256 checksums, all verified on
+load. ``CompactModel`` rebuilds the model around fbgemm's int-N serving kernels.
+
+Example::
+
+    export(model, "artifacts/deepfm", dataset="data/synth")
+    compact = CompactModel.load("artifacts/deepfm")
+    probs = compact.predict_loader(BatchLoader("data/synth", "test"))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torchrec import KeyedJaggedTensor
+
+from compressors import ExportedEmbedding, build_serving
+from ctr.models import MODELS, CTRModel
+from datasets.format import VOCAB_FILE, DatasetMeta
+from datasets.loader import BatchLoader
+
+ARTIFACT_FORMAT = "ctr-compress/artifact"
+ARTIFACT_VERSION = 1
+TENSORS_FILE = "tensors.safetensors"
+MANIFEST_FILE = "manifest.json"
+EMBEDDING_PREFIX = "embedding."
+MODEL_PREFIX = "model."
+
+
+class ArtifactError(ValueError):
+    """An artifact that is missing, corrupt or inconsistent with its manifest."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export(
+    model: CTRModel,
+    path: str | os.PathLike,
+    dataset: str | os.PathLike | DatasetMeta | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Writes the artifact directory ``path`` atomically; returns its manifest.
+
+    ``dataset`` (optional) contributes the schema and vocabulary so the artifact can
+    predict from raw feature values.
+    """
+    path = Path(path)
+    embedding = model.embedding.export()
+    tensors = {EMBEDDING_PREFIX + k: v.detach().contiguous() for k, v in embedding.tensors.items()}
+    for k, v in model.state_dict().items():
+        if not k.startswith("embedding."):
+            tensors[MODEL_PREFIX + k] = v.detach().contiguous()
+    memory = model.embedding.memory()
+    meta = dataset if isinstance(dataset, DatasetMeta) or dataset is None else DatasetMeta.load(dataset)
+    manifest: dict[str, Any] = {
+        "format": ARTIFACT_FORMAT,
+        "version": ARTIFACT_VERSION,
+        "model": {"name": model.name, "options": model.options, "num_dense": model.num_dense},
+        "features": [f.to_json() for f in model.embedding.features],
+        "embedding": {
+            "kind": embedding.kind,
+            "method": model.embedding.method,
+            "dim": model.embedding.dim,
+            "config": embedding.config,
+            "serve_bytes": embedding.nbytes,
+            "memory": memory.to_json(),
+        },
+        "tensors": {
+            k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
+            for k, v in tensors.items()
+        },
+        "dataset": None if meta is None else {
+            "name": meta.name, "label": meta.label, "dense": meta.dense,
+            "sparse": [f.name for f in meta.sparse], "options": meta.options,
+        },
+        **(extra or {}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_file(tensors, str(tmp / TENSORS_FILE))
+        manifest["files"] = {TENSORS_FILE: _sha256(tmp / TENSORS_FILE)}
+        if meta is not None and meta.root is not None and (meta.root / VOCAB_FILE).exists():
+            shutil.copyfile(meta.root / VOCAB_FILE, tmp / VOCAB_FILE)
+            manifest["files"][VOCAB_FILE] = _sha256(tmp / VOCAB_FILE)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+class ServingEmbedding(nn.Module):
+    """A serving module with the attributes models expect of an embedding layer."""
+
+    def __init__(self, module: nn.Module, num_features: int, dim: int, method: str) -> None:
+        super().__init__()
+        self.module = module
+        self.num_features = num_features
+        self.dim = dim
+        self.method = method
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        return self.module(features)
+
+
+class CompactModel(nn.Module):
+    """A loaded artifact: the model over low-precision serving tables.
+
+    ``forward(dense, sparse)`` returns logits like the trained model; ``predict_loader``
+    returns click probabilities for a prepared split.
+    """
+
+    def __init__(self, model: CTRModel, manifest: dict[str, Any], root: Path) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.manifest = manifest
+        self.root = root
+
+    @property
+    def serve_bytes(self) -> int:
+        return int(self.manifest["embedding"]["serve_bytes"])
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f["name"] for f in self.manifest["features"]]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, verify: bool = True) -> CompactModel:
+        root = Path(path)
+        manifest = read_manifest(root)
+        tensor_file = root / TENSORS_FILE
+        if verify:
+            for name, digest in manifest["files"].items():
+                if not (root / name).exists():
+                    raise ArtifactError(f"{root / name}: missing (listed in the manifest)")
+                if _sha256(root / name) != digest:
+                    raise ArtifactError(f"{root / name}: checksum mismatch — the file is corrupt")
+        try:
+            tensors = load_file(str(tensor_file))
+        except (SafetensorError, OSError) as e:
+            raise ArtifactError(f"{tensor_file}: unreadable ({e})") from e
+        _check_tensors(tensors, manifest["tensors"], tensor_file)
+        emb = manifest["embedding"]
+        exported = ExportedEmbedding(
+            kind=emb["kind"],
+            config=emb["config"],
+            tensors={k[len(EMBEDDING_PREFIX):]: v for k, v in tensors.items()
+                     if k.startswith(EMBEDDING_PREFIX)},
+        )
+        serving = ServingEmbedding(build_serving(exported), len(manifest["features"]), emb["dim"],
+                                   emb["method"])
+        spec = manifest["model"]
+        if spec["name"] not in MODELS:
+            raise ArtifactError(f"{root}: unknown model {spec['name']!r}")
+        model = MODELS[spec["name"]](serving, spec["num_dense"], **spec["options"])
+        dense = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+        result = model.load_state_dict(dense, strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith("embedding.")]
+        if missing or result.unexpected_keys:
+            raise ArtifactError(
+                f"{tensor_file}: weights do not fit model {spec['name']!r} "
+                f"(missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})"
+            )
+        return cls(model, manifest, root)
+
+    @torch.no_grad()
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        return self.model(dense, sparse)
+
+    @torch.no_grad()
+    def predict_loader(self, loader: BatchLoader) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, labels) over every batch of ``loader``."""
+        probs, labels = [], []
+        for batch in loader.epoch(0):
+            probs.append(torch.sigmoid(self.model(batch.dense_features, batch.sparse_features)))
+            labels.append(batch.labels)
+        return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    path = root / MANIFEST_FILE
+    if not path.exists():
+        raise ArtifactError(f"{root}: not an artifact (no {MANIFEST_FILE})")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    if manifest.get("format") != ARTIFACT_FORMAT or manifest.get("version") != ARTIFACT_VERSION:
+        raise ArtifactError(
+            f"{path}: format {manifest.get('format')!r} v{manifest.get('version')} is not "
+            f"{ARTIFACT_FORMAT} v{ARTIFACT_VERSION}"
+        )
+    for key in ("model", "features", "embedding", "tensors", "files"):
+        if key not in manifest:
+            raise ArtifactError(f"{path}: manifest lacks {key!r}")
+    return manifest
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, Any], where: Path) -> None:
+    if set(tensors) != set(expected):
+        raise ArtifactError(
+            f"{where}: tensors differ from the manifest "
+            f"(extra {sorted(set(tensors) - set(expected))[:5]}, "
+            f"missing {sorted(set(expected) - set(tensors))[:5]})"
+        )
+    for name, spec in expected.items():
+        t = tensors[name]
+        if list(t.shape) != spec["shape"] or str(t.dtype).removeprefix("torch.") != spec["dtype"]:
+            raise ArtifactError(
+                f"{where}: tensor {name!r} is {t.dtype} {list(t.shape)}, "
+                f"manifest says {spec['dtype']} {spec['shape']}"
+            )

@@ -1,0 +1,283 @@
+"""The ``ctr`` command line: synth, prepare, train, export, predict, demo, methods."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EPILOG_SYNTH = """example:
+  ctr synth --rows 1000000 --out data/synth
+  ctr synth --rows 200000 --scale 0.001 --multi-hot 2 --out data/small"""
+EPILOG_TRAIN = """examples:
+  ctr train --data data/synth --model deepfm --compressor full --budget 1x --dim 16 --epochs 1 --out runs/deepfm
+  ctr train --data data/synth --model dcnv2 --compressor full --method-opt shared=true --out runs/shared
+  torchrun --nproc_per_node 2 -m ctr.cli train --data data/synth --out runs/dmp   # TorchRec DMP
+An interrupted run resumes exactly when the same command is run again."""
+EPILOG_EXPORT = """examples:
+  ctr export runs/deepfm --out artifacts/deepfm
+  ctr export runs/deepfm --out artifacts/deepfm-int8 --storage int8"""
+EPILOG_PREDICT = """example:
+  ctr predict artifacts/deepfm --data data/synth --split test --out preds.csv"""
+EPILOG_DEMO = """example:
+  ctr demo --out demo-output            # synthetic data -> DeepFM -> artifact -> predictions"""
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _options(pairs: list[str] | None, flag: str) -> dict[str, Any]:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"{flag} expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip().replace("-", "_")] = _value(value)
+    return out
+
+
+def _budget(text: str) -> str | float | int:
+    value = _value(text)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else text
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from datasets.synthetic import SyntheticConfig, generate_synthetic
+
+    config = SyntheticConfig(rows=args.rows, scale=args.scale, multi_hot_fields=args.multi_hot,
+                             seed=args.seed)
+    meta = generate_synthetic(args.out, config, progress=not args.no_progress)
+    teacher = meta.extra["teacher"]
+    print(f"wrote {args.out}: {sum(s.rows for s in meta.splits.values()):,} rows, "
+          f"{len(meta.sparse)} sparse fields ({sum(f.cardinality for f in meta.sparse):,} ids), "
+          f"{len(meta.dense)} dense; teacher test AUC {teacher['test_auc']:.4f}")
+    return 0
+
+
+def _run_config(args: argparse.Namespace) -> Any:
+    from ctr.run import RunConfig
+    from ctr.trainer import TrainConfig
+
+    train = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, table_lr=args.table_lr,
+        table_optimizer=args.table_optimizer, eval_every=args.eval_every,
+        patience=args.patience, seed=args.seed, max_steps=args.max_steps,
+        progress=not args.no_progress,
+    )
+    return RunConfig(
+        data=str(args.data), model=args.model, model_options=_options(args.model_opt, "--model-opt"),
+        dim=args.dim, compressor=args.compressor, budget=_budget(args.budget),
+        method_options=_options(args.method_opt, "--method-opt"), train=train,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from compressors.budget import describe_bytes
+    from ctr.distributed import init_from_env, shutdown
+    from ctr.run import train_run
+
+    info = init_from_env()
+    try:
+        summary = train_run(_run_config(args), args.out, info)
+    finally:
+        if info is not None:
+            shutdown()
+    if info is not None and not info.is_main:
+        return 0
+    if not summary["finished"]:
+        print(f"stopped after {summary['steps']} steps (max_steps); run again to resume")
+        return 0
+    teacher = summary.get("teacher_test_auc")
+    print(
+        f"{summary['model']} + {summary['compressor']} @ {summary['budget']}: "
+        f"test AUC {summary['test_auc']:.4f}, logloss {summary['test_logloss']:.4f}"
+        + (f" (teacher AUC {teacher:.4f})" if teacher else "")
+        + f"; serve {describe_bytes(summary['serve_bytes'])} ({summary['ratio']:.1f}x), "
+        f"train {describe_bytes(summary['train_bytes'])}; "
+        f"{summary['samples_per_sec']:,.0f} samples/s -> {args.out}/summary.json"
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from compressors.budget import describe_bytes
+    from ctr.artifact import export
+    from ctr.run import RunConfig, build_run_model, load_run_model
+
+    if args.storage:
+        cfg = RunConfig.load(args.run)
+        cfg.method_options["storage"] = args.storage
+        model = build_run_model(cfg)
+        model.load_state_dict(torch.load(Path(args.run) / "model.pt", weights_only=True))
+    else:
+        model, cfg = load_run_model(args.run)
+    manifest = export(model, args.out, dataset=cfg.data,
+                      extra={"run": {"dir": str(args.run), "config": cfg.to_json()}})
+    emb = manifest["embedding"]
+    print(f"exported {args.run} -> {args.out}: embeddings {describe_bytes(emb['serve_bytes'])} "
+          f"({emb['memory']['full_bytes'] / emb['serve_bytes']:.1f}x smaller than fp32)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ctr.artifact import CompactModel
+    from ctr.metrics import auc_logloss
+    from datasets.loader import BatchLoader
+
+    model = CompactModel.load(args.artifact)
+    loader = BatchLoader(args.data, args.split, batch_size=args.batch_size)
+    if loader.keys != model.feature_names:
+        raise SystemExit(
+            f"{args.data} has sparse fields {loader.keys[:5]}..., the artifact expects "
+            f"{model.feature_names[:5]}..."
+        )
+    start = time.perf_counter()
+    probs, labels = model.predict_loader(loader)
+    elapsed = time.perf_counter() - start
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        np.savetxt(tmp, np.stack([probs, labels], 1), delimiter=",", header="prob,label",
+                   comments="", fmt=["%.6f", "%g"])
+        tmp.replace(out)
+    metrics = auc_logloss(labels, probs)
+    print(f"{len(probs):,} predictions in {elapsed:.2f}s ({len(probs) / elapsed:,.0f}/s); "
+          f"AUC {metrics['auc']:.4f}, logloss {metrics['logloss']:.4f}"
+          + (f" -> {args.out}" if args.out else ""))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    data = out / "data"
+    started = time.perf_counter()
+    if not (data / "meta.json").exists():
+        cmd_synth(argparse.Namespace(rows=args.rows, scale=0.01, multi_hot=0, seed=0, out=data,
+                                     no_progress=False))
+    run = out / "run-deepfm-full"
+    train_args = build_parser().parse_args([
+        "train", "--data", str(data), "--model", "deepfm", "--compressor", "full",
+        "--budget", "1x", "--dim", "16", "--epochs", "1", "--out", str(run),
+    ])
+    cmd_train(train_args)
+    for storage in ("", "int8"):
+        target = out / f"artifact-deepfm-{storage or 'fp32'}"
+        cmd_export(argparse.Namespace(run=run, out=target, storage=storage))
+        cmd_predict(argparse.Namespace(artifact=target, data=data, split="test",
+                                       batch_size=16384, out=target / "test-predictions.csv"))
+    print(f"demo finished in {time.perf_counter() - started:.0f}s; outputs under {out}/")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from compressors import available, method_options
+
+    for name in available():
+        opts = ", ".join(f"{k}={v!r}" for k, v in method_options(name).items())
+        print(f"{name:12s} {opts}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctr", description="Train, compress and serve CTR embedding tables.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("synth", help="generate the synthetic Criteo-like dataset",
+                       epilog=EPILOG_SYNTH, formatter_class=fmt)
+    p.add_argument("--rows", type=int, default=1_000_000, help="total rows (80/10/10 split)")
+    p.add_argument("--scale", type=float, default=0.01, help="factor on Criteo's cardinalities")
+    p.add_argument("--multi-hot", type=int, default=0, help="extra multi-hot fields")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("train", help="train a CTR model under an embedding budget",
+                       epilog=EPILOG_TRAIN, formatter_class=fmt)
+    p.add_argument("--data", required=True, type=Path, help="prepared dataset directory")
+    p.add_argument("--model", default="deepfm", help="lr, fm, wide_deep, deepfm, dcnv2, dlrm")
+    p.add_argument("--model-opt", action="append", metavar="KEY=VALUE",
+                   help="model option, e.g. hidden=[256,128] (repeatable)")
+    p.add_argument("--compressor", default="full", help="method name (see `ctr methods`)")
+    p.add_argument("--budget", default="1x", help="'10x', a fraction like 0.1, '25MB' or bytes")
+    p.add_argument("--method-opt", action="append", metavar="KEY=VALUE",
+                   help="method option, e.g. shared=true or storage=int8 (repeatable)")
+    p.add_argument("--dim", type=int, default=16, help="embedding dim of the model")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam lr of dense parameters")
+    p.add_argument("--table-lr", type=float, default=0.05, help="lr of the fused table optimizer")
+    p.add_argument("--table-optimizer", default="rowwise_adagrad",
+                   choices=["rowwise_adagrad", "adagrad", "sgd"])
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evals (0: per epoch)")
+    p.add_argument("--patience", type=int, default=2, help="evals without improvement to stop")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (resumable)")
+    p.add_argument("--out", required=True, type=Path, help="run directory")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="export a finished run to a serving artifact",
+                       epilog=EPILOG_EXPORT, formatter_class=fmt)
+    p.add_argument("run", type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--storage", default="", help="serve tables at fp16/int8/int4/int2 instead")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="predict a prepared split with an artifact",
+                       epilog=EPILOG_PREDICT, formatter_class=fmt)
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--split", default="test")
+    p.add_argument("--batch-size", type=int, default=16384)
+    p.add_argument("--out", type=Path, default=None, help="CSV of prob,label")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("demo", help="the end-to-end default: synth -> train -> export -> predict",
+                       epilog=EPILOG_DEMO, formatter_class=fmt)
+    p.add_argument("--out", type=Path, default=Path("demo-output"))
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("methods", help="list compression methods and their options")
+    p.set_defaults(func=cmd_methods)
+
+    try:
+        from datasets.prepare.cli import add_prepare_parser
+    except ImportError:
+        pass
+    else:
+        add_prepare_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, KeyError, TypeError, OSError, RuntimeError) as e:
+        if os.environ.get("CTR_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

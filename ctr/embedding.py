@@ -1,0 +1,92 @@
+"""The unified embedding layer — the only thing models see of the embedding tables.
+
+Example::
+
+    layer = EmbeddingLayer(features, dim=16, compressor="full", budget="1x")
+    layer = EmbeddingLayer.from_dataset("data/synth", dim=16, compressor="full", shared=True)
+    emb = layer(batch.sparse_features)     # [B, F, 16], whatever the backend
+    layer.memory().serve_bytes
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchrec import KeyedJaggedTensor
+
+from compressors import Compressor, ExportedEmbedding, FeatureSpec, MemoryReport, build_compressor
+from compressors.base import Stage
+from compressors.budget import Budget
+from datasets.format import DatasetMeta
+
+
+def features_from_dataset(data: str | Path | DatasetMeta) -> list[FeatureSpec]:
+    """Feature specs (with train frequencies) of a prepared dataset."""
+    meta = data if isinstance(data, DatasetMeta) else DatasetMeta.load(data)
+    freqs = meta.frequencies()
+    return [FeatureSpec(f.name, f.cardinality, f.multi_hot, freqs[f.name]) for f in meta.sparse]
+
+
+class EmbeddingLayer(nn.Module):
+    """``KeyedJaggedTensor`` of field ids -> ``[B, F, dim]`` through a swappable compressor.
+
+    ``compressor`` is a registered method name (see ``compressors.available()``) or a built
+    :class:`Compressor`; ``budget`` is ``"10x"``, a fraction, ``"25MB"`` or bytes; further
+    keywords are the method's options.
+    """
+
+    def __init__(
+        self,
+        features: Sequence[FeatureSpec],
+        dim: int,
+        compressor: str | Compressor = "full",
+        budget: Budget = "1x",
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        if isinstance(compressor, Compressor):
+            if options:
+                raise TypeError("options are only accepted with a compressor name")
+            self.compressor = compressor
+        else:
+            self.compressor = build_compressor(compressor, features, dim, budget, **options)
+        self.method = self.compressor.name
+        self.budget = budget
+        self.options = options
+
+    @classmethod
+    def from_dataset(cls, data: str | Path | DatasetMeta, dim: int,
+                     compressor: str = "full", budget: Budget = "1x", **options: Any) -> EmbeddingLayer:
+        return cls(features_from_dataset(data), dim, compressor, budget, **options)
+
+    @property
+    def dim(self) -> int:
+        return self.compressor.dim
+
+    @property
+    def num_features(self) -> int:
+        return self.compressor.num_features
+
+    @property
+    def features(self) -> list[FeatureSpec]:
+        return self.compressor.features
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        return self.compressor.stages
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        return self.compressor(features)
+
+    def penalty(self) -> torch.Tensor:
+        return self.compressor.penalty()
+
+    def memory(self) -> MemoryReport:
+        return self.compressor.memory()
+
+    def export(self) -> ExportedEmbedding:
+        return self.compressor.export()

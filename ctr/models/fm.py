@@ -1,0 +1,19 @@
+"""FM — factorisation machine (Rendle 2010): first order + pairwise field interactions."""
+
+from __future__ import annotations
+
+import torch
+
+from ctr.models.base import CTRModel, Embedding
+from ctr.models.layers import FirstOrder, fm_interaction
+
+
+class FM(CTRModel):
+    name = "fm"
+
+    def __init__(self, embedding: Embedding, num_dense: int) -> None:
+        super().__init__(embedding, num_dense)
+        self.linear = FirstOrder(self.num_fields, self.dim, num_dense)
+
+    def logits(self, dense: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.linear(emb, dense) + fm_interaction(emb)

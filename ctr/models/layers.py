@@ -1,0 +1,58 @@
+"""Layers shared by the model zoo."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def mlp(in_features: int, hidden: Sequence[int], out_features: int | None = 1,
+        dropout: float = 0.0) -> nn.Sequential:
+    """ReLU MLP ``in -> hidden... -> out`` (no activation on the output layer)."""
+    layers: list[nn.Module] = []
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = h
+    if out_features is not None:
+        layers.append(nn.Linear(width, out_features))
+    return nn.Sequential(*layers)
+
+
+class FirstOrder(nn.Module):
+    """The linear (first-order) term: ``Σ_f <w_f, e_f> + <w, dense> + b``.
+
+    A per-value scalar weight would need a second table outside the memory budget; a
+    per-field projection of the field's embedding has the same capacity (``e_v`` is free)
+    and keeps every embedding byte inside the compressed layer.
+    """
+
+    def __init__(self, num_fields: int, dim: int, num_dense: int) -> None:
+        super().__init__()
+        self.field_weight = nn.Parameter(torch.zeros(num_fields, dim))
+        self.dense = nn.Linear(num_dense, 1) if num_dense else None
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, emb: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        out = (emb * self.field_weight).sum((1, 2)) + self.bias
+        if self.dense is not None:
+            out = out + self.dense(dense).squeeze(1)
+        return out
+
+
+def fm_interaction(emb: torch.Tensor) -> torch.Tensor:
+    """Factorisation-machine pairwise term ``Σ_{f<g} <e_f, e_g>`` for ``emb [B, F, D]``."""
+    square_of_sum = emb.sum(1).pow(2)
+    sum_of_square = emb.pow(2).sum(1)
+    return 0.5 * (square_of_sum - sum_of_square).sum(1)
+
+
+def pairwise_dots(vectors: torch.Tensor) -> torch.Tensor:
+    """DLRM's dot interaction: upper-triangle ``<v_i, v_j>`` (i < j) of ``vectors [B, N, D]``."""
+    gram = torch.bmm(vectors, vectors.transpose(1, 2))
+    i, j = torch.triu_indices(vectors.shape[1], vectors.shape[1], offset=1)
+    return gram[:, i, j]

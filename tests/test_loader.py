@@ -1,0 +1,115 @@
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torchrec import KeyedJaggedTensor
+
+from datasets.format import DatasetMeta, PreparedDataError
+from datasets.loader import PAD_LABEL, BatchLoader
+
+
+def _all(loader, **kw):
+    return list(loader.epoch(0, **kw))
+
+
+def test_unshuffled_batches_reproduce_the_parquet_rows(tiny_data):
+    meta = DatasetMeta.load(tiny_data)
+    table = pq.read_table(meta.files("train")).to_pandas()
+    loader = BatchLoader(meta, "train", batch_size=512)
+    batches = _all(loader)
+    assert len(batches) == len(loader) == 8  # 4000 rows / 512, last one partial
+    labels = torch.cat([b.labels for b in batches]).numpy()
+    np.testing.assert_array_equal(labels, table["label"].to_numpy())
+    dense = torch.cat([b.dense_features for b in batches]).numpy()
+    np.testing.assert_allclose(dense, table[meta.dense].to_numpy(), rtol=0, atol=0)
+    for name in ("C1", "C5"):
+        got = torch.cat([b.sparse_features[name].values() for b in batches]).numpy()
+        np.testing.assert_array_equal(got, table[name].to_numpy())
+    bags = [list(x) for x in table["M1"]]
+    got_bags = []
+    for b in batches:
+        jt = b.sparse_features["M1"]
+        got_bags += [t.tolist() for t in jt.to_dense()]
+    assert got_bags == bags
+
+
+def test_batch_is_a_torchrec_batch_with_kjt(tiny_data):
+    batch = next(iter(BatchLoader(tiny_data, "valid", batch_size=64)))
+    kjt = batch.sparse_features
+    assert isinstance(kjt, KeyedJaggedTensor)
+    assert kjt.keys() == [f"C{i}" for i in range(1, 8)] + ["M1"]
+    assert kjt.stride() == 64 and batch.labels.shape == (64,)
+    assert batch.dense_features.dtype == torch.float32 and kjt.values().dtype == torch.int64
+
+
+def test_shuffle_is_seeded_and_covers_every_row_once(tiny_data):
+    a = BatchLoader(tiny_data, "train", batch_size=1000, shuffle=True, seed=1)
+    b = BatchLoader(tiny_data, "train", batch_size=1000, shuffle=True, seed=1)
+    la = torch.cat([x.dense_features[:, 0] for x in a.epoch(0)])
+    lb = torch.cat([x.dense_features[:, 0] for x in b.epoch(0)])
+    assert torch.equal(la, lb)
+    lc = torch.cat([x.dense_features[:, 0] for x in a.epoch(1)])
+    assert not torch.equal(la, lc)
+    plain = torch.cat([x.dense_features[:, 0] for x in BatchLoader(tiny_data, "train").epoch(0)])
+    assert torch.equal(la.sort().values, plain.sort().values)
+
+
+def test_start_batch_skips_exactly(tiny_data):
+    loader = BatchLoader(tiny_data, "train", batch_size=700, shuffle=True, seed=5)
+    full = _all(loader)
+    rest = _all(loader, start_batch=3)
+    assert len(rest) == len(full) - 3
+    for x, y in zip(full[3:], rest, strict=True):
+        assert torch.equal(x.labels, y.labels) and torch.equal(x.sparse_features.values(),
+                                                                y.sparse_features.values())
+
+
+def test_ranks_split_each_global_batch_and_pad_the_last(tmp_path):
+    from datasets.synthetic import SyntheticConfig, generate_synthetic
+
+    generate_synthetic(tmp_path, SyntheticConfig(rows=1_001, cardinalities=(20, 30), num_dense=1),
+                       progress=False)  # 801 train rows: the last batch of 256 has 33
+    whole = _all(BatchLoader(tmp_path, "train", batch_size=256))
+    ranks = [_all(BatchLoader(tmp_path, "train", batch_size=256, rank=r, world_size=2))
+             for r in (0, 1)]
+    for g, r0, r1 in zip(whole, *ranks, strict=True):
+        assert len(r0.labels) == len(r1.labels)
+        joined = torch.cat([r0.labels, r1.labels])
+        real = joined[joined != PAD_LABEL]
+        assert torch.equal(real, g.labels)
+        assert torch.equal(r0.sparse_features["C2"].values(),
+                           g.sparse_features["C2"].values()[: len(r0.labels)])
+    assert (ranks[1][-1].labels == PAD_LABEL).sum() == 1
+
+
+def test_drop_last_and_bad_batch_size(tiny_data):
+    loader = BatchLoader(tiny_data, "train", batch_size=512, drop_last=True)
+    assert len(loader) == 7 and all(len(b.labels) == 512 for b in loader.epoch(0))
+    with pytest.raises(ValueError, match="positive"):
+        BatchLoader(tiny_data, "train", batch_size=0)
+    with pytest.raises(ValueError, match="divisible"):
+        BatchLoader(tiny_data, "train", batch_size=5, world_size=2)
+
+
+def test_missing_dataset_and_split_errors(tiny_data, tmp_path):
+    with pytest.raises(PreparedDataError, match="no meta.json"):
+        BatchLoader(tmp_path, "train")
+    with pytest.raises(PreparedDataError, match="no split 'dev'"):
+        BatchLoader(tiny_data, "dev")
+
+
+def test_out_of_range_ids_are_reported_with_the_file(tiny_data, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_data, copy)
+    meta = DatasetMeta.load(copy)
+    path = meta.files("valid")[0]
+    table = pq.read_table(path).to_pandas()
+    table.loc[3, "C2"] = 10_000
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False).cast(pq.read_schema(path)),
+                   path)
+    with pytest.raises(PreparedDataError, match=r"part-00000.parquet: field 'C2' has id 10000"):
+        _all(BatchLoader(copy, "valid"))
