@@ -239,7 +239,7 @@ class Trainer:
                 batches = self.train.epoch(self._epoch_seed(st.epoch), start_batch=st.batch)
                 tick = time.perf_counter()
                 for batch in batches:
-                    loss = self._step(batch)
+                    loss = self.train_step(batch)
                     self.compressor.after_step(ctx)
                     st.batch += 1
                     st.stage_step += 1
@@ -274,7 +274,8 @@ class Trainer:
     def _epoch_seed(self, epoch: int) -> int:
         return epoch + 1000 * self.state.stage
 
-    def _step(self, batch: Any) -> float:
+    def train_step(self, batch: Any) -> float:
+        """One optimisation step on ``batch``; returns the data loss."""
         self.net.train()
         logits = self.net(batch.dense_features, batch.sparse_features)
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
