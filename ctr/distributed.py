@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -95,30 +96,96 @@ def dense_parameters(dmp: DistributedModelParallel) -> list[nn.Parameter]:
     return [p for _, p in in_backward_optimizer_filter(dmp.named_parameters()) if p.requires_grad]
 
 
+_SHARDED = "__sharded__"
+
+
+def unshard(tree: Any) -> Any:
+    """``tree`` (nested dicts) with every ShardedTensor assembled whole, on every rank.
+
+    Ranks may hold different keys (a fused optimizer lists only its local tables), so each
+    rank sends its local shards in one ``all_gather_object`` and the trees are merged.
+    Collective: call on all ranks.
+    """
+    pieces: dict[tuple, tuple[list[int], torch.dtype, list]] = {}
+
+    def collect(node: Any, path: tuple) -> Any:
+        if isinstance(node, ShardedTensor):
+            shards = [(list(sh.metadata.shard_offsets), sh.tensor.detach().cpu().clone())
+                      for sh in node.local_shards()]
+            pieces[path] = (list(node.size()), node.dtype, shards)
+            return (_SHARDED, path)
+        if isinstance(node, dict):
+            return {k: collect(v, (*path, k)) for k, v in node.items()}
+        if isinstance(node, torch.Tensor):
+            return node.detach().cpu().clone()
+        return node
+
+    skeleton = collect(tree, ())
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (skeleton, pieces))
+    whole: dict[tuple, torch.Tensor] = {}
+    for _, rank_pieces in everyone:
+        for path, (size, dtype, shards) in rank_pieces.items():
+            full = whole.setdefault(path, torch.empty(size, dtype=dtype))
+            for offsets, tensor in shards:
+                full[tuple(slice(o, o + n) for o, n in zip(offsets, tensor.shape, strict=True))] = tensor
+    merged = _merge([s for s, _ in everyone])
+    return _fill(merged, whole)
+
+
+def _merge(trees: list[Any]) -> Any:
+    """Union of nested dicts (a key present on any rank is kept)."""
+    if not all(isinstance(t, dict) for t in trees):
+        return trees[0]
+    keys = list(dict.fromkeys(k for t in trees for k in t))
+    return {k: _merge([t[k] for t in trees if k in t]) for k in keys}
+
+
+def _fill(node: Any, whole: dict[tuple, torch.Tensor]) -> Any:
+    if isinstance(node, tuple) and len(node) == 2 and node[0] == _SHARDED:
+        return whole[node[1]]
+    if isinstance(node, dict):
+        return {k: _fill(v, whole) for k, v in node.items()}
+    return node
+
+
+def copy_into_shards(target: Any, full: Any, where: str = "") -> None:
+    """Copies whole tensors of ``full`` into the matching (sharded or plain) tensors of
+    ``target`` in place; both are nested dicts of the same shape."""
+    if isinstance(target, ShardedTensor):
+        for shard in target.local_shards():
+            offsets, sizes = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+            index = tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))
+            shard.tensor.copy_(full[index])
+    elif isinstance(target, torch.Tensor):
+        target.copy_(full)
+    elif isinstance(target, dict):
+        for key, value in target.items():
+            if key not in full:
+                raise KeyError(f"saved state lacks {where}{key!r}")
+            copy_into_shards(value, full[key], f"{where}{key}.")
+
+
 def full_state_dict(dmp: DistributedModelParallel) -> dict[str, torch.Tensor]:
-    """The unsharded state dict, on every rank. Collective: call on all ranks."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in dmp.state_dict().items():
-        if isinstance(value, ShardedTensor):
-            full = torch.empty(value.size(), dtype=value.dtype)
-            value.gather(dst=0, out=full if dist.get_rank() == 0 else None)
-            dist.broadcast(full, src=0)
-            out[key] = full
-        else:
-            out[key] = value.detach().clone()
-    return out
+    """The unsharded model state dict, on every rank. Collective."""
+    return unshard(dmp.state_dict())
 
 
 def load_full_state_dict(dmp: DistributedModelParallel, state: dict[str, torch.Tensor]) -> None:
     """Copies full tensors into the local shards (and replicated parameters) of ``dmp``."""
     with torch.no_grad():
-        for key, value in dmp.state_dict().items():
-            if key not in state:
-                raise KeyError(f"state dict lacks {key!r}")
-            if isinstance(value, ShardedTensor):
-                for shard in value.local_shards():
-                    offsets, sizes = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                    index = tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))
-                    shard.tensor.copy_(state[key][index])
-            else:
-                value.copy_(state[key])
+        copy_into_shards(dmp.state_dict(), state)
+
+
+class ShardedTableOptimizer:
+    """Checkpoint view of DMP's fused table optimizer: whole tensors out, shards back in."""
+
+    def __init__(self, dmp: DistributedModelParallel) -> None:
+        self.optimizer = dmp.fused_optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return unshard(self.optimizer.state_dict())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            copy_into_shards(self.optimizer.state_dict()["state"], state["state"])

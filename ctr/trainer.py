@@ -8,7 +8,8 @@ under ``torchrun`` the model is wrapped in TorchRec's DMP instead (``ctr.distrib
 The run directory receives ``config.json`` (written by the caller), ``metrics.jsonl`` (one
 line per evaluation), ``checkpoint.pt`` (atomic; everything needed to continue exactly),
 ``best.pt`` (best validation weights) and ``model.pt`` (final weights, what ``ctr export``
-reads). All ``.pt`` files load with ``torch.load(weights_only=True)``.
+reads). All ``.pt`` files load with ``torch.load(weights_only=True)`` and hold whole
+(unsharded) tensors, so a DMP run's files read like a single process's.
 
 Example::
 
@@ -39,6 +40,7 @@ from compressors.base import Compressor, Stage
 from compressors.storage import TrainTables
 from ctr.distributed import (
     DistInfo,
+    ShardedTableOptimizer,
     dense_parameters,
     full_state_dict,
     load_full_state_dict,
@@ -158,6 +160,11 @@ class Trainer:
             self.net = shard_model(model, dist_info, cfg.table_optimizer, cfg.table_lr)
             dense = dense_parameters(self.net)
         self.optimizers = self._build_optimizers(dense)
+        # Fused table optimizers step inside fbgemm's backward; they are only checkpointed.
+        self.table_optimizers: dict[str, Any] = (
+            {f"tables{i}": t.ebc.fused_optimizer() for i, t in enumerate(table_modules(model))}
+            if dist_info is None else {"tables": ShardedTableOptimizer(self.net)}
+        )
         if self.run_dir and self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -180,9 +187,6 @@ class Trainer:
             )
         rest = [p for p in dense if id(p) not in claimed]
         optimizers["dense"] = torch.optim.Adam(rest, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        if self.dist is None:
-            for i, tables in enumerate(table_modules(self.model)):
-                optimizers[f"tables{i}"] = tables.ebc.fused_optimizer()
         return optimizers
 
     # ---------------------------------------------------------------- training
@@ -355,34 +359,56 @@ class Trainer:
             load_full_state_dict(self.net, best)
 
     def _checkpoint(self) -> None:
-        # DMP runs keep the gathered best/final weights; resuming them is single-process only.
-        if not self.run_dir or self.dist is not None:
+        """Everything needed to continue exactly; under DMP gathered whole (collective)."""
+        if not self.run_dir:
             return
+        optimizers = {**self.optimizers, **self.table_optimizers}
         payload = {
-            "model": self.model.state_dict(),
-            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "model": self.full_state(),
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
             "state": asdict(self.state),
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": _rng_states(self.dist),
+            "world_size": self.dist.world_size if self.dist else 1,
         }
-        _atomic_save(payload, self.run_dir / "checkpoint.pt")
+        if self.main:
+            _atomic_save(payload, self.run_dir / "checkpoint.pt")
 
     def _resume(self) -> None:
         path = self.run_dir / "checkpoint.pt" if self.run_dir else None
-        if path is None or not path.exists() or self.dist is not None:
+        if path is None or not path.exists():
             seed_everything(self.config.seed)
             return
         payload = torch.load(path, weights_only=True)
-        self.model.load_state_dict(payload["model"])
-        for k, opt in self.optimizers.items():
+        world = self.dist.world_size if self.dist else 1
+        if payload["world_size"] != world:
+            raise RuntimeError(
+                f"{path} was written by {payload['world_size']} process(es); resume it with "
+                f"the same number (now {world})"
+            )
+        if self.dist is None:
+            self.model.load_state_dict(payload["model"])
+        else:
+            load_full_state_dict(self.net, payload["model"])
+        for k, opt in {**self.optimizers, **self.table_optimizers}.items():
             opt.load_state_dict(payload["optimizers"][k])
         self.state = TrainState(**payload["state"])
-        torch.set_rng_state(payload["torch_rng"])
+        torch.set_rng_state(payload["torch_rng"][self.dist.rank if self.dist else 0])
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def _rng_states(info: DistInfo | None) -> list[torch.Tensor]:
+    """Every rank's torch RNG state (dropout draws differ per rank)."""
+    state = torch.get_rng_state()
+    if info is None:
+        return [state]
+    states = [torch.empty_like(state) for _ in range(info.world_size)]
+    dist.all_gather(states, state)
+    return states
 
 
 def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
