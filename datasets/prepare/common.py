@@ -333,8 +333,9 @@ class BadRows:
     def summary(self) -> str:
         lines = [f"{self.total:,} bad rows skipped:"]
         for reason, r in sorted(self.reasons.items()):
-            fields = f" in {r['fields']}" if r.get("fields") else ""
-            lines.append(f"  {reason}: {r['count']:,}{fields}, e.g. {', '.join(r['examples'])}")
+            fields = r.get("fields", {})
+            where = " in " + ", ".join(f"{k} ({v:,})" for k, v in fields.items()) if fields else ""
+            lines.append(f"  {reason}: {r['count']:,}{where}, e.g. {', '.join(r['examples'])}")
         return "\n".join(lines)
 
     def _count(self, reason: str, field: str | None, lines: Sequence[int], path: str) -> None:
@@ -369,6 +370,8 @@ class ValueCounter:
     the merged table, so memory stays proportional to the number of distinct values.
     """
 
+    MERGE_ROWS = 1 << 18  # pending distinct values that trigger a merge (at least)
+
     def __init__(self) -> None:
         self._merged: pa.Table | None = None
         self._parts: list[pa.Table] = []
@@ -384,7 +387,8 @@ class ValueCounter:
             pa.table({"value": counts.field("values"), "count": counts.field("counts")})
         )
         self._pending += len(counts)
-        if self._pending > max(len(self._merged) if self._merged is not None else 0, 1 << 18):
+        merged = len(self._merged) if self._merged is not None else 0
+        if self._pending > max(merged, self.MERGE_ROWS):
             self._merge()
 
     def result(self) -> tuple[pa.Array, np.ndarray]:
