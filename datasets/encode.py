@@ -102,7 +102,12 @@ class RawEncoder:
             unknown = sorted(set(record) - self._accepted)
             if unknown:
                 raise ValueError(f"record {i}: unknown fields {unknown}; expected {self.fields}")
-        table = pa.table({c: _raw_column([r.get(c) for r in records]) for c in self.fields})
+        table = pa.table(
+            {
+                c: _raw_column(c, [r.get(c) for r in records], self.format.multi_valued.get(c))
+                for c in self.fields
+            }
+        )
         issues = Issues(len(records))
         features = self.format.transform(table, issues, labeled=False)
         for flag in issues.first_reasons():
@@ -171,19 +176,29 @@ def load_field_vocabs(meta: DatasetMeta) -> dict[str, FieldVocab]:
     return out
 
 
-def _raw_column(values: list[Any]) -> pa.Array:
-    if any(isinstance(v, list | tuple) for v in values):
-        return pa.array(
-            [None if v is None else [_raw_string(x) for x in v] for v in values],
-            pa.list_(pa.string()),
-        )
-    return pa.array([_raw_string(v) for v in values], pa.string())
+def _raw_column(name: str, values: list[Any], separator: str | None) -> pa.Array:
+    """One raw column of the records; a multi-valued field may mix lists and joined strings."""
+    lists = [v for v in values if isinstance(v, list | tuple)]
+    if not lists:
+        return pa.array([_raw_string(v) for v in values], pa.string())
+    if separator is None:
+        raise ValueError(f"field {name!r} takes one value, got a list")
+    return pa.array(
+        [
+            None
+            if v is None
+            else [_raw_string(x) for x in (v.split(separator) if isinstance(v, str) else v)]
+            for v in values
+        ],
+        pa.list_(pa.string()),
+    )
 
 
 def _raw_string(value: Any) -> str | None:
-    """A raw value as the token a text file would hold (3.0 -> "3", True -> "1")."""
+    """A raw value as the token a text file would hold (3.0 -> "3", True -> "1"; "" is
+    missing, as an empty field is in a file)."""
     if value is None or isinstance(value, str):
-        return value
+        return value or None
     if isinstance(value, bool | np.bool_):
         return str(int(value))
     if isinstance(value, numbers.Integral):

@@ -48,20 +48,29 @@ def reference(path, min_count: int, bucketize: bool = False):
         t = {c: (f[14 + i] or None) for i, c in enumerate(CRITEO_SPARSE)}
         if bucketize:
             for d, x in zip(CRITEO_DENSE, ints, strict=True):
-                t[f"{d}_bucket"] = None if x is None else str(
-                    int(math.floor(math.log(x) ** 2)) if x > 2 else int(x))
+                t[f"{d}_bucket"] = (
+                    None
+                    if x is None
+                    else str(int(math.floor(math.log(x) ** 2)) if x > 2 else int(x))
+                )
         tokens.append(t)
     ids = {}
     for field in tokens[0]:
-        counts = Counter(t[field] for (train, _, _), t in zip(rows, tokens, strict=True)
-                         if train and t[field] is not None)
-        ranked = sorted((v for v, c in counts.items() if c >= min_count),
-                        key=lambda v: (-counts[v], v))
+        counts = Counter(
+            t[field]
+            for (train, _, _), t in zip(rows, tokens, strict=True)
+            if train and t[field] is not None
+        )
+        ranked = sorted(
+            (v for v, c in counts.items() if c >= min_count), key=lambda v: (-counts[v], v)
+        )
         ids[field] = {v: i + 1 for i, v in enumerate(ranked)}
     expected = {
         "label": [float(f[0]) for _, f, _ in rows],
-        **{d: [math.log1p(max(x[i], 0)) if x[i] is not None else 0.0 for _, _, x in rows]
-           for i, d in enumerate(CRITEO_DENSE)},
+        **{
+            d: [math.log1p(max(x[i], 0)) if x[i] is not None else 0.0 for _, _, x in rows]
+            for i, d in enumerate(CRITEO_DENSE)
+        },
         **{field: [ids[field].get(t[field], 0) for t in tokens] for field in ids},
     }
     return expected, ids, sum(train for train, _, _ in rows)
@@ -128,8 +137,9 @@ def test_tiny_blocks_keep_line_numbers_and_rows(tmp_path):
     no_final_newline = tmp_path / "train.txt"
     no_final_newline.write_text(text.rstrip("\n"))
     prepare_criteo([TRAIN_TXT], tmp_path / "big", options=options(min_count=1))
-    meta = prepare_criteo([no_final_newline], tmp_path / "small",
-                          options=options(min_count=1, block_bytes=1024))
+    meta = prepare_criteo(
+        [no_final_newline], tmp_path / "small", options=options(min_count=1, block_bytes=1024)
+    )
     assert read_all_splits(tmp_path / "small").equals(read_all_splits(tmp_path / "big"))
     assert meta.bad_rows["bad_number"]["examples"] == [f"{no_final_newline}:11"]
     assert meta.extra["lines_read"] == 42
@@ -149,13 +159,20 @@ def test_on_bad_row_fail_names_file_line_and_field(tmp_path):
 def test_empty_line_bad_encoding_and_bad_label_are_reported(tmp_path):
     good = TRAIN_TXT.read_text().splitlines()[0]
     bad_label = "2" + good[1:]
-    lines = [good.encode(), b"", good.replace("\t", "\t\xff", 1).encode("latin-1"),
-             bad_label.encode(), good.encode()]
+    lines = [
+        good.encode(),
+        b"",
+        good.replace("\t", "\t\xff", 1).encode("latin-1"),
+        bad_label.encode(),
+        good.encode(),
+    ]
     path = tmp_path / "mixed.txt"
     path.write_bytes(b"\n".join(lines) + b"\n")
     meta = prepare_criteo([path], tmp_path / "out", options=options(split="random"))
     assert {k: v["examples"] for k, v in meta.bad_rows.items()} == {
-        "empty_row": [f"{path}:2"], "bad_encoding": [f"{path}:3"], "bad_label": [f"{path}:4"],
+        "empty_row": [f"{path}:2"],
+        "bad_encoding": [f"{path}:3"],
+        "bad_label": [f"{path}:4"],
     }
     assert sum(meta.rows(s) for s in meta.splits) == 2
 
@@ -165,15 +182,20 @@ def test_day_files_default_and_chosen_days(tmp_path):
     days = []
     for d in range(7):
         days.append(tmp_path / f"day_{d}")
-        days[-1].write_text("\n".join(lines[6 * d: 6 * d + 6]) + "\n")
+        days[-1].write_text("\n".join(lines[6 * d : 6 * d + 6]) + "\n")
     meta = prepare_criteo(days, tmp_path / "default", options=options(min_count=1))
     assert {s: meta.rows(s) for s in meta.splits} == {"train": 34, "valid": 3, "test": 3}
     assert read_all_splits(tmp_path / "default").equals(
-        read_all_splits(_single_file(tmp_path, TRAIN_TXT)))
+        read_all_splits(_single_file(tmp_path, TRAIN_TXT))
+    )
     assert meta.bad_rows["bad_number"]["examples"] == [f"{days[1]}:5"]  # line 11 overall
 
-    chosen = prepare_criteo(days, tmp_path / "chosen", days=CriteoDays(
-        train=[0, 1, 2, 3], valid=[5], test=[6]), options=options(min_count=1))
+    chosen = prepare_criteo(
+        days,
+        tmp_path / "chosen",
+        days=CriteoDays(train=[0, 1, 2, 3], valid=[5], test=[6]),
+        options=options(min_count=1),
+    )
     assert {s: chosen.rows(s) for s in chosen.splits} == {"train": 22, "valid": 6, "test": 6}
     assert chosen.options["split"]["train"] == [0, 1, 2, 3]  # day 4 is not used at all
     with pytest.raises(BadInputError, match="both train and valid"):
@@ -189,9 +211,12 @@ def _single_file(tmp_path, path):
 
 def test_random_split_is_seeded(tmp_path):
     def assignment(seed, name):
-        prepare_criteo([TRAIN_TXT], tmp_path / name, options=options(split="random", seed=seed,
-                                                                     min_count=1))
-        return [read_split(tmp_path / name, s)["I1"].to_pylist() for s in ("train", "valid", "test")]
+        prepare_criteo(
+            [TRAIN_TXT], tmp_path / name, options=options(split="random", seed=seed, min_count=1)
+        )
+        return [
+            read_split(tmp_path / name, s)["I1"].to_pylist() for s in ("train", "valid", "test")
+        ]
 
     first, again, other = assignment(0, "a"), assignment(0, "b"), assignment(1, "c")
     assert first == again
@@ -200,8 +225,9 @@ def test_random_split_is_seeded(tmp_path):
 
 
 def test_bucketized_dense_fields(tmp_path):
-    meta = prepare_criteo([TRAIN_TXT], tmp_path, CriteoConfig(bucketize_dense=True),
-                          options=options(min_count=1))
+    meta = prepare_criteo(
+        [TRAIN_TXT], tmp_path, CriteoConfig(bucketize_dense=True), options=options(min_count=1)
+    )
     assert meta.sparse_names[26:] == [f"I{i}_bucket" for i in range(1, 14)]
     expected, ids, _ = reference(TRAIN_TXT, 1, bucketize=True)
     table = read_all_splits(tmp_path)
@@ -217,10 +243,13 @@ def test_batch_loader_reads_the_prepared_split(tmp_path):
     table = read_split(tmp_path, "train")
     batches = list(BatchLoader(tmp_path, "train", batch_size=8))
     assert sum(len(b.labels) for b in batches) == meta.rows("train")
-    np.testing.assert_array_equal(torch.cat([b.labels for b in batches]).numpy(),
-                                  table["label"].to_numpy())
-    np.testing.assert_allclose(torch.cat([b.dense_features for b in batches]).numpy(),
-                               np.stack([table[d].to_numpy() for d in CRITEO_DENSE], 1))
+    np.testing.assert_array_equal(
+        torch.cat([b.labels for b in batches]).numpy(), table["label"].to_numpy()
+    )
+    np.testing.assert_allclose(
+        torch.cat([b.dense_features for b in batches]).numpy(),
+        np.stack([table[d].to_numpy() for d in CRITEO_DENSE], 1),
+    )
     for field in ("C1", "C26"):
         got = torch.cat([b.sparse_features[field].values() for b in batches]).numpy()
         np.testing.assert_array_equal(got, table[field].to_numpy())
@@ -240,7 +269,8 @@ def test_existing_output_needs_overwrite(tmp_path):
 
 def test_options_are_validated(tmp_path):
     with pytest.raises(ValueError, match="sum to 1"):
-        prepare_criteo([TRAIN_TXT], tmp_path, options=PrepareOptions(split="random",
-                                                                    fractions=(0.5, 0.1, 0.1)))
+        prepare_criteo(
+            [TRAIN_TXT], tmp_path, options=PrepareOptions(split="random", fractions=(0.5, 0.1, 0.1))
+        )
     with pytest.raises(BadInputError, match="no such file"):
         prepare_criteo([tmp_path / "missing.txt"], tmp_path / "o", options=options())

@@ -100,12 +100,13 @@ def as_array(col: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 
 def as_strings(col: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """A column as one string array; numbers (from parquet or JSON records) are formatted."""
+    """A column as one string array; numbers (from parquet or JSON records) are formatted and
+    empty strings are missing, as empty fields of a text file are."""
     col = as_array(col)
-    if pa.types.is_string(col.type):
-        return col
-    if pa.types.is_large_string(col.type) or pa.types.is_dictionary(col.type):
-        return col.cast(pa.string())
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return _blank_is_null(col.cast(pa.string()))
+    if pa.types.is_dictionary(col.type):
+        return _blank_is_null(col.cast(pa.string()))
     if pa.types.is_floating(col.type):
         # 3.0 read from parquet is the same category as "3" typed in a CSV.
         whole = pc.equal(col, pc.floor(col))
@@ -134,7 +135,7 @@ def parse_numbers(
         col = as_strings(col)
         try:
             numbers = pc.cast(col, pa.float64())
-        except pa.ArrowInvalid:
+        except pa.ArrowInvalid:  # locate the culprits; only chunks with bad values pay this
             matches = pc.match_substring_regex(col, _NUMBER_PATTERN)
             unparsable = pc.and_(col.is_valid(), pc.invert(matches)).to_numpy(zero_copy_only=False)
             issues.flag(reason, field, unparsable, col)
@@ -146,6 +147,13 @@ def parse_numbers(
     issues.flag(reason, field, infinite, col)
     x[infinite] = np.nan
     return x
+
+
+def _blank_is_null(col: pa.Array) -> pa.Array:
+    blank = pc.equal(col, "")
+    if not pc.any(blank).as_py():
+        return col
+    return pc.if_else(blank, pa.nulls(len(col), pa.string()), col)
 
 
 def parse_binary_label(col: pa.Array, field: str, issues: Issues) -> np.ndarray:

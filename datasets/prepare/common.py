@@ -119,7 +119,7 @@ class Format(ABC):
     """How one dataset's raw columns become a label, dense floats and categorical tokens.
 
     Subclasses set ``name`` and, in ``__init__``, ``columns`` (raw columns, file order),
-    ``label_columns``, ``dropped_columns``, ``dense``, ``sparse`` and ``multi_hot``; the
+    ``label_columns``, ``dropped_columns``, ``dense``, ``sparse`` and ``multi_valued``; the
     ``transform`` must be vectorised over a chunk and must also work with ``labeled=False``
     (serving: records carry no label).
     """
@@ -130,7 +130,9 @@ class Format(ABC):
     dropped_columns: tuple[str, ...] = ()
     dense: list[str]
     sparse: list[str]
-    multi_hot: frozenset[str] = frozenset()
+    # Multi-valued raw columns, each the multi-hot field of the same name, with the separator
+    # that joins their values in text.
+    multi_valued: dict[str, str] = {}
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -142,7 +144,7 @@ class Format(ABC):
         return [c for c in self.columns if c not in skip]
 
     def sparse_fields(self, cardinalities: dict[str, int]) -> list[SparseField]:
-        return [SparseField(f, cardinalities[f], f in self.multi_hot) for f in self.sparse]
+        return [SparseField(f, cardinalities[f], f in self.multi_valued) for f in self.sparse]
 
     def describe(self) -> dict[str, Any]:
         """What ``meta.json`` records to rebuild this format (see :meth:`from_config`)."""

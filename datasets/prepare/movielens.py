@@ -73,7 +73,7 @@ class MovieLensFormat(Format):
             *(["year"] if config.year else []),
             "genres",
         ]
-        self.multi_hot = frozenset({"genres"})
+        self.multi_valued = {"genres": GENRE_SEPARATOR}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> MovieLensFormat:

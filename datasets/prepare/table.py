@@ -127,7 +127,7 @@ class TableFormat(Format):
         self.columns = [config.label, *config.categorical, *config.numeric, *config.multi_valued]
         self.dense = list(config.numeric)
         self.sparse = [*config.categorical, *config.multi_valued]
-        self.multi_hot = frozenset(config.multi_valued)
+        self.multi_valued = dict(config.multi_valued)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> TableFormat:
