@@ -274,3 +274,11 @@ def test_options_are_validated(tmp_path):
         )
     with pytest.raises(BadInputError, match="no such file"):
         prepare_criteo([tmp_path / "missing.txt"], tmp_path / "o", options=options())
+
+
+def test_input_without_usable_train_rows_is_an_error(tmp_path):
+    path = tmp_path / "broken.txt"
+    path.write_text("1\t2\t3\n\n0\t1\n")
+    with pytest.raises(BadInputError, match="no usable train rows in 3 lines"):
+        prepare_criteo([path], tmp_path / "out", options=options(split="random"))
+    assert not (tmp_path / "out" / "meta.json").exists()

@@ -106,3 +106,12 @@ def test_schema_errors_are_clear(tmp_path):
     schema = TableSchema(label="clicked", categorical=("site", "campaign"))
     with pytest.raises(BadInputError, match=r"logs.csv: no columns \['campaign'\]"):
         prepare_table([LOGS_CSV], tmp_path, schema, options())
+
+
+def test_a_quote_spanning_lines_stops_with_its_line(tmp_path):
+    path = tmp_path / "quoted.csv"
+    path.write_text('clicked,site\n1,a\n0,"b\nc"\n1,d\n')
+    with pytest.raises(BadInputError, match=r"quoted.csv:3: a quoted value spans lines"):
+        prepare_table(
+            [path], tmp_path / "out", TableSchema(label="clicked", categorical=("site",)), options()
+        )

@@ -45,6 +45,7 @@ from datasets.format import (
     DatasetMeta,
     ShardWriter,
     SparseField,
+    SplitInfo,
     arrow_schema,
     encoded_counts,
     frequency_order,
@@ -64,6 +65,7 @@ from datasets.synthetic import splitmix64
 
 LABEL = "label"  # the label column of every prepared dataset, whatever the raw name
 BAD_ROW_POLICIES = ("skip", "fail")
+MAX_BLOCK_BYTES = 256 << 20  # the largest chunk the vocabulary size may ask for
 
 
 @dataclass(frozen=True)
@@ -460,44 +462,92 @@ def prepare_dataset(
     options.validate()
     min_count = options.min_count or 1
     out = claim_output_dir(out, options.overwrite)
-    n_sources = len(reader.sources)
+    vocabs, distinct, lines_counted = _count_train_values(fmt, reader, plan, options, out)
+    sparse = fmt.sparse_fields({f: v.cardinality for f, v in vocabs.items()})
+    # The counting pass read every line when any line may be train (random split).
+    total = lines_counted if plan.kind == "random" else None
+    splits, bad, lines_read = _encode_splits(fmt, reader, plan, vocabs, sparse, out, options, total)
+    if bad.total:
+        print(f"{out}: {bad.summary()}", file=sys.stderr)
+    if splits["train"].rows == 0:
+        raise BadInputError(f"{reader.paths}: no usable train rows in {lines_read:,} lines read")
+    meta = DatasetMeta(
+        name=name or fmt.name,
+        label=LABEL,
+        dense=list(fmt.dense),
+        sparse=sparse,
+        splits=splits,
+        options={
+            **fmt.describe(),
+            "min_count": min_count,
+            "split": plan.describe(),
+            "on_bad_row": options.on_bad_row,
+            "sources": reader.paths,
+        },
+        bad_rows=bad.report(),
+        extra={"raw_distinct_train_values": distinct, "lines_read": lines_read},
+        root=out,
+    )
+    meta.save(out)
+    if options.progress:
+        rows = ", ".join(f"{s} {meta.rows(s):,}" for s in SPLITS)
+        ids = sum(f.cardinality for f in sparse)
+        print(f"{out}: {rows} rows; {len(sparse)} sparse fields, {ids:,} ids", file=sys.stderr)
+    return meta
 
-    # Pass 1: train counts of every sparse field.
+
+def _count_train_values(
+    fmt: Format, reader: FileReader, plan: SplitPlan, options: PrepareOptions, out: Path
+) -> tuple[dict[str, FieldVocab], dict[str, int], int]:
+    """Pass 1: counts train tokens, saves frequencies and vocabulary; returns the vocabularies,
+    the distinct train values per field and the lines read."""
     counters = {f: ValueCounter() for f in fmt.sparse}
-    gate = BadRows(options.on_bad_row, record=False)
+    gate = BadRows(options.on_bad_row, record=False)  # pass 2 reports; this one only fails
     gate.add("", reader.side_rejected, [], np.empty(0))
+    lines = 0
     with _bar("count (train)", options) as bar:
-        for i in range(n_sources):
+        for i in range(len(reader.sources)):
             if not plan.uses(i, "train"):
                 continue
             end = plan.end(i, "train")
-            for chunk, features, keep, codes in _transformed(
-                fmt, reader, i, plan, gate, options.block_bytes
-            ):
+            chunks = _transformed(fmt, reader, i, plan, gate, options.block_bytes)
+            for chunk, features, keep, codes in chunks:
                 if end is not None and len(chunk.positions) and chunk.positions[0] >= end:
                     break
                 train = pa.array(keep & (codes == 0))
                 for f, counter in counters.items():
                     counter.add(as_array(features.tokens[f]).filter(train))
-                bar.update(chunk.table.num_rows + len(chunk.rejected))
-
+                read = chunk.table.num_rows + len(chunk.rejected)
+                lines += read
+                bar.update(read)
     vocabs, frequencies, distinct = {}, {}, {}
     for f, counter in counters.items():
-        vocabs[f], frequencies[f], distinct[f] = build_vocab(counter, min_count)
-    del counters
+        vocabs[f], frequencies[f], distinct[f] = build_vocab(counter, options.min_count or 1)
     save_frequencies(out, frequencies)
     save_vocab(out, {f: (v.values, np.arange(1, v.cardinality)) for f, v in vocabs.items()})
-    sparse = fmt.sparse_fields({f: v.cardinality for f, v in vocabs.items()})
+    return vocabs, distinct, lines
 
-    # Pass 2: encode every row into its split's shards.
+
+def _encode_splits(
+    fmt: Format,
+    reader: FileReader,
+    plan: SplitPlan,
+    vocabs: dict[str, FieldVocab],
+    sparse: list[SparseField],
+    out: Path,
+    options: PrepareOptions,
+    total: int | None,
+) -> tuple[dict[str, SplitInfo], BadRows, int]:
+    """Pass 2: encodes every row into its split's shards; returns the splits, the bad-row
+    report and the lines read."""
     block_bytes = encode_block_bytes(options.block_bytes, vocabs)
     schema = arrow_schema(LABEL, fmt.dense, sparse)
     writers = {s: ShardWriter(out, s, schema, options.rows_per_shard) for s in SPLITS}
     bad = BadRows(options.on_bad_row, options.max_examples)
     bad.add("", reader.side_rejected, [], np.empty(0))
-    lines_read = 0
-    with _bar("encode", options) as bar:
-        for i in range(n_sources):
+    lines = 0
+    with _bar("encode", options, total) as bar:
+        for i in range(len(reader.sources)):
             if not plan.uses(i):
                 continue
             for chunk, features, keep, codes in _transformed(
@@ -510,47 +560,20 @@ def prepare_dataset(
                     if in_split.any():
                         writers[split].write(table.filter(pa.array(in_split)))
                 read = chunk.table.num_rows + len(chunk.rejected)
-                lines_read += read
+                lines += read
                 bar.update(read)
-
-    meta = DatasetMeta(
-        name=name or fmt.name,
-        label=LABEL,
-        dense=list(fmt.dense),
-        sparse=sparse,
-        splits={s: w.close() for s, w in writers.items()},
-        options={
-            **fmt.describe(),
-            "min_count": min_count,
-            "split": plan.describe(),
-            "on_bad_row": options.on_bad_row,
-            "sources": reader.paths,
-        },
-        bad_rows=bad.report(),
-        extra={"raw_distinct_train_values": distinct, "lines_read": lines_read},
-        root=out,
-    )
-    if bad.total:
-        print(f"{out}: {bad.summary()}", file=sys.stderr)
-    meta.save(out)
-    if options.progress:
-        rows = ", ".join(f"{s} {meta.rows(s):,}" for s in SPLITS)
-        print(
-            f"{out}: {rows} rows; {len(sparse)} sparse fields, "
-            f"{sum(f.cardinality for f in sparse):,} ids",
-            file=sys.stderr,
-        )
-    return meta
+    return {s: w.close() for s, w in writers.items()}, bad, lines
 
 
 def encode_block_bytes(block_bytes: int, vocabs: dict[str, FieldVocab]) -> int:
     """Raw bytes per encoded chunk: at least ``block_bytes``, and ~64 bytes per kept id.
 
     Looking a chunk up builds a hash of each field's vocabulary (``pc.index_in``), so
-    chunks grow with the vocabulary to keep that cost a small share of parsing the chunk;
-    memory stays proportional to the vocabulary, as the counting pass already needs.
+    chunks grow with the vocabulary (up to ``MAX_BLOCK_BYTES``) to keep that cost a small
+    share of parsing the chunk; memory stays proportional to the vocabulary, as the counting
+    pass already needs.
     """
-    return max(block_bytes, 64 * sum(v.cardinality for v in vocabs.values()))
+    return max(block_bytes, min(64 * sum(v.cardinality for v in vocabs.values()), MAX_BLOCK_BYTES))
 
 
 def _transformed(
@@ -614,8 +637,9 @@ def claim_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
-def _bar(desc: str, options: PrepareOptions) -> tqdm:
+def _bar(desc: str, options: PrepareOptions, total: int | None = None) -> tqdm:
     return tqdm(
+        total=total,
         desc=desc,
         unit="rows",
         unit_scale=True,

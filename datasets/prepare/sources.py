@@ -168,6 +168,12 @@ class TextSource:
         )
         n_lines = block.count(b"\n")
         index = np.delete(np.arange(n_lines), np.asarray(invalid, dtype=np.int64))
+        if len(index) != table.num_rows:  # a quoted value swallowed a line break
+            line = first_line + _first_unbalanced_quote(block)
+            raise BadInputError(
+                f"{path}:{line}: a quoted value spans lines or its quote is not closed; "
+                "rows can no longer be matched to lines (fix the quoting of this line)"
+            )
         empty = _empty_lines(block)
         if len(empty):
             keep = ~np.isin(index, empty)
@@ -329,6 +335,14 @@ def _empty_lines(block: bytes) -> np.ndarray:
     length = ends - starts
     cr_only = (length == 1) & (data[np.minimum(starts, len(data) - 1)] == 13)
     return np.flatnonzero((length == 0) | cr_only)
+
+
+def _first_unbalanced_quote(block: bytes) -> int:
+    """0-based index of the first line of ``block`` with an odd number of quote characters."""
+    for i, line in enumerate(block.split(b"\n")):
+        if line.count(b'"') % 2:
+            return i
+    return 0
 
 
 def _is_utf8(encoding: str) -> bool:
