@@ -18,10 +18,13 @@ import sys
 from collections.abc import Callable
 
 from datasets.format import DatasetMeta
+from datasets.prepare.avazu import DEFAULT_MIN_COUNT as AVAZU_MIN_COUNT
 from datasets.prepare.avazu import prepare_avazu
 from datasets.prepare.columns import DENSE_TRANSFORMS
 from datasets.prepare.common import BAD_ROW_POLICIES, PrepareOptions
+from datasets.prepare.criteo import DEFAULT_MIN_COUNT as CRITEO_MIN_COUNT
 from datasets.prepare.criteo import CriteoConfig, CriteoDays, prepare_criteo
+from datasets.prepare.kdd12 import DEFAULT_MIN_COUNT as KDD12_MIN_COUNT
 from datasets.prepare.kdd12 import LABEL_MODES, Kdd12Config, prepare_kdd12
 from datasets.prepare.movielens import MovieLensConfig, prepare_movielens
 from datasets.prepare.sources import BadInputError
@@ -70,18 +73,18 @@ def add_prepare_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
             epilog=f"example:\n  {EXAMPLES[name]}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        split_choices = adder(sub)
-        _common(sub, split_choices)
+        split_choices, min_count = adder(sub)
+        _common(sub, split_choices, min_count)
     return prepare
 
 
-def _common(p: argparse.ArgumentParser, split_choices: list[str]) -> None:
+def _common(p: argparse.ArgumentParser, split_choices: list[str], min_count: int) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
         "--min-count",
         type=int,
         default=None,
-        help="values seen fewer times in train become OOV (default: per format)",
+        help=f"values seen fewer times in train become OOV (default {min_count})",
     )
     p.add_argument(
         "--split",
@@ -103,11 +106,18 @@ def _common(p: argparse.ArgumentParser, split_choices: list[str]) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace a prepared dataset at --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--block-mb", type=int, default=8, help="raw megabytes read per chunk")
-    p.add_argument("--rows-per-shard", type=int, default=1 << 20, help="rows per parquet shard")
+    p.add_argument(
+        "--block-mb", type=int, default=8, help="raw megabytes read per chunk (default 8)"
+    )
+    p.add_argument(
+        "--rows-per-shard",
+        type=int,
+        default=1 << 20,
+        help="rows per parquet shard (default 1048576)",
+    )
 
 
-def _criteo(p: argparse.ArgumentParser) -> list[str]:
+def _criteo(p: argparse.ArgumentParser) -> tuple[list[str], int]:
     p.add_argument("paths", nargs="+", metavar="PATH", help="train.txt, or day_N files in order")
     p.add_argument(
         "--bucketize-dense",
@@ -133,16 +143,16 @@ def _criteo(p: argparse.ArgumentParser) -> list[str]:
             )
         )
     )
-    return ["days", "random", "ordered"]
+    return ["days", "random", "ordered"], CRITEO_MIN_COUNT
 
 
-def _avazu(p: argparse.ArgumentParser) -> list[str]:
+def _avazu(p: argparse.ArgumentParser) -> tuple[list[str], int]:
     p.add_argument("paths", nargs="+", metavar="PATH", help="train.csv (plain or .gz)")
     p.set_defaults(func=_run(lambda a, o: prepare_avazu(a.paths, a.out, o)))
-    return ["random", "ordered"]
+    return ["random", "ordered"], AVAZU_MIN_COUNT
 
 
-def _kdd12(p: argparse.ArgumentParser) -> list[str]:
+def _kdd12(p: argparse.ArgumentParser) -> tuple[list[str], int]:
     p.add_argument("paths", nargs="+", metavar="PATH", help="training.txt (plain or .gz)")
     p.add_argument(
         "--label",
@@ -151,10 +161,10 @@ def _kdd12(p: argparse.ArgumentParser) -> list[str]:
         help="expanded: one row per impression; binary: one row per line, click > 0",
     )
     p.set_defaults(func=_run(lambda a, o: prepare_kdd12(a.paths, a.out, Kdd12Config(a.label), o)))
-    return ["random", "ordered"]
+    return ["random", "ordered"], KDD12_MIN_COUNT
 
 
-def _movielens(p: argparse.ArgumentParser) -> list[str]:
+def _movielens(p: argparse.ArgumentParser) -> tuple[list[str], int]:
     p.add_argument("path", metavar="DIR", help="unpacked ml-100k or ml-1m directory")
     p.add_argument(
         "--positive-rating",
@@ -170,10 +180,10 @@ def _movielens(p: argparse.ArgumentParser) -> list[str]:
             )
         )
     )
-    return ["random", "ordered"]
+    return ["random", "ordered"], 1
 
 
-def _table(p: argparse.ArgumentParser) -> list[str]:
+def _table(p: argparse.ArgumentParser) -> tuple[list[str], int]:
     p.add_argument("paths", nargs="+", metavar="PATH", help="CSV / TSV / parquet files")
     p.add_argument("--schema", help="JSON schema file (flags below override its entries)")
     p.add_argument("--label", help="label column (0/1 or a probability)")
@@ -194,7 +204,7 @@ def _table(p: argparse.ArgumentParser) -> list[str]:
         help="transform of numeric columns (default signed_log1p)",
     )
     p.set_defaults(func=_run(lambda a, o: prepare_table(a.paths, a.out, _schema(a), o)))
-    return ["random", "ordered"]
+    return ["random", "ordered"], 1
 
 
 def _schema(args: argparse.Namespace) -> TableSchema:
