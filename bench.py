@@ -111,8 +111,9 @@ print(json.dumps({"seconds": time.perf_counter() - start,
 """
 
 
-def _run_child(code: str, *args: str) -> tuple[dict, float]:
-    """Runs ``code`` in a fresh interpreter; its JSON output line and its own peak RSS (MB)."""
+def _run_child(code: str, *args: str) -> tuple[dict, float, float]:
+    """Runs ``code`` in a fresh interpreter: its JSON output line, its own peak RSS (MB) and
+    its CPU seconds (user + system; a fair figure when other work shares the cores)."""
     import subprocess
 
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
@@ -122,14 +123,16 @@ def _run_child(code: str, *args: str) -> tuple[dict, float]:
     if proc.returncode:
         raise RuntimeError(f"child failed with exit code {proc.returncode}")
     lines = out.strip().splitlines()
-    return (json.loads(lines[-1]) if lines else {}), usage.ru_maxrss / 1024
+    result = json.loads(lines[-1]) if lines else {}
+    return result, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 @section("preprocess", default=False)
 def bench_preprocess(args: argparse.Namespace) -> dict:
     """Criteo-format TSV of 1M and 4M rows through `prepare criteo`: rows/s and peak RSS."""
     sizes = [args.rows, 4 * args.rows] if args.rows else [1_000_000, 4_000_000]
-    _, baseline = _run_child("import datasets.prepare; print('{}')")
+    # What importing costs (torch, pyarrow, ...) is measured apart and taken out of cpu_s.
+    _, baseline, import_cpu = _run_child("import datasets.prepare; print('{}')")
     rows = []
     for n in sizes:
         path = CACHE / "preprocess" / f"criteo-{n}.tsv"
@@ -139,12 +142,15 @@ def bench_preprocess(args: argparse.Namespace) -> dict:
             _write_criteo_tsv(path, n)
             print(f"generated {path} ({path.stat().st_size / 1e6:.0f} MB) "
                   f"in {time.perf_counter() - start:.0f} s")
-        result, rss = _run_child(_PREPARE_CHILD, str(path), str(CACHE / "preprocess" / f"out-{n}"))
+        out = CACHE / "preprocess" / f"out-{n}"
+        result, rss, cpu = _run_child(_PREPARE_CHILD, str(path), str(out))
         rows.append({
             "rows": n,
             "file_MB": round(path.stat().st_size / 1e6),
             "seconds": round(result["seconds"], 1),
             "rows_per_s": round(n / result["seconds"]),
+            "cpu_s": round(cpu - import_cpu, 1),
+            "rows_per_cpu_s": round(n / (cpu - import_cpu)),
             "peak_rss_MB": round(rss),
             "distinct_train_values": result["distinct"],
             "kept_ids(min_count=10)": result["kept_ids"],

@@ -65,6 +65,7 @@ from datasets.synthetic import splitmix64
 
 LABEL = "label"  # the label column of every prepared dataset, whatever the raw name
 BAD_ROW_POLICIES = ("skip", "fail")
+END_OF_SOURCE = 1 << 62  # the stop of a split range that takes a whole file
 MAX_BLOCK_BYTES = 256 << 20  # the largest chunk the vocabulary size may ask for
 
 
@@ -229,10 +230,13 @@ class SplitPlan:
     def describe(self) -> dict[str, Any]:
         if self.kind == "random":
             return {"kind": "random", "seed": self.seed, "fractions": list(self.fractions)}
+        # A range reaching END_OF_SOURCE is written with stop null: "to the end of the file".
         return {
             "kind": self.kind,
             **self.description,
-            "ranges": [[list(r) for r in rs] for rs in self.ranges],
+            "ranges": [
+                [[a, None if b == END_OF_SOURCE else b, s] for a, b, s in rs] for rs in self.ranges
+            ],
         }
 
 
@@ -514,9 +518,9 @@ def _count_train_values(
             for chunk, features, keep, codes in chunks:
                 if end is not None and len(chunk.positions) and chunk.positions[0] >= end:
                     break
-                train = pa.array(keep & (codes == 0))
+                train = keep & (codes == 0)
                 for f, counter in counters.items():
-                    counter.add(as_array(features.tokens[f]).filter(train))
+                    counter.add(_rows(as_array(features.tokens[f]), train))
                 read = chunk.table.num_rows + len(chunk.rejected)
                 lines += read
                 bar.update(read)
@@ -558,7 +562,7 @@ def _encode_splits(
                 for code, split in enumerate(SPLITS):
                     in_split = codes == code
                     if in_split.any():
-                        writers[split].write(table.filter(pa.array(in_split)))
+                        writers[split].write(_rows(table, in_split))
                 read = chunk.table.num_rows + len(chunk.rejected)
                 lines += read
                 bar.update(read)
@@ -600,15 +604,19 @@ def encode_features(
     fmt: Format, features: Features, keep: np.ndarray, vocabs: dict[str, FieldVocab]
 ) -> pa.Table:
     """The prepared columns (label, dense, sparse ids) of the rows ``keep`` selects."""
-    mask = pa.array(keep)
     columns: dict[str, pa.Array] = {}
     if features.label is not None:
         columns[LABEL] = pa.array(features.label[keep], pa.float32())
     for d in fmt.dense:
         columns[d] = pa.array(features.dense[d][keep], pa.float32())
     for f in fmt.sparse:
-        columns[f] = vocabs[f].lookup(as_array(features.tokens[f]).filter(mask))
+        columns[f] = vocabs[f].lookup(_rows(as_array(features.tokens[f]), keep))
     return pa.table(columns)
+
+
+def _rows(data: pa.Array | pa.Table, mask: np.ndarray) -> pa.Array | pa.Table:
+    """The rows ``mask`` selects; no copy when it selects them all (the common case)."""
+    return data if mask.all() else data.filter(pa.array(mask))
 
 
 def claim_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:

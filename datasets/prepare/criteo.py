@@ -41,6 +41,7 @@ from datasets.prepare.columns import (
     parse_numbers,
 )
 from datasets.prepare.common import (
+    END_OF_SOURCE,
     FileReader,
     Format,
     PrepareOptions,
@@ -164,7 +165,7 @@ def _day_split(reader: FileReader, days: CriteoDays, options: PrepareOptions) ->
             ranges.append([(0, half, "valid"), (half, rows, "test")])
         else:
             own = [s for s in ("train", "valid", "test") if d in chosen[s]]
-            ranges.append([(0, 1 << 62, own[0])] if own else [])
+            ranges.append([(0, END_OF_SOURCE, own[0])] if own else [])
     return SplitPlan(
         "days",
         ranges=ranges,
