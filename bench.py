@@ -144,13 +144,14 @@ def bench_preprocess(args: argparse.Namespace) -> dict:
                   f"in {time.perf_counter() - start:.0f} s")
         out = CACHE / "preprocess" / f"out-{n}"
         result, rss, cpu = _run_child(_PREPARE_CHILD, str(path), str(out))
+        cpu = max(cpu - import_cpu, 1e-3)
         rows.append({
             "rows": n,
             "file_MB": round(path.stat().st_size / 1e6),
             "seconds": round(result["seconds"], 1),
             "rows_per_s": round(n / result["seconds"]),
-            "cpu_s": round(cpu - import_cpu, 1),
-            "rows_per_cpu_s": round(n / (cpu - import_cpu)),
+            "cpu_s": round(cpu, 1),
+            "rows_per_cpu_s": round(n / cpu),
             "peak_rss_MB": round(rss),
             "distinct_train_values": result["distinct"],
             "kept_ids(min_count=10)": result["kept_ids"],

@@ -185,9 +185,8 @@ def test_day_files_default_and_chosen_days(tmp_path):
         days[-1].write_text("\n".join(lines[6 * d : 6 * d + 6]) + "\n")
     meta = prepare_criteo(days, tmp_path / "default", options=options(min_count=1))
     assert {s: meta.rows(s) for s in meta.splits} == {"train": 34, "valid": 3, "test": 3}
-    assert read_all_splits(tmp_path / "default").equals(
-        read_all_splits(_single_file(tmp_path, TRAIN_TXT))
-    )
+    prepare_criteo([TRAIN_TXT], tmp_path / "single", options=options(min_count=1))
+    assert read_all_splits(tmp_path / "default").equals(read_all_splits(tmp_path / "single"))
     assert meta.bad_rows["bad_number"]["examples"] == [f"{days[1]}:5"]  # line 11 overall
 
     chosen = prepare_criteo(
@@ -200,13 +199,6 @@ def test_day_files_default_and_chosen_days(tmp_path):
     assert chosen.options["split"]["train"] == [0, 1, 2, 3]  # day 4 is not used at all
     with pytest.raises(BadInputError, match="both train and valid"):
         prepare_criteo(days, tmp_path / "x", days=CriteoDays(train=[0, 6]), options=options())
-
-
-def _single_file(tmp_path, path):
-    out = tmp_path / "single"
-    if not out.exists():
-        prepare_criteo([path], out, options=options(min_count=1))
-    return out
 
 
 def test_random_split_is_seeded(tmp_path):
