@@ -103,13 +103,12 @@ def as_strings(col: pa.Array | pa.ChunkedArray) -> pa.Array:
     """A column as one string array; numbers (from parquet or JSON records) are formatted and
     empty strings are missing, as empty fields of a text file are."""
     col = as_array(col)
-    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+    t = col.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t):
         return _blank_is_null(col.cast(pa.string()))
-    if pa.types.is_dictionary(col.type):
-        return _blank_is_null(col.cast(pa.string()))
-    if pa.types.is_floating(col.type):
+    if pa.types.is_floating(t):
         # 3.0 read from parquet is the same category as "3" typed in a CSV.
-        whole = pc.equal(col, pc.floor(col))
+        whole = pc.and_(pc.equal(col, pc.floor(col)), pc.less(pc.abs(col), 2.0**53))
         as_int = pc.if_else(whole, col, pa.nulls(len(col), col.type))
         ints = pc.cast(as_int, pa.int64(), safe=False).cast(pa.string())
         return pc.coalesce(ints, col.cast(pa.string()))
