@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from datasets.prepare.cli import add_prepare_parser
+
 EPILOG_SYNTH = """example:
   ctr synth --rows 1000000 --out data/synth
   ctr synth --rows 200000 --scale 0.001 --multi-hot 2 --out data/small"""
@@ -259,12 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list compression methods and their options")
     p.set_defaults(func=cmd_methods)
 
-    try:
-        from datasets.prepare.cli import add_prepare_parser
-    except ImportError:
-        pass
-    else:
-        add_prepare_parser(sub)
+    add_prepare_parser(sub)
     return parser
 
 

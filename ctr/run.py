@@ -24,7 +24,7 @@ from compressors.budget import parse_budget
 from ctr.distributed import DistInfo
 from ctr.embedding import EmbeddingLayer, features_from_dataset
 from ctr.models import CTRModel, build_model
-from ctr.trainer import Trainer, TrainConfig, seed_everything
+from ctr.trainer import TrainConfig, Trainer, seed_everything
 from datasets.format import DatasetMeta, atomic_write_text
 from datasets.loader import BatchLoader
 

@@ -30,8 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.numpy import load_file, save_file
 
 FORMAT_NAME = "ctr-compress/prepared"
 FORMAT_VERSION = 1
@@ -102,7 +101,7 @@ class DatasetMeta:
         for f in self.sparse:
             if f.name not in tensors:
                 raise PreparedDataError(f"{path}: no frequencies for field {f.name!r}")
-            counts = tensors[f.name].numpy()
+            counts = tensors[f.name]
             if counts.shape != (f.cardinality,):
                 raise PreparedDataError(
                     f"{path}: field {f.name!r} has {counts.shape[0]} counts, "
@@ -178,10 +177,11 @@ def arrow_schema(label: str, dense: list[str], sparse: list[SparseField]) -> pa.
 
 
 class ShardWriter:
-    """Writes one split as numbered parquet shards, each written atomically.
+    """Writes one split as numbered parquet shards, each made visible atomically.
 
-    Rows arrive in chunks (``write(table)``) and are cut into shards of ``rows_per_shard``
-    so memory stays bounded by one shard whatever the split's size.
+    Rows arrive in chunks (``write(table)``) and stream to the open shard as row groups; a
+    shard is renamed into place once it holds ``rows_per_shard`` rows (or at ``close``), so
+    memory stays bounded by one chunk whatever the split's size.
     """
 
     def __init__(
@@ -192,41 +192,50 @@ class ShardWriter:
         self.schema = schema
         self.rows_per_shard = rows_per_shard
         self.info = SplitInfo()
-        self._pending: list[pa.Table] = []
-        self._pending_rows = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._shard_rows = 0
         (self.root / split).mkdir(parents=True, exist_ok=True)
 
     def write(self, table: pa.Table) -> None:
         table = table.select(self.schema.names).cast(self.schema)
-        self._pending.append(table)
-        self._pending_rows += table.num_rows
-        while self._pending_rows >= self.rows_per_shard:
-            merged = pa.concat_tables(self._pending)
-            self._flush(merged.slice(0, self.rows_per_shard))
-            rest = merged.slice(self.rows_per_shard)
-            self._pending, self._pending_rows = [rest], rest.num_rows
+        while table.num_rows:
+            if self._writer is None:
+                self._open()
+            take = min(table.num_rows, self.rows_per_shard - self._shard_rows)
+            self._writer.write_table(table.slice(0, take), row_group_size=1 << 16)
+            self._shard_rows += take
+            table = table.slice(take)
+            if self._shard_rows == self.rows_per_shard:
+                self._finish()
 
     def close(self) -> SplitInfo:
-        if self._pending_rows or not self.info.files:
-            self._flush(pa.concat_tables(self._pending) if self._pending else self.schema.empty_table())
-        self._pending, self._pending_rows = [], 0
+        if self._writer is None and not self.info.files:
+            self._open()  # an empty split still gets one (empty) shard
+        if self._writer is not None:
+            self._finish()
         return self.info
 
-    def _flush(self, table: pa.Table) -> None:
-        rel = f"{self.split}/part-{len(self.info.files):05d}.parquet"
-        path = self.root / rel
-        tmp = path.with_suffix(".parquet.tmp")
-        pq.write_table(table, tmp, row_group_size=1 << 16)
-        os.replace(tmp, path)
-        self.info.files.append(rel)
-        self.info.rows += table.num_rows
+    def _path(self) -> Path:
+        return self.root / f"{self.split}/part-{len(self.info.files):05d}.parquet"
+
+    def _open(self) -> None:
+        self._writer = pq.ParquetWriter(self._path().with_suffix(".parquet.tmp"), self.schema)
+        self._shard_rows = 0
+
+    def _finish(self) -> None:
+        assert self._writer is not None
+        self._writer.close()
+        path = self._path()
+        os.replace(path.with_suffix(".parquet.tmp"), path)
+        self.info.files.append(str(path.relative_to(self.root)))
+        self.info.rows += self._shard_rows
+        self._writer = None
 
 
 def save_frequencies(root: str | os.PathLike, counts: Mapping[str, np.ndarray]) -> None:
     path = Path(root) / FREQUENCIES_FILE
     tmp = path.with_suffix(".tmp")
-    save_file({k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)) for k, v in counts.items()},
-              str(tmp))
+    save_file({k: np.ascontiguousarray(v, dtype=np.int64) for k, v in counts.items()}, str(tmp))
     os.replace(tmp, path)
 
 

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from sklearn.metrics import log_loss, roc_auc_score
 from tqdm import tqdm
 
 from datasets.format import (
@@ -315,6 +314,8 @@ def generate_synthetic(
                 scored[split].append((p[a:b], labels[a:b]))
         bar.update(len(p))
     bar.close()
+
+    from sklearn.metrics import log_loss, roc_auc_score  # only needed here; slow to import
 
     teacher = {"base_rate": config.base_rate}
     for split, parts in scored.items():

@@ -40,14 +40,22 @@ def test_ids_follow_descending_train_frequency(tiny_data):
         np.testing.assert_array_equal(observed, counts)
 
 
-def test_values_unseen_in_train_map_to_oov(tiny_data):
+def test_vocab_lists_every_train_value(tiny_data):
     meta = DatasetMeta.load(tiny_data)
-    test = _read(meta, "test")
     vocab = load_vocab(tiny_data)
     for field in meta.sparse:
-        assert len(vocab[field.name]) == field.cardinality - 1
-    # the largest field's tail is sparsely sampled: some test values were never in train
-    assert (test["C7"] == 0).sum() >= 0 and (test["C3"].to_numpy() < meta.sparse[2].cardinality).all()
+        ids = sorted(vocab[field.name].values())
+        assert ids == list(range(1, field.cardinality))
+
+
+def test_values_unseen_in_train_map_to_oov(tmp_path):
+    # 5000 possible values, 1600 train rows: many valid/test values never occur in train.
+    meta = generate_synthetic(tmp_path, SyntheticConfig(rows=2_000, cardinalities=(5000,),
+                                                        num_dense=1), progress=False)
+    train, test = _read(meta, "train")["C1"], _read(meta, "test")["C1"]
+    assert (train > 0).all()
+    assert (test == 0).any()
+    assert meta.sparse[0].cardinality == train.nunique() + 1
 
 
 def test_deterministic_and_independent_of_chunking(tmp_path):

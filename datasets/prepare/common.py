@@ -1,0 +1,657 @@
+"""The preprocessing engine every format shares: two streaming passes, splits, bad rows.
+
+A format declares its columns and a vectorised ``transform`` (raw string columns ->
+label, dense floats, categorical tokens); a reader yields chunks of raw columns with line
+numbers. :func:`prepare_dataset` then
+
+1. counts the tokens of every sparse field over the *train* rows (memory ~ distinct values),
+2. assigns ids by descending train frequency (0 = OOV: rarer than ``min_count``, unseen in
+   train, or missing) and saves frequencies and the vocabulary,
+3. reads everything again, encodes each chunk and appends it to its split's shards,
+4. writes ``meta.json`` last, so an interrupted run never looks complete.
+
+Which split a row belongs to is a pure function of (source file, row position), known in
+pass 1 without reading ahead. Malformed rows are counted per reason with their first
+``file:line`` examples, or stop the run (``on_bad_row="fail"``).
+
+Example::
+
+    fmt = CriteoFormat(CriteoConfig())
+    reader = FileReader([TextSource("train.txt", fmt.columns, "\\t")])
+    meta = prepare_dataset(fmt, reader, "data/criteo", random_split(seed=0),
+                           PrepareOptions(min_count=10))
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from datasets.format import (
+    FREQUENCIES_FILE,
+    SPLITS,
+    VOCAB_FILE,
+    DatasetMeta,
+    ShardWriter,
+    SparseField,
+    SplitInfo,
+    arrow_schema,
+    encoded_counts,
+    frequency_order,
+    save_frequencies,
+    save_vocab,
+)
+from datasets.prepare.columns import Features, Flag, Issues, as_array
+from datasets.prepare.sources import (
+    BadInputError,
+    ParquetSource,
+    RawChunk,
+    Rejection,
+    TextSource,
+    prefetch,
+)
+from datasets.synthetic import splitmix64
+
+LABEL = "label"  # the label column of every prepared dataset, whatever the raw name
+BAD_ROW_POLICIES = ("skip", "fail")
+END_OF_SOURCE = 1 << 62  # the stop of a split range that takes a whole file
+MAX_BLOCK_BYTES = 256 << 20  # the largest chunk the vocabulary size may ask for
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Options every format shares.
+
+    ``min_count``/``split`` left as ``None`` take the format's default (Criteo: 10 and the
+    7-day protocol; see each ``prepare_*`` function). ``fractions`` are train/valid/test
+    shares for the ``random`` and ``ordered`` splits. ``block_bytes`` of raw text are read
+    and encoded at a time (more when the vocabulary is large, see :func:`encode_block_bytes`);
+    peak memory is a few such blocks, one shard per split, plus the vocabulary.
+    """
+
+    min_count: int | None = None
+    split: str | None = None
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 0
+    on_bad_row: str = "skip"
+    overwrite: bool = False
+    progress: bool = True
+    block_bytes: int = 8 << 20
+    rows_per_shard: int = 1 << 20
+    max_examples: int = 5
+
+    def validate(self) -> None:
+        if self.on_bad_row not in BAD_ROW_POLICIES:
+            raise ValueError(
+                f"on_bad_row must be one of {BAD_ROW_POLICIES}, got {self.on_bad_row!r}"
+            )
+        if self.min_count is not None and self.min_count < 1:
+            raise ValueError(f"min_count must be at least 1, got {self.min_count}")
+        if len(self.fractions) != 3 or min(self.fractions) < 0 or self.fractions[0] <= 0:
+            raise ValueError(
+                f"fractions must be 3 non-negative shares with train > 0, got {self.fractions}"
+            )
+        if abs(sum(self.fractions) - 1.0) > 1e-6:
+            raise ValueError(
+                f"fractions must sum to 1, got {self.fractions} (sum {sum(self.fractions)})"
+            )
+        if self.block_bytes < 1 << 10 or self.rows_per_shard < 1:
+            raise ValueError("block_bytes must be at least 1 KiB and rows_per_shard positive")
+
+    def with_defaults(self, min_count: int, split: str) -> PrepareOptions:
+        """These options with a format's defaults filled in where they were left ``None``."""
+        return replace(
+            self,
+            min_count=self.min_count if self.min_count is not None else min_count,
+            split=self.split or split,
+        )
+
+
+class Format(ABC):
+    """How one dataset's raw columns become a label, dense floats and categorical tokens.
+
+    Subclasses set ``name`` and, in ``__init__``, ``columns`` (raw columns, file order),
+    ``label_columns``, ``dropped_columns``, ``dense``, ``sparse`` and ``multi_valued``; the
+    ``transform`` must be vectorised over a chunk and must also work with ``labeled=False``
+    (serving: records carry no label).
+    """
+
+    name: ClassVar[str]
+    columns: list[str]
+    label_columns: tuple[str, ...]
+    dropped_columns: tuple[str, ...] = ()
+    dense: list[str]
+    sparse: list[str]
+    # Multi-valued raw columns, each the multi-hot field of the same name, with the separator
+    # that joins their values in text.
+    multi_valued: dict[str, str] = {}
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    @property
+    def feature_columns(self) -> list[str]:
+        """The raw fields a record may give :class:`RawEncoder` (no label, no dropped column)."""
+        skip = {*self.label_columns, *self.dropped_columns}
+        return [c for c in self.columns if c not in skip]
+
+    def sparse_fields(self, cardinalities: dict[str, int]) -> list[SparseField]:
+        return [SparseField(f, cardinalities[f], f in self.multi_valued) for f in self.sparse]
+
+    def describe(self) -> dict[str, Any]:
+        """What ``meta.json`` records to rebuild this format (see :meth:`from_config`)."""
+        return {"format": self.name, "config": asdict(self.config)}
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: dict[str, Any]) -> Format:
+        """The format described by ``meta.options["config"]``."""
+
+    @abstractmethod
+    def transform(self, raw: pa.Table, issues: Issues, labeled: bool = True) -> Features:
+        """Raw string columns -> features; flags bad rows in ``issues`` instead of raising."""
+
+
+class FileReader:
+    """The chunks of a list of sources, one source after another."""
+
+    def __init__(self, sources: Sequence[TextSource | ParquetSource]) -> None:
+        if not sources:
+            raise BadInputError("no input files given")
+        for s in sources:
+            if not s.path.is_file():
+                raise BadInputError(f"{s.path}: no such file")
+        self.sources = list(sources)
+        self.side_rejected: list[Rejection] = []  # bad rows of auxiliary files (MovieLens)
+
+    @property
+    def paths(self) -> list[str]:
+        return [str(s.path) for s in self.sources]
+
+    def count_rows(self, source: int, block_bytes: int) -> int:
+        return self.sources[source].count_rows(block_bytes)
+
+    def chunks(self, source: int, block_bytes: int) -> Iterator[RawChunk]:
+        return self.sources[source].chunks(block_bytes)
+
+
+# ---------------------------------------------------------------------------------------- splits
+
+
+@dataclass
+class SplitPlan:
+    """The split of every data row as a pure function of (source index, row position).
+
+    ``random``: a seeded hash of (seed, source, position) against ``fractions``.
+    ``ranges``: per source, half-open position ranges ``(start, stop, split)``; a source
+    without ranges is not read at all.
+    """
+
+    kind: str
+    seed: int = 0
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    ranges: list[list[tuple[int, int, str]]] = field(default_factory=list)
+    description: dict[str, Any] = field(default_factory=dict)
+
+    def assign(self, source: int, positions: np.ndarray) -> np.ndarray:
+        """Split codes (index into ``SPLITS``; -1 = not used) of rows at ``positions``."""
+        if self.kind == "random":
+            key = splitmix64(np.array([self.seed * 1_000_003 + source], dtype=np.uint64))
+            u = (splitmix64(positions.astype(np.uint64) ^ key) >> np.uint64(11)) * 2.0**-53
+            bounds = np.cumsum(self.fractions)[:-1]
+            return np.searchsorted(bounds, u, side="right").astype(np.int8)
+        codes = np.full(len(positions), -1, dtype=np.int8)
+        for start, stop, split in self.ranges[source]:
+            codes[(positions >= start) & (positions < stop)] = SPLITS.index(split)
+        return codes
+
+    def end(self, source: int, split: str) -> int | None:
+        """The position after the last row of ``split`` in ``source`` (``None``: anywhere)."""
+        if self.kind == "random":
+            return None
+        return max((b for a, b, s in self.ranges[source] if s == split), default=0)
+
+    def uses(self, source: int, split: str | None = None) -> bool:
+        if self.kind == "random":
+            return split is None or self.fractions[SPLITS.index(split)] > 0
+        return any(split in (None, s) and a < b for a, b, s in self.ranges[source])
+
+    def describe(self) -> dict[str, Any]:
+        if self.kind == "random":
+            return {"kind": "random", "seed": self.seed, "fractions": list(self.fractions)}
+        # A range reaching END_OF_SOURCE is written with stop null: "to the end of the file".
+        return {
+            "kind": self.kind,
+            **self.description,
+            "ranges": [
+                [[a, None if b == END_OF_SOURCE else b, s] for a, b, s in rs] for rs in self.ranges
+            ],
+        }
+
+
+def random_split(
+    seed: int = 0, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+) -> SplitPlan:
+    return SplitPlan("random", seed=seed, fractions=tuple(fractions))
+
+
+def ordered_split(row_counts: Sequence[int], fractions: tuple[float, float, float]) -> SplitPlan:
+    """Rows in file order: the first ``fractions[0]`` of all rows train, then valid, then test."""
+    total = sum(row_counts)
+    n_train = int(total * fractions[0])
+    n_valid = int(total * fractions[1])
+    return global_ranges(
+        row_counts,
+        [
+            (0, n_train, "train"),
+            (n_train, n_train + n_valid, "valid"),
+            (n_train + n_valid, total, "test"),
+        ],
+        kind="ordered",
+        fractions=list(fractions),
+    )
+
+
+def global_ranges(
+    row_counts: Sequence[int], ranges: list[tuple[int, int, str]], kind: str, **description: Any
+) -> SplitPlan:
+    """A plan from ranges over the concatenation of all sources, cut into per-source ranges."""
+    per_source = []
+    offset = 0
+    for n in row_counts:
+        own = []
+        for start, stop, split in ranges:
+            a, b = max(start, offset), min(stop, offset + n)
+            if a < b:
+                own.append((a - offset, b - offset, split))
+        per_source.append(own)
+        offset += n
+    return SplitPlan(
+        kind, ranges=per_source, description={"row_counts": list(row_counts), **description}
+    )
+
+
+def standard_split(reader: FileReader, options: PrepareOptions) -> SplitPlan:
+    """The ``random`` or ``ordered`` split that ``options`` asks for."""
+    if options.split == "random":
+        return random_split(options.seed, options.fractions)
+    if options.split == "ordered":
+        counts = count_rows(reader, range(len(reader.sources)), options)
+        return ordered_split(counts, options.fractions)
+    raise ValueError(f"split must be random or ordered, got {options.split!r}")
+
+
+def count_rows(reader: FileReader, sources: Sequence[int], options: PrepareOptions) -> list[int]:
+    """Data lines per source (a cheap pre-pass for splits that depend on positions)."""
+    counts = []
+    for i in tqdm(sources, desc="count lines", unit="file", disable=not options.progress):
+        counts.append(reader.count_rows(i, options.block_bytes))
+    return counts
+
+
+# -------------------------------------------------------------------------------------- bad rows
+
+
+class BadRows:
+    """Counts malformed rows per reason with their first ``path:line`` examples.
+
+    With ``policy="fail"`` the first bad row raises :class:`BadInputError`. With ``record``
+    off (the counting pass, which the encoding pass repeats) rows are only checked, so
+    each bad row is reported once.
+    """
+
+    def __init__(self, policy: str, max_examples: int = 5, record: bool = True) -> None:
+        self.policy = policy
+        self.max_examples = max_examples
+        self.record = record
+        self.reasons: dict[str, dict[str, Any]] = {}
+
+    @property
+    def total(self) -> int:
+        return sum(r["count"] for r in self.reasons.values())
+
+    def add(
+        self, path: str, rejected: list[Rejection], flags: list[Flag], lines: np.ndarray
+    ) -> None:
+        if not rejected and not flags:
+            return
+        if self.policy == "fail":
+            self._raise_first(path, rejected, flags, lines)
+        if not self.record:
+            return
+        for r in rejected:
+            self._count(r.reason, None, [r.line], r.path)
+        for f in flags:
+            self._count(f.reason, f.field, lines[f.mask], path)
+
+    def report(self) -> dict[str, Any]:
+        return {k: dict(v) for k, v in sorted(self.reasons.items())}
+
+    def summary(self) -> str:
+        lines = [f"{self.total:,} bad rows skipped:"]
+        for reason, r in sorted(self.reasons.items()):
+            fields = r.get("fields", {})
+            where = " in " + ", ".join(f"{k} ({v:,})" for k, v in fields.items()) if fields else ""
+            lines.append(f"  {reason}: {r['count']:,}{where}, e.g. {', '.join(r['examples'])}")
+        return "\n".join(lines)
+
+    def _count(self, reason: str, field: str | None, lines: Sequence[int], path: str) -> None:
+        entry = self.reasons.setdefault(reason, {"count": 0, "examples": []})
+        entry["count"] += len(lines)
+        room = self.max_examples - len(entry["examples"])
+        entry["examples"] += [f"{path}:{int(n)}" for n in lines[:room]]
+        if field is not None:
+            fields = entry.setdefault("fields", {})
+            fields[field] = fields.get(field, 0) + len(lines)
+
+    def _raise_first(
+        self, path: str, rejected: list[Rejection], flags: list[Flag], lines: np.ndarray
+    ) -> None:
+        candidates = [(r.line, f"{r.path}:{r.line}: {r.reason}: {r.detail}") for r in rejected]
+        for f in flags:
+            i = int(np.argmax(f.mask))
+            value = f" (value {f.values[i].as_py()!r})" if f.values is not None else ""
+            candidates.append(
+                (int(lines[i]), f"{path}:{lines[i]}: {f.reason} in field {f.field!r}{value}")
+            )
+        raise BadInputError(min(candidates)[1] + " (policy --on-bad-row fail)")
+
+
+# ------------------------------------------------------------------------------------ vocabulary
+
+
+class ValueCounter:
+    """Train counts of one field's distinct values, merged chunk by chunk.
+
+    Per-chunk ``value_counts`` tables are merged with a hash group-by whenever they outgrow
+    the merged table, so memory stays proportional to the number of distinct values.
+    """
+
+    MERGE_ROWS = 1 << 18  # pending distinct values that trigger a merge (at least)
+
+    def __init__(self) -> None:
+        self._merged: pa.Table | None = None
+        self._parts: list[pa.Table] = []
+        self._pending = 0
+        self.missing = 0
+
+    def add(self, tokens: pa.Array) -> None:
+        if pa.types.is_list(tokens.type):
+            tokens = tokens.flatten()
+        self.missing += tokens.null_count
+        counts = pc.value_counts(tokens.drop_null())
+        self._parts.append(
+            pa.table({"value": counts.field("values"), "count": counts.field("counts")})
+        )
+        self._pending += len(counts)
+        merged = len(self._merged) if self._merged is not None else 0
+        if self._pending > max(merged, self.MERGE_ROWS):
+            self._merge()
+
+    def result(self) -> tuple[pa.Array, np.ndarray]:
+        """Distinct values sorted ascending (bytewise) and their counts."""
+        self._merge()
+        table = (
+            self._merged
+            if self._merged is not None
+            else pa.table({"value": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
+        )
+        table = table.take(pc.sort_indices(table["value"]))
+        return as_array(table["value"]), table["count"].to_numpy()
+
+    def _merge(self) -> None:
+        parts = ([self._merged] if self._merged is not None else []) + self._parts
+        if not self._parts:
+            return
+        merged = pa.concat_tables(parts).group_by("value").aggregate([("count", "sum")])
+        self._merged = merged.select(["value", "count_sum"]).rename_columns(["value", "count"])
+        self._parts, self._pending = [], 0
+
+
+@dataclass
+class FieldVocab:
+    """Raw token -> id for one field: ``values[i]`` has id ``i + 1``; anything else is 0."""
+
+    values: pa.Array
+
+    @property
+    def cardinality(self) -> int:
+        return len(self.values) + 1
+
+    def lookup(self, tokens: pa.Array) -> pa.Array:
+        """int32 ids of string tokens, or list<int32> for lists of tokens."""
+        tokens = as_array(tokens)
+        if pa.types.is_list(tokens.type):
+            offsets = tokens.offsets.to_numpy()
+            ids = self.lookup(tokens.flatten())
+            return pa.ListArray.from_arrays(pa.array((offsets - offsets[0]).astype(np.int32)), ids)
+        index = pc.index_in(tokens, value_set=self.values)
+        return pc.add(index, 1).fill_null(0).cast(pa.int32())
+
+
+def build_vocab(counter: ValueCounter, min_count: int) -> tuple[FieldVocab, np.ndarray, int]:
+    """The field's vocabulary, its train counts by id (OOV at 0) and its distinct values."""
+    values, counts = counter.result()
+    remap, cardinality = frequency_order(counts, min_count)
+    kept = np.flatnonzero(remap)
+    by_id = kept[np.argsort(remap[kept])]
+    frequencies = encoded_counts(remap, counts, cardinality)
+    frequencies[0] += counter.missing
+    return FieldVocab(values.take(pa.array(by_id))), frequencies, len(values)
+
+
+# ------------------------------------------------------------------------------------ the engine
+
+
+def prepare_dataset(
+    fmt: Format,
+    reader: FileReader,
+    out: str | os.PathLike,
+    plan: SplitPlan,
+    options: PrepareOptions,
+    name: str | None = None,
+) -> DatasetMeta:
+    """Runs both passes and writes a prepared dataset to ``out`` (see the module docstring)."""
+    options.validate()
+    min_count = options.min_count or 1
+    out = claim_output_dir(out, options.overwrite)
+    vocabs, distinct, lines_counted = _count_train_values(fmt, reader, plan, options, out)
+    sparse = fmt.sparse_fields({f: v.cardinality for f, v in vocabs.items()})
+    # The counting pass read every line when any line may be train (random split).
+    total = lines_counted if plan.kind == "random" else None
+    splits, bad, lines_read = _encode_splits(fmt, reader, plan, vocabs, sparse, out, options, total)
+    if bad.total:
+        print(f"{out}: {bad.summary()}", file=sys.stderr)
+    if splits["train"].rows == 0:
+        raise BadInputError(f"{reader.paths}: no usable train rows in {lines_read:,} lines read")
+    meta = DatasetMeta(
+        name=name or fmt.name,
+        label=LABEL,
+        dense=list(fmt.dense),
+        sparse=sparse,
+        splits=splits,
+        options={
+            **fmt.describe(),
+            "min_count": min_count,
+            "split": plan.describe(),
+            "on_bad_row": options.on_bad_row,
+            "sources": reader.paths,
+        },
+        bad_rows=bad.report(),
+        extra={"raw_distinct_train_values": distinct, "lines_read": lines_read},
+        root=out,
+    )
+    meta.save(out)
+    if options.progress:
+        rows = ", ".join(f"{s} {meta.rows(s):,}" for s in SPLITS)
+        ids = sum(f.cardinality for f in sparse)
+        print(f"{out}: {rows} rows; {len(sparse)} sparse fields, {ids:,} ids", file=sys.stderr)
+    return meta
+
+
+def _count_train_values(
+    fmt: Format, reader: FileReader, plan: SplitPlan, options: PrepareOptions, out: Path
+) -> tuple[dict[str, FieldVocab], dict[str, int], int]:
+    """Pass 1: counts train tokens, saves frequencies and vocabulary; returns the vocabularies,
+    the distinct train values per field and the lines read."""
+    counters = {f: ValueCounter() for f in fmt.sparse}
+    gate = BadRows(options.on_bad_row, record=False)  # pass 2 reports; this one only fails
+    gate.add("", reader.side_rejected, [], np.empty(0))
+    lines = 0
+    with _bar("count (train)", options) as bar:
+        for i in range(len(reader.sources)):
+            if not plan.uses(i, "train"):
+                continue
+            end = plan.end(i, "train")
+            chunks = _transformed(fmt, reader, i, plan, gate, options.block_bytes)
+            for chunk, features, keep, codes in chunks:
+                if end is not None and len(chunk.positions) and chunk.positions[0] >= end:
+                    break
+                train = keep & (codes == 0)
+                for f, counter in counters.items():
+                    counter.add(_rows(as_array(features.tokens[f]), train))
+                read = chunk.table.num_rows + len(chunk.rejected)
+                lines += read
+                bar.update(read)
+    vocabs, frequencies, distinct = {}, {}, {}
+    for f, counter in counters.items():
+        vocabs[f], frequencies[f], distinct[f] = build_vocab(counter, options.min_count or 1)
+    save_frequencies(out, frequencies)
+    save_vocab(out, {f: (v.values, np.arange(1, v.cardinality)) for f, v in vocabs.items()})
+    return vocabs, distinct, lines
+
+
+def _encode_splits(
+    fmt: Format,
+    reader: FileReader,
+    plan: SplitPlan,
+    vocabs: dict[str, FieldVocab],
+    sparse: list[SparseField],
+    out: Path,
+    options: PrepareOptions,
+    total: int | None,
+) -> tuple[dict[str, SplitInfo], BadRows, int]:
+    """Pass 2: encodes every row into its split's shards; returns the splits, the bad-row
+    report and the lines read."""
+    block_bytes = encode_block_bytes(options.block_bytes, vocabs)
+    schema = arrow_schema(LABEL, fmt.dense, sparse)
+    writers = {s: ShardWriter(out, s, schema, options.rows_per_shard) for s in SPLITS}
+    bad = BadRows(options.on_bad_row, options.max_examples)
+    bad.add("", reader.side_rejected, [], np.empty(0))
+    lines = 0
+    with _bar("encode", options, total) as bar:
+        for i in range(len(reader.sources)):
+            if not plan.uses(i):
+                continue
+            for chunk, features, keep, codes in _transformed(
+                fmt, reader, i, plan, bad, block_bytes
+            ):
+                table = encode_features(fmt, features, keep, vocabs)
+                codes = codes[keep]
+                for code, split in enumerate(SPLITS):
+                    in_split = codes == code
+                    if in_split.any():
+                        writers[split].write(_rows(table, in_split))
+                read = chunk.table.num_rows + len(chunk.rejected)
+                lines += read
+                bar.update(read)
+    return {s: w.close() for s, w in writers.items()}, bad, lines
+
+
+def encode_block_bytes(block_bytes: int, vocabs: dict[str, FieldVocab]) -> int:
+    """Raw bytes per encoded chunk: at least ``block_bytes``, and ~64 bytes per kept id.
+
+    Looking a chunk up builds a hash of each field's vocabulary (``pc.index_in``), so
+    chunks grow with the vocabulary (up to ``MAX_BLOCK_BYTES``) to keep that cost a small
+    share of parsing the chunk; memory stays proportional to the vocabulary, as the counting
+    pass already needs.
+    """
+    return max(block_bytes, min(64 * sum(v.cardinality for v in vocabs.values()), MAX_BLOCK_BYTES))
+
+
+def _transformed(
+    fmt: Format,
+    reader: FileReader,
+    source: int,
+    plan: SplitPlan,
+    bad: BadRows,
+    block_bytes: int,
+) -> Iterator[tuple[RawChunk, Features, np.ndarray, np.ndarray]]:
+    """Transformed chunks of one source with the keep mask and split codes of output rows."""
+    for chunk in prefetch(reader.chunks(source, block_bytes)):
+        issues = Issues(chunk.table.num_rows)
+        features = fmt.transform(chunk.table, issues, labeled=True)
+        bad.add(chunk.path, chunk.rejected, issues.first_reasons(), chunk.lines)
+        good = ~issues.bad_mask()
+        codes = plan.assign(source, chunk.positions)
+        if features.source_rows is not None:
+            good, codes = good[features.source_rows], codes[features.source_rows]
+        yield chunk, features, good & (codes >= 0), codes
+
+
+def encode_features(
+    fmt: Format, features: Features, keep: np.ndarray, vocabs: dict[str, FieldVocab]
+) -> pa.Table:
+    """The prepared columns (label, dense, sparse ids) of the rows ``keep`` selects."""
+    columns: dict[str, pa.Array] = {}
+    if features.label is not None:
+        columns[LABEL] = pa.array(features.label[keep], pa.float32())
+    for d in fmt.dense:
+        columns[d] = pa.array(features.dense[d][keep], pa.float32())
+    for f in fmt.sparse:
+        columns[f] = vocabs[f].lookup(_rows(as_array(features.tokens[f]), keep))
+    return pa.table(columns)
+
+
+def _rows(data: pa.Array | pa.Table, mask: np.ndarray) -> pa.Array | pa.Table:
+    """The rows ``mask`` selects; no copy when it selects them all (the common case)."""
+    return data if mask.all() else data.filter(pa.array(mask))
+
+
+def claim_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+    """``out`` emptied of any previous prepared dataset; refuses to clobber without ``overwrite``.
+
+    Only the prepared format's own files are removed (meta.json first, so a dataset being
+    replaced stops looking complete at once); other files make us refuse.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"{out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    ours = {"meta.json", FREQUENCIES_FILE, VOCAB_FILE, *SPLITS}
+    entries = [p for p in out.iterdir() if not p.name.endswith(".tmp")]
+    foreign = [p.name for p in entries if p.name not in ours]
+    if foreign:
+        raise BadInputError(
+            f"{out}: not empty and not a prepared dataset (holds {sorted(foreign)[:5]}); "
+            "choose another --out"
+        )
+    if (out / "meta.json").exists() and not overwrite:
+        raise BadInputError(f"{out}: holds a prepared dataset; pass --overwrite to replace it")
+    (out / "meta.json").unlink(missing_ok=True)
+    for p in out.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return out
+
+
+def _bar(desc: str, options: PrepareOptions, total: int | None = None) -> tqdm:
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="rows",
+        unit_scale=True,
+        disable=not options.progress,
+        mininterval=1.0,
+        smoothing=0.1,
+    )

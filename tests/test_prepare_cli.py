@@ -1,0 +1,147 @@
+"""``ctr prepare …`` through :func:`add_prepare_parser` and argparse, as ``ctr/cli.py`` calls it."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from prepare_support import FIXTURES, read_all_splits
+
+from datasets.format import DatasetMeta
+from datasets.prepare.cli import add_prepare_parser
+
+QUIET = ["--no-progress"]
+
+
+def _run(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="ctr")
+    add_prepare_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["prepare", *argv])
+    return args.func(args)
+
+
+def test_criteo_command_writes_a_dataset(tmp_path):
+    code = _run(
+        "criteo",
+        str(FIXTURES / "criteo" / "train.txt"),
+        "--out",
+        str(tmp_path),
+        "--min-count",
+        "2",
+        "--bucketize-dense",
+        *QUIET,
+    )
+    assert code == 0
+    meta = DatasetMeta.load(tmp_path)
+    assert meta.options["min_count"] == 2 and meta.options["config"]["bucketize_dense"]
+    assert meta.rows("train") == 34
+
+
+def test_bad_input_exits_2_naming_file_and_line(tmp_path, capsys):
+    code = _run(
+        "criteo",
+        str(FIXTURES / "criteo" / "train.txt"),
+        "--out",
+        str(tmp_path),
+        "--on-bad-row",
+        "fail",
+        *QUIET,
+    )
+    assert code == 2
+    assert "train.txt:5: wrong_column_count" in capsys.readouterr().err
+    assert _run("avazu", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o"), *QUIET) == 2
+    assert "nope.csv: no such file" in capsys.readouterr().err
+
+
+def test_each_format_has_help_with_an_example(capsys):
+    for name in ("criteo", "avazu", "kdd12", "movielens", "table"):
+        with pytest.raises(SystemExit):
+            _run(name, "--help")
+        out = capsys.readouterr().out
+        assert "example:" in out and f"ctr prepare {name}" in out and "--on-bad-row" in out
+
+
+def test_table_flags_equal_the_schema_file(tmp_path):
+    logs = str(FIXTURES / "table" / "logs.csv")
+    assert (
+        _run(
+            "table",
+            logs,
+            "--out",
+            str(tmp_path / "file"),
+            "--schema",
+            str(FIXTURES / "table" / "schema.json"),
+            *QUIET,
+        )
+        == 0
+    )
+    assert (
+        _run(
+            "table",
+            logs,
+            "--out",
+            str(tmp_path / "flags"),
+            "--label",
+            "clicked",
+            "--categorical",
+            "site,ad",
+            "--numeric",
+            "price",
+            "--multi",
+            "tags:|",
+            *QUIET,
+        )
+        == 0
+    )
+    assert read_all_splits(tmp_path / "flags").equals(read_all_splits(tmp_path / "file"))
+
+
+def test_other_formats_through_the_cli(tmp_path):
+    assert (
+        _run(
+            "kdd12",
+            str(FIXTURES / "kdd12" / "training.txt"),
+            "--out",
+            str(tmp_path / "k"),
+            "--label",
+            "binary",
+            "--split",
+            "ordered",
+            "--fractions",
+            "0.5,0.25,0.25",
+            *QUIET,
+        )
+        == 0
+    )
+    meta = DatasetMeta.load(tmp_path / "k")
+    assert [meta.rows(s) for s in ("train", "valid", "test")] == [9, 5, 5]  # line 7 is bad
+    assert (
+        _run(
+            "movielens",
+            str(FIXTURES / "ml-100k"),
+            "--out",
+            str(tmp_path / "m"),
+            "--positive-rating",
+            "5",
+            "--no-year",
+            *QUIET,
+        )
+        == 0
+    )
+    assert DatasetMeta.load(tmp_path / "m").options["config"] == {
+        "positive_rating": 5.0,
+        "year": False,
+    }
+    assert (
+        _run(
+            "avazu",
+            str(FIXTURES / "avazu" / "train.csv"),
+            "--out",
+            str(tmp_path / "a"),
+            "--seed",
+            "4",
+            *QUIET,
+        )
+        == 0
+    )
+    assert DatasetMeta.load(tmp_path / "a").options["split"]["seed"] == 4
