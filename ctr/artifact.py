@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -31,7 +32,8 @@ from torchrec import KeyedJaggedTensor
 
 from compressors import ExportedEmbedding, build_serving
 from ctr.models import MODELS, CTRModel
-from datasets.format import VOCAB_FILE, DatasetMeta
+from datasets.encode import RawEncoder, format_for_meta, load_field_vocabs
+from datasets.format import VOCAB_FILE, DatasetMeta, SparseField
 from datasets.loader import BatchLoader
 
 ARTIFACT_FORMAT = "ctr-compress/artifact"
@@ -191,6 +193,32 @@ class CompactModel(nn.Module):
     @torch.no_grad()
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         return self.model(dense, sparse)
+
+    @torch.no_grad()
+    def predict_records(self, records: list[dict[str, Any]]) -> np.ndarray:
+        """Click probabilities for raw feature values (vocabulary lookup included).
+
+        Records map field names to raw values as the dataset's files hold them (missing
+        fields count as missing values); needs an artifact exported with its dataset.
+        """
+        batch = self.raw_encoder.encode(records).to_batch()
+        return torch.sigmoid(self.model(batch.dense_features, batch.sparse_features)).numpy()
+
+    @functools.cached_property
+    def raw_encoder(self) -> RawEncoder:
+        info = self.manifest.get("dataset")
+        if not info or VOCAB_FILE not in self.manifest["files"]:
+            raise ArtifactError(
+                f"{self.root}: exported without its dataset, so raw values cannot be encoded; "
+                "pass ids, or export with dataset=..."
+            )
+        meta = DatasetMeta(
+            name=info["name"], label=info["label"], dense=info["dense"],
+            sparse=[SparseField(f["name"], f["cardinality"], f["multi_hot"])
+                    for f in self.manifest["features"]],
+            splits={}, options=info["options"], root=self.root,
+        )
+        return RawEncoder(meta, format_for_meta(meta), load_field_vocabs(meta))
 
     @torch.no_grad()
     def predict_loader(self, loader: BatchLoader) -> tuple[np.ndarray, np.ndarray]:

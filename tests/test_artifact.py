@@ -93,3 +93,33 @@ def test_export_replaces_atomically_and_loads_without_pickle(tiny_data, tmp_path
     # safetensors holds only raw tensors: nothing in the artifact is executable
     raw = (tmp_path / "a" / "tensors.safetensors").read_bytes()
     assert b"\x80\x04" not in raw[:16] and raw[8:9] == b"{"
+
+
+def test_predicts_from_raw_values_like_from_prepared_ids(tiny_data, tmp_path):
+    import pyarrow.parquet as pq
+
+    from datasets.format import DatasetMeta, load_vocab
+
+    model = _model(tiny_data)
+    export(model, tmp_path / "a", dataset=tiny_data)
+    compact = CompactModel.load(tmp_path / "a")
+    meta = DatasetMeta.load(tiny_data)
+    rows = pq.read_table(meta.files("test")).to_pandas().head(50)
+    raw_of = {f: {i: v for v, i in vocab.items()} for f, vocab in load_vocab(tiny_data).items()}
+    records = []
+    for _, row in rows.iterrows():
+        record = {d: float(row[d]) for d in meta.dense}
+        for f in meta.sparse:
+            ids = list(row[f.name]) if f.multi_hot else [row[f.name]]
+            raw = [raw_of[f.name].get(int(i), "never-seen-value") for i in ids]
+            record[f.name] = raw if f.multi_hot else raw[0]
+        records.append(record)
+    expected = torch.sigmoid(_logits(compact, tiny_data)[:50]).numpy()
+    got = compact.predict_records(records)
+    assert abs(got - expected).max() < 1e-5
+    with pytest.raises(ValueError, match="unknown fields \\['colour'\\]"):
+        compact.predict_records([{"colour": "red"}])
+
+    export(model, tmp_path / "bare")  # without its dataset: ids only
+    with pytest.raises(ArtifactError, match="exported without its dataset"):
+        CompactModel.load(tmp_path / "bare").predict_records(records)
