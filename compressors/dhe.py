@@ -2,18 +2,17 @@
 
 A value ``v`` of field ``f`` is encoded by ``k`` hash functions into a dense identifier vector
 ``E_i(v) ∈ [0, m)``, mapped to reals in ``[-1, 1]`` (``transform="uniform"``, default) or to
-standard normals by Box–Muller on pairs (``"gaussian"``; the paper finds both work about
-equally). The encoding is deterministic, needs no storage and differs per field. A deep
-embedding network ``k -> width -> ... -> dim`` of ``layers`` hidden layers, each Linear →
-BatchNorm → Mish (the paper's choices), turns it into the embedding. Multi-hot bags are
-sum-pooled.
+standard normals by Box–Muller on pairs (``"gaussian"``; the paper reports both work). The
+encoding is deterministic, needs no storage and differs per field. A deep embedding network
+``k -> width -> ... -> dim`` of ``layers`` hidden layers, each Linear → BatchNorm → Mish (the
+paper's choices), turns it into the embedding. Multi-hot bags are sum-pooled.
 
 Hash functions: the paper uses ``k`` universal hashes ``((a_i·x + b_i) mod p) mod m`` with
 ``m = 10^6``. Here ``x`` is first the project's salted SplitMix64 hash of the value under a
 per-field salt (``compressors.hash64``; so fields never share encodings), then ``k``
 multiply–add–shift universal hashes ``E_i = top 20 bits of (a_i·x + b_i) mod 2^64``, i.e.
 ``m = 2^20 ≈ 10^6`` buckets, with ``(a_i, b_i)`` from ``stable_salt(·, i)`` — ``[N, k]`` codes in
-three vectorised integer passes, about five times cheaper on CPU than ``k`` full 64-bit mixes.
+three vectorised integer passes, several times cheaper on CPU than ``k`` full 64-bit mixes.
 
 One network is shared by all compressed fields (the multi-field setting of the benchmark
 behind METHODS.md's taxonomy; the per-field salts keep fields apart) — per-field networks
@@ -29,11 +28,11 @@ paper's value), the solver picks the widest ``width <= max_width`` that fits; if
 layer's ``k·width`` dominates small networks. ``BudgetError`` when nothing fits. Fields of at
 most ``threshold`` rows stay plain fp32 TorchRec tables while they take at most
 ``table_share`` of the budget. ``layers`` defaults to 2 hidden layers: the paper argues for
-deep networks (its reference benchmark, Hetu, uses 5 layers of width ~1800), but at the widths
-these budgets allow (tens of units) five layers trained markedly worse here (synthetic data,
-10x, 3 epochs: test AUC .662 with 5 layers vs .698 with 2). ``max_width`` (512) keeps CPU
-training affordable; at equal bytes the FLOPs per distinct value equal the parameter count
-whatever the depth.
+deep networks and the benchmark's implementation (Hetu) uses 5 hidden layers, but at the
+widths these budgets allow (tens of units) five layers trained markedly worse here
+(synthetic data, 10x, 3 epochs: test AUC .662 with 5 layers vs .698 with 2). ``max_width``
+(512) keeps CPU training affordable; at equal bytes the FLOPs per distinct value equal the
+parameter count whatever the depth.
 
 Training: the network trains with its own Adam learning rate ``lr`` (default 0.01): it
 replaces tables, which train at ``table_lr = 0.05`` with rowwise Adagrad, and the dense
@@ -43,7 +42,7 @@ layers; .646 vs .663 at 3e-3 vs 1e-2 for 2 layers).
 Example::
 
     layer = build_compressor("dhe", features, dim=16, budget="100x")
-    layer.hyperparameters()          # {'hashes': 1024, 'width': 49, 'layers': 2, ...}
+    layer.hyperparameters()          # {'hashes': 1024, 'width': 38, 'layers': 2, ...}
 """
 
 from __future__ import annotations
@@ -140,7 +139,7 @@ class DeepHashEmbedding(FieldModule):
 
     def encode(self, values: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
         """Dense hash encodings ``[N, hashes]``: in ``[-1, 1]`` (uniform) or N(0, 1) (gaussian)."""
-        out = torch.empty(len(values), self.hashes)
+        out = torch.empty(len(values), self.hashes, device=values.device)
         for start in range(0, len(values), ENCODE_CHUNK):
             stop = start + ENCODE_CHUNK
             out[start:stop] = self._to_real(self.codes(values[start:stop], fields[start:stop]))
@@ -159,6 +158,8 @@ class DeepHashEmbedding(FieldModule):
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         count = len(self.fields)
+        if features.values().numel() == 0:  # only empty bags: nothing to embed
+            return torch.zeros(features.stride(), count, self.dim, device=features.values().device)
         keys = features.values().to(torch.int64) * count + field_index(features)
         unique, inverse = torch.unique(keys, return_inverse=True)
         embedded = self.network(self.encode(unique // count, unique % count))

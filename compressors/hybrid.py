@@ -81,7 +81,8 @@ def pool_bags(rows: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
     if rows.shape[0] == lengths.numel() and bool(torch.all(lengths == 1)):
         pooled = rows  # one-hot fields: every bag is its single row
     else:
-        bags = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+        bags = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device),
+                                       lengths)
         pooled = rows.new_zeros(lengths.numel(), rows.shape[1]).index_add_(0, bags, rows)
     return pooled.view(num_keys, batch, -1).transpose(0, 1)
 

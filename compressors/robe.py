@@ -92,7 +92,8 @@ class RobeArray(FieldModule):
         """Array indices ``[N, dim]`` and signs ``[N, dim]`` of the rows of ``values``
         (``fields``: each value's position in :attr:`fields`)."""
         starts = hash_premixed(values, self._offset_salts[fields]) % self.size  # [N, chunks]
-        index = (starts.unsqueeze(-1) + self._within) % self.size             # [N, chunks, Z]
+        index = starts.unsqueeze(-1) + self._within                             # [N, chunks, Z]
+        index = torch.where(index >= self.size, index - self.size, index)  # wrap, no division
         bits = hash_premixed(values, self._sign_salts[fields]).unsqueeze(-1) >> self._within
         signs = 1.0 - 2.0 * (bits & 1).to(self.array.dtype)
         return index.view(len(values), -1), signs.view(len(values), -1)

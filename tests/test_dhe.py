@@ -96,3 +96,10 @@ def test_batchnorm_statistics_are_exported_and_counted():
     assert len(running) == 2 * m.layers
     assert not any(k.endswith("num_batches_tracked") for k in exported)
     assert layer.memory().parts["dhe"] == 4 * network_params(m.hashes, m.width, m.layers, 16)
+
+
+def test_a_batch_of_empty_bags_embeds_to_zeros_in_training():
+    dhe = DeepHashEmbedding(["A", "B"], 8, 16, 8, 2).train()
+    kjt = KeyedJaggedTensor(keys=["A", "B"], values=torch.zeros(0, dtype=torch.int64),
+                            lengths=torch.zeros(6, dtype=torch.int64))
+    assert torch.equal(dhe(kjt), torch.zeros(3, 2, 8))
