@@ -319,6 +319,79 @@ def bench_preprocess(args: argparse.Namespace) -> dict:
     return {"runs": rows, **ratios}
 
 
+@section("lookup_speed", default=False)
+def bench_lookup_speed(args: argparse.Namespace) -> dict:
+    """Embedding-layer step and serving time of the table-less methods vs full, side by side."""
+    import statistics
+
+    import torch
+
+    from compressors import build_compressor, build_serving
+    from ctr.embedding import features_from_dataset
+    from ctr.trainer import table_modules
+    from datasets.format import DatasetMeta
+    from datasets.loader import BatchLoader
+
+    budget, rounds, methods = "100x", 5, ["full", "tt", "robe", "dhe"]
+    meta = DatasetMeta.load(default_dataset(args))
+    features = features_from_dataset(meta)
+    batches = [b.sparse_features for _, b in
+               zip(range(4), BatchLoader(meta, "train", 4096, shuffle=True).epoch(0), strict=False)]
+    layers, serving, optimizers = {}, {}, {}
+    for name in methods:
+        torch.manual_seed(0)
+        layer = build_compressor(name, features, 16, "1x" if name == "full" else budget)
+        serving[name] = build_serving(layer.export()).eval()
+        # Training as the trainer does it: fused tables update inside backward, the rest Adam.
+        for tables in table_modules(layer):
+            tables.fuse("rowwise_adagrad", 0.05)
+        fused = {id(p) for tables in table_modules(layer) for p in tables.parameters()}
+        dense = [p for p in layer.parameters() if p.requires_grad and id(p) not in fused]
+        optimizers[name] = torch.optim.Adam(dense, lr=1e-3) if dense else None
+        layers[name] = layer.train()
+
+    def train_step(name: str, kjt: object) -> None:
+        out = layers[name](kjt)
+        out.backward(torch.ones_like(out))
+        if optimizers[name] is not None:
+            optimizers[name].step()
+            optimizers[name].zero_grad()
+
+    @torch.no_grad()
+    def serve(name: str, kjt: object) -> None:
+        serving[name](kjt)
+
+    def seconds(fn: Callable[[str, object], None], name: str) -> float:
+        fn(name, batches[0])  # warm-up
+        start = time.perf_counter()
+        for kjt in batches[1:]:
+            fn(name, kjt)
+        return (time.perf_counter() - start) / (len(batches) - 1)
+
+    times: dict[str, dict[str, list[float]]] = {m: {"train": [], "serve": []} for m in methods}
+    for _ in range(rounds):  # interleaved, so drift on a shared machine hits all alike
+        for name in methods:
+            times[name]["train"].append(seconds(train_step, name))
+            times[name]["serve"].append(seconds(serve, name))
+    median = {m: {k: statistics.median(v) for k, v in t.items()} for m, t in times.items()}
+    rows = [
+        {
+            "method": name,
+            "budget": "1x" if name == "full" else budget,
+            "serve_bytes": layers[name].memory().serve_bytes,
+            "train_ms": 1e3 * median[name]["train"],
+            "train_vs_full": median[name]["train"] / median["full"]["train"],
+            "serve_ms": 1e3 * median[name]["serve"],
+            "serve_vs_full": median[name]["serve"] / median["full"]["serve"],
+        }
+        for name in methods
+    ]
+    print_table(f"lookup_speed: {len(features)} fields x 4096 rows per batch, "
+                f"{torch.get_num_threads()} threads, median of {rounds} rounds", rows)
+    return {"rows": rows, "threads": torch.get_num_threads(), "batch": 4096,
+            "fields": len(features)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--only", default="", help="comma-separated sections to run")

@@ -7,7 +7,7 @@ Example::
     layer = build_compressor("full", [FeatureSpec("C1", 1000)], dim=16, budget="1x")
 """
 
-from compressors import full  # noqa: F401  (registers the method)
+from compressors import dhe, full, robe, tt  # noqa: F401  (registers the methods)
 from compressors.base import (
     Compressor,
     ExportedEmbedding,
