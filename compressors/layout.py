@@ -64,8 +64,9 @@ class IndexMap(nn.Module):
 
 def field_index(features: KeyedJaggedTensor) -> torch.Tensor:
     """For every value of ``features``, the position of its key (vectorised)."""
-    counts = torch.tensor(features.length_per_key())
-    return torch.repeat_interleave(torch.arange(len(counts)), counts)
+    device = features.values().device
+    counts = torch.tensor(features.length_per_key(), device=device)
+    return torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
 
 
 @register_index_map

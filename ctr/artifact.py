@@ -174,12 +174,15 @@ class CompactModel(nn.Module):
             tensors={k[len(EMBEDDING_PREFIX):]: v for k, v in tensors.items()
                      if k.startswith(EMBEDDING_PREFIX)},
         )
-        serving = ServingEmbedding(build_serving(exported), len(manifest["features"]), emb["dim"],
-                                   emb["method"])
         spec = manifest["model"]
         if spec["name"] not in MODELS:
             raise ArtifactError(f"{root}: unknown model {spec['name']!r}")
-        model = MODELS[spec["name"]](serving, spec["num_dense"], **spec["options"])
+        # Modules initialise random weights before the stored ones overwrite them; loading
+        # an artifact must not move the caller's random stream.
+        with torch.random.fork_rng():
+            serving = ServingEmbedding(build_serving(exported), len(manifest["features"]),
+                                       emb["dim"], emb["method"])
+            model = MODELS[spec["name"]](serving, spec["num_dense"], **spec["options"])
         dense = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
         result = model.load_state_dict(dense, strict=False)
         missing = [k for k in result.missing_keys if not k.startswith("embedding.")]

@@ -123,3 +123,12 @@ def test_predicts_from_raw_values_like_from_prepared_ids(tiny_data, tmp_path):
     export(model, tmp_path / "bare")  # without its dataset: ids only
     with pytest.raises(ArtifactError, match="exported without its dataset"):
         CompactModel.load(tmp_path / "bare").predict_records(records)
+
+
+def test_loading_does_not_move_the_global_random_stream(tiny_data, tmp_path):
+    export(_model(tiny_data), tmp_path / "a")
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    CompactModel.load(tmp_path / "a")
+    assert torch.equal(torch.rand(3), expected)
