@@ -8,6 +8,7 @@ Example::
 """
 
 from compressors import full  # noqa: F401  (registers the method)
+from compressors import alpt, binary, integer, ptq  # noqa: F401  (precision family)
 from compressors.base import (
     Compressor,
     ExportedEmbedding,
@@ -28,6 +29,7 @@ from compressors.registry import (
 from compressors.tables import TABLE_KIND, TableMethod, TableServing
 
 register_serving(TABLE_KIND)(TableServing)
+register_serving(binary.KIND)(binary.BinaryServing)
 
 __all__ = [
     "BudgetError",

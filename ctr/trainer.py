@@ -94,6 +94,7 @@ class StageContext:
 
     trainer: Trainer
     stage: Stage
+    batch: Any = None  # the batch of the step just taken (ALPT's after_step re-runs it)
 
     @property
     def model(self) -> CTRModel:
@@ -240,6 +241,7 @@ class Trainer:
                 tick = time.perf_counter()
                 for batch in batches:
                     loss = self.train_step(batch)
+                    ctx.batch = batch
                     self.compressor.after_step(ctx)
                     st.batch += 1
                     st.stage_step += 1
