@@ -7,8 +7,7 @@ Example::
     layer = build_compressor("full", [FeatureSpec("C1", 1000)], dim=16, budget="1x")
 """
 
-from compressors import full  # noqa: F401  (registers the method)
-from compressors import alpt, binary, integer, ptq  # noqa: F401  (precision family)
+from compressors import alpt, binary, full, integer, ptq  # noqa: F401  (registers the methods)
 from compressors.base import (
     Compressor,
     ExportedEmbedding,
@@ -29,7 +28,6 @@ from compressors.registry import (
 from compressors.tables import TABLE_KIND, TableMethod, TableServing
 
 register_serving(TABLE_KIND)(TableServing)
-register_serving(binary.KIND)(binary.BinaryServing)
 
 __all__ = [
     "BudgetError",

@@ -15,7 +15,7 @@ step alternates, as the paper's Algorithm 1 (and Hetu's reference trainer) do:
 3. ``q = clip(SR(ŵ'/Δ'))`` with stochastic rounding writes the rows back as integers.
 
 So training holds ``b``-bit codes (an int8 buffer for b ≤ 8), one fp32 step and the optimizer
-states per row — about a third of fp32 training at D=16 (see ``memory().train_bytes``).
+states per row: 28 bytes a row at D=16 against fp32's 68 (``memory().train_bytes``).
 
 The budget solves ``b``: the most precise of 8, 4, 2 bits whose fbgemm rows (``D·b/8 + 4``
 bytes: fp16 scale + bias) fit; int2 at D=16 reaches 8x, beyond that a BudgetError.
@@ -103,7 +103,8 @@ class ALPT(IntegerEmbedding):
         if not fitting:
             floor = rows * row_bytes(dim, f"int{valid[-1]}")
             raise BudgetError(
-                f"alpt: the budget {describe_bytes(budget)} ({full / budget:.1f}x) is out of reach: "
+                f"alpt: the budget {describe_bytes(budget)} ({full / budget:.1f}x) is out of "
+                "reach: "
                 f"{valid[-1]}-bit rows (dim·bits/8 + 4 bytes) need {describe_bytes(floor)}, "
                 f"at most {full / floor:.1f}x; use binary or an inter-feature method beyond"
             )

@@ -53,7 +53,7 @@ from compressors.base import (
 )
 from compressors.budget import BudgetError, describe_bytes
 from compressors.layout import INDEX_MAPS, IndexMap, OffsetMap
-from compressors.registry import register
+from compressors.registry import register, register_serving
 from compressors.storage import Lookup, TableSpec, TrainTables
 
 if TYPE_CHECKING:
@@ -211,6 +211,7 @@ class Binary(Compressor):
                 "finetune_epochs": self.finetune_epochs, "binarized": bool(self.binarized)}
 
 
+@register_serving(KIND)
 class BinaryServing(nn.Module):
     """Serving side of ``binary``: the same index map, unpacking the codes on the fly."""
 

@@ -29,7 +29,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from compressors.budget import BudgetError, describe_bytes
-from compressors.storage import BITS, SCALE_BIAS_BYTES, TableSpec, pack_rows, row_bytes, unpack_rows
+from compressors.storage import BITS, SCALE_BIAS_BYTES, pack_rows, row_bytes, unpack_rows
 from compressors.tables import TableMethod
 
 # From most to least precise; every table method can serve any of these.
@@ -216,7 +216,9 @@ def solve_mixed_precision(
         raise BudgetError(f"{method.name}: mixed precision: {e}") from None
 
 
-def apply_table_dtypes(method: TableMethod, dtypes: Sequence[str], round_weights: bool = True) -> None:
+def apply_table_dtypes(
+    method: TableMethod, dtypes: Sequence[str], round_weights: bool = True
+) -> None:
     """Sets each table's serving dtype; with ``round_weights`` the trained fp32 weights are
     replaced by the values those dtypes serve, so the trained model predicts exactly what
     its artifact will."""

@@ -81,19 +81,24 @@ class PTQ(Full):
         pinned = [t.rows <= self.min_rows for t in layout.tables]
         options = valid_dtypes(self.dim, DTYPES[1:] if self.bits == AUTO else [self.bits])
         if not options:
-            raise ValueError(f"ptq: {self.bits} rows need dim * bits divisible by 8 (dim={self.dim})")
+            raise ValueError(
+                f"ptq: {self.bits} rows need dim * bits divisible by 8 (dim={self.dim})"
+            )
 
         def uniform(dtype: str) -> list[str]:
             return ["fp32" if pin else dtype for pin in pinned]
 
         def cost(dtypes: list[str]) -> int:
-            return sum(replace(t, dtype=d).serve_bytes for t, d in zip(layout.tables, dtypes, strict=True))
+            return sum(replace(t, dtype=d).serve_bytes
+                       for t, d in zip(layout.tables, dtypes, strict=True))
 
         fitting = [d for d in options if cost(uniform(d)) <= self.budget_bytes]
         if not fitting:
             floor = cost(uniform(valid_dtypes(self.dim)[-1]))
             kept = f", fields of <= {self.min_rows} rows kept fp32" if any(pinned) else ""
-            at = "" if self.bits == AUTO else f"bits={self.bits} needs {describe_bytes(cost(uniform(options[-1])))}; "
+            at = "" if self.bits == AUTO else (
+                f"bits={self.bits} needs {describe_bytes(cost(uniform(options[-1])))}; "
+            )
             raise BudgetError(
                 f"ptq: {at}the budget {describe_bytes(self.budget_bytes)} "
                 f"({self.full_bytes / self.budget_bytes:.1f}x) is out of reach of precision alone, "
@@ -128,7 +133,8 @@ class PTQ(Full):
                            round_weights=False)
 
     def hyperparameters(self) -> dict[str, Any]:
-        common = {k: v for k, v in super().hyperparameters().items() if k not in ("storage", "shared")}
+        common = {k: v for k, v in super().hyperparameters().items()
+                  if k not in ("storage", "shared")}
         return {
             **common,
             "bits": self.bits,
