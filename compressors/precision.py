@@ -10,7 +10,7 @@ fp16 whenever ``s`` is).
 Mixed precision is a multiple-choice knapsack: every table picks one dtype from
 {fp32, fp16, int8, int4, int2}, costing its serve bytes and its frequency-weighted error
 ``Σ_v freq_v · ||e_v − Q(e_v)||²``; the total error is minimised under the budget.
-:func:`choose_dtypes` solves it greedily by error reduction per byte (see there). It works on
+:func:`choose_dtypes` solves it by dynamic programming over the budget (see there). It works on
 any :class:`~compressors.tables.TableMethod` (per-field, hashed, shared or QR tables alike):
 :func:`row_frequencies` pushes each field's id counts through the method's own index map.
 
@@ -22,9 +22,11 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
+import numpy as np
 import torch
 from torchrec import KeyedJaggedTensor
 
@@ -121,41 +123,55 @@ def choose_dtypes(
     errors: Sequence[Mapping[str, float]],
     budget_bytes: int,
     fixed_bytes: int = 0,
+    resolution: int = 20_000,
 ) -> list[str]:
     """Multiple-choice knapsack: one dtype per item minimising Σ error under the budget.
 
-    Greedy by error reduction per byte: start every item at its cheapest option, then
-    repeatedly take the affordable upgrade (to any dearer option of one item) with the best
-    ``Δerror / Δbytes``. Jumps over intermediate options make each step follow the item's
-    lower convex hull, so this is the Lagrangian (convex-hull) solution at every vertex of
-    the frontier; only the last, partly affordable upgrade can be suboptimal. Ties go to
-    the earlier item, so the choice is deterministic.
+    Solved by dynamic programming over the budget, counted in ``ceil(budget / resolution)``
+    byte units with every cost rounded *up* (so the choice always fits; it is exact when the
+    budget is below ``resolution`` bytes, and otherwise loses at most one unit per item).
+    A greedy by error reduction per byte is the textbook shortcut but fails on lumpy items:
+    with tables of very different sizes it spends the budget on cheap upgrades of small
+    tables and cannot afford the big one's (on trained DeepFM tables it ended about twice as
+    wrong as uniform int4 at equal bytes). Ties go to the cheaper option.
     """
     if len(costs) != len(errors):
         raise ValueError("one cost table and one error table per item")
-    choice = [min(c, key=lambda d, c=c: (c[d], errors[i][d])) for i, c in enumerate(costs)]
-    spent = fixed_bytes + sum(c[d] for c, d in zip(costs, choice, strict=True))
-    if spent > budget_bytes:
+    cheapest = [min(c, key=lambda d, c=c: (c[d], errors[i][d])) for i, c in enumerate(costs)]
+    floor = fixed_bytes + sum(c[d] for c, d in zip(costs, cheapest, strict=True))
+    if floor > budget_bytes:
         raise BudgetError(
-            f"even the cheapest precision needs {describe_bytes(spent)}, "
+            f"even the cheapest precision needs {describe_bytes(floor)}, "
             f"more than the budget of {describe_bytes(budget_bytes)}"
         )
-    while True:
-        best: tuple[float, int, str] | None = None
-        for i, (cost, err) in enumerate(zip(costs, errors, strict=True)):
-            now = choice[i]
-            for d in cost:
-                extra = cost[d] - cost[now]
-                gain = err[now] - err[d]
-                if extra <= 0 or gain <= 0 or spent + extra > budget_bytes:
-                    continue
-                if best is None or gain / extra > best[0]:
-                    best = (gain / extra, i, d)
-        if best is None:
-            return choice
-        _, i, d = best
-        spent += costs[i][d] - costs[i][choice[i]]
-        choice[i] = d
+    capacity = budget_bytes - fixed_bytes
+    unit = max(1, math.ceil(capacity / resolution))
+    slots = capacity // unit
+    # best[k]: least error of the items so far within k units; picks[i][k]: item i's option.
+    best = np.zeros(slots + 1)
+    picks = []
+    for cost, err in zip(costs, errors, strict=True):
+        options = sorted(cost, key=lambda d, cost=cost: cost[d])
+        new = np.full(slots + 1, np.inf)
+        pick = np.full(slots + 1, -1, dtype=np.int64)
+        for j, d in enumerate(options):
+            units = math.ceil(cost[d] / unit)
+            if units > slots:
+                continue
+            candidate = np.full(slots + 1, np.inf)
+            candidate[units:] = best[:slots + 1 - units] + err[d]
+            better = candidate < new
+            new[better], pick[better] = candidate[better], j
+        best = new
+        picks.append((options, pick))
+    if not np.isfinite(best[slots]):
+        return cheapest  # only the rounding of costs made the exact floor look infeasible
+    choice, k = [], slots
+    for (options, pick), cost in zip(reversed(picks), reversed(costs), strict=True):
+        d = options[pick[k]]
+        choice.append(d)
+        k -= math.ceil(cost[d] / unit)
+    return choice[::-1]
 
 
 def row_frequencies(method: TableMethod) -> dict[str, torch.Tensor]:

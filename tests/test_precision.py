@@ -139,6 +139,18 @@ def test_knapsack_respects_budget_and_prefers_error_per_byte():
         choose_dtypes(costs, errors, 79)
 
 
+def test_knapsack_is_not_fooled_by_lumpy_items():
+    """A greedy by gain per byte upgrades the small table first and then cannot afford the
+    big one (error 150); the optimum upgrades the big one (error 100)."""
+    costs = [{"int2": 10, "int8": 60}, {"int2": 100, "int8": 200}]
+    errors = [{"int2": 100.0, "int8": 0.0}, {"int2": 150.0, "int8": 0.0}]
+    assert choose_dtypes(costs, errors, 210) == ["int2", "int8"]
+    # Coarse byte units round costs up, so the choice still fits.
+    big = [{d: c * 1000 for d, c in cost.items()} for cost in costs]
+    picked = choose_dtypes(big, errors, 210_000, resolution=7)
+    assert sum(c[d] for c, d in zip(big, picked, strict=True)) <= 210_000
+
+
 def test_row_frequencies_follow_the_index_map():
     feats = features((50, 30))
     direct = build_compressor("full", feats, DIM)
@@ -375,6 +387,31 @@ def test_alpt_learns_step_sizes_and_binary_finetune_keeps_codes(runs):
     codes, scales = binarize(layer.tables.weights()["shared"], layer.bits)
     assert torch.equal(codes, layer.codes)  # fine-tuning left the codes alone ...
     assert not torch.equal(scales.float(), layer.scales.detach())  # ... and moved the scales
+
+
+def test_integer_methods_trained_integer_codes(runs):
+    for name, dtype in (("int8", torch.int8), ("int16", torch.int16), ("alpt", torch.int8)):
+        model, _ = load_run_model(runs[name][0])
+        layer = model.embedding.compressor
+        assert layer.codes.dtype == dtype and list(layer.parameters()) == []
+        assert layer.codes.abs().max() > 3  # trained well beyond the ±0.01 init
+        assert layer.weight_optimizer.state.count_nonzero() > 0
+
+
+def test_mixed_precision_beats_uniform_at_equal_bytes(runs):
+    model, _ = load_run_model(runs["full"][0])
+    layer = model.embedding.compressor
+    uniform = ["int4"] * len(layer.layout.tables)  # the best uniform choice within the budget
+    budget = int(1.3 * sum(t.rows * row_bytes(DIM, "int4") for t in layer.layout.tables))
+    mixed = solve_mixed_precision(layer, budget)
+    freqs, weights = row_frequencies(layer), layer.tables.weights()
+
+    def weighted_error(dtypes):
+        return sum(float((row_errors(weights[t.name], d).double() * freqs[t.name]).sum())
+                   for t, d in zip(layer.layout.tables, dtypes, strict=True))
+
+    assert len(set(mixed)) > 1
+    assert weighted_error(mixed) < 0.5 * weighted_error(uniform)
 
 
 def test_int16_export_tolerance_is_fp16_rounding(runs):
