@@ -103,11 +103,13 @@ def unbinarize(codes: torch.Tensor, scales: torch.Tensor, dim: int) -> torch.Ten
 
 def pooled_binary_lookup(mapped: KeyedJaggedTensor, codes: torch.Tensor, scales: torch.Tensor,
                          num_fields: int, dim: int) -> torch.Tensor:
-    """``[B, F, D]`` sum-pooled rows of a KJT of table rows (one key per field)."""
-    rows, inverse = torch.unique(mapped.values(), return_inverse=True)
-    weight = unbinarize(codes[rows], scales[rows], dim)
-    pooled = F.embedding_bag(inverse, weight, mapped.offsets(), mode="sum",
-                             include_last_offset=True)
+    """``[B, F, D]`` sum-pooled rows of a KJT of table rows (one key per field).
+
+    Every looked-up row is decoded where it stands (no ``unique``: sorting a batch costs more
+    than decoding its repeats), then each bag's rows are summed (empty bags give zeros)."""
+    rows = mapped.values()
+    decoded = unbinarize(codes[rows], scales[rows], dim)
+    pooled = torch.segment_reduce(decoded, "sum", lengths=mapped.lengths())
     return pooled.view(num_fields, -1, dim).transpose(0, 1)
 
 
