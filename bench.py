@@ -242,21 +242,24 @@ def _serving_tables(cards: list[int], dim: int, seed: int = 0) -> dict[str, obje
     return modules
 
 
-def _lookup_speed(modules: dict[str, object], batches: list, repeats: int = 3) -> dict[str, float]:
-    """Lookups per second of each module over ``batches``, best of interleaved repeats."""
+def _lookup_speed(modules: dict[str, object], batches: list, repeats: int = 5) -> dict[str, float]:
+    """Lookups per second of each module over ``batches``: every batch timed alone, modules
+    interleaved batch by batch, each batch's best of ``repeats`` summed (robust to bursts of
+    load from other processes)."""
     import torch
 
-    best = dict.fromkeys(modules, float("inf"))
+    best = {name: [float("inf")] * len(batches) for name in modules}
     lookups = sum(len(kjt.values()) for kjt in batches)
     with torch.inference_mode():
+        for module in modules.values():
+            module(batches[0])  # warm-up
         for _ in range(repeats):
-            for name, module in modules.items():
-                module(batches[0])  # warm-up
-                start = time.perf_counter()
-                for kjt in batches:
+            for i, kjt in enumerate(batches):
+                for name, module in modules.items():
+                    start = time.perf_counter()
                     module(kjt)
-                best[name] = min(best[name], time.perf_counter() - start)
-    return {name: lookups / seconds for name, seconds in best.items()}
+                    best[name][i] = min(best[name][i], time.perf_counter() - start)
+    return {name: lookups / sum(times) for name, times in best.items()}
 
 
 def _evaluate_export(model: object, meta: object, out: Path) -> dict:
@@ -311,7 +314,7 @@ def bench_precision(args: argparse.Namespace) -> dict:
         for name, lps in speeds.items():
             speed_rows.append({"tables": setting, "format": name, "lookups/s": lps,
                                "vs fp32": lps / speeds["fp32"]})
-    print_table("precision: serving lookup throughput (best of 3, ratio to fp32 in the same run)",
+    print_table("precision: serving lookups/s (per-batch best of 5, ratio to fp32, one run)",
                 speed_rows)
 
     # (2) AUC/logloss of each format at its natural ratio, DeepFM on the default data.

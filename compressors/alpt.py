@@ -9,9 +9,9 @@ step alternates, as the paper's Algorithm 1 (and Hetu's reference trainer) do:
 2. *step, weights fixed*: the same batch is run again through the model with the LSQ
    quantiser ``Q(ŵ'; Δ) = Δ · round(clip(ŵ'/Δ))`` (straight-through round, so
    ``∂Q/∂Δ = round(v) − v`` inside the range and the clip bound outside); the gradient of the
-   loss w.r.t. ``Δ`` of those rows, scaled by LSQ's ``1/sqrt(B·D·Q_p)``, updates ``Δ``
-   (Adagrad, one float of state per row, learning rate ``step_lr`` in units of the initial
-   step, so one setting suits every bit width);
+   loss w.r.t. ``Δ`` of those rows updates ``Δ`` (Adagrad, one float of state per row,
+   learning rate ``step_lr`` in units of the initial step, so one setting suits every bit
+   width);
 3. ``q = clip(SR(ŵ'/Δ'))`` with stochastic rounding writes the rows back as integers.
 
 So training holds ``b``-bit codes (an int8 buffer for b ≤ 8), one fp32 step and the optimizer
@@ -25,7 +25,9 @@ master copy stays fp32, gradients pass straight through), so the exported rows h
 the values the trained model uses.
 
 Deviations: the paper's step-size optimizer is the model's (Adam in its experiments); we
-use Adagrad to keep one float of state per row instead of two. Steps are per row (the
+use Adagrad to keep one float of state per row instead of two. Adagrad normalises the
+gradient, so LSQ's constant gradient scale ``1/sqrt(B·D·Q_p)`` (Hetu multiplies by it)
+would cancel and is left out. Steps are per row (the
 paper's main setting), not per field. ``Δ`` starts at LSQ's ``2·E|w|/sqrt(Q_p)`` for the
 uniform initialisation. Steps are clamped to at least 2^-24 (fp16's smallest subnormal).
 
@@ -131,8 +133,7 @@ class ALPT(IntegerEmbedding):
     def steps_train_bytes(self) -> int:
         return (self.step.numel() + self.step_state.numel()) * 4
 
-    def update_steps(self, rows: torch.Tensor, updated: torch.Tensor, batch_size: int,
-                     ctx: StageContext) -> None:
+    def update_steps(self, rows: torch.Tensor, updated: torch.Tensor, ctx: StageContext) -> None:
         batch = ctx.batch
         lo, hi = self.code_range
         step = self.step[rows].clone().requires_grad_()
@@ -140,7 +141,6 @@ class ALPT(IntegerEmbedding):
             logits = ctx.model(batch.dense_features, batch.sparse_features)
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
         (grad,) = torch.autograd.grad(loss, [step])
-        grad = grad / math.sqrt(batch_size * self.dim * hi)
         with torch.no_grad():
             acc = self.step_state[rows] + grad.pow(2)
             self.step_state[rows] = acc

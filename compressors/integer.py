@@ -2,11 +2,13 @@
 
 The tables *are* integers while training: codes ``q`` (an int8 or int16 buffer, no fp32
 copy) times one fixed step ``s`` per table. A batch reads its unique rows, dequantises them
-to a small fp32 leaf tensor and pools it, so backward yields exact row gradients; after the
-optimizer step (the ``after_step`` hook) the rows are updated in fp32 by a sparse optimizer
-(SGD, row-wise Adagrad or Adagrad; its state counts in ``train_bytes``) and written back as
-``q = clip(SR(w / s))`` with *stochastic rounding*, which keeps updates smaller than one
-step alive in expectation (Gupta et al. 2015; the Hetu benchmark's INT8/16).
+to a small fp32 leaf tensor and pools it, so backward yields exact row gradients. After the
+optimizer step (the ``after_step`` hook) those rows are updated in fp32 by a sparse optimizer
+and written back as ``q = clip(SR(w / s))`` with *stochastic rounding*, which keeps updates
+smaller than one step alive in expectation (Gupta et al. 2015; the Hetu benchmark's
+INT8/16). The optimizer is the ``optimizer`` option (SGD, row-wise Adagrad or Adagrad, at the
+trainer's ``table_lr``; the trainer's ``table_optimizer`` drives fbgemm tables only); its
+state counts in ``train_bytes``.
 
 ``s`` is the power of two nearest ``max_abs / 2^(bits-1)`` (``max_abs`` bounds the values a
 row can hold). A power of two makes int8 export *exact*: fbgemm's INT8 row stores
@@ -95,7 +97,6 @@ class _Pending:
 
     rows: torch.Tensor
     weight: torch.Tensor
-    batch_size: int
 
 
 class IntegerEmbedding(Compressor):
@@ -158,8 +159,7 @@ class IntegerEmbedding(Compressor):
         """The dequantisation step of each of ``rows`` (fp32, ``[len(rows)]``)."""
         raise NotImplementedError
 
-    def update_steps(self, rows: torch.Tensor, updated: torch.Tensor, batch_size: int,
-                     ctx: StageContext) -> None:
+    def update_steps(self, rows: torch.Tensor, updated: torch.Tensor, ctx: StageContext) -> None:
         """Learns the steps of ``rows`` given their updated fp32 values (default: fixed)."""
 
     def steps_train_bytes(self) -> int:
@@ -198,7 +198,7 @@ class IntegerEmbedding(Compressor):
             weight = self.dequantize(rows)
             if self.training and torch.is_grad_enabled():
                 weight.requires_grad_()
-                self._pending = _Pending(rows, weight, mapped.stride())
+                self._pending = _Pending(rows, weight)
         pooled = F.embedding_bag(inverse, weight, mapped.offsets(), mode="sum",
                                  include_last_offset=True)
         return pooled.view(self.num_features, -1, self.dim).transpose(0, 1)
@@ -220,7 +220,7 @@ class IntegerEmbedding(Compressor):
         updated = self.weight_optimizer.step(pending.rows, pending.weight.detach(),
                                              pending.weight.grad, ctx.trainer.config.table_lr)
         with torch.enable_grad():
-            self.update_steps(pending.rows, updated, pending.batch_size, ctx)
+            self.update_steps(pending.rows, updated, ctx)
         self.store(pending.rows, updated)
 
     # ---------------------------------------------------------------- accounting and export
