@@ -392,6 +392,187 @@ def bench_lookup_speed(args: argparse.Namespace) -> dict:
             "fields": len(features)}
 
 
+# ---------------------------------------------------------------- precision family
+PRECISION_DTYPES = ("fp32", "fp16", "int8", "int4", "int2")
+
+
+def _serving_tables(cards: list[int], dim: int, seed: int = 0) -> dict[str, object]:
+    """The same random tables behind every serving format: fbgemm's int-N TBE per dtype and
+    the binary module at b=1 and b=4 (built one format at a time to bound memory)."""
+    import torch
+
+    from compressors import ExportedEmbedding
+    from compressors.binary import KIND, BinaryServing, binarize
+    from compressors.layout import OffsetMap
+    from compressors.storage import Lookup, ServeTables, TableSpec, pack_rows
+
+    names = [f"C{i + 1}" for i in range(len(cards))]
+
+    def weights() -> object:
+        gen = torch.Generator().manual_seed(seed)
+        for n in cards:
+            yield torch.randn(n, dim, generator=gen) * 0.1
+
+    modules: dict[str, object] = {}
+    lookups = [Lookup(n, f"t_{n}", field=i) for i, n in enumerate(names)]
+    for dtype in PRECISION_DTYPES:
+        specs = [TableSpec(f"t_{n}", c, dim, dtype) for n, c in zip(names, cards, strict=True)]
+        packed = {s.name: pack_rows(w, dtype) for s, w in zip(specs, weights(), strict=True)}
+        modules[dtype] = ServeTables(specs, lookups, packed)
+        del packed
+    offsets = [sum(cards[:i]) for i in range(len(cards))]
+    for bits in (1, 4):
+        parts = [binarize(w, bits) for w in weights()]
+        exported = ExportedEmbedding(
+            kind=KIND,
+            config={"method": "binary", "dim": dim, "num_fields": len(cards), "bits": bits,
+                    "index_map": OffsetMap(names, offsets).to_config()},
+            tensors={"codes": torch.cat([c for c, _ in parts]),
+                     "scales": torch.cat([s for _, s in parts])},
+        )
+        modules[f"binary b={bits}"] = BinaryServing(exported)
+    return modules
+
+
+def _lookup_speed(modules: dict[str, object], batches: list, repeats: int = 5) -> dict[str, float]:
+    """Lookups per CPU-second of each module over ``batches``, on one thread.
+
+    Every batch is timed alone with the thread's CPU clock, modules interleaved batch by batch,
+    and each batch's best of ``repeats`` summed: on a shared machine wall time mostly measures
+    the other processes, and CPU time of a single thread does not.
+    """
+    import torch
+
+    best = {name: [float("inf")] * len(batches) for name in modules}
+    lookups = sum(len(kjt.values()) for kjt in batches)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            for module in modules.values():
+                module(batches[0])  # warm-up
+            for _ in range(repeats):
+                for i, kjt in enumerate(batches):
+                    for name, module in modules.items():
+                        start = time.thread_time()
+                        module(kjt)
+                        best[name][i] = min(best[name][i], time.thread_time() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return {name: lookups / sum(times) for name, times in best.items()}
+
+
+def _evaluate_export(model: object, meta: object, out: Path) -> dict:
+    """Exports ``model``, reloads it as a CompactModel and scores it on the test split."""
+    from ctr.artifact import CompactModel, export
+    from ctr.metrics import auc_logloss
+    from datasets.loader import BatchLoader
+
+    manifest = export(model, out)
+    compact = CompactModel.load(out)
+    probs, labels = compact.predict_loader(BatchLoader(meta, "test", batch_size=16384))
+    memory = manifest["embedding"]["memory"]
+    return {"serve_MB": memory["serve_bytes"] / 1e6, "ratio": memory["ratio"],
+            **auc_logloss(labels, probs), "train_MB": memory["train_bytes"] / 1e6}
+
+
+@section("precision", default=False)
+def bench_precision(args: argparse.Namespace) -> dict:
+    """Precision family: serving lookup speed per format, AUC/logloss at each natural ratio."""
+    import dataclasses
+    import shutil
+
+    import numpy as np
+    import torch
+    from torchrec import KeyedJaggedTensor
+
+    from compressors.base import Stage
+    from ctr.run import RunConfig, build_run_model, load_run_model
+    from datasets.format import DatasetMeta
+    from datasets.loader import BatchLoader
+
+    data = default_dataset(args)
+    meta = DatasetMeta.load(data)
+    cards = [f.cardinality for f in meta.sparse]
+    batch, dim = 4096, 16
+
+    # (1) serving lookup throughput, 26 fields x 4096 single-hot ids per batch.
+    real = [b.sparse_features for _, b in
+            zip(range(8), BatchLoader(meta, "test", batch_size=batch).epoch(0), strict=False)]
+    rng = np.random.default_rng(0)
+    big_rows = 1_000_000
+    uniform = [KeyedJaggedTensor(keys=[f.name for f in meta.sparse],
+                                 values=torch.from_numpy(rng.integers(0, big_rows, 26 * batch)),
+                                 lengths=torch.ones(26 * batch, dtype=torch.int64))
+               for _ in range(8)]
+    speed_rows = []
+    for setting, tables, batches in (
+        (f"synthetic vocab ({sum(cards):,} rows), test batches", cards, real),
+        (f"26 x {big_rows:,} rows, uniform ids", [big_rows] * 26, uniform),
+    ):
+        speeds = _lookup_speed(_serving_tables(tables, dim), batches)
+        for name, lps in speeds.items():
+            speed_rows.append({"tables": setting, "format": name, "lookups/s": lps,
+                               "vs fp32": lps / speeds["fp32"]})
+    print_table("precision: serving lookups per CPU-second, 1 thread (ratio to fp32, one run)",
+                speed_rows)
+
+    # (2) AUC/logloss of each format at its natural ratio, DeepFM on the default data.
+    full_run = CACHE / "runs" / "deepfm-full-1x"
+    cached_run("deepfm-full-1x", data=str(data), model="deepfm", compressor="full")
+    base_cfg = RunConfig.load(full_run)
+    state = torch.load(full_run / "model.pt", weights_only=True)
+    out = CACHE / "precision"
+    shutil.rmtree(out, ignore_errors=True)
+    quality = []
+
+    def post_trained(compressor: str, budget: str, options: dict) -> object:
+        cfg = dataclasses.replace(base_cfg, compressor=compressor, budget=budget,
+                                  method_options=options)
+        model = build_run_model(cfg, meta)
+        own = model.state_dict()
+        loaded = {k: v for k, v in state.items() if k in own}
+        prefix = "embedding.compressor.tables.ebc.embedding_bags."
+        if compressor == "binary":  # one shared table: the per-field tables stacked
+            loaded[prefix + "shared.weight"] = torch.cat(
+                [state[f"{prefix}t_{f.name}.weight"] for f in meta.sparse])
+        model.load_state_dict({**own, **loaded})
+        return model
+
+    for dtype in PRECISION_DTYPES:
+        model = post_trained("full", "1x", {"storage": dtype})
+        quality.append({"method": f"full, served {dtype}", "how": "post-training",
+                        **_evaluate_export(model, meta, out / dtype)})
+    for budget in ("4x", "6x"):
+        model = post_trained("ptq", budget, {})
+        model.embedding.compressor.run_stage(Stage("quantize", trains=False), None)
+        dtypes = model.embedding.compressor.hyperparameters()["dtypes"]
+        mix = ", ".join(f"{d}:{list(dtypes.values()).count(d)}" for d in PRECISION_DTYPES
+                        if d in dtypes.values())
+        quality.append({"method": f"ptq mixed @{budget} ({mix})", "how": "post-training",
+                        **_evaluate_export(model, meta, out / f"ptq-{budget}")})
+    for bits in (1, 2, 4):
+        model = post_trained("binary", "1x", {"bits": bits})
+        model.embedding.compressor.run_stage(Stage("binarize", trains=False), None)
+        quality.append({"method": f"binary b={bits}", "how": "post-training",
+                        **_evaluate_export(model, meta, out / f"binary-{bits}")})
+    for name, compressor, budget, options in (
+        ("deepfm-int8-3x", "int8", "3x", {}),
+        ("deepfm-int16-2x", "int16", "2x", {}),
+        ("deepfm-alpt-3x", "alpt", "3x", {}),
+        ("deepfm-alpt-int2-8x", "alpt", "8x", {"bits": 2}),
+    ):
+        cached_run(name, data=str(data), model="deepfm", compressor=compressor, budget=budget,
+                   method_options=options)
+        model, _ = load_run_model(CACHE / "runs" / name)
+        bits = model.embedding.compressor.bits
+        quality.append({"method": f"{compressor} ({bits}-bit codes)", "how": "trained",
+                        **_evaluate_export(model, meta, out / name)})
+    print_table("precision: DeepFM on the default synthetic data, exported artifacts on test "
+                f"(teacher AUC {meta.extra['teacher']['test_auc']:.4f})", quality)
+    return {"lookup_speed": speed_rows, "quality": quality}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--only", default="", help="comma-separated sections to run")

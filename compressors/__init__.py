@@ -7,7 +7,17 @@ Example::
     layer = build_compressor("full", [FeatureSpec("C1", 1000)], dim=16, budget="1x")
 """
 
-from compressors import dhe, full, robe, tt  # noqa: F401  (registers the methods)
+# Importing a method module registers it.
+from compressors import (  # noqa: F401
+    alpt,
+    binary,
+    dhe,
+    full,
+    integer,
+    ptq,
+    robe,
+    tt,
+)
 from compressors.base import (
     Compressor,
     ExportedEmbedding,

@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -96,6 +97,7 @@ class StageContext:
 
     trainer: Trainer
     stage: Stage
+    batch: Any = None  # the batch of the step just taken (ALPT's after_step re-runs it)
 
     @property
     def model(self) -> CTRModel:
@@ -244,6 +246,7 @@ class Trainer:
                 tick = time.perf_counter()
                 for batch in batches:
                     loss = self.train_step(batch)
+                    ctx.batch = batch
                     self.compressor.after_step(ctx)
                     st.batch += 1
                     st.stage_step += 1
@@ -337,7 +340,9 @@ class Trainer:
     def full_state(self) -> dict[str, torch.Tensor]:
         """Unsharded weights (a copy), on every rank."""
         if self.dist is None:
-            return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            # Extra state (get_extra_state) may hold plain values beside the tensors.
+            return {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                    for k, v in self.model.state_dict().items()}
         return full_state_dict(self.net)
 
     def _save_model(self, name: str) -> None:
