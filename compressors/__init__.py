@@ -7,7 +7,12 @@ Example::
     layer = build_compressor("full", [FeatureSpec("C1", 1000)], dim=16, budget="1x")
 """
 
-from compressors import full  # noqa: F401  (registers the method)
+from compressors import (
+    adapt,  # noqa: F401  (adapt)
+    full,  # noqa: F401  (registers the method)
+    hashing,  # noqa: F401  (hash, unified)
+    qr,  # noqa: F401  (qr)
+)
 from compressors.base import (
     Compressor,
     ExportedEmbedding,
