@@ -125,14 +125,16 @@ class FanOutMap(IndexMap):
 class HashRule:
     """How one lookup maps ids of its ``field`` to rows of its table.
 
-    Ids below ``head`` own the rows ``head_offset + id``; every other id hashes into the
-    ``buckets`` rows starting at ``tail_offset``. A collisionless field is ``head = n_f`` (its
-    tail then points at its own rows, so an out-of-range id still lands inside the table); a
-    hashed field is ``head = 0``; ``adapt`` uses both parts.
+    Ids in ``[head_start, head_stop)`` own the rows ``head_offset + (id - head_start)``;
+    every other id hashes into the ``buckets`` rows starting at ``tail_offset``. A
+    collisionless field is the head ``[0, n_f)`` (its tail then points at its own rows, so an
+    out-of-range id still lands inside the table); a hashed field has an empty head; ``adapt``
+    uses both parts (its head may start at 1 when the OOV id 0 is rare).
     """
 
     field: int
-    head: int
+    head_start: int
+    head_stop: int
     head_offset: int
     buckets: int
     tail_offset: int
@@ -140,11 +142,15 @@ class HashRule:
 
     @classmethod
     def direct(cls, field: int, rows: int, offset: int, salt: int) -> HashRule:
-        return cls(field, rows, offset, rows, offset, salt)
+        return cls(field, 0, rows, offset, rows, offset, salt)
 
     @classmethod
     def hashed(cls, field: int, buckets: int, offset: int, salt: int) -> HashRule:
-        return cls(field, 0, offset, buckets, offset, salt)
+        return cls(field, 0, 0, offset, buckets, offset, salt)
+
+    @property
+    def head_rows(self) -> int:
+        return max(0, self.head_stop - self.head_start)
 
 
 @register_index_map
@@ -164,12 +170,22 @@ class SaltedHashMap(FanOutMap):
         if any(r.buckets < 1 for r in rules):
             raise ValueError("every hashed lookup needs at least one bucket")
         self.rules = list(rules)
-        self._any_head = any(r.head > 0 for r in rules)
-        for name in ("head", "head_offset", "buckets", "tail_offset"):
-            self.register_buffer(f"_{name}", torch.tensor([getattr(r, name) for r in rules],
-                                                          dtype=torch.int64), persistent=False)
-        salts = torch.tensor([r.salt for r in rules], dtype=torch.int64)
-        self.register_buffer("_mixed_salt", mix64(salts), persistent=False)
+        self._any_head = any(r.head_rows for r in rules)
+
+        def per_lookup(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64)
+
+        self.register_buffer("_head_start", per_lookup([r.head_start for r in rules]),
+                             persistent=False)
+        self.register_buffer("_head_stop", per_lookup([r.head_stop for r in rules]),
+                             persistent=False)
+        self.register_buffer("_head_shift", per_lookup([r.head_offset - r.head_start
+                                                        for r in rules]), persistent=False)
+        self.register_buffer("_buckets", per_lookup([r.buckets for r in rules]), persistent=False)
+        self.register_buffer("_tail_offset", per_lookup([r.tail_offset for r in rules]),
+                             persistent=False)
+        self.register_buffer("_mixed_salt", mix64(per_lookup([r.salt for r in rules])),
+                             persistent=False)
 
     def rows(self, values: torch.Tensor, per_value: Callable[[torch.Tensor], torch.Tensor]
              ) -> torch.Tensor:
@@ -178,8 +194,8 @@ class SaltedHashMap(FanOutMap):
         tail = torch.remainder(hashed, per_value(self._buckets)) + per_value(self._tail_offset)
         if not self._any_head:
             return tail
-        head = values + per_value(self._head_offset)
-        return torch.where(values < per_value(self._head), head, tail)
+        in_head = (values >= per_value(self._head_start)) & (values < per_value(self._head_stop))
+        return torch.where(in_head, values + per_value(self._head_shift), tail)
 
     def to_config(self) -> dict[str, Any]:
         return {**super().to_config(), "rules": [asdict(r) for r in self.rules]}

@@ -16,12 +16,13 @@ most ``threshold`` values (DLRM's ``--qr-threshold``, 200) and fields that QR wo
 keep a full table. The smallest possible layout is ``≈ 2·√n_f`` rows per field; a budget
 below that raises :class:`BudgetError`.
 
-Deviations: DLRM initialises both tables uniformly on ``[√(1/n), 1]``; here the quotient table
-uses the project's small uniform init and, with ``op="mult"``, the remainder table starts at
-``1 ± init_scale`` — the identity of the product — so each value starts as its quotient row
-and gradients reach both tables at full scale (a product of two small inits would start
-near zero with vanishing gradients). DLRM pools each bag per table before combining; with
-multi-hot fields we do the same (``op`` joins the pooled vectors).
+Deviations: DLRM initialises both tables uniformly on ``[√(1/n), 1]`` (all positive). Here,
+with ``op="mult"``, both factors start uniform on ``±√init_scale`` so that products start at
+the scale of every other method's rows (``±init_scale``) and differ between values from the
+first step; ``add``/``concat`` use ``±init_scale``. (Starting the remainder table at 1, the
+identity of the product, trained markedly worse in our runs: every value sharing a quotient
+starts identical.) DLRM pools each bag per table before combining; with multi-hot fields we
+do the same (``op`` joins the pooled vectors).
 
 Example::
 
@@ -32,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -126,10 +128,13 @@ class QR(TableMethod):
         self.threshold = threshold
         super().__init__(features, dim, budget_bytes, storage=storage, init_scale=init_scale)
         if op == "mult":
+            # Both factors at ±√init_scale, so products start at the scale of other rows.
+            bound = math.sqrt(init_scale)
             weights = self.tables.weights()
             with torch.no_grad():
                 for name in self.collisions:
-                    weights[f"r_{name}"].uniform_(1.0 - init_scale, 1.0 + init_scale)
+                    weights[f"q_{name}"].uniform_(-bound, bound)
+                    weights[f"r_{name}"].uniform_(-bound, bound)
 
     @property
     def _qr_dim(self) -> int:
