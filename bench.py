@@ -319,7 +319,7 @@ def bench_unified_claim(args: argparse.Namespace) -> dict:
     data = default_dataset(args)
     features = features_from_dataset(DatasetMeta.load(data))
     seeds = (0, 1)
-    rows, wins = [], 0
+    rows, wins, compared = [], 0, 0
     for budget in INTER_FEATURE_BUDGETS:
         per_variant = {}
         for variant, (method, options) in CLAIM_VARIANTS.items():
@@ -341,12 +341,14 @@ def bench_unified_claim(args: argparse.Namespace) -> dict:
                          "mean_test_auc": auc, "seed_aucs": " ".join(f"{a:.4f}" for a in aucs),
                          "vs_per_field_hash": None if base is None else auc - base})
         if "unified" in per_variant and base is not None:
-            wins += per_variant["unified"][0] > base
+            compared += 1
+            # A win counts only beyond the seed-to-seed spread of either method.
+            spread = max(max(a) - min(a) for _, a, _ in (per_variant["hash"],
+                                                         per_variant["unified"]))
+            wins += per_variant["unified"][0] - base > spread
     print_table("unified_claim: DeepFM, default synthetic data, 1 epoch, mean of 2 seeds", rows)
-    compared = sum(1 for r in rows if r["variant"] == "unified" and r["vs_per_field_hash"]
-                   is not None)
-    verdict = (f"unified beats per-field hash at {wins} of {compared} budgets "
-               f"(paper: multiplexing wins at equal bytes)")
+    verdict = (f"unified beats per-field hash beyond the seed spread at {wins} of {compared} "
+               "budgets (the paper: multiplexing wins at equal bytes)")
     print(verdict)
     return {"rows": rows, "verdict": verdict, "seeds": list(seeds)}
 

@@ -13,13 +13,14 @@ Web-Scale ML Systems", NeurIPS 2023). One table ``E ∈ R^{M×d_c}`` shared by a
 and concatenates them, ``k_f·d_c = dim``. The buckets may be split over ``num_tables``
 sub-tables for balance: (field, chunk) lookups are dealt to sub-tables round-robin as in the
 TF reference, and every sub-table is its own TorchRec table so DMP can place them on
-different ranks. A field that makes two lookups only loses its vector entirely when *both*
-probes collide, which is why multiplexing with ``k > 1`` beats one probe at equal bytes.
+different ranks. A value that makes two probes only loses its vector entirely when *both*
+collide with the same other value, so ``k > 1`` probes into a table of ``k``-times narrower
+rows collide less harmfully than one probe at equal bytes.
 
 Both leave fields of at most ``threshold`` values uncompressed (collisionless rows of their
-own, like DLRM's ``--qr-threshold``) when the budget can hold them, and a field whose hashed
-size would not be smaller than its vocabulary keeps a full table. When the budget cannot
-hold the small fields at full size (e.g. 1000x), every field is hashed.
+own, like DLRM's ``--qr-threshold``) when the budget can hold them; per-field hashing also
+keeps a full table for any field that would not shrink. When the budget cannot hold the
+small fields at full size (e.g. 1000x), every field is hashed.
 
 The OOV id 0 is hashed like any other id: it is a legitimate, usually frequent, bucket.
 
