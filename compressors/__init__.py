@@ -9,12 +9,15 @@ Example::
 
 # Importing a method module registers it.
 from compressors import (  # noqa: F401
+    adapt,
     alpt,
     binary,
     dhe,
     full,
+    hashing,
     integer,
     ptq,
+    qr,
     robe,
     tt,
 )

@@ -1,0 +1,477 @@
+"""The hashing family: ``hash`` (the salted hashing trick) and ``unified`` (Unified Embedding).
+
+**hash.** Each field's ids are hashed into rows: ``row = h(salt_f, v) mod M_f`` with a real 64-bit
+integer hash (SplitMix64, :mod:`compressors.hash64`) and one salt per field, so the frequent
+ids of different fields (all small numbers after frequency ordering) collide independently.
+Per-field mode gives field ``f`` its own table of ``M_f ≈ r·n_f`` rows, ``r`` solved from the
+budget; ``shared=True`` multiplexes every field into one table of ``M = budget / row bytes``
+rows (feature multiplexing with one probe per field).
+
+**unified** (Coleman et al., "Unified Embedding: Battle-Tested Feature Representations for
+Web-Scale ML Systems", NeurIPS 2023). One table ``E ∈ R^{M×d_c}`` shared by all fields; field
+``f`` makes ``k_f`` lookups with independent salted hashes (one salt per field *and* chunk)
+and concatenates them, ``k_f·d_c = dim``. The buckets may be split over ``num_tables``
+sub-tables for balance: (field, chunk) lookups are dealt to sub-tables round-robin as in the
+TF reference, and every sub-table is its own TorchRec table so DMP can place them on
+different ranks. A value that makes two probes only loses its vector entirely when *both*
+collide with the same other value, so ``k > 1`` probes into a table of ``k``-times narrower
+rows collide less harmfully than one probe at equal bytes.
+
+Both leave fields of at most ``threshold`` values uncompressed (collisionless rows of their
+own, like DLRM's ``--qr-threshold``) when the budget can hold them; per-field hashing also
+keeps a full table for any field that would not shrink. When the budget cannot hold the
+small fields at full size (e.g. 1000x), every field is hashed.
+
+The OOV id 0 is hashed like any other id: it is a legitimate, usually frequent, bucket.
+
+Deviations: the reference hashes raw values with Keras' FarmHash ``Hashing`` layer salted by
+``[feature index, chunk]``; here ids are already integers, and the salt is a stable digest of
+``(seed, field name, chunk)``. When per-field chunk counts give several chunk widths, each
+width gets its own shared table (bytes split by vocabulary share), since rows of one table
+have one width. Small fields are kept out of the multiplexed table (the paper multiplexes
+everything); pass ``threshold=0`` for the paper's setting.
+
+Example::
+
+    layer = build_compressor("hash", features, dim=16, budget="100x")
+    layer = build_compressor("hash", features, dim=16, budget="100x", shared=True)
+    layer = build_compressor("unified", features, dim=16, budget="100x", chunks=2, num_tables=4)
+    layer.hyperparameters()["rows_per_field"]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torchrec import KeyedJaggedTensor
+
+from compressors.base import FeatureSpec
+from compressors.budget import BudgetError, describe_bytes
+from compressors.hash64 import mix64, stable_salt
+from compressors.layout import IndexMap, register_index_map
+from compressors.registry import register
+from compressors.storage import Lookup, TableSpec, check_dtype, row_bytes
+from compressors.tables import TableLayout, TableMethod
+
+# Fields with at most this many values keep their own rows (DLRM's --qr-threshold default).
+DEFAULT_THRESHOLD = 200
+INT63 = (1 << 63) - 1
+
+
+class FanOutMap(IndexMap):
+    """An index map whose lookups each read one input field (several lookups may read the same).
+
+    ``forward`` gathers, for every lookup in order, its field's values and lengths (one
+    vectorised gather for all lookups), then :meth:`rows` maps them to table rows.
+    """
+
+    def __init__(
+        self, features: Sequence[str], lookup_keys: Sequence[str], lookup_fields: Sequence[int]
+    ) -> None:
+        super().__init__(features, lookup_keys)
+        if len(lookup_fields) != len(lookup_keys):
+            raise ValueError("one source field per lookup is needed")
+        if any(not 0 <= f < len(features) for f in lookup_fields):
+            raise ValueError(f"lookup fields {list(lookup_fields)} outside {len(features)} fields")
+        self._one_per_field = list(lookup_fields) == list(range(len(features)))
+        self.register_buffer("_lookup_fields", torch.tensor(list(lookup_fields), dtype=torch.int64),
+                             persistent=False)
+
+    def rows(self, values: torch.Tensor, per_value: Callable[[torch.Tensor], torch.Tensor]
+             ) -> torch.Tensor:
+        """Table rows of ``values`` (all lookups' values, lookup after lookup), elementwise.
+
+        ``per_value(p)`` expands a per-lookup tensor ``p`` to broadcast against ``values``
+        (``values`` is ``[lookups, n]`` when every lookup has ``n`` values, else flat).
+        """
+        raise NotImplementedError
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        features = self.check_keys(features)
+        values, lengths = features.values(), features.lengths()
+        per_key = features.length_per_key()
+        num_fields, fields = len(self.features), self._lookup_fields
+        if len(set(per_key)) == 1:
+            # Every field has as many values (single-hot fields): a [fields, n] view fans out
+            # by rows, and per-lookup parameters broadcast instead of being expanded per value.
+            table = values.view(num_fields, per_key[0])
+            if not self._one_per_field:
+                table = table.index_select(0, fields)
+                lengths = lengths.view(num_fields, -1).index_select(0, fields).reshape(-1)
+            rows = self.rows(table, lambda param: param.unsqueeze(1)).reshape(-1)
+        else:
+            counts = torch.tensor(per_key, dtype=torch.int64, device=values.device)
+            if not self._one_per_field:
+                seg_len = counts[fields]
+                seg_start = (torch.cumsum(counts, 0) - counts)[fields]
+                out_start = torch.cumsum(seg_len, 0) - seg_len
+                total = int(seg_len.sum())
+                # Value i of lookup l lands at out_start[l] + i, copying input seg_start[l] + i.
+                shift = torch.repeat_interleave(seg_start - out_start, seg_len, output_size=total)
+                values = values.index_select(0, torch.arange(total, device=values.device) + shift)
+                lengths = lengths.view(num_fields, -1).index_select(0, fields).reshape(-1)
+                counts = seg_len
+            size = values.numel()
+            rows = self.rows(values, lambda param: torch.repeat_interleave(
+                param, counts, output_size=size))
+        return KeyedJaggedTensor(keys=self.lookup_keys, values=rows, lengths=lengths,
+                                 stride=features.stride())
+
+
+@dataclass(frozen=True)
+class HashRule:
+    """How one lookup maps ids of its ``field`` to rows of its table.
+
+    Ids in ``[head_start, head_stop)`` own the rows ``head_offset + (id - head_start)``;
+    every other id hashes into the ``buckets`` rows starting at ``tail_offset``. A
+    collisionless field is the head ``[0, n_f)`` (its tail then points at its own rows, so an
+    out-of-range id still lands inside the table); a hashed field has an empty head; ``adapt``
+    uses both parts (its head may start at 1 when the OOV id 0 is rare).
+    """
+
+    field: int
+    head_start: int
+    head_stop: int
+    head_offset: int
+    buckets: int
+    tail_offset: int
+    salt: int
+
+    @classmethod
+    def direct(cls, field: int, rows: int, offset: int, salt: int) -> HashRule:
+        return cls(field, 0, rows, offset, rows, offset, salt)
+
+    @classmethod
+    def hashed(cls, field: int, buckets: int, offset: int, salt: int) -> HashRule:
+        return cls(field, 0, 0, offset, buckets, offset, salt)
+
+    @property
+    def head_rows(self) -> int:
+        return max(0, self.head_stop - self.head_start)
+
+
+@register_index_map
+class SaltedHashMap(FanOutMap):
+    """Field ids -> rows by :class:`HashRule` (one per lookup), all lookups in one vectorised pass.
+
+    The per-lookup integers live in :meth:`to_config` (JSON), so the map adds no tensor bytes
+    to the artifact.
+    """
+
+    kind = "salted_hash"
+
+    def __init__(
+        self, features: Sequence[str], lookup_keys: Sequence[str], rules: Sequence[HashRule]
+    ) -> None:
+        super().__init__(features, lookup_keys, [r.field for r in rules])
+        if any(r.buckets < 1 for r in rules):
+            raise ValueError("every hashed lookup needs at least one bucket")
+        self.rules = list(rules)
+        self._any_head = any(r.head_rows for r in rules)
+
+        def per_lookup(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64)
+
+        self.register_buffer("_head_start", per_lookup([r.head_start for r in rules]),
+                             persistent=False)
+        self.register_buffer("_head_stop", per_lookup([r.head_stop for r in rules]),
+                             persistent=False)
+        self.register_buffer("_head_shift", per_lookup([r.head_offset - r.head_start
+                                                        for r in rules]), persistent=False)
+        self.register_buffer("_buckets", per_lookup([r.buckets for r in rules]), persistent=False)
+        self.register_buffer("_tail_offset", per_lookup([r.tail_offset for r in rules]),
+                             persistent=False)
+        self.register_buffer("_mixed_salt", mix64(per_lookup([r.salt for r in rules])),
+                             persistent=False)
+
+    def rows(self, values: torch.Tensor, per_value: Callable[[torch.Tensor], torch.Tensor]
+             ) -> torch.Tensor:
+        # salted_hash(v, salt) = mix64(v ^ mix64(salt)) & INT63, with the salts mixed once.
+        hashed = mix64(values ^ per_value(self._mixed_salt)) & INT63
+        tail = torch.remainder(hashed, per_value(self._buckets)) + per_value(self._tail_offset)
+        if not self._any_head:
+            return tail
+        in_head = (values >= per_value(self._head_start)) & (values < per_value(self._head_stop))
+        return torch.where(in_head, values + per_value(self._head_shift), tail)
+
+    def to_config(self) -> dict[str, Any]:
+        return {**super().to_config(), "rules": [asdict(r) for r in self.rules]}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> SaltedHashMap:
+        return cls(config["features"], config["lookup_keys"],
+                   [HashRule(**r) for r in config["rules"]])
+
+
+def proportional_rows(sizes: Sequence[int], capacity: int, minimum: int = 1) -> list[int]:
+    """Rows ``M_f = clip(⌊r·n_f⌋, minimum, n_f)``, ``r`` the largest ratio fitting ``capacity``.
+
+    Rows left over by the rounding go one each to the fields furthest below ``r·n_f``, so the
+    total uses the capacity (up to ``Σ n_f``). Needs ``capacity >= minimum · len(sizes)``.
+    """
+    n = np.asarray(sizes, dtype=np.float64)
+    if not len(n):
+        return []
+    if capacity >= n.sum():
+        return [int(s) for s in sizes]
+    if capacity < minimum * len(n):
+        raise ValueError(f"{capacity} rows cannot give {len(n)} fields {minimum} row(s) each")
+
+    def rows_at(r: float) -> np.ndarray:
+        return np.clip(np.floor(r * n), minimum, n)
+
+    lo, hi = 0.0, 1.0
+    for _ in range(100):  # bisection on r: the total is non-decreasing in r
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if rows_at(mid).sum() <= capacity else (lo, mid)
+    rows = rows_at(lo)
+    spare = int(capacity - rows.sum())
+    below = np.flatnonzero(rows < n)
+    order = below[np.argsort(-(lo * n[below] - rows[below]), kind="stable")]
+    rows[order[:spare]] += 1
+    return [int(r) for r in rows]
+
+
+def keep_small_fields(sizes: Sequence[int], threshold: int, spare_rows: int,
+                      rows_each_other: int = 1) -> list[bool]:
+    """Which fields stay collisionless: those of at most ``threshold`` values, if their rows
+    plus ``rows_each_other`` rows for every other field fit in ``spare_rows``; else none."""
+    keep = [n <= threshold for n in sizes]
+    kept = sum(n for n, k in zip(sizes, keep, strict=True) if k)
+    need = kept + rows_each_other * keep.count(False)
+    return keep if need <= spare_rows else [False] * len(sizes)
+
+
+def direct_layout(features: Sequence[FeatureSpec], dim: int, storage: str,
+                  seed: int) -> TableLayout:
+    """Every field collisionless in its own table (the budget holds the full tables)."""
+    names = [f.name for f in features]
+    return TableLayout(
+        tables=[TableSpec(f"t_{f.name}", f.cardinality, dim, storage) for f in features],
+        lookups=[Lookup(n, f"t_{n}", field=i) for i, n in enumerate(names)],
+        index_map=SaltedHashMap(names, names, [
+            HashRule.direct(i, f.cardinality, 0, stable_salt(f.name, 0, seed))
+            for i, f in enumerate(features)
+        ]),
+    )
+
+
+def budget_error(method: str, needed: int, budget: int, full: int, why: str) -> BudgetError:
+    return BudgetError(
+        f"{method}: {why}: it needs at least {describe_bytes(needed)} but the budget is "
+        f"{describe_bytes(budget)} ({full / budget:.1f}x of {describe_bytes(full)})"
+    )
+
+
+@register
+class Hash(TableMethod):
+    """The salted hashing trick; per-field tables or one multiplexed table (``shared``)."""
+
+    name = "hash"
+
+    def __init__(
+        self,
+        features: Sequence[FeatureSpec],
+        dim: int,
+        budget_bytes: int,
+        shared: bool = False,
+        threshold: int = DEFAULT_THRESHOLD,
+        seed: int = 0,
+        storage: str = "fp32",
+        init_scale: float = 0.01,
+    ) -> None:
+        self.shared = shared
+        self.threshold = threshold
+        self.seed = seed
+        super().__init__(features, dim, budget_bytes, storage=storage, init_scale=init_scale)
+
+    def solve_layout(self) -> TableLayout:
+        sizes = [f.cardinality for f in self.features]
+        row = row_bytes(self.dim, self.storage)
+        capacity = self.budget_bytes // row
+        if capacity >= sum(sizes):
+            self.rows_per_field = {f.name: f.cardinality for f in self.features}
+            return direct_layout(self.features, self.dim, self.storage, self.seed)
+        return self._shared_layout(sizes, capacity) if self.shared else \
+            self._per_field_layout(sizes, capacity)
+
+    def _salt(self, name: str) -> int:
+        return stable_salt(name, 0, self.seed)
+
+    def _per_field_layout(self, sizes: list[int], capacity: int) -> TableLayout:
+        if capacity < len(sizes):
+            raise budget_error(
+                self.name, len(sizes) * row_bytes(self.dim, self.storage), self.budget_bytes,
+                self.full_bytes, "per-field hashing keeps at least one row per field "
+                "(shared=True multiplexes all fields into one table)")
+        keep = keep_small_fields(sizes, self.threshold, capacity)
+        kept = sum(n for n, k in zip(sizes, keep, strict=True) if k)
+        hashed = iter(proportional_rows([n for n, k in zip(sizes, keep, strict=True) if not k],
+                                        capacity - kept))
+        rows = [n if k else next(hashed) for n, k in zip(sizes, keep, strict=True)]
+        names = self.feature_names
+        rules = [
+            HashRule.direct(i, n, 0, self._salt(name)) if m == n
+            else HashRule.hashed(i, m, 0, self._salt(name))
+            for i, (name, n, m) in enumerate(zip(names, sizes, rows, strict=True))
+        ]
+        self.rows_per_field = dict(zip(names, rows, strict=True))
+        return TableLayout(
+            tables=[TableSpec(f"t_{n}", m, self.dim, self.storage) for n, m in zip(names, rows,
+                                                                                    strict=True)],
+            lookups=[Lookup(n, f"t_{n}", field=i) for i, n in enumerate(names)],
+            index_map=SaltedHashMap(names, names, rules),
+        )
+
+    def _shared_layout(self, sizes: list[int], capacity: int) -> TableLayout:
+        if capacity < 1:
+            raise budget_error(self.name, row_bytes(self.dim, self.storage), self.budget_bytes,
+                               self.full_bytes, "one row is the smallest table")
+        # Small fields own a collisionless block at the top; all others hash into the rest
+        # (at least one bucket).
+        keep = keep_small_fields(sizes, self.threshold, capacity - 1, rows_each_other=0)
+        rules, offset = [], 0
+        names = self.feature_names
+        for i, (name, n, k) in enumerate(zip(names, sizes, keep, strict=True)):
+            if k:
+                rules.append(HashRule.direct(i, n, offset, self._salt(name)))
+                offset += n
+        buckets = capacity - offset
+        rules += [HashRule.hashed(i, buckets, offset, self._salt(name))
+                  for i, (name, k) in enumerate(zip(names, keep, strict=True)) if not k]
+        rules.sort(key=lambda r: r.field)
+        self.rows_per_field = {n: (s if k else buckets)
+                               for n, s, k in zip(names, sizes, keep, strict=True)}
+        return TableLayout(
+            tables=[TableSpec("shared", capacity, self.dim, self.storage)],
+            lookups=[Lookup(n, "shared", field=i) for i, n in enumerate(names)],
+            index_map=SaltedHashMap(names, names, rules),
+        )
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {
+            **super().hyperparameters(), "shared": self.shared, "threshold": self.threshold,
+            "seed": self.seed, "rows_per_field": self.rows_per_field,
+        }
+
+
+@register
+class Unified(TableMethod):
+    """Unified Embedding: all fields multiplexed into shared tables, ``k_f`` salted probes each.
+
+    ``chunks`` is the probe count of every field (``dim`` must be divisible by it);
+    ``field_chunks`` overrides it per field name. ``num_tables`` splits each shared table
+    into that many sub-tables of equal rows.
+    """
+
+    name = "unified"
+
+    def __init__(
+        self,
+        features: Sequence[FeatureSpec],
+        dim: int,
+        budget_bytes: int,
+        chunks: int = 2,
+        field_chunks: Mapping[str, int] | None = None,
+        num_tables: int = 1,
+        threshold: int = DEFAULT_THRESHOLD,
+        seed: int = 0,
+        storage: str = "fp32",
+        init_scale: float = 0.01,
+    ) -> None:
+        field_chunks = dict(field_chunks or {})
+        unknown = sorted(set(field_chunks) - {f.name for f in features})
+        if unknown:
+            raise ValueError(f"unified: field_chunks names unknown fields {unknown}")
+        self.chunks_per_field = {f.name: int(field_chunks.get(f.name, chunks)) for f in features}
+        for name, k in self.chunks_per_field.items():
+            if k < 1 or dim % k:
+                raise ValueError(
+                    f"unified: field {name!r} has {k} chunks, which must be positive and divide "
+                    f"dim={dim} (each chunk is dim/chunks columns)")
+            check_dtype(storage, dim // k)
+        if num_tables < 1:
+            raise ValueError(f"unified: num_tables must be positive, got {num_tables}")
+        self.num_tables = num_tables
+        self.threshold = threshold
+        self.seed = seed
+        super().__init__(features, dim, budget_bytes, storage=storage, init_scale=init_scale)
+
+    def solve_layout(self) -> TableLayout:
+        sizes = [f.cardinality for f in self.features]
+        full_row = row_bytes(self.dim, self.storage)
+        if sum(sizes) * full_row <= self.budget_bytes:
+            self.kept = self.feature_names
+            layout = direct_layout(self.features, self.dim, self.storage, self.seed)
+            self.table_rows = {t.name: t.rows for t in layout.tables}
+            return layout
+        width = [self.dim // self.chunks_per_field[f.name] for f in self.features]
+
+        def smallest_shared(hashed: list[int]) -> int:
+            return sum(self.num_tables * row_bytes(d, self.storage)
+                       for d in {width[i] for i in hashed})
+
+        keep = [n <= self.threshold for n in sizes]
+        kept_bytes = sum(n for n, k in zip(sizes, keep, strict=True) if k) * full_row
+        hashed = [i for i, k in enumerate(keep) if not k]
+        if kept_bytes + smallest_shared(hashed) > self.budget_bytes:
+            keep, kept_bytes, hashed = [False] * len(sizes), 0, list(range(len(sizes)))
+        if smallest_shared(hashed) > self.budget_bytes:
+            raise budget_error(self.name, smallest_shared(hashed), self.budget_bytes,
+                               self.full_bytes, f"{self.num_tables} sub-table(s) of one row")
+        names = self.feature_names
+        self.kept = [n for n, k in zip(names, keep, strict=True) if k]
+        tables: list[TableSpec] = []
+        offset = 0
+        direct_rules: dict[int, HashRule] = {}
+        for i in (i for i, k in enumerate(keep) if k):
+            salt = stable_salt(names[i], 0, self.seed)
+            direct_rules[i] = HashRule.direct(i, sizes[i], offset, salt)
+            offset += sizes[i]
+        if offset:
+            tables.append(TableSpec("direct", offset, self.dim, self.storage))
+        # Each chunk width gets one shared table (split into sub-tables), bytes by vocabulary.
+        spare = self.budget_bytes - kept_bytes
+        vocab = {d: sum(sizes[i] for i in hashed if width[i] == d) for d in sorted(
+            {width[i] for i in hashed}, reverse=True)}
+        sub_tables: dict[int, list[tuple[str, int]]] = {}
+        for d, v in vocab.items():
+            rows = spare * v // sum(vocab.values()) // row_bytes(d, self.storage)
+            if rows < self.num_tables:
+                raise budget_error(
+                    self.name, smallest_shared(hashed), self.budget_bytes, self.full_bytes,
+                    f"the {d}-column chunks get {rows} rows for {self.num_tables} sub-table(s)")
+            sub_tables[d] = [(f"unified_d{d}_{j}", rows // self.num_tables
+                              + (j < rows % self.num_tables)) for j in range(self.num_tables)]
+            tables += [TableSpec(t, r, d, self.storage) for t, r in sub_tables[d]]
+        # Lookups in field order, chunks in column order, so the pooled columns already are the
+        # [F, dim] output (no reordering); (field, chunk) probes are dealt to sub-tables
+        # round-robin, as the reference does.
+        lookups: list[Lookup] = []
+        rules: list[HashRule] = []
+        turn = dict.fromkeys(vocab, 0)
+        for i, name in enumerate(names):
+            if i in direct_rules:
+                lookups.append(Lookup(name, "direct", field=i))
+                rules.append(direct_rules[i])
+                continue
+            d = width[i]
+            for c in range(self.dim // d):
+                table, rows = sub_tables[d][turn[d] % self.num_tables]
+                turn[d] += 1
+                lookups.append(Lookup(f"{name}_c{c}", table, field=i, start=c * d))
+                rules.append(HashRule.hashed(i, rows, 0, stable_salt(name, c, self.seed)))
+        self.table_rows = {t.name: t.rows for t in tables}
+        return TableLayout(tables=tables, lookups=lookups,
+                           index_map=SaltedHashMap(names, [lk.key for lk in lookups], rules))
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {
+            **super().hyperparameters(), "chunks_per_field": self.chunks_per_field,
+            "num_tables": self.num_tables, "threshold": self.threshold, "seed": self.seed,
+            "kept_fields": self.kept, "table_rows": self.table_rows,
+        }
