@@ -127,8 +127,10 @@ class PlainDeepFM:
         self.linear = FirstOrder(len(self.names), dim, len(meta.dense))
         self.deep = mlp(len(self.names) * dim + len(meta.dense), hidden, 1)
         dense = list(self.linear.parameters()) + list(self.deep.parameters())
-        self.opts = [torch.optim.SparseAdam(list(self.bags.parameters()), lr=lr),
-                     torch.optim.Adam(dense, lr=lr)]
+        self.opts = [
+            torch.optim.SparseAdam(list(self.bags.parameters()), lr=lr),
+            torch.optim.Adam(dense, lr=lr),
+        ]
 
     def step(self, batch: object) -> float:
         import torch
@@ -138,7 +140,10 @@ class PlainDeepFM:
 
         kjt = batch.sparse_features
         emb = torch.stack(
-            [bag(kjt[n].values(), kjt[n].offsets()[:-1]) for bag, n in zip(self.bags, self.names)],
+            [
+                bag(kjt[n].values(), kjt[n].offsets()[:-1])
+                for bag, n in zip(self.bags, self.names, strict=True)
+            ],
             dim=1,
         )
         dense = batch.dense_features
@@ -175,8 +180,12 @@ def bench_train(args: argparse.Namespace) -> dict:
     loader_warm = rows / (time.perf_counter() - start)
 
     batches = [b for _, b in zip(range(41), loader.epoch(2), strict=False)]
-    ours = Trainer(build_run_model(RunConfig(data=str(data))), loader,
-                   BatchLoader(meta, "valid"), TrainConfig(progress=False))
+    ours = Trainer(
+        build_run_model(RunConfig(data=str(data))),
+        loader,
+        BatchLoader(meta, "valid"),
+        TrainConfig(progress=False),
+    )
     plain = PlainDeepFM(meta, 16, [400, 400, 400])
     speeds = {"ctr": [], "plain": []}
     for _ in range(2):  # interleaved, so drift on a shared machine hits both alike
@@ -195,9 +204,16 @@ def bench_train(args: argparse.Namespace) -> dict:
         {"what": "loader rows/s (cached)", "value": loader_warm},
     ]
     print_table("train: DeepFM + full, default synthetic data", rows_out)
-    return {"summary": summary, "teacher_auc": teacher, "ctr_samples_per_sec": ctr_sps,
-            "plain_samples_per_sec": plain_sps, "ratio": ctr_sps / plain_sps,
-            "loader_rows_per_sec_cold": loader_cold, "loader_rows_per_sec_warm": loader_warm}
+    return {
+        "summary": summary,
+        "teacher_auc": teacher,
+        "ctr_samples_per_sec": ctr_sps,
+        "plain_samples_per_sec": plain_sps,
+        "ratio": ctr_sps / plain_sps,
+        "loader_rows_per_sec_cold": loader_cold,
+        "loader_rows_per_sec_warm": loader_warm,
+    }
+
 
 # ----------------------------------------------------------------------------- preprocessing
 
@@ -211,8 +227,34 @@ def _write_criteo_tsv(path: Path, rows: int, seed: int = 0, chunk: int = 1 << 19
     from datasets.synthetic import CRITEO_KAGGLE_CARDINALITIES, _zipf_ranks, splitmix64
 
     # Share of missing values per categorical field, cycling; a few Criteo fields are mostly empty.
-    missing = (0.0, 0.0, 0.03, 0.03, 0.0, 0.1, 0.0, 0.0, 0.0, 0.03, 0.0, 0.03, 0.0, 0.0, 0.0,
-               0.03, 0.0, 0.0, 0.44, 0.44, 0.03, 0.0, 0.0, 0.03, 0.44, 0.03)
+    missing = (
+        0.0,
+        0.0,
+        0.03,
+        0.03,
+        0.0,
+        0.1,
+        0.0,
+        0.0,
+        0.0,
+        0.03,
+        0.0,
+        0.03,
+        0.0,
+        0.0,
+        0.0,
+        0.03,
+        0.0,
+        0.0,
+        0.44,
+        0.44,
+        0.03,
+        0.0,
+        0.0,
+        0.03,
+        0.44,
+        0.03,
+    )
     hex_digits = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
     tmp = path.with_name(path.name + ".tmp")
     options = pcsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
@@ -288,27 +330,32 @@ def bench_preprocess(args: argparse.Namespace) -> dict:
             path.parent.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
             _write_criteo_tsv(path, n)
-            print(f"generated {path} ({path.stat().st_size / 1e6:.0f} MB) "
-                  f"in {time.perf_counter() - start:.0f} s")
+            print(
+                f"generated {path} ({path.stat().st_size / 1e6:.0f} MB) "
+                f"in {time.perf_counter() - start:.0f} s"
+            )
         out = CACHE / "preprocess" / f"out-{n}"
         result, rss, cpu = _run_child(_PREPARE_CHILD, str(path), str(out))
         cpu = max(cpu - import_cpu, 1e-3)
-        rows.append({
-            "rows": n,
-            "file_MB": round(path.stat().st_size / 1e6),
-            "seconds": round(result["seconds"], 1),
-            "rows_per_s": round(n / result["seconds"]),
-            "cpu_s": round(cpu, 1),
-            "rows_per_cpu_s": round(n / cpu),
-            "peak_rss_MB": round(rss),
-            "distinct_train_values": result["distinct"],
-            "kept_ids(min_count=10)": result["kept_ids"],
-        })
+        rows.append(
+            {
+                "rows": n,
+                "file_MB": round(path.stat().st_size / 1e6),
+                "seconds": round(result["seconds"], 1),
+                "rows_per_s": round(n / result["seconds"]),
+                "cpu_s": round(cpu, 1),
+                "rows_per_cpu_s": round(n / cpu),
+                "peak_rss_MB": round(rss),
+                "distinct_train_values": result["distinct"],
+                "kept_ids(min_count=10)": result["kept_ids"],
+            }
+        )
     big, small = rows[-1], rows[0]
     ratios = {
         "rss_ratio": round(big["peak_rss_MB"] / small["peak_rss_MB"], 2),
-        "rss_above_import_ratio": round((big["peak_rss_MB"] - baseline)
-                                        / max(small["peak_rss_MB"] - baseline, 1), 2),
+        "rss_above_import_ratio": round(
+            (big["peak_rss_MB"] - baseline) / max(small["peak_rss_MB"] - baseline, 1), 2
+        ),
         "distinct_values_ratio": round(
             big["distinct_train_values"] / small["distinct_train_values"], 2
         ),
@@ -335,8 +382,12 @@ def bench_lookup_speed(args: argparse.Namespace) -> dict:
     budget, rounds, methods = "100x", 5, ["full", "tt", "robe", "dhe"]
     meta = DatasetMeta.load(default_dataset(args))
     features = features_from_dataset(meta)
-    batches = [b.sparse_features for _, b in
-               zip(range(4), BatchLoader(meta, "train", 4096, shuffle=True).epoch(0), strict=False)]
+    batches = [
+        b.sparse_features
+        for _, b in zip(
+            range(4), BatchLoader(meta, "train", 4096, shuffle=True).epoch(0), strict=False
+        )
+    ]
     layers, serving, optimizers = {}, {}, {}
     for name in methods:
         torch.manual_seed(0)
@@ -386,10 +437,17 @@ def bench_lookup_speed(args: argparse.Namespace) -> dict:
         }
         for name in methods
     ]
-    print_table(f"lookup_speed: {len(features)} fields x 4096 rows per batch, "
-                f"{torch.get_num_threads()} threads, median of {rounds} rounds", rows)
-    return {"rows": rows, "threads": torch.get_num_threads(), "batch": 4096,
-            "fields": len(features)}
+    print_table(
+        f"lookup_speed: {len(features)} fields x 4096 rows per batch, "
+        f"{torch.get_num_threads()} threads, median of {rounds} rounds",
+        rows,
+    )
+    return {
+        "rows": rows,
+        "threads": torch.get_num_threads(),
+        "batch": 4096,
+        "fields": len(features),
+    }
 
 
 # ---------------------------------------------------------------- precision family
@@ -425,10 +483,17 @@ def _serving_tables(cards: list[int], dim: int, seed: int = 0) -> dict[str, obje
         parts = [binarize(w, bits) for w in weights()]
         exported = ExportedEmbedding(
             kind=KIND,
-            config={"method": "binary", "dim": dim, "num_fields": len(cards), "bits": bits,
-                    "index_map": OffsetMap(names, offsets).to_config()},
-            tensors={"codes": torch.cat([c for c, _ in parts]),
-                     "scales": torch.cat([s for _, s in parts])},
+            config={
+                "method": "binary",
+                "dim": dim,
+                "num_fields": len(cards),
+                "bits": bits,
+                "index_map": OffsetMap(names, offsets).to_config(),
+            },
+            tensors={
+                "codes": torch.cat([c for c, _ in parts]),
+                "scales": torch.cat([s for _, s in parts]),
+            },
         )
         modules[f"binary b={bits}"] = BinaryServing(exported)
     return modules
@@ -472,8 +537,12 @@ def _evaluate_export(model: object, meta: object, out: Path) -> dict:
     compact = CompactModel.load(out)
     probs, labels = compact.predict_loader(BatchLoader(meta, "test", batch_size=16384))
     memory = manifest["embedding"]["memory"]
-    return {"serve_MB": memory["serve_bytes"] / 1e6, "ratio": memory["ratio"],
-            **auc_logloss(labels, probs), "train_MB": memory["train_bytes"] / 1e6}
+    return {
+        "serve_MB": memory["serve_bytes"] / 1e6,
+        "ratio": memory["ratio"],
+        **auc_logloss(labels, probs),
+        "train_MB": memory["train_bytes"] / 1e6,
+    }
 
 
 @section("precision", default=False)
@@ -497,14 +566,22 @@ def bench_precision(args: argparse.Namespace) -> dict:
     batch, dim = 4096, 16
 
     # (1) serving lookup throughput, 26 fields x 4096 single-hot ids per batch.
-    real = [b.sparse_features for _, b in
-            zip(range(8), BatchLoader(meta, "test", batch_size=batch).epoch(0), strict=False)]
+    real = [
+        b.sparse_features
+        for _, b in zip(
+            range(8), BatchLoader(meta, "test", batch_size=batch).epoch(0), strict=False
+        )
+    ]
     rng = np.random.default_rng(0)
     big_rows = 1_000_000
-    uniform = [KeyedJaggedTensor(keys=[f.name for f in meta.sparse],
-                                 values=torch.from_numpy(rng.integers(0, big_rows, 26 * batch)),
-                                 lengths=torch.ones(26 * batch, dtype=torch.int64))
-               for _ in range(8)]
+    uniform = [
+        KeyedJaggedTensor(
+            keys=[f.name for f in meta.sparse],
+            values=torch.from_numpy(rng.integers(0, big_rows, 26 * batch)),
+            lengths=torch.ones(26 * batch, dtype=torch.int64),
+        )
+        for _ in range(8)
+    ]
     speed_rows = []
     for setting, tables, batches in (
         (f"synthetic vocab ({sum(cards):,} rows), test batches", cards, real),
@@ -512,10 +589,17 @@ def bench_precision(args: argparse.Namespace) -> dict:
     ):
         speeds = _lookup_speed(_serving_tables(tables, dim), batches)
         for name, lps in speeds.items():
-            speed_rows.append({"tables": setting, "format": name, "lookups/s": lps,
-                               "vs fp32": lps / speeds["fp32"]})
-    print_table("precision: serving lookups per CPU-second, 1 thread (ratio to fp32, one run)",
-                speed_rows)
+            speed_rows.append(
+                {
+                    "tables": setting,
+                    "format": name,
+                    "lookups/s": lps,
+                    "vs fp32": lps / speeds["fp32"],
+                }
+            )
+    print_table(
+        "precision: serving lookups per CPU-second, 1 thread (ratio to fp32, one run)", speed_rows
+    )
 
     # (2) AUC/logloss of each format at its natural ratio, DeepFM on the default data.
     full_run = CACHE / "runs" / "deepfm-full-1x"
@@ -527,49 +611,83 @@ def bench_precision(args: argparse.Namespace) -> dict:
     quality = []
 
     def post_trained(compressor: str, budget: str, options: dict) -> object:
-        cfg = dataclasses.replace(base_cfg, compressor=compressor, budget=budget,
-                                  method_options=options)
+        cfg = dataclasses.replace(
+            base_cfg, compressor=compressor, budget=budget, method_options=options
+        )
         model = build_run_model(cfg, meta)
         own = model.state_dict()
         loaded = {k: v for k, v in state.items() if k in own}
         prefix = "embedding.compressor.tables.ebc.embedding_bags."
         if compressor == "binary":  # one shared table: the per-field tables stacked
             loaded[prefix + "shared.weight"] = torch.cat(
-                [state[f"{prefix}t_{f.name}.weight"] for f in meta.sparse])
+                [state[f"{prefix}t_{f.name}.weight"] for f in meta.sparse]
+            )
         model.load_state_dict({**own, **loaded})
         return model
 
     for dtype in PRECISION_DTYPES:
         model = post_trained("full", "1x", {"storage": dtype})
-        quality.append({"method": f"full, served {dtype}", "how": "post-training",
-                        **_evaluate_export(model, meta, out / dtype)})
+        quality.append(
+            {
+                "method": f"full, served {dtype}",
+                "how": "post-training",
+                **_evaluate_export(model, meta, out / dtype),
+            }
+        )
     for budget in ("4x", "6x"):
         model = post_trained("ptq", budget, {})
         model.embedding.compressor.run_stage(Stage("quantize", trains=False), None)
         dtypes = model.embedding.compressor.hyperparameters()["dtypes"]
-        mix = ", ".join(f"{d}:{list(dtypes.values()).count(d)}" for d in PRECISION_DTYPES
-                        if d in dtypes.values())
-        quality.append({"method": f"ptq mixed @{budget} ({mix})", "how": "post-training",
-                        **_evaluate_export(model, meta, out / f"ptq-{budget}")})
+        mix = ", ".join(
+            f"{d}:{list(dtypes.values()).count(d)}"
+            for d in PRECISION_DTYPES
+            if d in dtypes.values()
+        )
+        quality.append(
+            {
+                "method": f"ptq mixed @{budget} ({mix})",
+                "how": "post-training",
+                **_evaluate_export(model, meta, out / f"ptq-{budget}"),
+            }
+        )
     for bits in (1, 2, 4):
         model = post_trained("binary", "1x", {"bits": bits})
         model.embedding.compressor.run_stage(Stage("binarize", trains=False), None)
-        quality.append({"method": f"binary b={bits}", "how": "post-training",
-                        **_evaluate_export(model, meta, out / f"binary-{bits}")})
+        quality.append(
+            {
+                "method": f"binary b={bits}",
+                "how": "post-training",
+                **_evaluate_export(model, meta, out / f"binary-{bits}"),
+            }
+        )
     for name, compressor, budget, options in (
         ("deepfm-int8-3x", "int8", "3x", {}),
         ("deepfm-int16-2x", "int16", "2x", {}),
         ("deepfm-alpt-3x", "alpt", "3x", {}),
         ("deepfm-alpt-int2-8x", "alpt", "8x", {"bits": 2}),
     ):
-        cached_run(name, data=str(data), model="deepfm", compressor=compressor, budget=budget,
-                   method_options=options)
+        cached_run(
+            name,
+            data=str(data),
+            model="deepfm",
+            compressor=compressor,
+            budget=budget,
+            method_options=options,
+        )
         model, _ = load_run_model(CACHE / "runs" / name)
         bits = model.embedding.compressor.bits
-        quality.append({"method": f"{compressor} ({bits}-bit codes)", "how": "trained",
-                        **_evaluate_export(model, meta, out / name)})
-    print_table("precision: DeepFM on the default synthetic data, exported artifacts on test "
-                f"(teacher AUC {meta.extra['teacher']['test_auc']:.4f})", quality)
+        quality.append(
+            {
+                "method": f"{compressor} ({bits}-bit codes)",
+                "how": "trained",
+                **_evaluate_export(model, meta, out / name),
+            }
+        )
+    print_table(
+        "precision: DeepFM on the default synthetic data, exported artifacts on test "
+        f"(teacher AUC {meta.extra['teacher']['test_auc']:.4f})",
+        quality,
+    )
     return {"lookup_speed": speed_rows, "quality": quality}
 
 
@@ -613,17 +731,32 @@ def bench_inter_feature(args: argparse.Namespace) -> dict:
         return Trainer(model, loader, BatchLoader(meta, "valid"), TrainConfig(progress=False))
 
     full_trainer = trainer("full", "1x")
-    rows = [{"method": "full", "budget": "1x", "ratio": 1.0, "test_auc": full["test_auc"],
-             "test_logloss": full["test_logloss"], "serve_bytes": full["serve_bytes"],
-             "train_bytes": full["train_bytes"], "step_time_vs_full": 1.0, "note": ""}]
+    rows = [
+        {
+            "method": "full",
+            "budget": "1x",
+            "ratio": 1.0,
+            "test_auc": full["test_auc"],
+            "test_logloss": full["test_logloss"],
+            "serve_bytes": full["serve_bytes"],
+            "train_bytes": full["train_bytes"],
+            "step_time_vs_full": 1.0,
+            "note": "",
+        }
+    ]
     for method in methods:
         for budget in INTER_FEATURE_BUDGETS:
             refused = _fits(method, features, budget)
             if refused:
                 rows.append({"method": method, "budget": budget, "note": refused})
                 continue
-            summary = cached_run(f"deepfm-{method}-{budget}", data=str(data), model="deepfm",
-                                 compressor=method, budget=budget)
+            summary = cached_run(
+                f"deepfm-{method}-{budget}",
+                data=str(data),
+                model="deepfm",
+                compressor=method,
+                budget=budget,
+            )
             # Interleaved with full, best of two rounds each: drift on a shared machine hits
             # both alike.
             ours = trainer(method, budget)
@@ -631,21 +764,34 @@ def bench_inter_feature(args: argparse.Namespace) -> dict:
             for _ in range(2):
                 full_sps.append(timed_steps(full_trainer.train_step, batches))
                 our_sps.append(timed_steps(ours.train_step, batches))
-            rows.append({
-                "method": method, "budget": budget, "ratio": summary["ratio"],
-                "test_auc": summary["test_auc"], "test_logloss": summary["test_logloss"],
-                "serve_bytes": summary["serve_bytes"], "train_bytes": summary["train_bytes"],
-                "step_time_vs_full": max(full_sps) / max(our_sps), "note": "",
-            })
-    print_table("inter_feature: DeepFM, default synthetic data, 1 epoch (teacher AUC "
-                f"{meta.extra['teacher']['test_auc']:.4f})",
-                [{k: v for k, v in r.items() if k != "note"} for r in rows if not r["note"]])
+            rows.append(
+                {
+                    "method": method,
+                    "budget": budget,
+                    "ratio": summary["ratio"],
+                    "test_auc": summary["test_auc"],
+                    "test_logloss": summary["test_logloss"],
+                    "serve_bytes": summary["serve_bytes"],
+                    "train_bytes": summary["train_bytes"],
+                    "step_time_vs_full": max(full_sps) / max(our_sps),
+                    "note": "",
+                }
+            )
+    print_table(
+        "inter_feature: DeepFM, default synthetic data, 1 epoch (teacher AUC "
+        f"{meta.extra['teacher']['test_auc']:.4f})",
+        [{k: v for k, v in r.items() if k != "note"} for r in rows if not r["note"]],
+    )
     for r in rows:
         if r["note"]:
             print(f"  {r['method']} at {r['budget']}: {r['note']}")
     plot = _pareto_plot(rows, CACHE / "results" / "inter_feature.png")
-    return {"rows": rows, "methods": methods, "teacher_auc": meta.extra["teacher"]["test_auc"],
-            "plot": str(plot)}
+    return {
+        "rows": rows,
+        "methods": methods,
+        "teacher_auc": meta.extra["teacher"]["test_auc"],
+        "plot": str(plot),
+    }
 
 
 def _pareto_plot(rows: list[dict], path: Path) -> Path:
@@ -657,8 +803,11 @@ def _pareto_plot(rows: list[dict], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in dict.fromkeys(r["method"] for r in rows):
-        points = sorted((r["serve_bytes"], r["test_auc"]) for r in rows
-                        if r["method"] == method and not r["note"])
+        points = sorted(
+            (r["serve_bytes"], r["test_auc"])
+            for r in rows
+            if r["method"] == method and not r["note"]
+        )
         if not points:
             continue
         x, y = zip(*points, strict=True)
@@ -679,8 +828,11 @@ def _pareto_plot(rows: list[dict], path: Path) -> Path:
     return path
 
 
-CLAIM_VARIANTS = {"hash": ("hash", {}), "hash-shared": ("hash", {"shared": True}),
-                  "unified": ("unified", {})}
+CLAIM_VARIANTS = {
+    "hash": ("hash", {}),
+    "hash-shared": ("hash", {"shared": True}),
+    "unified": ("unified", {}),
+}
 
 
 @section("unified_claim", default=False)
@@ -702,39 +854,60 @@ def bench_unified_claim(args: argparse.Namespace) -> dict:
             for seed in seeds:
                 # Seed 0 runs share their cache with the inter_feature section.
                 name = f"deepfm-{variant}-{budget}" + (f"-seed{seed}" if seed else "")
-                summary = cached_run(name, data=str(data), model="deepfm", compressor=method,
-                                     budget=budget, method_options=options,
-                                     train={"seed": seed} if seed else {})
+                summary = cached_run(
+                    name,
+                    data=str(data),
+                    model="deepfm",
+                    compressor=method,
+                    budget=budget,
+                    method_options=options,
+                    train={"seed": seed} if seed else {},
+                )
                 aucs.append(summary["test_auc"])
                 size = summary["serve_bytes"]
             per_variant[variant] = (sum(aucs) / len(aucs), aucs, size)
         base = per_variant.get("hash", (None,))[0]
         for variant, (auc, aucs, size) in per_variant.items():
-            rows.append({"budget": budget, "variant": variant, "serve_bytes": size,
-                         "mean_test_auc": auc, "seed_aucs": " ".join(f"{a:.4f}" for a in aucs),
-                         "vs_per_field_hash": None if base is None else auc - base})
+            rows.append(
+                {
+                    "budget": budget,
+                    "variant": variant,
+                    "serve_bytes": size,
+                    "mean_test_auc": auc,
+                    "seed_aucs": " ".join(f"{a:.4f}" for a in aucs),
+                    "vs_per_field_hash": None if base is None else auc - base,
+                }
+            )
         if "unified" in per_variant and base is not None:
             compared += 1
             # A win counts only beyond the seed-to-seed spread of either method.
-            spread = max(max(a) - min(a) for _, a, _ in (per_variant["hash"],
-                                                         per_variant["unified"]))
+            spread = max(
+                max(a) - min(a) for _, a, _ in (per_variant["hash"], per_variant["unified"])
+            )
             wins += per_variant["unified"][0] - base > spread
     print_table("unified_claim: DeepFM, default synthetic data, 1 epoch, mean of 2 seeds", rows)
-    verdict = (f"unified beats per-field hash beyond the seed spread at {wins} of {compared} "
-               "budgets (the paper: multiplexing wins at equal bytes)")
+    verdict = (
+        f"unified beats per-field hash beyond the seed spread at {wins} of {compared} "
+        "budgets (the paper: multiplexing wins at equal bytes)"
+    )
     print(verdict)
     return {"rows": rows, "verdict": verdict, "seeds": list(seeds)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--only", default="", help="comma-separated sections to run")
     parser.add_argument("--list", action="store_true", help="list the sections and exit")
-    parser.add_argument("--rows", type=int, default=None, help="override dataset rows where a section uses them")
+    parser.add_argument(
+        "--rows", type=int, default=None, help="override dataset rows where a section uses them"
+    )
     args = parser.parse_args(argv)
     if args.list:
         for name, (fn, default) in SECTIONS.items():
-            print(f"{name:14s} {'(default) ' if default else ''}{(fn.__doc__ or '').strip().splitlines()[0]}")
+            summary = (fn.__doc__ or "").strip().splitlines()[0]
+            print(f"{name:14s} {'(default) ' if default else ''}{summary}")
         return 0
     names = [n for n in args.only.split(",") if n] or [n for n, (_, d) in SECTIONS.items() if d]
     unknown = [n for n in names if n not in SECTIONS]

@@ -59,8 +59,9 @@ from compressors.storage import Lookup, TableSpec, row_bytes
 from compressors.tables import TableLayout, TableMethod
 
 
-def frequency_heads(features: Sequence[FeatureSpec], slots: int,
-                    eligible: Sequence[bool]) -> list[tuple[int, int]]:
+def frequency_heads(
+    features: Sequence[FeatureSpec], slots: int, eligible: Sequence[bool]
+) -> list[tuple[int, int]]:
     """Each field's head ``[start, stop)`` of ids: the ``slots`` most frequent values over all
     ``eligible`` fields.
 
@@ -73,8 +74,11 @@ def frequency_heads(features: Sequence[FeatureSpec], slots: int,
     if slots <= 0:
         return [(0, 0)] * len(sizes)
     if any(f.frequencies is None for f, e in zip(features, eligible, strict=True) if e):
-        share = iter(proportional_rows([n for n, e in zip(sizes, eligible, strict=True) if e],
-                                       slots, minimum=0))
+        share = iter(
+            proportional_rows(
+                [n for n, e in zip(sizes, eligible, strict=True) if e], slots, minimum=0
+            )
+        )
         return [(0, next(share)) if e else (0, 0) for e in eligible]
     # One candidate list per field: [OOV count], then ids 1.. as a non-increasing envelope.
     candidates = []
@@ -85,8 +89,10 @@ def frequency_heads(features: Sequence[FeatureSpec], slots: int,
     if slots >= len(pooled):
         return [(0, n) if e else (0, 0) for n, e in zip(sizes, eligible, strict=True)]
     cut = np.partition(pooled, len(pooled) - slots)[len(pooled) - slots]  # slots-th largest
-    above = [(int(np.sum(oov > cut)), int(np.searchsorted(-env, -cut, side="left")))
-             for oov, env in candidates]
+    above = [
+        (int(np.sum(oov > cut)), int(np.searchsorted(-env, -cut, side="left")))
+        for oov, env in candidates
+    ]
     spare = slots - sum(a + b for a, b in above)
     heads = []
     for (oov, env), (oov_in, taken) in zip(candidates, above, strict=True):
@@ -135,8 +141,12 @@ class Adapt(TableMethod):
         min_tail = 1 if self.shared_tail else len(sizes)
         if capacity < min_tail:
             raise budget_error(
-                self.name, min_tail * row, self.budget_bytes, self.full_bytes,
-                "every field needs a tail bucket (shared_tail=True needs one in all)")
+                self.name,
+                min_tail * row,
+                self.budget_bytes,
+                self.full_bytes,
+                "every field needs a tail bucket (shared_tail=True needs one in all)",
+            )
         tail_rows = min(capacity, max(min_tail, round(self.tail_fraction * capacity)))
         head_rows = capacity - tail_rows
         keep = keep_small_fields(sizes, self.threshold, head_rows, rows_each_other=0)
@@ -157,8 +167,9 @@ class Adapt(TableMethod):
     def _per_field_layout(self) -> TableLayout:
         names = self.feature_names
         rules, tables = [], []
-        for i, (f, (start, stop), t) in enumerate(zip(self.features, self.heads, self.tails,
-                                                      strict=True)):
+        for i, (f, (start, stop), t) in enumerate(
+            zip(self.features, self.heads, self.tails, strict=True)
+        ):
             head = stop - start
             if head + t >= f.cardinality:  # no tail, or a tail as large as the values it holds
                 rules.append(HashRule.direct(i, f.cardinality, 0, self._salt(f.name)))
@@ -176,11 +187,13 @@ class Adapt(TableMethod):
         names = self.feature_names
         tail_start = sum(stop - start for start, stop in self.heads)  # heads, then the tail
         rules, offset = [], 0
-        for i, (f, (start, stop), r) in enumerate(zip(self.features, self.heads, rest,
-                                                      strict=True)):
+        for i, (f, (start, stop), r) in enumerate(
+            zip(self.features, self.heads, rest, strict=True)
+        ):
             if r:
-                rules.append(HashRule(i, start, stop, offset, buckets, tail_start,
-                                      self._salt(f.name)))
+                rules.append(
+                    HashRule(i, start, stop, offset, buckets, tail_start, self._salt(f.name))
+                )
             else:
                 rules.append(HashRule.direct(i, f.cardinality, offset, self._salt(f.name)))
             offset += stop - start
@@ -194,13 +207,18 @@ class Adapt(TableMethod):
         covered = None
         if all(f.frequencies is not None for f in self.features):
             total = sum(float(np.sum(f.frequencies)) for f in self.features)
-            head = sum(float(np.sum(f.frequencies[start:stop]))
-                       for f, (start, stop) in zip(self.features, self.heads, strict=True))
+            head = sum(
+                float(np.sum(f.frequencies[start:stop]))
+                for f, (start, stop) in zip(self.features, self.heads, strict=True)
+            )
             covered = head / total if total else None
         names = self.feature_names
         return {
-            **super().hyperparameters(), "tail_fraction": self.tail_fraction,
-            "shared_tail": self.shared_tail, "threshold": self.threshold, "seed": self.seed,
+            **super().hyperparameters(),
+            "tail_fraction": self.tail_fraction,
+            "shared_tail": self.shared_tail,
+            "threshold": self.threshold,
+            "seed": self.seed,
             "head_per_field": {n: list(h) for n, h in zip(names, self.heads, strict=True)},
             "tail_per_field": dict(zip(names, self.tails, strict=True)),
             "head_coverage": covered,

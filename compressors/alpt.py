@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
 AUTO = "auto"
 BIT_CHOICES = (8, 4, 2)
-_MIN_STEP = 2.0 ** -24
+_MIN_STEP = 2.0**-24
 
 
 def fp16_rounded(x: torch.Tensor) -> torch.Tensor:
@@ -90,9 +90,14 @@ class ALPT(IntegerEmbedding):
     ) -> None:
         self.step_lr = step_lr
         rows = sum(f.cardinality for f in features)
-        super().__init__(features, dim, budget_bytes,
-                         self._solve_bits(bits, rows, dim, budget_bytes, full_bytes(features, dim)),
-                         optimizer, init_scale)
+        super().__init__(
+            features,
+            dim,
+            budget_bytes,
+            self._solve_bits(bits, rows, dim, budget_bytes, full_bytes(features, dim)),
+            optimizer,
+            init_scale,
+        )
 
     @staticmethod
     def _solve_bits(bits: int | str, rows: int, dim: int, budget: int, full: int) -> int:
@@ -152,5 +157,8 @@ class ALPT(IntegerEmbedding):
         return f"int{self.bits}", fbgemm_rows(self.codes, self.step.half().float(), self.bits)
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {**super().hyperparameters(), "step_lr": self.step_lr,
-                "mean_step": float(self.step.mean())}
+        return {
+            **super().hyperparameters(),
+            "step_lr": self.step_lr,
+            "mean_step": float(self.step.mean()),
+        }

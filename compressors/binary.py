@@ -101,8 +101,9 @@ def unbinarize(codes: torch.Tensor, scales: torch.Tensor, dim: int) -> torch.Ten
     return torch.einsum("nbd,nb->nd", signs, scales)
 
 
-def pooled_binary_lookup(mapped: KeyedJaggedTensor, codes: torch.Tensor, scales: torch.Tensor,
-                         num_fields: int, dim: int) -> torch.Tensor:
+def pooled_binary_lookup(
+    mapped: KeyedJaggedTensor, codes: torch.Tensor, scales: torch.Tensor, num_fields: int, dim: int
+) -> torch.Tensor:
     """``[B, F, D]`` sum-pooled rows of a KJT of table rows (one key per field).
 
     Every looked-up row is decoded where it stands (no ``unique``: sorting a batch costs more
@@ -141,11 +142,14 @@ class Binary(Compressor):
         )
         names = self.feature_names
         self.index_map = OffsetMap(names, offsets)
-        self.tables = TrainTables([TableSpec(TABLE, rows, dim)],
-                                  [Lookup(n, TABLE, field=i) for i, n in enumerate(names)],
-                                  init_scale=init_scale)
-        self.register_buffer("codes", torch.zeros(rows, self.bits, code_bytes(dim),
-                                                  dtype=torch.uint8))
+        self.tables = TrainTables(
+            [TableSpec(TABLE, rows, dim)],
+            [Lookup(n, TABLE, field=i) for i, n in enumerate(names)],
+            init_scale=init_scale,
+        )
+        self.register_buffer(
+            "codes", torch.zeros(rows, self.bits, code_bytes(dim), dtype=torch.uint8)
+        )
         self.scales = nn.Parameter(torch.zeros(rows, self.bits))
         self.register_buffer("binarized", torch.tensor(False))
 
@@ -181,9 +185,9 @@ class Binary(Compressor):
         weight = self.tables.weights()[TABLE]
         with torch.no_grad():
             for start in range(0, self.rows, _CHUNK_ROWS):
-                codes, scales = binarize(weight[start:start + _CHUNK_ROWS], self.bits)
-                self.codes[start:start + len(codes)] = codes
-                self.scales[start:start + len(codes)] = scales.float()
+                codes, scales = binarize(weight[start : start + _CHUNK_ROWS], self.bits)
+                self.codes[start : start + len(codes)] = codes
+                self.scales[start : start + len(codes)] = scales.float()
         self.binarized.fill_(True)
 
     def memory(self) -> MemoryReport:
@@ -202,15 +206,27 @@ class Binary(Compressor):
     def export(self) -> ExportedEmbedding:
         return ExportedEmbedding(
             kind=KIND,
-            config={"method": self.name, "dim": self.dim, "num_fields": self.num_features,
-                    "bits": self.bits, "index_map": self.index_map.to_config()},
-            tensors={"codes": self.codes.clone(), "scales": self.scales.detach().half(),
-                     **{f"index_map.{k}": v for k, v in self.index_map.tensors().items()}},
+            config={
+                "method": self.name,
+                "dim": self.dim,
+                "num_fields": self.num_features,
+                "bits": self.bits,
+                "index_map": self.index_map.to_config(),
+            },
+            tensors={
+                "codes": self.codes.clone(),
+                "scales": self.scales.detach().half(),
+                **{f"index_map.{k}": v for k, v in self.index_map.tensors().items()},
+            },
         )
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"bits": self.bits, "bytes_per_row": binary_row_bytes(self.dim, self.bits),
-                "finetune_epochs": self.finetune_epochs, "binarized": bool(self.binarized)}
+        return {
+            "bits": self.bits,
+            "bytes_per_row": binary_row_bytes(self.dim, self.bits),
+            "finetune_epochs": self.finetune_epochs,
+            "binarized": bool(self.binarized),
+        }
 
 
 @register_serving(KIND)
@@ -223,7 +239,7 @@ class BinaryServing(nn.Module):
         prefix = "index_map."
         self.index_map: IndexMap = INDEX_MAPS[cfg["index_map"]["kind"]].from_config(
             cfg["index_map"],
-            {k[len(prefix):]: v for k, v in exported.tensors.items() if k.startswith(prefix)},
+            {k[len(prefix) :]: v for k, v in exported.tensors.items() if k.startswith(prefix)},
         )
         self.num_fields = cfg["num_fields"]
         self.dim = cfg["dim"]
@@ -231,5 +247,6 @@ class BinaryServing(nn.Module):
         self.register_buffer("scales", exported.tensors["scales"].float())
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        return pooled_binary_lookup(self.index_map(features), self.codes, self.scales,
-                                    self.num_fields, self.dim)
+        return pooled_binary_lookup(
+            self.index_map(features), self.codes, self.scales, self.num_fields, self.dim
+        )

@@ -83,8 +83,15 @@ def network_params(hashes: int, width: int, layers: int, dim: int) -> int:
     return linear + layers * 4 * width
 
 
-def solve_network(hashes: int, min_hashes: int, min_width: int, max_width: int, layers: int,
-                  dim: int, budget_floats: int) -> tuple[int, int] | None:
+def solve_network(
+    hashes: int,
+    min_hashes: int,
+    min_width: int,
+    max_width: int,
+    layers: int,
+    dim: int,
+    budget_floats: int,
+) -> tuple[int, int] | None:
     """``(k, width)``: the most hash functions for which ``min_width`` fits, then the widest
     network up to ``max_width``; None when nothing fits."""
     k = hashes
@@ -104,8 +111,16 @@ class DeepHashEmbedding(FieldModule):
 
     kind = DHE_KIND
 
-    def __init__(self, fields: Sequence[str], dim: int, hashes: int, width: int, layers: int,
-                 transform: str = "uniform", seed: int = 0) -> None:
+    def __init__(
+        self,
+        fields: Sequence[str],
+        dim: int,
+        hashes: int,
+        width: int,
+        layers: int,
+        transform: str = "uniform",
+        seed: int = 0,
+    ) -> None:
         super().__init__(fields, dim)
         if transform not in TRANSFORMS:
             raise ValueError(f"dhe: transform must be one of {TRANSFORMS}, got {transform!r}")
@@ -153,8 +168,11 @@ class DeepHashEmbedding(FieldModule):
         u = (codes.double() + 0.5) / buckets
         radius = torch.sqrt(-2.0 * torch.log(u[:, 0::2]))
         angle = 2.0 * math.pi * u[:, 1::2]
-        return torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=2).flatten(
-            1).float()
+        return (
+            torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=2)
+            .flatten(1)
+            .float()
+        )
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         count = len(self.fields)
@@ -166,13 +184,26 @@ class DeepHashEmbedding(FieldModule):
         return pool_bags(embedded[inverse], features)
 
     def to_config(self) -> dict[str, Any]:
-        return {**super().to_config(), "hashes": self.hashes, "width": self.width,
-                "layers": self.layers, "transform": self.transform, "seed": self.seed}
+        return {
+            **super().to_config(),
+            "hashes": self.hashes,
+            "width": self.width,
+            "layers": self.layers,
+            "transform": self.transform,
+            "seed": self.seed,
+        }
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> DeepHashEmbedding:
-        return cls(config["fields"], config["dim"], config["hashes"], config["width"],
-                   config["layers"], config["transform"], config["seed"])
+        return cls(
+            config["fields"],
+            config["dim"],
+            config["hashes"],
+            config["width"],
+            config["layers"],
+            config["transform"],
+            config["seed"],
+        )
 
 
 @register
@@ -208,8 +239,9 @@ class DHE(HybridMethod):
         compressed = [f for i, f in enumerate(features) if i not in table_fields]
         module = None
         if compressed:
-            tables = sum(TableSpec("t", features[i].cardinality, dim).serve_bytes
-                         for i in table_fields)
+            tables = sum(
+                TableSpec("t", features[i].cardinality, dim).serve_bytes for i in table_fields
+            )
             left = (budget_bytes - tables) // FLOAT_BYTES
             lo, hi = (width, width) if width else (min_width or dim, max_width)
             fewest = hashes if width else min_hashes
@@ -223,16 +255,22 @@ class DHE(HybridMethod):
                     f"{describe_bytes(needed)}"
                 )
             k, w = solved
-            module = DeepHashEmbedding([f.name for f in compressed], dim, k, w, layers, transform,
-                                       seed)
+            module = DeepHashEmbedding(
+                [f.name for f in compressed], dim, k, w, layers, transform, seed
+            )
         self.assemble(table_fields, module, init_scale, lr)
 
     def hyperparameters(self) -> dict[str, Any]:
         if self.module is None:
             return super().hyperparameters()
         m = self.module
-        return {**super().hyperparameters(), "hashes": m.hashes, "width": m.width,
-                "layers": m.layers, "transform": m.transform}
+        return {
+            **super().hyperparameters(),
+            "hashes": m.hashes,
+            "width": m.width,
+            "layers": m.layers,
+            "transform": m.transform,
+        }
 
 
 register_serving(DHE_KIND)(HybridServing)

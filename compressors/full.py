@@ -51,8 +51,10 @@ class Full(TableMethod):
                 index_map=OffsetMap(names, offsets),
             )
         return TableLayout(
-            tables=[TableSpec(f"t_{f.name}", f.cardinality, self.dim, self.storage)
-                    for f in self.features],
+            tables=[
+                TableSpec(f"t_{f.name}", f.cardinality, self.dim, self.storage)
+                for f in self.features
+            ],
             lookups=[Lookup(n, f"t_{n}", field=i) for i, n in enumerate(names)],
             index_map=DirectMap(names),
         )

@@ -52,7 +52,8 @@ def salted_hash(values: torch.Tensor, salt: int | torch.Tensor) -> torch.Tensor:
     return mix64(values.to(torch.int64) ^ mix64(salt_t)) & _INT63
 
 
-def hash_bucket(values: torch.Tensor, salt: int | torch.Tensor,
-                buckets: int | torch.Tensor) -> torch.Tensor:
+def hash_bucket(
+    values: torch.Tensor, salt: int | torch.Tensor, buckets: int | torch.Tensor
+) -> torch.Tensor:
     """``salted_hash(values, salt) mod buckets`` (buckets may be per value)."""
     return torch.remainder(salted_hash(values, salt), buckets)

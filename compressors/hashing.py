@@ -78,11 +78,13 @@ class FanOutMap(IndexMap):
         if any(not 0 <= f < len(features) for f in lookup_fields):
             raise ValueError(f"lookup fields {list(lookup_fields)} outside {len(features)} fields")
         self._one_per_field = list(lookup_fields) == list(range(len(features)))
-        self.register_buffer("_lookup_fields", torch.tensor(list(lookup_fields), dtype=torch.int64),
-                             persistent=False)
+        self.register_buffer(
+            "_lookup_fields", torch.tensor(list(lookup_fields), dtype=torch.int64), persistent=False
+        )
 
-    def rows(self, values: torch.Tensor, per_value: Callable[[torch.Tensor], torch.Tensor]
-             ) -> torch.Tensor:
+    def rows(
+        self, values: torch.Tensor, per_value: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
         """Table rows of ``values`` (all lookups' values, lookup after lookup), elementwise.
 
         ``per_value(p)`` expands a per-lookup tensor ``p`` to broadcast against ``values``
@@ -116,10 +118,12 @@ class FanOutMap(IndexMap):
                 lengths = lengths.view(num_fields, -1).index_select(0, fields).reshape(-1)
                 counts = seg_len
             size = values.numel()
-            rows = self.rows(values, lambda param: torch.repeat_interleave(
-                param, counts, output_size=size))
-        return KeyedJaggedTensor(keys=self.lookup_keys, values=rows, lengths=lengths,
-                                 stride=features.stride())
+            rows = self.rows(
+                values, lambda param: torch.repeat_interleave(param, counts, output_size=size)
+            )
+        return KeyedJaggedTensor(
+            keys=self.lookup_keys, values=rows, lengths=lengths, stride=features.stride()
+        )
 
 
 @dataclass(frozen=True)
@@ -176,20 +180,28 @@ class SaltedHashMap(FanOutMap):
         def per_lookup(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64)
 
-        self.register_buffer("_head_start", per_lookup([r.head_start for r in rules]),
-                             persistent=False)
-        self.register_buffer("_head_stop", per_lookup([r.head_stop for r in rules]),
-                             persistent=False)
-        self.register_buffer("_head_shift", per_lookup([r.head_offset - r.head_start
-                                                        for r in rules]), persistent=False)
+        self.register_buffer(
+            "_head_start", per_lookup([r.head_start for r in rules]), persistent=False
+        )
+        self.register_buffer(
+            "_head_stop", per_lookup([r.head_stop for r in rules]), persistent=False
+        )
+        self.register_buffer(
+            "_head_shift",
+            per_lookup([r.head_offset - r.head_start for r in rules]),
+            persistent=False,
+        )
         self.register_buffer("_buckets", per_lookup([r.buckets for r in rules]), persistent=False)
-        self.register_buffer("_tail_offset", per_lookup([r.tail_offset for r in rules]),
-                             persistent=False)
-        self.register_buffer("_mixed_salt", mix64(per_lookup([r.salt for r in rules])),
-                             persistent=False)
+        self.register_buffer(
+            "_tail_offset", per_lookup([r.tail_offset for r in rules]), persistent=False
+        )
+        self.register_buffer(
+            "_mixed_salt", mix64(per_lookup([r.salt for r in rules])), persistent=False
+        )
 
-    def rows(self, values: torch.Tensor, per_value: Callable[[torch.Tensor], torch.Tensor]
-             ) -> torch.Tensor:
+    def rows(
+        self, values: torch.Tensor, per_value: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
         # salted_hash(v, salt) = mix64(v ^ mix64(salt)) & INT63, with the salts mixed once.
         hashed = mix64(values ^ per_value(self._mixed_salt)) & INT63
         tail = torch.remainder(hashed, per_value(self._buckets)) + per_value(self._tail_offset)
@@ -203,8 +215,9 @@ class SaltedHashMap(FanOutMap):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> SaltedHashMap:
-        return cls(config["features"], config["lookup_keys"],
-                   [HashRule(**r) for r in config["rules"]])
+        return cls(
+            config["features"], config["lookup_keys"], [HashRule(**r) for r in config["rules"]]
+        )
 
 
 def proportional_rows(sizes: Sequence[int], capacity: int, minimum: int = 1) -> list[int]:
@@ -236,8 +249,9 @@ def proportional_rows(sizes: Sequence[int], capacity: int, minimum: int = 1) -> 
     return [int(r) for r in rows]
 
 
-def keep_small_fields(sizes: Sequence[int], threshold: int, spare_rows: int,
-                      rows_each_other: int = 1) -> list[bool]:
+def keep_small_fields(
+    sizes: Sequence[int], threshold: int, spare_rows: int, rows_each_other: int = 1
+) -> list[bool]:
     """Which fields stay collisionless: those of at most ``threshold`` values, if their rows
     plus ``rows_each_other`` rows for every other field fit in ``spare_rows``; else none."""
     keep = [n <= threshold for n in sizes]
@@ -246,17 +260,22 @@ def keep_small_fields(sizes: Sequence[int], threshold: int, spare_rows: int,
     return keep if need <= spare_rows else [False] * len(sizes)
 
 
-def direct_layout(features: Sequence[FeatureSpec], dim: int, storage: str,
-                  seed: int) -> TableLayout:
+def direct_layout(
+    features: Sequence[FeatureSpec], dim: int, storage: str, seed: int
+) -> TableLayout:
     """Every field collisionless in its own table (the budget holds the full tables)."""
     names = [f.name for f in features]
     return TableLayout(
         tables=[TableSpec(f"t_{f.name}", f.cardinality, dim, storage) for f in features],
         lookups=[Lookup(n, f"t_{n}", field=i) for i, n in enumerate(names)],
-        index_map=SaltedHashMap(names, names, [
-            HashRule.direct(i, f.cardinality, 0, stable_salt(f.name, 0, seed))
-            for i, f in enumerate(features)
-        ]),
+        index_map=SaltedHashMap(
+            names,
+            names,
+            [
+                HashRule.direct(i, f.cardinality, 0, stable_salt(f.name, 0, seed))
+                for i, f in enumerate(features)
+            ],
+        ),
     )
 
 
@@ -296,8 +315,11 @@ class Hash(TableMethod):
         if capacity >= sum(sizes):
             self.rows_per_field = {f.name: f.cardinality for f in self.features}
             return direct_layout(self.features, self.dim, self.storage, self.seed)
-        return self._shared_layout(sizes, capacity) if self.shared else \
-            self._per_field_layout(sizes, capacity)
+        return (
+            self._shared_layout(sizes, capacity)
+            if self.shared
+            else self._per_field_layout(sizes, capacity)
+        )
 
     def _salt(self, name: str) -> int:
         return stable_salt(name, 0, self.seed)
@@ -305,32 +327,47 @@ class Hash(TableMethod):
     def _per_field_layout(self, sizes: list[int], capacity: int) -> TableLayout:
         if capacity < len(sizes):
             raise budget_error(
-                self.name, len(sizes) * row_bytes(self.dim, self.storage), self.budget_bytes,
-                self.full_bytes, "per-field hashing keeps at least one row per field "
-                "(shared=True multiplexes all fields into one table)")
+                self.name,
+                len(sizes) * row_bytes(self.dim, self.storage),
+                self.budget_bytes,
+                self.full_bytes,
+                "per-field hashing keeps at least one row per field "
+                "(shared=True multiplexes all fields into one table)",
+            )
         keep = keep_small_fields(sizes, self.threshold, capacity)
         kept = sum(n for n, k in zip(sizes, keep, strict=True) if k)
-        hashed = iter(proportional_rows([n for n, k in zip(sizes, keep, strict=True) if not k],
-                                        capacity - kept))
+        hashed = iter(
+            proportional_rows(
+                [n for n, k in zip(sizes, keep, strict=True) if not k], capacity - kept
+            )
+        )
         rows = [n if k else next(hashed) for n, k in zip(sizes, keep, strict=True)]
         names = self.feature_names
         rules = [
-            HashRule.direct(i, n, 0, self._salt(name)) if m == n
+            HashRule.direct(i, n, 0, self._salt(name))
+            if m == n
             else HashRule.hashed(i, m, 0, self._salt(name))
             for i, (name, n, m) in enumerate(zip(names, sizes, rows, strict=True))
         ]
         self.rows_per_field = dict(zip(names, rows, strict=True))
         return TableLayout(
-            tables=[TableSpec(f"t_{n}", m, self.dim, self.storage) for n, m in zip(names, rows,
-                                                                                    strict=True)],
+            tables=[
+                TableSpec(f"t_{n}", m, self.dim, self.storage)
+                for n, m in zip(names, rows, strict=True)
+            ],
             lookups=[Lookup(n, f"t_{n}", field=i) for i, n in enumerate(names)],
             index_map=SaltedHashMap(names, names, rules),
         )
 
     def _shared_layout(self, sizes: list[int], capacity: int) -> TableLayout:
         if capacity < 1:
-            raise budget_error(self.name, row_bytes(self.dim, self.storage), self.budget_bytes,
-                               self.full_bytes, "one row is the smallest table")
+            raise budget_error(
+                self.name,
+                row_bytes(self.dim, self.storage),
+                self.budget_bytes,
+                self.full_bytes,
+                "one row is the smallest table",
+            )
         # Small fields own a collisionless block at the top; all others hash into the rest
         # (at least one bucket).
         keep = keep_small_fields(sizes, self.threshold, capacity - 1, rows_each_other=0)
@@ -341,11 +378,15 @@ class Hash(TableMethod):
                 rules.append(HashRule.direct(i, n, offset, self._salt(name)))
                 offset += n
         buckets = capacity - offset
-        rules += [HashRule.hashed(i, buckets, offset, self._salt(name))
-                  for i, (name, k) in enumerate(zip(names, keep, strict=True)) if not k]
+        rules += [
+            HashRule.hashed(i, buckets, offset, self._salt(name))
+            for i, (name, k) in enumerate(zip(names, keep, strict=True))
+            if not k
+        ]
         rules.sort(key=lambda r: r.field)
-        self.rows_per_field = {n: (s if k else buckets)
-                               for n, s, k in zip(names, sizes, keep, strict=True)}
+        self.rows_per_field = {
+            n: (s if k else buckets) for n, s, k in zip(names, sizes, keep, strict=True)
+        }
         return TableLayout(
             tables=[TableSpec("shared", capacity, self.dim, self.storage)],
             lookups=[Lookup(n, "shared", field=i) for i, n in enumerate(names)],
@@ -354,8 +395,11 @@ class Hash(TableMethod):
 
     def hyperparameters(self) -> dict[str, Any]:
         return {
-            **super().hyperparameters(), "shared": self.shared, "threshold": self.threshold,
-            "seed": self.seed, "rows_per_field": self.rows_per_field,
+            **super().hyperparameters(),
+            "shared": self.shared,
+            "threshold": self.threshold,
+            "seed": self.seed,
+            "rows_per_field": self.rows_per_field,
         }
 
 
@@ -392,7 +436,8 @@ class Unified(TableMethod):
             if k < 1 or dim % k:
                 raise ValueError(
                     f"unified: field {name!r} has {k} chunks, which must be positive and divide "
-                    f"dim={dim} (each chunk is dim/chunks columns)")
+                    f"dim={dim} (each chunk is dim/chunks columns)"
+                )
             check_dtype(storage, dim // k)
         if num_tables < 1:
             raise ValueError(f"unified: num_tables must be positive, got {num_tables}")
@@ -412,8 +457,9 @@ class Unified(TableMethod):
         width = [self.dim // self.chunks_per_field[f.name] for f in self.features]
 
         def smallest_shared(hashed: list[int]) -> int:
-            return sum(self.num_tables * row_bytes(d, self.storage)
-                       for d in {width[i] for i in hashed})
+            return sum(
+                self.num_tables * row_bytes(d, self.storage) for d in {width[i] for i in hashed}
+            )
 
         keep = [n <= self.threshold for n in sizes]
         kept_bytes = sum(n for n, k in zip(sizes, keep, strict=True) if k) * full_row
@@ -421,8 +467,13 @@ class Unified(TableMethod):
         if kept_bytes + smallest_shared(hashed) > self.budget_bytes:
             keep, kept_bytes, hashed = [False] * len(sizes), 0, list(range(len(sizes)))
         if smallest_shared(hashed) > self.budget_bytes:
-            raise budget_error(self.name, smallest_shared(hashed), self.budget_bytes,
-                               self.full_bytes, f"{self.num_tables} sub-table(s) of one row")
+            raise budget_error(
+                self.name,
+                smallest_shared(hashed),
+                self.budget_bytes,
+                self.full_bytes,
+                f"{self.num_tables} sub-table(s) of one row",
+            )
         names = self.feature_names
         self.kept = [n for n, k in zip(names, keep, strict=True) if k]
         tables: list[TableSpec] = []
@@ -436,17 +487,25 @@ class Unified(TableMethod):
             tables.append(TableSpec("direct", offset, self.dim, self.storage))
         # Each chunk width gets one shared table (split into sub-tables), bytes by vocabulary.
         spare = self.budget_bytes - kept_bytes
-        vocab = {d: sum(sizes[i] for i in hashed if width[i] == d) for d in sorted(
-            {width[i] for i in hashed}, reverse=True)}
+        vocab = {
+            d: sum(sizes[i] for i in hashed if width[i] == d)
+            for d in sorted({width[i] for i in hashed}, reverse=True)
+        }
         sub_tables: dict[int, list[tuple[str, int]]] = {}
         for d, v in vocab.items():
             rows = spare * v // sum(vocab.values()) // row_bytes(d, self.storage)
             if rows < self.num_tables:
                 raise budget_error(
-                    self.name, smallest_shared(hashed), self.budget_bytes, self.full_bytes,
-                    f"the {d}-column chunks get {rows} rows for {self.num_tables} sub-table(s)")
-            sub_tables[d] = [(f"unified_d{d}_{j}", rows // self.num_tables
-                              + (j < rows % self.num_tables)) for j in range(self.num_tables)]
+                    self.name,
+                    smallest_shared(hashed),
+                    self.budget_bytes,
+                    self.full_bytes,
+                    f"the {d}-column chunks get {rows} rows for {self.num_tables} sub-table(s)",
+                )
+            sub_tables[d] = [
+                (f"unified_d{d}_{j}", rows // self.num_tables + (j < rows % self.num_tables))
+                for j in range(self.num_tables)
+            ]
             tables += [TableSpec(t, r, d, self.storage) for t, r in sub_tables[d]]
         # Lookups in field order, chunks in column order, so the pooled columns already are the
         # [F, dim] output (no reordering); (field, chunk) probes are dealt to sub-tables
@@ -466,12 +525,19 @@ class Unified(TableMethod):
                 lookups.append(Lookup(f"{name}_c{c}", table, field=i, start=c * d))
                 rules.append(HashRule.hashed(i, rows, 0, stable_salt(name, c, self.seed)))
         self.table_rows = {t.name: t.rows for t in tables}
-        return TableLayout(tables=tables, lookups=lookups,
-                           index_map=SaltedHashMap(names, [lk.key for lk in lookups], rules))
+        return TableLayout(
+            tables=tables,
+            lookups=lookups,
+            index_map=SaltedHashMap(names, [lk.key for lk in lookups], rules),
+        )
 
     def hyperparameters(self) -> dict[str, Any]:
         return {
-            **super().hyperparameters(), "chunks_per_field": self.chunks_per_field,
-            "num_tables": self.num_tables, "threshold": self.threshold, "seed": self.seed,
-            "kept_fields": self.kept, "table_rows": self.table_rows,
+            **super().hyperparameters(),
+            "chunks_per_field": self.chunks_per_field,
+            "num_tables": self.num_tables,
+            "threshold": self.threshold,
+            "seed": self.seed,
+            "kept_fields": self.kept,
+            "table_rows": self.table_rows,
         }

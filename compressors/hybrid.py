@@ -81,14 +81,18 @@ def pool_bags(rows: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
     if rows.shape[0] == lengths.numel() and bool(torch.all(lengths == 1)):
         pooled = rows  # one-hot fields: every bag is its single row
     else:
-        bags = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device),
-                                       lengths)
+        bags = torch.repeat_interleave(
+            torch.arange(lengths.numel(), device=lengths.device), lengths
+        )
         pooled = rows.new_zeros(lengths.numel(), rows.shape[1]).index_add_(0, bags, rows)
     return pooled.view(num_keys, batch, -1).transpose(0, 1)
 
 
 def collisionless_fields(
-    features: Sequence[FeatureSpec], dim: int, budget_bytes: int, threshold: int,
+    features: Sequence[FeatureSpec],
+    dim: int,
+    budget_bytes: int,
+    threshold: int,
     max_share: float,
 ) -> list[int]:
     """Fields kept as full fp32 tables: at most ``threshold`` rows, smallest first, while
@@ -134,8 +138,11 @@ class FieldModule(nn.Module):
         raise NotImplementedError
 
     def export_tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.state_dict().items()
-                if not k.endswith("num_batches_tracked")}
+        return {
+            k: v.detach()
+            for k, v in self.state_dict().items()
+            if not k.endswith("num_batches_tracked")
+        }
 
     @classmethod
     def from_export(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> FieldModule:
@@ -168,8 +175,9 @@ class FieldModule(nn.Module):
 class FieldRouter(nn.Module):
     """Splits a KJT into table fields and module fields; merges their outputs in field order."""
 
-    def __init__(self, fields: Sequence[str], table_fields: Sequence[str],
-                 module_fields: Sequence[str]) -> None:
+    def __init__(
+        self, fields: Sequence[str], table_fields: Sequence[str], module_fields: Sequence[str]
+    ) -> None:
         super().__init__()
         if sorted(fields) != sorted([*table_fields, *module_fields]):
             raise ValueError("table and module fields must partition the fields")
@@ -182,18 +190,23 @@ class FieldRouter(nn.Module):
         self.register_buffer("_order", order, persistent=False)
         self._perms: dict[tuple[str, ...], tuple[list[int], list[int]]] = {}
 
-    def split(self, features: KeyedJaggedTensor
-              ) -> tuple[KeyedJaggedTensor | None, KeyedJaggedTensor | None]:
+    def split(
+        self, features: KeyedJaggedTensor
+    ) -> tuple[KeyedJaggedTensor | None, KeyedJaggedTensor | None]:
         keys = tuple(features.keys())
         if keys not in self._perms:
             missing = set(self.fields) - set(keys)
             if missing:
                 raise KeyError(f"input lacks sparse features {sorted(missing)}")
-            self._perms[keys] = ([keys.index(f) for f in self.table_fields],
-                                 [keys.index(f) for f in self.module_fields])
+            self._perms[keys] = (
+                [keys.index(f) for f in self.table_fields],
+                [keys.index(f) for f in self.module_fields],
+            )
         to_tables, to_module = self._perms[keys]
-        return (features.permute(to_tables) if to_tables else None,
-                features.permute(to_module) if to_module else None)
+        return (
+            features.permute(to_tables) if to_tables else None,
+            features.permute(to_module) if to_module else None,
+        )
 
     def merge(self, tables: torch.Tensor | None, module: torch.Tensor | None) -> torch.Tensor:
         """``tables [B, n_t * dim]`` and ``module [B, n_m, dim]`` -> ``[B, F, dim]``."""
@@ -206,8 +219,9 @@ class FieldRouter(nn.Module):
         return out if self.identity else out.index_select(1, self._order)
 
 
-def _table_layout(names: Sequence[str], cardinalities: Sequence[int],
-                  dim: int) -> tuple[list[TableSpec], list[Lookup]]:
+def _table_layout(
+    names: Sequence[str], cardinalities: Sequence[int], dim: int
+) -> tuple[list[TableSpec], list[Lookup]]:
     tables = [TableSpec(f"t_{n}", c, dim) for n, c in zip(names, cardinalities, strict=True)]
     lookups = [Lookup(n, f"t_{n}", field=i) for i, n in enumerate(names)]
     return tables, lookups
@@ -218,8 +232,13 @@ class HybridMethod(Compressor):
     """Base of the table-less methods: subclasses solve their split and module, then call
     :meth:`assemble`. Export kind = the method's ``name`` (serving: :class:`HybridServing`)."""
 
-    def assemble(self, table_fields: Sequence[int], module: FieldModule | None,
-                 init_scale: float = 0.01, module_lr: float | None = None) -> None:
+    def assemble(
+        self,
+        table_fields: Sequence[int],
+        module: FieldModule | None,
+        init_scale: float = 0.01,
+        module_lr: float | None = None,
+    ) -> None:
         """Builds the tables for ``table_fields`` (indices) and checks the budget.
 
         ``module_lr``: the module's own Adam learning rate (None: the trainer's dense one).
@@ -229,9 +248,11 @@ class HybridMethod(Compressor):
         module_names = module.fields if module is not None else []
         self.router = FieldRouter(self.feature_names, names, module_names)
         self.table_specs, self.lookups = _table_layout(
-            names, [self.features[i].cardinality for i in table_fields], self.dim)
-        self.tables = (TrainTables(self.table_specs, self.lookups, init_scale=init_scale)
-                       if names else None)
+            names, [self.features[i].cardinality for i in table_fields], self.dim
+        )
+        self.tables = (
+            TrainTables(self.table_specs, self.lookups, init_scale=init_scale) if names else None
+        )
         self.module = module
         self.check_budget(self.memory().serve_bytes, "the solved configuration")
 
@@ -245,8 +266,9 @@ class HybridMethod(Compressor):
     def optimizer_groups(self) -> list[dict[str, Any]]:
         if self.module is None or self.module_lr is None:
             return []
-        return [{"params": list(self.module.parameters()), "optimizer": "adam",
-                 "lr": self.module_lr}]
+        return [
+            {"params": list(self.module.parameters()), "optimizer": "adam", "lr": self.module_lr}
+        ]
 
     def memory(self) -> MemoryReport:
         parts = {f"table.{t.name}": t.serve_bytes for t in self.table_specs}
@@ -254,18 +276,27 @@ class HybridMethod(Compressor):
         if self.module is not None:
             parts.update(self.module.memory_parts())
             train += self.module.train_bytes()
-        return MemoryReport(serve_bytes=sum(parts.values()), train_bytes=train,
-                            full_bytes=self.full_bytes, parts=parts)
+        return MemoryReport(
+            serve_bytes=sum(parts.values()),
+            train_bytes=train,
+            full_bytes=self.full_bytes,
+            parts=parts,
+        )
 
     def export(self) -> ExportedEmbedding:
         tensors: dict[str, torch.Tensor] = {}
         if self.tables is not None:
             weights = self.tables.weights()
-            tensors.update({TABLE_PREFIX + t.name: pack_rows(weights[t.name], t.dtype)
-                            for t in self.table_specs})
+            tensors.update(
+                {
+                    TABLE_PREFIX + t.name: pack_rows(weights[t.name], t.dtype)
+                    for t in self.table_specs
+                }
+            )
         if self.module is not None:
-            tensors.update({MODULE_PREFIX + k: v.clone()
-                            for k, v in self.module.export_tensors().items()})
+            tensors.update(
+                {MODULE_PREFIX + k: v.clone() for k, v in self.module.export_tensors().items()}
+            )
         return ExportedEmbedding(
             kind=self.name,
             config={
@@ -274,8 +305,9 @@ class HybridMethod(Compressor):
                 "fields": self.feature_names,
                 "tables": [t.to_json() for t in self.table_specs],
                 "lookups": [lk.to_json() for lk in self.lookups],
-                "module": None if self.module is None else
-                {"kind": self.module.kind, **self.module.to_config()},
+                "module": None
+                if self.module is None
+                else {"kind": self.module.kind, **self.module.to_config()},
             },
             tensors=tensors,
         )
@@ -296,17 +328,24 @@ class HybridServing(nn.Module):
         module_cfg = cfg["module"]
         module_fields = [] if module_cfg is None else module_cfg["fields"]
         self.router = FieldRouter(cfg["fields"], [lk.key for lk in lookups], module_fields)
-        self.tables = ServeTables(
-            tables, lookups, {t.name: exported.tensors[TABLE_PREFIX + t.name] for t in tables}
-        ) if tables else None
+        self.tables = (
+            ServeTables(
+                tables, lookups, {t.name: exported.tensors[TABLE_PREFIX + t.name] for t in tables}
+            )
+            if tables
+            else None
+        )
         self.module: FieldModule | None = None
         if module_cfg is not None:
             if module_cfg["kind"] not in FIELD_MODULES:
                 raise ValueError(f"unknown field module {module_cfg['kind']!r}")
             self.module = FIELD_MODULES[module_cfg["kind"]].from_export(
                 module_cfg,
-                {k[len(MODULE_PREFIX):]: v for k, v in exported.tensors.items()
-                 if k.startswith(MODULE_PREFIX)},
+                {
+                    k[len(MODULE_PREFIX) :]: v
+                    for k, v in exported.tensors.items()
+                    if k.startswith(MODULE_PREFIX)
+                },
             )
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:

@@ -73,8 +73,9 @@ class SparseRowOptimizer(nn.Module):
         shape = {"sgd": (0,), "rowwise_adagrad": (rows,), "adagrad": (rows, dim)}[kind]
         self.register_buffer("state", torch.zeros(shape))
 
-    def step(self, rows: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
-             lr: float) -> torch.Tensor:
+    def step(
+        self, rows: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, lr: float
+    ) -> torch.Tensor:
         """The updated fp32 values of ``rows`` (unique) given their values and gradients."""
         if self.kind == "sgd":
             return weight - lr * grad
@@ -133,8 +134,9 @@ class IntegerEmbedding(Compressor):
             rows += f.cardinality
         self.rows = rows
         self.index_map = OffsetMap(self.feature_names, offsets)
-        self.register_buffer("codes", torch.zeros(rows, dim,
-                                                  dtype=torch.int8 if bits <= 8 else torch.int16))
+        self.register_buffer(
+            "codes", torch.zeros(rows, dim, dtype=torch.int8 if bits <= 8 else torch.int16)
+        )
         self.weight_optimizer = SparseRowOptimizer(optimizer, rows, dim)
         self.init_steps(init_scale)
         self._init_codes(init_scale)
@@ -199,8 +201,9 @@ class IntegerEmbedding(Compressor):
             if self.training and torch.is_grad_enabled():
                 weight.requires_grad_()
                 self._pending = _Pending(rows, weight)
-        pooled = F.embedding_bag(inverse, weight, mapped.offsets(), mode="sum",
-                                 include_last_offset=True)
+        pooled = F.embedding_bag(
+            inverse, weight, mapped.offsets(), mode="sum", include_last_offset=True
+        )
         return pooled.view(self.num_features, -1, self.dim).transpose(0, 1)
 
     @contextlib.contextmanager
@@ -217,8 +220,9 @@ class IntegerEmbedding(Compressor):
         pending, self._pending = self._pending, None
         if pending is None or pending.weight.grad is None:
             return
-        updated = self.weight_optimizer.step(pending.rows, pending.weight.detach(),
-                                             pending.weight.grad, ctx.trainer.config.table_lr)
+        updated = self.weight_optimizer.step(
+            pending.rows, pending.weight.detach(), pending.weight.grad, ctx.trainer.config.table_lr
+        )
         with torch.enable_grad():
             self.update_steps(pending.rows, updated, ctx)
         self.store(pending.rows, updated)
@@ -248,8 +252,9 @@ class IntegerEmbedding(Compressor):
                 "op": "sum",
                 "index_map": self.index_map.to_config(),
                 "tables": [TableSpec(TABLE, self.rows, self.dim, dtype).to_json()],
-                "lookups": [Lookup(n, TABLE, field=i).to_json()
-                            for i, n in enumerate(self.feature_names)],
+                "lookups": [
+                    Lookup(n, TABLE, field=i).to_json() for i, n in enumerate(self.feature_names)
+                ],
             },
             tensors={f"table.{TABLE}": packed},
         )
@@ -291,7 +296,7 @@ class FixedStepTraining(IntegerEmbedding):
 
     def init_steps(self, init_scale: float) -> None:
         exponent = round(math.log2(self.max_abs / (1 << (self.bits - 1))))
-        self.register_buffer("step", torch.tensor(2.0 ** exponent))
+        self.register_buffer("step", torch.tensor(2.0**exponent))
 
     def row_steps(self, rows: torch.Tensor) -> torch.Tensor:
         return self.step.expand(len(rows))

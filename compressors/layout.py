@@ -95,14 +95,17 @@ class OffsetMap(IndexMap):
     def __init__(self, features: Sequence[str], offsets: Sequence[int]) -> None:
         super().__init__(features, features)
         self.offsets = [int(o) for o in offsets]
-        self.register_buffer("_offsets", torch.tensor(self.offsets, dtype=torch.int64),
-                             persistent=False)
+        self.register_buffer(
+            "_offsets", torch.tensor(self.offsets, dtype=torch.int64), persistent=False
+        )
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         features = self.check_keys(features)
         values = features.values() + self._offsets[field_index(features)]
         return KeyedJaggedTensor(
-            keys=self.lookup_keys, values=values, lengths=features.lengths(),
+            keys=self.lookup_keys,
+            values=values,
+            lengths=features.lengths(),
             stride=features.stride(),
         )
 
@@ -160,7 +163,8 @@ class Combiner(nn.Module):
         gather = torch.empty(num_fields * dim, dtype=torch.int64)
         gather[self._dst0] = self._src0
         self.identity = bool(
-            torch.equal(gather, torch.arange(num_fields * dim)) and src_start[-1] == num_fields * dim
+            torch.equal(gather, torch.arange(num_fields * dim))
+            and src_start[-1] == num_fields * dim
         )
         self.register_buffer("_gather", gather, persistent=False)
 

@@ -100,11 +100,13 @@ def row_errors(weight: torch.Tensor, dtype: str) -> torch.Tensor:
     """``||e_v − Q(e_v)||²`` per row, through the exact packing an artifact stores."""
     out = torch.empty(weight.shape[0])
     for start in range(0, weight.shape[0], _CHUNK_ROWS):
-        w = weight[start:start + _CHUNK_ROWS].detach().float()
+        w = weight[start : start + _CHUNK_ROWS].detach().float()
         if dtype == "fp32":
-            out[start:start + len(w)] = 0.0
+            out[start : start + len(w)] = 0.0
         else:
-            out[start:start + len(w)] = (unpack_rows(pack_rows(w, dtype), dtype) - w).pow(2).sum(1)
+            out[start : start + len(w)] = (
+                (unpack_rows(pack_rows(w, dtype), dtype) - w).pow(2).sum(1)
+            )
     return out
 
 
@@ -112,8 +114,10 @@ def fake_quantize(weight: torch.Tensor, dtype: str) -> torch.Tensor:
     """The fp32 values the served ``dtype`` rows hold (pack, then unpack)."""
     if dtype == "fp32":
         return weight.detach().float().clone()
-    parts = [unpack_rows(pack_rows(weight[s:s + _CHUNK_ROWS], dtype), dtype)
-             for s in range(0, weight.shape[0], _CHUNK_ROWS)]
+    parts = [
+        unpack_rows(pack_rows(weight[s : s + _CHUNK_ROWS], dtype), dtype)
+        for s in range(0, weight.shape[0], _CHUNK_ROWS)
+    ]
     return torch.cat(parts)
 
 
@@ -159,7 +163,7 @@ def choose_dtypes(
             if units > slots:
                 continue
             candidate = np.full(slots + 1, np.inf)
-            candidate[units:] = best[:slots + 1 - units] + err[d]
+            candidate[units:] = best[: slots + 1 - units] + err[d]
             better = candidate < new
             new[better], pick[better] = candidate[better], j
         best = new
@@ -185,15 +189,19 @@ def row_frequencies(method: TableMethod) -> dict[str, torch.Tensor]:
     acc = {t.name: torch.zeros(t.rows, dtype=torch.float64) for t in layout.tables}
     names = method.feature_names
     for fi, spec in enumerate(method.features):
-        counts = (torch.ones(spec.cardinality, dtype=torch.float64) if spec.frequencies is None
-                  else torch.as_tensor(spec.frequencies, dtype=torch.float64))
+        counts = (
+            torch.ones(spec.cardinality, dtype=torch.float64)
+            if spec.frequencies is None
+            else torch.as_tensor(spec.frequencies, dtype=torch.float64)
+        )
         mine = [lk for lk in layout.lookups if lk.field == fi]
         for start in range(0, spec.cardinality, _CHUNK_ROWS):
             ids = torch.arange(start, min(start + _CHUNK_ROWS, spec.cardinality))
             lengths = torch.zeros(len(names), len(ids), dtype=torch.int64)
             lengths[fi] = 1
-            kjt = KeyedJaggedTensor(keys=names, values=ids, lengths=lengths.flatten(),
-                                    stride=len(ids))
+            kjt = KeyedJaggedTensor(
+                keys=names, values=ids, lengths=lengths.flatten(), stride=len(ids)
+            )
             with torch.no_grad():
                 rows = method.index_map(kjt)
             for lk in mine:
@@ -223,8 +231,9 @@ def solve_mixed_precision(
         options = valid_dtypes(t.dim, candidates[i] if candidates is not None else DTYPES)
         costs.append({d: t.rows * row_bytes(t.dim, d) for d in options})
         w = freqs[t.name]
-        errors.append({d: float((row_errors(weights[t.name], d).double() * w).sum())
-                       for d in options})
+        errors.append(
+            {d: float((row_errors(weights[t.name], d).double() * w).sum()) for d in options}
+        )
     fixed = layout.serve_bytes() - sum(t.serve_bytes for t in layout.tables)
     try:
         return choose_dtypes(costs, errors, budget_bytes, fixed)

@@ -89,15 +89,18 @@ class PTQ(Full):
             return ["fp32" if pin else dtype for pin in pinned]
 
         def cost(dtypes: list[str]) -> int:
-            return sum(replace(t, dtype=d).serve_bytes
-                       for t, d in zip(layout.tables, dtypes, strict=True))
+            return sum(
+                replace(t, dtype=d).serve_bytes for t, d in zip(layout.tables, dtypes, strict=True)
+            )
 
         fitting = [d for d in options if cost(uniform(d)) <= self.budget_bytes]
         if not fitting:
             floor = cost(uniform(valid_dtypes(self.dim)[-1]))
             kept = f", fields of <= {self.min_rows} rows kept fp32" if any(pinned) else ""
-            at = "" if self.bits == AUTO else (
-                f"bits={self.bits} needs {describe_bytes(cost(uniform(options[-1])))}; "
+            at = (
+                ""
+                if self.bits == AUTO
+                else (f"bits={self.bits} needs {describe_bytes(cost(uniform(options[-1])))}; ")
             )
             raise BudgetError(
                 f"ptq: {at}the budget {describe_bytes(self.budget_bytes)} "
@@ -105,8 +108,9 @@ class PTQ(Full):
                 f"which gets at most {self.full_bytes / floor:.1f}x here (int2 rows of "
                 f"dim/4 + 4 bytes{kept}); inter-feature methods (hash, qr, tt, ...) go beyond"
             )
-        layout.tables = [replace(t, dtype=d) for t, d in zip(layout.tables, uniform(fitting[0]),
-                                                            strict=True)]
+        layout.tables = [
+            replace(t, dtype=d) for t, d in zip(layout.tables, uniform(fitting[0]), strict=True)
+        ]
         self._pinned = pinned
         return layout
 
@@ -129,17 +133,20 @@ class PTQ(Full):
     def _restore_dtypes(module: nn.Module, incompatible: Any) -> None:
         # The loaded weights already hold the quantised values; only the dtypes follow.
         assert isinstance(module, PTQ)
-        apply_table_dtypes(module, [DTYPES[i] for i in module.dtype_index.tolist()],
-                           round_weights=False)
+        apply_table_dtypes(
+            module, [DTYPES[i] for i in module.dtype_index.tolist()], round_weights=False
+        )
 
     def hyperparameters(self) -> dict[str, Any]:
-        common = {k: v for k, v in super().hyperparameters().items()
-                  if k not in ("storage", "shared")}
+        common = {
+            k: v for k, v in super().hyperparameters().items() if k not in ("storage", "shared")
+        }
         return {
             **common,
             "bits": self.bits,
             "min_rows": self.min_rows,
             "quantized": bool(self.quantized),
-            "dtypes": {f.name: t.dtype for f, t in zip(self.features, self.layout.tables,
-                                                       strict=True)},
+            "dtypes": {
+                f.name: t.dtype for f, t in zip(self.features, self.layout.tables, strict=True)
+            },
         }

@@ -76,25 +76,31 @@ class QuotientRemainderMap(FanOutMap):
         if any(r.divisor < 1 for r in rules):
             raise ValueError("QR divisors must be positive")
         self.rules = list(rules)
-        self.register_buffer("_divisor", torch.tensor([r.divisor for r in rules]),
-                             persistent=False)
-        self.register_buffer("_remainder", torch.tensor([r.remainder for r in rules]),
-                             persistent=False)
+        self.register_buffer("_divisor", torch.tensor([r.divisor for r in rules]), persistent=False)
+        self.register_buffer(
+            "_remainder", torch.tensor([r.remainder for r in rules]), persistent=False
+        )
 
-    def rows(self, values: torch.Tensor, per_value: Callable[[torch.Tensor], torch.Tensor]
-             ) -> torch.Tensor:
+    def rows(
+        self, values: torch.Tensor, per_value: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
         divisor = per_value(self._divisor)
-        return torch.where(per_value(self._remainder), torch.remainder(values, divisor),
-                           torch.div(values, divisor, rounding_mode="floor"))
+        return torch.where(
+            per_value(self._remainder),
+            torch.remainder(values, divisor),
+            torch.div(values, divisor, rounding_mode="floor"),
+        )
 
     def to_config(self) -> dict[str, Any]:
         return {**super().to_config(), "rules": [asdict(r) for r in self.rules]}
 
     @classmethod
-    def from_config(cls, config: dict[str, Any],
-                    tensors: dict[str, torch.Tensor]) -> QuotientRemainderMap:
-        return cls(config["features"], config["lookup_keys"],
-                   [QRRule(**r) for r in config["rules"]])
+    def from_config(
+        cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> QuotientRemainderMap:
+        return cls(
+            config["features"], config["lookup_keys"], [QRRule(**r) for r in config["rules"]]
+        )
 
 
 def qr_rows(n: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -146,12 +152,17 @@ class QR(TableMethod):
         if m is None:
             m = self._solve_collisions(sizes, np.zeros(len(sizes), dtype=bool))
         if m is None:
-            needed = self._bytes(sizes, np.zeros(len(sizes), dtype=bool),
-                                 np.ceil(np.sqrt(sizes)).astype(np.int64))
+            needed = self._bytes(
+                sizes, np.zeros(len(sizes), dtype=bool), np.ceil(np.sqrt(sizes)).astype(np.int64)
+            )
             raise budget_error(
-                self.name, int(needed), self.budget_bytes, self.full_bytes,
+                self.name,
+                int(needed),
+                self.budget_bytes,
+                self.full_bytes,
                 "the smallest QR layout (m = ceil(sqrt(n)) collisions: about 2*sqrt(n) rows "
-                "per field) does not fit")
+                "per field) does not fit",
+            )
         self.collisions = {f.name: int(c) for f, c in zip(self.features, m, strict=True) if c > 1}
         tables: list[TableSpec] = []
         lookups: list[Lookup] = []
@@ -163,15 +174,26 @@ class QR(TableMethod):
                 lookups.append(Lookup(f.name, f"t_{f.name}", field=i))
                 rules.append(QRRule(i, 1))
                 continue
-            tables += [TableSpec(f"q_{f.name}", -(-f.cardinality // int(c)), half, self.storage),
-                       TableSpec(f"r_{f.name}", int(c), half, self.storage)]
+            tables += [
+                TableSpec(f"q_{f.name}", -(-f.cardinality // int(c)), half, self.storage),
+                TableSpec(f"r_{f.name}", int(c), half, self.storage),
+            ]
             concat = self.op == "concat"
-            lookups += [Lookup(f"{f.name}_q", f"q_{f.name}", field=i),
-                        Lookup(f"{f.name}_r", f"r_{f.name}", field=i,
-                               start=half if concat else 0, term=0 if concat else 1)]
+            lookups += [
+                Lookup(f"{f.name}_q", f"q_{f.name}", field=i),
+                Lookup(
+                    f"{f.name}_r",
+                    f"r_{f.name}",
+                    field=i,
+                    start=half if concat else 0,
+                    term=0 if concat else 1,
+                ),
+            ]
             rules += [QRRule(i, int(c)), QRRule(i, int(c), remainder=True)]
         return TableLayout(
-            tables=tables, lookups=lookups, op=OPS[self.op],
+            tables=tables,
+            lookups=lookups,
+            op=OPS[self.op],
             index_map=QuotientRemainderMap(self.feature_names, [lk.key for lk in lookups], rules),
         )
 
@@ -198,8 +220,11 @@ class QR(TableMethod):
         for i in np.argsort(-sizes, kind="stable"):
             trial = chosen.copy()
             trial[i] -= 1
-            if trial[i] >= 2 and not keep[i] and \
-                    self._bytes(sizes, keep, trial) <= self.budget_bytes:
+            if (
+                trial[i] >= 2
+                and not keep[i]
+                and self._bytes(sizes, keep, trial) <= self.budget_bytes
+            ):
                 chosen = trial
         full = sizes * row_bytes(self.dim, self.storage)
         qr = qr_rows(sizes, chosen) * row_bytes(self._qr_dim, self.storage)
@@ -207,7 +232,11 @@ class QR(TableMethod):
 
     def hyperparameters(self) -> dict[str, Any]:
         shared = max(self.collisions.values(), default=1)
-        return {**super().hyperparameters(), "op": self.op, "threshold": self.threshold,
-                "collisions": shared, "collisions_per_field": self.collisions,
-                "full_fields": [n for n in self.feature_names if n not in self.collisions]}
-
+        return {
+            **super().hyperparameters(),
+            "op": self.op,
+            "threshold": self.threshold,
+            "collisions": shared,
+            "collisions_per_field": self.collisions,
+            "full_fields": [n for n in self.feature_names if n not in self.collisions],
+        }

@@ -49,7 +49,9 @@ def method_options(name: str) -> dict[str, Any]:
     """The keyword arguments a method accepts, with their defaults."""
     cls = _lookup(name)
     params = list(inspect.signature(cls.__init__).parameters.values())[4:]
-    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY or p.default is not p.empty}
+    return {
+        p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY or p.default is not p.empty
+    }
 
 
 def build_compressor(
@@ -69,7 +71,9 @@ def build_compressor(
 
 def build_serving(exported: ExportedEmbedding) -> nn.Module:
     if exported.kind not in SERVING:
-        raise ValueError(f"no serving module for export kind {exported.kind!r}; known: {sorted(SERVING)}")
+        raise ValueError(
+            f"no serving module for export kind {exported.kind!r}; known: {sorted(SERVING)}"
+        )
     return SERVING[exported.kind](exported)
 
 

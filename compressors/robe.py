@@ -69,8 +69,15 @@ class RobeArray(FieldModule):
 
     kind = ROBE_KIND
 
-    def __init__(self, fields: Sequence[str], dim: int, size: int, chunk: int, seed: int = 0,
-                 init_scale: float = 0.01) -> None:
+    def __init__(
+        self,
+        fields: Sequence[str],
+        dim: int,
+        size: int,
+        chunk: int,
+        seed: int = 0,
+        init_scale: float = 0.01,
+    ) -> None:
         super().__init__(fields, dim)
         if dim % chunk or not 1 <= chunk <= MAX_CHUNK:
             raise ValueError(f"robe: chunk must divide dim={dim} and lie in [1, {MAX_CHUNK}]")
@@ -81,18 +88,21 @@ class RobeArray(FieldModule):
         self.seed = seed
         self.array = nn.Parameter(torch.empty(size).uniform_(-init_scale, init_scale))
         chunks = dim // chunk
-        self.register_buffer("_offset_salts", premixed_salts(fields, chunks, seed),
-                             persistent=False)
-        self.register_buffer("_sign_salts", premixed_salts(fields, chunks, seed, SIGN_TAG),
-                             persistent=False)
+        self.register_buffer(
+            "_offset_salts", premixed_salts(fields, chunks, seed), persistent=False
+        )
+        self.register_buffer(
+            "_sign_salts", premixed_salts(fields, chunks, seed, SIGN_TAG), persistent=False
+        )
         self.register_buffer("_within", torch.arange(chunk), persistent=False)
 
-    def locate(self, values: torch.Tensor, fields: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def locate(
+        self, values: torch.Tensor, fields: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Array indices ``[N, dim]`` and signs ``[N, dim]`` of the rows of ``values``
         (``fields``: each value's position in :attr:`fields`)."""
         starts = hash_premixed(values, self._offset_salts[fields]) % self.size  # [N, chunks]
-        index = starts.unsqueeze(-1) + self._within                             # [N, chunks, Z]
+        index = starts.unsqueeze(-1) + self._within  # [N, chunks, Z]
         index = torch.where(index >= self.size, index - self.size, index)  # wrap, no division
         bits = hash_premixed(values, self._sign_salts[fields]).unsqueeze(-1) >> self._within
         signs = 1.0 - 2.0 * (bits & 1).to(self.array.dtype)
@@ -107,8 +117,7 @@ class RobeArray(FieldModule):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> RobeArray:
-        return cls(config["fields"], config["dim"], config["size"], config["chunk"],
-                   config["seed"])
+        return cls(config["fields"], config["dim"], config["size"], config["chunk"], config["seed"])
 
 
 @register
@@ -138,10 +147,12 @@ class Robe(HybridMethod):
         compressed = [f for i, f in enumerate(features) if i not in table_fields]
         module = None
         if compressed:
-            tables = sum(TableSpec("t", features[i].cardinality, dim).serve_bytes
-                         for i in table_fields)
-            size = min((budget_bytes - tables) // FLOAT_BYTES,
-                       sum(f.cardinality for f in compressed) * dim)
+            tables = sum(
+                TableSpec("t", features[i].cardinality, dim).serve_bytes for i in table_fields
+            )
+            size = min(
+                (budget_bytes - tables) // FLOAT_BYTES, sum(f.cardinality for f in compressed) * dim
+            )
             if size < dim:
                 raise BudgetError(
                     f"robe: {describe_bytes(budget_bytes)} leaves {max(size, 0)} floats for the "

@@ -36,8 +36,11 @@ from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
 SCALE_BIAS_BYTES = 4
 _SPARSE_TYPES = {
-    "fp32": SparseType.FP32, "fp16": SparseType.FP16, "int8": SparseType.INT8,
-    "int4": SparseType.INT4, "int2": SparseType.INT2,
+    "fp32": SparseType.FP32,
+    "fp16": SparseType.FP16,
+    "int8": SparseType.INT8,
+    "int4": SparseType.INT4,
+    "int2": SparseType.INT2,
 }
 TABLE_OPTIMIZERS = {
     "sgd": torch.optim.SGD,
@@ -210,7 +213,9 @@ class TrainTables(nn.Module):
         Weights are carried over; the fused tables stop being ordinary autograd parameters.
         """
         if optimizer not in TABLE_OPTIMIZERS:
-            raise ValueError(f"unknown table optimizer {optimizer!r}; choose from {sorted(TABLE_OPTIMIZERS)}")
+            raise ValueError(
+                f"unknown table optimizer {optimizer!r}; choose from {sorted(TABLE_OPTIMIZERS)}"
+            )
         if isinstance(self.ebc, FusedEmbeddingBagCollection):
             return
         old = self.weights()
@@ -263,14 +268,16 @@ class ServeTables(nn.Module):
             row_alignment=1,
         )
         self.tbe.initialize_weights()
-        for t, (dest, _, _) in zip(tables, self.tbe.split_embedding_weights_with_scale_bias(0),
-                                   strict=True):
+        for t, (dest, _, _) in zip(
+            tables, self.tbe.split_embedding_weights_with_scale_bias(0), strict=True
+        ):
             src = packed[t.name]
             expected = (t.rows, row_bytes(t.dim, t.dtype))
             as_bytes = src.contiguous().view(torch.uint8).view(t.rows, -1)
             if tuple(as_bytes.shape) != expected:
                 raise ValueError(
-                    f"table {t.name!r}: packed shape {tuple(as_bytes.shape)} bytes, expected {expected}"
+                    f"table {t.name!r}: packed as {tuple(as_bytes.shape)} bytes, "
+                    f"expected {expected}"
                 )
             dest.copy_(as_bytes)
 

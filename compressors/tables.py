@@ -73,7 +73,10 @@ class TableMethod(Compressor):
         self.tables = TrainTables(layout.tables, layout.lookups, init_scale=init_scale)
         dims = {t.name: t.dim for t in layout.tables}
         self.combiner = Combiner(
-            layout.lookups, [dims[lk.table] for lk in layout.lookups], len(features), dim,
+            layout.lookups,
+            [dims[lk.table] for lk in layout.lookups],
+            len(features),
+            dim,
             layout.op,
         )
         self.layout = layout
@@ -87,10 +90,12 @@ class TableMethod(Compressor):
 
     def memory(self) -> MemoryReport:
         parts = {f"table.{t.name}": t.serve_bytes for t in self.layout.tables}
-        parts.update({
-            f"index_map.{k}": v.numel() * v.element_size()
-            for k, v in self.index_map.tensors().items()
-        })
+        parts.update(
+            {
+                f"index_map.{k}": v.numel() * v.element_size()
+                for k, v in self.index_map.tensors().items()
+            }
+        )
         train = sum(t.train_bytes(self.table_optimizer) for t in self.layout.tables)
         return MemoryReport(
             serve_bytes=sum(parts.values()),
@@ -101,7 +106,9 @@ class TableMethod(Compressor):
 
     def export(self) -> ExportedEmbedding:
         weights = self.tables.weights()
-        tensors = {f"table.{t.name}": pack_rows(weights[t.name], t.dtype) for t in self.layout.tables}
+        tensors = {
+            f"table.{t.name}": pack_rows(weights[t.name], t.dtype) for t in self.layout.tables
+        }
         tensors.update({f"index_map.{k}": v for k, v in self.index_map.tensors().items()})
         return ExportedEmbedding(
             kind=TABLE_KIND,
@@ -140,7 +147,7 @@ class TableServing(nn.Module):
         prefix = "index_map."
         self.index_map = INDEX_MAPS[map_cfg["kind"]].from_config(
             map_cfg,
-            {k[len(prefix):]: v for k, v in exported.tensors.items() if k.startswith(prefix)},
+            {k[len(prefix) :]: v for k, v in exported.tensors.items() if k.startswith(prefix)},
         )
         self.tables = ServeTables(
             tables, lookups, {t.name: exported.tensors[f"table.{t.name}"] for t in tables}

@@ -147,8 +147,14 @@ class TTEmbedding(FieldModule):
 
     kind = TT_KIND
 
-    def __init__(self, fields: Sequence[str], dim: int, shapes: Sequence[TTShape], rank: int,
-                 init_std: float = 0.01) -> None:
+    def __init__(
+        self,
+        fields: Sequence[str],
+        dim: int,
+        shapes: Sequence[TTShape],
+        rank: int,
+        init_std: float = 0.01,
+    ) -> None:
         super().__init__(fields, dim)
         if any(math.prod(s.dims) != dim for s in shapes) or len(shapes) != len(self.fields):
             raise ValueError(f"tt: need one shape per field whose dims multiply to {dim}")
@@ -159,13 +165,16 @@ class TTEmbedding(FieldModule):
         values = features.values()
         rows, start = [], 0
         for cores, count in zip(self.cores, features.length_per_key(), strict=True):
-            rows.append(cores(values[start:start + count]))
+            rows.append(cores(values[start : start + count]))
             start += count
         return pool_bags(torch.cat(rows), features)
 
     def to_config(self) -> dict[str, Any]:
-        return {**super().to_config(), "rank": self.rank,
-                "shapes": [asdict(c.shape) for c in self.cores]}
+        return {
+            **super().to_config(),
+            "rank": self.rank,
+            "shapes": [asdict(c.shape) for c in self.cores],
+        }
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> TTEmbedding:
@@ -179,8 +188,9 @@ class TTEmbedding(FieldModule):
         }
 
 
-def solve_rank(features: Sequence[FeatureSpec], dim: int, budget_bytes: int, max_rank: int,
-               min_rank: int) -> tuple[int, list[int]]:
+def solve_rank(
+    features: Sequence[FeatureSpec], dim: int, budget_bytes: int, max_rank: int, min_rank: int
+) -> tuple[int, list[int]]:
     """The largest rank whose layout fits, and the fields kept as tables at that rank."""
     shapes = [TTShape.for_field(f.cardinality, dim) for f in features]
     tables = [TableSpec("t", f.cardinality, dim).serve_bytes for f in features]
@@ -233,10 +243,17 @@ class TT(HybridMethod):
             raise ValueError(f"tt: need 1 <= min_rank <= max_rank, got {min_rank}, {max_rank}")
         self.rank, table_fields = solve_rank(features, dim, budget_bytes, max_rank, min_rank)
         compressed = [f for i, f in enumerate(features) if i not in table_fields]
-        module = TTEmbedding(
-            [f.name for f in compressed], dim,
-            [TTShape.for_field(f.cardinality, dim) for f in compressed], self.rank, init_std,
-        ) if compressed else None
+        module = (
+            TTEmbedding(
+                [f.name for f in compressed],
+                dim,
+                [TTShape.for_field(f.cardinality, dim) for f in compressed],
+                self.rank,
+                init_std,
+            )
+            if compressed
+            else None
+        )
         self.assemble(table_fields, module, init_scale, lr)
 
     def hyperparameters(self) -> dict[str, Any]:

@@ -74,7 +74,11 @@ def export(
         if not k.startswith("embedding."):
             tensors[MODEL_PREFIX + k] = v.detach().contiguous()
     memory = model.embedding.memory()
-    meta = dataset if isinstance(dataset, DatasetMeta) or dataset is None else DatasetMeta.load(dataset)
+    meta = (
+        dataset
+        if isinstance(dataset, DatasetMeta) or dataset is None
+        else DatasetMeta.load(dataset)
+    )
     manifest: dict[str, Any] = {
         "format": ARTIFACT_FORMAT,
         "version": ARTIFACT_VERSION,
@@ -92,9 +96,14 @@ def export(
             k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
             for k, v in tensors.items()
         },
-        "dataset": None if meta is None else {
-            "name": meta.name, "label": meta.label, "dense": meta.dense,
-            "sparse": [f.name for f in meta.sparse], "options": meta.options,
+        "dataset": None
+        if meta is None
+        else {
+            "name": meta.name,
+            "label": meta.label,
+            "dense": meta.dense,
+            "sparse": [f.name for f in meta.sparse],
+            "options": meta.options,
         },
         **(extra or {}),
     }
@@ -171,8 +180,11 @@ class CompactModel(nn.Module):
         exported = ExportedEmbedding(
             kind=emb["kind"],
             config=emb["config"],
-            tensors={k[len(EMBEDDING_PREFIX):]: v for k, v in tensors.items()
-                     if k.startswith(EMBEDDING_PREFIX)},
+            tensors={
+                k[len(EMBEDDING_PREFIX) :]: v
+                for k, v in tensors.items()
+                if k.startswith(EMBEDDING_PREFIX)
+            },
         )
         spec = manifest["model"]
         if spec["name"] not in MODELS:
@@ -180,10 +192,13 @@ class CompactModel(nn.Module):
         # Modules initialise random weights before the stored ones overwrite them; loading
         # an artifact must not move the caller's random stream.
         with torch.random.fork_rng():
-            serving = ServingEmbedding(build_serving(exported), len(manifest["features"]),
-                                       emb["dim"], emb["method"])
+            serving = ServingEmbedding(
+                build_serving(exported), len(manifest["features"]), emb["dim"], emb["method"]
+            )
             model = MODELS[spec["name"]](serving, spec["num_dense"], **spec["options"])
-        dense = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+        dense = {
+            k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)
+        }
         result = model.load_state_dict(dense, strict=False)
         missing = [k for k in result.missing_keys if not k.startswith("embedding.")]
         if missing or result.unexpected_keys:
@@ -216,10 +231,16 @@ class CompactModel(nn.Module):
                 "pass ids, or export with dataset=..."
             )
         meta = DatasetMeta(
-            name=info["name"], label=info["label"], dense=info["dense"],
-            sparse=[SparseField(f["name"], f["cardinality"], f["multi_hot"])
-                    for f in self.manifest["features"]],
-            splits={}, options=info["options"], root=self.root,
+            name=info["name"],
+            label=info["label"],
+            dense=info["dense"],
+            sparse=[
+                SparseField(f["name"], f["cardinality"], f["multi_hot"])
+                for f in self.manifest["features"]
+            ],
+            splits={},
+            options=info["options"],
+            root=self.root,
         )
         return RawEncoder(meta, format_for_meta(meta), load_field_vocabs(meta))
 

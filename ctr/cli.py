@@ -16,8 +16,10 @@ EPILOG_SYNTH = """example:
   ctr synth --rows 1000000 --out data/synth
   ctr synth --rows 200000 --scale 0.001 --multi-hot 2 --out data/small"""
 EPILOG_TRAIN = """examples:
-  ctr train --data data/synth --model deepfm --compressor full --budget 1x --dim 16 --epochs 1 --out runs/deepfm
-  ctr train --data data/synth --model dcnv2 --compressor full --method-opt shared=true --out runs/shared
+  ctr train --data data/synth --model deepfm --compressor full --budget 1x --dim 16 \\
+            --epochs 1 --out runs/deepfm
+  ctr train --data data/synth --model dcnv2 --compressor unified --budget 100x --out runs/ue
+  ctr train --data data/synth --compressor ptq --budget 6x --out runs/ptq   # mixed precision
   torchrun --nproc_per_node 2 -m ctr.cli train --data data/synth --out runs/dmp   # TorchRec DMP
 An interrupted run resumes exactly when the same command is run again."""
 EPILOG_EXPORT = """examples:
@@ -54,13 +56,16 @@ def _budget(text: str) -> str | float | int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from datasets.synthetic import SyntheticConfig, generate_synthetic
 
-    config = SyntheticConfig(rows=args.rows, scale=args.scale, multi_hot_fields=args.multi_hot,
-                             seed=args.seed)
+    config = SyntheticConfig(
+        rows=args.rows, scale=args.scale, multi_hot_fields=args.multi_hot, seed=args.seed
+    )
     meta = generate_synthetic(args.out, config, progress=not args.no_progress)
     teacher = meta.extra["teacher"]
-    print(f"wrote {args.out}: {sum(s.rows for s in meta.splits.values()):,} rows, "
-          f"{len(meta.sparse)} sparse fields ({sum(f.cardinality for f in meta.sparse):,} ids), "
-          f"{len(meta.dense)} dense; teacher test AUC {teacher['test_auc']:.4f}")
+    print(
+        f"wrote {args.out}: {sum(s.rows for s in meta.splits.values()):,} rows, "
+        f"{len(meta.sparse)} sparse fields ({sum(f.cardinality for f in meta.sparse):,} ids), "
+        f"{len(meta.dense)} dense; teacher test AUC {teacher['test_auc']:.4f}"
+    )
     return 0
 
 
@@ -69,15 +74,26 @@ def _run_config(args: argparse.Namespace) -> Any:
     from ctr.trainer import TrainConfig
 
     train = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, table_lr=args.table_lr,
-        table_optimizer=args.table_optimizer, eval_every=args.eval_every,
-        patience=args.patience, seed=args.seed, max_steps=args.max_steps,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        table_lr=args.table_lr,
+        table_optimizer=args.table_optimizer,
+        eval_every=args.eval_every,
+        patience=args.patience,
+        seed=args.seed,
+        max_steps=args.max_steps,
         progress=not args.no_progress,
     )
     return RunConfig(
-        data=str(args.data), model=args.model, model_options=_options(args.model_opt, "--model-opt"),
-        dim=args.dim, compressor=args.compressor, budget=_budget(args.budget),
-        method_options=_options(args.method_opt, "--method-opt"), train=train,
+        data=str(args.data),
+        model=args.model,
+        model_options=_options(args.model_opt, "--model-opt"),
+        dim=args.dim,
+        compressor=args.compressor,
+        budget=_budget(args.budget),
+        method_options=_options(args.method_opt, "--method-opt"),
+        train=train,
     )
 
 
@@ -123,11 +139,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         model.load_state_dict(torch.load(Path(args.run) / "model.pt", weights_only=True))
     else:
         model, cfg = load_run_model(args.run)
-    manifest = export(model, args.out, dataset=cfg.data,
-                      extra={"run": {"dir": str(args.run), "config": cfg.to_json()}})
+    manifest = export(
+        model,
+        args.out,
+        dataset=cfg.data,
+        extra={"run": {"dir": str(args.run), "config": cfg.to_json()}},
+    )
     emb = manifest["embedding"]
-    print(f"exported {args.run} -> {args.out}: embeddings {describe_bytes(emb['serve_bytes'])} "
-          f"({emb['memory']['full_bytes'] / emb['serve_bytes']:.1f}x smaller than fp32)")
+    print(
+        f"exported {args.run} -> {args.out}: embeddings {describe_bytes(emb['serve_bytes'])} "
+        f"({emb['memory']['full_bytes'] / emb['serve_bytes']:.1f}x smaller than fp32)"
+    )
     return 0
 
 
@@ -152,13 +174,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
-        np.savetxt(tmp, np.stack([probs, labels], 1), delimiter=",", header="prob,label",
-                   comments="", fmt=["%.6f", "%g"])
+        np.savetxt(
+            tmp,
+            np.stack([probs, labels], 1),
+            delimiter=",",
+            header="prob,label",
+            comments="",
+            fmt=["%.6f", "%g"],
+        )
         tmp.replace(out)
     metrics = auc_logloss(labels, probs)
-    print(f"{len(probs):,} predictions in {elapsed:.2f}s ({len(probs) / elapsed:,.0f}/s); "
-          f"AUC {metrics['auc']:.4f}, logloss {metrics['logloss']:.4f}"
-          + (f" -> {args.out}" if args.out else ""))
+    print(
+        f"{len(probs):,} predictions in {elapsed:.2f}s ({len(probs) / elapsed:,.0f}/s); "
+        f"AUC {metrics['auc']:.4f}, logloss {metrics['logloss']:.4f}"
+        + (f" -> {args.out}" if args.out else "")
+    )
     return 0
 
 
@@ -167,19 +197,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
     data = out / "data"
     started = time.perf_counter()
     if not (data / "meta.json").exists():
-        cmd_synth(argparse.Namespace(rows=args.rows, scale=0.01, multi_hot=0, seed=0, out=data,
-                                     no_progress=False))
+        cmd_synth(
+            argparse.Namespace(
+                rows=args.rows, scale=0.01, multi_hot=0, seed=0, out=data, no_progress=False
+            )
+        )
     run = out / "run-deepfm-full"
-    train_args = build_parser().parse_args([
-        "train", "--data", str(data), "--model", "deepfm", "--compressor", "full",
-        "--budget", "1x", "--dim", "16", "--epochs", "1", "--out", str(run),
-    ])
+    train_args = build_parser().parse_args(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--model",
+            "deepfm",
+            "--compressor",
+            "full",
+            "--budget",
+            "1x",
+            "--dim",
+            "16",
+            "--epochs",
+            "1",
+            "--out",
+            str(run),
+        ]
+    )
     cmd_train(train_args)
     for storage in ("", "int8"):
         target = out / f"artifact-deepfm-{storage or 'fp32'}"
         cmd_export(argparse.Namespace(run=run, out=target, storage=storage))
-        cmd_predict(argparse.Namespace(artifact=target, data=data, split="test",
-                                       batch_size=16384, out=target / "test-predictions.csv"))
+        cmd_predict(
+            argparse.Namespace(
+                artifact=target,
+                data=data,
+                split="test",
+                batch_size=16384,
+                out=target / "test-predictions.csv",
+            )
+        )
     print(f"demo finished in {time.perf_counter() - started:.0f}s; outputs under {out}/")
     return 0
 
@@ -195,14 +250,19 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ctr", description="Train, compress and serve CTR embedding tables.",
+        prog="ctr",
+        description="Train, compress and serve CTR embedding tables.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
 
-    p = sub.add_parser("synth", help="generate the synthetic Criteo-like dataset",
-                       epilog=EPILOG_SYNTH, formatter_class=fmt)
+    p = sub.add_parser(
+        "synth",
+        help="generate the synthetic Criteo-like dataset",
+        epilog=EPILOG_SYNTH,
+        formatter_class=fmt,
+    )
     p.add_argument("--rows", type=int, default=1_000_000, help="total rows (80/10/10 split)")
     p.add_argument("--scale", type=float, default=0.01, help="factor on Criteo's cardinalities")
     p.add_argument("--multi-hot", type=int, default=0, help="extra multi-hot fields")
@@ -211,23 +271,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("train", help="train a CTR model under an embedding budget",
-                       epilog=EPILOG_TRAIN, formatter_class=fmt)
+    p = sub.add_parser(
+        "train",
+        help="train a CTR model under an embedding budget",
+        epilog=EPILOG_TRAIN,
+        formatter_class=fmt,
+    )
     p.add_argument("--data", required=True, type=Path, help="prepared dataset directory")
     p.add_argument("--model", default="deepfm", help="lr, fm, wide_deep, deepfm, dcnv2, dlrm")
-    p.add_argument("--model-opt", action="append", metavar="KEY=VALUE",
-                   help="model option, e.g. hidden=[256,128] (repeatable)")
+    p.add_argument(
+        "--model-opt",
+        action="append",
+        metavar="KEY=VALUE",
+        help="model option, e.g. hidden=[256,128] (repeatable)",
+    )
     p.add_argument("--compressor", default="full", help="method name (see `ctr methods`)")
     p.add_argument("--budget", default="1x", help="'10x', a fraction like 0.1, '25MB' or bytes")
-    p.add_argument("--method-opt", action="append", metavar="KEY=VALUE",
-                   help="method option, e.g. shared=true or storage=int8 (repeatable)")
+    p.add_argument(
+        "--method-opt",
+        action="append",
+        metavar="KEY=VALUE",
+        help="method option, e.g. shared=true or storage=int8 (repeatable)",
+    )
     p.add_argument("--dim", type=int, default=16, help="embedding dim of the model")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam lr of dense parameters")
     p.add_argument("--table-lr", type=float, default=0.05, help="lr of the fused table optimizer")
-    p.add_argument("--table-optimizer", default="rowwise_adagrad",
-                   choices=["rowwise_adagrad", "adagrad", "sgd"])
+    p.add_argument(
+        "--table-optimizer",
+        default="rowwise_adagrad",
+        choices=["rowwise_adagrad", "adagrad", "sgd"],
+    )
     p.add_argument("--eval-every", type=int, default=0, help="steps between evals (0: per epoch)")
     p.add_argument("--patience", type=int, default=2, help="evals without improvement to stop")
     p.add_argument("--seed", type=int, default=0)
@@ -236,15 +311,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="export a finished run to a serving artifact",
-                       epilog=EPILOG_EXPORT, formatter_class=fmt)
+    p = sub.add_parser(
+        "export",
+        help="export a finished run to a serving artifact",
+        epilog=EPILOG_EXPORT,
+        formatter_class=fmt,
+    )
     p.add_argument("run", type=Path)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--storage", default="", help="serve tables at fp16/int8/int4/int2 instead")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("predict", help="predict a prepared split with an artifact",
-                       epilog=EPILOG_PREDICT, formatter_class=fmt)
+    p = sub.add_parser(
+        "predict",
+        help="predict a prepared split with an artifact",
+        epilog=EPILOG_PREDICT,
+        formatter_class=fmt,
+    )
     p.add_argument("artifact", type=Path)
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--split", default="test")
@@ -252,8 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="CSV of prob,label")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("demo", help="the end-to-end default: synth -> train -> export -> predict",
-                       epilog=EPILOG_DEMO, formatter_class=fmt)
+    p = sub.add_parser(
+        "demo",
+        help="the end-to-end default: synth -> train -> export -> predict",
+        epilog=EPILOG_DEMO,
+        formatter_class=fmt,
+    )
     p.add_argument("--out", type=Path, default=Path("demo-output"))
     p.add_argument("--rows", type=int, default=1_000_000)
     p.set_defaults(func=cmd_demo)

@@ -70,22 +70,29 @@ def shard_model(
     ebcs = [m for m in model.modules() if isinstance(m, EmbeddingBagCollection)]
     constraints = {}
     for ebc in ebcs:
-        apply_optimizer_in_backward(TABLE_OPTIMIZERS[table_optimizer], ebc.parameters(),
-                                    {"lr": table_lr})
+        apply_optimizer_in_backward(
+            TABLE_OPTIMIZERS[table_optimizer], ebc.parameters(), {"lr": table_lr}
+        )
         for cfg in ebc.embedding_bag_configs():
             constraints[cfg.name] = ParameterConstraints(
                 sharding_types=[ShardingType.TABLE_WISE.value], compute_kernels=["fused"]
             )
-    device = torch.device("cuda", torch.cuda.current_device()) if info.backend == "nccl" else \
-        torch.device("cpu")
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if info.backend == "nccl"
+        else torch.device("cpu")
+    )
     topology = Topology(world_size=info.world_size, compute_device=device.type)
     sharders = [EmbeddingBagCollectionSharder()]
     plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(
         model, sharders, dist.GroupMember.WORLD
     )
     dmp = DistributedModelParallel(
-        model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=device,
-        plan=plan, sharders=sharders,
+        model,
+        env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+        device=device,
+        plan=plan,
+        sharders=sharders,
     )
     load_full_state_dict(dmp, initial)
     return dmp
@@ -110,8 +117,10 @@ def unshard(tree: Any) -> Any:
 
     def collect(node: Any, path: tuple) -> Any:
         if isinstance(node, ShardedTensor):
-            shards = [(list(sh.metadata.shard_offsets), sh.tensor.detach().cpu().clone())
-                      for sh in node.local_shards()]
+            shards = [
+                (list(sh.metadata.shard_offsets), sh.tensor.detach().cpu().clone())
+                for sh in node.local_shards()
+            ]
             pieces[path] = (list(node.size()), node.dtype, shards)
             return (_SHARDED, path)
         if isinstance(node, dict):
@@ -128,7 +137,9 @@ def unshard(tree: Any) -> Any:
         for path, (size, dtype, shards) in rank_pieces.items():
             full = whole.setdefault(path, torch.empty(size, dtype=dtype))
             for offsets, tensor in shards:
-                full[tuple(slice(o, o + n) for o, n in zip(offsets, tensor.shape, strict=True))] = tensor
+                full[tuple(slice(o, o + n) for o, n in zip(offsets, tensor.shape, strict=True))] = (
+                    tensor
+                )
     merged = _merge([s for s, _ in everyone])
     return _fill(merged, whole)
 

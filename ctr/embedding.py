@@ -59,8 +59,14 @@ class EmbeddingLayer(nn.Module):
         self.options = options
 
     @classmethod
-    def from_dataset(cls, data: str | Path | DatasetMeta, dim: int,
-                     compressor: str = "full", budget: Budget = "1x", **options: Any) -> EmbeddingLayer:
+    def from_dataset(
+        cls,
+        data: str | Path | DatasetMeta,
+        dim: int,
+        compressor: str = "full",
+        budget: Budget = "1x",
+        **options: Any,
+    ) -> EmbeddingLayer:
         return cls(features_from_dataset(data), dim, compressor, budget, **options)
 
     @property

@@ -67,8 +67,9 @@ def build_run_model(cfg: RunConfig, meta: DatasetMeta | None = None) -> CTRModel
     """The run's model, freshly initialised from its seed (deterministic)."""
     meta = meta or DatasetMeta.load(cfg.data)
     seed_everything(cfg.train.seed)
-    layer = EmbeddingLayer(features_from_dataset(meta), cfg.dim, cfg.compressor, cfg.budget,
-                           **cfg.method_options)
+    layer = EmbeddingLayer(
+        features_from_dataset(meta), cfg.dim, cfg.compressor, cfg.budget, **cfg.method_options
+    )
     return build_model(cfg.model, layer, len(meta.dense), **cfg.model_options)
 
 
@@ -77,13 +78,17 @@ def load_run_model(run_dir: str | Path) -> tuple[CTRModel, RunConfig]:
     cfg = RunConfig.load(run_dir)
     weights = Path(run_dir) / "model.pt"
     if not weights.exists():
-        raise RunError(f"{run_dir}: the run has not finished (no model.pt); resume it with ctr train")
+        raise RunError(
+            f"{run_dir}: the run has not finished (no model.pt); resume it with ctr train"
+        )
     model = build_run_model(cfg)
     model.load_state_dict(torch.load(weights, weights_only=True))
     return model, cfg
 
 
-def train_run(cfg: RunConfig, run_dir: str | Path, dist_info: DistInfo | None = None) -> dict[str, Any]:
+def train_run(
+    cfg: RunConfig, run_dir: str | Path, dist_info: DistInfo | None = None
+) -> dict[str, Any]:
     """Trains (or resumes) the run in ``run_dir`` and writes ``summary.json``."""
     run_dir = Path(run_dir)
     start = time.perf_counter()
@@ -97,9 +102,16 @@ def train_run(cfg: RunConfig, run_dir: str | Path, dist_info: DistInfo | None = 
         # Training drops a short last batch: DMP needs equal local batches, and one process
         # must take the same steps as many.
         drop_last = train and meta.rows(split) >= tc.batch_size
-        return BatchLoader(meta, split, tc.batch_size if train else tc.eval_batch_size,
-                           shuffle=train, seed=tc.seed, drop_last=drop_last,
-                           rank=rank, world_size=world)
+        return BatchLoader(
+            meta,
+            split,
+            tc.batch_size if train else tc.eval_batch_size,
+            shuffle=train,
+            seed=tc.seed,
+            drop_last=drop_last,
+            rank=rank,
+            world_size=world,
+        )
 
     trainer = Trainer(model, loader("train", True), loader("valid", False), tc, run_dir, dist_info)
     record = trainer.fit()

@@ -165,7 +165,8 @@ class Trainer:
         # Fused table optimizers step inside fbgemm's backward; they are only checkpointed.
         self.table_optimizers: dict[str, Any] = (
             {f"tables{i}": t.ebc.fused_optimizer() for i, t in enumerate(table_modules(model))}
-            if dist_info is None else {"tables": ShardedTableOptimizer(self.net)}
+            if dist_info is None
+            else {"tables": ShardedTableOptimizer(self.net)}
         )
         if self.run_dir and self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -237,8 +238,14 @@ class Trainer:
         total = self._stage_steps(stage)
         per_epoch = len(self.train)
         eval_every = cfg.eval_every or per_epoch
-        bar = tqdm(total=total, initial=st.stage_step, desc=stage.name, unit="step",
-                   disable=not (cfg.progress and self.main), dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            initial=st.stage_step,
+            desc=stage.name,
+            unit="step",
+            disable=not (cfg.progress and self.main),
+            dynamic_ncols=True,
+        )
         stopped = False
         try:
             while st.stage_step < total and not stopped:
@@ -256,7 +263,9 @@ class Trainer:
                     if st.step % 20 == 0:
                         bar.set_postfix(loss=f"{loss:.4f}")
                     end_of_epoch = st.batch == per_epoch
-                    evaluate = st.stage_step % eval_every == 0 or end_of_epoch or st.stage_step == total
+                    evaluate = (
+                        st.stage_step % eval_every == 0 or end_of_epoch or st.stage_step == total
+                    )
                     interrupted = self._out_of_steps()
                     if evaluate or interrupted or st.step % cfg.checkpoint_every == 0:
                         st.train_seconds += time.perf_counter() - tick
@@ -304,8 +313,13 @@ class Trainer:
             self._save_model("best.pt")
         else:
             st.bad_evals += 1
-        record = {"stage": stage.name, "step": st.step, "epoch": st.epoch,
-                  "valid_auc": metrics["auc"], "valid_logloss": metrics["logloss"]}
+        record = {
+            "stage": stage.name,
+            "step": st.step,
+            "epoch": st.epoch,
+            "valid_auc": metrics["auc"],
+            "valid_logloss": metrics["logloss"],
+        }
         st.history.append(record)
         if self.run_dir and self.main:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
@@ -332,17 +346,22 @@ class Trainer:
     def predict(self, loader: BatchLoader) -> np.ndarray:
         self.net.eval()
         with torch.no_grad():
-            return torch.cat([
-                torch.sigmoid(self.net(b.dense_features, b.sparse_features)) for b in loader.epoch(0)
-            ]).numpy()
+            return torch.cat(
+                [
+                    torch.sigmoid(self.net(b.dense_features, b.sparse_features))
+                    for b in loader.epoch(0)
+                ]
+            ).numpy()
 
     # ---------------------------------------------------------------- persistence
     def full_state(self) -> dict[str, torch.Tensor]:
         """Unsharded weights (a copy), on every rank."""
         if self.dist is None:
             # Extra state (get_extra_state) may hold plain values beside the tensors.
-            return {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
-                    for k, v in self.model.state_dict().items()}
+            return {
+                k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                for k, v in self.model.state_dict().items()
+            }
         return full_state_dict(self.net)
 
     def _save_model(self, name: str) -> None:
@@ -420,4 +439,3 @@ def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts)
-

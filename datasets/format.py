@@ -145,8 +145,18 @@ class DatasetMeta:
             raise PreparedDataError(f"{path}: format is {raw.get('format')!r}, not {FORMAT_NAME}")
         if raw.get("version") != FORMAT_VERSION:
             raise PreparedDataError(f"{path}: unsupported version {raw.get('version')!r}")
-        known = {"format", "version", "name", "label", "dense", "sparse", "frequencies",
-                 "splits", "options", "bad_rows"}
+        known = {
+            "format",
+            "version",
+            "name",
+            "label",
+            "dense",
+            "sparse",
+            "frequencies",
+            "splits",
+            "options",
+            "bad_rows",
+        }
         try:
             meta = cls(
                 name=raw["name"],
@@ -263,11 +273,15 @@ def save_vocab(root: str | os.PathLike, vocab: Mapping[str, tuple[pa.Array, np.n
     parts = []
     for name, (values, ids) in vocab.items():
         values = pa.array(values, pa.string()) if not isinstance(values, pa.Array) else values
-        parts.append(pa.table({
-            "field": pa.array([name] * len(values), pa.string()),
-            "value": values.cast(pa.string()),
-            "id": pa.array(np.asarray(ids, dtype=np.int32)),
-        }))
+        parts.append(
+            pa.table(
+                {
+                    "field": pa.array([name] * len(values), pa.string()),
+                    "value": values.cast(pa.string()),
+                    "id": pa.array(np.asarray(ids, dtype=np.int32)),
+                }
+            )
+        )
     schema = pa.schema([("field", pa.string()), ("value", pa.string()), ("id", pa.int32())])
     table = pa.concat_tables(parts) if parts else schema.empty_table()
     path = Path(root) / VOCAB_FILE
@@ -283,8 +297,9 @@ def load_vocab(root: str | os.PathLike) -> dict[str, dict[str, int]]:
         raise PreparedDataError(f"{path}: missing vocabulary file")
     table = pq.read_table(path)
     out: dict[str, dict[str, int]] = {}
-    for name, value, id_ in zip(table["field"].to_pylist(), table["value"].to_pylist(),
-                                table["id"].to_pylist(), strict=True):
+    for name, value, id_ in zip(
+        table["field"].to_pylist(), table["value"].to_pylist(), table["id"].to_pylist(), strict=True
+    ):
         out.setdefault(name, {})[value] = id_
     return out
 

@@ -123,7 +123,9 @@ class BatchLoader:
 
     def _decode(self, table: pa.Table, path: Path) -> _Columns:
         meta = self.meta
-        missing = [c for c in [meta.label, *meta.dense, *meta.sparse_names] if c not in table.column_names]
+        missing = [
+            c for c in [meta.label, *meta.dense, *meta.sparse_names] if c not in table.column_names
+        ]
         if missing:
             raise PreparedDataError(f"{path}: missing columns {missing}")
         labels = table[meta.label].to_numpy().astype(np.float32)
@@ -132,9 +134,11 @@ class BatchLoader:
             if meta.dense
             else np.zeros((len(labels), 0), dtype=np.float32)
         )
-        single = np.stack(
-            [table[meta.sparse[i].name].to_numpy().astype(np.int64) for i in self._single]
-        ) if self._single else np.zeros((0, len(labels)), dtype=np.int64)
+        single = (
+            np.stack([table[meta.sparse[i].name].to_numpy().astype(np.int64) for i in self._single])
+            if self._single
+            else np.zeros((0, len(labels)), dtype=np.int64)
+        )
         multi = []
         for i in self._multi:
             col = table[meta.sparse[i].name].combine_chunks()
@@ -179,7 +183,9 @@ class BatchLoader:
             labels=torch.from_numpy(labels),
         )
 
-    def _rank_share(self, parts: list[tuple[_Columns, np.ndarray]]) -> list[tuple[_Columns, np.ndarray]]:
+    def _rank_share(
+        self, parts: list[tuple[_Columns, np.ndarray]]
+    ) -> list[tuple[_Columns, np.ndarray]]:
         """This rank's contiguous share of a global batch given as (shard, rows) pieces.
 
         Every rank gets the same number of rows (sharded embedding collectives need equal
@@ -202,7 +208,9 @@ class BatchLoader:
         return out
 
 
-def _gather_bags(bags: tuple[np.ndarray, np.ndarray], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _gather_bags(
+    bags: tuple[np.ndarray, np.ndarray], rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     offsets, values = bags
     starts = offsets[rows]
     lengths = offsets[rows + 1] - starts

@@ -43,8 +43,32 @@ from datasets.format import (
 
 # Distinct values per categorical field in Criteo Kaggle's train.txt (C1..C26).
 CRITEO_KAGGLE_CARDINALITIES = (
-    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
-    27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
+    1460,
+    583,
+    10131227,
+    2202608,
+    305,
+    24,
+    12517,
+    633,
+    3,
+    93145,
+    5683,
+    8351593,
+    3194,
+    27,
+    14992,
+    5461306,
+    10,
+    5652,
+    2173,
+    4,
+    7046547,
+    18,
+    15,
+    286181,
+    105,
+    142572,
 )
 SIGNAL_PATTERN = (1.0, 0.5, 0.2, 0.0)  # per-field strength, cycled: strong, weak, faint, none
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -161,16 +185,25 @@ class _Generator:
     def chunk(self, index: int, start: int, rows: int, seed_offset: int = 0) -> _Chunk:
         cfg = self.config
         rng = np.random.default_rng([cfg.seed, seed_offset, index])
-        ranks = np.stack(
-            [_zipf_ranks(rng, n, cfg.zipf_exponent, rows) for n in self.sizes[: self.num_single]],
-            axis=1,
-        ) if self.num_single else np.zeros((rows, 0), dtype=np.int64)
+        ranks = (
+            np.stack(
+                [
+                    _zipf_ranks(rng, n, cfg.zipf_exponent, rows)
+                    for n in self.sizes[: self.num_single]
+                ],
+                axis=1,
+            )
+            if self.num_single
+            else np.zeros((rows, 0), dtype=np.int64)
+        )
         multi_values, multi_lengths = [], []
         for n in self.sizes[self.num_single :]:
             lengths = np.clip(rng.poisson(1.5, rows) + 1, 1, cfg.max_multi_hot)
             multi_lengths.append(lengths)
             multi_values.append(_zipf_ranks(rng, n, cfg.zipf_exponent, int(lengths.sum())))
-        raw_dense = np.floor(np.exp(rng.normal(self.dense_mu, self.dense_sigma, (rows, cfg.num_dense))))
+        raw_dense = np.floor(
+            np.exp(rng.normal(self.dense_mu, self.dense_sigma, (rows, cfg.num_dense)))
+        )
         dense = np.log1p(raw_dense).astype(np.float32)
         chunk = _Chunk(start, ranks, multi_values, multi_lengths, dense, np.zeros((3, rows)))
         chunk.raw_logit = self._components(chunk)
@@ -271,11 +304,13 @@ def generate_synthetic(
         keep = min(len(chunk.dense), n_train - chunk.start)
         for f in range(gen.num_single):
             counts[f] += np.bincount(chunk.ranks[:keep, f], minlength=gen.sizes[f])
-        for m, (values, lengths) in enumerate(zip(chunk.multi_values, chunk.multi_lengths,
-                                                  strict=True)):
+        for m, (values, lengths) in enumerate(
+            zip(chunk.multi_values, chunk.multi_lengths, strict=True)
+        ):
             kept_values = values[: int(lengths[:keep].sum())]
-            counts[gen.num_single + m] += np.bincount(kept_values,
-                                                      minlength=gen.sizes[gen.num_single + m])
+            counts[gen.num_single + m] += np.bincount(
+                kept_values, minlength=gen.sizes[gen.num_single + m]
+            )
         bar.update(keep)
     remaps, cards = zip(*(frequency_order(c, config.min_count) for c in counts), strict=True)
     sparse = [
@@ -292,13 +327,17 @@ def generate_synthetic(
         start = chunk.start
         logit = gen.logits(chunk)
         p = 1.0 / (1.0 + np.exp(-logit))
-        labels = (np.random.default_rng([config.seed, 2, index]).random(len(p)) < p).astype(np.float32)
+        labels = (np.random.default_rng([config.seed, 2, index]).random(len(p)) < p).astype(
+            np.float32
+        )
         columns: dict[str, pa.Array] = {label: pa.array(labels)}
         for j, d in enumerate(dense_names):
             columns[d] = pa.array(chunk.dense[:, j])
         for f in range(gen.num_single):
             columns[names[f]] = pa.array(remaps[f][chunk.ranks[:, f]].astype(np.int32))
-        for m, (values, lengths) in enumerate(zip(chunk.multi_values, chunk.multi_lengths, strict=True)):
+        for m, (values, lengths) in enumerate(
+            zip(chunk.multi_values, chunk.multi_lengths, strict=True)
+        ):
             f = gen.num_single + m
             offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
             columns[names[f]] = pa.ListArray.from_arrays(
@@ -326,16 +365,16 @@ def generate_synthetic(
         teacher[f"{split}_ctr"] = float(y.mean())
     save_frequencies(
         out,
+        {s.name: encoded_counts(remaps[i], counts[i], s.cardinality) for i, s in enumerate(sparse)},
+    )
+    # Raw values of a synthetic field are its Zipf ranks, written as decimal strings.
+    save_vocab(
+        out,
         {
-            s.name: encoded_counts(remaps[i], counts[i], s.cardinality)
+            s.name: (np.flatnonzero(remaps[i]).astype(str), remaps[i][remaps[i] > 0])
             for i, s in enumerate(sparse)
         },
     )
-    # Raw values of a synthetic field are its Zipf ranks, written as decimal strings.
-    save_vocab(out, {
-        s.name: (np.flatnonzero(remaps[i]).astype(str), remaps[i][remaps[i] > 0])
-        for i, s in enumerate(sparse)
-    })
     meta = DatasetMeta(
         name="synthetic-criteo",
         label=label,

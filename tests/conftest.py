@@ -19,9 +19,18 @@ SMALL_CARDINALITIES = (40, 120, 600, 25, 300, 80, 15, 1000)
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """5k rows, 8 fields, 3 dense features, one multi-hot field: for shape and format tests."""
     out = tmp_path_factory.mktemp("tiny")
-    generate_synthetic(out, SyntheticConfig(rows=5_000, cardinalities=SMALL_CARDINALITIES[:7],
-                                            num_dense=3, multi_hot_fields=1, chunk_rows=2048,
-                                            rows_per_shard=1500), progress=False)
+    generate_synthetic(
+        out,
+        SyntheticConfig(
+            rows=5_000,
+            cardinalities=SMALL_CARDINALITIES[:7],
+            num_dense=3,
+            multi_hot_fields=1,
+            chunk_rows=2048,
+            rows_per_shard=1500,
+        ),
+        progress=False,
+    )
     return out
 
 
@@ -29,6 +38,9 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def learn_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """400k rows with small vocabularies: enough for a model to come close to the teacher."""
     out = tmp_path_factory.mktemp("learn")
-    generate_synthetic(out, SyntheticConfig(rows=400_000, cardinalities=SMALL_CARDINALITIES,
-                                            num_dense=4), progress=False)
+    generate_synthetic(
+        out,
+        SyntheticConfig(rows=400_000, cardinalities=SMALL_CARDINALITIES, num_dense=4),
+        progress=False,
+    )
     return out

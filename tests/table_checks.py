@@ -37,14 +37,16 @@ def criteo_features(scale: float = 0.01, zipf: bool = False) -> list[FeatureSpec
 def artifact_embedding_bytes(path: Path) -> tuple[int, int]:
     """(bytes of the ``embedding.*`` tensors in the safetensors file, the manifest's figure)."""
     tensors = load_file(str(path / TENSORS_FILE))
-    stored = sum(t.numel() * t.element_size() for k, t in tensors.items()
-                 if k.startswith("embedding."))
+    stored = sum(
+        t.numel() * t.element_size() for k, t in tensors.items() if k.startswith("embedding.")
+    )
     manifest = json.loads((path / MANIFEST_FILE).read_text())
     return stored, manifest["embedding"]["serve_bytes"]
 
 
-def check_memory_matches_artifact(compressor: Compressor, model: torch.nn.Module,
-                                  out: Path) -> None:
+def check_memory_matches_artifact(
+    compressor: Compressor, model: torch.nn.Module, out: Path
+) -> None:
     """serve_bytes == export().nbytes == the embedding bytes the artifact holds."""
     serve = compressor.memory().serve_bytes
     assert serve == compressor.export().nbytes
@@ -53,33 +55,53 @@ def check_memory_matches_artifact(compressor: Compressor, model: torch.nn.Module
     assert stored == manifest == serve
 
 
-def quick_train(data: Path, run_dir: Path, compressor: str, budget: Any, steps: int = 20,
-                **options: Any) -> dict[str, Any]:
+def quick_train(
+    data: Path, run_dir: Path, compressor: str, budget: Any, steps: int = 20, **options: Any
+) -> dict[str, Any]:
     """A short run of a small DeepFM (``steps`` steps of 1024); returns its summary."""
-    cfg = RunConfig(data=str(data), model="deepfm", model_options={"hidden": [32]},
-                    compressor=compressor, budget=budget, method_options=options,
-                    train=TrainConfig(batch_size=1024, max_steps=steps, progress=False))
+    cfg = RunConfig(
+        data=str(data),
+        model="deepfm",
+        model_options={"hidden": [32]},
+        compressor=compressor,
+        budget=budget,
+        method_options=options,
+        train=TrainConfig(batch_size=1024, max_steps=steps, progress=False),
+    )
     return train_run(cfg, run_dir)
 
 
-def learn(data: Path, compressor: str, budget: Any, epochs: float = 0.2,
-          **options: Any) -> dict[str, Any]:
+def learn(
+    data: Path, compressor: str, budget: Any, epochs: float = 0.2, **options: Any
+) -> dict[str, Any]:
     """Trains a small DeepFM briefly (no run dir); returns test AUC/logloss and bytes.
 
     Brisk learning rates let a fifth of an epoch separate the methods.
     """
-    cfg = RunConfig(data=str(data), model="deepfm", model_options={"hidden": [32]},
-                    compressor=compressor, budget=budget, method_options=options,
-                    train=TrainConfig(epochs=epochs, batch_size=1024, lr=3e-3, table_lr=0.2,
-                                      progress=False))
+    cfg = RunConfig(
+        data=str(data),
+        model="deepfm",
+        model_options={"hidden": [32]},
+        compressor=compressor,
+        budget=budget,
+        method_options=options,
+        train=TrainConfig(epochs=epochs, batch_size=1024, lr=3e-3, table_lr=0.2, progress=False),
+    )
     meta = DatasetMeta.load(data)
     model = build_run_model(cfg, meta)
-    trainer = Trainer(model, BatchLoader(meta, "train", 1024, shuffle=True, drop_last=True),
-                      BatchLoader(meta, "valid", 16384), cfg.train)
+    trainer = Trainer(
+        model,
+        BatchLoader(meta, "train", 1024, shuffle=True, drop_last=True),
+        BatchLoader(meta, "valid", 16384),
+        cfg.train,
+    )
     trainer.fit()
     memory = model.embedding.memory()
-    return {**trainer.evaluate(BatchLoader(meta, "test", 16384)), "serve_bytes": memory.serve_bytes,
-            "budget_bytes": model.embedding.compressor.budget_bytes}
+    return {
+        **trainer.evaluate(BatchLoader(meta, "test", 16384)),
+        "serve_bytes": memory.serve_bytes,
+        "budget_bytes": model.embedding.compressor.budget_bytes,
+    }
 
 
 def check_round_trip(data: Path, run_dir: Path, out: Path, atol: float = 0.0) -> None:

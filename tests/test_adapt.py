@@ -16,8 +16,9 @@ from compressors.adapt import frequency_heads
 @pytest.mark.parametrize("zipf", [True, False])
 @pytest.mark.parametrize("ratio", RATIOS)
 def test_budget_met_and_used(ratio, zipf, shared_tail):
-    layer = build_compressor("adapt", criteo_features(zipf=zipf), dim=16, budget=ratio,
-                             shared_tail=shared_tail)
+    layer = build_compressor(
+        "adapt", criteo_features(zipf=zipf), dim=16, budget=ratio, shared_tail=shared_tail
+    )
     memory = layer.memory()
     assert memory.serve_bytes <= layer.budget_bytes
     assert memory.serve_bytes >= 0.98 * layer.budget_bytes
@@ -57,8 +58,10 @@ def test_heads_are_the_globally_most_frequent_values():
 
 def test_a_frequent_oov_id_owns_a_row():
     counts = np.array([500.0, 400, 300, 3, 2, 1, 1, 1, 1, 1])
-    features = [FeatureSpec("A", 10, frequencies=counts),
-                FeatureSpec("B", 10, frequencies=np.array([0.0, 450, 350, 1, 1, 1, 1, 1, 1, 1]))]
+    features = [
+        FeatureSpec("A", 10, frequencies=counts),
+        FeatureSpec("B", 10, frequencies=np.array([0.0, 450, 350, 1, 1, 1, 1, 1, 1, 1])),
+    ]
     assert frequency_heads(features, 5, [True, True]) == [(0, 3), (1, 3)]
     assert frequency_heads(features, 5, [False, True]) == [(0, 0), (1, 6)]
     no_counts = [FeatureSpec("A", 100), FeatureSpec("B", 300)]
@@ -74,8 +77,9 @@ def test_head_ids_own_rows_and_the_tail_hashes_into_buckets():
     ids = torch.arange(big.cardinality)
     lengths = torch.zeros(len(features), big.cardinality, dtype=torch.int64)
     lengths[2] = 1  # one id per sample in the big field, empty bags elsewhere
-    kjt = KeyedJaggedTensor(keys=[f.name for f in features], values=ids,
-                            lengths=lengths.reshape(-1))
+    kjt = KeyedJaggedTensor(
+        keys=[f.name for f in features], values=ids, lengths=lengths.reshape(-1)
+    )
     rows = layer.index_map(kjt)[big.name].values()
     head = (ids >= start) & (ids < stop)
     assert torch.equal(rows[head], torch.arange(stop - start))  # own, distinct rows

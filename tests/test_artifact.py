@@ -13,8 +13,9 @@ from datasets.loader import BatchLoader
 
 def _model(data, storage="fp32", name="deepfm", **options):
     torch.manual_seed(0)
-    layer = EmbeddingLayer(features_from_dataset(data), 8, "full", "1x", storage=storage,
-                           init_scale=0.1, **options)
+    layer = EmbeddingLayer(
+        features_from_dataset(data), 8, "full", "1x", storage=storage, init_scale=0.1, **options
+    )
     return build_model(name, layer, 3, **({"hidden": [16]} if name == "deepfm" else {})).eval()
 
 
@@ -29,8 +30,9 @@ def test_fp32_round_trip_is_exact(tiny_data, tmp_path, name):
     model = _model(tiny_data, name=name)
     manifest = export(model, tmp_path / "a", dataset=tiny_data)
     compact = CompactModel.load(tmp_path / "a")
-    torch.testing.assert_close(_logits(compact, tiny_data), _logits(model, tiny_data),
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        _logits(compact, tiny_data), _logits(model, tiny_data), rtol=0, atol=1e-5
+    )
     assert manifest["model"]["name"] == name
     assert (tmp_path / "a" / "vocab.parquet").exists()
 
@@ -40,7 +42,7 @@ def test_low_precision_stays_within_tolerance(tiny_data, tmp_path, storage, atol
     fp32 = _model(tiny_data)
     quant = _model(tiny_data, storage=storage)  # same seed: same trained weights
     export(quant, tmp_path / storage, dataset=tiny_data)
-    diff = (_logits(CompactModel.load(tmp_path / storage), tiny_data) - _logits(fp32, tiny_data))
+    diff = _logits(CompactModel.load(tmp_path / storage), tiny_data) - _logits(fp32, tiny_data)
     assert diff.abs().max() < atol
     assert diff.abs().max() > 0  # it really is quantised
 
@@ -51,8 +53,9 @@ def test_serve_bytes_equal_the_embedding_bytes_written(tiny_data, tmp_path, stor
     model = _model(tiny_data, storage=storage, shared=shared)
     manifest = export(model, tmp_path / "a")
     tensors = load_file(str(tmp_path / "a" / "tensors.safetensors"))
-    written = sum(t.numel() * t.element_size() for k, t in tensors.items()
-                  if k.startswith("embedding."))
+    written = sum(
+        t.numel() * t.element_size() for k, t in tensors.items() if k.startswith("embedding.")
+    )
     assert written == manifest["embedding"]["serve_bytes"] == model.embedding.memory().serve_bytes
     assert CompactModel.load(tmp_path / "a").serve_bytes == written
 
@@ -85,8 +88,10 @@ def test_corrupt_or_inconsistent_artifacts_are_refused(tiny_data, tmp_path):
 def test_export_replaces_atomically_and_loads_without_pickle(tiny_data, tmp_path):
     export(_model(tiny_data), tmp_path / "a")
     export(_model(tiny_data, storage="int8"), tmp_path / "a")  # overwrite in place
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["manifest.json",
-                                                                  "tensors.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "manifest.json",
+        "tensors.safetensors",
+    ]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".a.")]  # no temp leftovers
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert manifest["embedding"]["config"]["tables"][0]["dtype"] == "int8"

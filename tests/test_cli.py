@@ -22,12 +22,38 @@ def test_every_command_has_help_with_an_example(command, capsys):
 
 def test_synth_train_export_predict(tmp_path, capsys):
     data, run, art = tmp_path / "data", tmp_path / "run", tmp_path / "art"
-    assert main(["synth", "--rows", "6000", "--scale", "0.0005", "--out", str(data),
-                 "--no-progress"]) == 0
+    assert (
+        main(["synth", "--rows", "6000", "--scale", "0.0005", "--out", str(data), "--no-progress"])
+        == 0
+    )
     assert "teacher test AUC" in capsys.readouterr().out
-    assert main(["train", "--data", str(data), "--model", "deepfm", "--compressor", "full",
-                 "--budget", "1x", "--dim", "8", "--epochs", "1", "--batch-size", "1024",
-                 "--model-opt", "hidden=[16]", "--out", str(run), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--model",
+                "deepfm",
+                "--compressor",
+                "full",
+                "--budget",
+                "1x",
+                "--dim",
+                "8",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "1024",
+                "--model-opt",
+                "hidden=[16]",
+                "--out",
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "test AUC" in capsys.readouterr().out
     summary = json.loads((run / "summary.json").read_text())
     assert summary["model"] == "deepfm" and summary["ratio"] == pytest.approx(1.0)
@@ -50,8 +76,18 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
 
 
 def test_bad_budget_is_a_clear_error(tiny_data, tmp_path, capsys):
-    code = main(["train", "--data", str(tiny_data), "--budget", "10x", "--out",
-                 str(tmp_path / "r"), "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(tiny_data),
+            "--budget",
+            "10x",
+            "--out",
+            str(tmp_path / "r"),
+            "--no-progress",
+        ]
+    )
     assert code == 2
     assert "full: the solved layout at fp32 needs" in capsys.readouterr().err
 

@@ -42,7 +42,8 @@ def test_uniform_encoding_is_deterministic_and_fills_minus_one_to_one():
 def test_gaussian_encoding_is_standard_normal():
     ids = torch.arange(4000)
     enc = DeepHashEmbedding(["A"], 16, 128, 8, 1, transform="gaussian").encode(
-        ids, torch.zeros_like(ids))
+        ids, torch.zeros_like(ids)
+    )
     assert torch.isfinite(enc).all()
     assert enc.mean().item() == pytest.approx(0.0, abs=0.01)
     assert enc.std().item() == pytest.approx(1.0, rel=0.02)
@@ -61,8 +62,9 @@ def test_salts_are_independent_across_features():
 def test_forward_embeds_each_distinct_value_once_and_pools():
     torch.manual_seed(0)
     dhe = DeepHashEmbedding(["A", "B"], 8, 64, 16, 2).eval()
-    kjt = KeyedJaggedTensor(keys=["A", "B"], values=torch.tensor([3, 3, 9, 3, 3, 4]),
-                            lengths=torch.tensor([2, 1, 2, 1]))  # A: [3,3],[9]; B: [3,3],[4]
+    kjt = KeyedJaggedTensor(
+        keys=["A", "B"], values=torch.tensor([3, 3, 9, 3, 3, 4]), lengths=torch.tensor([2, 1, 2, 1])
+    )  # A: [3,3],[9]; B: [3,3],[4]
     seen = []
     dhe.network.register_forward_hook(lambda _m, inputs, _out: seen.append(len(inputs[0])))
     out = dhe(kjt)
@@ -100,6 +102,9 @@ def test_batchnorm_statistics_are_exported_and_counted():
 
 def test_a_batch_of_empty_bags_embeds_to_zeros_in_training():
     dhe = DeepHashEmbedding(["A", "B"], 8, 16, 8, 2).train()
-    kjt = KeyedJaggedTensor(keys=["A", "B"], values=torch.zeros(0, dtype=torch.int64),
-                            lengths=torch.zeros(6, dtype=torch.int64))
+    kjt = KeyedJaggedTensor(
+        keys=["A", "B"],
+        values=torch.zeros(0, dtype=torch.int64),
+        lengths=torch.zeros(6, dtype=torch.int64),
+    )
     assert torch.equal(dhe(kjt), torch.zeros(3, 2, 8))

@@ -6,8 +6,22 @@ import os
 import subprocess
 import sys
 
-ARGS = ["train", "--model", "deepfm", "--model-opt", "hidden=[16]", "--dim", "8",
-        "--epochs", "1", "--batch-size", "512", "--eval-every", "2", "--no-progress"]
+ARGS = [
+    "train",
+    "--model",
+    "deepfm",
+    "--model-opt",
+    "hidden=[16]",
+    "--dim",
+    "8",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "512",
+    "--eval-every",
+    "2",
+    "--no-progress",
+]
 
 
 def _run(cmd, env):
@@ -16,16 +30,35 @@ def _run(cmd, env):
 
 
 def _torchrun(data, out, env, *extra):
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-          "--master_port", "29517", "-m", "ctr.cli", *ARGS, "--data", str(data),
-          "--out", str(out), *extra], env)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "ctr.cli",
+            *ARGS,
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            *extra,
+        ],
+        env,
+    )
 
 
 def test_two_process_dmp_matches_single_process_and_resumes(tiny_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single, sharded, resumed = tmp_path / "single", tmp_path / "dmp", tmp_path / "resumed"
-    _run([sys.executable, "-m", "ctr.cli", *ARGS, "--data", str(tiny_data), "--out", str(single)],
-         env)
+    _run(
+        [sys.executable, "-m", "ctr.cli", *ARGS, "--data", str(tiny_data), "--out", str(single)],
+        env,
+    )
     _torchrun(tiny_data, sharded, env)
     _torchrun(tiny_data, resumed, env, "--max-steps", "3")
     assert not (resumed / "summary.json").exists()

@@ -14,11 +14,16 @@ DIM = 8
 
 def _kjt(seed: int = 0, batch: int = 16) -> KeyedJaggedTensor:
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.cat([torch.ones(2 * batch, dtype=torch.long),
-                         torch.randint(0, 4, (batch,), generator=g)])
-    values = torch.cat([torch.randint(0, 11, (batch,), generator=g),
-                        torch.randint(0, 7, (batch,), generator=g),
-                        torch.randint(0, 23, (int(lengths[2 * batch:].sum()),), generator=g)])
+    lengths = torch.cat(
+        [torch.ones(2 * batch, dtype=torch.long), torch.randint(0, 4, (batch,), generator=g)]
+    )
+    values = torch.cat(
+        [
+            torch.randint(0, 11, (batch,), generator=g),
+            torch.randint(0, 7, (batch,), generator=g),
+            torch.randint(0, 23, (int(lengths[2 * batch :].sum()),), generator=g),
+        ]
+    )
     return KeyedJaggedTensor(keys=["a", "b", "tags"], values=values, lengths=lengths)
 
 
@@ -55,8 +60,9 @@ def test_input_keys_in_another_order_are_permuted():
 
 def test_gradients_reach_only_looked_up_rows():
     layer = build_compressor("full", FEATURES, DIM)
-    kjt = KeyedJaggedTensor(keys=["a", "b", "tags"], values=torch.tensor([3, 4, 5, 6]),
-                            lengths=torch.tensor([1, 1, 2]))
+    kjt = KeyedJaggedTensor(
+        keys=["a", "b", "tags"], values=torch.tensor([3, 4, 5, 6]), lengths=torch.tensor([1, 1, 2])
+    )
     layer(kjt).sum().backward()
     grad = layer.tables.ebc.embedding_bags["t_tags"].weight.grad
     touched = (grad.abs().sum(1) > 0).nonzero().flatten().tolist()
@@ -71,7 +77,9 @@ def test_memory_is_exact_and_export_holds_those_bytes():
         assert mem.full_bytes == 41 * DIM * 4
         assert mem.train_bytes == 41 * DIM * 4 + 41 * 4  # fp32 rows + rowwise Adagrad state
         assert layer.export().nbytes == mem.serve_bytes
-    assert row_bytes(16, "int8") == 20 and row_bytes(16, "int4") == 12 and row_bytes(16, "int2") == 8
+    assert (
+        row_bytes(16, "int8") == 20 and row_bytes(16, "int4") == 12 and row_bytes(16, "int2") == 8
+    )
 
 
 def test_budget_is_enforced_with_a_clear_error():
@@ -82,8 +90,9 @@ def test_budget_is_enforced_with_a_clear_error():
         build_compressor("full", FEATURES, DIM, "3x", storage="int8")
 
 
-@pytest.mark.parametrize(("storage", "tolerance"),
-                         [("fp32", 0.0), ("fp16", 1e-3), ("int8", 2e-3), ("int4", 4e-2)])
+@pytest.mark.parametrize(
+    ("storage", "tolerance"), [("fp32", 0.0), ("fp16", 1e-3), ("int8", 2e-3), ("int4", 4e-2)]
+)
 def test_serving_kernel_matches_training_lookup(storage, tolerance):
     layer = build_compressor("full", FEATURES, DIM, "1x", storage=storage, shared=True)
     kjt = _kjt(3)

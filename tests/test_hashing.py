@@ -28,17 +28,22 @@ def _kjt(columns: dict[str, list[list[int]]]) -> KeyedJaggedTensor:
         for bag in bags:
             values += bag
             lengths.append(len(bag))
-    return KeyedJaggedTensor(keys=list(columns), values=torch.tensor(values, dtype=torch.int64),
-                             lengths=torch.tensor(lengths, dtype=torch.int64))
+    return KeyedJaggedTensor(
+        keys=list(columns),
+        values=torch.tensor(values, dtype=torch.int64),
+        lengths=torch.tensor(lengths, dtype=torch.int64),
+    )
 
 
 def _single_hot(features, batch: int = 512, seed: int = 0) -> KeyedJaggedTensor:
     gen = torch.Generator().manual_seed(seed)
-    values = torch.cat([torch.randint(0, f.cardinality, (batch,), generator=gen)
-                        for f in features])
-    return KeyedJaggedTensor(keys=[f.name for f in features], values=values,
-                             lengths=torch.ones(len(features) * batch, dtype=torch.int64),
-                             stride=batch)
+    values = torch.cat([torch.randint(0, f.cardinality, (batch,), generator=gen) for f in features])
+    return KeyedJaggedTensor(
+        keys=[f.name for f in features],
+        values=values,
+        lengths=torch.ones(len(features) * batch, dtype=torch.int64),
+        stride=batch,
+    )
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -74,7 +79,8 @@ def test_small_fields_stay_whole_while_the_budget_allows():
     features = criteo_features()
     sizes = {f.name: f.cardinality for f in features}
     rows = build_compressor("hash", features, dim=16, budget="10x").hyperparameters()[
-        "rows_per_field"]
+        "rows_per_field"
+    ]
     for name, n in sizes.items():
         if n <= 200:
             assert rows[name] == n
@@ -82,11 +88,13 @@ def test_small_fields_stay_whole_while_the_budget_allows():
             assert rows[name] == pytest.approx(n * rows["C3"] / sizes["C3"], rel=0.02, abs=2)
     # 1000x cannot hold the small fields whole: everything is hashed.
     rows = build_compressor("hash", features, dim=16, budget="1000x").hyperparameters()[
-        "rows_per_field"]
+        "rows_per_field"
+    ]
     assert all(rows[n] < sizes[n] for n in sizes if sizes[n] > 30)
     unified = build_compressor("unified", features, dim=16, budget="10x")
-    assert set(unified.hyperparameters()["kept_fields"]) == {n for n, s in sizes.items()
-                                                               if s <= 200}
+    assert set(unified.hyperparameters()["kept_fields"]) == {
+        n for n, s in sizes.items() if s <= 200
+    }
 
 
 def test_proportional_rows():
@@ -102,8 +110,10 @@ def test_salts_are_independent_across_fields_and_chunks():
     ids = list(range(2000))
     # Two fields with identical vocabularies: the same ids must collide differently.
     hashed = {"A": [[v] for v in ids], "B": [[v] for v in ids]}
-    rules = [HashRule.hashed(0, 64, 0, stable_salt("A")), HashRule.hashed(1, 64, 0,
-                                                                          stable_salt("B"))]
+    rules = [
+        HashRule.hashed(0, 64, 0, stable_salt("A")),
+        HashRule.hashed(1, 64, 0, stable_salt("B")),
+    ]
     rows = SaltedHashMap(["A", "B"], ["A", "B"], rules)(_kjt(hashed)).values().view(2, -1)
     a, b = rows[0], rows[1]
     same_a, same_b = a[:, None] == a[None, :], b[:, None] == b[None, :]
@@ -115,8 +125,11 @@ def test_salts_are_independent_across_fields_and_chunks():
     layer = build_compressor("unified", criteo_features(), dim=16, budget="1000x")
     n = 4000
     values = torch.cat([torch.arange(n) % f.cardinality for f in layer.features])
-    kjt = KeyedJaggedTensor(keys=layer.feature_names, values=values,
-                            lengths=torch.ones(len(layer.features) * n, dtype=torch.int64))
+    kjt = KeyedJaggedTensor(
+        keys=layer.feature_names,
+        values=values,
+        lengths=torch.ones(len(layer.features) * n, dtype=torch.int64),
+    )
     probes = layer.index_map(kjt).values().view(-1, 2, n)
     c0, c1 = probes[layer.feature_names.index("C3")]  # 101,312 values: ids 0..3999 distinct
     buckets = layer.layout.tables[0].rows
@@ -130,19 +143,27 @@ def test_salts_are_independent_across_fields_and_chunks():
 
 def test_index_map_matches_the_scalar_hash_on_multi_hot_bags():
     features = ["F", "G"]
-    rules = [HashRule.hashed(0, 97, 5, stable_salt("F", 0)),
-             HashRule.hashed(0, 31, 0, stable_salt("F", 1)),
-             HashRule(1, 1, 4, 100, 13, 103, stable_salt("G"))]  # head [1, 4), tail buckets
+    rules = [
+        HashRule.hashed(0, 97, 5, stable_salt("F", 0)),
+        HashRule.hashed(0, 31, 0, stable_salt("F", 1)),
+        HashRule(1, 1, 4, 100, 13, 103, stable_salt("G")),
+    ]  # head [1, 4), tail buckets
     index_map = SaltedHashMap(features, ["F_c0", "F_c1", "G"], rules)
     bags = {"F": [[3, 70000], [], [12]], "G": [[0, 1, 2, 3], [4], [9, 9]]}
     out = index_map(_kjt(bags))
     assert out.keys() == ["F_c0", "F_c1", "G"]
     f = torch.tensor([3, 70000, 12])
     g = torch.tensor([0, 1, 2, 3, 4, 9, 9])
-    expected_g = torch.where((g >= 1) & (g < 4), g - 1 + 100,
-                             salted_hash(g, stable_salt("G")) % 13 + 103)
-    expected = torch.cat([salted_hash(f, stable_salt("F", 0)) % 97 + 5,
-                          salted_hash(f, stable_salt("F", 1)) % 31, expected_g])
+    expected_g = torch.where(
+        (g >= 1) & (g < 4), g - 1 + 100, salted_hash(g, stable_salt("G")) % 13 + 103
+    )
+    expected = torch.cat(
+        [
+            salted_hash(f, stable_salt("F", 0)) % 97 + 5,
+            salted_hash(f, stable_salt("F", 1)) % 31,
+            expected_g,
+        ]
+    )
     assert torch.equal(out.values(), expected)
     assert out.lengths().tolist() == [2, 0, 1, 2, 0, 1, 4, 1, 2]
     # The rebuilt map (serving) gives the same rows.
@@ -160,7 +181,7 @@ def test_unified_concatenates_independent_probes():
         start = lookup.start
         width = weights[lookup.table].shape[1]
         expected = weights[lookup.table][rows[lookup.key].values()]
-        assert torch.equal(emb[:, lookup.field, start:start + width], expected)
+        assert torch.equal(emb[:, lookup.field, start : start + width], expected)
     tables = [lk.table for lk in layer.layout.lookups if lk.table != "direct"]
     assert tables[:4] == ["unified_d8_0", "unified_d8_1"] * 2  # dealt round-robin
     sizes = [t.rows for t in layer.layout.tables if t.name.startswith("unified")]
@@ -169,8 +190,9 @@ def test_unified_concatenates_independent_probes():
 
 def test_unified_per_field_chunks():
     features = criteo_features()
-    layer = build_compressor("unified", features, dim=16, budget="100x",
-                             field_chunks={"C3": 4, "C12": 1})
+    layer = build_compressor(
+        "unified", features, dim=16, budget="100x", field_chunks={"C3": 4, "C12": 1}
+    )
     widths = {t.name: t.dim for t in layer.layout.tables}
     assert {"unified_d8_0", "unified_d4_0", "unified_d16_0"} <= set(widths)
     assert sum(lk.key.startswith("C3_") for lk in layer.layout.lookups) == 4
@@ -187,23 +209,35 @@ def test_rows_are_stable_across_processes_and_versions():
     # Python's per-process randomised hash(), so a model trained anywhere serves anywhere.
     ids = torch.tensor([0, 1, 2, 3, 12345, 2**40])
     golden = {
-        "hash": {"C1": [0, 1, 2, 3, 26, 11], "C3": [137, 252, 598, 639, 532, 402],
-                 "C4": [93, 97, 45, 167, 123, 64]},
-        "unified": {"C3_c0": [4424, 3186, 4485, 118, 2626, 2138],
-                    "C3_c1": [24, 395, 137, 2388, 3202, 5172]},
+        "hash": {
+            "C1": [0, 1, 2, 3, 26, 11],
+            "C3": [137, 252, 598, 639, 532, 402],
+            "C4": [93, 97, 45, 167, 123, 64],
+        },
+        "unified": {
+            "C3_c0": [4424, 3186, 4485, 118, 2626, 2138],
+            "C3_c1": [24, 395, 137, 2388, 3202, 5172],
+        },
     }
     for name, expected in golden.items():
         layer = build_compressor(name, criteo_features(), 16, "100x")
-        kjt = KeyedJaggedTensor(keys=layer.feature_names, values=ids.repeat(26),
-                                lengths=torch.ones(26 * len(ids), dtype=torch.int64))
+        kjt = KeyedJaggedTensor(
+            keys=layer.feature_names,
+            values=ids.repeat(26),
+            lengths=torch.ones(26 * len(ids), dtype=torch.int64),
+        )
         rows = layer.index_map(kjt)
         assert {k: rows[k].values().tolist() for k in expected} == expected
 
 
-@pytest.mark.parametrize(("variant", "atol"), [
-    ("hash", 0.0), ("unified-4-tables", 0.0),
-    ("unified-int8", 0.02),  # rows served row-wise int8: a stated tolerance on the logits
-])
+@pytest.mark.parametrize(
+    ("variant", "atol"),
+    [
+        ("hash", 0.0),
+        ("unified-4-tables", 0.0),
+        ("unified-int8", 0.02),  # rows served row-wise int8: a stated tolerance on the logits
+    ],
+)
 def test_export_round_trip(tiny_data, tmp_path, variant, atol):
     name, options = VARIANTS.get(variant, ("unified", {"storage": "int8"}))
     summary = quick_train(tiny_data, tmp_path / "run", name, "10x", **options)

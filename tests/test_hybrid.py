@@ -52,15 +52,22 @@ def criteo_features() -> list[FeatureSpec]:
     return [FeatureSpec(f"C{i + 1}", n + 1) for i, n in enumerate(sizes)]
 
 
-def random_kjt(features: list[FeatureSpec], batch: int, seed: int = 0,
-               max_len: int = 1) -> KeyedJaggedTensor:
+def random_kjt(
+    features: list[FeatureSpec], batch: int, seed: int = 0, max_len: int = 1
+) -> KeyedJaggedTensor:
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(0 if max_len > 1 else 1, max_len + 1, (len(features), batch),
-                            generator=g)
-    values = torch.cat([torch.randint(0, f.cardinality, (int(n.sum()),), generator=g)
-                        for f, n in zip(features, lengths, strict=True)])
-    return KeyedJaggedTensor(keys=[f.name for f in features], values=values,
-                             lengths=lengths.flatten())
+    lengths = torch.randint(
+        0 if max_len > 1 else 1, max_len + 1, (len(features), batch), generator=g
+    )
+    values = torch.cat(
+        [
+            torch.randint(0, f.cardinality, (int(n.sum()),), generator=g)
+            for f, n in zip(features, lengths, strict=True)
+        ]
+    )
+    return KeyedJaggedTensor(
+        keys=[f.name for f in features], values=values, lengths=lengths.flatten()
+    )
 
 
 # ---------------------------------------------------------------- budgets and memory
@@ -134,9 +141,14 @@ def test_forward_shape_key_order_and_serving_on_multi_hot(method):
 # ---------------------------------------------------------------- artifact and round trip
 @pytest.mark.parametrize("method", METHODS)
 def test_export_round_trip_and_artifact_bytes(method, tiny_data, tmp_path):
-    cfg = RunConfig(data=str(tiny_data), model="deepfm", model_options={"hidden": [16]},
-                    compressor=method, budget="4x",
-                    train=TrainConfig(epochs=1, batch_size=1024, progress=False))
+    cfg = RunConfig(
+        data=str(tiny_data),
+        model="deepfm",
+        model_options={"hidden": [16]},
+        compressor=method,
+        budget="4x",
+        train=TrainConfig(epochs=1, batch_size=1024, progress=False),
+    )
     train_run(cfg, tmp_path / "run")
     model, _ = load_run_model(tmp_path / "run")
     model.eval()
@@ -145,8 +157,11 @@ def test_export_round_trip_and_artifact_bytes(method, tiny_data, tmp_path):
 
     manifest = export(model, tmp_path / "artifact", dataset=tiny_data)
     with safe_open(str(tmp_path / "artifact" / TENSORS_FILE), framework="pt") as f:
-        stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size()
-                     for k in f.keys() if k.startswith("embedding."))
+        stored = sum(
+            f.get_tensor(k).numel() * f.get_tensor(k).element_size()
+            for k in f.keys()
+            if k.startswith("embedding.")
+        )
     written = json.loads((tmp_path / "artifact" / MANIFEST_FILE).read_text())
     assert stored == manifest["embedding"]["serve_bytes"] == written["embedding"]["serve_bytes"]
     assert stored == layer.memory().serve_bytes == layer.export().nbytes
@@ -164,9 +179,14 @@ def test_export_round_trip_and_artifact_bytes(method, tiny_data, tmp_path):
 def test_learns_on_planted_teacher(method, learn_data, tmp_path):
     # A quarter epoch at 4x; measured test AUC: tt .67, robe .69, dhe .67 (full 1x: .71,
     # teacher .80).
-    cfg = RunConfig(data=str(learn_data), model="deepfm", model_options={"hidden": [32]},
-                    compressor=method, budget="4x",
-                    train=TrainConfig(epochs=0.25, batch_size=1024, progress=False))
+    cfg = RunConfig(
+        data=str(learn_data),
+        model="deepfm",
+        model_options={"hidden": [32]},
+        compressor=method,
+        budget="4x",
+        train=TrainConfig(epochs=0.25, batch_size=1024, progress=False),
+    )
     summary = train_run(cfg, tmp_path / method)
     assert summary["serve_bytes"] <= summary["budget_bytes"]
     assert summary["hyperparameters"]["table_fields"]  # small fields stay tables
@@ -184,8 +204,9 @@ def test_premixed_hash_equals_salted_hash():
 
 
 def test_pool_bags_sums_bags_like_an_embedding_bag():
-    kjt = KeyedJaggedTensor(keys=["a", "b"], values=torch.arange(6),
-                            lengths=torch.tensor([1, 0, 2, 1, 1, 1]))  # 2 keys x 3 samples
+    kjt = KeyedJaggedTensor(
+        keys=["a", "b"], values=torch.arange(6), lengths=torch.tensor([1, 0, 2, 1, 1, 1])
+    )  # 2 keys x 3 samples
     rows = torch.arange(6, dtype=torch.float32).unsqueeze(1).repeat(1, 2)
     pooled = pool_bags(rows, kjt)
     expected = torch.tensor([[0.0, 3.0], [0.0, 4.0], [3.0, 5.0]]).unsqueeze(2).repeat(1, 1, 2)
@@ -194,8 +215,9 @@ def test_pool_bags_sums_bags_like_an_embedding_bag():
 
 def test_router_splits_by_key_and_merges_in_field_order():
     router = FieldRouter(["a", "b", "c"], table_fields=["c", "a"], module_fields=["b"])
-    kjt = KeyedJaggedTensor(keys=["b", "a", "c"], values=torch.arange(6),
-                            lengths=torch.ones(6, dtype=torch.int64))
+    kjt = KeyedJaggedTensor(
+        keys=["b", "a", "c"], values=torch.arange(6), lengths=torch.ones(6, dtype=torch.int64)
+    )
     to_tables, to_module = router.split(kjt)
     assert to_tables.keys() == ["c", "a"] and to_tables.values().tolist() == [4, 5, 2, 3]
     assert to_module.keys() == ["b"] and to_module.values().tolist() == [0, 1]
@@ -207,8 +229,12 @@ def test_router_splits_by_key_and_merges_in_field_order():
 
 
 def test_collisionless_fields_respect_threshold_and_share():
-    features = [FeatureSpec("big", 5000), FeatureSpec("x", 10), FeatureSpec("y", 20),
-                FeatureSpec("z", 300)]
+    features = [
+        FeatureSpec("big", 5000),
+        FeatureSpec("x", 10),
+        FeatureSpec("y", 20),
+        FeatureSpec("z", 300),
+    ]
     row = DIM * 4
     assert collisionless_fields(features, DIM, 10**9, 200, 0.25) == [1, 2]
     assert collisionless_fields(features, DIM, 10**9, 1000, 0.25) == [1, 2, 3]

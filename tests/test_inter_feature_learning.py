@@ -22,8 +22,10 @@ RUNS = {
 
 @pytest.fixture(scope="module")
 def learned(learn_data):
-    return {run: learn(learn_data, name, "5x", threshold=0, **options)
-            for run, (name, options) in RUNS.items()}
+    return {
+        run: learn(learn_data, name, "5x", threshold=0, **options)
+        for run, (name, options) in RUNS.items()
+    }
 
 
 def test_every_method_learns_within_its_budget(learned):

@@ -60,25 +60,29 @@ def test_start_batch_skips_exactly(tiny_data):
     rest = _all(loader, start_batch=3)
     assert len(rest) == len(full) - 3
     for x, y in zip(full[3:], rest, strict=True):
-        assert torch.equal(x.labels, y.labels) and torch.equal(x.sparse_features.values(),
-                                                                y.sparse_features.values())
+        assert torch.equal(x.labels, y.labels) and torch.equal(
+            x.sparse_features.values(), y.sparse_features.values()
+        )
 
 
 def test_ranks_split_each_global_batch_and_pad_the_last(tmp_path):
     from datasets.synthetic import SyntheticConfig, generate_synthetic
 
-    generate_synthetic(tmp_path, SyntheticConfig(rows=1_001, cardinalities=(20, 30), num_dense=1),
-                       progress=False)  # 801 train rows: the last batch of 256 has 33
+    generate_synthetic(
+        tmp_path, SyntheticConfig(rows=1_001, cardinalities=(20, 30), num_dense=1), progress=False
+    )  # 801 train rows: the last batch of 256 has 33
     whole = _all(BatchLoader(tmp_path, "train", batch_size=256))
-    ranks = [_all(BatchLoader(tmp_path, "train", batch_size=256, rank=r, world_size=2))
-             for r in (0, 1)]
+    ranks = [
+        _all(BatchLoader(tmp_path, "train", batch_size=256, rank=r, world_size=2)) for r in (0, 1)
+    ]
     for g, r0, r1 in zip(whole, *ranks, strict=True):
         assert len(r0.labels) == len(r1.labels)
         joined = torch.cat([r0.labels, r1.labels])
         real = joined[joined != PAD_LABEL]
         assert torch.equal(real, g.labels)
-        assert torch.equal(r0.sparse_features["C2"].values(),
-                           g.sparse_features["C2"].values()[: len(r0.labels)])
+        assert torch.equal(
+            r0.sparse_features["C2"].values(), g.sparse_features["C2"].values()[: len(r0.labels)]
+        )
     assert (ranks[1][-1].labels == PAD_LABEL).sum() == 1
 
 
@@ -109,7 +113,8 @@ def test_out_of_range_ids_are_reported_with_the_file(tiny_data, tmp_path):
     table.loc[3, "C2"] = 10_000
     import pyarrow as pa
 
-    pq.write_table(pa.Table.from_pandas(table, preserve_index=False).cast(pq.read_schema(path)),
-                   path)
+    pq.write_table(
+        pa.Table.from_pandas(table, preserve_index=False).cast(pq.read_schema(path)), path
+    )
     with pytest.raises(PreparedDataError, match=r"part-00000.parquet: field 'C2' has id 10000"):
         _all(BatchLoader(copy, "valid"))

@@ -10,15 +10,22 @@ from ctr.models import MODELS
 from ctr.models.layers import fm_interaction, pairwise_dots
 
 FEATURES = [FeatureSpec(f"f{i}", 30 + i) for i in range(5)]
-SMALL = {"wide_deep": {"hidden": [16]}, "deepfm": {"hidden": [16]},
-         "dcnv2": {"hidden": [16], "cross_layers": 2}, "dlrm": {"bottom": [8], "top": [16]}}
+SMALL = {
+    "wide_deep": {"hidden": [16]},
+    "deepfm": {"hidden": [16]},
+    "dcnv2": {"hidden": [16], "cross_layers": 2},
+    "dlrm": {"bottom": [8], "top": [16]},
+}
 
 
 def _batch(batch: int = 32, num_dense: int = 3, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     values = torch.cat([torch.randint(0, f.cardinality, (batch,), generator=g) for f in FEATURES])
-    kjt = KeyedJaggedTensor(keys=[f.name for f in FEATURES], values=values,
-                            lengths=torch.ones(len(FEATURES) * batch, dtype=torch.long))
+    kjt = KeyedJaggedTensor(
+        keys=[f.name for f in FEATURES],
+        values=values,
+        lengths=torch.ones(len(FEATURES) * batch, dtype=torch.long),
+    )
     return torch.randn(batch, num_dense, generator=g), kjt
 
 

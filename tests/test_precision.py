@@ -34,21 +34,24 @@ from ctr.trainer import TrainConfig
 from datasets.loader import BatchLoader
 
 DIM = 16
-FP16_EPS = 2.0 ** -11  # fp16's relative rounding error (unit roundoff)
-FP16_SUBNORMAL_HALF_STEP = 2.0 ** -25  # fp16's absolute rounding error near zero
+FP16_EPS = 2.0**-11  # fp16's relative rounding error (unit roundoff)
+FP16_SUBNORMAL_HALF_STEP = 2.0**-25  # fp16's absolute rounding error near zero
 
 
 def features(cards=(5000, 3000, 800, 40), dim_seed: int = 0) -> list[FeatureSpec]:
     rng = np.random.default_rng(dim_seed)
-    return [FeatureSpec(f"C{i}", n, frequencies=rng.integers(1, 100, n).astype(np.int64))
-            for i, n in enumerate(cards)]
+    return [
+        FeatureSpec(f"C{i}", n, frequencies=rng.integers(1, 100, n).astype(np.int64))
+        for i, n in enumerate(cards)
+    ]
 
 
 def serve_kernel(packed: torch.Tensor, rows: int, dim: int, dtype: str) -> torch.Tensor:
     """Every row of a packed table read back through fbgemm's int-N inference kernel."""
     table = ServeTables([TableSpec("t", rows, dim, dtype)], [Lookup("k", "t")], {"t": packed})
-    kjt = KeyedJaggedTensor(keys=["k"], values=torch.arange(rows),
-                            lengths=torch.ones(rows, dtype=torch.int64))
+    kjt = KeyedJaggedTensor(
+        keys=["k"], values=torch.arange(rows), lengths=torch.ones(rows, dtype=torch.int64)
+    )
     return table(kjt)
 
 
@@ -58,12 +61,15 @@ def artifact_embedding_bytes(path: Path) -> tuple[int, int]:
 
     manifest = json.loads((path / MANIFEST_FILE).read_text())
     sizes = {"uint8": 1, "int8": 1, "float16": 2, "float32": 4, "int64": 8, "int32": 4}
-    from_manifest = sum(math.prod(spec["shape"]) * sizes[spec["dtype"]]
-                        for name, spec in manifest["tensors"].items()
-                        if name.startswith(EMBEDDING_PREFIX))
+    from_manifest = sum(
+        math.prod(spec["shape"]) * sizes[spec["dtype"]]
+        for name, spec in manifest["tensors"].items()
+        if name.startswith(EMBEDDING_PREFIX)
+    )
     tensors = load_file(str(path / TENSORS_FILE))
-    from_file = sum(t.numel() * t.element_size() for k, t in tensors.items()
-                    if k.startswith(EMBEDDING_PREFIX))
+    from_file = sum(
+        t.numel() * t.element_size() for k, t in tensors.items() if k.startswith(EMBEDDING_PREFIX)
+    )
     return from_manifest, from_file
 
 
@@ -104,6 +110,7 @@ def test_int_reconstruction_error_is_at_most_half_a_step(dtype):
     w = torch.randn(2000, DIM) * torch.rand(2000, 1)
     packed = pack_rows(w, dtype)
     scale, bias = fbgemm_scale_bias(packed)
+
     # Half a step, plus what fp16 storage of the scale and bias costs: a rounded-down scale
     # clips the row's maximum by up to (2^bits - 1) scale roundings, a rounded bias shifts all.
     def fp16_rounding(x):
@@ -314,10 +321,15 @@ def test_binarization_residuals_shrink_and_signs_survive_packing():
 
 # ---------------------------------------------------------------- training, export, artifacts
 def _train(data: Path, out: Path, method: str, budget: str, **options) -> dict:
-    cfg = RunConfig(data=str(data), model="deepfm", model_options={"hidden": [32]},
-                    compressor=method, budget=budget, method_options=options,
-                    train=TrainConfig(epochs=0.2, batch_size=1024, progress=False,
-                                      eval_batch_size=8192))
+    cfg = RunConfig(
+        data=str(data),
+        model="deepfm",
+        model_options={"hidden": [32]},
+        compressor=method,
+        budget=budget,
+        method_options=options,
+        train=TrainConfig(epochs=0.2, batch_size=1024, progress=False, eval_batch_size=8192),
+    )
     return train_run(cfg, out)
 
 
@@ -379,8 +391,9 @@ def test_ptq_choice_lives_in_the_state_dict(runs):
     model, _ = load_run_model(run_dir)
     dtypes = summary["hyperparameters"]["dtypes"]
     layer = model.embedding.compressor
-    assert {f.name: t.dtype for f, t in zip(layer.features, layer.layout.tables,
-                                           strict=True)} == dtypes
+    assert {
+        f.name: t.dtype for f, t in zip(layer.features, layer.layout.tables, strict=True)
+    } == dtypes
     assert len(set(dtypes.values())) > 1  # mixed, not uniform
     assert bool(layer.quantized)
 
@@ -415,8 +428,10 @@ def test_mixed_precision_beats_uniform_at_equal_bytes(runs):
     freqs, weights = row_frequencies(layer), layer.tables.weights()
 
     def weighted_error(dtypes):
-        return sum(float((row_errors(weights[t.name], d).double() * freqs[t.name]).sum())
-                   for t, d in zip(layer.layout.tables, dtypes, strict=True))
+        return sum(
+            float((row_errors(weights[t.name], d).double() * freqs[t.name]).sum())
+            for t, d in zip(layer.layout.tables, dtypes, strict=True)
+        )
 
     assert len(set(mixed)) > 1
     assert weighted_error(mixed) < 0.5 * weighted_error(uniform)

@@ -74,8 +74,8 @@ def test_every_value_gets_a_unique_pair():
 
 def test_index_map_on_multi_hot_bags_and_full_fields():
     index_map = QuotientRemainderMap(
-        ["F", "G"], ["F_q", "F_r", "G"], [QRRule(0, 7), QRRule(0, 7, remainder=True),
-                                           QRRule(1, 1)])
+        ["F", "G"], ["F_q", "F_r", "G"], [QRRule(0, 7), QRRule(0, 7, remainder=True), QRRule(1, 1)]
+    )
     # Two samples: F bags [15, 6] and [], G bags [100] and [3, 4, 5].
     values = torch.tensor([15, 6, 100, 3, 4, 5])
     kjt = KeyedJaggedTensor(keys=["F", "G"], values=values, lengths=torch.tensor([2, 0, 1, 3]))
@@ -91,8 +91,11 @@ def test_combine_ops(op):
     layer = build_compressor("qr", features, dim=8, budget="4x", op=op)
     w = layer.tables.weights()
     v = torch.tensor([123, 999])
-    kjt = KeyedJaggedTensor(keys=["A", "S"], values=torch.tensor([123, 999, 4, 9]),
-                            lengths=torch.ones(4, dtype=torch.int64))
+    kjt = KeyedJaggedTensor(
+        keys=["A", "S"],
+        values=torch.tensor([123, 999, 4, 9]),
+        lengths=torch.ones(4, dtype=torch.int64),
+    )
     emb = layer(kjt)
     m = layer.hyperparameters()["collisions_per_field"]["A"]
     q, r = w["q_A"][v // m], w["r_A"][v % m]

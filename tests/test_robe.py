@@ -27,8 +27,11 @@ def test_chunks_read_the_intended_offsets_with_signs():
             for j in range(chunk):
                 assert index[n, c * chunk + j].item() == (start + j) % size
                 assert signs[n, c * chunk + j].item() == (-1.0 if (bits >> j) & 1 else 1.0)
-    kjt = KeyedJaggedTensor(keys=["A", "B"], values=torch.tensor([0, 123456, 5, 7]),
-                            lengths=torch.ones(4, dtype=torch.int64))
+    kjt = KeyedJaggedTensor(
+        keys=["A", "B"],
+        values=torch.tensor([0, 123456, 5, 7]),
+        lengths=torch.ones(4, dtype=torch.int64),
+    )
     out = robe(kjt)  # [2 samples, 2 fields, 16]
     torch.testing.assert_close(out[1, 0], index[2].float() * signs[2])
     torch.testing.assert_close(out[0, 1], index[1].float() * signs[1])
@@ -63,8 +66,9 @@ def test_array_takes_the_budget_left_after_the_tables():
     assert layer.module.size == (layer.budget_bytes - tables) // 4
     memory = layer.memory()
     assert memory.parts == {"table.t_tiny": tables, "robe": 4 * layer.module.size}
-    assert memory.train_bytes == 3 * 4 * layer.module.size + TableSpec(
-        "t", 7, 16).train_bytes("rowwise_adagrad")
+    assert memory.train_bytes == 3 * 4 * layer.module.size + TableSpec("t", 7, 16).train_bytes(
+        "rowwise_adagrad"
+    )
     # A budget above the compressed fields' size never buys a larger array than they need.
     roomy = build_compressor("robe", features, 16, "1x")
     assert roomy.module.size == (100_000 + 3000) * 16

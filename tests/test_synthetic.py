@@ -50,8 +50,9 @@ def test_vocab_lists_every_train_value(tiny_data):
 
 def test_values_unseen_in_train_map_to_oov(tmp_path):
     # 5000 possible values, 1600 train rows: many valid/test values never occur in train.
-    meta = generate_synthetic(tmp_path, SyntheticConfig(rows=2_000, cardinalities=(5000,),
-                                                        num_dense=1), progress=False)
+    meta = generate_synthetic(
+        tmp_path, SyntheticConfig(rows=2_000, cardinalities=(5000,), num_dense=1), progress=False
+    )
     train, test = _read(meta, "train")["C1"], _read(meta, "test")["C1"]
     assert (train > 0).all()
     assert (test == 0).any()
@@ -64,8 +65,9 @@ def test_deterministic_and_independent_of_chunking(tmp_path):
     b = generate_synthetic(tmp_path / "b", base, progress=False)
     pd_a, pd_b = _read(a, "train"), _read(b, "train")
     assert pd_a.equals(pd_b)
-    other = generate_synthetic(tmp_path / "c", SyntheticConfig(**{**base.__dict__, "seed": 4}),
-                               progress=False)
+    other = generate_synthetic(
+        tmp_path / "c", SyntheticConfig(**{**base.__dict__, "seed": 4}), progress=False
+    )
     assert not _read(other, "train").equals(pd_a)
 
 

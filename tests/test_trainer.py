@@ -16,20 +16,40 @@ SMALL_MLP = {"hidden": [64, 64]}
 
 def _config(data, **train):
     defaults = dict(epochs=1, batch_size=512, progress=False, eval_every=3)
-    return RunConfig(data=str(data), model="deepfm", model_options={"hidden": [16]}, dim=8,
-                     train=TrainConfig(**{**defaults, **train}))
+    return RunConfig(
+        data=str(data),
+        model="deepfm",
+        model_options={"hidden": [16]},
+        dim=8,
+        train=TrainConfig(**{**defaults, **train}),
+    )
 
 
 def test_deepfm_gets_within_002_auc_of_the_teacher(learn_data, tmp_path):
-    cfg = RunConfig(data=str(learn_data), model="deepfm", model_options=SMALL_MLP, dim=16,
-                    train=TrainConfig(epochs=3, batch_size=1024, progress=False, patience=1))
+    cfg = RunConfig(
+        data=str(learn_data),
+        model="deepfm",
+        model_options=SMALL_MLP,
+        dim=16,
+        train=TrainConfig(epochs=3, batch_size=1024, progress=False, patience=1),
+    )
     summary = train_run(cfg, tmp_path / "run")
     teacher = summary["teacher_test_auc"]
     assert summary["test_auc"] > teacher - 0.02, (summary["test_auc"], teacher)
     assert summary["test_auc"] <= teacher + 0.005  # the teacher is the ceiling
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
-    for key in ("test_auc", "test_logloss", "valid_auc", "serve_bytes", "train_bytes",
-                "full_bytes", "budget_bytes", "compressor", "model", "samples_per_sec"):
+    for key in (
+        "test_auc",
+        "test_logloss",
+        "valid_auc",
+        "serve_bytes",
+        "train_bytes",
+        "full_bytes",
+        "budget_bytes",
+        "compressor",
+        "model",
+        "samples_per_sec",
+    ):
         assert key in saved
     assert saved["serve_bytes"] == saved["full_bytes"] == saved["budget_bytes"]
 
@@ -60,8 +80,9 @@ def test_checkpoint_restores_fused_optimizer_state(tiny_data, tmp_path):
 
 
 def test_early_stopping_restores_the_best_weights(tiny_data, tmp_path):
-    summary = train_run(_config(tiny_data, epochs=3, eval_every=1, patience=1, lr=0.5,
-                                table_lr=2.0), tmp_path / "r")
+    summary = train_run(
+        _config(tiny_data, epochs=3, eval_every=1, patience=1, lr=0.5, table_lr=2.0), tmp_path / "r"
+    )
     history = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert summary["steps"] < 3 * 7  # stopped before 3 epochs of 7 batches
     aucs = [h["valid_auc"] for h in history]
@@ -101,12 +122,20 @@ def test_stages_run_in_order_with_hooks(tiny_data, tmp_path, monkeypatch):
     cfg.compressor = _StagedFull.name
     summary = train_run(cfg, tmp_path / "r")
     assert _StagedFull.calls == [
-        "start:warmup", "step", "end:warmup",
-        "start:inspect", "run:inspect:['auc', 'logloss']", "end:inspect",
-        "start:finetune", "step", "end:finetune",
+        "start:warmup",
+        "step",
+        "end:warmup",
+        "start:inspect",
+        "run:inspect:['auc', 'logloss']",
+        "end:inspect",
+        "start:finetune",
+        "step",
+        "end:finetune",
     ]
     assert summary["steps"] == 4 + 7  # half an epoch (ceil of 3.5), then one epoch
-    stages = [json.loads(x)["stage"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    stages = [
+        json.loads(x)["stage"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert stages[0] == "warmup" and stages[-1] == "finetune"
 
 

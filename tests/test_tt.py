@@ -23,8 +23,17 @@ def test_row_factors_cover_the_field_near_the_cube_root(n):
     assert n1 * n2 * n3 <= 1.15 * n + 8  # little padding
 
 
-@pytest.mark.parametrize(("dim", "expected"), [(16, (2, 2, 4)), (8, (2, 2, 2)), (32, (4, 2, 4)),
-                                               (64, (4, 4, 4)), (7, (1, 1, 7)), (12, (2, 2, 3))])
+@pytest.mark.parametrize(
+    ("dim", "expected"),
+    [
+        (16, (2, 2, 4)),
+        (8, (2, 2, 2)),
+        (32, (4, 2, 4)),
+        (64, (4, 4, 4)),
+        (7, (1, 1, 7)),
+        (12, (2, 2, 3)),
+    ],
+)
 def test_dim_factors_are_exact_and_balanced(dim, expected):
     assert factor_dim(dim) == expected
     assert math.prod(factor_dim(dim)) == dim
@@ -45,10 +54,12 @@ def test_rows_equal_the_explicit_core_contraction():
 
 def test_multi_hot_bags_sum_their_rows():
     torch.manual_seed(0)
-    module = TTEmbedding(["a", "b"], 16, [TTShape.for_field(50, 16), TTShape.for_field(9, 16)],
-                         rank=3)
-    kjt = KeyedJaggedTensor(keys=["a", "b"], values=torch.tensor([3, 4, 49, 8, 8]),
-                            lengths=torch.tensor([2, 1, 0, 2]))  # a: [3,4],[49]; b: [],[8,8]
+    module = TTEmbedding(
+        ["a", "b"], 16, [TTShape.for_field(50, 16), TTShape.for_field(9, 16)], rank=3
+    )
+    kjt = KeyedJaggedTensor(
+        keys=["a", "b"], values=torch.tensor([3, 4, 49, 8, 8]), lengths=torch.tensor([2, 1, 0, 2])
+    )  # a: [3,4],[49]; b: [],[8,8]
     out = module(kjt)
     table_a, table_b = (c.full_table() for c in module.cores)
     torch.testing.assert_close(out[0, 0], table_a[3] + table_a[4])

@@ -15,10 +15,17 @@ from ctr.models.layers import mlp
 class DCNv2(CTRModel):
     name = "dcnv2"
 
-    def __init__(self, embedding: Embedding, num_dense: int, cross_layers: int = 3,
-                 hidden: Sequence[int] = (400, 400, 400), dropout: float = 0.0) -> None:
-        super().__init__(embedding, num_dense, cross_layers=cross_layers, hidden=list(hidden),
-                         dropout=dropout)
+    def __init__(
+        self,
+        embedding: Embedding,
+        num_dense: int,
+        cross_layers: int = 3,
+        hidden: Sequence[int] = (400, 400, 400),
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__(
+            embedding, num_dense, cross_layers=cross_layers, hidden=list(hidden), dropout=dropout
+        )
         width = self.num_fields * self.dim + num_dense
         self.cross = CrossNet(in_features=width, num_layers=cross_layers)
         self.deep = mlp(width, hidden, 1, dropout)

@@ -14,8 +14,13 @@ from ctr.models.layers import mlp, pairwise_dots
 class DLRM(CTRModel):
     name = "dlrm"
 
-    def __init__(self, embedding: Embedding, num_dense: int,
-                 bottom: Sequence[int] = (512, 256), top: Sequence[int] = (512, 256)) -> None:
+    def __init__(
+        self,
+        embedding: Embedding,
+        num_dense: int,
+        bottom: Sequence[int] = (512, 256),
+        top: Sequence[int] = (512, 256),
+    ) -> None:
         super().__init__(embedding, num_dense, bottom=list(bottom), top=list(top))
         # The bottom MLP ends at the embedding dim so dense joins the dot interaction.
         self.bottom = mlp(num_dense, [*bottom, self.dim], None) if num_dense else None

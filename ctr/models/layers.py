@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 
-def mlp(in_features: int, hidden: Sequence[int], out_features: int | None = 1,
-        dropout: float = 0.0) -> nn.Sequential:
+def mlp(
+    in_features: int, hidden: Sequence[int], out_features: int | None = 1, dropout: float = 0.0
+) -> nn.Sequential:
     """ReLU MLP ``in -> hidden... -> out`` (no activation on the output layer)."""
     layers: list[nn.Module] = []
     width = in_features

@@ -13,8 +13,13 @@ from ctr.models.layers import FirstOrder, mlp
 class WideDeep(CTRModel):
     name = "wide_deep"
 
-    def __init__(self, embedding: Embedding, num_dense: int,
-                 hidden: Sequence[int] = (400, 400, 400), dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        embedding: Embedding,
+        num_dense: int,
+        hidden: Sequence[int] = (400, 400, 400),
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__(embedding, num_dense, hidden=list(hidden), dropout=dropout)
         self.wide = FirstOrder(self.num_fields, self.dim, num_dense)
         self.deep = mlp(self.num_fields * self.dim + num_dense, hidden, 1, dropout)
