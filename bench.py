@@ -303,18 +303,34 @@ print(json.dumps({"seconds": time.perf_counter() - start,
 
 def _run_child(code: str, *args: str) -> tuple[dict, float, float]:
     """Runs ``code`` in a fresh interpreter: its JSON output line, its own peak RSS (MB) and
-    its CPU seconds (user + system; a fair figure when other work shares the cores)."""
+    its CPU seconds (user + system; a fair figure when other work shares the cores).
+
+    The peak is the child's ``VmHWM`` read just before it exits: the ``ru_maxrss`` that
+    ``wait4`` reports keeps the parent's high-water mark across fork and exec on Linux.
+    """
     import subprocess
 
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
+    wrapped = code + _REPORT_PEAK
+    proc = subprocess.Popen(
+        [sys.executable, "-c", wrapped, *args], stdout=subprocess.PIPE, text=True
+    )
     out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's rusage alone, unlike RUSAGE_CHILDREN
+    _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise RuntimeError(f"child failed with exit code {proc.returncode}")
     lines = out.strip().splitlines()
-    result = json.loads(lines[-1]) if lines else {}
-    return result, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+    result = json.loads(lines[-2]) if len(lines) > 1 else {}
+    peak_mb = json.loads(lines[-1])["peak_kb"] / 1024
+    return result, peak_mb, usage.ru_utime + usage.ru_stime
+
+
+_REPORT_PEAK = """
+import json as _json
+with open("/proc/self/status") as _status:
+    _peak = next(int(x.split()[1]) for x in _status if x.startswith("VmHWM:"))
+print(_json.dumps({"peak_kb": _peak}))
+"""
 
 
 @section("preprocess", default=False)
