@@ -36,7 +36,14 @@ from torchrec import KeyedJaggedTensor
 
 from compressors.base import Compressor, ExportedEmbedding, FeatureSpec, MemoryReport
 from compressors.hash64 import mix64, stable_salt
-from compressors.storage import Lookup, ServeTables, TableSpec, TrainTables, pack_rows
+from compressors.storage import (
+    Lookup,
+    ServeTables,
+    TableSpec,
+    TrainTables,
+    layout_from_config,
+    pack_rows,
+)
 
 FIELD_MODULES: dict[str, type[FieldModule]] = {}
 TABLE_PREFIX = "table."
@@ -323,8 +330,7 @@ class HybridServing(nn.Module):
     def __init__(self, exported: ExportedEmbedding) -> None:
         super().__init__()
         cfg = exported.config
-        tables = [TableSpec(**t) for t in cfg["tables"]]
-        lookups = [Lookup(**lk) for lk in cfg["lookups"]]
+        tables, lookups = layout_from_config(cfg)
         module_cfg = cfg["module"]
         module_fields = [] if module_cfg is None else module_cfg["fields"]
         self.router = FieldRouter(cfg["fields"], [lk.key for lk in lookups], module_fields)

@@ -115,6 +115,11 @@ class Lookup:
         return asdict(self)
 
 
+def layout_from_config(config: dict[str, Any]) -> tuple[list[TableSpec], list[Lookup]]:
+    """The tables and lookups an export config lists (``to_json`` of each), rebuilt."""
+    return [TableSpec(**t) for t in config["tables"]], [Lookup(**lk) for lk in config["lookups"]]
+
+
 def pack_rows(weight: torch.Tensor, dtype: str) -> torch.Tensor:
     """fp32 rows -> the exact tensor an artifact stores for ``dtype``.
 

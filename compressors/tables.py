@@ -26,6 +26,7 @@ from compressors.storage import (
     TableSpec,
     TrainTables,
     check_dtype,
+    layout_from_config,
     pack_rows,
 )
 
@@ -139,8 +140,7 @@ class TableServing(nn.Module):
     def __init__(self, exported: ExportedEmbedding) -> None:
         super().__init__()
         cfg = exported.config
-        tables = [TableSpec(**t) for t in cfg["tables"]]
-        lookups = [Lookup(**lk) for lk in cfg["lookups"]]
+        tables, lookups = layout_from_config(cfg)
         map_cfg = cfg["index_map"]
         if map_cfg["kind"] not in INDEX_MAPS:
             raise ValueError(f"unknown index map {map_cfg['kind']!r}")
