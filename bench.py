@@ -476,9 +476,9 @@ def _serving_tables(cards: list[int], dim: int, seed: int = 0) -> dict[str, obje
     import torch
 
     from compressors import ExportedEmbedding
-    from compressors.binary import KIND, BinaryServing, binarize
-    from compressors.layout import OffsetMap
-    from compressors.storage import Lookup, ServeTables, TableSpec, pack_rows
+    from compressors.core.layout import OffsetMap
+    from compressors.core.storage import Lookup, ServeTables, TableSpec, pack_rows
+    from compressors.precision.binary import KIND, BinaryServing, binarize
 
     names = [f"C{i + 1}" for i in range(len(cards))]
 
@@ -571,7 +571,7 @@ def bench_precision(args: argparse.Namespace) -> dict:
     import torch
     from torchrec import KeyedJaggedTensor
 
-    from compressors.base import Stage
+    from compressors.core.base import Stage
     from ctr.run import RunConfig, build_run_model, load_run_model
     from datasets.format import DatasetMeta
     from datasets.loader import BatchLoader

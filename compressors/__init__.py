@@ -1,5 +1,18 @@
-"""Compression methods for embedding tables: one module per method family, a registry,
-budget solving and memory accounting.
+"""Compression methods for embedding tables, grouped by family (the folder names are the
+catalogue):
+
+- ``core/`` — the contract every method implements (``base.py``), the registry, budgets,
+  physical tables (``storage.py``), index maps and combiners (``layout.py``) and the shared
+  bases of table-based (``tables.py``) and table-less (``hybrid.py``) methods;
+- ``baseline/`` — ``full``;
+- ``hashing/`` — inter-feature methods: hash, unified, qr, adapt, tt, robe, dhe;
+- ``precision/`` — ptq, int8/int16 training, alpt, binary;
+- ``pruning/`` — row and entry pruning (OptEmbed, PEP, DeepLight);
+- ``dimension/`` — dimension search (DNIS, MDE, AutoDim).
+
+Adding a method is one module in its family's folder: a ``Compressor`` subclass decorated
+with ``@register`` (and ``@register_serving`` for a new export kind), imported by the
+family's ``__init__.py``. Nothing else changes.
 
 Example::
 
@@ -7,21 +20,9 @@ Example::
     layer = build_compressor("full", [FeatureSpec("C1", 1000)], dim=16, budget="1x")
 """
 
-# Importing a method module registers it.
-from compressors import (  # noqa: F401
-    adapt,
-    alpt,
-    binary,
-    dhe,
-    full,
-    hashing,
-    integer,
-    ptq,
-    qr,
-    robe,
-    tt,
-)
-from compressors.base import (
+# Importing a family registers its methods.
+from compressors import baseline, dimension, hashing, precision, pruning  # noqa: F401
+from compressors.core.base import (
     Compressor,
     ExportedEmbedding,
     FeatureSpec,
@@ -29,8 +30,8 @@ from compressors.base import (
     Stage,
     full_bytes,
 )
-from compressors.budget import BudgetError, parse_budget
-from compressors.registry import (
+from compressors.core.budget import BudgetError, parse_budget
+from compressors.core.registry import (
     available,
     build_compressor,
     build_serving,
@@ -38,7 +39,7 @@ from compressors.registry import (
     register,
     register_serving,
 )
-from compressors.tables import TABLE_KIND, TableMethod, TableServing
+from compressors.core.tables import TABLE_KIND, TableMethod, TableServing
 
 register_serving(TABLE_KIND)(TableServing)
 

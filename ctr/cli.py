@@ -98,7 +98,7 @@ def _run_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from compressors.budget import describe_bytes
+    from compressors.core.budget import describe_bytes
     from ctr.distributed import init_from_env, shutdown
     from ctr.run import train_run
 
@@ -128,7 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from compressors.budget import describe_bytes
+    from compressors.core.budget import describe_bytes
     from ctr.artifact import export
     from ctr.run import RunConfig, build_run_model, load_run_model
 

@@ -28,7 +28,7 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterCons
 from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from compressors.storage import TABLE_OPTIMIZERS
+from compressors.core.storage import TABLE_OPTIMIZERS
 
 
 @dataclass(frozen=True)

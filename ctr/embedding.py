@@ -19,8 +19,8 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from compressors import Compressor, ExportedEmbedding, FeatureSpec, MemoryReport, build_compressor
-from compressors.base import Stage
-from compressors.budget import Budget
+from compressors.core.base import Stage
+from compressors.core.budget import Budget
 from datasets.format import DatasetMeta
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from compressors.budget import parse_budget
+from compressors.core.budget import parse_budget
 from ctr.distributed import DistInfo
 from ctr.embedding import EmbeddingLayer, features_from_dataset
 from ctr.models import CTRModel, build_model

@@ -7,9 +7,16 @@ under ``torchrun`` the model is wrapped in TorchRec's DMP instead (``ctr.distrib
 
 The run directory receives ``config.json`` (written by the caller), ``metrics.jsonl`` (one
 line per evaluation), ``checkpoint.pt`` (atomic; everything needed to continue exactly),
-``best.pt`` (best validation weights) and ``model.pt`` (final weights, what ``ctr export``
-reads). All ``.pt`` files load with ``torch.load(weights_only=True)`` and hold whole
-(unsharded) tensors, so a DMP run's files read like a single process's.
+``best.pt`` (best validation weights), ``model.pt`` (final weights, what ``ctr export``
+reads) and, when a stage rewinds, ``initial.pt`` (the weights at step 0). All ``.pt`` files
+load with ``torch.load(weights_only=True)`` and hold whole (unsharded) tensors, so a DMP run's
+files read like a single process's. After a stage that changes shapes, ``model.pt`` and the
+checkpoint carry the compressor's architecture record under :data:`ARCHITECTURE_KEY`.
+
+The trainer implements the compressors' :class:`~compressors.core.base.StageContext` (as
+:class:`RunContext`) and honours each :class:`~compressors.core.base.Stage`'s flags: gradient
+stages or the method's own procedure, bilevel alternation of training and validation
+batches, a frozen dense network, rewinds to the initial weights, and rebuilds.
 
 Example::
 
@@ -35,10 +42,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from tqdm import tqdm
 
-from compressors.base import Compressor, Stage
-from compressors.storage import TrainTables
+from compressors.core.base import Compressor, Stage
+from compressors.core.storage import TrainTables
 from ctr.distributed import (
     DistInfo,
     ShardedTableOptimizer,
@@ -89,34 +97,69 @@ class TrainState:
     train_seconds: float = 0.0
     finished: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
+    architecture: dict[str, Any] | None = None
 
 
-@dataclass
-class StageContext:
-    """What a compressor's hooks see of the training run."""
+ARCHITECTURE_KEY = "__architecture__"
 
-    trainer: Trainer
-    stage: Stage
-    batch: Any = None  # the batch of the step just taken (ALPT's after_step re-runs it)
+
+class RunContext:
+    """The trainer's :class:`~compressors.core.base.StageContext` for one stage."""
+
+    def __init__(self, trainer: Trainer, stage: Stage, resumed: bool) -> None:
+        self.trainer = trainer
+        self.stage = stage
+        self.resumed = resumed
+        self.seed = trainer.config.seed
+        self.table_lr = trainer.config.table_lr
+        self.batch: Any = None
 
     @property
-    def model(self) -> CTRModel:
-        return self.trainer.model
+    def model(self) -> torch.nn.Module:
+        return self.trainer.net
 
     @property
     def step(self) -> int:
         return self.trainer.state.step
 
-    def evaluate(self, split: str = "valid", max_batches: int | None = None) -> dict[str, float]:
-        loader = self.trainer.valid if split == "valid" else self.trainer.train
-        return self.trainer.evaluate(loader, max_batches=max_batches)
+    def loss(self, batch: Any) -> torch.Tensor:
+        return self.trainer.loss(batch)
 
-    def valid_batches(self) -> Iterator:
-        """Endless validation batches (DNIS-style alternating updates)."""
+    def train_batches(self) -> Iterator:
         epoch = 0
         while True:
-            yield from self.trainer.valid.epoch(epoch)
+            # Seeds apart from the training stages' epochs (which use epoch + 1000 * stage).
+            yield from self.trainer.train.epoch(10**6 + 1000 * self.trainer.state.stage + epoch)
             epoch += 1
+
+    def valid_batches(self) -> Iterator:
+        return self.trainer.valid_batches()
+
+    def evaluate(self, split: str = "valid", max_batches: int | None = None) -> dict[str, float]:
+        loaders = {"valid": self.trainer.valid, "train": self.trainer.train}
+        if split not in loaders:
+            raise ValueError(f"evaluate: split must be one of {sorted(loaders)}, got {split!r}")
+        return self.trainer.evaluate(loaders[split], max_batches=max_batches)
+
+    def progress(self, total: int, desc: str) -> tqdm:
+        return self.trainer.progress(total, desc)
+
+    def checkpoint(self, state: dict[str, Any]) -> None:
+        self.trainer.stage_state = state
+        self.trainer._checkpoint()
+
+    def restored_state(self) -> dict[str, Any] | None:
+        return self.trainer.stage_state if self.resumed else None
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        return self.trainer.initial_state()
+
+    def rng(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1009 + self.trainer.state.stage)
+
+
+# The name compressors' type hints use.
+StageContext = RunContext
 
 
 def seed_everything(seed: int) -> None:
@@ -148,26 +191,24 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir else None
         self.dist = dist_info
         self.state = TrainState()
+        self.stage_state: dict[str, Any] | None = None
         self._best: dict[str, torch.Tensor] | None = None
+        self._initial: dict[str, torch.Tensor] | None = None
         self.compressor: Compressor = model.embedding.compressor
         self.compressor.table_optimizer = self.config.table_optimizer
-        cfg = self.config
-        if dist_info is None:
-            for tables in table_modules(model):
-                tables.fuse(cfg.table_optimizer, cfg.table_lr)
-            self.net: torch.nn.Module = model
-            fused = {id(p) for t in table_modules(model) for p in t.parameters()}
-            dense = [p for p in model.parameters() if p.requires_grad and id(p) not in fused]
+        if dist_info is not None:
+            special = [s.name for s in self.compressor.stages if s.bilevel or s.rebuilds]
+            if special:
+                raise RuntimeError(
+                    f"{self.compressor.name}: stages {special} (bilevel or reshaping) run in a "
+                    "single process only; train it without torchrun"
+                )
+            self.net: torch.nn.Module = shard_model(
+                model, dist_info, self.config.table_optimizer, self.config.table_lr
+            )
         else:
-            self.net = shard_model(model, dist_info, cfg.table_optimizer, cfg.table_lr)
-            dense = dense_parameters(self.net)
-        self.optimizers = self._build_optimizers(dense)
-        # Fused table optimizers step inside fbgemm's backward; they are only checkpointed.
-        self.table_optimizers: dict[str, Any] = (
-            {f"tables{i}": t.ebc.fused_optimizer() for i, t in enumerate(table_modules(model))}
-            if dist_info is None
-            else {"tables": ShardedTableOptimizer(self.net)}
-        )
+            self.net = model
+        self._setup_optimizers()
         if self.run_dir and self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -176,21 +217,54 @@ class Trainer:
         return self.dist is None or self.dist.is_main
 
     # ---------------------------------------------------------------- optimisers
-    def _build_optimizers(self, dense: list[torch.nn.Parameter]) -> dict[str, Any]:
+    def _setup_optimizers(self) -> None:
+        """Fuses the tables (single process) and builds every optimizer afresh."""
         cfg = self.config
-        optimizers: dict[str, Any] = {}
+        if self.dist is None:
+            for tables in table_modules(self.model):
+                tables.fuse(cfg.table_optimizer, cfg.table_lr)
+            fused = {id(p) for t in table_modules(self.model) for p in t.parameters()}
+            dense = [p for p in self.model.parameters() if p.requires_grad and id(p) not in fused]
+        else:
+            dense = dense_parameters(self.net)
+        self.optimizers, self.valid_optimizers = self._build_optimizers(dense)
+        # Fused table optimizers step inside fbgemm's backward; they are only checkpointed.
+        self.table_optimizers: dict[str, Any] = (
+            {f"tables{i}": t.ebc.fused_optimizer() for i, t in enumerate(table_modules(self.model))}
+            if self.dist is None
+            else {"tables": ShardedTableOptimizer(self.net)}
+        )
+
+    def _build_optimizers(
+        self, dense: list[torch.nn.Parameter]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(optimizers stepped on training batches, those stepped on validation batches)."""
+        cfg = self.config
+        train: dict[str, Any] = {}
+        valid: dict[str, Any] = {}
         claimed: set[int] = set()
         for i, group in enumerate(self.compressor.optimizer_groups()):
             params = [p for p in group["params"] if p.requires_grad]
             claimed |= {id(p) for p in params}
-            kind = group.get("optimizer", "adam")
-            lr = group.get("lr", cfg.lr)
-            optimizers[f"compressor{i}"] = (
-                torch.optim.SGD(params, lr=lr) if kind == "sgd" else torch.optim.Adam(params, lr=lr)
+            kind, role = group.get("optimizer", "adam"), group.get("role", "train")
+            if kind not in ("adam", "sgd") or role not in ("train", "valid"):
+                raise ValueError(
+                    f"{self.compressor.name}: optimizer group {i} has optimizer {kind!r} and "
+                    f"role {role!r}; expected adam|sgd and train|valid"
+                )
+            lr, wd = group.get("lr", cfg.lr), group.get("weight_decay", 0.0)
+            opt = (
+                torch.optim.SGD(params, lr=lr, weight_decay=wd)
+                if kind == "sgd"
+                else torch.optim.Adam(params, lr=lr, weight_decay=wd)
             )
+            (valid if role == "valid" else train)[f"compressor{i}"] = opt
         rest = [p for p in dense if id(p) not in claimed]
-        optimizers["dense"] = torch.optim.Adam(rest, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        return optimizers
+        train["dense"] = torch.optim.Adam(rest, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return train, valid
+
+    def _all_optimizers(self) -> dict[str, Any]:
+        return {**self.optimizers, **self.valid_optimizers, **self.table_optimizers}
 
     # ---------------------------------------------------------------- training
     def fit(self) -> dict[str, Any]:
@@ -199,11 +273,16 @@ class Trainer:
         stages = self.compressor.stages
         while self.state.stage < len(stages) and not self._out_of_steps():
             stage = stages[self.state.stage]
-            ctx = StageContext(self, stage)
-            if not self.state.stage_started:
+            resumed = self.state.stage_started
+            if not resumed:
                 self.state.stage_started = True
                 self.state.epoch = self.state.batch = self.state.stage_step = 0
                 self.state.best_auc, self.state.bad_evals = -math.inf, 0
+                self.stage_state = None
+                self._best = None
+                if stage.rewind:
+                    self._rewind()
+            ctx = RunContext(self, stage, resumed)
             self.compressor.on_stage_start(stage, ctx)
             if stage.trains:
                 done = self._train_stage(stage, ctx)
@@ -212,8 +291,12 @@ class Trainer:
             else:
                 self.compressor.run_stage(stage, ctx)
             self.compressor.on_stage_end(stage, ctx)
+            if stage.rebuilds:
+                self.state.architecture = self.compressor.architecture()
+                self._setup_optimizers()
             self.state.stage += 1
             self.state.stage_started = False
+            self.stage_state = None
             self._checkpoint()
         self.state.finished = self.state.stage >= len(stages)
         if self.state.finished:
@@ -232,27 +315,35 @@ class Trainer:
     def _out_of_steps(self) -> bool:
         return self.config.max_steps is not None and self.state.step >= self.config.max_steps
 
-    def _train_stage(self, stage: Stage, ctx: StageContext) -> bool:
+    def progress(self, total: int, desc: str, initial: int = 0) -> tqdm:
+        return tqdm(
+            total=total,
+            initial=initial,
+            desc=desc,
+            unit="step",
+            disable=not (self.config.progress and self.main),
+            dynamic_ncols=True,
+        )
+
+    def _train_stage(self, stage: Stage, ctx: RunContext) -> bool:
         """Trains until the stage's steps run out or early stopping; False if interrupted."""
         cfg, st = self.config, self.state
         total = self._stage_steps(stage)
         per_epoch = len(self.train)
         eval_every = cfg.eval_every or per_epoch
-        bar = tqdm(
-            total=total,
-            initial=st.stage_step,
-            desc=stage.name,
-            unit="step",
-            disable=not (cfg.progress and self.main),
-            dynamic_ncols=True,
-        )
+        bar = self.progress(total, stage.name, initial=st.stage_step)
+        # A bilevel stage reads validation batch k after training batch k (k counts the
+        # stage's steps), so a resumed stage continues the alternation exactly.
+        valid = self.valid_batches(start=st.stage_step) if stage.bilevel else None
         stopped = False
         try:
             while st.stage_step < total and not stopped:
                 batches = self.train.epoch(self._epoch_seed(st.epoch), start_batch=st.batch)
                 tick = time.perf_counter()
                 for batch in batches:
-                    loss = self.train_step(batch)
+                    loss = self.train_step(batch, dense=stage.dense)
+                    if valid is not None:
+                        self.valid_step(next(valid))
                     ctx.batch = batch
                     self.compressor.after_step(ctx)
                     st.batch += 1
@@ -290,16 +381,56 @@ class Trainer:
     def _epoch_seed(self, epoch: int) -> int:
         return epoch + 1000 * self.state.stage
 
-    def train_step(self, batch: Any) -> float:
-        """One optimisation step on ``batch``; returns the data loss."""
-        self.net.train()
+    def valid_batches(self, start: int = 0) -> Iterator:
+        """Endless validation batches in order, from the ``start``-th one on."""
+        per_epoch = max(len(self.valid), 1)
+        epoch, skip = divmod(start, per_epoch)
+        while True:
+            yield from self.valid.epoch(epoch, start_batch=skip)
+            epoch, skip = epoch + 1, 0
+
+    def loss(self, batch: Any) -> torch.Tensor:
+        """Mean BCE of the model's logits on ``batch`` (the data loss, no penalty)."""
         logits = self.net(batch.dense_features, batch.sparse_features)
-        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        return F.binary_cross_entropy_with_logits(logits, batch.labels)
+
+    def train_step(self, batch: Any, dense: bool = True) -> float:
+        """One optimisation step on ``batch``; returns the data loss.
+
+        Fused tables update inside the backward pass; ``dense=False`` leaves the dense
+        network's Adam unstepped (its gradients are discarded at the next step).
+        """
+        self.net.train()
+        loss = self.loss(batch)
         total = loss + self.compressor.penalty()
         for opt in self.optimizers.values():
             opt.zero_grad()
         total.backward()
-        for opt in self.optimizers.values():
+        for name, opt in self.optimizers.items():
+            if dense or name != "dense":
+                opt.step()
+        return loss.item()
+
+    def valid_step(self, batch: Any) -> float:
+        """A bilevel stage's architecture step: only ``"valid"`` groups learn from ``batch``.
+
+        The backward pass runs only towards those parameters, so fused tables (which update
+        inside their own backward) and the network are left untouched.
+        """
+        params = [
+            p
+            for opt in self.valid_optimizers.values()
+            for g in opt.param_groups
+            for p in g["params"]
+        ]
+        if not params:
+            return 0.0
+        self.net.train()
+        loss = self.loss(batch)
+        for opt in self.valid_optimizers.values():
+            opt.zero_grad()
+        (loss + self.compressor.penalty()).backward(inputs=params)
+        for opt in self.valid_optimizers.values():
             opt.step()
         return loss.item()
 
@@ -325,6 +456,36 @@ class Trainer:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         return st.bad_evals >= self.config.patience
+
+    # ---------------------------------------------------------------- rewinds
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        """The model's weights at step 0 (kept in memory, or read from ``initial.pt``)."""
+        if self._initial is None:
+            path = self.run_dir / "initial.pt" if self.run_dir else None
+            if path is None or not path.exists():
+                raise RuntimeError(
+                    "the initial weights were not saved: only runs with a rewinding stage keep them"
+                )
+            self._initial = torch.load(path, weights_only=True)
+        return self._initial
+
+    def _rewind(self) -> None:
+        """Every weight back to step 0, but the compressor's ``rewind_keep()`` entries;
+        optimizer states start afresh (a lottery-ticket restart)."""
+        current = self.full_state()
+        prefix = _prefix_of(self.model, self.compressor)
+        keep = [prefix + k for k in self.compressor.rewind_keep()]
+        state = {
+            k: current[k] if any(k.startswith(p) for p in keep) else v
+            for k, v in self.initial_state().items()
+        }
+        self._load_weights(state)
+        # Fused table optimizers keep their state in place: zero it (rowwise Adagrad's
+        # accumulators start at zero); the other optimizers are built anew.
+        for tables in self.table_optimizers.values():
+            live = tables.optimizer if isinstance(tables, ShardedTableOptimizer) else tables
+            _zero_tensors(live.state_dict()["state"])
+        self._setup_optimizers()
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -364,10 +525,19 @@ class Trainer:
             }
         return full_state_dict(self.net)
 
+    def _load_weights(self, state: dict[str, Any]) -> None:
+        if self.dist is None:
+            self.model.load_state_dict(state)
+        else:
+            load_full_state_dict(self.net, state)
+
     def _save_model(self, name: str) -> None:
         state = self.full_state()
         if self.run_dir and self.main:
-            _atomic_save(state, self.run_dir / name)
+            saved = state
+            if self.state.architecture is not None:
+                saved = {**state, ARCHITECTURE_KEY: json.dumps(self.state.architecture)}
+            _atomic_save(saved, self.run_dir / name)
         if name == "best.pt":
             self._best = state
 
@@ -375,22 +545,28 @@ class Trainer:
         best = self._best
         if best is None and self.run_dir and (self.run_dir / "best.pt").exists():
             best = torch.load(self.run_dir / "best.pt", weights_only=True)
+            best.pop(ARCHITECTURE_KEY, None)
         if best is None:
             return
-        if self.dist is None:
-            self.model.load_state_dict(best)
-        else:
-            load_full_state_dict(self.net, best)
+        self._load_weights(best)
+
+    def _save_initial(self) -> None:
+        """Keeps the step-0 weights when a stage will rewind to them."""
+        if not any(s.rewind for s in self.compressor.stages):
+            return
+        self._initial = self.full_state()
+        if self.run_dir and self.main:
+            _atomic_save(self._initial, self.run_dir / "initial.pt")
 
     def _checkpoint(self) -> None:
         """Everything needed to continue exactly; under DMP gathered whole (collective)."""
         if not self.run_dir:
             return
-        optimizers = {**self.optimizers, **self.table_optimizers}
         payload = {
             "model": self.full_state(),
-            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "optimizers": {k: o.state_dict() for k, o in self._all_optimizers().items()},
             "state": asdict(self.state),
+            "stage_state": self.stage_state,
             "torch_rng": _rng_states(self.dist),
             "world_size": self.dist.world_size if self.dist else 1,
         }
@@ -401,6 +577,7 @@ class Trainer:
         path = self.run_dir / "checkpoint.pt" if self.run_dir else None
         if path is None or not path.exists():
             seed_everything(self.config.seed)
+            self._save_initial()
             return
         payload = torch.load(path, weights_only=True)
         world = self.dist.world_size if self.dist else 1
@@ -409,14 +586,35 @@ class Trainer:
                 f"{path} was written by {payload['world_size']} process(es); resume it with "
                 f"the same number (now {world})"
             )
-        if self.dist is None:
-            self.model.load_state_dict(payload["model"])
-        else:
-            load_full_state_dict(self.net, payload["model"])
-        for k, opt in {**self.optimizers, **self.table_optimizers}.items():
+        state = TrainState(**payload["state"])
+        if state.architecture is not None:
+            self.compressor.rebuild(state.architecture)
+            self._setup_optimizers()
+        self._load_weights(payload["model"])
+        for k, opt in self._all_optimizers().items():
             opt.load_state_dict(payload["optimizers"][k])
-        self.state = TrainState(**payload["state"])
+        self.state = state
+        self.stage_state = payload.get("stage_state")
         torch.set_rng_state(payload["torch_rng"][self.dist.rank if self.dist else 0])
+
+
+def _prefix_of(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    """``module``'s state-dict prefix inside ``model`` (e.g. ``"embedding.compressor."``)."""
+    for name, m in model.named_modules():
+        if m is module:
+            return f"{name}." if name else ""
+    raise ValueError("module is not part of the model")
+
+
+def _zero_tensors(tree: Any) -> None:
+    if isinstance(tree, ShardedTensor):
+        for shard in tree.local_shards():
+            shard.tensor.zero_()
+    elif isinstance(tree, torch.Tensor):
+        tree.zero_()
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            _zero_tensors(v)
 
 
 def _atomic_save(obj: Any, path: Path) -> None:

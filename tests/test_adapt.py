@@ -9,7 +9,7 @@ from table_checks import RATIOS, check_round_trip, criteo_features, quick_train
 from torchrec import KeyedJaggedTensor
 
 from compressors import BudgetError, FeatureSpec, build_compressor
-from compressors.adapt import frequency_heads
+from compressors.hashing.adapt import frequency_heads
 
 
 @pytest.mark.parametrize("shared_tail", [False, True])

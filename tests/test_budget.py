@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from compressors.budget import BudgetError, describe_bytes, parse_budget
+from compressors.core.budget import BudgetError, describe_bytes, parse_budget
 
 FULL = 64_000_000
 

@@ -8,8 +8,8 @@ from test_hybrid import criteo_features
 from torchrec import KeyedJaggedTensor
 
 from compressors import FeatureSpec, build_compressor
-from compressors.dhe import DeepHashEmbedding, network_params, solve_network
-from compressors.hash64 import mix64, salted_hash, stable_salt
+from compressors.core.hash64 import mix64, salted_hash, stable_salt
+from compressors.hashing.dhe import DeepHashEmbedding, network_params, solve_network
 
 MASK64 = (1 << 64) - 1
 

@@ -6,7 +6,7 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from compressors import BudgetError, FeatureSpec, build_compressor, build_serving
-from compressors.storage import row_bytes
+from compressors.core.storage import row_bytes
 
 FEATURES = [FeatureSpec("a", 11), FeatureSpec("b", 7), FeatureSpec("tags", 23, multi_hot=True)]
 DIM = 8

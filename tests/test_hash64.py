@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from compressors.hash64 import hash_bucket, mix64, salted_hash, stable_salt
+from compressors.core.hash64 import hash_bucket, mix64, salted_hash, stable_salt
 from datasets.synthetic import splitmix64
 
 

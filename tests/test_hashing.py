@@ -10,8 +10,8 @@ from table_checks import RATIOS, check_round_trip, criteo_features, quick_train
 from torchrec import KeyedJaggedTensor
 
 from compressors import BudgetError, build_compressor
-from compressors.hash64 import salted_hash, stable_salt
-from compressors.hashing import HashRule, SaltedHashMap, proportional_rows
+from compressors.core.hash64 import salted_hash, stable_salt
+from compressors.hashing.hash import HashRule, SaltedHashMap, proportional_rows
 
 VARIANTS = {
     "hash": ("hash", {}),

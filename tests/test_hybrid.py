@@ -2,7 +2,7 @@
 
 Budgets on the Criteo-profile feature set, exact memory == export == artifact bytes, export
 round trip through ``CompactModel``, learning on planted-teacher data; plus the generic
-helpers of ``compressors.hybrid``.
+helpers of ``compressors.core.hybrid``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from safetensors import safe_open
 from torchrec import KeyedJaggedTensor
 
 from compressors import BudgetError, FeatureSpec, build_compressor, build_serving
-from compressors.hash64 import salted_hash, stable_salt
-from compressors.hybrid import (
+from compressors.core.hash64 import salted_hash, stable_salt
+from compressors.core.hybrid import (
     FieldRouter,
     collisionless_fields,
     hash_premixed,

@@ -13,9 +13,17 @@ from safetensors.torch import load_file
 from torchrec import KeyedJaggedTensor
 
 from compressors import BudgetError, FeatureSpec, build_compressor
-from compressors.alpt import lsq_quantize
-from compressors.binary import binarize, binary_row_bytes, unbinarize
-from compressors.precision import (
+from compressors.core.storage import (
+    Lookup,
+    ServeTables,
+    TableSpec,
+    pack_rows,
+    row_bytes,
+    unpack_rows,
+)
+from compressors.precision.alpt import lsq_quantize
+from compressors.precision.binary import binarize, binary_row_bytes, unbinarize
+from compressors.precision.common import (
     apply_table_dtypes,
     choose_dtypes,
     fbgemm_rows,
@@ -27,7 +35,6 @@ from compressors.precision import (
     stochastic_round,
     unpack_codes,
 )
-from compressors.storage import Lookup, ServeTables, TableSpec, pack_rows, row_bytes, unpack_rows
 from ctr.artifact import EMBEDDING_PREFIX, MANIFEST_FILE, TENSORS_FILE, CompactModel, export
 from ctr.run import RunConfig, load_run_model, train_run
 from ctr.trainer import TrainConfig

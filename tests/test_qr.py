@@ -8,7 +8,7 @@ from table_checks import RATIOS, check_round_trip, criteo_features, quick_train
 from torchrec import KeyedJaggedTensor
 
 from compressors import BudgetError, FeatureSpec, build_compressor
-from compressors.qr import QRRule, QuotientRemainderMap
+from compressors.hashing.qr import QRRule, QuotientRemainderMap
 
 
 @pytest.mark.parametrize("op", ["mult", "add", "concat"])

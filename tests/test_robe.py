@@ -7,9 +7,9 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from compressors import FeatureSpec, build_compressor
-from compressors.hash64 import salted_hash, stable_salt
-from compressors.robe import SIGN_TAG, RobeArray
-from compressors.storage import TableSpec
+from compressors.core.hash64 import salted_hash, stable_salt
+from compressors.core.storage import TableSpec
+from compressors.hashing.robe import SIGN_TAG, RobeArray
 
 
 def test_chunks_read_the_intended_offsets_with_signs():

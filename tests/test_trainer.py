@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from compressors.base import Stage
-from compressors.full import Full
-from compressors.registry import COMPRESSORS
+from compressors.baseline.full import Full
+from compressors.core.base import Stage
+from compressors.core.registry import COMPRESSORS
 from ctr.run import RunConfig, RunError, train_run
 from ctr.trainer import TrainConfig
 

@@ -10,8 +10,15 @@ from test_hybrid import criteo_features
 from torchrec import KeyedJaggedTensor
 
 from compressors import BudgetError, FeatureSpec, build_compressor
-from compressors.storage import TableSpec
-from compressors.tt import TTCores, TTEmbedding, TTShape, factor_dim, factor_rows, solve_rank
+from compressors.core.storage import TableSpec
+from compressors.hashing.tt import (
+    TTCores,
+    TTEmbedding,
+    TTShape,
+    factor_dim,
+    factor_rows,
+    solve_rank,
+)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 33, 126, 932, 22027, 101313, 10**7])

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from compressors.base import (
+from compressors.core.base import (
     FLOAT_BYTES,
     Compressor,
     ExportedEmbedding,
@@ -51,13 +51,13 @@ from compressors.base import (
     MemoryReport,
     Stage,
 )
-from compressors.budget import BudgetError, describe_bytes
-from compressors.layout import INDEX_MAPS, IndexMap, OffsetMap
-from compressors.registry import register, register_serving
-from compressors.storage import Lookup, TableSpec, TrainTables
+from compressors.core.budget import BudgetError, describe_bytes
+from compressors.core.layout import INDEX_MAPS, IndexMap, OffsetMap
+from compressors.core.registry import register, register_serving
+from compressors.core.storage import Lookup, TableSpec, TrainTables
 
 if TYPE_CHECKING:
-    from ctr.trainer import StageContext
+    from compressors.core.base import StageContext
 
 KIND = "binary"
 AUTO = "auto"

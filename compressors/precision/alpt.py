@@ -44,17 +44,16 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
-from compressors.base import FeatureSpec, full_bytes
-from compressors.budget import BudgetError, describe_bytes
-from compressors.integer import IntegerEmbedding
-from compressors.precision import fbgemm_rows
-from compressors.registry import register
-from compressors.storage import row_bytes
+from compressors.core.base import FeatureSpec, full_bytes
+from compressors.core.budget import BudgetError, describe_bytes
+from compressors.core.registry import register
+from compressors.core.storage import row_bytes
+from compressors.precision.common import fbgemm_rows
+from compressors.precision.integer import IntegerEmbedding
 
 if TYPE_CHECKING:
-    from ctr.trainer import StageContext
+    from compressors.core.base import StageContext
 
 AUTO = "auto"
 BIT_CHOICES = (8, 4, 2)
@@ -143,8 +142,7 @@ class ALPT(IntegerEmbedding):
         lo, hi = self.code_range
         step = self.step[rows].clone().requires_grad_()
         with self.replaced_rows(rows, lsq_quantize(updated, step, lo, hi)):
-            logits = ctx.model(batch.dense_features, batch.sparse_features)
-        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+            loss = ctx.loss(batch)
         (grad,) = torch.autograd.grad(loss, [step])
         with torch.no_grad():
             acc = self.step_state[rows] + grad.pow(2)

@@ -9,7 +9,7 @@ paper's choices), turns it into the embedding. Multi-hot bags are sum-pooled.
 
 Hash functions: the paper uses ``k`` universal hashes ``((a_i·x + b_i) mod p) mod m`` with
 ``m = 10^6``. Here ``x`` is first the project's salted SplitMix64 hash of the value under a
-per-field salt (``compressors.hash64``; so fields never share encodings), then ``k``
+per-field salt (``compressors.core.hash64``; so fields never share encodings), then ``k``
 multiply–add–shift universal hashes ``E_i = top 20 bits of (a_i·x + b_i) mod 2^64``, i.e.
 ``m = 2^20 ≈ 10^6`` buckets, with ``(a_i, b_i)`` from ``stable_salt(·, i)`` — ``[N, k]`` codes in
 three vectorised integer passes, several times cheaper on CPU than ``k`` full 64-bit mixes.
@@ -55,9 +55,9 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from compressors.base import FLOAT_BYTES, FeatureSpec
-from compressors.budget import BudgetError, describe_bytes
-from compressors.hybrid import (
+from compressors.core.base import FLOAT_BYTES, FeatureSpec
+from compressors.core.budget import BudgetError, describe_bytes
+from compressors.core.hybrid import (
     FieldModule,
     HybridMethod,
     HybridServing,
@@ -67,9 +67,9 @@ from compressors.hybrid import (
     premixed_salts,
     register_field_module,
 )
-from compressors.layout import field_index
-from compressors.registry import register, register_serving
-from compressors.storage import TableSpec
+from compressors.core.layout import field_index
+from compressors.core.registry import register, register_serving
+from compressors.core.storage import TableSpec
 
 DHE_KIND = "dhe"
 TRANSFORMS = ("uniform", "gaussian")

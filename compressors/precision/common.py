@@ -11,7 +11,7 @@ Mixed precision is a multiple-choice knapsack: every table picks one dtype from
 {fp32, fp16, int8, int4, int2}, costing its serve bytes and its frequency-weighted error
 ``Σ_v freq_v · ||e_v − Q(e_v)||²``; the total error is minimised under the budget.
 :func:`choose_dtypes` solves it by dynamic programming over the budget (see there). It works on
-any :class:`~compressors.tables.TableMethod` (per-field, hashed, shared or QR tables alike):
+any :class:`~compressors.core.tables.TableMethod` (per-field, hashed, shared or QR tables alike):
 :func:`row_frequencies` pushes each field's id counts through the method's own index map.
 
 Example::
@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torchrec import KeyedJaggedTensor
 
-from compressors.budget import BudgetError, describe_bytes
-from compressors.storage import BITS, SCALE_BIAS_BYTES, pack_rows, row_bytes, unpack_rows
-from compressors.tables import TableMethod
+from compressors.core.budget import BudgetError, describe_bytes
+from compressors.core.storage import BITS, SCALE_BIAS_BYTES, pack_rows, row_bytes, unpack_rows
+from compressors.core.tables import TableMethod
 
 # From most to least precise; every table method can serve any of these.
 DTYPES = ("fp32", "fp16", "int8", "int4", "int2")

@@ -15,11 +15,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from compressors.base import FeatureSpec
-from compressors.layout import DirectMap, OffsetMap
-from compressors.registry import register
-from compressors.storage import Lookup, TableSpec
-from compressors.tables import TableLayout, TableMethod
+from compressors.core.base import FeatureSpec
+from compressors.core.layout import DirectMap, OffsetMap
+from compressors.core.registry import register
+from compressors.core.storage import Lookup, TableSpec
+from compressors.core.tables import TableLayout, TableMethod
 
 
 @register

@@ -8,13 +8,13 @@ bias lead every int-N row) and serves them with fbgemm's ``IntNBitTableBatchedEm
 stage measures every field's frequency-weighted reconstruction error
 ``Σ_v freq_v · ||e_v − Q(e_v)||²`` at each dtype on the trained weights and picks the dtypes
 that minimise the total under the budget (a multiple-choice knapsack, see
-:func:`compressors.precision.choose_dtypes`). Until then ``memory()`` reports the plan: the
+:func:`compressors.precision.common.choose_dtypes`). Until then ``memory()`` reports the plan: the
 most precise uniform dtype that fits. A fixed ``bits`` quantises every field alike.
 
 Fields of at most ``min_rows`` values stay fp32 (like DLRM's ``--qr-threshold``): they cost
 little and their few rows are read by every sample. Precision alone cannot go far: int2 at
 dim D costs ``D/4 + 4`` bytes a row against ``4·D``, so at most 8x at D=16 (12.8x at D=64);
-budgets beyond raise a :class:`~compressors.budget.BudgetError` before training.
+budgets beyond raise a :class:`~compressors.core.budget.BudgetError` before training.
 
 The stages leave the trained table holding exactly the values its artifact serves (the
 weights are rounded through fbgemm's own pack/unpack), so exported predictions equal the
@@ -36,15 +36,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from compressors.base import FeatureSpec, Stage
-from compressors.budget import BudgetError, describe_bytes
-from compressors.full import Full
-from compressors.precision import DTYPES, apply_table_dtypes, solve_mixed_precision, valid_dtypes
-from compressors.registry import register
-from compressors.tables import TableLayout
+from compressors.baseline.full import Full
+from compressors.core.base import FeatureSpec, Stage
+from compressors.core.budget import BudgetError, describe_bytes
+from compressors.core.registry import register
+from compressors.core.tables import TableLayout
+from compressors.precision.common import (
+    DTYPES,
+    apply_table_dtypes,
+    solve_mixed_precision,
+    valid_dtypes,
+)
 
 if TYPE_CHECKING:
-    from ctr.trainer import StageContext
+    from compressors.core.base import StageContext
 
 AUTO = "auto"
 

@@ -41,12 +41,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from compressors.base import FeatureSpec
-from compressors.hashing import DEFAULT_THRESHOLD, FanOutMap, budget_error
-from compressors.layout import register_index_map
-from compressors.registry import register
-from compressors.storage import Lookup, TableSpec, check_dtype, row_bytes
-from compressors.tables import TableLayout, TableMethod
+from compressors.core.base import FeatureSpec
+from compressors.core.layout import register_index_map
+from compressors.core.registry import register
+from compressors.core.storage import Lookup, TableSpec, check_dtype, row_bytes
+from compressors.core.tables import TableLayout, TableMethod
+from compressors.hashing.hash import DEFAULT_THRESHOLD, FanOutMap, budget_error
 
 OPS = {"mult": "mult", "add": "sum", "concat": "sum"}  # QR op -> Combiner op
 

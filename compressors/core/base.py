@@ -8,17 +8,14 @@ training stages, and exports a serving representation that holds no pickled code
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
-
-if TYPE_CHECKING:
-    from ctr.trainer import StageContext
 
 FLOAT_BYTES = 4
 
@@ -102,16 +99,106 @@ class ExportedEmbedding:
 
 @dataclass(frozen=True)
 class Stage:
-    """One step of a method's training procedure.
+    """One step of a method's training procedure, and what the trainer does around it.
 
-    ``trains``: the trainer runs epochs of gradient steps; otherwise the compressor's
-    ``run_stage`` does the work (a search, a quantisation pass). ``epochs`` overrides the
-    trainer's epoch count for this stage.
+    - ``trains``: the trainer runs gradient steps (epochs, evaluation, early stopping, best
+      weights restored); otherwise the compressor's ``run_stage`` does the work (a search, a
+      quantisation pass), checkpointing its progress through ``ctx.checkpoint``.
+    - ``epochs``: overrides the run's epoch count for this stage.
+    - ``bilevel``: steps alternate one training batch (dense Adam, fused tables and groups
+      tagged ``"train"``) with one validation batch (only groups tagged ``"valid"``: DNIS's α,
+      AutoDim's weights). Both use ``ctx.loss`` plus ``penalty()``.
+    - ``dense``: False freezes the dense network in this stage (its Adam does not step).
+    - ``rewind``: when the stage first starts, every weight is reset to the run's initial
+      weights (saved at step 0), except the compressor's ``rewind_keep()`` entries (masks,
+      thresholds), and optimizer states are reset: lottery-ticket retraining (PEP, OptEmbed).
+    - ``rebuilds``: after ``on_stage_end`` the compressor has changed shapes; the trainer
+      re-fuses tables and rebuilds optimizers, and records ``architecture()`` in checkpoints and
+      ``model.pt`` so loading calls ``rebuild(record)`` before reading the weights.
     """
 
     name: str
     trains: bool = True
     epochs: float | None = None
+    bilevel: bool = False
+    dense: bool = True
+    rewind: bool = False
+    rebuilds: bool = False
+
+
+class Progress(Protocol):
+    """A progress bar (tqdm's interface)."""
+
+    def update(self, n: int = 1) -> Any: ...
+
+    def set_postfix(self, **values: Any) -> Any: ...
+
+    def close(self) -> Any: ...
+
+
+class StageContext(Protocol):
+    """What a compressor's stage hooks see of the training run (the trainer implements it).
+
+    Compressors import nothing from ``ctr``: everything they need of the run is here.
+    """
+
+    stage: Stage
+    #: the stage is continuing from a checkpoint (``on_stage_start`` runs again on resume)
+    resumed: bool
+    #: the run's seed
+    seed: int
+    #: the learning rate of embedding parameters (the fused tables' lr)
+    table_lr: float
+    #: the batch of the training step just taken (in ``after_step``)
+    batch: Any
+
+    @property
+    def model(self) -> nn.Module:
+        """The whole CTR model as trained (``model(dense, sparse) -> logits``)."""
+        ...
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken so far in the run (all stages)."""
+        ...
+
+    def loss(self, batch: Any) -> torch.Tensor:
+        """The run's data loss (mean BCE) of ``batch``, with gradients; no ``penalty()``."""
+        ...
+
+    def train_batches(self) -> Iterator[Any]:
+        """Endless shuffled training batches, seeded by the run and stage."""
+        ...
+
+    def valid_batches(self) -> Iterator[Any]:
+        """Endless validation batches, in order (one epoch after another)."""
+        ...
+
+    def evaluate(self, split: str = "valid", max_batches: int | None = None) -> dict[str, float]:
+        """``{"auc", "logloss"}`` of the model (eval mode) on ``split``'s first batches."""
+        ...
+
+    def progress(self, total: int, desc: str) -> Progress:
+        """A progress bar shown only where the run shows one."""
+        ...
+
+    def checkpoint(self, state: dict[str, Any]) -> None:
+        """Saves a non-training stage's progress with the model, atomically; ``state`` holds
+        tensors, numbers, strings, lists and dicts. A resumed stage reads it back from
+        :meth:`restored_state`."""
+        ...
+
+    def restored_state(self) -> dict[str, Any] | None:
+        """What this stage last passed to :meth:`checkpoint`, when resuming; else None."""
+        ...
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        """The model's ``state_dict`` at step 0 (a rewind's target), read from the run."""
+        ...
+
+    def rng(self) -> torch.Generator:
+        """A generator seeded by the run's seed and the stage (reproducible searches)."""
+        ...
 
 
 class Compressor(nn.Module):
@@ -183,15 +270,31 @@ class Compressor(nn.Module):
         """Called after a stage finished (e.g. prune, fix a mask, quantise)."""
 
     def optimizer_groups(self) -> list[dict[str, Any]]:
-        """Parameter groups needing their own optimizer, as ``{"params", "optimizer", "lr"}``.
+        """Parameter groups needing their own optimizer: ``{"params", "optimizer", "lr"}``,
+        optionally ``"role"`` (``"train"``, the default, or ``"valid"``: stepped only on the
+        validation batches of a bilevel stage) and ``"weight_decay"``. ``optimizer`` is
+        ``"adam"`` or ``"sgd"``.
 
         Everything not listed here (and not a fused table) goes to the trainer's dense Adam.
         """
         return []
 
+    def rewind_keep(self) -> list[str]:
+        """State-dict names (relative to this module, prefixes allowed) that a rewinding stage
+        keeps instead of resetting to the initial weights: masks, thresholds, searched dims."""
+        return []
+
+    def architecture(self) -> dict[str, Any] | None:
+        """After a ``rebuilds`` stage: a JSON record of the changed shapes (None: unchanged)."""
+        return None
+
+    def rebuild(self, architecture: dict[str, Any]) -> None:
+        """Reshapes a freshly built method to ``architecture`` (before its weights load)."""
+        raise NotImplementedError(f"{self.name}: cannot rebuild from an architecture record")
+
     def check_budget(self, serve_bytes: int, what: str = "") -> None:
         """Raises a clear error when the solved configuration exceeds the budget."""
-        from compressors.budget import BudgetError, describe_bytes
+        from compressors.core.budget import BudgetError, describe_bytes
 
         if serve_bytes > self.budget_bytes:
             raise BudgetError(

@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from compressors.base import Compressor, ExportedEmbedding, FeatureSpec, full_bytes
-from compressors.budget import Budget, parse_budget
+from compressors.core.base import Compressor, ExportedEmbedding, FeatureSpec, full_bytes
+from compressors.core.budget import Budget, parse_budget
 
 COMPRESSORS: dict[str, type[Compressor]] = {}
 SERVING: dict[str, Callable[[ExportedEmbedding], nn.Module]] = {}

@@ -40,16 +40,16 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from compressors.base import Compressor, ExportedEmbedding, FeatureSpec, MemoryReport
-from compressors.budget import BudgetError, describe_bytes
-from compressors.layout import OffsetMap
-from compressors.precision import fbgemm_rows, signed_range, stochastic_round
-from compressors.registry import register
-from compressors.storage import Lookup, TableSpec, row_bytes
-from compressors.tables import TABLE_KIND
+from compressors.core.base import Compressor, ExportedEmbedding, FeatureSpec, MemoryReport
+from compressors.core.budget import BudgetError, describe_bytes
+from compressors.core.layout import OffsetMap
+from compressors.core.registry import register
+from compressors.core.storage import Lookup, TableSpec, row_bytes
+from compressors.core.tables import TABLE_KIND
+from compressors.precision.common import fbgemm_rows, signed_range, stochastic_round
 
 if TYPE_CHECKING:
-    from ctr.trainer import StageContext
+    from compressors.core.base import StageContext
 
 TABLE = "shared"
 _INIT_CHUNK_ROWS = 1 << 20
@@ -221,7 +221,7 @@ class IntegerEmbedding(Compressor):
         if pending is None or pending.weight.grad is None:
             return
         updated = self.weight_optimizer.step(
-            pending.rows, pending.weight.detach(), pending.weight.grad, ctx.trainer.config.table_lr
+            pending.rows, pending.weight.detach(), pending.weight.grad, ctx.table_lr
         )
         with torch.enable_grad():
             self.update_steps(pending.rows, updated, ctx)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from compressors.storage import Lookup
+from compressors.core.storage import Lookup
 
 INDEX_MAPS: dict[str, type[IndexMap]] = {}
 

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from compressors.base import Compressor, ExportedEmbedding, FeatureSpec, MemoryReport
-from compressors.layout import INDEX_MAPS, Combiner, IndexMap
-from compressors.storage import (
+from compressors.core.base import Compressor, ExportedEmbedding, FeatureSpec, MemoryReport
+from compressors.core.layout import INDEX_MAPS, Combiner, IndexMap
+from compressors.core.storage import (
     Lookup,
     ServeTables,
     TableSpec,

@@ -10,12 +10,12 @@ fields too small to benefit from compression kept as plain tables, like DLRM's
   fields (``KeyedJaggedTensor.permute``, vectorised) and merges both outputs back into
   ``[B, F, dim]`` in field order;
 * :class:`HybridMethod` is the training-side ``Compressor`` (tables through
-  :class:`~compressors.storage.TrainTables`, so the trainer fuses them and DMP can shard them)
+  :class:`~compressors.core.storage.TrainTables`, so the trainer fuses them and DMP can shard them)
   and :class:`HybridServing` the serving side (tables through fbgemm's
-  :class:`~compressors.storage.ServeTables`, the module rebuilt from its export).
+  :class:`~compressors.core.storage.ServeTables`, the module rebuilt from its export).
 
 Memory is exact by construction: ``serve_bytes`` is the sum of the exported tensors, the
-tables counted by :class:`~compressors.storage.TableSpec` in fbgemm's row format.
+tables counted by :class:`~compressors.core.storage.TableSpec` in fbgemm's row format.
 
 Example (a method's constructor)::
 
@@ -34,9 +34,9 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from compressors.base import Compressor, ExportedEmbedding, FeatureSpec, MemoryReport
-from compressors.hash64 import mix64, stable_salt
-from compressors.storage import (
+from compressors.core.base import Compressor, ExportedEmbedding, FeatureSpec, MemoryReport
+from compressors.core.hash64 import mix64, stable_salt
+from compressors.core.storage import (
     Lookup,
     ServeTables,
     TableSpec,
@@ -63,7 +63,7 @@ def premixed_salts(names: Sequence[str], chunks: int, seed: int, tag: str = "") 
     """``[len(names), chunks]`` int64: ``mix64(stable_salt(tag + name, chunk, seed))``.
 
     Mixing the salts once lets :func:`hash_premixed` hash ``N x chunks`` values with one
-    ``mix64`` pass; the result equals :func:`compressors.hash64.salted_hash` bit for bit.
+    ``mix64`` pass; the result equals :func:`compressors.core.hash64.salted_hash` bit for bit.
     """
     raw = [[stable_salt(f"{tag}{n}", c, seed) for c in range(chunks)] for n in names]
     return mix64(torch.tensor(raw, dtype=torch.int64).view(len(names), chunks))

@@ -48,17 +48,17 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from compressors.base import FLOAT_BYTES, FeatureSpec
-from compressors.budget import BudgetError, describe_bytes
-from compressors.hybrid import (
+from compressors.core.base import FLOAT_BYTES, FeatureSpec
+from compressors.core.budget import BudgetError, describe_bytes
+from compressors.core.hybrid import (
     FieldModule,
     HybridMethod,
     HybridServing,
     pool_bags,
     register_field_module,
 )
-from compressors.registry import register, register_serving
-from compressors.storage import TableSpec
+from compressors.core.registry import register, register_serving
+from compressors.core.storage import TableSpec
 
 TT_KIND = "tt"
 

@@ -9,7 +9,7 @@ chunks do not add up with a common bias. Offsets are unaligned: chunks of differ
 overlap partially, which is what distinguishes ROBE from hashing rows into ``size / dim``
 buckets. The array trains with Adam (the trainer's dense optimiser).
 
-Hashes are the project's salted SplitMix64 (``compressors.hash64``), salted per (field,
+Hashes are the project's salted SplitMix64 (``compressors.core.hash64``), salted per (field,
 chunk), instead of the paper's universal ``((a·x + b) mod p) mod size``; gathering is
 vectorised index arithmetic (``[N, dim/Z, Z]`` indices), no loop per value.
 
@@ -42,9 +42,9 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from compressors.base import FLOAT_BYTES, FeatureSpec
-from compressors.budget import BudgetError, describe_bytes
-from compressors.hybrid import (
+from compressors.core.base import FLOAT_BYTES, FeatureSpec
+from compressors.core.budget import BudgetError, describe_bytes
+from compressors.core.hybrid import (
     FieldModule,
     HybridMethod,
     HybridServing,
@@ -54,9 +54,9 @@ from compressors.hybrid import (
     premixed_salts,
     register_field_module,
 )
-from compressors.layout import field_index
-from compressors.registry import register, register_serving
-from compressors.storage import TableSpec
+from compressors.core.layout import field_index
+from compressors.core.registry import register, register_serving
+from compressors.core.storage import TableSpec
 
 ROBE_KIND = "robe"
 SIGN_TAG = "robe-sign/"

@@ -43,9 +43,12 @@ from typing import Any
 
 import numpy as np
 
-from compressors.base import FeatureSpec
-from compressors.hash64 import stable_salt
-from compressors.hashing import (
+from compressors.core.base import FeatureSpec
+from compressors.core.hash64 import stable_salt
+from compressors.core.registry import register
+from compressors.core.storage import Lookup, TableSpec, row_bytes
+from compressors.core.tables import TableLayout, TableMethod
+from compressors.hashing.hash import (
     DEFAULT_THRESHOLD,
     HashRule,
     SaltedHashMap,
@@ -54,9 +57,6 @@ from compressors.hashing import (
     keep_small_fields,
     proportional_rows,
 )
-from compressors.registry import register
-from compressors.storage import Lookup, TableSpec, row_bytes
-from compressors.tables import TableLayout, TableMethod
 
 
 def frequency_heads(

@@ -1,0 +1,3 @@
+"""The uncompressed baseline, ``full``."""
+
+from compressors.baseline import full  # noqa: F401

@@ -1,0 +1,1 @@
+"""The core every method builds on: contract, registry, budgets, storage, layouts, bases."""

@@ -1,0 +1,1 @@
+"""Dimension search: fewer dims per field or frequency block (DNIS, MDE, AutoDim)."""

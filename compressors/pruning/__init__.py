@@ -1,0 +1,1 @@
+"""Pruning methods: rows or entries removed (OptEmbed, PEP, DeepLight)."""
