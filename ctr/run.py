@@ -24,7 +24,7 @@ from compressors.core.budget import parse_budget
 from ctr.distributed import DistInfo
 from ctr.embedding import EmbeddingLayer, features_from_dataset
 from ctr.models import CTRModel, build_model
-from ctr.trainer import TrainConfig, Trainer, seed_everything
+from ctr.trainer import ARCHITECTURE_KEY, TrainConfig, Trainer, seed_everything
 from datasets.format import DatasetMeta, atomic_write_text
 from datasets.loader import BatchLoader
 
@@ -82,7 +82,12 @@ def load_run_model(run_dir: str | Path) -> tuple[CTRModel, RunConfig]:
             f"{run_dir}: the run has not finished (no model.pt); resume it with ctr train"
         )
     model = build_run_model(cfg)
-    model.load_state_dict(torch.load(weights, weights_only=True))
+    state = torch.load(weights, weights_only=True)
+    architecture = state.pop(ARCHITECTURE_KEY, None)
+    if architecture is not None:
+        # A stage changed the method's shapes: rebuild them before reading the weights.
+        model.embedding.compressor.rebuild(json.loads(architecture))
+    model.load_state_dict(state)
     return model, cfg
 
 
