@@ -5,6 +5,9 @@ An *index map* turns a KJT of field ids into a KJT of table rows, one key per lo
 predictions use exactly the rows training used. A *combiner* turns the pooled lookups back
 into ``[B, F, dim]``: every field's ``dim`` columns are filled by its term-0 lookups
 (concatenated at their ``start``), and further terms are summed or multiplied in (QR).
+Columns no term-0 lookup covers read zero (a field stored at fewer dims is zero-padded back to
+``dim``; with ``op="sum"``, lookups of later terms may fill them, e.g. one term per
+frequency block when a value is looked up in exactly one of them).
 """
 
 from __future__ import annotations
@@ -155,12 +158,14 @@ class Combiner(nn.Module):
                 src.append(torch.arange(src_start[i], src_start[i + 1]))
                 dst.append(torch.arange(lookup_dims[i]) + lk.field * dim + lk.start)
             src_t, dst_t = torch.cat(src), torch.cat(dst)
-            if t == 0 and sorted(dst_t.tolist()) != list(range(num_fields * dim)):
-                raise ValueError("term 0 lookups must cover every field's dim exactly once")
+            if t == 0 and len(set(dst_t.tolist())) != len(dst_t):
+                raise ValueError("term 0 lookups must not overlap in a field's columns")
             self.register_buffer(f"_src{t}", src_t, persistent=False)
             self.register_buffer(f"_dst{t}", dst_t, persistent=False)
-        # Term 0 as one gather: output column j reads pooled column gather[j].
-        gather = torch.empty(num_fields * dim, dtype=torch.int64)
+        # Term 0 as one gather: output column j reads pooled column gather[j]; uncovered
+        # columns read an appended zero column (index src_start[-1]).
+        self.padded = len(self._dst0) < num_fields * dim
+        gather = torch.full((num_fields * dim,), src_start[-1], dtype=torch.int64)
         gather[self._dst0] = self._src0
         self.identity = bool(
             torch.equal(gather, torch.arange(num_fields * dim))
@@ -169,7 +174,13 @@ class Combiner(nn.Module):
         self.register_buffer("_gather", gather, persistent=False)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        out = pooled if self.identity else pooled.index_select(1, self._gather)
+        if self.identity:
+            out = pooled
+        else:
+            source = pooled
+            if self.padded:
+                source = torch.cat([pooled, pooled.new_zeros(pooled.shape[0], 1)], dim=1)
+            out = source.index_select(1, self._gather)
         for t in range(1, self.num_terms):
             src, dst = getattr(self, f"_src{t}"), getattr(self, f"_dst{t}")
             other = pooled.index_select(1, src)
