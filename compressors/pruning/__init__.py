@@ -1,1 +1,3 @@
 """Pruning methods: rows or entries removed (OptEmbed, PEP, DeepLight)."""
+
+from compressors.pruning import common, deeplight, entry, optembed, pep  # noqa: F401

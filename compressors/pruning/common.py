@@ -1,0 +1,464 @@
+"""Shared pieces of the pruning family: a trainable table whose rows can be masked or
+reparameterised in the forward pass, the exact byte arithmetic of pruned tables, a row-remap
+index map, and the ``pruned`` export that fbgemm serves.
+
+**Training storage.** OptEmbed's row mask sends a straight-through gradient into the
+embedding values through their L1 norm, PEP reparameterises every entry
+(``sign(w)·relu(|w| − g(s))``) and DeepLight multiplies entries by a mask; none of these can
+run inside fbgemm's fused TBE backward, which only ever sees pooled gradients. So
+:class:`EntryTable` keeps all fields in one fp32 table (a buffer, field ``f`` owning rows
+``[offset_f, offset_f + n_f)``), reads a batch's unique rows into a small leaf tensor, lets the
+method transform them, pools them with ``embedding_bag`` and, after the optimizer step,
+updates exactly those rows with the same optimiser family the fused tables use (row-wise
+Adagrad by default, at the trainer's ``table_lr``;
+:class:`~compressors.precision.integer.SparseRowOptimizer`). ``train_bytes`` counts the whole
+fp32 table, its optimizer state and the masks: these methods need the full table while
+training, and say so. The tables are buffers, not TorchRec tables, so training is
+single-process (:func:`refuse_distributed`).
+
+**Serving** (export kind ``pruned``, :class:`PrunedServing`). Each field is stored in the
+cheapest form its pattern allows, and every byte is counted:
+
+- ``dense``: all ``n_f`` rows at the field's dim ``d_f`` (no index bytes);
+- ``rows``: only the kept rows at ``d_f`` plus a remap ``id -> kept row`` (``-1`` = pruned),
+  int16 when the kept rows fit, else int32. The remapped ids go straight to fbgemm's int-N TBE,
+  which skips ``-1`` indices (the convention of its own ``index_remapping``), so pruned ids
+  read as zeros;
+- ``csr`` (entry-sparse tables): values (fp32/fp16) + column indices (uint8, or int16 when
+  ``D > 256``) per non-zero entry, plus an int32 row pointer per row; served by a vectorised
+  gather/scatter;
+- ``empty``: every row pruned: zero bytes, reads zeros.
+
+Table fields go through :class:`RemapMap` -> one ``IntNBitTableBatchedEmbeddingBagsCodegen``
+(any storage dtype) -> :class:`~compressors.core.layout.Combiner`, which zero-pads a field
+stored at ``d_f < D`` back to ``D``; CSR and empty fields through :class:`SparseFields`.
+
+Example::
+
+    plan = [FieldPlan("C1", 1000, "rows", dim=8, kept=120), FieldPlan("C2", 40, "dense", dim=16)]
+    sum(p.serve_bytes("int8") for p in plan)
+    exported = export_pruned("optembed", 16, plan, "int8", values, row_keep)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec import KeyedJaggedTensor
+
+from compressors.core.base import ExportedEmbedding, FeatureSpec
+from compressors.core.hybrid import FieldRouter
+from compressors.core.layout import Combiner, IndexMap, register_index_map
+from compressors.core.registry import register_serving
+from compressors.core.storage import (
+    BITS,
+    Lookup,
+    ServeTables,
+    TableSpec,
+    layout_from_config,
+    pack_rows,
+    row_bytes,
+)
+from compressors.precision.integer import SparseRowOptimizer
+
+log = logging.getLogger(__name__)
+
+PRUNED_KIND = "pruned"
+INT16_MAX = 32767
+PTR_BYTES = 4
+FORMS = ("dense", "rows", "csr", "empty")
+CSR_DTYPES = ("fp32", "fp16")
+_CHUNK_ROWS = 1 << 18
+
+
+# ---------------------------------------------------------------- byte arithmetic
+def remap_bytes(rows: int, kept: int) -> int:
+    """Bytes of a remap of ``rows`` ids onto ``kept`` rows (int16 when it fits, else int32)."""
+    return rows * (2 if kept <= INT16_MAX else 4)
+
+
+def column_bytes(dim: int) -> int:
+    return 1 if dim <= 256 else 2
+
+
+def csr_bytes(rows: int, nnz: int, dim: int, dtype: str) -> int:
+    """CSR of ``nnz`` entries: values + column indices + an int32 pointer per row (+1)."""
+    return nnz * (BITS[dtype] // 8 + column_bytes(dim)) + (rows + 1) * PTR_BYTES
+
+
+def min_dim(dtype: str) -> int:
+    """The smallest dim whose rows fbgemm packs at ``dtype`` (even bytes for int-N rows)."""
+    return {"fp32": 1, "fp16": 1, "int8": 2, "int4": 4, "int2": 8}[dtype]
+
+
+def dim_choices(dim: int, dtype: str) -> list[int]:
+    """Dims a field may be cut to at ``dtype`` (multiples of :func:`min_dim`, up to ``dim``)."""
+    step = min_dim(dtype)
+    choices = list(range(step, dim + 1, step))
+    if not choices:
+        raise ValueError(f"{dtype} storage needs dim >= {step}, got {dim}")
+    return choices
+
+
+@dataclass(frozen=True)
+class FieldPlan:
+    """How one field is served: ``form`` (see module docstring), dim, kept rows, entries."""
+
+    name: str
+    rows: int
+    form: str
+    dim: int
+    kept: int = 0
+    nnz: int = 0
+
+    def __post_init__(self) -> None:
+        if self.form not in FORMS:
+            raise ValueError(f"field {self.name!r}: unknown form {self.form!r}")
+
+    def serve_bytes(self, dtype: str) -> int:
+        if self.form == "dense":
+            return self.rows * row_bytes(self.dim, dtype)
+        if self.form == "rows":
+            return self.kept * row_bytes(self.dim, dtype) + remap_bytes(self.rows, self.kept)
+        if self.form == "csr":
+            return csr_bytes(self.rows, self.nnz, self.dim, dtype)
+        return 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def row_plan(name: str, rows: int, kept: int, dim: int) -> FieldPlan:
+    """The form of a row-pruned field: ``dense`` when nothing is pruned, ``empty`` when all."""
+    if kept >= rows:
+        return FieldPlan(name, rows, "dense", dim, kept=rows)
+    if kept == 0:
+        return FieldPlan(name, rows, "empty", dim)
+    return FieldPlan(name, rows, "rows", dim, kept=kept)
+
+
+def cheapest_entry_plan(
+    name: str, rows: int, kept_rows: int, nnz: int, dim: int, dtype: str
+) -> FieldPlan:
+    """The cheapest honest form of an entry-sparse field (``kept_rows`` rows hold ``nnz``)."""
+    options = [row_plan(name, rows, kept_rows, dim)]
+    if dtype in CSR_DTYPES and 0 < nnz:
+        options.append(FieldPlan(name, rows, "csr", dim, kept=kept_rows, nnz=nnz))
+    return min(options, key=lambda p: p.serve_bytes(dtype))
+
+
+def max_csr_entries(features: Sequence[FeatureSpec], dim: int, budget: int, dtype: str) -> int:
+    """The most non-zero entries whose CSR export fits ``budget`` (a bound every cheaper
+    per-field form then meets too)."""
+    fixed = sum((f.cardinality + 1) * PTR_BYTES for f in features)
+    return (budget - fixed) // (BITS[dtype] // 8 + column_bytes(dim))
+
+
+# ---------------------------------------------------------------- training storage
+def refuse_distributed(method: str) -> None:
+    """These tables are plain buffers: under DMP they would be replicated and drift apart."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError(
+            f"{method}: its masked tables train in a single process only (they are not "
+            "TorchRec tables DMP can shard); train it without torchrun"
+        )
+
+
+class EntryTable(nn.Module):
+    """All fields in one fp32 table; the forward applies a per-row transform before pooling.
+
+    ``forward(kjt, transform)`` returns ``[B, F, D]``; ``transform(rows, weight)`` maps the
+    batch's unique table rows and their values (a leaf that collects gradients while
+    training) to the values to pool. :meth:`step` updates those rows after the optimizer step.
+    """
+
+    def __init__(
+        self,
+        features: Sequence[FeatureSpec],
+        dim: int,
+        optimizer: str = "rowwise_adagrad",
+        init_scale: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.names = [f.name for f in features]
+        self.cards = [f.cardinality for f in features]
+        self.dim = dim
+        offsets = np.concatenate([[0], np.cumsum(self.cards)]).astype(np.int64)
+        self.rows = int(offsets[-1])
+        self.register_buffer("_offsets", torch.from_numpy(offsets[:-1].copy()), persistent=False)
+        self.register_buffer("_ends", torch.from_numpy(offsets[1:].copy()), persistent=False)
+        weight = torch.empty(self.rows, dim)
+        for start in range(0, self.rows, _CHUNK_ROWS):
+            weight[start : start + _CHUNK_ROWS].uniform_(-init_scale, init_scale)
+        self.register_buffer("weight", weight)
+        self.optimizer = SparseRowOptimizer(optimizer, self.rows, dim)
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def offsets(self) -> list[int]:
+        return self._offsets.tolist()
+
+    def field_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """The field of each table row."""
+        return torch.searchsorted(self._ends, rows, right=True)
+
+    def field_slice(self, f: int) -> slice:
+        start = int(self._offsets[f])
+        return slice(start, start + self.cards[f])
+
+    def _check(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        keys = features.keys()
+        if keys == self.names:
+            return features
+        missing = set(self.names) - set(keys)
+        if missing:
+            raise KeyError(f"input lacks sparse features {sorted(missing)}")
+        return features.permute([keys.index(k) for k in self.names])
+
+    def forward(
+        self,
+        features: KeyedJaggedTensor,
+        transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        features = self._check(features)
+        counts = torch.tensor(features.length_per_key(), device=self.weight.device)
+        fields = torch.repeat_interleave(torch.arange(len(self.names)), counts)
+        ids = features.values() + self._offsets[fields]
+        rows, inverse = torch.unique(ids, return_inverse=True)
+        weight = self.weight[rows]
+        if self.training and torch.is_grad_enabled():
+            weight.requires_grad_()
+            self._pending = (rows, weight)
+        values = transform(rows, weight)
+        pooled = F.embedding_bag(
+            inverse, values, features.offsets(), mode="sum", include_last_offset=True
+        )
+        return pooled.view(len(self.names), -1, self.dim).transpose(0, 1)
+
+    @torch.no_grad()
+    def step(self, lr: float) -> torch.Tensor | None:
+        """Applies the sparse optimizer to the rows the last training forward read;
+        returns those rows (None when nothing was pending)."""
+        pending, self._pending = self._pending, None
+        if pending is None or pending[1].grad is None:
+            return None
+        rows, weight = pending
+        self.weight[rows] = self.optimizer.step(rows, weight.detach(), weight.grad, lr)
+        return rows
+
+    def train_bytes(self) -> int:
+        return self.weight.numel() * 4 + self.optimizer.nbytes
+
+    def row_norms(self, values: torch.Tensor | None = None) -> torch.Tensor:
+        """L1 norm of every row (of ``values`` when given, e.g. masked values)."""
+        source = self.weight if values is None else values
+        return torch.cat(
+            [
+                source[s : s + _CHUNK_ROWS].abs().sum(1)
+                for s in range(0, max(self.rows, 1), _CHUNK_ROWS)
+            ]
+        )
+
+
+# ---------------------------------------------------------------- index map
+@register_index_map
+class RemapMap(IndexMap):
+    """Per field an optional id -> row remap (``-1``: pruned; fbgemm's TBE skips it)."""
+
+    kind = "remap"
+
+    def __init__(self, features: Sequence[str], remaps: dict[str, torch.Tensor]) -> None:
+        super().__init__(features, features)
+        self.remapped = [f for f in features if f in remaps]
+        for i, f in enumerate(self.features):
+            if f in remaps:
+                self.register_buffer(f"_remap{i}", remaps[f], persistent=False)
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        features = self.check_keys(features)
+        if not self.remapped:
+            return features
+        parts = torch.split(features.values(), features.length_per_key())
+        mapped = [
+            getattr(self, f"_remap{i}")[part].long() if f in self.remapped else part
+            for i, (f, part) in enumerate(zip(self.features, parts, strict=True))
+        ]
+        return KeyedJaggedTensor(
+            keys=self.lookup_keys,
+            values=torch.cat(mapped),
+            lengths=features.lengths(),
+            stride=features.stride(),
+        )
+
+    def to_config(self) -> dict[str, Any]:
+        return {**super().to_config(), "remapped": self.remapped}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            f"remap.{f}": getattr(self, f"_remap{i}")
+            for i, f in enumerate(self.features)
+            if f in self.remapped
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> RemapMap:
+        return cls(config["features"], {f: tensors[f"remap.{f}"] for f in config["remapped"]})
+
+
+def build_remap(keep: torch.Tensor) -> torch.Tensor:
+    """``keep`` (bool per id) -> id -> kept row, ``-1`` for pruned ids (int16 when it fits)."""
+    kept = int(keep.sum())
+    remap = torch.full((len(keep),), -1, dtype=torch.int64)
+    remap[keep] = torch.arange(kept)
+    return remap.to(torch.int16 if kept <= INT16_MAX else torch.int32)
+
+
+# ---------------------------------------------------------------- CSR and empty fields
+class SparseFields(nn.Module):
+    """CSR (and empty) fields: KJT of exactly these fields -> ``[B, n, D]``."""
+
+    def __init__(self, plans: Sequence[FieldPlan], dim: int, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.plans = list(plans)
+        self.dim = dim
+        for i, p in enumerate(self.plans):
+            if p.form == "csr":
+                self.register_buffer(f"_values{i}", tensors[f"csr.{p.name}.values"])
+                self.register_buffer(f"_cols{i}", tensors[f"csr.{p.name}.cols"])
+                self.register_buffer(f"_ptr{i}", tensors[f"csr.{p.name}.ptr"])
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        batch = features.stride()
+        lengths = features.lengths().view(len(self.plans), batch)
+        parts = torch.split(features.values(), features.length_per_key())
+        out = []
+        for i, (p, ids) in enumerate(zip(self.plans, parts, strict=True)):
+            pooled = torch.zeros(batch, self.dim)
+            if p.form == "csr" and ids.numel():
+                ptr = getattr(self, f"_ptr{i}").long()
+                start, count = ptr[ids], ptr[ids + 1] - ptr[ids]
+                total = int(count.sum())
+                if total:
+                    first = torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+                    entry = torch.repeat_interleave(start, count) + torch.arange(total) - first
+                    bag = torch.repeat_interleave(torch.arange(batch), lengths[i])
+                    bag = torch.repeat_interleave(bag, count)
+                    cols = getattr(self, f"_cols{i}")[entry].long()
+                    vals = getattr(self, f"_values{i}")[entry].float()
+                    pooled.view(-1).index_add_(0, bag * self.dim + cols, vals)
+            out.append(pooled)
+        return torch.stack(out, dim=1)
+
+
+def pack_csr(values: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
+    """A field's ``[n, D]`` values (zeros pruned) -> CSR tensors at ``dtype``."""
+    nz = values != 0
+    rows, cols = nz.nonzero(as_tuple=True)
+    ptr = torch.zeros(values.shape[0] + 1, dtype=torch.int64)
+    ptr[1:] = torch.cumsum(nz.sum(1), 0)
+    data = values[rows, cols]
+    return {
+        "values": data.float() if dtype == "fp32" else data.half(),
+        "cols": cols.to(torch.uint8 if column_bytes(values.shape[1]) == 1 else torch.int16),
+        "ptr": ptr.to(torch.int32),
+    }
+
+
+# ---------------------------------------------------------------- export and serving
+def export_pruned(
+    method: str,
+    dim: int,
+    plans: Sequence[FieldPlan],
+    dtype: str,
+    field_values: Callable[[int], torch.Tensor],
+    row_keep: Callable[[int], torch.Tensor],
+) -> ExportedEmbedding:
+    """The ``pruned`` export of ``plans``; ``field_values(f)`` are field ``f``'s ``[n_f, D]``
+    values as the trained model reads them, ``row_keep(f)`` its kept rows (bool)."""
+    table_plans = [p for p in plans if p.form in ("dense", "rows")]
+    sparse_plans = [p for p in plans if p.form in ("csr", "empty")]
+    tensors: dict[str, torch.Tensor] = {}
+    tables, lookups, remaps = [], [], {}
+    for f, p in enumerate(plans):
+        if p.form in ("dense", "rows"):
+            values = field_values(f)[:, : p.dim]
+            if p.form == "rows":
+                keep = row_keep(f)
+                if int(keep.sum()) != p.kept:
+                    raise RuntimeError(f"{method}: field {p.name!r} keeps {int(keep.sum())} rows")
+                remaps[p.name] = build_remap(keep)
+                values = values[keep]
+            spec = TableSpec(f"t_{p.name}", values.shape[0], p.dim, dtype)
+            tables.append(spec)
+            lookups.append(Lookup(p.name, spec.name, field=len(lookups)))
+            tensors[f"table.{spec.name}"] = pack_rows(values, dtype)
+        elif p.form == "csr":
+            csr = pack_csr(field_values(f), dtype)
+            if csr["values"].numel() != p.nnz:
+                raise RuntimeError(
+                    f"{method}: field {p.name!r} has {csr['values'].numel()} entries"
+                )
+            tensors.update({f"csr.{p.name}.{k}": v for k, v in csr.items()})
+    index_map = RemapMap([p.name for p in table_plans], remaps)
+    tensors.update({f"index_map.{k}": v for k, v in index_map.tensors().items()})
+    return ExportedEmbedding(
+        kind=PRUNED_KIND,
+        config={
+            "method": method,
+            "dim": dim,
+            "fields": [p.name for p in plans],
+            "dtype": dtype,
+            "plans": [p.to_json() for p in plans],
+            "index_map": index_map.to_config(),
+            "tables": [t.to_json() for t in tables],
+            "lookups": [lk.to_json() for lk in lookups],
+            "sparse_fields": [p.name for p in sparse_plans],
+        },
+        tensors=tensors,
+    )
+
+
+@register_serving(PRUNED_KIND)
+class PrunedServing(nn.Module):
+    """Serves a ``pruned`` export: remap -> fbgemm int-N TBE -> zero-padding combiner for the
+    table fields, :class:`SparseFields` for CSR and empty fields, merged in field order."""
+
+    def __init__(self, exported: ExportedEmbedding) -> None:
+        super().__init__()
+        cfg = exported.config
+        plans = [FieldPlan(**p) for p in cfg["plans"]]
+        tables, lookups = layout_from_config(cfg)
+        table_fields = [lk.key for lk in lookups]
+        sparse = [p for p in plans if p.name in set(cfg["sparse_fields"])]
+        self.router = FieldRouter(cfg["fields"], table_fields, [p.name for p in sparse])
+        self.tables = self.index_map = self.combiner = None
+        if tables:
+            prefix = "index_map."
+            self.index_map = RemapMap.from_config(
+                cfg["index_map"],
+                {k[len(prefix) :]: v for k, v in exported.tensors.items() if k.startswith(prefix)},
+            )
+            self.tables = ServeTables(
+                tables, lookups, {t.name: exported.tensors[f"table.{t.name}"] for t in tables}
+            )
+            self.combiner = Combiner(
+                lookups, [t.dim for t in tables], len(tables), cfg["dim"], op="sum"
+            )
+        self.sparse = SparseFields(sparse, cfg["dim"], exported.tensors) if sparse else None
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        to_tables, to_sparse = self.router.split(features)
+        tables = None
+        if self.tables is not None:
+            tables = self.combiner(self.tables(self.index_map(to_tables)))
+            tables = tables.reshape(tables.shape[0], -1)
+        return self.router.merge(tables, self.sparse(to_sparse) if self.sparse else None)
