@@ -1,0 +1,283 @@
+"""optembed: the straight-through step, thresholds that prune the teacher's empty fields,
+a budgeted evolutionary dim search, retrain with fixed masks, export, resume, ablations."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from pruning_checks import check_artifact, check_resume, config, signal_of, zeroed_auc
+from torchrec import KeyedJaggedTensor
+
+from compressors import BudgetError, FeatureSpec, build_compressor
+from compressors.pruning.common import dim_choices
+from compressors.pruning.optembed import LongTailStep, OptEmbed, ste_derivative
+from ctr.run import load_run_model, train_run
+from ctr.trainer import RunContext
+from datasets.format import DatasetMeta
+
+DIM = 16
+
+
+def test_ste_derivative_matches_the_reference_formula():
+    x = torch.tensor([-1.5, -1.0, -0.7, -0.4, -0.1, 0.0, 0.2, 0.4, 0.41, 1.0, 1.01, 3.0])
+    x.requires_grad_()
+    y = LongTailStep.apply(x)
+    assert torch.equal(y, (x > 0).float())
+    y.backward(torch.full_like(x, 2.0))
+    a = x.detach().abs()
+    expected = torch.where(a <= 0.4, 2 - 4 * a, torch.where(a <= 1, 0.4, 0.0))
+    torch.testing.assert_close(x.grad, 2.0 * expected)
+    assert ste_derivative(torch.tensor(0.0)) == 2.0 and ste_derivative(torch.tensor(1.5)) == 0.0
+
+
+def test_gradient_reaches_thresholds_and_values():
+    layer = build_compressor("optembed", [FeatureSpec("a", 10), FeatureSpec("b", 6)], 4, "2x")
+
+    kjt = KeyedJaggedTensor(
+        keys=["a", "b"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([1, 1, 1, 0])
+    )
+    layer.train()
+    (layer(kjt).sum() + layer.penalty()).backward()
+    assert layer.threshold.grad is not None and layer.threshold.grad.abs().sum() > 0
+    rows, weight = layer.table._pending
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+def _features() -> list[FeatureSpec]:
+    sizes = (5000, 800, 300, 40, 7)
+    return [
+        FeatureSpec(f"C{i}", n, frequencies=torch.arange(n, 0, -1).numpy().astype("int64"))
+        for i, n in enumerate(sizes)
+    ]
+
+
+def test_budget_floor_is_solved_by_arithmetic_and_refused_clearly():
+    feats = _features()
+    plan = OptEmbed.solve(feats, DIM, 10_000)
+    assert not plan["feasible"] and plan["floor_bytes"] > 10_000
+    with pytest.raises(BudgetError, match="one row per field"):
+        build_compressor("optembed", feats, DIM, 10_000)
+    ok = OptEmbed.solve(feats, DIM, 60_000)
+    assert ok["feasible"] and ok["serve_bytes_max"] == 60_000
+    assert (
+        ok["train_bytes"] == build_compressor("optembed", feats, DIM, 60_000).memory().train_bytes
+    )
+    with pytest.raises(BudgetError):  # -D keeps every row: 10x is out of its reach at dim 1
+        build_compressor("optembed", feats, DIM, "40x", prune_rows=False)
+
+
+class FakeContext:
+    """A search context whose fitness rewards dims on chosen fields (no data needed)."""
+
+    def __init__(self, layer: OptEmbed, weights: list[float], stop_after: int | None = None):
+        self.layer, self.weights, self.stop_after = layer, weights, stop_after
+        self.saved: dict | None = None
+        self.evaluations = 0
+        self.resumed = False
+
+    def evaluate(self, split: str = "valid", max_batches: int | None = None) -> dict:
+        self.evaluations += 1
+        dims = self.layer.dims.tolist()
+        return {"auc": sum(w * min(d, 8) for w, d in zip(self.weights, dims, strict=True))}
+
+    def progress(self, total: int, desc: str):
+        return mock.MagicMock()
+
+    def checkpoint(self, state: dict) -> None:
+        self.saved = state
+        if self.stop_after is not None and state["generation"] >= self.stop_after:
+            raise KeyboardInterrupt
+
+    def restored_state(self):
+        return self.saved if self.resumed else None
+
+    def rng(self) -> torch.Generator:
+        return torch.Generator().manual_seed(3)
+
+
+def _searched(budget: int, weights: list[float], **options) -> tuple[OptEmbed, FakeContext]:
+    torch.manual_seed(0)
+    layer = build_compressor("optembed", _features(), DIM, budget, **options)
+    with torch.no_grad():  # rows of field 0 past 1000 have tiny norms: the supernet pruned them
+        layer.table.weight[1000:5000] *= 0.001
+        layer.threshold.fill_(0.02)
+    ctx = FakeContext(layer, weights)
+    layer.run_stage(layer.stages[1], ctx)
+    return layer, ctx
+
+
+def test_search_finds_rewarded_dims_and_never_exceeds_the_budget():
+    weights = [0.0, 1.0, 0.0, 1.0, 0.0]
+    budget = 55_000
+    layer, ctx = _searched(budget, weights, generations=8)
+    dims = layer.dims.tolist()
+    assert layer.memory().serve_bytes <= budget
+    assert layer.kept_per_field()[0] <= 1001  # frozen row mask: field 0's tail is gone
+    assert dims[1] >= 8 and dims[3] >= 8  # rewarded fields reach the reward's cap
+    assert dims[1] + dims[3] > dims[0] + dims[2]
+    # Every candidate the search could see was repaired into the budget.
+    kept = layer.kept_per_field()
+    mass = layer._column_mass()
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        cand = [layer._random_dim(gen) for _ in layer.features]
+        assert layer.candidate_bytes(layer.repair(cand, kept, mass), kept) <= budget
+
+
+def test_thresholds_rise_by_quantile_when_rows_cannot_fit(caplog):
+    budget = 16_000  # the kept rows do not fit even at dim 1
+    layer, _ = _searched(budget, [1.0] * 5, generations=2)
+    assert bool(layer.thresholds_raised)
+    assert "thresholds raised" in caplog.text
+    assert layer.memory().serve_bytes <= budget
+    assert (layer.threshold > 0.02).any()
+
+
+def test_search_resumes_from_its_last_generation():
+    weights = [0.5, 1.0, 0.0, 1.0, 0.2]
+    whole, whole_ctx = _searched(40_000, weights, generations=6)
+    torch.manual_seed(0)
+    layer = build_compressor("optembed", _features(), DIM, 40_000, generations=6)
+    with torch.no_grad():
+        layer.table.weight[1000:5000] *= 0.001
+        layer.threshold.fill_(0.02)
+    ctx = FakeContext(layer, weights, stop_after=3)
+    with pytest.raises(KeyboardInterrupt):
+        layer.run_stage(layer.stages[1], ctx)
+    ctx.stop_after, ctx.resumed = None, True
+    layer.run_stage(layer.stages[1], ctx)
+    assert layer.dims.tolist() == whole.dims.tolist()
+    assert torch.equal(layer.row_mask, whole.row_mask)
+
+
+def test_int4_dims_are_packable():
+    assert dim_choices(16, "int4") == [4, 8, 12, 16]
+    assert dim_choices(16, "int8")[0] == 2
+
+
+# ---------------------------------------------------------------- trained on synthetic data
+SEARCH = {"generations": 5, "search_batches": 2, "alpha": 0.004}
+
+
+@pytest.fixture(scope="module")
+def runs(learn_data, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("optembed")
+    specs = {
+        "optembed": ("5x", dict(SEARCH, supernet_epochs=0.5)),
+        "rows_int8": ("10x", dict(SEARCH, search_dims=False, storage="int8")),
+        "dims": ("3x", dict(SEARCH, prune_rows=False)),
+    }
+    for name, (budget, options) in specs.items():
+        train_run(config(learn_data, "optembed", budget, **options), root / name)
+    return {name: root / name for name in specs}
+
+
+def test_thresholds_prune_the_fields_without_signal(runs, learn_data):
+    model, _ = load_run_model(runs["optembed"])
+    layer = model.embedding.compressor
+    signal = signal_of(DatasetMeta.load(learn_data))
+    hp = layer.hyperparameters()
+    assert all(t > 0.2 for t in hp["thresholds"].values())  # thresholds moved from 0
+    kept, dims = hp["kept_rows"], hp["dims"]
+    sizes = {f.name: f.cardinality for f in layer.features}
+
+    def share(names, weigh_dims):
+        kept_entries = sum(kept[n] * (dims[n] if weigh_dims else DIM) for n in names)
+        return kept_entries / sum(sizes[n] * DIM for n in names)
+
+    empty = [n for n, s in signal.items() if s == 0.0]
+    strong = [n for n, s in signal.items() if s == 1.0]
+    assert share(empty, False) < 0.5  # fields without signal lose most rows ...
+    assert share(strong, False) > share(empty, False) + 0.2  # ... strong fields far fewer
+    assert share(strong, True) > share(empty, True)  # and keep more of their entries
+    assert layer.memory().serve_bytes <= layer.budget_bytes
+
+
+def test_retrain_keeps_the_masks_and_rewinds(runs):
+    run = runs["optembed"]
+    model, _ = load_run_model(run)
+    layer = model.embedding.compressor
+    initial = torch.load(run / "initial.pt", weights_only=True)
+    w0 = initial["embedding.compressor.table.weight"]
+    pruned = ~layer.row_mask
+    assert pruned.any() and bool(layer.frozen)
+    # Pruned rows got no gradient in the retrain from the initial weights ...
+    assert torch.equal(layer.table.weight[pruned], w0[pruned])
+    assert not torch.equal(layer.table.weight[~pruned], w0[~pruned])
+    # ... and both masks hold in the forward pass: a pruned id reads zeros, columns past
+    # a field's dim read zeros.
+    names = layer.feature_names
+    ids, lost = [], []
+    for f in range(len(names)):
+        field_pruned = torch.nonzero(pruned[layer.table.field_slice(f)]).squeeze(1)
+        lost.append(len(field_pruned) > 0)
+        ids.append(int(field_pruned[0]) if lost[-1] else 0)
+    kjt = KeyedJaggedTensor(
+        keys=names, values=torch.tensor(ids), lengths=torch.ones(len(names), dtype=torch.int64)
+    )
+    layer.eval()
+    out = layer(kjt)[0]
+    for f, d in enumerate(layer.dims.tolist()):
+        assert torch.all(out[f, d:] == 0)
+        assert torch.all(out[f] == 0) or not lost[f]
+
+
+def test_optembed_learns(runs, learn_data):
+    from json import loads
+
+    summary = loads((runs["optembed"] / "summary.json").read_text())
+    assert summary["test_auc"] > 0.66
+    assert zeroed_auc(runs["optembed"], learn_data) < summary["test_auc"] - 0.04
+
+
+def test_artifact_matches_serve_bytes_and_predictions(runs, learn_data, tmp_path):
+    manifest = check_artifact(runs["optembed"], learn_data, tmp_path / "a", atol=1e-5)
+    cfg = manifest["embedding"]["config"]
+    assert any(p["form"] == "rows" for p in cfg["plans"])  # remapped fields were exported
+    assert len({p["dim"] for p in cfg["plans"]}) > 1  # at mixed dims
+
+
+def test_rows_only_ablation_with_int8_storage(runs, learn_data, tmp_path):
+    model, _ = load_run_model(runs["rows_int8"])
+    layer = model.embedding.compressor
+    assert layer.dims.tolist() == [DIM] * layer.num_features
+    assert (~layer.row_mask).sum() > 0
+    assert layer.memory().serve_bytes <= layer.budget_bytes
+    manifest = check_artifact(runs["rows_int8"], learn_data, tmp_path / "a", atol=0.05)
+    assert {t["dtype"] for t in manifest["embedding"]["config"]["tables"]} == {"int8"}
+
+
+def test_dims_only_ablation_keeps_every_row(runs, learn_data, tmp_path):
+    model, _ = load_run_model(runs["dims"])
+    layer = model.embedding.compressor
+    assert bool(layer.row_mask.all()) and torch.all(layer.threshold == 0)
+    assert len(set(layer.dims.tolist())) > 1
+    assert layer.memory().serve_bytes <= layer.budget_bytes
+    manifest = check_artifact(runs["dims"], learn_data, tmp_path / "a", atol=1e-5)
+    assert manifest["embedding"]["config"]["index_map"]["remapped"] == []
+
+
+def test_each_stage_resumes_after_a_kill(tiny_data, tmp_path):
+    cfg = config(tiny_data, "optembed", "4x", epochs=0.5, generations=3, search_batches=1)
+    # 15 steps a stage: killed in the supernet (step 5), in the search (after its first
+    # generation) and in the retrain (step 20).
+    calls = {"n": 0}
+    original = RunContext.checkpoint
+
+    def checkpoint(self, state):
+        original(self, state)
+        calls["n"] += 1
+        if self.stage.name == "search" and calls["n"] == 1:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def kill_in_search():
+        with mock.patch.object(RunContext, "checkpoint", checkpoint):
+            yield
+
+    check_resume(cfg, tmp_path, [5], patch=kill_in_search)
+    check_resume(cfg, tmp_path / "late", [20])
