@@ -59,17 +59,20 @@ def check_artifact(run_dir: Path, data: Path, out: Path, atol: float) -> dict[st
     return manifest
 
 
-def check_resume(cfg: RunConfig, tmp: Path, stop_steps: list[int], patch=None) -> None:
-    """Runs ``cfg`` whole, and again killed after each of ``stop_steps`` steps (and, with
-    ``patch``, killed by it) and resumed: the final weights and metrics are identical."""
+def check_resume(cfg: RunConfig, tmp: Path, kills: list) -> None:
+    """Runs ``cfg`` whole, and again interrupted by each of ``kills`` in turn (an int: stop
+    after that many steps in all; a context manager factory: a patch that raises
+    ``KeyboardInterrupt`` inside the run) and resumed: the final weights and metrics are
+    identical."""
     whole = train_run(cfg, tmp / "whole")
     split = tmp / "split"
-    for steps in stop_steps:
-        stopped = RunConfig.from_json(cfg.to_json())
-        stopped.train.max_steps = steps
-        assert train_run(stopped, split)["finished"] is False
-    if patch is not None:
-        with patch():
+    for kill in kills:
+        if isinstance(kill, int):
+            stopped = RunConfig.from_json(cfg.to_json())
+            stopped.train.max_steps = kill
+            assert train_run(stopped, split)["finished"] is False
+            continue
+        with kill():
             try:
                 train_run(cfg, split)
             except KeyboardInterrupt:
