@@ -5,7 +5,10 @@ Every entry is reparameterised with a learnable soft threshold,
 ``ŵ = sign(w) · relu(|w| − g(s))`` with ``g = sigmoid``; ``s`` is one scalar per field
 (``granularity="field"``) or per field and dim (``"field_dim"``), initialised to
 ``threshold_init`` and trained with Adam at ``threshold_lr`` jointly with the table and the
-network (no extra loss: the data loss alone moves ``s``). Two stages:
+network. As in the reference, the only other force on ``s`` is Adam's L2 weight decay
+(``threshold_decay``, the reference's ``1e-5``): while ``g'(s)`` is tiny the decay dominates
+and Adam's normalised steps walk ``s`` up towards 0, until the data loss pushes back. Two
+stages:
 
 1. **search** (training): every ``check_every`` steps the table's sparsity is measured; the
    first time it reaches the budget's sparsity (see :mod:`compressors.pruning.entry`) the
@@ -16,11 +19,13 @@ network (no extra loss: the data loss alone moves ``s``). Two stages:
 2. **retrain** (training) from the run's initial weights with the mask fixed
    (lottery-ticket rewind, the paper's setting; ``rewind=False`` keeps the searched weights).
 
-Deviations: the reference trains embeddings with Adam; here the table uses the sparse
+Deviations: the reference trains embeddings with Adam (L2 ``1e-5``); here the table uses the sparse
 row-wise Adagrad every table method uses (fbgemm's fused kernels cannot reparameterise
 entries, so the table is a plain buffer and training is single-process). The reference
-initialises ``s`` at −15 over long runs; the default ``threshold_init=-6`` with
-``threshold_lr=0.01`` lets short runs prune (``threshold_init=-15`` is one option away).
+initialises ``s`` at −150 (Criteo, ``feature_dim``) over runs of many epochs; the default
+``threshold_init=-6`` lets shorter runs prune (``threshold_init=-150`` is one option away).
+Runs too short for the thresholds to reach the budget's sparsity end with the magnitude
+fallback above (logged).
 
 Example::
 
@@ -68,6 +73,7 @@ class PEP(EntryPruned):
         granularity: str = "field",
         threshold_init: float = -6.0,
         threshold_lr: float = 0.01,
+        threshold_decay: float = 1e-5,
         check_every: int = 10,
         rewind: bool = True,
         search_epochs: float | None = None,
@@ -84,6 +90,7 @@ class PEP(EntryPruned):
         super().__init__(features, dim, budget_bytes, storage, optimizer, init_scale)
         self.granularity = granularity
         self.threshold_lr = threshold_lr
+        self.threshold_decay = threshold_decay
         self.check_every = check_every
         width = 1 if granularity == "field" else dim
         self.threshold = nn.Parameter(torch.full((len(features), width), float(threshold_init)))
@@ -101,7 +108,14 @@ class PEP(EntryPruned):
         return soft_threshold(weight, g)
 
     def optimizer_groups(self) -> list[dict[str, Any]]:
-        return [{"params": [self.threshold], "optimizer": "adam", "lr": self.threshold_lr}]
+        return [
+            {
+                "params": [self.threshold],
+                "optimizer": "adam",
+                "lr": self.threshold_lr,
+                "weight_decay": self.threshold_decay,
+            }
+        ]
 
     def rewind_keep(self) -> list[str]:
         return ["mask", "found", "found_step", "threshold"]
