@@ -91,6 +91,7 @@ def export(
             "config": embedding.config,
             "serve_bytes": embedding.nbytes,
             "memory": memory.to_json(),
+            "hyperparameters": model.embedding.compressor.hyperparameters(),
         },
         "tensors": {
             k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
@@ -115,6 +116,9 @@ def export(
         if meta is not None and meta.root is not None and (meta.root / VOCAB_FILE).exists():
             shutil.copyfile(meta.root / VOCAB_FILE, tmp / VOCAB_FILE)
             manifest["files"][VOCAB_FILE] = _sha256(tmp / VOCAB_FILE)
+        manifest["embedding"]["footprint"] = serving_footprint(
+            embedding.nbytes, tmp / VOCAB_FILE if VOCAB_FILE in manifest["files"] else None
+        )
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
         if path.exists():
             shutil.rmtree(path)
@@ -123,6 +127,14 @@ def export(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def serving_footprint(tables: int, vocabulary: Path | None) -> dict[str, int]:
+    """Everything a server holds for the embeddings: the tables (``serve_bytes``) and, for
+    raw-value serving of id-keyed methods, the raw value -> id vocabulary (its bytes as the
+    artifact stores it), reported as its own part."""
+    vocab = vocabulary.stat().st_size if vocabulary is not None else 0
+    return {"tables": tables, "vocabulary": vocab, "total": tables + vocab}
 
 
 class ServingEmbedding(nn.Module):

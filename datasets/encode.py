@@ -111,18 +111,24 @@ class RawEncoder:
             unknown = sorted(set(record) - self._accepted)
             if unknown:
                 raise ValueError(f"record {i}: unknown fields {unknown}; expected {self.fields}")
-        return self.encode_columns({c: [r.get(c) for r in records] for c in self.fields})
+        return self.encode_columns(
+            {c: [r.get(c) for r in records] for c in self.fields}, len(records)
+        )
 
-    def encode_columns(self, columns: Mapping[str, Sequence[Any]]) -> EncodedRecords:
+    def encode_columns(
+        self, columns: Mapping[str, Sequence[Any]], rows: int | None = None
+    ) -> EncodedRecords:
         """Encodes equal-length raw columns (field -> values); an absent field is missing in
-        every row. Vectorised per column: no Python loop over rows for plain columns."""
+        every row (``rows`` gives the count when no column does). Vectorised per column: no
+        Python loop over rows for plain columns."""
         unknown = sorted(set(columns) - self._accepted)
         if unknown:
             raise ValueError(f"unknown fields {unknown}; expected {self.fields}")
-        sizes = {len(v) for v in columns.values()}
+        sizes = {len(v) for v in columns.values()} | ({rows} if rows is not None else set())
         if len(sizes) != 1:
             raise ValueError(
                 f"columns differ in length: { {k: len(v) for k, v in columns.items()} }"
+                + (f", expected {rows}" if rows is not None else "")
             )
         (n,) = sizes
         if not n:
