@@ -68,7 +68,11 @@ def build_run_model(cfg: RunConfig, meta: DatasetMeta | None = None) -> CTRModel
     meta = meta or DatasetMeta.load(cfg.data)
     seed_everything(cfg.train.seed)
     layer = EmbeddingLayer(
-        features_from_dataset(meta), cfg.dim, cfg.compressor, cfg.budget, **cfg.method_options
+        features_from_dataset(meta, cfg.method_options.get("keys") == "fingerprint"),
+        cfg.dim,
+        cfg.compressor,
+        cfg.budget,
+        **cfg.method_options,
     )
     return build_model(cfg.model, layer, len(meta.dense), **cfg.model_options)
 

@@ -9,7 +9,9 @@ Endpoints:
   *Missing fields*: a sparse field that is absent, null or ``""`` is the missing value, which
   preparation encoded as id 0 (OOV); a dense field that is absent or null is the missing
   number, which the dataset's transform fills (Criteo: ``log(1 + 0)``, tables: 0). With
-  ``"ids": true`` an absent sparse field is id 0 and an absent dense field is 0.0.
+  ``"ids": true`` an absent sparse field is id 0 and an absent dense field is 0.0; a field
+  the model keys by raw-value fingerprint (metadata ``fingerprint_fields``) takes the value's
+  64-bit fingerprint (:func:`datasets.fingerprint.fingerprint_strings`) as its id.
 - ``GET /v1/metadata`` — model, method and solved hyperparameters, fields, serving footprint
   (tables and, for id-keyed methods, the vocabulary), dataset, artifact version and checksum.
 - ``GET /healthz`` (the process answers) and ``GET /readyz`` (a verified model is loaded).
@@ -152,6 +154,7 @@ class Served:
             "serve_bytes": emb["serve_bytes"],
             "ratio": memory.get("full_bytes", 0) / max(emb["serve_bytes"], 1),
             "footprint": footprint,
+            "fingerprint_fields": self.model.fingerprint_fields,
             "dataset": (manifest.get("dataset") or {}).get("name"),
             "inputs": {"raw": self.encoder is not None, "ids": True},
         }
@@ -301,8 +304,10 @@ def ids_records(served: Served, columns: dict[str, list[Any]], n: int) -> Encode
             dense[:, j] = _numbers(name, columns[name])
     sparse: dict[str, np.ndarray | list[np.ndarray]] = {}
     lengths: dict[str, np.ndarray] = {}
+    keyed = set(served.model.fingerprint_fields)
     for f in served.sparse:
-        name, card = f["name"], f["cardinality"]
+        # A fingerprint-keyed field's "id" is the raw value's 64-bit fingerprint.
+        name, card = f["name"], (None if f["name"] in keyed else f["cardinality"])
         values = columns.get(name)
         if f["multi_hot"]:
             bags = [[] if v is None else v for v in (values or [None] * n)]
@@ -316,7 +321,7 @@ def ids_records(served: Served, columns: dict[str, list[Any]], n: int) -> Encode
     return EncodedRecords(dense, sparse, lengths)
 
 
-def _ids(name: str, values: list[Any], cardinality: int) -> np.ndarray:
+def _ids(name: str, values: list[Any], cardinality: int | None) -> np.ndarray:
     kinds = set(map(type, values))
     if not kinds <= {int, type(None)}:
         bad = next(v for v in values if type(v) not in (int, type(None)))
@@ -327,7 +332,7 @@ def _ids(name: str, values: list[Any], cardinality: int) -> np.ndarray:
         ids = np.asarray(values, dtype=np.int64)
     except OverflowError:
         raise RequestError(400, f"field {name!r}: id out of range") from None
-    if len(ids) and (ids.min() < 0 or ids.max() >= cardinality):
+    if cardinality is not None and len(ids) and (ids.min() < 0 or ids.max() >= cardinality):
         raise RequestError(400, f"field {name!r}: ids must lie in [0, {cardinality})")
     return ids
 

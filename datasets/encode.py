@@ -84,7 +84,13 @@ class EncodedRecords:
 class RawEncoder:
     """Encodes raw records with a prepared dataset's transforms and vocabulary."""
 
-    def __init__(self, meta: DatasetMeta, fmt: Format, vocabs: dict[str, FieldVocab]) -> None:
+    def __init__(
+        self,
+        meta: DatasetMeta,
+        fmt: Format,
+        vocabs: dict[str, FieldVocab],
+        fingerprint_fields: Sequence[str] = (),
+    ) -> None:
         if fmt.sparse != meta.sparse_names or fmt.dense != meta.dense:
             raise PreparedDataError(
                 f"{meta.root}: meta.json fields {meta.dense + meta.sparse_names} do not match "
@@ -93,6 +99,13 @@ class RawEncoder:
         self.meta = meta
         self.format = fmt
         self.vocabs = vocabs
+        # Fields encoded as raw-value fingerprints (no vocabulary), for fingerprint-keyed models.
+        self.fingerprint_fields = set(fingerprint_fields)
+        lacking = [
+            f for f in meta.sparse_names if f not in vocabs and f not in self.fingerprint_fields
+        ]
+        if lacking:
+            raise PreparedDataError(f"{meta.root}: no vocabulary for fields {lacking}")
         self.fields = fmt.feature_columns
         self._accepted = {*fmt.columns}
         self._numeric = set(meta.dense)
@@ -171,7 +184,10 @@ class RawEncoder:
 
     def _ids(self, name: str, tokens: pa.Array) -> np.ndarray:
         """int64 ids of string tokens: binary search of their fingerprints in the field's
-        sorted vocabulary fingerprints (built once), unknown tokens -> 0."""
+        sorted vocabulary fingerprints (built once), unknown tokens -> 0; for a fingerprint
+        field, the fingerprints themselves."""
+        if name in self.fingerprint_fields:
+            return fingerprint_strings(tokens)
         if name not in self._index:
             fps = fingerprint_strings(self.vocabs[name].values)
             order = np.argsort(fps, kind="stable")
@@ -215,15 +231,22 @@ def format_for_meta(meta: DatasetMeta) -> Format:
     return FORMATS[name].from_config(meta.options.get("config", {}))
 
 
-def load_field_vocabs(meta: DatasetMeta) -> dict[str, FieldVocab]:
-    """Each field's :class:`FieldVocab` from ``vocab.parquet``, checked against meta.json."""
+def load_field_vocabs(
+    meta: DatasetMeta, fields: Sequence[str] | None = None
+) -> dict[str, FieldVocab]:
+    """Each field's (or ``fields``') :class:`FieldVocab` from ``vocab.parquet``, checked
+    against meta.json."""
     assert meta.root is not None, "meta was not loaded from a directory"
+    if fields is not None and not fields:
+        return {}
     path = Path(meta.root) / VOCAB_FILE
     if not path.exists():
         raise PreparedDataError(f"{path}: missing vocabulary file")
     table = pq.read_table(path)
     out = {}
     for f in meta.sparse:
+        if fields is not None and f.name not in fields:
+            continue
         rows = table.filter(pc.equal(table["field"], f.name))
         rows = rows.take(pc.sort_indices(rows["id"]))
         ids = rows["id"].to_numpy()

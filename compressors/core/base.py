@@ -25,13 +25,17 @@ class FeatureSpec:
     """One sparse field as the embedding layer sees it.
 
     ``cardinality`` counts every id including the OOV id 0. ``frequencies`` (train counts per
-    id, optional) lets frequency-aware methods split head from tail.
+    id, optional) lets frequency-aware methods split head from tail. ``fingerprints``
+    (optional, int64 per id, id 0 -> 0) are the 64-bit fingerprints of the raw values
+    (:mod:`datasets.fingerprint`): a layer with ``keys="fingerprint"`` feeds them to methods
+    that hash values, so serving can hash raw values without a vocabulary.
     """
 
     name: str
     cardinality: int
     multi_hot: bool = False
     frequencies: np.ndarray | None = field(default=None, compare=False, repr=False)
+    fingerprints: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.cardinality < 1:
@@ -254,6 +258,11 @@ class Compressor(nn.Module):
     def hyperparameters(self) -> dict[str, Any]:
         """What the budget solver chose, for run summaries and manifests."""
         return {}
+
+    def hashed_fields(self) -> list[str]:
+        """Fields whose embedding depends on a value only through a 64-bit hash of it, so any
+        int64 key (a raw value's fingerprint) can stand in for its id. None by default."""
+        return []
 
     # Training hooks; the trainer calls them in this order. Defaults do nothing.
     def on_stage_start(self, stage: Stage, ctx: StageContext) -> None:

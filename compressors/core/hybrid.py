@@ -126,6 +126,8 @@ class FieldModule(nn.Module):
     """
 
     kind: ClassVar[str] = ""
+    #: the module reads a value only through 64-bit hashes of it (any int64 key works)
+    hashes_values: ClassVar[bool] = False
 
     def __init__(self, fields: Sequence[str], dim: int) -> None:
         super().__init__()
@@ -268,6 +270,13 @@ class HybridMethod(Compressor):
         return self.router.merge(
             self.tables(to_tables) if self.tables is not None else None,
             self.module(to_module) if self.module is not None else None,
+        )
+
+    def hashed_fields(self) -> list[str]:
+        return (
+            list(self.module.fields)
+            if self.module is not None and self.module.hashes_values
+            else []
         )
 
     def optimizer_groups(self) -> list[dict[str, Any]]:

@@ -125,6 +125,9 @@ class TableMethod(Compressor):
             tensors=tensors,
         )
 
+    def hashed_fields(self) -> list[str]:
+        return self.index_map.hashed_fields()
+
     def hyperparameters(self) -> dict[str, Any]:
         return {
             "storage": self.storage,

@@ -68,6 +68,7 @@ class RobeArray(FieldModule):
     """One hashed array shared by its fields; rows are ``dim / chunk`` signed chunks."""
 
     kind = ROBE_KIND
+    hashes_values = True
 
     def __init__(
         self,
