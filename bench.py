@@ -910,6 +910,241 @@ def bench_unified_claim(args: argparse.Namespace) -> dict:
     return {"rows": rows, "verdict": verdict, "seeds": list(seeds)}
 
 
+# ---------------------------------------------------------------- serving
+SERVING_ROWS = 200_000
+
+
+def _http_load(port: int, bodies: list[bytes], clients: int, seconds: float) -> dict:
+    """``clients`` threads on keep-alive connections posting ``bodies`` round-robin for
+    ``seconds``: requests, rows, errors and latency percentiles."""
+    import http.client
+    import threading
+
+    import numpy as np
+
+    rows_per = [json.loads(b)["inputs"] for b in bodies]
+    sizes = [len(next(iter(c.values()))) for c in rows_per]
+    latencies: list[float] = []
+    counts = {"requests": 0, "rows": 0, "errors": 0}
+    kinds: dict[str, int] = {}
+    lock = threading.Lock()
+    deadline = time.perf_counter() + seconds
+
+    def client(k: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        mine, rows, errors, i = [], 0, 0, k
+        while time.perf_counter() < deadline:
+            body = bodies[i % len(bodies)]
+            start = time.perf_counter()
+            try:
+                conn.request("POST", "/v1/predict", body, {"Content-Type": "application/json"})
+                response = conn.getresponse()
+                response.read()
+                ok = response.status == 200
+                kind = str(response.status)
+            except (OSError, http.client.HTTPException) as e:
+                ok, kind = False, type(e).__name__
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            mine.append(time.perf_counter() - start)
+            rows += sizes[i % len(bodies)] if ok else 0
+            errors += 0 if ok else 1
+            if not ok:
+                with lock:
+                    kinds[kind] = kinds.get(kind, 0) + 1
+            i += 1
+        conn.close()
+        with lock:
+            latencies.extend(mine)
+            counts["requests"] += len(mine)
+            counts["rows"] += rows
+            counts["errors"] += errors
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    q = np.percentile(latencies, [50, 95, 99]) * 1e3 if latencies else [float("nan")] * 3
+    return {
+        **counts,
+        "rows/s": counts["rows"] / elapsed,
+        "p50_ms": q[0],
+        "p95_ms": q[1],
+        "p99_ms": q[2],
+        "error kinds": ",".join(f"{k}:{v}" for k, v in sorted(kinds.items())) or "-",
+    }
+
+
+@section("serving", default=False)
+def bench_serving(args: argparse.Namespace) -> dict:
+    """`ctr serve` under a bounded concurrent client vs in-process CompactModel; binary decode."""
+    import re
+    import select
+    import subprocess
+
+    import numpy as np
+    import torch
+
+    from ctr import CompactModel, EmbeddingLayer, build_model, export
+    from ctr.embedding import features_from_dataset
+    from datasets.encode import RawEncoder
+    from datasets.format import DatasetMeta
+    from datasets.loader import BatchLoader
+
+    data = default_dataset(args, rows=args.rows or SERVING_ROWS)
+    meta = DatasetMeta.load(data)
+    encoder = RawEncoder.load(data)
+    rng = np.random.default_rng(0)
+    request_rows, seconds = 64, float(os.environ.get("CTR_BENCH_SERVING_S", "4"))
+
+    def raw_columns(n: int) -> dict[str, list]:
+        cols: dict[str, list] = {d: rng.normal(size=n).round(3).tolist() for d in meta.dense}
+        for f in meta.sparse:
+            values = encoder.vocabs[f.name].values
+            picks = values.take(rng.integers(0, len(values), n)).to_pylist()
+            cols[f.name] = [[v] for v in picks] if f.multi_hot else picks
+        return cols
+
+    bodies = [json.dumps({"inputs": raw_columns(request_rows)}).encode() for _ in range(32)]
+    big = raw_columns(4096)
+    ids_batches = [
+        b for _, b in zip(range(6), BatchLoader(meta, "test", 4096).epoch(0), strict=False)
+    ]
+
+    def rate(fn: Callable[[], int], repeats: int = 5) -> float:
+        fn()  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            n = fn()
+            best = min(best, time.perf_counter() - start)
+        return n / best
+
+    rows, inproc = [], {}
+    for storage in ("fp32", "int8"):
+        torch.manual_seed(0)
+        layer = EmbeddingLayer(features_from_dataset(meta), 16, "full", "1x", storage=storage)
+        model = build_model("deepfm", layer, len(meta.dense)).eval()
+        path = CACHE / "serving" / storage
+        export(model, path, dataset=data)
+        compact = CompactModel.load(path)
+
+        def ids_forward(m: object = compact) -> int:
+            with torch.inference_mode():
+                for b in ids_batches:
+                    m(b.dense_features, b.sparse_features)
+            return sum(len(b.labels) for b in ids_batches)
+
+        def trained_forward(m: object = model) -> int:
+            return ids_forward(m)
+
+        def raw_predict(m: object = compact) -> int:
+            return len(m.predict_columns(big))
+
+        inproc[storage] = {
+            "ids": rate(ids_forward),
+            "trained": rate(trained_forward),
+            "raw": rate(raw_predict),
+        }
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ctr.cli", "serve", str(path), "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        try:
+            port, deadline = 0, time.monotonic() + 300
+            while not port and time.monotonic() < deadline and proc.poll() is None:
+                if select.select([proc.stdout], [], [], 1.0)[0]:
+                    found = re.search(r":(\d+)$", proc.stdout.readline().strip())
+                    port = int(found.group(1)) if found else 0
+            if not port:
+                raise RuntimeError("the server did not start")
+            for clients in (16, 64):
+                load = _http_load(port, bodies, clients, seconds)
+                rows.append(
+                    {
+                        "storage": storage,
+                        "clients": clients,
+                        "rows/req": request_rows,
+                        **load,
+                        "vs in-process raw": load["rows/s"] / inproc[storage]["raw"],
+                    }
+                )
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    print_table(
+        f"serving: ctr serve on 127.0.0.1, {seconds:g} s per setting, {request_rows} raw rows per "
+        "request, client threads in this process (shared 2-core machine: short, noisy run)",
+        rows,
+    )
+    inproc_rows = [
+        {
+            "storage": s,
+            "CompactModel ids rows/s": r["ids"],
+            "trained model (fbgemm) rows/s": r["trained"],
+            "CompactModel vs trained": r["ids"] / r["trained"],
+            "raw records rows/s": r["raw"],
+        }
+        for s, r in inproc.items()
+    ]
+    print_table("serving: in-process, batches of 4096 (same run)", inproc_rows)
+
+    # Binary serving: int2-decoded planes (fbgemm) and the bit-LUT decode vs fp32 lookups.
+    from compressors.precision.binary import BinaryServing
+
+    cards = [f.cardinality for f in meta.sparse]
+    modules = _serving_tables(cards, 16)
+    for bits in (1, 4):
+        fast = modules[f"binary b={bits}"]
+        exported_bits = _binary_exported(cards, 16, bits)
+        modules[f"binary b={bits} (bits)"] = BinaryServing(exported_bits, decode="bits")
+        assert isinstance(fast, BinaryServing) and fast.decode == "int2"
+    kjts = [b.sparse_features for b in ids_batches]
+    speeds = _lookup_speed({k: v for k, v in modules.items() if "binary" in k or k == "fp32"}, kjts)
+    binary_rows = [
+        {"format": k, "lookups/s": v, "vs fp32": v / speeds["fp32"]} for k, v in speeds.items()
+    ]
+    print_table("serving: binary decode vs fp32 fbgemm lookups (1 thread CPU time)", binary_rows)
+    return {"http": rows, "in_process": inproc_rows, "binary": binary_rows}
+
+
+def _binary_exported(cards: list[int], dim: int, bits: int, seed: int = 0) -> object:
+    """The binary export ``_serving_tables`` builds, for another decode."""
+    import torch
+
+    from compressors import ExportedEmbedding
+    from compressors.core.layout import OffsetMap
+    from compressors.precision.binary import KIND, binarize
+
+    gen = torch.Generator().manual_seed(seed)
+    parts = [binarize(torch.randn(n, dim, generator=gen) * 0.1, bits) for n in cards]
+    names = [f"C{i + 1}" for i in range(len(cards))]
+    return ExportedEmbedding(
+        kind=KIND,
+        config={
+            "method": "binary",
+            "dim": dim,
+            "num_fields": len(cards),
+            "bits": bits,
+            "index_map": OffsetMap(names, [sum(cards[:i]) for i in range(len(cards))]).to_config(),
+        },
+        tensors={
+            "codes": torch.cat([c for c, _ in parts]),
+            "scales": torch.cat([s for _, s in parts]),
+        },
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter

@@ -22,9 +22,12 @@ Endpoints:
   is also polled. Requests already queued finish on the model they were accepted by; an
   artifact that fails verification is refused (409) and the old model keeps serving.
 
-Requests are encoded in worker threads, queued, and coalesced by one batcher into forwards of
-up to ``max_batch`` rows, waiting at most ``max_delay_ms`` for more rows; forwards run on a
-dedicated thread, never on the event loop. Bad requests get a JSON ``{"error": ...}``:
+Requests are validated on arrival, queued, and coalesced by one batcher into forwards of up
+to ``max_batch`` rows, waiting at most ``max_delay_ms`` for more rows. A batch's raw values
+are encoded together (one vectorised pass over all its requests' rows: the per-field fixed
+cost is paid once per batch, not per request) and its forward runs, both on a dedicated
+thread, never on the event loop; a value that fails to encode fails only its own request.
+Bad requests get a JSON ``{"error": ...}``:
 malformed JSON 400, unknown field / wrong type / ragged columns 400 naming the field, body
 over ``max_body_bytes`` 413, more than ``max_rows`` rows 413, non-JSON content type 415, and
 a full queue (over ``max_queue_rows`` rows waiting) 503 with ``Retry-After``.
@@ -452,11 +455,70 @@ class Metrics:
 
 
 @dataclass
+class RawColumns:
+    """A request's validated raw columns, encoded with the rest of its batch."""
+
+    columns: dict[str, list[Any]]
+    rows: int
+
+
+@dataclass
 class Pending:
     served: Served
-    encoded: EncodedRecords
+    encoded: EncodedRecords | RawColumns
     rows: int
     future: asyncio.Future
+
+
+def run_batch(
+    served: Served, items: Sequence[EncodedRecords | RawColumns]
+) -> tuple[np.ndarray, list[tuple[int, int] | RequestError]]:
+    """Encodes the raw requests of a batch together (one vectorised pass over all their rows;
+    request by request only when that fails, to blame the right one) and runs one forward.
+    Returns the probabilities and, per item, its slice of them or its error."""
+    raw = [i for i, it in enumerate(items) if isinstance(it, RawColumns)]
+    parts: list[EncodedRecords] = []
+    order: list[int] = []
+    outcome: list[tuple[int, int] | RequestError | None] = [None] * len(items)
+    if raw:
+        try:
+            parts.append(_encode_raw(served, _merge([items[i] for i in raw])))
+            order += raw
+        except RequestError:
+            for i in raw:
+                try:
+                    parts.append(_encode_raw(served, items[i]))
+                    order.append(i)
+                except RequestError as e:
+                    outcome[i] = e
+    for i, it in enumerate(items):
+        if isinstance(it, EncodedRecords):
+            parts.append(it)
+            order.append(i)
+    probs = forward(served, parts) if parts else np.zeros(0, np.float32)
+    start = 0
+    for i in order:
+        item = items[i]
+        rows = item.rows if isinstance(item, RawColumns) else len(item.dense)
+        outcome[i] = (start, start + rows)
+        start += rows
+    return probs, outcome  # type: ignore[return-value]
+
+
+def _merge(items: Sequence[RawColumns]) -> RawColumns:
+    if len(items) == 1:
+        return items[0]
+    fields = dict.fromkeys(k for it in items for k in it.columns)
+    columns = {k: [v for it in items for v in it.columns.get(k, [None] * it.rows)] for k in fields}
+    return RawColumns(columns, sum(it.rows for it in items))
+
+
+def _encode_raw(served: Served, raw: RawColumns) -> EncodedRecords:
+    assert served.encoder is not None
+    try:
+        return served.encoder.encode_columns(raw.columns, raw.rows)
+    except ValueError as e:
+        raise RequestError(400, str(e)) from e
 
 
 class Batcher:
@@ -542,15 +604,17 @@ class Batcher:
     async def _forward(self, batch: list[Pending], rows: int) -> None:
         try:
             served = batch[0].served
-            probs = await asyncio.get_running_loop().run_in_executor(
-                self.executor, forward, served, [p.encoded for p in batch]
+            probs, outcome = await asyncio.get_running_loop().run_in_executor(
+                self.executor, run_batch, served, [p.encoded for p in batch]
             )
-            self.metrics.batch_rows.observe(rows)
-            start = 0
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_result(probs[start : start + p.rows].tolist())
-                start += p.rows
+            self.metrics.batch_rows.observe(len(probs))
+            for p, result in zip(batch, outcome, strict=True):
+                if p.future.done():
+                    continue
+                if isinstance(result, RequestError):
+                    p.future.set_exception(result)
+                else:
+                    p.future.set_result(probs[result[0] : result[1]].tolist())
         except Exception as e:  # a failed forward fails its requests, never the batcher
             log.exception("forward failed")
             for p in batch:
@@ -687,7 +751,11 @@ def create_app(source: str | Path, config: ServeConfig | None = None) -> Starlet
                 raise RequestError(
                     400, 'this artifact was exported without its vocabulary; send "ids": true'
                 )
-            encoded = await run_in_threadpool(_encode, served, columns, n, ids)
+            encoded: EncodedRecords | RawColumns = (
+                await run_in_threadpool(ids_records, served, columns, n)
+                if ids
+                else RawColumns(columns, n)
+            )
             predictions = await batcher.submit(served, encoded, n)
             metrics.rows_predicted += n
             return JSONResponse({"predictions": predictions})
@@ -744,16 +812,6 @@ def create_app(source: str | Path, config: ServeConfig | None = None) -> Starlet
     app.state.manager = manager
     app.state.batcher = batcher
     return app
-
-
-def _encode(served: Served, columns: dict[str, list[Any]], n: int, ids: bool) -> EncodedRecords:
-    if ids:
-        return ids_records(served, columns, n)
-    assert served.encoder is not None
-    try:
-        return served.encoder.encode_columns(columns, n)
-    except ValueError as e:
-        raise RequestError(400, str(e)) from e
 
 
 async def _read_json(request: Request, limit: int) -> Any:
