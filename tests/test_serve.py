@@ -341,3 +341,21 @@ def test_hot_swap_under_load_loses_nothing_and_refuses_a_corrupt_artifact(server
         time.sleep(0.1)
     assert server.request("GET", "/readyz")[2] == {"status": "ready", "version": "v2"}
     np.testing.assert_allclose(server.predict({"instances": records}), v2, atol=1e-6)
+
+
+def test_a_bad_value_fails_only_its_own_request_in_a_batch(servers):
+    """The batcher encodes a batch's raw requests together; a bad one is found and failed alone."""
+    from ctr.serve import RawColumns, RequestError, load_served, run_batch
+
+    served = load_served(servers["root"] / "plain")
+    records = _records(servers["data"], 30, seed=4)
+    good = [
+        RawColumns({k: [r.get(k) for r in part] for k in {k for r in part for k in r}}, len(part))
+        for part in (records[:10], records[10:30])
+    ]
+    bad = RawColumns({"I1": ["abc", 1.0]}, 2)
+    probs, outcome = run_batch(served, [good[0], bad, good[1]])
+    assert isinstance(outcome[1], RequestError) and "'I1'" in outcome[1].message
+    expected = served.model.predict_records(records)
+    np.testing.assert_allclose(probs[slice(*outcome[0])], expected[:10], atol=1e-6)
+    np.testing.assert_allclose(probs[slice(*outcome[2])], expected[10:], atol=1e-6)
