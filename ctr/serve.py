@@ -700,9 +700,12 @@ class ModelManager:
 # ------------------------------------------------------------------------------------ the app
 
 
-def create_app(source: str | Path, config: ServeConfig | None = None) -> Starlette:
+def create_app(
+    source: str | Path, config: ServeConfig | None = None, on_ready: Any = None
+) -> Starlette:
     """The ASGI app serving ``source`` (an artifact, or a directory of artifact versions);
-    loads and verifies it first (raises :class:`ArtifactError` when it cannot)."""
+    loads and verifies it first (raises :class:`ArtifactError` when it cannot). ``on_ready``
+    (optional) is called once the app has started and takes requests."""
     config = config or ServeConfig()
     source = Path(source)
     metrics = Metrics()
@@ -719,6 +722,8 @@ def create_app(source: str | Path, config: ServeConfig | None = None) -> Starlet
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, manager.reload_soon, "SIGHUP")
         state["ready"] = True
+        if on_ready is not None:
+            on_ready(manager.current)
         try:
             yield
         finally:
@@ -843,17 +848,22 @@ def serve(
     """Runs the server until interrupted; prints the address once it listens."""
     import uvicorn
 
-    app = create_app(source, config)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(2048)
     bound = sock.getsockname()[1]
-    served = app.state.manager.current
-    print(
-        f"serving {served.path} ({served.model.manifest['model']['name']} + "
-        f"{served.model.manifest['embedding']['method']}) on http://{host}:{bound}",
-        flush=True,
-    )
+
+    def announce(served: Served) -> None:
+        # Printed once requests are taken, so a script may start sending when it sees it.
+        manifest = served.model.manifest
+        print(
+            f"serving {served.path} ({manifest['model']['name']} + "
+            f"{manifest['embedding']['method']}) on http://{host}:{bound}",
+            flush=True,
+        )
+
+    app = create_app(source, config, on_ready=announce)
     server = uvicorn.Server(
         uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
     )
