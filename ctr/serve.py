@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -517,7 +518,7 @@ def _encode_raw(served: Served, raw: RawColumns) -> EncodedRecords:
     assert served.encoder is not None
     try:
         return served.encoder.encode_columns(raw.columns, raw.rows)
-    except ValueError as e:
+    except (ValueError, OverflowError, TypeError, pa.ArrowException) as e:
         raise RequestError(400, str(e)) from e
 
 
@@ -579,14 +580,23 @@ class Batcher:
             return None
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        delay = self.config.max_delay_ms / 1000
         while True:
-            first = await self._next(None)
-            assert first is not None
-            batch, rows = [first], first.rows
-            deadline = loop.time() + delay
-            await self._slot.acquire()  # the previous forward is done; keep filling meanwhile
+            try:
+                await self._collect()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let one bad batch stop the batcher (requests would hang)
+                log.exception("batcher failed; continuing")
+
+    async def _collect(self) -> None:
+        """Takes one batch off the queue and starts its forward."""
+        loop = asyncio.get_running_loop()
+        first = await self._next(None)
+        assert first is not None
+        batch, rows = [first], first.rows
+        deadline = loop.time() + self.config.max_delay_ms / 1000
+        await self._slot.acquire()  # the previous forward is done; the queue filled meanwhile
+        try:
             while rows < self.config.max_batch:
                 item = await self._next(deadline - loop.time())
                 if item is None:
@@ -596,10 +606,17 @@ class Batcher:
                     break
                 batch.append(item)
                 rows += item.rows
+        except BaseException as e:
+            self._slot.release()
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(e)
+            raise
+        finally:
             self.queued_rows -= rows
-            task = loop.create_task(self._forward(batch, rows))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+        task = loop.create_task(self._forward(batch, rows))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
 
     async def _forward(self, batch: list[Pending], rows: int) -> None:
         try:
@@ -819,6 +836,10 @@ def create_app(
     return app
 
 
+def _reject_constant(name: str) -> Any:
+    raise RequestError(400, f"{name} is not a JSON number; send finite numbers or null")
+
+
 async def _read_json(request: Request, limit: int) -> Any:
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media not in JSON_TYPES and not media.endswith("+json"):
@@ -833,7 +854,7 @@ async def _read_json(request: Request, limit: int) -> Any:
             raise RequestError(413, f"body exceeds the limit of {limit} bytes")
     try:
         # Decoded explicitly: json.loads(bytes) would also guess UTF-16/32 from a BOM.
-        return json.loads(body.decode("utf-8"))
+        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
         raise RequestError(
             400, f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"

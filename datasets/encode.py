@@ -276,7 +276,10 @@ def _raw_column(
         # "" is a missing value, as an empty field is in a file.
         return pc.if_else(pc.equal(column, ""), pa.scalar(None, pa.string()), column)
     if kinds <= {int, type(None)}:
-        return pa.array(values, pa.int64()).cast(pa.string())
+        try:
+            return pa.array(values, pa.int64()).cast(pa.string())
+        except OverflowError:  # beyond 64 bits: still a token, as text
+            return pa.array([None if v is None else str(v) for v in values], pa.string())
     if kinds <= {bool, type(None)}:
         return pa.array(values, pa.bool_()).cast(pa.int8()).cast(pa.string())
     if numeric and kinds <= {int, float, type(None)}:

@@ -202,6 +202,7 @@ BAD_REQUESTS = [
     ({"ids": True, "instances": [{"C1": 10**6}]}, "application/json", 400, "'C1'"),
     ({"ids": True, "instances": [{"C1": "3"}]}, "application/json", 400, "'C1'"),
     ({"instances": []}, "application/json", 400, "no rows"),
+    (b'{"instances": [{"I1": NaN}]}', "application/json", 400, "NaN"),
     ({"instances": [{}] * 501}, "application/json", 413, "501 rows"),
     ({"instances": [{"C1": "x" * 200_000}]}, "application/json", 413, "limit"),
     ({"instances": [{}]}, "text/plain", 415, "application/json"),
