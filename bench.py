@@ -928,9 +928,10 @@ def _http_load(port: int, bodies: list[bytes], clients: int, seconds: float) -> 
     counts = {"requests": 0, "rows": 0, "errors": 0}
     kinds: dict[str, int] = {}
     lock = threading.Lock()
-    deadline = time.perf_counter() + seconds
 
     def client(k: int) -> None:
+        # Each client runs `seconds` from its own start (thread start-up is slow under load).
+        deadline = time.perf_counter() + seconds
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         mine, rows, errors, i = [], 0, 0, k
         while time.perf_counter() < deadline:
