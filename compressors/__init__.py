@@ -27,17 +27,23 @@ from compressors.core.base import (
     ExportedEmbedding,
     FeatureSpec,
     MemoryReport,
+    Plan,
     Stage,
     full_bytes,
 )
 from compressors.core.budget import BudgetError, parse_budget
+from compressors.core.options import OptionError, OptionSpec
 from compressors.core.registry import (
     available,
     build_compressor,
+    build_from_plan,
     build_serving,
     method_options,
+    option_spec,
+    options_type,
     register,
     register_serving,
+    solve,
 )
 from compressors.core.tables import TABLE_KIND, TableMethod, TableServing
 
@@ -49,13 +55,20 @@ __all__ = [
     "ExportedEmbedding",
     "FeatureSpec",
     "MemoryReport",
+    "OptionError",
+    "OptionSpec",
+    "Plan",
     "Stage",
     "TableMethod",
     "available",
     "build_compressor",
+    "build_from_plan",
     "build_serving",
     "full_bytes",
     "method_options",
+    "option_spec",
+    "options_type",
     "parse_budget",
     "register",
+    "solve",
 ]
