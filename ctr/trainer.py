@@ -475,9 +475,15 @@ class Trainer:
         current = self.full_state()
         prefix = _prefix_of(self.model, self.compressor)
         keep = [prefix + k for k in self.compressor.rewind_keep()]
+        initial = self.initial_state()
+        # The compressor fits its own step-0 weights to shapes a rebuild may have changed.
+        own = self.compressor.rewind_state(
+            {k[len(prefix) :]: v for k, v in initial.items() if k.startswith(prefix)}
+        )
+        initial = {k: v for k, v in initial.items() if not k.startswith(prefix)}
+        initial.update({prefix + k: v for k, v in own.items()})
         state = {
-            k: current[k] if any(k.startswith(p) for p in keep) else v
-            for k, v in self.initial_state().items()
+            k: current[k] if any(k.startswith(p) for p in keep) else v for k, v in initial.items()
         }
         self._load_weights(state)
         # Fused table optimizers keep their state in place: zero it (rowwise Adagrad's

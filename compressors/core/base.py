@@ -165,9 +165,11 @@ class Stage:
     - ``rewind``: when the stage first starts, every weight is reset to the run's initial
       weights (saved at step 0), except the compressor's ``rewind_keep()`` entries (masks,
       thresholds), and optimizer states are reset: lottery-ticket retraining (PEP, OptEmbed).
-    - ``rebuilds``: after ``on_stage_end`` the compressor has changed shapes; the trainer
-      re-fuses tables and rebuilds optimizers, and records ``architecture()`` in checkpoints and
-      ``model.pt`` so loading calls ``rebuild(record)`` before reading the weights.
+    - ``rebuilds``: the compressor changes shapes in ``on_stage_end`` (after the stage's last
+      ``ctx.checkpoint``, so a resumed stage finds the old shapes); the trainer then re-fuses
+      tables and rebuilds optimizers, and records ``architecture()`` in checkpoints and
+      ``model.pt`` so loading calls ``rebuild(record)`` before reading the weights. A later
+      rewinding stage maps the step-0 weights onto the new shapes with ``rewind_state()``.
     """
 
     name: str
@@ -410,6 +412,12 @@ class Compressor(nn.Module):
         """State-dict names (relative to this module, prefixes allowed) that a rewinding stage
         keeps instead of resetting to the initial weights: masks, thresholds, searched dims."""
         return []
+
+    def rewind_state(self, initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This module's step-0 weights (names relative to it) fitted to its current shapes,
+        for a rewind after a rebuild (e.g. OptEmbed's retrain at the searched dims slices the
+        initial rows and columns it kept). Default: unchanged."""
+        return initial
 
     def architecture(self) -> dict[str, Any] | None:
         """After a ``rebuilds`` stage: a JSON record of the changed shapes (None: unchanged)."""
