@@ -4,6 +4,20 @@ A compressor is an ``nn.Module`` built from the feature specs, the model's ``dim
 in bytes. It solves its own hyperparameters so that its serving footprint fits the budget,
 maps a ``KeyedJaggedTensor`` of field ids to ``[B, F, dim]``, reports exact memory, lists its
 training stages, and exports a serving representation that holds no pickled code.
+
+The contract, in short:
+
+- ``solve(features, dim, budget_bytes, options) -> Plan`` (classmethod; JSON, exact bytes, no
+  weights allocated) and ``plan()``/``check_plan()`` on a built method;
+- ``forward(kjt) -> [B, F, dim]``, ``penalty()``, ``memory() -> MemoryReport``,
+  ``export() -> ExportedEmbedding``, ``set_storage(dtype)``, ``hyperparameters()``;
+- ``stages`` of :class:`Stage` (trains, epochs, bilevel, dense, rewind, rebuilds) and hooks
+  ``on_stage_start``, ``run_stage``, ``after_step``, ``on_stage_end`` receiving a
+  :class:`StageContext`; ``optimizer_groups()`` (role ``train``/``valid``), ``rewind_keep()``,
+  ``rewind_state()``, ``architecture()``/``rebuild()``;
+- options: the constructor's keyword arguments, help in ``option_help``.
+
+Adding a method: one module and ``@register`` (see ``compressors/__init__.py``).
 """
 
 from __future__ import annotations
