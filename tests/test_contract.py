@@ -252,3 +252,12 @@ def test_bad_options_give_one_line_errors(name, features):
             with pytest.raises(OptionError, match=f"option {spec.name}=") as bad:
                 call(name, features, DIM, "1x", **{spec.name: _ill_typed(spec)})
             assert "\n" not in str(bad.value)
+
+
+def test_catalog_file_is_in_sync_with_the_registry():
+    from compressors.catalog import CATALOG_FILE, build_catalog
+
+    fresh = json.loads(json.dumps(build_catalog(), default=repr))
+    assert json.loads(CATALOG_FILE.read_text()) == fresh, "run: python -m compressors.catalog"
+    assert sorted(fresh) == METHODS
+    assert all(o["help"] for entry in fresh.values() for o in entry["options"])
