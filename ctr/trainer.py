@@ -197,11 +197,17 @@ class Trainer:
         self.compressor: Compressor = model.embedding.compressor
         self.compressor.table_optimizer = self.config.table_optimizer
         if dist_info is not None:
-            special = [s.name for s in self.compressor.stages if s.bilevel or s.rebuilds]
+            # Bilevel and reshaping stages, and a method's own procedures (searches,
+            # quantisation passes: they read whole tables that DMP holds as shards), run in
+            # one process only; refusing beats hanging in a collective.
+            special = [
+                s.name for s in self.compressor.stages if s.bilevel or s.rebuilds or not s.trains
+            ]
             if special:
                 raise RuntimeError(
-                    f"{self.compressor.name}: stages {special} (bilevel or reshaping) run in a "
-                    "single process only; train it without torchrun"
+                    f"{self.compressor.name}: stages {special} (bilevel, reshaping or the "
+                    "method's own procedure) run in a single process only; train it without "
+                    "torchrun"
                 )
             self.net: torch.nn.Module = shard_model(
                 model, dist_info, self.config.table_optimizer, self.config.table_lr
