@@ -35,7 +35,7 @@ def test_int2_planes_serve_exactly_what_the_bits_decode(bits, dim):
     cards = [50, 70, 30]
     names, exported = _exported(cards, dim, bits)
     fast, slow = BinaryServing(exported), BinaryServing(exported, decode="bits")
-    assert fast.decode == ("int2" if dim % 4 == 0 else "bits")
+    assert fast.decode == ("int2" if dim % 8 == 0 else "bits")
     lengths = torch.randint(0, 4, (len(cards) * 64,))
     values = torch.cat(
         [

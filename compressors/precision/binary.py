@@ -125,6 +125,10 @@ class Binary(Compressor):
     """fp32 training, then residual-binarized serving (see module docstring)."""
 
     name = "binary"
+    option_help = {
+        "bits": "bit-planes per dimension (auto: as many as fit)",
+        "finetune_epochs": "epochs of fine-tuning after binarization (0: none)",
+    }
 
     def __init__(
         self,
@@ -267,8 +271,8 @@ class BinaryServing(nn.Module):
         self.dim = cfg["dim"]
         codes, scales = exported.tensors["codes"], exported.tensors["scales"]
         self.rows, self.bits = codes.shape[0], codes.shape[1]
-        # int2 rows need dim divisible by 4; other dims decode the bits.
-        self.decode = decode if self.dim % 4 == 0 else "bits"
+        # fbgemm's int2 rows need dim divisible by 8 (even code bytes); other dims decode bits.
+        self.decode = decode if self.dim % 8 == 0 else "bits"
         if self.decode == "int2":
             keys = self.index_map.lookup_keys
             self.tables = ServeTables(
