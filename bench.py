@@ -713,11 +713,12 @@ INTER_FEATURE_BUDGETS = ("10x", "100x", "1000x")
 
 
 def _fits(method: str, features: list, budget: str, **options: object) -> str | None:
-    """None when ``method`` can be built at ``budget``, else the BudgetError's message."""
-    from compressors import BudgetError, build_compressor
+    """None when ``method`` fits ``budget``, else the BudgetError's message (solve() only:
+    nothing is built)."""
+    from compressors import BudgetError, solve
 
     try:
-        build_compressor(method, features, 16, budget, **options)
+        solve(method, features, 16, budget, **options)
     except BudgetError as e:
         return str(e)
     return None
@@ -1068,6 +1069,412 @@ def bench_pruning(args: argparse.Namespace) -> dict:
         "claim": {"optembed": ours, "full": theirs, "verdict": verdict},
         "teacher_auc": meta.extra["teacher"]["test_auc"],
     }
+
+
+# ---------------------------------------------------------------- serving
+SERVING_ROWS = 200_000
+
+
+def _http_load(port: int, bodies: list[bytes], clients: int, seconds: float) -> dict:
+    """``clients`` threads on keep-alive connections posting ``bodies`` round-robin for
+    ``seconds``: requests, rows, errors and latency percentiles."""
+    import http.client
+    import threading
+
+    import numpy as np
+
+    rows_per = [json.loads(b)["inputs"] for b in bodies]
+    sizes = [len(next(iter(c.values()))) for c in rows_per]
+    latencies: list[float] = []
+    counts = {"requests": 0, "rows": 0, "errors": 0}
+    kinds: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        # Each client runs `seconds` from its own start (thread start-up is slow under load).
+        deadline = time.perf_counter() + seconds
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        mine, rows, errors, i = [], 0, 0, k
+        while time.perf_counter() < deadline:
+            body = bodies[i % len(bodies)]
+            start = time.perf_counter()
+            try:
+                conn.request("POST", "/v1/predict", body, {"Content-Type": "application/json"})
+                response = conn.getresponse()
+                response.read()
+                ok = response.status == 200
+                kind = str(response.status)
+            except (OSError, http.client.HTTPException) as e:
+                ok, kind = False, type(e).__name__
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            mine.append(time.perf_counter() - start)
+            rows += sizes[i % len(bodies)] if ok else 0
+            errors += 0 if ok else 1
+            if not ok:
+                with lock:
+                    kinds[kind] = kinds.get(kind, 0) + 1
+            i += 1
+        conn.close()
+        with lock:
+            latencies.extend(mine)
+            counts["requests"] += len(mine)
+            counts["rows"] += rows
+            counts["errors"] += errors
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    q = np.percentile(latencies, [50, 95, 99]) * 1e3 if latencies else [float("nan")] * 3
+    return {
+        **counts,
+        "rows/s": counts["rows"] / elapsed,
+        "p50_ms": q[0],
+        "p95_ms": q[1],
+        "p99_ms": q[2],
+        "error kinds": ",".join(f"{k}:{v}" for k, v in sorted(kinds.items())) or "-",
+    }
+
+
+@section("serving", default=False)
+def bench_serving(args: argparse.Namespace) -> dict:
+    """`ctr serve` under a bounded concurrent client vs in-process CompactModel; binary decode."""
+    import re
+    import select
+    import subprocess
+
+    import numpy as np
+    import torch
+
+    from ctr import CompactModel, EmbeddingLayer, build_model, export
+    from ctr.embedding import features_from_dataset
+    from datasets.encode import RawEncoder
+    from datasets.format import DatasetMeta
+    from datasets.loader import BatchLoader
+
+    data = default_dataset(args, rows=args.rows or SERVING_ROWS)
+    meta = DatasetMeta.load(data)
+    encoder = RawEncoder.load(data)
+    rng = np.random.default_rng(0)
+    request_rows, seconds = 64, float(os.environ.get("CTR_BENCH_SERVING_S", "4"))
+
+    def raw_columns(n: int) -> dict[str, list]:
+        cols: dict[str, list] = {d: rng.normal(size=n).round(3).tolist() for d in meta.dense}
+        for f in meta.sparse:
+            values = encoder.vocabs[f.name].values
+            picks = values.take(rng.integers(0, len(values), n)).to_pylist()
+            cols[f.name] = [[v] for v in picks] if f.multi_hot else picks
+        return cols
+
+    bodies = [json.dumps({"inputs": raw_columns(request_rows)}).encode() for _ in range(32)]
+    big = raw_columns(4096)
+    ids_batches = [
+        b for _, b in zip(range(6), BatchLoader(meta, "test", 4096).epoch(0), strict=False)
+    ]
+
+    def rate(fn: Callable[[], int], repeats: int = 5) -> float:
+        fn()  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            n = fn()
+            best = min(best, time.perf_counter() - start)
+        return n / best
+
+    rows, inproc = [], {}
+    for storage in ("fp32", "int8"):
+        torch.manual_seed(0)
+        layer = EmbeddingLayer(features_from_dataset(meta), 16, "full", "1x", storage=storage)
+        model = build_model("deepfm", layer, len(meta.dense)).eval()
+        path = CACHE / "serving" / storage
+        export(model, path, dataset=data)
+        compact = CompactModel.load(path)
+
+        def ids_forward(m: object = compact) -> int:
+            with torch.inference_mode():
+                for b in ids_batches:
+                    m(b.dense_features, b.sparse_features)
+            return sum(len(b.labels) for b in ids_batches)
+
+        def trained_forward(m: object = model) -> int:
+            return ids_forward(m)
+
+        def raw_predict(m: object = compact) -> int:
+            return len(m.predict_columns(big))
+
+        inproc[storage] = {
+            "ids": rate(ids_forward),
+            "trained": rate(trained_forward),
+            "raw": rate(raw_predict),
+        }
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ctr.cli", "serve", str(path), "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        try:
+            port, deadline = 0, time.monotonic() + 300
+            while not port and time.monotonic() < deadline and proc.poll() is None:
+                if select.select([proc.stdout], [], [], 1.0)[0]:
+                    found = re.search(r":(\d+)$", proc.stdout.readline().strip())
+                    port = int(found.group(1)) if found else 0
+            if not port:
+                raise RuntimeError("the server did not start")
+            for clients in (16, 64):
+                load = _http_load(port, bodies, clients, seconds)
+                rows.append(
+                    {
+                        "storage": storage,
+                        "clients": clients,
+                        "rows/req": request_rows,
+                        **load,
+                        "vs in-process raw": load["rows/s"] / inproc[storage]["raw"],
+                    }
+                )
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    print_table(
+        f"serving: ctr serve on 127.0.0.1, {seconds:g} s per setting, {request_rows} raw rows per "
+        "request, client threads in this process (shared 2-core machine: short, noisy run)",
+        rows,
+    )
+    inproc_rows = [
+        {
+            "storage": s,
+            "CompactModel ids rows/s": r["ids"],
+            "trained model (fbgemm) rows/s": r["trained"],
+            "CompactModel vs trained": r["ids"] / r["trained"],
+            "raw records rows/s": r["raw"],
+        }
+        for s, r in inproc.items()
+    ]
+    print_table("serving: in-process, batches of 4096 (same run)", inproc_rows)
+
+    # Binary serving: int2-decoded planes (fbgemm) and the bit-LUT decode vs fp32 lookups.
+    from compressors.precision.binary import BinaryServing
+
+    cards = [f.cardinality for f in meta.sparse]
+    modules = _serving_tables(cards, 16)
+    for bits in (1, 4):
+        fast = modules[f"binary b={bits}"]
+        exported_bits = _binary_exported(cards, 16, bits)
+        modules[f"binary b={bits} (bits)"] = BinaryServing(exported_bits, decode="bits")
+        assert isinstance(fast, BinaryServing) and fast.decode == "int2"
+    kjts = [b.sparse_features for b in ids_batches]
+    speeds = _lookup_speed({k: v for k, v in modules.items() if "binary" in k or k == "fp32"}, kjts)
+    binary_rows = [
+        {"format": k, "lookups/s": v, "vs fp32": v / speeds["fp32"]} for k, v in speeds.items()
+    ]
+    print_table("serving: binary decode vs fp32 fbgemm lookups (1 thread CPU time)", binary_rows)
+    return {"http": rows, "in_process": inproc_rows, "binary": binary_rows}
+
+
+def _binary_exported(cards: list[int], dim: int, bits: int, seed: int = 0) -> object:
+    """The binary export ``_serving_tables`` builds, for another decode."""
+    import torch
+
+    from compressors import ExportedEmbedding
+    from compressors.core.layout import OffsetMap
+    from compressors.precision.binary import KIND, binarize
+
+    gen = torch.Generator().manual_seed(seed)
+    parts = [binarize(torch.randn(n, dim, generator=gen) * 0.1, bits) for n in cards]
+    names = [f"C{i + 1}" for i in range(len(cards))]
+    return ExportedEmbedding(
+        kind=KIND,
+        config={
+            "method": "binary",
+            "dim": dim,
+            "num_fields": len(cards),
+            "bits": bits,
+            "index_map": OffsetMap(names, [sum(cards[:i]) for i in range(len(cards))]).to_config(),
+        },
+        tensors={
+            "codes": torch.cat([c for c, _ in parts]),
+            "scales": torch.cat([s for _, s in parts]),
+        },
+    )
+
+
+# ----------------------------------------------------------------------------- vs TorchRec
+VS_TORCHREC_SCALES = {"693k ids": 0.16, "67k ids": 0.002}
+DLRM_BOTTOM, DLRM_TOP = [64], [256, 128]
+
+
+def _torchrec_dlrm_step(meta: object, lr: float, table_lr: float) -> Callable[[object], float]:
+    """TorchRec's own DLRM (dense arch [64, D], over arch [256, 128, 1]) in DMP on one gloo
+    rank: tables table-wise with fbgemm's fused rowwise Adagrad, dense parameters on Adam."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.distributed.optim import _apply_optimizer_in_backward
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.planner import (
+        EmbeddingShardingPlanner,
+        ParameterConstraints,
+        Topology,
+    )
+    from torchrec.distributed.types import ShardingEnv, ShardingType
+    from torchrec.models.dlrm import DLRM
+    from torchrec.optim import RowWiseAdagrad
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    dim = 16
+    ebc = EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(
+                name=f"t_{f.name}",
+                num_embeddings=f.cardinality,
+                embedding_dim=dim,
+                feature_names=[f.name],
+            )
+            for f in meta.sparse
+        ],
+        device=torch.device("meta"),
+    )
+    model = DLRM(
+        embedding_bag_collection=ebc,
+        dense_in_features=len(meta.dense),
+        dense_arch_layer_sizes=[*DLRM_BOTTOM, dim],
+        over_arch_layer_sizes=[*DLRM_TOP, 1],
+    )
+    _apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": table_lr})
+    constraints = {
+        f"t_{f.name}": ParameterConstraints(
+            sharding_types=[ShardingType.TABLE_WISE.value], compute_kernels=["fused"]
+        )
+        for f in meta.sparse
+    }
+    plan = EmbeddingShardingPlanner(
+        topology=Topology(world_size=1, compute_device="cpu"), constraints=constraints
+    ).collective_plan(model, None, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(
+        model,
+        env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+        device=torch.device("cpu"),
+        plan=plan,
+    )
+    dense = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
+    adam = torch.optim.Adam(dense, lr=lr)
+
+    def step(batch: object) -> float:
+        dmp.train()
+        logits = dmp(batch.dense_features, batch.sparse_features).squeeze(1)
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        adam.zero_grad()
+        loss.backward()
+        adam.step()
+        return loss.item()
+
+    return step
+
+
+@section("vs_torchrec", default=False)
+def bench_vs_torchrec(args: argparse.Namespace) -> dict:
+    """Training throughput: ctr DLRM (full, and hash at 10x) vs TorchRec's DLRM under DMP."""
+    import statistics
+
+    from ctr.run import RunConfig, build_run_model
+    from ctr.trainer import TrainConfig, Trainer
+    from datasets.format import DatasetMeta
+    from datasets.loader import BatchLoader
+
+    rows_out, repeats, steps = [], 3, 20
+    for label, scale in VS_TORCHREC_SCALES.items():
+        print(f"  {label}: building both sides ...", flush=True)
+        data = default_dataset(args, rows=args.rows or 300_000, scale=scale)
+        meta = DatasetMeta.load(data)
+        loader = BatchLoader(meta, "train", batch_size=4096, shuffle=True, drop_last=True)
+        batches = [b for _, b in zip(range(steps + 1), loader.epoch(0), strict=False)]
+        config = TrainConfig(progress=False)
+        steppers = {
+            "torchrec_dmp": _torchrec_dlrm_step(meta, config.lr, config.table_lr),
+        }
+        for method, budget in (("full", "1x"), ("hash", "10x")):
+            run = RunConfig(
+                data=str(data),
+                model="dlrm",
+                model_options={"bottom": DLRM_BOTTOM, "top": DLRM_TOP},
+                compressor=method,
+                budget=budget,
+                train=config,
+            )
+            trainer = Trainer(build_run_model(run, meta), loader, loader, config)
+            steppers[f"ctr_{method}"] = trainer.train_step
+        speeds: dict[str, list[float]] = {k: [] for k in steppers}
+        for r in range(repeats):  # interleaved: drift on a shared machine hits every side alike
+            for name, step in steppers.items():
+                speeds[name].append(timed_steps(step, batches))
+            print(
+                f"  {label}: repeat {r + 1}/{repeats} "
+                + ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in speeds.items()),
+                flush=True,
+            )
+        med = {k: statistics.median(v) for k, v in speeds.items()}
+        for name in ("ctr_full", "ctr_hash"):
+            rows_out.append(
+                {
+                    "ids": label,
+                    "ctr": name.removeprefix("ctr_"),
+                    "ctr samples/s": med[name],
+                    "torchrec DMP samples/s": med["torchrec_dmp"],
+                    "ratio": med[name] / med["torchrec_dmp"],
+                }
+            )
+    print_table(
+        f"vs_torchrec: DLRM bottom {DLRM_BOTTOM} top {DLRM_TOP}, batch 4096, D=16, median of "
+        f"{repeats} interleaved repeats of {steps} steps (same batches, fused rowwise Adagrad)",
+        rows_out,
+    )
+    return {"rows": rows_out, "repeats": repeats, "steps": steps}
+
+
+@section("dmp_scaling", default=False)
+def bench_dmp_scaling(args: argparse.Namespace) -> dict:
+    """Two-process DMP training (torchrun, gloo, 1 thread per rank) vs one process (2 threads)."""
+    import subprocess
+
+    data = default_dataset(args, rows=args.rows or 300_000)
+    results: dict[str, float] = {}
+    for procs in (1, 2):
+        out = CACHE / "runs" / f"dmp-scaling-{procs}"
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)  # the bench's own scratch run
+        train = ["train", "--data", str(data), "--model", "dlrm", "--epochs", "0.5"]
+        train += ["--batch-size", "4096", "--no-progress", "--out", str(out)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(2 // procs)}
+        if procs == 1:
+            cmd = [sys.executable, "-m", "ctr.cli", *train]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+            cmd += ["-m", "ctr.cli", *train]
+        subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
+        results[f"{procs} process(es)"] = json.loads((out / "summary.json").read_text())[
+            "samples_per_sec"
+        ]
+    ratio = results["2 process(es)"] / results["1 process(es)"]
+    rows = [{"setup": k, "samples/s": v} for k, v in results.items()]
+    rows.append({"setup": "ratio 2 / 1", "samples/s": ratio})
+    print_table("dmp_scaling: DLRM + full, batch 4096 (global), 0.5 epoch", rows)
+    return {"samples_per_sec": results, "ratio": ratio}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -31,6 +34,8 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from compressors import ExportedEmbedding, build_serving
+from compressors.core.keys import FingerprintKeys
+from ctr.embedding import features_from_dataset
 from ctr.models import MODELS, CTRModel
 from datasets.encode import RawEncoder, format_for_meta, load_field_vocabs
 from datasets.format import VOCAB_FILE, DatasetMeta, SparseField
@@ -74,6 +79,7 @@ def export(
         if not k.startswith("embedding."):
             tensors[MODEL_PREFIX + k] = v.detach().contiguous()
     memory = model.embedding.memory()
+    keyed = list(getattr(model.embedding, "fingerprint_fields", []))
     meta = (
         dataset
         if isinstance(dataset, DatasetMeta) or dataset is None
@@ -91,6 +97,9 @@ def export(
             "config": embedding.config,
             "serve_bytes": embedding.nbytes,
             "memory": memory.to_json(),
+            "hyperparameters": model.embedding.compressor.hyperparameters(),
+            # Fields served by hashing the raw value's fingerprint: no vocabulary for them.
+            "fingerprint_fields": keyed,
         },
         "tensors": {
             k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
@@ -112,9 +121,18 @@ def export(
     try:
         save_file(tensors, str(tmp / TENSORS_FILE))
         manifest["files"] = {TENSORS_FILE: _sha256(tmp / TENSORS_FILE)}
-        if meta is not None and meta.root is not None and (meta.root / VOCAB_FILE).exists():
-            shutil.copyfile(meta.root / VOCAB_FILE, tmp / VOCAB_FILE)
+        id_fields = [f.name for f in model.embedding.features if f.name not in keyed]
+        if (
+            meta is not None
+            and meta.root is not None
+            and (meta.root / VOCAB_FILE).exists()
+            and id_fields
+        ):
+            _write_vocabulary(meta.root / VOCAB_FILE, tmp / VOCAB_FILE, id_fields, keyed)
             manifest["files"][VOCAB_FILE] = _sha256(tmp / VOCAB_FILE)
+        manifest["embedding"]["footprint"] = serving_footprint(
+            embedding.nbytes, tmp / VOCAB_FILE if VOCAB_FILE in manifest["files"] else None
+        )
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
         if path.exists():
             shutil.rmtree(path)
@@ -123,6 +141,24 @@ def export(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _write_vocabulary(source: Path, dest: Path, fields: list[str], keyed: list[str]) -> None:
+    """The dataset's vocabulary, restricted to the id-keyed fields (all of it when none is
+    fingerprint-keyed: then a plain copy)."""
+    if not keyed:
+        shutil.copyfile(source, dest)
+        return
+    table = pq.read_table(source)
+    pq.write_table(table.filter(pc.is_in(table["field"], value_set=pa.array(fields))), dest)
+
+
+def serving_footprint(tables: int, vocabulary: Path | None) -> dict[str, int]:
+    """Everything a server holds for the embeddings: the tables (``serve_bytes``) and, for
+    raw-value serving of id-keyed methods, the raw value -> id vocabulary (its bytes as the
+    artifact stores it), reported as its own part."""
+    vocab = vocabulary.stat().st_size if vocabulary is not None else 0
+    return {"tables": tables, "vocabulary": vocab, "total": tables + vocab}
 
 
 class ServingEmbedding(nn.Module):
@@ -142,8 +178,9 @@ class ServingEmbedding(nn.Module):
 class CompactModel(nn.Module):
     """A loaded artifact: the model over low-precision serving tables.
 
-    ``forward(dense, sparse)`` returns logits like the trained model; ``predict_loader``
-    returns click probabilities for a prepared split.
+    ``forward(dense, sparse)`` returns logits like the trained model (``sparse`` holds ids, and
+    raw-value fingerprints for the :attr:`fingerprint_fields`); ``predict_loader`` returns
+    click probabilities for a prepared split, ``predict_records`` for raw values.
     """
 
     def __init__(self, model: CTRModel, manifest: dict[str, Any], root: Path) -> None:
@@ -222,10 +259,24 @@ class CompactModel(nn.Module):
         batch = self.raw_encoder.encode(records).to_batch()
         return torch.sigmoid(self.model(batch.dense_features, batch.sparse_features)).numpy()
 
+    @property
+    def fingerprint_fields(self) -> list[str]:
+        """Fields this model keys by raw-value fingerprint (its input for them: fingerprints)."""
+        return list(self.manifest["embedding"].get("fingerprint_fields", []))
+
+    @torch.no_grad()
+    def predict_columns(self, columns: dict[str, list[Any]]) -> np.ndarray:
+        """Like :meth:`predict_records` for columns (field -> equally long value lists),
+        encoded column by column without a loop over rows."""
+        batch = self.raw_encoder.encode_columns(columns).to_batch()
+        return torch.sigmoid(self.model(batch.dense_features, batch.sparse_features)).numpy()
+
     @functools.cached_property
     def raw_encoder(self) -> RawEncoder:
         info = self.manifest.get("dataset")
-        if not info or VOCAB_FILE not in self.manifest["files"]:
+        keyed = self.fingerprint_fields
+        needs_vocab = len(keyed) < len(self.manifest["features"])
+        if not info or (needs_vocab and VOCAB_FILE not in self.manifest["files"]):
             raise ArtifactError(
                 f"{self.root}: exported without its dataset, so raw values cannot be encoded; "
                 "pass ids, or export with dataset=..."
@@ -242,14 +293,23 @@ class CompactModel(nn.Module):
             options=info["options"],
             root=self.root,
         )
-        return RawEncoder(meta, format_for_meta(meta), load_field_vocabs(meta))
+        vocabs = load_field_vocabs(meta, [f.name for f in meta.sparse if f.name not in keyed])
+        return RawEncoder(meta, format_for_meta(meta), vocabs, keyed)
 
     @torch.no_grad()
     def predict_loader(self, loader: BatchLoader) -> tuple[np.ndarray, np.ndarray]:
-        """(probabilities, labels) over every batch of ``loader``."""
+        """(probabilities, labels) over every batch of ``loader``.
+
+        A fingerprint-keyed model gets the prepared ids translated through the loader's
+        dataset vocabulary (the artifact itself holds none)."""
+        keys: nn.Module = nn.Identity()
+        if self.fingerprint_fields:
+            features = features_from_dataset(loader.meta, fingerprints=True)
+            keys = FingerprintKeys(features, self.fingerprint_fields)
         probs, labels = [], []
         for batch in loader.epoch(0):
-            probs.append(torch.sigmoid(self.model(batch.dense_features, batch.sparse_features)))
+            sparse = keys(batch.sparse_features)
+            probs.append(torch.sigmoid(self.model(batch.dense_features, sparse)))
             labels.append(batch.labels)
         return torch.cat(probs).numpy(), torch.cat(labels).numpy()
 

@@ -1,4 +1,4 @@
-"""The ``ctr`` command line: synth, prepare, train, export, predict, demo, methods."""
+"""The ``ctr`` command line: synth, prepare, train, export, predict, serve, demo, methods."""
 
 from __future__ import annotations
 
@@ -27,6 +27,12 @@ EPILOG_EXPORT = """examples:
   ctr export runs/deepfm --out artifacts/deepfm-int8 --storage int8"""
 EPILOG_PREDICT = """example:
   ctr predict artifacts/deepfm --data data/synth --split test --out preds.csv"""
+EPILOG_SERVE = """examples:
+  ctr serve artifacts/deepfm --port 8080
+  ctr serve artifacts/versions/ --max-batch 4096 --max-delay-ms 2   # newest version, hot swap
+  curl -s localhost:8080/v1/predict -H 'content-type: application/json' \\
+       -d '{"instances": [{"C1": "68fd1e64", "I1": 3}]}'
+Reload: POST /v1/reload or SIGHUP (a directory of versions is also polled)."""
 EPILOG_DEMO = """example:
   ctr demo --out demo-output            # synthetic data -> DeepFM -> artifact -> predictions"""
 
@@ -126,19 +132,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import torch
-
     from compressors.core.budget import describe_bytes
     from ctr.artifact import export
-    from ctr.run import RunConfig, build_run_model, load_run_model
+    from ctr.run import load_run_model
 
+    model, cfg = load_run_model(args.run)
     if args.storage:
-        cfg = RunConfig.load(args.run)
-        cfg.method_options["storage"] = args.storage
-        model = build_run_model(cfg)
-        model.load_state_dict(torch.load(Path(args.run) / "model.pt", weights_only=True))
-    else:
-        model, cfg = load_run_model(args.run)
+        # The trained layout (the run's plan), served at another dtype: never re-solved.
+        model.embedding.compressor.set_storage(args.storage)
     manifest = export(
         model,
         args.out,
@@ -192,6 +193,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ctr.serve import ServeConfig, serve
+
+    config = ServeConfig(
+        max_batch=args.max_batch,
+        max_delay_ms=args.max_delay_ms,
+        max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        max_rows=args.max_rows,
+        max_queue_rows=args.max_queue_rows,
+        poll_s=args.poll_s,
+    )
+    serve(args.artifact, args.host, args.port, config)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     data = out / "data"
@@ -240,11 +256,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from compressors import available, method_options
+    import importlib.util
 
-    for name in available():
-        opts = ", ".join(f"{k}={v!r}" for k, v in method_options(name).items())
-        print(f"{name:12s} {opts}")
+    # compressors/catalog.py on its own: importing the package would import torch.
+    package = importlib.util.find_spec("compressors")
+    path = Path(package.submodule_search_locations[0]) / "catalog.py"  # type: ignore[index,union-attr]
+    spec = importlib.util.spec_from_file_location("_ctr_catalog", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    for name, entry in module.catalog().items():
+        print(f"{name:10s} {entry['summary']}")
+        for spec in entry["options"]:
+            default = f"{spec['name']}={spec['default']!r}"
+            print(f"    {default:28s} {spec['type']:14s} {spec['help']}")
     return 0
 
 
@@ -334,6 +358,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16384)
     p.add_argument("--out", type=Path, default=None, help="CSV of prob,label")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "serve",
+        help="serve an artifact over HTTP (micro-batching, metrics, hot swap)",
+        epilog=EPILOG_SERVE,
+        formatter_class=fmt,
+    )
+    p.add_argument("artifact", type=Path, help="an artifact, or a directory of artifact versions")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    p.add_argument("--max-batch", type=int, default=4096, help="rows per model forward")
+    p.add_argument("--max-delay-ms", type=float, default=2.0, help="wait for more rows")
+    p.add_argument("--max-rows", type=int, default=16384, help="rows per request (else 413)")
+    p.add_argument("--max-body-mb", type=float, default=8.0, help="request body limit (413)")
+    p.add_argument("--max-queue-rows", type=int, default=65536, help="rows waiting before 503s")
+    p.add_argument("--poll-s", type=float, default=2.0, help="version-directory poll interval")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
         "demo",

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
@@ -21,14 +22,34 @@ from torchrec import KeyedJaggedTensor
 from compressors import Compressor, ExportedEmbedding, FeatureSpec, MemoryReport, build_compressor
 from compressors.core.base import Stage
 from compressors.core.budget import Budget
+from compressors.core.keys import FingerprintKeys
+from datasets.encode import load_field_vocabs
+from datasets.fingerprint import MISSING, fingerprint_strings
 from datasets.format import DatasetMeta
 
+KEYS = ("id", "fingerprint")
 
-def features_from_dataset(data: str | Path | DatasetMeta) -> list[FeatureSpec]:
-    """Feature specs (with train frequencies) of a prepared dataset."""
+
+def features_from_dataset(
+    data: str | Path | DatasetMeta, fingerprints: bool = False
+) -> list[FeatureSpec]:
+    """Feature specs (with train frequencies) of a prepared dataset; ``fingerprints`` adds each
+    id's raw-value fingerprint (for ``keys="fingerprint"``; reads the vocabulary)."""
     meta = data if isinstance(data, DatasetMeta) else DatasetMeta.load(data)
     freqs = meta.frequencies()
-    return [FeatureSpec(f.name, f.cardinality, f.multi_hot, freqs[f.name]) for f in meta.sparse]
+    prints = vocabulary_fingerprints(meta) if fingerprints else {}
+    return [
+        FeatureSpec(f.name, f.cardinality, f.multi_hot, freqs[f.name], prints.get(f.name))
+        for f in meta.sparse
+    ]
+
+
+def vocabulary_fingerprints(meta: DatasetMeta) -> dict[str, np.ndarray]:
+    """Per field, the fingerprint of every id's raw value (id 0, the OOV bucket: missing)."""
+    return {
+        name: np.concatenate([[MISSING], fingerprint_strings(vocab.values)])
+        for name, vocab in load_field_vocabs(meta).items()
+    }
 
 
 class EmbeddingLayer(nn.Module):
@@ -37,6 +58,10 @@ class EmbeddingLayer(nn.Module):
     ``compressor`` is a registered method name (see ``compressors.available()``) or a built
     :class:`Compressor`; ``budget`` is ``"10x"``, a fraction, ``"25MB"`` or bytes; further
     keywords are the method's options.
+
+    ``keys="fingerprint"`` keys the fields a method hashes (``hash``, ``unified``, ``robe``;
+    ``compressor.hashed_fields()``) by raw-value fingerprints instead of ids, so they serve
+    without a vocabulary (:mod:`compressors.core.keys`); features need ``fingerprints``.
     """
 
     def __init__(
@@ -45,9 +70,12 @@ class EmbeddingLayer(nn.Module):
         dim: int,
         compressor: str | Compressor = "full",
         budget: Budget = "1x",
+        keys: str = "id",
         **options: Any,
     ) -> None:
         super().__init__()
+        if keys not in KEYS:
+            raise ValueError(f"keys must be one of {KEYS}, got {keys!r}")
         if isinstance(compressor, Compressor):
             if options:
                 raise TypeError("options are only accepted with a compressor name")
@@ -57,6 +85,15 @@ class EmbeddingLayer(nn.Module):
         self.method = self.compressor.name
         self.budget = budget
         self.options = options
+        self.keys = keys
+        #: fields keyed by raw-value fingerprint (empty: every field is keyed by id)
+        self.fingerprint_fields = self.compressor.hashed_fields() if keys == "fingerprint" else []
+        if keys == "fingerprint" and not self.fingerprint_fields:
+            raise ValueError(
+                f"{self.method}: keys='fingerprint' needs a method that hashes values "
+                "(hash, unified, robe); this one hashes no field"
+            )
+        self.key_map = FingerprintKeys(self.compressor.features, self.fingerprint_fields)
 
     @classmethod
     def from_dataset(
@@ -86,7 +123,7 @@ class EmbeddingLayer(nn.Module):
         return self.compressor.stages
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        return self.compressor(features)
+        return self.compressor(self.key_map(features))
 
     def penalty(self) -> torch.Tensor:
         return self.compressor.penalty()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numbers
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 from torchrec.datasets.utils import Batch
 
+from datasets.fingerprint import MISSING, fingerprint_strings
 from datasets.format import VOCAB_FILE, DatasetMeta, PreparedDataError
 from datasets.prepare.avazu import AvazuFormat
 from datasets.prepare.columns import Issues
@@ -51,15 +52,21 @@ class EncodedRecords:
 
     dense: np.ndarray
     sparse: dict[str, np.ndarray | list[np.ndarray]]
+    #: bag sizes of the multi-hot fields (filled by the encoder; derived when absent)
+    lengths: dict[str, np.ndarray] = field(default_factory=dict)
 
     def to_batch(self) -> Batch:
         """A torchrec ``Batch`` (labels 0) shaped like :class:`datasets.loader.BatchLoader`'s."""
         n = len(self.dense)
         values, lengths = [], []
-        for ids in self.sparse.values():
+        for name, ids in self.sparse.items():
             if isinstance(ids, list):
                 values += ids
-                lengths.append(np.array([len(v) for v in ids], dtype=np.int64))
+                lengths.append(
+                    self.lengths[name]
+                    if name in self.lengths
+                    else np.array([len(v) for v in ids], dtype=np.int64)
+                )
             else:
                 values.append(ids)
                 lengths.append(np.ones(n, dtype=np.int64))
@@ -77,7 +84,13 @@ class EncodedRecords:
 class RawEncoder:
     """Encodes raw records with a prepared dataset's transforms and vocabulary."""
 
-    def __init__(self, meta: DatasetMeta, fmt: Format, vocabs: dict[str, FieldVocab]) -> None:
+    def __init__(
+        self,
+        meta: DatasetMeta,
+        fmt: Format,
+        vocabs: dict[str, FieldVocab],
+        fingerprint_fields: Sequence[str] = (),
+    ) -> None:
         if fmt.sparse != meta.sparse_names or fmt.dense != meta.dense:
             raise PreparedDataError(
                 f"{meta.root}: meta.json fields {meta.dense + meta.sparse_names} do not match "
@@ -86,8 +99,17 @@ class RawEncoder:
         self.meta = meta
         self.format = fmt
         self.vocabs = vocabs
+        # Fields encoded as raw-value fingerprints (no vocabulary), for fingerprint-keyed models.
+        self.fingerprint_fields = set(fingerprint_fields)
+        lacking = [
+            f for f in meta.sparse_names if f not in vocabs and f not in self.fingerprint_fields
+        ]
+        if lacking:
+            raise PreparedDataError(f"{meta.root}: no vocabulary for fields {lacking}")
         self.fields = fmt.feature_columns
         self._accepted = {*fmt.columns}
+        self._numeric = set(meta.dense)
+        self._index: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
 
     @classmethod
     def load(cls, root: str | os.PathLike) -> RawEncoder:
@@ -102,13 +124,37 @@ class RawEncoder:
             unknown = sorted(set(record) - self._accepted)
             if unknown:
                 raise ValueError(f"record {i}: unknown fields {unknown}; expected {self.fields}")
+        return self.encode_columns(
+            {c: [r.get(c) for r in records] for c in self.fields}, len(records)
+        )
+
+    def encode_columns(
+        self, columns: Mapping[str, Sequence[Any]], rows: int | None = None
+    ) -> EncodedRecords:
+        """Encodes equal-length raw columns (field -> values); an absent field is missing in
+        every row (``rows`` gives the count when no column does). Vectorised per column: no
+        Python loop over rows for plain columns."""
+        unknown = sorted(set(columns) - self._accepted)
+        if unknown:
+            raise ValueError(f"unknown fields {unknown}; expected {self.fields}")
+        sizes = {len(v) for v in columns.values()} | ({rows} if rows is not None else set())
+        if len(sizes) != 1:
+            raise ValueError(
+                f"columns differ in length: { {k: len(v) for k, v in columns.items()} }"
+                + (f", expected {rows}" if rows is not None else "")
+            )
+        (n,) = sizes
+        if not n:
+            raise ValueError("no records to encode")
         table = pa.table(
             {
-                c: _raw_column(c, [r.get(c) for r in records], self.format.multi_valued.get(c))
+                c: _raw_column(c, columns[c], self.format.multi_valued.get(c), c in self._numeric)
+                if c in columns
+                else pa.nulls(n, pa.string())
                 for c in self.fields
             }
         )
-        issues = Issues(len(records))
+        issues = Issues(n)
         features = self.format.transform(table, issues, labeled=False)
         for flag in issues.first_reasons():
             i = int(np.argmax(flag.mask))
@@ -119,18 +165,47 @@ class RawEncoder:
         dense = (
             np.stack([features.dense[d] for d in self.meta.dense], axis=1)
             if self.meta.dense
-            else np.zeros((len(records), 0), dtype=np.float32)
+            else np.zeros((n, 0), dtype=np.float32)
         )
         sparse: dict[str, np.ndarray | list[np.ndarray]] = {}
+        lengths: dict[str, np.ndarray] = {}
         for f in self.meta.sparse:
-            ids = self.vocabs[f.name].lookup(features.tokens[f.name])
+            tokens = features.tokens[f.name]
+            if isinstance(tokens, pa.ChunkedArray):
+                tokens = tokens.combine_chunks()
             if f.multi_hot:
-                offsets = ids.offsets.to_numpy()
-                flat = ids.flatten().to_numpy().astype(np.int64)
-                sparse[f.name] = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+                offsets = tokens.offsets.to_numpy()
+                flat = self._ids(f.name, tokens.flatten())
+                sparse[f.name] = np.split(flat, offsets[1:-1] - offsets[0])
+                lengths[f.name] = np.diff(offsets).astype(np.int64)
             else:
-                sparse[f.name] = ids.to_numpy().astype(np.int64)
-        return EncodedRecords(dense.astype(np.float32), sparse)
+                sparse[f.name] = self._ids(f.name, tokens)
+        return EncodedRecords(dense.astype(np.float32), sparse, lengths)
+
+    def _ids(self, name: str, tokens: pa.Array) -> np.ndarray:
+        """int64 ids of string tokens: binary search of their fingerprints in the field's
+        sorted vocabulary fingerprints (built once), unknown tokens -> 0; for a fingerprint
+        field, the fingerprints themselves."""
+        if name in self.fingerprint_fields:
+            return fingerprint_strings(tokens)
+        if name not in self._index:
+            fps = fingerprint_strings(self.vocabs[name].values)
+            order = np.argsort(fps, kind="stable")
+            sorted_fps = fps[order]
+            if len(sorted_fps) > 1 and bool((sorted_fps[1:] == sorted_fps[:-1]).any()):
+                self._index[name] = None  # a 64-bit collision: exact lookup instead
+            else:
+                self._index[name] = (sorted_fps, order.astype(np.int64) + 1)
+        index = self._index[name]
+        if index is None:
+            return self.vocabs[name].lookup(tokens).to_numpy().astype(np.int64)
+        sorted_fps, ids = index
+        fps = fingerprint_strings(tokens)
+        if not len(sorted_fps):
+            return np.zeros(len(fps), dtype=np.int64)
+        pos = np.minimum(np.searchsorted(sorted_fps, fps), len(sorted_fps) - 1)
+        found = (sorted_fps[pos] == fps) & (fps != MISSING)
+        return np.where(found, ids[pos], 0)
 
 
 def format_for_meta(meta: DatasetMeta) -> Format:
@@ -156,15 +231,22 @@ def format_for_meta(meta: DatasetMeta) -> Format:
     return FORMATS[name].from_config(meta.options.get("config", {}))
 
 
-def load_field_vocabs(meta: DatasetMeta) -> dict[str, FieldVocab]:
-    """Each field's :class:`FieldVocab` from ``vocab.parquet``, checked against meta.json."""
+def load_field_vocabs(
+    meta: DatasetMeta, fields: Sequence[str] | None = None
+) -> dict[str, FieldVocab]:
+    """Each field's (or ``fields``') :class:`FieldVocab` from ``vocab.parquet``, checked
+    against meta.json."""
     assert meta.root is not None, "meta was not loaded from a directory"
+    if fields is not None and not fields:
+        return {}
     path = Path(meta.root) / VOCAB_FILE
     if not path.exists():
         raise PreparedDataError(f"{path}: missing vocabulary file")
     table = pq.read_table(path)
     out = {}
     for f in meta.sparse:
+        if fields is not None and f.name not in fields:
+            continue
         rows = table.filter(pc.equal(table["field"], f.name))
         rows = rows.take(pc.sort_indices(rows["id"]))
         ids = rows["id"].to_numpy()
@@ -176,13 +258,40 @@ def load_field_vocabs(meta: DatasetMeta) -> dict[str, FieldVocab]:
     return out
 
 
-def _raw_column(name: str, values: list[Any], separator: str | None) -> pa.Array:
-    """One raw column of the records; a multi-valued field may mix lists and joined strings."""
+def _raw_column(
+    name: str, values: Sequence[Any], separator: str | None, numeric: bool = False
+) -> pa.Array:
+    """One raw column as strings, as a text file would hold them (vectorised by value type:
+    strings, integers and booleans convert in Arrow, and numbers of a numeric field; other
+    mixes value by value)."""
+    kinds = set(map(type, values))
+    odd = [k for k in kinds - _RAW_TYPES if not issubclass(k, numbers.Real | np.bool_)]
+    if odd:
+        raise ValueError(
+            f"field {name!r}: raw values must be strings, numbers, booleans, null or lists, "
+            f"got {odd[0].__name__}"
+        )
+    if kinds <= {str, type(None)}:
+        column = pa.array(values, pa.string())
+        # "" is a missing value, as an empty field is in a file.
+        return pc.if_else(pc.equal(column, ""), pa.scalar(None, pa.string()), column)
+    if kinds <= {int, type(None)}:
+        try:
+            return pa.array(values, pa.int64()).cast(pa.string())
+        except OverflowError:  # beyond 64 bits: still a token, as text
+            return pa.array([None if v is None else str(v) for v in values], pa.string())
+    if kinds <= {bool, type(None)}:
+        return pa.array(values, pa.bool_()).cast(pa.int8()).cast(pa.string())
+    if numeric and kinds <= {int, float, type(None)}:
+        # The numeric transform parses the text, so Arrow's shortest float text is exact.
+        return pa.array(values, pa.float64()).cast(pa.string())
     lists = [v for v in values if isinstance(v, list | tuple)]
     if not lists:
         return pa.array([_raw_string(v) for v in values], pa.string())
     if separator is None:
         raise ValueError(f"field {name!r} takes one value, got a list")
+    if any(not isinstance(x, str | numbers.Real) for v in lists for x in v):
+        raise ValueError(f"field {name!r}: list items must be strings or numbers")
     return pa.array(
         [
             None
@@ -192,6 +301,9 @@ def _raw_column(name: str, values: list[Any], separator: str | None) -> pa.Array
         ],
         pa.list_(pa.string()),
     )
+
+
+_RAW_TYPES = {str, int, float, bool, type(None), list, tuple}
 
 
 def _raw_string(value: Any) -> str | None:

@@ -28,6 +28,7 @@ Example (a method's constructor)::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
@@ -41,6 +42,7 @@ from compressors.core.storage import (
     ServeTables,
     TableSpec,
     TrainTables,
+    check_dtype,
     layout_from_config,
     pack_rows,
 )
@@ -126,6 +128,8 @@ class FieldModule(nn.Module):
     """
 
     kind: ClassVar[str] = ""
+    #: the module reads a value only through 64-bit hashes of it (any int64 key works)
+    hashes_values: ClassVar[bool] = False
 
     def __init__(self, fields: Sequence[str], dim: int) -> None:
         super().__init__()
@@ -270,6 +274,13 @@ class HybridMethod(Compressor):
             self.module(to_module) if self.module is not None else None,
         )
 
+    def hashed_fields(self) -> list[str]:
+        return (
+            list(self.module.fields)
+            if self.module is not None and self.module.hashes_values
+            else []
+        )
+
     def optimizer_groups(self) -> list[dict[str, Any]]:
         if self.module is None or self.module_lr is None:
             return []
@@ -321,6 +332,20 @@ class HybridMethod(Compressor):
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"table_fields": [t.name.removeprefix("t_") for t in self.table_specs]}
+
+    def plan_details(self) -> dict[str, Any]:
+        return {
+            "tables": [t.to_json() for t in self.table_specs],
+            "module": None
+            if self.module is None
+            else {"kind": self.module.kind, **self.module.to_config()},
+        }
+
+    def set_storage(self, dtype: str) -> None:
+        """Serves the plain tables of the small fields at ``dtype`` (the module is unchanged)."""
+        for t in self.table_specs:
+            check_dtype(dtype, t.dim)
+        self.table_specs = [replace(t, dtype=dtype) for t in self.table_specs]
 
 
 # ---------------------------------------------------------------- serving side

@@ -50,6 +50,10 @@ class IndexMap(nn.Module):
         """Tensors the map needs at serving time (counted in ``serve_bytes``)."""
         return {}
 
+    def hashed_fields(self) -> list[str]:
+        """Fields every lookup of which hashes the value (see ``Compressor.hashed_fields``)."""
+        return []
+
     @classmethod
     def from_config(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> IndexMap:
         raise NotImplementedError

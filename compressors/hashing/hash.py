@@ -210,6 +210,10 @@ class SaltedHashMap(FanOutMap):
         in_head = (values >= per_value(self._head_start)) & (values < per_value(self._head_stop))
         return torch.where(in_head, values + per_value(self._head_shift), tail)
 
+    def hashed_fields(self) -> list[str]:
+        owned = {r.field for r in self.rules if r.head_rows}
+        return [f for i, f in enumerate(self.features) if i not in owned]
+
     def to_config(self) -> dict[str, Any]:
         return {**super().to_config(), "rules": [asdict(r) for r in self.rules]}
 
@@ -291,6 +295,9 @@ class Hash(TableMethod):
     """The salted hashing trick; per-field tables or one multiplexed table (``shared``)."""
 
     name = "hash"
+    option_help = {
+        "shared": "one table for all hashed fields (multiplexing), not one per field",
+    }
 
     def __init__(
         self,

@@ -68,6 +68,7 @@ class RobeArray(FieldModule):
     """One hashed array shared by its fields; rows are ``dim / chunk`` signed chunks."""
 
     kind = ROBE_KIND
+    hashes_values = True
 
     def __init__(
         self,
@@ -128,6 +129,9 @@ class Robe(HybridMethod):
     Adam learning rate (None: the trainer's dense one)."""
 
     name = ROBE_KIND
+    option_help = {
+        "chunk": "Z, floats per contiguous chunk read (None: solved)",
+    }
 
     def __init__(
         self,
