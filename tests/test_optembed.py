@@ -57,11 +57,11 @@ def _features() -> list[FeatureSpec]:
 
 def test_budget_floor_is_solved_by_arithmetic_and_refused_clearly():
     feats = _features()
-    plan = OptEmbed.solve(feats, DIM, 10_000)
+    plan = OptEmbed.solve_budget(feats, DIM, 10_000)
     assert not plan["feasible"] and plan["floor_bytes"] > 10_000
     with pytest.raises(BudgetError, match="one row per field"):
         build_compressor("optembed", feats, DIM, 10_000)
-    ok = OptEmbed.solve(feats, DIM, 60_000)
+    ok = OptEmbed.solve_budget(feats, DIM, 60_000)
     assert ok["feasible"] and ok["serve_bytes_max"] == 60_000
     assert (
         ok["train_bytes"] == build_compressor("optembed", feats, DIM, 60_000).memory().train_bytes

@@ -29,7 +29,7 @@ def test_soft_threshold_formula_and_gradients():
 
 def test_budget_becomes_a_number_of_entries():
     feats = [FeatureSpec("a", 1000), FeatureSpec("b", 200)]
-    plan = PEP.solve(feats, 16, 20_000)
+    plan = PEP.solve_budget(feats, 16, 20_000)
     # 5 bytes per fp32 entry (value + uint8 column), 4 per row pointer.
     assert plan["target_entries"] == (20_000 - (1001 + 201) * 4) // 5
     assert build_compressor("pep", feats, 16, 20_000).target_entries == plan["target_entries"]

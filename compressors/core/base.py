@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
+from compressors.core.budget import BudgetError, describe_bytes
+
 FLOAT_BYTES = 4
 
 
@@ -149,6 +151,53 @@ def planning() -> Iterator[None]:
 
 def is_planning() -> bool:
     return _PLANNING.get()
+
+
+class SearchedBytes:
+    """Mixin of methods whose exact serving bytes a training stage decides (OptEmbed's search,
+    PEP's and DeepLight's pruning, DNIS's prune): their plan bounds them by the budget.
+
+    Subclasses implement :meth:`solve_budget` (pure arithmetic: ``{"feasible",
+    "floor_bytes", "train_bytes", ...}``) and refuse an infeasible budget in their constructor
+    with their own message. The plan's ``serve_bytes`` is then the budget the method
+    guarantees never to exceed (``details["bound"]`` is True), while ``memory()`` reports the
+    bytes of the current masks (the exact figure once the deciding stage has run).
+    """
+
+    searched: ClassVar[bool] = True
+
+    @classmethod
+    def solve_budget(
+        cls, features: Sequence[FeatureSpec], dim: int, budget_bytes: int, **options: Any
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def solve(
+        cls, features: Sequence[FeatureSpec], dim: int, budget_bytes: int, options: dict[str, Any]
+    ) -> Plan:
+        raw = cls.solve_budget(features, dim, budget_bytes, **options)
+        if not raw["feasible"]:
+            # The constructor refuses with the method's own message; build it weightless.
+            with planning(), torch.device("meta"):
+                cls(features, dim, budget_bytes, **options)  # type: ignore[call-arg]
+            raise BudgetError(
+                f"{cls.name}: needs at least {describe_bytes(raw['floor_bytes'])}, the budget "  # type: ignore[attr-defined]
+                f"is {describe_bytes(budget_bytes)}"
+            )
+        return Plan(
+            method=cls.name,  # type: ignore[attr-defined]
+            dim=dim,
+            budget_bytes=budget_bytes,
+            options=dict(options),
+            serve_bytes=budget_bytes,
+            train_bytes=int(raw["train_bytes"]),
+            full_bytes=full_bytes(features, dim),
+            details={"bound": True, **raw},
+        )
+
+    def plan(self) -> Plan:
+        return type(self).solve(self.features, self.dim, self.budget_bytes, self.options)  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -285,6 +334,8 @@ class Compressor(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    #: True for methods whose serving bytes a stage decides (see :class:`SearchedBytes`).
+    searched: ClassVar[bool] = False
     stages: ClassVar[tuple[Stage, ...]] = (Stage("train"),)
     #: help text of the constructor's options (merged along the class hierarchy)
     option_help: ClassVar[dict[str, str]] = {

@@ -26,6 +26,7 @@ from compressors.core.base import (
     ExportedEmbedding,
     FeatureSpec,
     MemoryReport,
+    SearchedBytes,
     Stage,
     full_bytes,
 )
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 _CHUNK_ROWS = 1 << 18
 
 
-class EntryPruned(Compressor):
+class EntryPruned(SearchedBytes, Compressor):
     """Entry masks over one fp32 table; subclasses define :meth:`values` and the stages."""
 
     def __init__(
@@ -62,7 +63,7 @@ class EntryPruned(Compressor):
     ) -> None:
         super().__init__(features, dim, budget_bytes)
         self.storage = storage
-        plan = self.solve(features, dim, budget_bytes, storage=storage, optimizer=optimizer)
+        plan = self.solve_budget(features, dim, budget_bytes, storage=storage, optimizer=optimizer)
         if not plan["feasible"]:
             floor = plan["floor_bytes"]
             raise BudgetError(
@@ -76,7 +77,7 @@ class EntryPruned(Compressor):
         self.register_buffer("mask", torch.ones(self.table.rows, dim, dtype=torch.bool))
 
     @classmethod
-    def solve(
+    def solve_budget(
         cls, features: Sequence[FeatureSpec], dim: int, budget_bytes: int, **options: Any
     ) -> dict[str, Any]:
         """The plan by arithmetic: at most ``target_entries`` non-zeros (the sparsity the run

@@ -84,6 +84,7 @@ from compressors.core.base import (
     ExportedEmbedding,
     FeatureSpec,
     MemoryReport,
+    SearchedBytes,
     Stage,
     full_bytes,
 )
@@ -147,7 +148,7 @@ def floor_bytes(
 
 
 @register
-class OptEmbed(Compressor):
+class OptEmbed(SearchedBytes, Compressor):
     """Row pruning by learned thresholds + per-field dims by evolution (module docstring)."""
 
     name = "optembed"
@@ -216,7 +217,7 @@ class OptEmbed(Compressor):
 
     # ---------------------------------------------------------------- plan (arithmetic)
     @classmethod
-    def solve(
+    def solve_budget(
         cls, features: Sequence[FeatureSpec], dim: int, budget_bytes: int, **options: Any
     ) -> dict[str, Any]:
         """What a run at this budget will hold, without tensors: the search keeps serve bytes
