@@ -4,4 +4,4 @@ Shared pieces: frequency blocks and their index map (``blocks.py``), mixed-dimen
 sub-tables, their exact byte counts, export and fbgemm serving (``mixed.py``).
 """
 
-from compressors.dimension import dnis, mde  # noqa: F401
+from compressors.dimension import autodim, dnis, mde  # noqa: F401

@@ -61,8 +61,14 @@ from compressors.core.base import (
 )
 from compressors.core.budget import BudgetError, describe_bytes
 from compressors.core.registry import register
-from compressors.core.storage import Lookup, TableSpec, TrainTables, check_dtype, pack_rows
-from compressors.core.storage import optimizer_state_bytes
+from compressors.core.storage import (
+    Lookup,
+    TableSpec,
+    TrainTables,
+    check_dtype,
+    optimizer_state_bytes,
+    pack_rows,
+)
 from compressors.dimension.blocks import BlockMap, block_ranges, frequency_blocks, router_bytes
 from compressors.dimension.mixed import (
     MIXED_KIND,

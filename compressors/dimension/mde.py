@@ -44,6 +44,7 @@ from compressors.dimension.mixed import (
     padded_width,
     projected_serve_bytes,
     projection_bytes,
+    train_width,
 )
 
 DEFAULT_BLOCKS = 6
@@ -149,7 +150,8 @@ def mde_train_bytes(
     for b, d in zip(bounds, dims, strict=True):
         for (start, stop), width in zip(block_ranges(b), d, strict=True):
             rows = stop - start
-            total += rows * width * 4 + optimizer_state_bytes(rows, width, optimizer)
+            trained = train_width(width)
+            total += rows * trained * 4 + optimizer_state_bytes(rows, trained, optimizer)
             total += 3 * projection_bytes(dim, width)
     return total
 

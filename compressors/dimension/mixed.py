@@ -90,6 +90,11 @@ def padded_width(width: int, storage: str) -> int:
     return -(-width // step) * step
 
 
+def train_width(width: int) -> int:
+    """The width a block trains at: fbgemm's training TBE needs a multiple of 4."""
+    return -(-width // 4) * 4
+
+
 def projection_bytes(dim: int, width: int) -> int:
     return 0 if width >= dim else dim * width * 4
 
@@ -229,7 +234,9 @@ class ProjectedBlocks(nn.Module):
         for f, (b, d) in enumerate(zip(self.bounds, self.dims, strict=True)):
             for (start, stop), width in zip(block_ranges(b), d, strict=True):
                 key = self.router.lookup_keys[index]
-                tables.append(TableSpec(f"t_{key}", stop - start, width, storage))
+                # fbgemm's training kernels need widths in multiples of 4: a narrower block
+                # trains a padded table whose extra columns are never read (nor exported).
+                tables.append(TableSpec(f"t_{key}", stop - start, train_width(width)))
                 lookups.append(Lookup(key, f"t_{key}", field=f))
                 index += 1
         self.table_specs = tables
@@ -238,7 +245,8 @@ class ProjectedBlocks(nn.Module):
         # [B, F, K] @ [F, K, dim]; the matrix holds projections and identity blocks.
         fields = len(names)
         widest = max(sum(d) for d in self.dims)
-        gather = torch.full((fields * widest,), sum(map(sum, self.dims)), dtype=torch.int64)
+        pooled_width = sum(train_width(w) for d in self.dims for w in d)
+        gather = torch.full((fields * widest,), pooled_width, dtype=torch.int64)
         proj_at, ident_at, chunks, src = [], [], [], 0
         for f, d in enumerate(self.dims):
             k0 = 0
@@ -252,7 +260,7 @@ class ProjectedBlocks(nn.Module):
                     bound = 1 / math.sqrt(width)  # nn.Linear's default init
                     chunks.append(torch.empty(width * dim).uniform_(-bound, bound))
                 k0 += width
-                src += width
+                src += train_width(width)
         self.widest = widest
         self.register_buffer("_gather", gather, persistent=False)
         self.register_buffer(
@@ -303,11 +311,13 @@ class ProjectedBlocks(nn.Module):
         tensors = {f"index_map.{k}": v for k, v in self.router.tensors().items()}
         specs = []
         lookup_fields = self.router.lookup_fields
-        for key, table, proj, f in zip(
+        widths = [w for d in self.dims for w in d]
+        for key, table, proj, f, width in zip(
             self.router.lookup_keys,
             self.table_specs,
             self.lookup_projections(),
             lookup_fields,
+            widths,
             strict=True,
         ):
             form = "full" if proj is None else "projection"
@@ -317,11 +327,11 @@ class ProjectedBlocks(nn.Module):
                     "field": f,
                     "form": form,
                     "rows": table.rows,
-                    "width": table.dim,
+                    "width": width,
                     "dtype": self.storage,
                 }
             )
-            tensors[f"table.{key}"] = pack_rows(weights[table.name], self.storage)
+            tensors[f"table.{key}"] = pack_rows(weights[table.name][:, :width], self.storage)
             if proj is not None:
                 tensors[f"projection.{key}"] = proj.contiguous().clone()
         return ExportedEmbedding(
