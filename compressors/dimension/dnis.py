@@ -198,6 +198,8 @@ class DNIS(Compressor):
         for i, f in enumerate(features):
             self.register_buffer(f"mask{i}", torch.ones(f.cardinality, dim, dtype=torch.bool))
         self.register_buffer("pruned", torch.tensor(False))
+        # α as the search left it (folded into the tables by the prune): for reports.
+        self.register_buffer("searched_alpha", torch.ones(len(blocks), dim))
         self._searching = False
         floor = router_bytes(self.bounds)
         if floor > budget_bytes:
@@ -253,6 +255,8 @@ class DNIS(Compressor):
         Idempotent: after folding α is 1, so a repeated prune finds the same mask."""
         weights = self._field_weights()
         alpha = self.lookup_alpha().detach()
+        if not bool(self.pruned):
+            self.searched_alpha.copy_(alpha)
         for index, (f, start, stop) in enumerate(self._lookup_ranges()):
             weights[f][start:stop] *= alpha[index]
         self.alpha.fill_(1.0)
