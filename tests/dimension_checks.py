@@ -40,14 +40,16 @@ def config(
     )
 
 
-def check_resume_chain(data: Path, tmp: Path, method: str, kills: list[int], **options) -> Path:
+def check_resume_chain(
+    data: Path, tmp: Path, method: str, kills: list[int], budget: Any = "5x", **options: Any
+) -> Path:
     """A run killed after each of ``kills`` steps and resumed ends with the uninterrupted
     run's weights and metrics; returns the finished run's directory."""
-    train_run(config(data, method, "5x", **options), tmp / "whole")
+    train_run(config(data, method, budget, **options), tmp / "whole")
     for steps in kills:
-        out = train_run(config(data, method, "5x", max_steps=steps, **options), tmp / "split")
+        out = train_run(config(data, method, budget, max_steps=steps, **options), tmp / "split")
         assert out == {"finished": False, "steps": steps}
-    train_run(config(data, method, "5x", **options), tmp / "split")
+    train_run(config(data, method, budget, **options), tmp / "split")
     a = torch.load(tmp / "whole" / "model.pt", weights_only=True)
     b = torch.load(tmp / "split" / "model.pt", weights_only=True)
     assert a.keys() == b.keys()
