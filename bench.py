@@ -810,6 +810,128 @@ def bench_inter_feature(args: argparse.Namespace) -> dict:
     }
 
 
+# ---------------------------------------------------------------- dimension search (issue 11)
+DIMENSION = ("dnis", "mde", "autodim")
+DIMENSION_BUDGETS = ("2x", "5x", "10x", "20x")
+
+
+def _staged_run(name: str, **run: object) -> tuple[dict, dict[str, float]]:
+    """Trains ``RunConfig(**run)`` afresh under .bench-cache/runs/NAME; returns its summary and
+    the wall seconds of each stage (``on_stage_start`` to ``on_stage_end``, evaluations
+    included), timed by wrapping the method's own hooks for the run."""
+    import shutil
+
+    from compressors.core.registry import COMPRESSORS
+    from ctr.run import RunConfig, train_run
+    from ctr.trainer import TrainConfig
+
+    train = run.pop("train", {})
+    cfg = RunConfig(**run, train=TrainConfig(progress=False, **train))
+    run_dir = CACHE / "runs" / name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    seconds: dict[str, float] = {}
+    started: dict[str, float] = {}
+    cls = COMPRESSORS[cfg.compressor]
+    saved = {k: cls.__dict__[k] for k in ("on_stage_start", "on_stage_end") if k in cls.__dict__}
+    own_start, own_end = cls.on_stage_start, cls.on_stage_end
+
+    def on_start(self, stage, ctx):
+        started[stage.name] = time.perf_counter()
+        own_start(self, stage, ctx)
+
+    def on_end(self, stage, ctx):
+        own_end(self, stage, ctx)
+        seconds[stage.name] = time.perf_counter() - started[stage.name]
+
+    cls.on_stage_start, cls.on_stage_end = on_start, on_end
+    try:
+        print(f"  training {name} ...", flush=True)
+        summary = train_run(cfg, run_dir)
+    finally:
+        for k in ("on_stage_start", "on_stage_end"):
+            if k in saved:
+                setattr(cls, k, saved[k])
+            else:
+                delattr(cls, k)
+    return summary, seconds
+
+
+@section("dimension", default=False)
+def bench_dimension(args: argparse.Namespace) -> dict:
+    """Dimension search (dnis, mde, autodim) at 2x/5x/10x/20x, fp32 and int8: AUC, logloss,
+    bytes, stage wall times as ratios to one full run."""
+    from ctr.embedding import features_from_dataset
+    from datasets.format import DatasetMeta
+
+    rows_arg = args.rows or 200_000
+    data = default_dataset(args, rows=rows_arg, scale=0.001)
+    meta = DatasetMeta.load(data)
+    features = features_from_dataset(meta)
+    common = dict(data=str(data), model="deepfm", dim=16, train={"batch_size": 4096})
+    full, full_stages = _staged_run("dimension-full", compressor="full", **common)
+    full_time = sum(full_stages.values())
+    rows = [
+        {
+            "method": "full",
+            "storage": "fp32",
+            "budget": "1x",
+            "ratio": 1.0,
+            "test_auc": full["test_auc"],
+            "test_logloss": full["test_logloss"],
+            "serve_bytes": full["serve_bytes"],
+            "train_bytes": full["train_bytes"],
+            "stages_vs_full": "train 1.00",
+            "note": "",
+        }
+    ]
+    for storage in ("fp32", "int8"):
+        for method in DIMENSION:
+            for budget in DIMENSION_BUDGETS:
+                refused = _fits(method, features, budget, storage=storage)
+                if refused:
+                    rows.append(
+                        {"method": method, "storage": storage, "budget": budget, "note": refused}
+                    )
+                    continue
+                summary, stages = _staged_run(
+                    f"dimension-{method}-{storage}-{budget}",
+                    compressor=method,
+                    budget=budget,
+                    method_options={"storage": storage},
+                    **common,
+                )
+                rows.append(
+                    {
+                        "method": method,
+                        "storage": storage,
+                        "budget": budget,
+                        "ratio": summary["ratio"],
+                        "test_auc": summary["test_auc"],
+                        "test_logloss": summary["test_logloss"],
+                        "serve_bytes": summary["serve_bytes"],
+                        "train_bytes": summary["train_bytes"],
+                        "stages_vs_full": " ".join(
+                            f"{k} {v / full_time:.2f}" for k, v in stages.items()
+                        ),
+                        "note": "",
+                    }
+                )
+    print_table(
+        f"dimension: DeepFM dim 16, synthetic {rows_arg} rows (scale 0.001), 1 epoch per "
+        f"stage, one seed (teacher AUC {meta.extra['teacher']['test_auc']:.4f})",
+        [{k: v for k, v in r.items() if k != "note"} for r in rows if not r["note"]],
+    )
+    for r in rows:
+        if r["note"]:
+            print(f"  {r['method']} ({r['storage']}) at {r['budget']}: {r['note']}")
+    return {
+        "rows": rows,
+        "teacher_auc": meta.extra["teacher"]["test_auc"],
+        "full_stage_seconds": full_stages,
+    }
+
+
 def _pareto_plot(rows: list[dict], path: Path) -> Path:
     """AUC against serve bytes (log x), one line per method, full as a reference point."""
     import matplotlib
