@@ -866,9 +866,10 @@ def bench_dimension(args: argparse.Namespace) -> dict:
 
     rows_arg = args.rows or 200_000
     data = default_dataset(args, rows=rows_arg, scale=0.001)
+    batch = 4096 if rows_arg >= 200_000 else 1024
     meta = DatasetMeta.load(data)
     features = features_from_dataset(meta)
-    common = dict(data=str(data), model="deepfm", dim=16, train={"batch_size": 4096})
+    common = dict(data=str(data), model="deepfm", dim=16, train={"batch_size": batch})
     full, full_stages = _staged_run("dimension-full", compressor="full", **common)
     full_time = sum(full_stages.values())
     rows = [
@@ -917,9 +918,10 @@ def bench_dimension(args: argparse.Namespace) -> dict:
                         "note": "",
                     }
                 )
+                print(f"  {json.dumps(rows[-1])}", flush=True)
     print_table(
-        f"dimension: DeepFM dim 16, synthetic {rows_arg} rows (scale 0.001), 1 epoch per "
-        f"stage, one seed (teacher AUC {meta.extra['teacher']['test_auc']:.4f})",
+        f"dimension: DeepFM dim 16, synthetic {rows_arg} rows (scale 0.001), batch {batch}, "
+        f"1 epoch per stage, one seed (teacher AUC {meta.extra['teacher']['test_auc']:.4f})",
         [{k: v for k, v in r.items() if k != "note"} for r in rows if not r["note"]],
     )
     for r in rows:
@@ -930,6 +932,74 @@ def bench_dimension(args: argparse.Namespace) -> dict:
         "teacher_auc": meta.extra["teacher"]["test_auc"],
         "full_stage_seconds": full_stages,
     }
+
+
+@section("dnis_kept", default=False)
+def bench_dnis_kept(args: argparse.Namespace) -> dict:
+    """What DNIS keeps per field and frequency block on planted-teacher data, beside each
+    field's planted signal (the setting of tests/test_dnis.py's planted test)."""
+    import numpy as np
+
+    from ctr.run import RunConfig, build_run_model
+    from ctr.trainer import TrainConfig, Trainer
+    from datasets.format import DatasetMeta
+    from datasets.loader import BatchLoader
+    from datasets.synthetic import SIGNAL_PATTERN
+
+    cards = (40, 120, 600, 25, 300, 80, 15, 1000)
+    data = default_dataset(args, rows=args.rows or 400_000, cardinalities=cards, num_dense=4)
+    meta = DatasetMeta.load(data)
+    cfg = RunConfig(
+        data=str(data),
+        model="deepfm",
+        model_options={"hidden": [32]},
+        dim=16,
+        compressor="dnis",
+        budget="10x",
+        method_options=dict(
+            alpha_lr=0.05, warmup_epochs=0.15, search_epochs=0.15, finetune_epochs=0.15
+        ),
+        train=TrainConfig(batch_size=1024, lr=3e-3, table_lr=0.2, progress=False, patience=1),
+    )
+    model = build_run_model(cfg, meta)
+    trainer = Trainer(
+        model,
+        BatchLoader(meta, "train", 1024, shuffle=True, drop_last=True),
+        BatchLoader(meta, "valid", 16384),
+        cfg.train,
+    )
+    trainer.fit()
+    metrics = trainer.evaluate(BatchLoader(meta, "test", 16384))
+    layer = model.embedding.compressor
+    kept = layer.kept_dims()
+    alpha = layer.searched_alpha.mean(1).tolist()
+    rows, index = [], 0
+    for f, (name, blocks) in enumerate(kept.items()):
+        for b, block in enumerate(blocks):
+            rows.append(
+                {
+                    "field": name,
+                    "signal": SIGNAL_PATTERN[f % len(SIGNAL_PATTERN)],
+                    "block": b,
+                    "ids": f"{block['ids'][0]}-{block['ids'][1]}",
+                    "alpha": alpha[index],
+                    "columns": block["columns"],
+                    "entries_per_row": block["entries_per_row"],
+                    "form": block["form"],
+                }
+            )
+            index += 1
+    print_table(
+        f"dnis_kept: DNIS at 10x on planted data (test AUC {metrics['auc']:.4f}, teacher "
+        f"{meta.extra['teacher']['test_auc']:.4f}; {layer.memory().serve_bytes} of "
+        f"{layer.budget_bytes} bytes)",
+        rows,
+    )
+    per_field = {
+        name: float(np.mean([b["entries_per_row"] for b in blocks]))
+        for name, blocks in kept.items()
+    }
+    return {"rows": rows, "per_field_entries": per_field, "test": metrics}
 
 
 def _pareto_plot(rows: list[dict], path: Path) -> Path:
