@@ -828,6 +828,11 @@ def _staged_run(name: str, **run: object) -> tuple[dict, dict[str, float]]:
     train = run.pop("train", {})
     cfg = RunConfig(**run, train=TrainConfig(progress=False, **train))
     run_dir = CACHE / "runs" / name
+    timings = run_dir / "stage_seconds.json"
+    if timings.exists() and json.loads((run_dir / "config.json").read_text()) == json.loads(
+        json.dumps(cfg.to_json())
+    ):
+        return json.loads((run_dir / "summary.json").read_text()), json.loads(timings.read_text())
     if run_dir.exists():
         shutil.rmtree(run_dir)
     seconds: dict[str, float] = {}
@@ -854,6 +859,7 @@ def _staged_run(name: str, **run: object) -> tuple[dict, dict[str, float]]:
                 setattr(cls, k, saved[k])
             else:
                 delattr(cls, k)
+    timings.write_text(json.dumps(seconds))
     return summary, seconds
 
 
@@ -886,9 +892,11 @@ def bench_dimension(args: argparse.Namespace) -> dict:
             "note": "",
         }
     ]
-    for storage in ("fp32", "int8"):
-        for method in DIMENSION:
-            for budget in DIMENSION_BUDGETS:
+    budgets = args.budgets.split(",") if args.budgets else DIMENSION_BUDGETS
+    storages = args.storages.split(",") if args.storages else ("fp32", "int8")
+    for budget in budgets:
+        for storage in storages:
+            for method in DIMENSION:
                 refused = _fits(method, features, budget, storage=storage)
                 if refused:
                     rows.append(
@@ -1111,6 +1119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rows", type=int, default=None, help="override dataset rows where a section uses them"
     )
+    parser.add_argument("--budgets", default=None, help="dimension: comma-separated budgets")
+    parser.add_argument("--storages", default=None, help="dimension: comma-separated dtypes")
     args = parser.parse_args(argv)
     if args.list:
         for name, (fn, default) in SECTIONS.items():
