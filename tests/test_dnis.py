@@ -75,7 +75,8 @@ def test_prune_meets_the_budget_exactly(ratio, storage):
         layer.alpha.copy_(torch.rand(layer.alpha.shape, generator=g))
         for w in layer._field_weights():
             w.copy_(torch.randn(w.shape, generator=g))
-    planned = layer.memory().serve_bytes
+    planned = layer.export().nbytes  # what pruning now would export
+    assert layer.memory().serve_bytes == layer.budget_bytes  # before the prune: the bound
     layer.prune()
     memory = layer.memory()
     assert memory.serve_bytes == planned == layer.export().nbytes

@@ -100,6 +100,14 @@ class AutoDim(Compressor):
     """Per-field dimension search by Gumbel-softmax mixtures, then a budgeted retrain."""
 
     name = "autodim"
+    option_help = {
+        "arch_lr": "Adam learning rate of the architecture weights (validation batches)",
+        "search_epochs": "epochs of the search stage (None: the run's)",
+        "retrain_epochs": "epochs of the retrain stage (None: the run's)",
+        "min_temperature": "floor of the annealed Gumbel-softmax temperature",
+        "anneal": "temperature decrease per step (τ = max(min, 1 - anneal·step))",
+        "storage": "serving dtype of the retrained tables",
+    }
 
     def __init__(
         self,
@@ -215,10 +223,21 @@ class AutoDim(Compressor):
         return tables + 3 * 4 * (fields * k * self.dim * self.dim + fields * k)
 
     def memory(self) -> MemoryReport:
-        dims = self.dims if self.dims is not None else self.choose()
+        """Exact bytes once the dims are chosen; before, the budget the choice will meet (an
+        upper bound: the dims depend on the search)."""
         bounds = [[0, f.cardinality] for f in self.features]
-        serve = projected_serve_bytes(bounds, [[d] for d in dims], self.dim, self.storage)
-        retrain = mde_train_bytes(bounds, [[d] for d in dims], self.dim, self.table_optimizer)
+        if self.dims is None:
+            full = [[self.dim] for _ in self.features]
+            retrain = mde_train_bytes(bounds, full, self.dim, self.table_optimizer)
+            return MemoryReport(
+                serve_bytes=self.budget_bytes,
+                train_bytes=max(self._search_train_bytes(), retrain),
+                full_bytes=self.full_bytes,
+                parts={"chosen dims fit at most": self.budget_bytes},
+            )
+        dims = [[d] for d in self.dims]
+        serve = projected_serve_bytes(bounds, dims, self.dim, self.storage)
+        retrain = mde_train_bytes(bounds, dims, self.dim, self.table_optimizer)
         return MemoryReport(
             serve_bytes=serve,
             train_bytes=max(self._search_train_bytes(), retrain),

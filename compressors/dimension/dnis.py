@@ -146,6 +146,18 @@ class DNIS(Compressor):
     """Frequency-block soft selection α searched on validation data, then magnitude pruning."""
 
     name = "dnis"
+    option_help = {
+        "num_blocks": "frequency blocks per field (equal train-frequency mass)",
+        "shared_alpha": "one α for every field instead of one per field",
+        "l1": "λ of the L1 penalty on α during the search",
+        "alpha_lr": "SGD learning rate of α (validation batches)",
+        "grad_norm": "divide α's gradient per block by its mean absolute value",
+        "train_network": "train the dense network during the search (the paper freezes it)",
+        "warmup_epochs": "epochs of the warm-up stage (None: the run's)",
+        "search_epochs": "epochs of the search stage (None: the run's)",
+        "finetune_epochs": "epochs of the fine-tuning stage (None: the run's)",
+        "storage": "serving dtype of the surviving dense sub-tables (CSR only at fp32/fp16)",
+    }
 
     def __init__(
         self,
@@ -327,12 +339,20 @@ class DNIS(Compressor):
         return weights, threshold, profile.forms(threshold)
 
     # ---------------------------------------------------------------- accounting and export
+    def _is_pruned(self) -> bool:
+        return self.pruned.device.type != "meta" and bool(self.pruned)
+
     def memory(self) -> MemoryReport:
-        _, _, forms = self._effective()
-        parts = {"index_map.bounds": router_bytes(self.bounds)}
-        for key, form in zip(self.router.lookup_keys, forms, strict=True):
-            if form.nbytes:
-                parts[f"{form.form}.{key}"] = form.nbytes
+        """Exact bytes once pruned; before, the budget the prune stage will meet (an upper
+        bound: the exact bytes depend on the trained weights)."""
+        if self._is_pruned():
+            _, _, forms = self._effective()
+            parts = {"index_map.bounds": router_bytes(self.bounds)}
+            for key, form in zip(self.router.lookup_keys, forms, strict=True):
+                if form.nbytes:
+                    parts[f"{form.form}.{key}"] = form.nbytes
+        else:
+            parts = {"pruned to at most": self.budget_bytes}
         rows = sum(f.cardinality for f in self.features)
         train = (
             rows * self.dim * 4

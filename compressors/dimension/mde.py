@@ -161,6 +161,12 @@ class MDE(Compressor):
     """Mixed dimensions from the popularity power law; the budget solves ``α`` (or ``d0``)."""
 
     name = "mde"
+    option_help = {
+        "num_blocks": "frequency blocks per field (equal train-frequency mass)",
+        "min_dim": "smallest block dim (None: 1, or what the storage dtype can pack)",
+        "round_pow2": "round dims to powers of two (the paper) instead of integers",
+        "storage": "serving dtype of the sub-tables (projections stay fp32)",
+    }
 
     def __init__(
         self,
