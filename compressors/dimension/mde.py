@@ -181,10 +181,12 @@ class MDE(Compressor):
     ) -> None:
         super().__init__(features, dim, budget_bytes)
         self.num_blocks, self.storage = num_blocks, storage
-        self.plan = solve_mde(features, dim, budget_bytes, num_blocks, storage, min_dim, round_pow2)
-        self.check_budget(self.plan["serve_bytes"], f"the solved dims at {storage}")
+        self.solution = solve_mde(
+            features, dim, budget_bytes, num_blocks, storage, min_dim, round_pow2
+        )
+        self.check_budget(self.solution["serve_bytes"], f"the solved dims at {storage}")
         self.blocks = ProjectedBlocks(
-            features, dim, self.plan["bounds"], self.plan["dims"], storage, init_scale
+            features, dim, self.solution["bounds"], self.solution["dims"], storage, init_scale
         )
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
@@ -207,8 +209,8 @@ class MDE(Compressor):
         return {
             "storage": self.storage,
             "num_blocks": self.num_blocks,
-            "alpha": self.plan["alpha"],
-            "base_dim": self.plan["base_dim"],
-            "bounds": dict(zip(names, self.plan["bounds"], strict=True)),
-            "dims": dict(zip(names, self.plan["dims"], strict=True)),
+            "alpha": self.solution["alpha"],
+            "base_dim": self.solution["base_dim"],
+            "bounds": dict(zip(names, self.solution["bounds"], strict=True)),
+            "dims": dict(zip(names, self.solution["dims"], strict=True)),
         }
