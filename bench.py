@@ -811,6 +811,206 @@ def bench_inter_feature(args: argparse.Namespace) -> dict:
     }
 
 
+# ---------------------------------------------------------------- dimension search (issue 11)
+DIMENSION = ("dnis", "mde", "autodim")
+DIMENSION_BUDGETS = ("2x", "5x", "10x", "20x")
+
+
+def _staged_run(name: str, **run: object) -> tuple[dict, dict[str, float]]:
+    """Trains ``RunConfig(**run)`` afresh under .bench-cache/runs/NAME; returns its summary and
+    the wall seconds of each stage (``on_stage_start`` to ``on_stage_end``, evaluations
+    included), timed by wrapping the method's own hooks for the run."""
+    import shutil
+
+    from compressors.core.registry import COMPRESSORS
+    from ctr.run import RunConfig, train_run
+    from ctr.trainer import TrainConfig
+
+    train = run.pop("train", {})
+    cfg = RunConfig(**run, train=TrainConfig(progress=False, **train))
+    run_dir = CACHE / "runs" / name
+    timings = run_dir / "stage_seconds.json"
+    if timings.exists() and json.loads((run_dir / "config.json").read_text()) == json.loads(
+        json.dumps(cfg.to_json())
+    ):
+        return json.loads((run_dir / "summary.json").read_text()), json.loads(timings.read_text())
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    seconds: dict[str, float] = {}
+    started: dict[str, float] = {}
+    cls = COMPRESSORS[cfg.compressor]
+    saved = {k: cls.__dict__[k] for k in ("on_stage_start", "on_stage_end") if k in cls.__dict__}
+    own_start, own_end = cls.on_stage_start, cls.on_stage_end
+
+    def on_start(self, stage, ctx):
+        started[stage.name] = time.perf_counter()
+        own_start(self, stage, ctx)
+
+    def on_end(self, stage, ctx):
+        own_end(self, stage, ctx)
+        seconds[stage.name] = time.perf_counter() - started[stage.name]
+
+    cls.on_stage_start, cls.on_stage_end = on_start, on_end
+    try:
+        print(f"  training {name} ...", flush=True)
+        summary = train_run(cfg, run_dir)
+    finally:
+        for k in ("on_stage_start", "on_stage_end"):
+            if k in saved:
+                setattr(cls, k, saved[k])
+            else:
+                delattr(cls, k)
+    timings.write_text(json.dumps(seconds))
+    return summary, seconds
+
+
+@section("dimension", default=False)
+def bench_dimension(args: argparse.Namespace) -> dict:
+    """Dimension search (dnis, mde, autodim) at 2x/5x/10x/20x, fp32 and int8: AUC, logloss,
+    bytes, stage wall times as ratios to one full run."""
+    from ctr.embedding import features_from_dataset
+    from datasets.format import DatasetMeta
+
+    rows_arg = args.rows or 200_000
+    data = default_dataset(args, rows=rows_arg, scale=0.001)
+    batch = 4096 if rows_arg >= 200_000 else 1024
+    meta = DatasetMeta.load(data)
+    features = features_from_dataset(meta)
+    common = dict(data=str(data), model="deepfm", dim=16, train={"batch_size": batch})
+    full, full_stages = _staged_run("dimension-full", compressor="full", **common)
+    full_time = sum(full_stages.values())
+    rows = [
+        {
+            "method": "full",
+            "storage": "fp32",
+            "budget": "1x",
+            "ratio": 1.0,
+            "test_auc": full["test_auc"],
+            "test_logloss": full["test_logloss"],
+            "serve_bytes": full["serve_bytes"],
+            "train_bytes": full["train_bytes"],
+            "stages_vs_full": "train 1.00",
+            "note": "",
+        }
+    ]
+    budgets = args.budgets.split(",") if args.budgets else DIMENSION_BUDGETS
+    storages = args.storages.split(",") if args.storages else ("fp32", "int8")
+    for budget in budgets:
+        for storage in storages:
+            for method in DIMENSION:
+                refused = _fits(method, features, budget, storage=storage)
+                if refused:
+                    rows.append(
+                        {"method": method, "storage": storage, "budget": budget, "note": refused}
+                    )
+                    continue
+                summary, stages = _staged_run(
+                    f"dimension-{method}-{storage}-{budget}",
+                    compressor=method,
+                    budget=budget,
+                    method_options={"storage": storage},
+                    **common,
+                )
+                rows.append(
+                    {
+                        "method": method,
+                        "storage": storage,
+                        "budget": budget,
+                        "ratio": summary["ratio"],
+                        "test_auc": summary["test_auc"],
+                        "test_logloss": summary["test_logloss"],
+                        "serve_bytes": summary["serve_bytes"],
+                        "train_bytes": summary["train_bytes"],
+                        "stages_vs_full": " ".join(
+                            f"{k} {v / full_time:.2f}" for k, v in stages.items()
+                        ),
+                        "note": "",
+                    }
+                )
+                print(f"  {json.dumps(rows[-1])}", flush=True)
+    print_table(
+        f"dimension: DeepFM dim 16, synthetic {rows_arg} rows (scale 0.001), batch {batch}, "
+        f"1 epoch per stage, one seed (teacher AUC {meta.extra['teacher']['test_auc']:.4f})",
+        [{k: v for k, v in r.items() if k != "note"} for r in rows if not r["note"]],
+    )
+    for r in rows:
+        if r["note"]:
+            print(f"  {r['method']} ({r['storage']}) at {r['budget']}: {r['note']}")
+    return {
+        "rows": rows,
+        "teacher_auc": meta.extra["teacher"]["test_auc"],
+        "full_stage_seconds": full_stages,
+    }
+
+
+@section("dnis_kept", default=False)
+def bench_dnis_kept(args: argparse.Namespace) -> dict:
+    """What DNIS keeps per field and frequency block on planted-teacher data, beside each
+    field's planted signal (the setting of tests/test_dnis.py's planted test)."""
+    import numpy as np
+
+    from ctr.run import RunConfig, build_run_model
+    from ctr.trainer import TrainConfig, Trainer
+    from datasets.format import DatasetMeta
+    from datasets.loader import BatchLoader
+    from datasets.synthetic import SIGNAL_PATTERN
+
+    cards = (40, 120, 600, 25, 300, 80, 15, 1000)
+    data = default_dataset(args, rows=args.rows or 400_000, cardinalities=cards, num_dense=4)
+    meta = DatasetMeta.load(data)
+    cfg = RunConfig(
+        data=str(data),
+        model="deepfm",
+        model_options={"hidden": [32]},
+        dim=16,
+        compressor="dnis",
+        budget="10x",
+        method_options=dict(
+            alpha_lr=0.05, warmup_epochs=0.15, search_epochs=0.15, finetune_epochs=0.15
+        ),
+        train=TrainConfig(batch_size=1024, lr=3e-3, table_lr=0.2, progress=False, patience=1),
+    )
+    model = build_run_model(cfg, meta)
+    trainer = Trainer(
+        model,
+        BatchLoader(meta, "train", 1024, shuffle=True, drop_last=True),
+        BatchLoader(meta, "valid", 16384),
+        cfg.train,
+    )
+    trainer.fit()
+    metrics = trainer.evaluate(BatchLoader(meta, "test", 16384))
+    layer = model.embedding.compressor
+    kept = layer.kept_dims()
+    alpha = layer.searched_alpha.mean(1).tolist()
+    rows, index = [], 0
+    for f, (name, blocks) in enumerate(kept.items()):
+        for b, block in enumerate(blocks):
+            rows.append(
+                {
+                    "field": name,
+                    "signal": SIGNAL_PATTERN[f % len(SIGNAL_PATTERN)],
+                    "block": b,
+                    "ids": f"{block['ids'][0]}-{block['ids'][1]}",
+                    "alpha": alpha[index],
+                    "columns": block["columns"],
+                    "entries_per_row": block["entries_per_row"],
+                    "form": block["form"],
+                }
+            )
+            index += 1
+    print_table(
+        f"dnis_kept: DNIS at 10x on planted data (test AUC {metrics['auc']:.4f}, teacher "
+        f"{meta.extra['teacher']['test_auc']:.4f}; {layer.memory().serve_bytes} of "
+        f"{layer.budget_bytes} bytes)",
+        rows,
+    )
+    per_field = {
+        name: float(np.mean([b["entries_per_row"] for b in blocks]))
+        for name, blocks in kept.items()
+    }
+    return {"rows": rows, "per_field_entries": per_field, "test": metrics}
+
+
 def _pareto_plot(rows: list[dict], path: Path) -> Path:
     """AUC against serve bytes (log x), one line per method, full as a reference point."""
     import matplotlib
@@ -1486,6 +1686,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rows", type=int, default=None, help="override dataset rows where a section uses them"
     )
+    parser.add_argument("--budgets", default=None, help="dimension: comma-separated budgets")
+    parser.add_argument("--storages", default=None, help="dimension: comma-separated dtypes")
     args = parser.parse_args(argv)
     if args.list:
         for name, (fn, default) in SECTIONS.items():

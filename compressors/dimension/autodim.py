@@ -1,0 +1,262 @@
+"""``autodim`` — automated embedding dimension search (Zhao et al., "AutoDim: Field-aware
+Embedding Dimension Search in Recommender Systems", WWW 2021).
+
+**Search** (stage ``search``, bilevel). Each field ``f`` has one ``dim``-wide table; candidate
+dims ``{2, 4, 8, …, dim}`` read its first ``d_k`` columns (the paper's weight-sharing
+variant), each candidate has its own linear transform ``d_k → dim`` followed by batch
+normalisation (the paper's magnitude alignment), and the field's embedding is their mixture
+weighted by a Gumbel-softmax over architecture weights ``a_f`` (temperature annealed as the
+paper: ``τ = max(0.01, 1 − 5e-5·step)``; plain softmax in eval mode). Training batches update
+tables, transforms and network; validation batches update ``a`` (Adam, DARTS first order).
+
+**Choice and retrain** (stage ``retrain``, after a rebuild). Each field takes its argmax
+dim. The paper leaves memory unbounded; here the choice must fit the budget: while the
+exact serving bytes exceed it, the field whose next lower candidate loses the least
+architecture probability per byte saved steps down (a greedy repair, like OptEmbed's). The
+model is then rebuilt with a ``d_f``-wide table per field and a ``dim × d_f`` projection
+(none at ``d_f = dim``), freshly initialised as the paper retrains; the dense network keeps
+its searched weights (the paper retrains it too — a deviation that saves a rewind of the
+network alone). The retrained layout exports as ``mixed_dims`` (fbgemm TBE + projections).
+
+Example::
+
+    layer = build_compressor("autodim", features, dim=16, budget="10x")
+    layer.stages                          # search (bilevel, rebuilds), retrain
+    layer.hyperparameters()["dims"]       # after the search: the chosen dim per field
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec import KeyedJaggedTensor
+
+from compressors.core.base import (
+    Compressor,
+    ExportedEmbedding,
+    FeatureSpec,
+    MemoryReport,
+    Stage,
+    StageContext,
+)
+from compressors.core.budget import BudgetError, describe_bytes
+from compressors.core.layout import DirectMap
+from compressors.core.registry import register
+from compressors.core.storage import Lookup, TableSpec, TrainTables, check_dtype
+from compressors.dimension.mde import mde_train_bytes
+from compressors.dimension.mixed import ProjectedBlocks, padded_width, projected_serve_bytes
+
+
+def candidate_dims(dim: int, storage: str) -> list[int]:
+    """``{2, 4, 8, …} < dim`` plus ``dim`` itself, each packable at ``storage``."""
+    out = {padded_width(2**k, storage) for k in range(1, int(math.log2(dim)) + 1) if 2**k < dim}
+    return sorted(d for d in out if d < dim) + [dim]
+
+
+def field_bytes(cardinality: int, width: int, dim: int, storage: str) -> int:
+    return projected_serve_bytes([[0, cardinality]], [[width]], dim, storage)
+
+
+def choose_dims(
+    features: Sequence[FeatureSpec],
+    dim: int,
+    budget_bytes: int,
+    candidates: Sequence[int],
+    probabilities: Sequence[Sequence[float]],
+    storage: str = "fp32",
+) -> list[int]:
+    """Argmax dims, repaired to fit ``budget_bytes`` (pure arithmetic; see module docstring)."""
+    choice = [max(range(len(p)), key=lambda k, p=p: (p[k], -k)) for p in probabilities]
+    cost = [[field_bytes(f.cardinality, d, dim, storage) for d in candidates] for f in features]
+    total = sum(c[k] for c, k in zip(cost, choice, strict=True))
+    while total > budget_bytes:
+        best, best_score = None, math.inf
+        for f, k in enumerate(choice):
+            if k == 0:
+                continue
+            saved = cost[f][k] - cost[f][k - 1]
+            if saved <= 0:
+                continue
+            score = (probabilities[f][k] - probabilities[f][k - 1]) / saved
+            if score < best_score:
+                best, best_score = f, score
+        if best is None:
+            raise BudgetError(
+                f"autodim: even {candidates[0]}-dim fields need {describe_bytes(total)} but "
+                f"the budget is {describe_bytes(budget_bytes)}"
+            )
+        total -= cost[best][choice[best]] - cost[best][choice[best] - 1]
+        choice[best] -= 1
+    return [candidates[k] for k in choice]
+
+
+@register
+class AutoDim(Compressor):
+    """Per-field dimension search by Gumbel-softmax mixtures, then a budgeted retrain."""
+
+    name = "autodim"
+    option_help = {
+        "arch_lr": "Adam learning rate of the architecture weights (validation batches)",
+        "search_epochs": "epochs of the search stage (None: the run's)",
+        "retrain_epochs": "epochs of the retrain stage (None: the run's)",
+        "min_temperature": "floor of the annealed Gumbel-softmax temperature",
+        "anneal": "temperature decrease per step (τ = max(min, 1 - anneal·step))",
+        "storage": "serving dtype of the retrained tables",
+    }
+
+    def __init__(
+        self,
+        features: Sequence[FeatureSpec],
+        dim: int,
+        budget_bytes: int,
+        arch_lr: float = 1e-3,
+        search_epochs: float | None = None,
+        retrain_epochs: float | None = None,
+        min_temperature: float = 0.01,
+        anneal: float = 5e-5,
+        storage: str = "fp32",
+        init_scale: float = 0.01,
+    ) -> None:
+        super().__init__(features, dim, budget_bytes)
+        check_dtype(storage, dim)
+        self.storage, self.arch_lr, self.init_scale = storage, arch_lr, init_scale
+        self.min_temperature, self.anneal = min_temperature, anneal
+        self.stages = (
+            Stage("search", epochs=search_epochs, bilevel=True, rebuilds=True),
+            Stage("retrain", epochs=retrain_epochs),
+        )
+        self.candidates = candidate_dims(dim, storage)
+        floor = sum(field_bytes(f.cardinality, self.candidates[0], dim, storage) for f in features)
+        self.check_budget(floor, f"every field at {self.candidates[0]} dims")
+        names = self.feature_names
+        fields, k = len(features), len(self.candidates)
+        self.index_map = DirectMap(names)
+        self.tables = TrainTables(
+            [TableSpec(f"t_{n}", f.cardinality, dim) for n, f in zip(names, features, strict=True)],
+            [Lookup(n, f"t_{n}", field=i) for i, n in enumerate(names)],
+            init_scale=init_scale,
+        )
+        bound = torch.tensor([1 / math.sqrt(d) for d in self.candidates]).view(1, k, 1, 1)
+        self.transforms = nn.Parameter((torch.rand(fields, k, dim, dim) * 2 - 1) * bound)
+        columns = torch.arange(dim).unsqueeze(0) < torch.tensor(self.candidates).unsqueeze(1)
+        self.register_buffer("_columns", columns.float().view(1, k, 1, dim), persistent=False)
+        self.norm = nn.BatchNorm1d(fields * k * dim)
+        self.arch = nn.Parameter(torch.zeros(fields, k))
+        self.temperature = 1.0
+        self.dims: list[int] | None = None
+        self.blocks: ProjectedBlocks | None = None
+
+    # ---------------------------------------------------------------- search
+    def weights(self) -> torch.Tensor:
+        """Candidate weights ``[F, K]``: Gumbel-softmax when training, softmax otherwise."""
+        if self.training:
+            return F.gumbel_softmax(self.arch, tau=self.temperature, hard=False)
+        return F.softmax(self.arch, dim=1)
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        if self.blocks is not None:
+            return self.blocks(features)
+        pooled = self.tables(self.index_map(features))
+        batch, fields, k = pooled.shape[0], self.num_features, len(self.candidates)
+        e = pooled.view(batch, fields, self.dim)
+        h = torch.einsum("bfi,fkoi->bfko", e, self.transforms * self._columns)
+        h = self.norm(h.reshape(batch, -1)).view(batch, fields, k, self.dim)
+        return (h * self.weights().view(1, fields, k, 1)).sum(2)
+
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        if self.blocks is not None:
+            return []
+        return [{"params": [self.arch], "optimizer": "adam", "lr": self.arch_lr, "role": "valid"}]
+
+    def _anneal(self, step: int) -> None:
+        self.temperature = max(self.min_temperature, 1.0 - self.anneal * step)
+
+    def on_stage_start(self, stage: Stage, ctx: StageContext) -> None:
+        self._anneal(ctx.step)
+
+    def after_step(self, ctx: StageContext) -> None:
+        self._anneal(ctx.step + 1)
+
+    def on_stage_end(self, stage: Stage, ctx: StageContext) -> None:
+        if stage.name == "search":
+            self._build_retrain(self.choose())
+
+    def choose(self) -> list[int]:
+        """The dims the search picks now: argmax per field, repaired to fit the budget."""
+        probabilities = F.softmax(self.arch.detach(), dim=1).tolist()
+        return choose_dims(
+            self.features,
+            self.dim,
+            self.budget_bytes,
+            self.candidates,
+            probabilities,
+            self.storage,
+        )
+
+    # ---------------------------------------------------------------- retrain
+    def _build_retrain(self, dims: Sequence[int]) -> None:
+        self.dims = [int(d) for d in dims]
+        bounds = [[0, f.cardinality] for f in self.features]
+        self.blocks = ProjectedBlocks(
+            self.features, self.dim, bounds, [[d] for d in self.dims], self.storage, self.init_scale
+        )
+        for name in ("tables", "transforms", "norm", "arch", "index_map"):
+            delattr(self, name)
+
+    def architecture(self) -> dict[str, Any] | None:
+        return None if self.dims is None else {"dims": self.dims}
+
+    def rebuild(self, architecture: dict[str, Any]) -> None:
+        if self.blocks is None:
+            self._build_retrain(architecture["dims"])
+
+    # ---------------------------------------------------------------- accounting and export
+    def _search_train_bytes(self) -> int:
+        rows = sum(f.cardinality for f in self.features)
+        fields, k = self.num_features, len(self.candidates)
+        tables = mde_train_bytes([[0, rows]], [[self.dim]], self.dim, self.table_optimizer)
+        return tables + 3 * 4 * (fields * k * self.dim * self.dim + fields * k)
+
+    def memory(self) -> MemoryReport:
+        """Exact bytes once the dims are chosen; before, the budget the choice will meet (an
+        upper bound: the dims depend on the search)."""
+        bounds = [[0, f.cardinality] for f in self.features]
+        if self.dims is None:
+            full = [[self.dim] for _ in self.features]
+            retrain = mde_train_bytes(bounds, full, self.dim, self.table_optimizer)
+            return MemoryReport(
+                serve_bytes=self.budget_bytes,
+                train_bytes=max(self._search_train_bytes(), retrain),
+                full_bytes=self.full_bytes,
+                parts={"chosen dims fit at most": self.budget_bytes},
+            )
+        dims = [[d] for d in self.dims]
+        serve = projected_serve_bytes(bounds, dims, self.dim, self.storage)
+        retrain = mde_train_bytes(bounds, dims, self.dim, self.table_optimizer)
+        return MemoryReport(
+            serve_bytes=serve,
+            train_bytes=max(self._search_train_bytes(), retrain),
+            full_bytes=self.full_bytes,
+            parts={"tables+projections": serve},
+        )
+
+    def export(self) -> ExportedEmbedding:
+        if self.blocks is None:
+            raise RuntimeError(
+                "autodim: nothing to export before the search stage ends (it chooses the dims)"
+            )
+        return self.blocks.export(self.name)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        dims = self.dims if self.dims is not None else self.choose()
+        return {
+            "storage": self.storage,
+            "candidates": self.candidates,
+            "arch_lr": self.arch_lr,
+            "dims": dict(zip(self.feature_names, dims, strict=True)),
+        }

@@ -1,0 +1,132 @@
+"""Frequency blocks and the index map that routes each id to its block's lookup.
+
+Ids are frequency-ordered by preprocessing (id 1 the most frequent, id 0 the OOV bucket), so
+a field's frequency blocks are id ranges. :func:`frequency_blocks` cuts a field into ``S``
+ranges of equal train-frequency mass (DNIS's feature blocks, MDE's popularity blocks); a field
+with fewer distinct masses than ``S`` gets fewer blocks.
+
+:class:`BlockMap` turns a KJT keyed by field into a KJT with one key per (field, block): every
+id goes to its block's key, the other keys of the field get empty bags. With per-block
+sub-tables (``relative=True``) the row is ``id - block start``; with one table per field read
+by every block's key (``relative=False``) the row stays the id. Because bags are summed,
+``Σ_b pooled_b`` is the field's pooled vector, also for multi-hot fields, and any per-block
+linear transform (DNIS's α, MDE's projection) applies exactly to the block's pooled vector.
+
+Example::
+
+    bounds = frequency_blocks(feature, 6)        # [0, 2, 5, 19, 80, 410, 1000]
+    router = BlockMap(["C1"], [bounds], relative=True)
+    router.lookup_keys                           # ['C1@0', ..., 'C1@5']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torchrec import KeyedJaggedTensor
+
+from compressors.core.base import FeatureSpec
+from compressors.core.layout import IndexMap, field_index, register_index_map
+
+# Field f's ids occupy [f * _FIELD_SPAN, (f + 1) * _FIELD_SPAN) of one sorted key space, so one
+# searchsorted finds the block of every value of every field.
+_FIELD_SPAN = 1 << 40
+
+
+def frequency_blocks(feature: FeatureSpec, num_blocks: int) -> list[int]:
+    """Block boundaries ``[0, b_1, ..., n]`` of ``feature``: ``num_blocks`` id ranges of equal
+    train-frequency mass (fewer when the field is too small). Without frequencies every id
+    weighs the same (equal-size blocks)."""
+    if num_blocks < 1:
+        raise ValueError(f"the number of frequency blocks must be >= 1, got {num_blocks}")
+    n = feature.cardinality
+    counts = (
+        np.ones(n) if feature.frequencies is None else np.asarray(feature.frequencies, np.float64)
+    )
+    cumulative = np.cumsum(counts)
+    total = cumulative[-1]
+    if total <= 0:
+        cumulative, total = np.arange(1, n + 1, dtype=np.float64), float(n)
+    targets = total * np.arange(1, num_blocks) / num_blocks
+    # Block k ends after the first id whose cumulative mass reaches k/S of the total.
+    cuts = np.searchsorted(cumulative, targets, side="left") + 1
+    bounds = sorted({0, n, *(int(c) for c in cuts if 0 < c < n)})
+    return bounds
+
+
+def block_ranges(bounds: Sequence[int]) -> list[tuple[int, int]]:
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def block_key(feature: str, block: int) -> str:
+    return f"{feature}@{block}"
+
+
+@register_index_map
+class BlockMap(IndexMap):
+    """Field ids -> one lookup key per (field, frequency block); see the module docstring."""
+
+    kind = "frequency_blocks"
+
+    def __init__(
+        self, features: Sequence[str], bounds: Sequence[Sequence[int]], relative: bool
+    ) -> None:
+        keys, starts, stops, fields = [], [], [], []
+        for f, (name, b) in enumerate(zip(features, bounds, strict=True)):
+            for k, (start, stop) in enumerate(block_ranges(b)):
+                keys.append(block_key(name, k))
+                starts.append(f * _FIELD_SPAN + start)
+                stops.append(f * _FIELD_SPAN + stop)
+                fields.append(f)
+        super().__init__(features, keys)
+        self.bounds = [[int(x) for x in b] for b in bounds]
+        self.relative = relative
+        self.lookup_fields = fields
+        self.register_buffer("_starts", torch.tensor(starts, dtype=torch.int64), persistent=False)
+        self.register_buffer("_stops", torch.tensor(stops, dtype=torch.int64), persistent=False)
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        features = self.check_keys(features)
+        values, lengths = features.values().long(), features.lengths().long()
+        batch = features.stride()
+        place = field_index(features) * _FIELD_SPAN + values
+        lookup = torch.searchsorted(self._stops, place, right=True)
+        if len(place) and int(lookup.max()) >= len(self._stops):
+            raise IndexError("an id lies beyond its field's cardinality")
+        rows = place - self._starts[lookup] if self.relative else values
+        # The sample of every value, then values ordered by (lookup, sample).
+        sample = torch.repeat_interleave(
+            torch.arange(len(lengths), device=values.device) % max(batch, 1), lengths
+        )
+        slot = lookup * batch + sample
+        order = torch.argsort(slot, stable=True)
+        counts = torch.bincount(slot, minlength=len(self.lookup_keys) * batch)
+        return KeyedJaggedTensor(
+            keys=self.lookup_keys, values=rows[order], lengths=counts, stride=batch
+        )
+
+    def to_config(self) -> dict[str, Any]:
+        return {**super().to_config(), "bounds": self.bounds, "relative": self.relative}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        # Serving needs every block's id range: one int64 per boundary.
+        return {"bounds": torch.tensor([x for b in self.bounds for x in b], dtype=torch.int64)}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> BlockMap:
+        flat = tensors["bounds"].tolist()
+        bounds, i = [], 0
+        for b in config["bounds"]:
+            bounds.append(flat[i : i + len(b)])
+            i += len(b)
+        if bounds != config["bounds"]:
+            raise ValueError("frequency_blocks index map: the bounds tensor disagrees with config")
+        return cls(config["features"], bounds, config["relative"])
+
+
+def router_bytes(bounds: Sequence[Sequence[int]]) -> int:
+    """Bytes of :meth:`BlockMap.tensors` for ``bounds`` (arithmetic)."""
+    return 8 * sum(len(b) for b in bounds)

@@ -1,0 +1,463 @@
+"""``dnis`` — Differentiable Neural Input Search (Cheng, Shen, Huang, arXiv 2006.04466;
+official code SJTU-DMTai/AutoSrh, ``main_nas.py`` with ``--search_space free``).
+
+Each field's ids (frequency-ordered) are cut into ``S`` frequency blocks of equal train mass
+(:func:`frequency_blocks`; ``num_blocks``, default 6 as the official CTR script; small fields
+get fewer). A soft-selection matrix ``α ∈ [0,1]^{S×D}`` per field (``shared_alpha=True``: one
+for every field, as the official code, which ranks all values globally), initialised to 1,
+scales each embedding element-wise by its block's row: ``ẽ_v = e_v ⊙ α[block(v)]``.
+
+Stages:
+
+1. ``warmup`` — plain training of tables and network.
+2. ``search`` — bilevel: a training batch updates the tables (the official code freezes the
+   network here; ``train_network=True`` trains it too), then a validation batch updates α by
+   SGD (``alpha_lr`` 0.01) on validation loss + ``l1``·‖α‖₁ (λ = 1e-5), with α's gradient
+   divided, per block (row of α), by its mean absolute value (``grad_norm``; the official
+   ``--alpha_grad_norm 1``), and α clipped to [0, 1] after each step.
+3. ``prune`` — α is folded into the table (``e ← e ⊙ α[block]``, α ← 1); then the entries of
+   smallest ``|e|`` are removed until the exported bytes fit the budget: a binary search over
+   the sorted magnitudes finds the smallest threshold whose exact export bytes fit.
+4. ``finetune`` — training with the mask fixed (masked entries are zeroed after every step).
+
+Exactness with TorchRec/fbgemm tables: every (field, block) is its own lookup key reading the
+field's table (:class:`BlockMap`), so α multiplies each block's *pooled* vector; with sum
+pooling ``Σ_b α_b ⊙ Σ_{v∈b} e_v = Σ_v α_{b(v)} ⊙ e_v``, exact for multi-hot bags too. Tables
+train with the run's fused table optimizer (rowwise Adagrad, like every other method), not
+the official Adam. The mask is applied to the weights after each fused step; rowwise
+Adagrad's per-row accumulator still sees the masked entries' gradients (a small deviation).
+
+Export: per (field, block), the surviving entries as the smaller of a dense sub-table of the
+block's surviving columns (structured; fbgemm TBE at the storage dtype, column numbers
+stored) and CSR (fp32/fp16 storage only), exactly counted; a block with no survivor costs
+nothing and reads zero. ``memory()`` before the prune stage reports what pruning the current
+weights at the budget would export. ``train_bytes`` is the full fp32 table with its optimizer
+state, α and the mask.
+
+Example::
+
+    layer = build_compressor("dnis", features, dim=16, budget="10x")
+    layer.stages          # warmup, search (bilevel), prune, finetune
+    layer.kept_dims()     # after prune: surviving columns per field and block
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torchrec import KeyedJaggedTensor
+
+from compressors.core.base import (
+    Compressor,
+    ExportedEmbedding,
+    FeatureSpec,
+    MemoryReport,
+    Stage,
+    StageContext,
+)
+from compressors.core.budget import BudgetError, describe_bytes
+from compressors.core.registry import register
+from compressors.core.storage import (
+    Lookup,
+    TableSpec,
+    TrainTables,
+    check_dtype,
+    optimizer_state_bytes,
+    pack_rows,
+)
+from compressors.dimension.blocks import BlockMap, block_ranges, frequency_blocks, router_bytes
+from compressors.dimension.mixed import (
+    MIXED_KIND,
+    PTR_BYTES,
+    column_bytes,
+    column_dtype,
+    csr_bytes,
+    csr_value_dtype,
+    dense_bytes,
+    mixed_config,
+    padded_width,
+)
+
+DEFAULT_BLOCKS = 6
+
+
+@dataclass(frozen=True)
+class BlockForm:
+    """How one (field, block) is exported: form, its bytes, and the columns it keeps."""
+
+    form: str
+    nbytes: int
+    columns: int
+    nnz: int
+
+
+def choose_form(rows: int, columns: int, nnz: int, dim: int, storage: str) -> BlockForm:
+    """The smaller exact form of a block with ``columns`` surviving columns, ``nnz`` entries.
+
+    Dense wins ties (it is served by fbgemm)."""
+    if nnz == 0:
+        return BlockForm("none", 0, 0, 0)
+    width = padded_width(columns, storage)
+    if width >= dim:
+        dense = BlockForm("full", dense_bytes(rows, dim, storage), dim, nnz)
+    else:
+        extra = width * column_bytes(dim)
+        dense = BlockForm("columns", dense_bytes(rows, width, storage) + extra, width, nnz)
+    if csr_value_dtype(storage) is None:
+        return dense
+    sparse = csr_bytes(rows, nnz, dim, storage)
+    return dense if dense.nbytes <= sparse else BlockForm("csr", sparse, columns, nnz)
+
+
+class PruneProfile:
+    """Per (field, block) magnitudes, sorted once, so the export bytes of any threshold cost
+    a few searches (the binary search evaluates ~log2(N·D) thresholds)."""
+
+    def __init__(self, blocks: list[torch.Tensor], dim: int, storage: str) -> None:
+        self.dim, self.storage = dim, storage
+        self.rows = [len(b) for b in blocks]
+        self.sorted = [b.reshape(-1).sort().values for b in blocks]
+        self.column_max = torch.stack(
+            [b.amax(0) if len(b) else torch.full((dim,), -1.0) for b in blocks]
+        )
+
+    def largest(self) -> float:
+        return float(self.column_max.max())
+
+    def forms(self, threshold: float) -> list[BlockForm]:
+        columns = (self.column_max > threshold).sum(1).tolist()
+        t = torch.tensor([threshold])
+        forms = []
+        for rows, values, cols in zip(self.rows, self.sorted, columns, strict=True):
+            nnz = len(values) - int(torch.searchsorted(values, t, right=True))
+            forms.append(choose_form(rows, cols, nnz, self.dim, self.storage))
+        return forms
+
+    def nbytes(self, threshold: float) -> int:
+        return sum(form.nbytes for form in self.forms(threshold))
+
+
+@register
+class DNIS(Compressor):
+    """Frequency-block soft selection α searched on validation data, then magnitude pruning."""
+
+    name = "dnis"
+    option_help = {
+        "num_blocks": "frequency blocks per field (equal train-frequency mass)",
+        "shared_alpha": "one α for every field instead of one per field",
+        "l1": "λ of the L1 penalty on α during the search",
+        "alpha_lr": "SGD learning rate of α (validation batches)",
+        "grad_norm": "divide α's gradient per block by its mean absolute value",
+        "train_network": "train the dense network during the search (the paper freezes it)",
+        "warmup_epochs": "epochs of the warm-up stage (None: the run's)",
+        "search_epochs": "epochs of the search stage (None: the run's)",
+        "finetune_epochs": "epochs of the fine-tuning stage (None: the run's)",
+        "storage": "serving dtype of the surviving dense sub-tables (CSR only at fp32/fp16)",
+    }
+
+    def __init__(
+        self,
+        features: Sequence[FeatureSpec],
+        dim: int,
+        budget_bytes: int,
+        num_blocks: int = DEFAULT_BLOCKS,
+        shared_alpha: bool = False,
+        l1: float = 1e-5,
+        alpha_lr: float = 0.01,
+        grad_norm: bool = True,
+        train_network: bool = False,
+        warmup_epochs: float | None = None,
+        search_epochs: float | None = None,
+        finetune_epochs: float | None = None,
+        storage: str = "fp32",
+        init_scale: float = 0.01,
+    ) -> None:
+        super().__init__(features, dim, budget_bytes)
+        check_dtype(storage, dim)
+        if l1 < 0 or alpha_lr <= 0:
+            raise ValueError(f"dnis: l1 must be >= 0 and alpha_lr > 0, got {l1}, {alpha_lr}")
+        self.storage, self.num_blocks, self.shared_alpha = storage, num_blocks, shared_alpha
+        self.l1, self.alpha_lr, self.grad_norm = l1, alpha_lr, grad_norm
+        self.train_network = train_network
+        self.stages = (
+            Stage("warmup", epochs=warmup_epochs),
+            Stage("search", epochs=search_epochs, bilevel=True, dense=train_network),
+            Stage("prune", trains=False),
+            Stage("finetune", epochs=finetune_epochs),
+        )
+        names = self.feature_names
+        self.bounds = [frequency_blocks(f, num_blocks) for f in features]
+        self.router = BlockMap(names, self.bounds, relative=False)
+        tables = [TableSpec(f"t_{f.name}", f.cardinality, dim) for f in features]
+        fields = self.router.lookup_fields
+        lookups = [
+            Lookup(key, f"t_{names[f]}", field=f)
+            for key, f in zip(self.router.lookup_keys, fields, strict=True)
+        ]
+        self.table_specs = tables
+        self.tables = TrainTables(tables, lookups, init_scale=init_scale)
+        blocks = [b for bounds in self.bounds for b in range(len(bounds) - 1)]
+        self.register_buffer("lookup_field", torch.tensor(fields), persistent=False)
+        self.register_buffer("lookup_block", torch.tensor(blocks), persistent=False)
+        rows = max(blocks) + 1 if shared_alpha else len(blocks)
+        self.alpha = nn.Parameter(torch.ones(rows, dim))
+        if grad_norm:
+            self.alpha.register_hook(normalise_per_block)
+        for i, f in enumerate(features):
+            self.register_buffer(f"mask{i}", torch.ones(f.cardinality, dim, dtype=torch.bool))
+        self.register_buffer("pruned", torch.tensor(False))
+        # α as the search left it (folded into the tables by the prune): for reports.
+        self.register_buffer("searched_alpha", torch.ones(len(blocks), dim))
+        self._searching = False
+        floor = router_bytes(self.bounds)
+        if floor > budget_bytes:
+            raise BudgetError(
+                f"dnis: the frequency blocks' bounds alone need {describe_bytes(floor)} but the "
+                f"budget is {describe_bytes(budget_bytes)}"
+            )
+
+    # ---------------------------------------------------------------- forward
+    def lookup_alpha(self) -> torch.Tensor:
+        """α's row of every (field, block) lookup: ``[L, dim]``."""
+        return self.alpha[self.lookup_block] if self.shared_alpha else self.alpha
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        pooled = self.tables(self.router(features))
+        batch = pooled.shape[0]
+        scaled = pooled.view(batch, -1, self.dim) * self.lookup_alpha()
+        out = scaled.new_zeros(batch, self.num_features, self.dim)
+        return out.index_add(1, self.lookup_field, scaled)
+
+    def penalty(self) -> torch.Tensor:
+        if not self._searching or self.l1 == 0:
+            return torch.zeros(())
+        return self.l1 * self.alpha.abs().sum()
+
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        return [{"params": [self.alpha], "optimizer": "sgd", "lr": self.alpha_lr, "role": "valid"}]
+
+    # ---------------------------------------------------------------- stages
+    def on_stage_start(self, stage: Stage, ctx: StageContext) -> None:
+        self._searching = stage.name == "search"
+
+    @torch.no_grad()
+    def after_step(self, ctx: StageContext) -> None:
+        if ctx.stage.name == "search":
+            self.alpha.clamp_(0.0, 1.0)
+        elif bool(self.pruned):
+            self.apply_mask()
+
+    def on_stage_end(self, stage: Stage, ctx: StageContext) -> None:
+        self._searching = False
+
+    @torch.no_grad()
+    def run_stage(self, stage: Stage, ctx: StageContext) -> None:
+        if stage.name != "prune":
+            raise NotImplementedError(f"dnis: no stage {stage.name!r}")
+        self.prune()
+
+    @torch.no_grad()
+    def prune(self) -> float:
+        """Folds α into the tables and keeps the largest entries that fit the budget.
+
+        Idempotent: after folding α is 1, so a repeated prune finds the same mask."""
+        weights = self._field_weights()
+        alpha = self.lookup_alpha().detach()
+        if not bool(self.pruned):
+            self.searched_alpha.copy_(alpha)
+        for index, (f, start, stop) in enumerate(self._lookup_ranges()):
+            weights[f][start:stop] *= alpha[index]
+        self.alpha.fill_(1.0)
+        threshold = self._threshold(self._profile(weights))
+        for i, w in enumerate(weights):
+            mask = w.abs() > threshold
+            getattr(self, f"mask{i}").copy_(mask)
+            w.mul_(mask)
+        self.pruned.fill_(True)
+        return threshold
+
+    @torch.no_grad()
+    def apply_mask(self) -> None:
+        for i, w in enumerate(self._field_weights()):
+            w.mul_(getattr(self, f"mask{i}"))
+
+    # ---------------------------------------------------------------- pruning arithmetic
+    def _field_weights(self) -> list[torch.Tensor]:
+        tables = self.tables.weights()
+        return [tables[t.name] for t in self.table_specs]
+
+    def _lookup_ranges(self) -> list[tuple[int, int, int]]:
+        return [
+            (f, start, stop)
+            for f, bounds in enumerate(self.bounds)
+            for start, stop in block_ranges(bounds)
+        ]
+
+    def _profile(self, weights: list[torch.Tensor]) -> PruneProfile:
+        blocks = [weights[f][start:stop].abs() for f, start, stop in self._lookup_ranges()]
+        return PruneProfile(blocks, self.dim, self.storage)
+
+    def _threshold(self, profile: PruneProfile) -> float:
+        """The smallest threshold (keep ``|e| > t``) whose export fits the budget.
+
+        Bisection over the bit patterns of non-negative float32 thresholds (ordered like the
+        floats): exact, in at most 32 evaluations."""
+        budget = self.budget_bytes - router_bytes(self.bounds)
+        if profile.nbytes(-1.0) <= budget:
+            return -1.0
+        lo, hi = _float_bits(0.0), _float_bits(profile.largest())  # hi keeps nothing
+        if profile.nbytes(0.0) <= budget:
+            return 0.0
+        while hi - lo > 1:  # bytes(lo) > budget >= bytes(hi)
+            mid = (lo + hi) // 2
+            if profile.nbytes(_bits_float(mid)) <= budget:
+                hi = mid
+            else:
+                lo = mid
+        return _bits_float(hi)
+
+    @torch.no_grad()
+    def _effective(self) -> tuple[list[torch.Tensor], float, list[BlockForm]]:
+        """(folded weights, threshold, block forms): the masked state after pruning, or what
+        pruning the current weights would keep (weights untouched)."""
+        weights = [w.detach() for w in self._field_weights()]
+        if bool(self.pruned):
+            weights = [w * getattr(self, f"mask{i}") for i, w in enumerate(weights)]
+            threshold = 0.0
+        else:
+            alpha = self.lookup_alpha().detach()
+            weights = [w.clone() for w in weights]
+            for index, (f, start, stop) in enumerate(self._lookup_ranges()):
+                weights[f][start:stop] *= alpha[index]
+        profile = self._profile(weights)
+        if not bool(self.pruned):
+            threshold = self._threshold(profile)
+        return weights, threshold, profile.forms(threshold)
+
+    # ---------------------------------------------------------------- accounting and export
+    def _is_pruned(self) -> bool:
+        return self.pruned.device.type != "meta" and bool(self.pruned)
+
+    def memory(self) -> MemoryReport:
+        """Exact bytes once pruned; before, the budget the prune stage will meet (an upper
+        bound: the exact bytes depend on the trained weights)."""
+        if self._is_pruned():
+            _, _, forms = self._effective()
+            parts = {"index_map.bounds": router_bytes(self.bounds)}
+            for key, form in zip(self.router.lookup_keys, forms, strict=True):
+                if form.nbytes:
+                    parts[f"{form.form}.{key}"] = form.nbytes
+        else:
+            parts = {"pruned to at most": self.budget_bytes}
+        rows = sum(f.cardinality for f in self.features)
+        train = (
+            rows * self.dim * 4
+            + optimizer_state_bytes(rows, self.dim, self.table_optimizer)
+            + self.alpha.numel() * 4
+            + rows * self.dim  # the bool mask
+        )
+        return MemoryReport(
+            serve_bytes=sum(parts.values()),
+            train_bytes=train,
+            full_bytes=self.full_bytes,
+            parts=parts,
+        )
+
+    @torch.no_grad()
+    def export(self) -> ExportedEmbedding:
+        weights, threshold, forms = self._effective()
+        router = BlockMap(self.feature_names, self.bounds, relative=True)
+        tensors = {f"index_map.{k}": v for k, v in router.tensors().items()}
+        specs = []
+        for key, (f, start, stop), form in zip(
+            self.router.lookup_keys, self._lookup_ranges(), forms, strict=True
+        ):
+            block = weights[f][start:stop]
+            kept = block.abs() > threshold
+            block = block * kept
+            spec = {
+                "key": key,
+                "field": f,
+                "form": form.form,
+                "rows": stop - start,
+                "width": form.columns,
+                "dtype": self.storage,
+            }
+            specs.append(spec)
+            if form.form == "full":
+                tensors[f"table.{key}"] = pack_rows(block, self.storage)
+            elif form.form == "columns":
+                cols = _padded_columns(kept.any(0), form.columns)
+                tensors[f"table.{key}"] = pack_rows(block[:, cols], self.storage)
+                tensors[f"columns.{key}"] = cols.to(column_dtype(self.dim))
+            elif form.form == "csr":
+                counts = kept.sum(1)
+                ptr = torch.zeros(len(counts) + 1, dtype=torch.int32)
+                ptr[1:] = torch.cumsum(counts, 0)
+                rows_at, cols_at = kept.nonzero(as_tuple=True)
+                tensors[f"csr_ptr.{key}"] = ptr
+                tensors[f"csr_cols.{key}"] = cols_at.to(column_dtype(self.dim))
+                tensors[f"csr_values.{key}"] = block[rows_at, cols_at].to(
+                    csr_value_dtype(self.storage)
+                )
+        assert PTR_BYTES == torch.tensor([], dtype=torch.int32).element_size()
+        return ExportedEmbedding(
+            kind=MIXED_KIND,
+            config=mixed_config(self.name, self.dim, router, specs, {"storage": self.storage}),
+            tensors=tensors,
+        )
+
+    # ---------------------------------------------------------------- reports
+    def kept_dims(self) -> dict[str, list[dict[str, Any]]]:
+        """Per field and block: rows, surviving columns, mean surviving entries per row, form."""
+        weights, threshold, forms = self._effective()
+        out: dict[str, list[dict[str, Any]]] = {name: [] for name in self.feature_names}
+        for (f, start, stop), form in zip(self._lookup_ranges(), forms, strict=True):
+            kept = weights[f][start:stop].abs() > threshold
+            out[self.feature_names[f]].append(
+                {
+                    "ids": [start, stop],
+                    "columns": int(kept.any(0).sum()),
+                    "entries_per_row": float(kept.sum(1).float().mean()),
+                    "form": form.form,
+                }
+            )
+        return out
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {
+            "storage": self.storage,
+            "num_blocks": self.num_blocks,
+            "shared_alpha": self.shared_alpha,
+            "l1": self.l1,
+            "alpha_lr": self.alpha_lr,
+            "grad_norm": self.grad_norm,
+            "train_network": self.train_network,
+            "bounds": dict(zip(self.feature_names, self.bounds, strict=True)),
+        }
+
+
+def normalise_per_block(grad: torch.Tensor) -> torch.Tensor:
+    """α's gradient divided, row by row (per frequency block), by its mean absolute value."""
+    return grad / (grad.abs().mean(dim=-1, keepdim=True) + 1e-8)
+
+
+def _float_bits(x: float) -> int:
+    return int(torch.tensor([x], dtype=torch.float32).view(torch.int32))
+
+
+def _bits_float(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
+
+
+def _padded_columns(any_kept: torch.Tensor, width: int) -> torch.Tensor:
+    """The surviving columns, padded with the first unused ones to ``width`` (byte packing)."""
+    cols = any_kept.nonzero().view(-1)
+    if len(cols) < width:
+        spare = (~any_kept).nonzero().view(-1)[: width - len(cols)]
+        cols = torch.sort(torch.cat([cols, spare])).values
+    return cols

@@ -1,0 +1,74 @@
+"""autodim: candidates, the budgeted choice and its repair, search -> rebuild -> retrain,
+export, resume, learning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dimension_checks import check_export, check_resume_chain, random_kjt, train_model
+from table_checks import criteo_features
+
+from compressors import BudgetError, FeatureSpec, build_compressor
+from compressors.dimension.autodim import candidate_dims, choose_dims, field_bytes
+
+
+def test_candidates():
+    assert candidate_dims(16, "fp32") == [2, 4, 8, 16]
+    assert candidate_dims(12, "fp32") == [2, 4, 8, 12]
+    assert candidate_dims(16, "int4") == [4, 8, 16]
+
+
+def test_choice_takes_the_argmax_and_repairs_the_cheapest_loss_per_byte():
+    features = [FeatureSpec("A", 1000), FeatureSpec("B", 1000), FeatureSpec("C", 10)]
+    candidates = [2, 4, 8, 16]
+    probs = [[0.0, 0.0, 0.1, 0.9], [0.0, 0.0, 0.45, 0.55], [0.0, 0.0, 0.0, 1.0]]
+    costs = lambda dims: sum(  # noqa: E731
+        field_bytes(f.cardinality, d, 16, "fp32") for f, d in zip(features, dims, strict=True)
+    )
+    assert choose_dims(features, 16, 10**9, candidates, probs) == [16, 16, 16]
+    budget = costs([16, 8, 16])
+    assert choose_dims(features, 16, budget, candidates, probs) == [16, 8, 16]  # B loses least
+    dims = choose_dims(features, 16, costs([4, 4, 16]), candidates, probs)
+    assert costs(dims) <= costs([4, 4, 16])
+    with pytest.raises(BudgetError):
+        choose_dims(features, 16, costs([2, 2, 2]) - 1, candidates, probs)
+
+
+def test_budget_below_the_smallest_candidates_is_a_clear_error():
+    with pytest.raises(BudgetError, match="every field at 2 dims"):
+        build_compressor("autodim", criteo_features(), dim=16, budget="20x")
+
+
+def test_search_forward_is_a_mixture_of_candidates():
+    features = criteo_features(scale=0.0005)[:4]
+    layer = build_compressor("autodim", features, dim=8, budget="2x")
+    kjt = random_kjt(features, batch=8)
+    layer.eval()
+    out = layer(kjt)
+    assert out.shape == (8, 4, 8)
+    with torch.no_grad():
+        layer.arch.zero_()
+        layer.arch[:, 0] = 50.0  # all weight on the 2-dim candidate
+        only_two = layer(kjt)
+        layer.tables.weights()["t_C1"][:, 2:] += 1.0  # columns the 2-dim candidate ignores
+    torch.testing.assert_close(layer(kjt)[:, 0], only_two[:, 0])
+
+
+def test_search_rebuild_retrain_resume_and_export(tiny_data, tmp_path):
+    options = dict(search_epochs=1.0, retrain_epochs=1.0, arch_lr=0.05)
+    # 7 steps per stage: kills in the search, at its end (before the rebuild), in the retrain.
+    run = check_resume_chain(tiny_data, tmp_path, "autodim", [3, 7, 10], budget="2x", **options)
+    state = torch.load(run / "model.pt", weights_only=True)
+    assert "__architecture__" in state
+    assert not any(k.endswith(".arch") for k in state)  # the search's parameters are gone
+    check_export(tiny_data, run, tmp_path / "artifact")
+
+
+def test_learns_at_5x_within_the_budget(learn_data):
+    model, metrics = train_model(
+        learn_data, "autodim", "5x", 1.0, search_epochs=0.15, retrain_epochs=0.15, arch_lr=0.01
+    )
+    assert metrics["auc"] > 0.70, metrics
+    layer = model.embedding.compressor
+    assert layer.memory().serve_bytes <= layer.budget_bytes
+    assert len(set(layer.dims)) > 1  # fields got different dims

@@ -1,0 +1,130 @@
+"""dnis: frequency blocks, exact α forward, per-block gradient normalisation, the search,
+exact-bytes pruning, export, resume, and what it keeps on planted-teacher data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from dimension_checks import check_export, check_resume_chain, random_kjt, train_model
+from table_checks import criteo_features
+
+from compressors import FeatureSpec, build_compressor, build_serving
+from compressors.dimension.blocks import BlockMap, frequency_blocks
+from datasets.synthetic import SIGNAL_PATTERN
+
+
+def test_frequency_blocks_have_equal_mass_and_small_fields_get_fewer():
+    counts = np.concatenate([[0.0], np.floor(1e5 / np.arange(1, 1000) ** 1.1)])
+    bounds = frequency_blocks(FeatureSpec("A", 1000, frequencies=counts), 6)
+    assert bounds[0] == 0 and bounds[-1] == 1000 and len(bounds) == 7
+    share = np.cumsum(counts) / counts.sum()
+    for k, stop in enumerate(bounds[1:-1], start=1):
+        # Block k ends at the first id where the cumulative mass reaches k/6.
+        assert share[stop - 1] >= k / 6 > share[stop - 2]
+    assert frequency_blocks(FeatureSpec("B", 3, frequencies=np.array([0.0, 5, 1])), 6) == [0, 2, 3]
+    assert frequency_blocks(FeatureSpec("C", 12), 3) == [0, 4, 8, 12]  # no counts: equal sizes
+
+
+def test_forward_scales_each_value_by_its_blocks_alpha_for_multi_hot_bags():
+    features = criteo_features(scale=0.0005, zipf=True)[:5]
+    layer = build_compressor("dnis", features, dim=8, budget="2x")
+    with torch.no_grad():
+        layer.alpha.uniform_(0, 1)
+    kjt = random_kjt(features, batch=6)
+    out = layer(kjt)
+    weights = layer._field_weights()
+    expected = torch.zeros(6, len(features), 8)
+    for f, feature in enumerate(features):
+        jagged = kjt[feature.name]
+        offsets = jagged.offsets()
+        for b in range(6):
+            for v in jagged.values()[offsets[b] : offsets[b + 1]].tolist():
+                block = int(np.searchsorted(layer.bounds[f], v, side="right")) - 1
+                lookup = sum(len(x) - 1 for x in layer.bounds[:f]) + block
+                expected[b, f] += weights[f][v] * layer.alpha[lookup]
+    torch.testing.assert_close(out, expected)
+    routed = BlockMap([f.name for f in features], layer.bounds, relative=True)(kjt)
+    assert len(routed.keys()) == sum(len(b) - 1 for b in layer.bounds)
+    assert routed.values().numel() == kjt.values().numel()
+
+
+def test_alpha_gradient_is_normalised_per_block():
+    features = criteo_features(scale=0.0005, zipf=True)[:4]
+    for shared in (False, True):
+        layer = build_compressor("dnis", features, dim=8, budget="2x", shared_alpha=shared)
+        out = layer(random_kjt(features, batch=64, seed=1))
+        (out * torch.randn_like(out)).sum().backward()
+        grad = layer.alpha.grad
+        touched = grad.abs().sum(1) > 0
+        assert touched.sum() >= 2
+        torch.testing.assert_close(grad[touched].abs().mean(1), torch.ones(int(touched.sum())))
+    plain = build_compressor("dnis", features, dim=8, budget="2x", grad_norm=False)
+    out = plain(random_kjt(features, batch=64, seed=1))
+    (out * torch.randn_like(out)).sum().backward()
+    assert not torch.allclose(plain.alpha.grad.abs().mean(1), torch.ones(len(plain.alpha)))
+
+
+@pytest.mark.parametrize("storage", ["fp32", "int8"])
+@pytest.mark.parametrize("ratio", ["2x", "5x", "10x", "20x"])
+def test_prune_meets_the_budget_exactly(ratio, storage):
+    features = criteo_features(scale=0.001, zipf=True)
+    layer = build_compressor("dnis", features, dim=16, budget=ratio, storage=storage)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        layer.alpha.copy_(torch.rand(layer.alpha.shape, generator=g))
+        for w in layer._field_weights():
+            w.copy_(torch.randn(w.shape, generator=g))
+    planned = layer.export().nbytes  # what pruning now would export
+    assert layer.memory().serve_bytes == layer.budget_bytes  # before the prune: the bound
+    layer.prune()
+    memory = layer.memory()
+    assert memory.serve_bytes == planned == layer.export().nbytes
+    assert memory.serve_bytes <= layer.budget_bytes
+    if storage == "fp32":  # CSR entries make the bytes fine-grained (a block's row
+        # pointers still arrive all at once when its first entry survives)
+        assert memory.serve_bytes >= 0.9 * layer.budget_bytes
+    rows = sum(f.cardinality for f in features)
+    assert memory.train_bytes >= rows * 16 * 4  # the full table trains
+    kjt = random_kjt(features, batch=32)
+    torch.testing.assert_close(build_serving(layer.export())(kjt), layer(kjt), atol=2e-2, rtol=0)
+    if storage == "fp32":
+        torch.testing.assert_close(build_serving(layer.export())(kjt), layer(kjt))
+
+
+def test_search_moves_alpha_inside_the_unit_box_stages_resume_and_export(tiny_data, tmp_path):
+    options = dict(warmup_epochs=1.0, search_epochs=1.0, finetune_epochs=1.0, alpha_lr=0.05)
+    # 7 steps per stage: kills in warmup, search, at the end of the search, in finetune.
+    run = check_resume_chain(tiny_data, tmp_path, "dnis", [3, 9, 14, 17], **options)
+    state = torch.load(run / "model.pt", weights_only=True)
+    searched = state["embedding.compressor.searched_alpha"]
+    assert searched.min() >= 0.0 and searched.max() <= 1.0
+    assert (searched < 1.0).float().mean() > 0.5  # the search moved α
+    assert torch.equal(state["embedding.compressor.alpha"], torch.ones_like(searched))  # folded
+    check_export(tiny_data, run, tmp_path / "artifact")
+
+
+def test_kept_dims_follow_the_planted_signal(learn_data):
+    epochs = dict(warmup_epochs=0.15, search_epochs=0.15, finetune_epochs=0.15)
+    model, metrics = train_model(learn_data, "dnis", "10x", 1.0, alpha_lr=0.05, **epochs)
+    assert metrics["auc"] > 0.70, metrics  # zero α (nothing kept) and this fails
+    layer = model.embedding.compressor
+    assert layer.memory().serve_bytes <= layer.budget_bytes
+    kept = layer.kept_dims()
+    per_field = {
+        name: np.mean([b["entries_per_row"] for b in blocks]) for name, blocks in kept.items()
+    }
+    strength = {f"C{i + 1}": SIGNAL_PATTERN[i % len(SIGNAL_PATTERN)] for i in range(8)}
+    strong = [per_field[n] for n, s in strength.items() if s == 1.0]
+    noise = [per_field[n] for n, s in strength.items() if s == 0.0]
+    assert np.mean(strong) > 2 * np.mean(noise), per_field
+    # The search lowers the α of rare blocks: head (first) blocks over tail (last) blocks.
+    alpha = layer.searched_alpha.mean(1)
+    ends = np.cumsum([len(b) - 1 for b in layer.bounds])
+    heads, tails = alpha[np.concatenate([[0], ends[:-1]])], alpha[ends - 1]
+    assert heads.mean() > tails.mean() + 0.1, (heads, tails)
+    # The big fields (the long tails) keep more entries per row in their head half.
+    big = [n for n, f in zip(kept, layer.features, strict=True) if f.cardinality >= 300]
+    head = np.mean([b["entries_per_row"] for n in big for b in kept[n][:3]])
+    tail = np.mean([b["entries_per_row"] for n in big for b in kept[n][3:]])
+    assert head > tail, (head, tail)
