@@ -123,6 +123,15 @@ class PEP(EntryPruned):
     def extra_train_bytes(self) -> int:
         return self.threshold.numel() * 4 * 3  # the value and Adam's two moments
 
+    @classmethod
+    def solve_budget(
+        cls, features: Sequence[FeatureSpec], dim: int, budget_bytes: int, **options: Any
+    ) -> dict[str, Any]:
+        plan = super().solve_budget(features, dim, budget_bytes, **options)
+        width = 1 if options.get("granularity", "field") == "field" else dim
+        plan["train_bytes"] += len(features) * width * 4 * 3  # thresholds and Adam's moments
+        return plan
+
     def after_step(self, ctx: StageContext) -> None:
         super().after_step(ctx)
         if ctx.stage.name == "search" and not bool(self.found) and ctx.step % self.check_every == 0:
