@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from ctr.models import MODELS, CTRModel
 from datasets.encode import RawEncoder, format_for_meta, load_field_vocabs
 from datasets.format import VOCAB_FILE, DatasetMeta, SparseField
 from datasets.loader import BatchLoader
+from datasets.outputs import only_names, replace_dir
 
 ARTIFACT_FORMAT = "ctr-compress/artifact"
 ARTIFACT_VERSION = 1
@@ -42,6 +42,8 @@ TENSORS_FILE = "tensors.safetensors"
 MANIFEST_FILE = "manifest.json"
 EMBEDDING_PREFIX = "embedding."
 MODEL_PREFIX = "model."
+# Every file an artifact may hold; the manifest must list a checksum for each one present.
+ARTIFACT_FILES = frozenset({MANIFEST_FILE, TENSORS_FILE, VOCAB_FILE})
 
 
 class ArtifactError(ValueError):
@@ -61,11 +63,13 @@ def export(
     path: str | os.PathLike,
     dataset: str | os.PathLike | DatasetMeta | None = None,
     extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Writes the artifact directory ``path`` atomically; returns its manifest.
 
     ``dataset`` (optional) contributes the schema and vocabulary so the artifact can
-    predict from raw feature values.
+    predict from raw feature values. ``path`` must be absent or empty, or hold an artifact
+    and ``overwrite`` be set.
     """
     path = Path(path)
     embedding = model.embedding.export()
@@ -107,21 +111,13 @@ def export(
         },
         **(extra or {}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with replace_dir(path, "serving artifact", is_artifact, overwrite) as tmp:
         save_file(tensors, str(tmp / TENSORS_FILE))
         manifest["files"] = {TENSORS_FILE: _sha256(tmp / TENSORS_FILE)}
         if meta is not None and meta.root is not None and (meta.root / VOCAB_FILE).exists():
             shutil.copyfile(meta.root / VOCAB_FILE, tmp / VOCAB_FILE)
             manifest["files"][VOCAB_FILE] = _sha256(tmp / VOCAB_FILE)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -252,6 +248,15 @@ class CompactModel(nn.Module):
             probs.append(torch.sigmoid(self.model(batch.dense_features, batch.sparse_features)))
             labels.append(batch.labels)
         return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+
+
+def is_artifact(path: Path) -> bool:
+    """Whether directory ``path`` holds an artifact and nothing else."""
+    try:
+        fmt = json.loads((path / MANIFEST_FILE).read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return fmt == ARTIFACT_FORMAT and only_names(path, ARTIFACT_FILES)
 
 
 def read_manifest(root: Path) -> dict[str, Any]:

@@ -32,6 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from safetensors.numpy import load_file, save_file
 
+from datasets.outputs import only_names
+
 FORMAT_NAME = "ctr-compress/prepared"
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
@@ -302,6 +304,18 @@ def load_vocab(root: str | os.PathLike) -> dict[str, dict[str, int]]:
     ):
         out.setdefault(name, {})[value] = id_
     return out
+
+
+def is_prepared_dataset(path: Path) -> bool:
+    """Whether directory ``path`` holds a prepared dataset and nothing else (so replacing it
+    loses nothing the user put there)."""
+    try:
+        fmt = json.loads((path / "meta.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return fmt == FORMAT_NAME and only_names(
+        path, {"meta.json", FREQUENCIES_FILE, VOCAB_FILE, *SPLITS}
+    )
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
