@@ -30,6 +30,7 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from compressors import ExportedEmbedding, build_serving
+from ctr.embedding import IdRangeCheck
 from ctr.models import MODELS, CTRModel
 from datasets.encode import RawEncoder, format_for_meta, load_field_vocabs
 from datasets.format import VOCAB_FILE, DatasetMeta, SparseField
@@ -64,12 +65,14 @@ def export(
     dataset: str | os.PathLike | DatasetMeta | None = None,
     extra: dict[str, Any] | None = None,
     overwrite: bool = False,
+    vocabulary: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Writes the artifact directory ``path`` atomically; returns its manifest.
 
     ``dataset`` (optional) contributes the schema and vocabulary so the artifact can
     predict from raw feature values. ``path`` must be absent or empty, or hold an artifact
-    and ``overwrite`` be set.
+    and ``overwrite`` be set. ``vocabulary`` (the run's recorded ``DatasetMeta.vocabulary()``)
+    makes export refuse a dataset whose vocabulary has changed since training.
     """
     path = Path(path)
     embedding = model.embedding.export()
@@ -117,6 +120,17 @@ def export(
         if meta is not None and meta.root is not None and (meta.root / VOCAB_FILE).exists():
             shutil.copyfile(meta.root / VOCAB_FILE, tmp / VOCAB_FILE)
             manifest["files"][VOCAB_FILE] = _sha256(tmp / VOCAB_FILE)
+            manifest["dataset"]["vocabulary"] = {
+                "sha256": manifest["files"][VOCAB_FILE],
+                "cardinalities": {f.name: f.cardinality for f in meta.sparse},
+            }
+            expected = (vocabulary or {}).get("sha256")
+            if expected and expected != manifest["files"][VOCAB_FILE]:
+                raise ArtifactError(
+                    f"{meta.root / VOCAB_FILE}: sha256 {manifest['files'][VOCAB_FILE][:12]}… is "
+                    f"not the vocabulary the model was trained with ({expected[:12]}…); "
+                    "the dataset was re-prepared since — export would pair new ids with old weights"
+                )
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     return manifest
 
@@ -124,14 +138,24 @@ def export(
 class ServingEmbedding(nn.Module):
     """A serving module with the attributes models expect of an embedding layer."""
 
-    def __init__(self, module: nn.Module, num_features: int, dim: int, method: str) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        num_features: int,
+        dim: int,
+        method: str,
+        cardinality: dict[str, int] | None = None,
+    ) -> None:
         super().__init__()
         self.module = module
         self.num_features = num_features
         self.dim = dim
         self.method = method
+        self.check_ids = IdRangeCheck(cardinality) if cardinality is not None else None
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        if self.check_ids is not None:
+            self.check_ids(features)
         return self.module(features)
 
 
@@ -155,6 +179,27 @@ class CompactModel(nn.Module):
     @property
     def feature_names(self) -> list[str]:
         return [f["name"] for f in self.manifest["features"]]
+
+    def check_dataset(self, meta: DatasetMeta) -> None:
+        """Refuses a prepared dataset whose fields or vocabulary are not the artifact's."""
+        features = self.manifest["features"]
+        if meta.sparse_names != self.feature_names:
+            raise ArtifactError(
+                f"{meta.root} has sparse fields {meta.sparse_names[:5]}..., the artifact "
+                f"{self.root} expects {self.feature_names[:5]}..."
+            )
+        num_dense = self.manifest["model"]["num_dense"]
+        if len(meta.dense) != num_dense:
+            raise ArtifactError(
+                f"{meta.root} has {len(meta.dense)} dense features, the artifact {self.root} "
+                f"expects {num_dense}"
+            )
+        info = self.manifest.get("dataset") or {}
+        expected = info.get("vocabulary") or {
+            "sha256": self.manifest["files"].get(VOCAB_FILE),
+            "cardinalities": {f["name"]: f["cardinality"] for f in features},
+        }
+        meta.check_vocabulary(expected, f"the artifact {self.root}")
 
     @classmethod
     def load(cls, path: str | os.PathLike, verify: bool = True) -> CompactModel:
@@ -189,7 +234,11 @@ class CompactModel(nn.Module):
         # an artifact must not move the caller's random stream.
         with torch.random.fork_rng():
             serving = ServingEmbedding(
-                build_serving(exported), len(manifest["features"]), emb["dim"], emb["method"]
+                build_serving(exported),
+                len(manifest["features"]),
+                emb["dim"],
+                emb["method"],
+                {f["name"]: f["cardinality"] for f in manifest["features"]},
             )
             model = MODELS[spec["name"]](serving, spec["num_dense"], **spec["options"])
         dense = {

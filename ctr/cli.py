@@ -147,6 +147,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         dataset=cfg.data,
         extra={"run": {"dir": str(args.run), "config": cfg.to_json()}},
         overwrite=args.overwrite,
+        vocabulary=cfg.vocabulary,
     )
     emb = manifest["embedding"]
     print(
@@ -166,11 +167,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _check_predictions_out(Path(args.out), args.overwrite)
     model = CompactModel.load(args.artifact)
     loader = BatchLoader(args.data, args.split, batch_size=args.batch_size)
-    if loader.keys != model.feature_names:
-        raise SystemExit(
-            f"{args.data} has sparse fields {loader.keys[:5]}..., the artifact expects "
-            f"{model.feature_names[:5]}..."
-        )
+    model.check_dataset(loader.meta)
     start = time.perf_counter()
     probs, labels = model.predict_loader(loader)
     elapsed = time.perf_counter() - start

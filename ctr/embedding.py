@@ -31,6 +31,44 @@ def features_from_dataset(data: str | Path | DatasetMeta) -> list[FeatureSpec]:
     return [FeatureSpec(f.name, f.cardinality, f.multi_hot, freqs[f.name]) for f in meta.sparse]
 
 
+class IdRangeCheck:
+    """Refuses ids outside ``[0, cardinality)`` of their field, in one vectorised pass.
+
+    Out-of-range ids would otherwise be zeroed by fbgemm (with only a C++ log line) or hashed
+    silently by hashing methods; this names the field and the offending value instead.
+    """
+
+    def __init__(self, cardinality: dict[str, int]) -> None:
+        self.cardinality = dict(cardinality)
+        self._limits: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
+
+    def __call__(self, features: KeyedJaggedTensor) -> None:
+        values = features.values()
+        if values.numel() == 0:
+            return
+        keys = tuple(features.keys())
+        key = (keys, values.device)
+        if key not in self._limits:
+            unknown = [k for k in keys if k not in self.cardinality]
+            if unknown:
+                raise ValueError(
+                    f"unknown sparse fields {unknown}; expected {list(self.cardinality)}"
+                )
+            self._limits[key] = torch.tensor(
+                [self.cardinality[k] for k in keys], dtype=values.dtype, device=values.device
+            )
+        lengths = torch.tensor(features.length_per_key(), device=values.device)
+        limit = torch.repeat_interleave(self._limits[key], lengths, output_size=values.numel())
+        bad = (values < 0) | (values >= limit)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            field = int(torch.searchsorted(lengths.cumsum(0), i, right=True))
+            raise ValueError(
+                f"sparse field {keys[field]!r} has id {int(values[i])} outside "
+                f"[0, {self.cardinality[keys[field]]})"
+            )
+
+
 class EmbeddingLayer(nn.Module):
     """``KeyedJaggedTensor`` of field ids -> ``[B, F, dim]`` through a swappable compressor.
 
@@ -57,6 +95,7 @@ class EmbeddingLayer(nn.Module):
         self.method = self.compressor.name
         self.budget = budget
         self.options = options
+        self.check_ids = IdRangeCheck({f.name: f.cardinality for f in self.compressor.features})
 
     @classmethod
     def from_dataset(
@@ -86,6 +125,7 @@ class EmbeddingLayer(nn.Module):
         return self.compressor.stages
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        self.check_ids(features)
         return self.compressor(features)
 
     def penalty(self) -> torch.Tensor:
