@@ -51,6 +51,12 @@ class RunConfig:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def validate(self) -> None:
+        """Refuses settings that cannot train, naming the ``ctr train`` flag."""
+        if not isinstance(self.dim, int) or self.dim < 1:
+            raise ValueError(f"--dim must be a positive integer, got {self.dim}")
+        self.train.validate()
+
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> RunConfig:
         raw = dict(raw)
@@ -124,7 +130,7 @@ def train_run(
     """Trains (or resumes) the run in ``run_dir`` and writes ``summary.json``."""
     run_dir = Path(run_dir)
     start = time.perf_counter()
-    cfg.train.validate()
+    cfg.validate()
     meta = DatasetMeta.load(cfg.data)
     meta.check_shards()  # a missing test shard must not wait until after training
     meta.verify_vocabulary()
