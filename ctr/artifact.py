@@ -206,13 +206,16 @@ class CompactModel(nn.Module):
         root = Path(path)
         manifest = read_manifest(root)
         tensor_file = root / TENSORS_FILE
+        _check_file_list(root, manifest["files"])
         if verify:
             for name, digest in manifest["files"].items():
-                if not (root / name).exists():
+                if not (root / name).is_file():
                     raise ArtifactError(f"{root / name}: missing (listed in the manifest)")
                 if _sha256(root / name) != digest:
                     raise ArtifactError(f"{root / name}: checksum mismatch — the file is corrupt")
         try:
+            # safetensors checks every tensor's extent against the file's size, so this
+            # allocates at most the file's bytes whatever the header claims.
             tensors = load_file(str(tensor_file))
         except (SafetensorError, OSError) as e:
             raise ArtifactError(f"{tensor_file}: unreadable ({e})") from e
@@ -228,13 +231,22 @@ class CompactModel(nn.Module):
             },
         )
         spec = manifest["model"]
-        if spec["name"] not in MODELS:
-            raise ArtifactError(f"{root}: unknown model {spec['name']!r}")
+        dense = {
+            k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)
+        }
+        _check_architecture(manifest, dense, root / MANIFEST_FILE)
         # Modules initialise random weights before the stored ones overwrite them; loading
         # an artifact must not move the caller's random stream.
         with torch.random.fork_rng():
+            try:
+                module = build_serving(exported)
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                raise ArtifactError(
+                    f"{root / MANIFEST_FILE}: the embedding config does not fit the stored "
+                    f"tensors ({e})"
+                ) from e
             serving = ServingEmbedding(
-                build_serving(exported),
+                module,
                 len(manifest["features"]),
                 emb["dim"],
                 emb["method"],
@@ -310,12 +322,16 @@ def is_artifact(path: Path) -> bool:
 
 def read_manifest(root: Path) -> dict[str, Any]:
     path = root / MANIFEST_FILE
-    if not path.exists():
+    if not path.is_file():
         raise ArtifactError(f"{root}: not an artifact (no {MANIFEST_FILE})")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: unreadable ({e})") from e
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: expected a JSON object")
     if manifest.get("format") != ARTIFACT_FORMAT or manifest.get("version") != ARTIFACT_VERSION:
         raise ArtifactError(
             f"{path}: format {manifest.get('format')!r} v{manifest.get('version')} is not "
@@ -324,7 +340,111 @@ def read_manifest(root: Path) -> dict[str, Any]:
     for key in ("model", "features", "embedding", "tensors", "files"):
         if key not in manifest:
             raise ArtifactError(f"{path}: manifest lacks {key!r}")
+    _check_manifest_sizes(manifest, path)
     return manifest
+
+
+# Bounds on sizes a manifest states, checked before anything is built from them.
+MAX_DIM = 1 << 14
+MAX_DENSE = 1 << 16
+MAX_CARDINALITY = 1 << 40
+
+
+def _check_manifest_sizes(manifest: dict[str, Any], path: Path) -> None:
+    """Every size the manifest states is an integer in a sane range (one-line errors)."""
+
+    def require(ok: bool, what: str) -> None:
+        if not ok:
+            raise ArtifactError(f"{path}: {what}")
+
+    def is_int(x: Any, low: int, high: int) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and low <= x <= high
+
+    model, emb = manifest["model"], manifest["embedding"]
+    require(isinstance(model, dict) and isinstance(emb, dict), "model/embedding must be objects")
+    require(
+        isinstance(model.get("name"), str) and model["name"] in MODELS,
+        f"unknown model {model.get('name')!r}; known: {sorted(MODELS)}",
+    )
+    require(isinstance(model.get("options"), dict), "model options must be an object")
+    require(
+        is_int(model.get("num_dense"), 0, MAX_DENSE),
+        f"num_dense {model.get('num_dense')!r} is not an integer in [0, {MAX_DENSE}]",
+    )
+    require(
+        is_int(emb.get("dim"), 1, MAX_DIM),
+        f"embedding dim {emb.get('dim')!r} is not an integer in [1, {MAX_DIM}]",
+    )
+    require(isinstance(emb.get("config"), dict), "embedding config must be an object")
+    features = manifest["features"]
+    require(isinstance(features, list) and len(features) > 0, "features must be a list")
+    for f in features:
+        require(
+            isinstance(f, dict)
+            and isinstance(f.get("name"), str)
+            and is_int(f.get("cardinality"), 1, MAX_CARDINALITY),
+            f"feature {f!r} needs a name and a cardinality in [1, {MAX_CARDINALITY}]",
+        )
+    tensors = manifest["tensors"]
+    require(isinstance(tensors, dict), "tensors must be an object")
+    for name, spec in tensors.items():
+        require(
+            isinstance(spec, dict)
+            and isinstance(spec.get("dtype"), str)
+            and isinstance(spec.get("shape"), list)
+            and all(is_int(n, 0, 1 << 62) for n in spec["shape"]),
+            f"tensor {name!r}: needs a dtype and a shape of non-negative integers",
+        )
+    files = manifest["files"]
+    require(
+        isinstance(files, dict) and all(isinstance(v, str) for v in files.values()),
+        "files must map file names to sha256 digests",
+    )
+
+
+def _check_file_list(root: Path, files: dict[str, str]) -> None:
+    """The files are the format's, not the manifest's choice: every one present is listed
+    (so verified), and nothing outside the artifact's own names is ever opened."""
+    path = root / MANIFEST_FILE
+    allowed = ARTIFACT_FILES - {MANIFEST_FILE}
+    foreign = sorted(set(files) - allowed)
+    if foreign:
+        raise ArtifactError(
+            f"{path}: lists {foreign[:3]}; an artifact holds only {sorted(allowed)}"
+        )
+    for name in sorted(allowed):
+        required = name == TENSORS_FILE or (root / name).exists()
+        if required and name not in files:
+            raise ArtifactError(f"{path}: lists no checksum for {name}; the file list is damaged")
+
+
+def _check_architecture(
+    manifest: dict[str, Any], dense: dict[str, torch.Tensor], path: Path
+) -> None:
+    """The model the manifest describes has exactly the stored tensors' names and shapes.
+
+    The skeleton is built on the meta device, so sizes such as ``hidden`` or ``num_dense``
+    allocate nothing until they have been matched against the tensors actually stored.
+    """
+    spec, emb = manifest["model"], manifest["embedding"]
+    stub = ServingEmbedding(nn.Identity(), len(manifest["features"]), emb["dim"], emb["method"])
+    try:
+        with torch.device("meta"):
+            skeleton = MODELS[spec["name"]](stub, spec["num_dense"], **spec["options"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ArtifactError(f"{path}: model {spec['name']!r} cannot be built ({e})") from e
+    expected = {
+        k: tuple(v.shape)
+        for k, v in skeleton.state_dict().items()
+        if not k.startswith("embedding.")
+    }
+    actual = {k: tuple(v.shape) for k, v in dense.items()}
+    if expected != actual:
+        diff = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
+        raise ArtifactError(
+            f"{path}: model {spec['name']!r} as described needs other tensors than stored "
+            + ", ".join(f"{k}: {expected.get(k)} vs {actual.get(k)}" for k in diff[:3])
+        )
 
 
 def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, Any], where: Path) -> None:
