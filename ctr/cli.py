@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from datasets.prepare.cli import add_prepare_parser
-
 EPILOG_SYNTH = """example:
   ctr synth --rows 1000000 --out data/synth
   ctr synth --rows 200000 --scale 0.001 --multi-hot 2 --out data/small"""
@@ -301,7 +299,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prepare: bool = True) -> argparse.ArgumentParser:
+    """The ``ctr`` parser. ``prepare=False`` lists ``prepare`` without importing its readers
+    (pyarrow and the per-format modules), which only ``ctr prepare`` needs."""
     parser = argparse.ArgumentParser(
         prog="ctr",
         description="Train, compress and serve CTR embedding tables.",
@@ -407,12 +407,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list compression methods and their options")
     p.set_defaults(func=cmd_methods)
 
-    add_prepare_parser(sub)
+    if prepare:
+        from datasets.prepare.cli import add_prepare_parser
+
+        add_prepare_parser(sub)
+    else:
+        sub.add_parser("prepare", help="turn a raw CTR dataset into the prepared format")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(prepare="prepare" in argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (ValueError, KeyError, TypeError, OSError, RuntimeError) as e:
