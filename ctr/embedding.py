@@ -57,16 +57,27 @@ class IdRangeCheck:
             self._limits[key] = torch.tensor(
                 [self.cardinality[k] for k in keys], dtype=values.dtype, device=values.device
             )
-        lengths = torch.tensor(features.length_per_key(), device=values.device)
-        limit = torch.repeat_interleave(self._limits[key], lengths, output_size=values.numel())
-        bad = (values < 0) | (values >= limit)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            field = int(torch.searchsorted(lengths.cumsum(0), i, right=True))
-            raise ValueError(
-                f"sparse field {keys[field]!r} has id {int(values[i])} outside "
-                f"[0, {self.cardinality[keys[field]]})"
-            )
+        per_key = features.length_per_key()
+        limits = self._limits[key]
+        if len(set(per_key)) == 1:
+            # Every field has as many ids (single-hot batches): one pass over a [F, n] view.
+            low, high = values.view(len(keys), -1).aminmax(dim=1)
+            if bool(((low < 0) | (high >= limits)).any()):
+                self._report(values, keys, torch.tensor(per_key, device=values.device))
+            return
+        lengths = torch.tensor(per_key, device=values.device)
+        limit = torch.repeat_interleave(limits, lengths, output_size=values.numel())
+        if bool(((values < 0) | (values >= limit)).any()):
+            self._report(values, keys, lengths)
+
+    def _report(self, values: torch.Tensor, keys: tuple[str, ...], lengths: torch.Tensor) -> None:
+        limit = torch.repeat_interleave(self._limits[(keys, values.device)], lengths)
+        i = int(((values < 0) | (values >= limit)).nonzero()[0, 0])
+        field = int(torch.searchsorted(lengths.cumsum(0), i, right=True))
+        raise ValueError(
+            f"sparse field {keys[field]!r} has id {int(values[i])} outside "
+            f"[0, {self.cardinality[keys[field]]})"
+        )
 
 
 class EmbeddingLayer(nn.Module):
