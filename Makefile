@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/ctr demo --out $(DEMO_DIR)
+	$(VENV)/bin/ctr demo --out $(DEMO_DIR) --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest

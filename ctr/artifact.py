@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +34,12 @@ from torchrec import KeyedJaggedTensor
 
 from compressors import ExportedEmbedding, build_serving
 from compressors.core.keys import FingerprintKeys
-from ctr.embedding import features_from_dataset
+from ctr.embedding import IdRangeCheck, features_from_dataset
 from ctr.models import MODELS, CTRModel
 from datasets.encode import RawEncoder, format_for_meta, load_field_vocabs
 from datasets.format import VOCAB_FILE, DatasetMeta, SparseField
 from datasets.loader import BatchLoader
+from datasets.outputs import only_names, replace_dir
 
 ARTIFACT_FORMAT = "ctr-compress/artifact"
 ARTIFACT_VERSION = 1
@@ -47,6 +47,8 @@ TENSORS_FILE = "tensors.safetensors"
 MANIFEST_FILE = "manifest.json"
 EMBEDDING_PREFIX = "embedding."
 MODEL_PREFIX = "model."
+# Every file an artifact may hold; the manifest must list a checksum for each one present.
+ARTIFACT_FILES = frozenset({MANIFEST_FILE, TENSORS_FILE, VOCAB_FILE})
 
 
 class ArtifactError(ValueError):
@@ -66,11 +68,15 @@ def export(
     path: str | os.PathLike,
     dataset: str | os.PathLike | DatasetMeta | None = None,
     extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    vocabulary: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Writes the artifact directory ``path`` atomically; returns its manifest.
 
     ``dataset`` (optional) contributes the schema and vocabulary so the artifact can
-    predict from raw feature values.
+    predict from raw feature values. ``path`` must be absent or empty, or hold an artifact
+    and ``overwrite`` be set. ``vocabulary`` (the run's recorded ``DatasetMeta.vocabulary()``)
+    makes export refuse a dataset whose vocabulary has changed since training.
     """
     path = Path(path)
     embedding = model.embedding.export()
@@ -116,9 +122,7 @@ def export(
         },
         **(extra or {}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with replace_dir(path, "serving artifact", is_artifact, overwrite) as tmp:
         save_file(tensors, str(tmp / TENSORS_FILE))
         manifest["files"] = {TENSORS_FILE: _sha256(tmp / TENSORS_FILE)}
         id_fields = [f.name for f in model.embedding.features if f.name not in keyed]
@@ -128,18 +132,26 @@ def export(
             and (meta.root / VOCAB_FILE).exists()
             and id_fields
         ):
+            # The dataset's vocabulary must be the one the model was trained with (a
+            # re-prepared dataset would pair new ids with old weights).
+            source_sha = _sha256(meta.root / VOCAB_FILE)
+            expected = (vocabulary or {}).get("sha256")
+            if expected and expected != source_sha:
+                raise ArtifactError(
+                    f"{meta.root / VOCAB_FILE}: sha256 {source_sha[:12]}… is "
+                    f"not the vocabulary the model was trained with ({expected[:12]}…); "
+                    "the dataset was re-prepared since — export would pair new ids with old weights"
+                )
             _write_vocabulary(meta.root / VOCAB_FILE, tmp / VOCAB_FILE, id_fields, keyed)
             manifest["files"][VOCAB_FILE] = _sha256(tmp / VOCAB_FILE)
+            manifest["dataset"]["vocabulary"] = {
+                "sha256": source_sha,
+                "cardinalities": {f.name: f.cardinality for f in meta.sparse},
+            }
         manifest["embedding"]["footprint"] = serving_footprint(
             embedding.nbytes, tmp / VOCAB_FILE if VOCAB_FILE in manifest["files"] else None
         )
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -164,14 +176,24 @@ def serving_footprint(tables: int, vocabulary: Path | None) -> dict[str, int]:
 class ServingEmbedding(nn.Module):
     """A serving module with the attributes models expect of an embedding layer."""
 
-    def __init__(self, module: nn.Module, num_features: int, dim: int, method: str) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        num_features: int,
+        dim: int,
+        method: str,
+        cardinality: dict[str, int] | None = None,
+    ) -> None:
         super().__init__()
         self.module = module
         self.num_features = num_features
         self.dim = dim
         self.method = method
+        self.check_ids = IdRangeCheck(cardinality) if cardinality is not None else None
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        if self.check_ids is not None:
+            self.check_ids(features)
         return self.module(features)
 
 
@@ -197,18 +219,42 @@ class CompactModel(nn.Module):
     def feature_names(self) -> list[str]:
         return [f["name"] for f in self.manifest["features"]]
 
+    def check_dataset(self, meta: DatasetMeta) -> None:
+        """Refuses a prepared dataset whose fields or vocabulary are not the artifact's."""
+        features = self.manifest["features"]
+        if meta.sparse_names != self.feature_names:
+            raise ArtifactError(
+                f"{meta.root} has sparse fields {meta.sparse_names[:5]}..., the artifact "
+                f"{self.root} expects {self.feature_names[:5]}..."
+            )
+        num_dense = self.manifest["model"]["num_dense"]
+        if len(meta.dense) != num_dense:
+            raise ArtifactError(
+                f"{meta.root} has {len(meta.dense)} dense features, the artifact {self.root} "
+                f"expects {num_dense}"
+            )
+        info = self.manifest.get("dataset") or {}
+        expected = info.get("vocabulary") or {
+            "sha256": self.manifest["files"].get(VOCAB_FILE),
+            "cardinalities": {f["name"]: f["cardinality"] for f in features},
+        }
+        meta.check_vocabulary(expected, f"the artifact {self.root}")
+
     @classmethod
     def load(cls, path: str | os.PathLike, verify: bool = True) -> CompactModel:
         root = Path(path)
         manifest = read_manifest(root)
         tensor_file = root / TENSORS_FILE
+        _check_file_list(root, manifest["files"])
         if verify:
             for name, digest in manifest["files"].items():
-                if not (root / name).exists():
+                if not (root / name).is_file():
                     raise ArtifactError(f"{root / name}: missing (listed in the manifest)")
                 if _sha256(root / name) != digest:
                     raise ArtifactError(f"{root / name}: checksum mismatch — the file is corrupt")
         try:
+            # safetensors checks every tensor's extent against the file's size, so this
+            # allocates at most the file's bytes whatever the header claims.
             tensors = load_file(str(tensor_file))
         except (SafetensorError, OSError) as e:
             raise ArtifactError(f"{tensor_file}: unreadable ({e})") from e
@@ -224,13 +270,29 @@ class CompactModel(nn.Module):
             },
         )
         spec = manifest["model"]
-        if spec["name"] not in MODELS:
-            raise ArtifactError(f"{root}: unknown model {spec['name']!r}")
+        dense = {
+            k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)
+        }
+        _check_architecture(manifest, dense, root / MANIFEST_FILE)
         # Modules initialise random weights before the stored ones overwrite them; loading
         # an artifact must not move the caller's random stream.
         with torch.random.fork_rng():
+            try:
+                module = build_serving(exported)
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                raise ArtifactError(
+                    f"{root / MANIFEST_FILE}: the embedding config does not fit the stored "
+                    f"tensors ({e})"
+                ) from e
             serving = ServingEmbedding(
-                build_serving(exported), len(manifest["features"]), emb["dim"], emb["method"]
+                module,
+                len(manifest["features"]),
+                emb["dim"],
+                emb["method"],
+                # Fingerprint-keyed fields receive 64-bit fingerprints, not ids: no range.
+                None
+                if emb.get("fingerprint_fields")
+                else {f["name"]: f["cardinality"] for f in manifest["features"]},
             )
             model = MODELS[spec["name"]](serving, spec["num_dense"], **spec["options"])
         dense = {
@@ -314,14 +376,27 @@ class CompactModel(nn.Module):
         return torch.cat(probs).numpy(), torch.cat(labels).numpy()
 
 
+def is_artifact(path: Path) -> bool:
+    """Whether directory ``path`` holds an artifact and nothing else."""
+    try:
+        fmt = json.loads((path / MANIFEST_FILE).read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return fmt == ARTIFACT_FORMAT and only_names(path, ARTIFACT_FILES)
+
+
 def read_manifest(root: Path) -> dict[str, Any]:
     path = root / MANIFEST_FILE
-    if not path.exists():
+    if not path.is_file():
         raise ArtifactError(f"{root}: not an artifact (no {MANIFEST_FILE})")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: unreadable ({e})") from e
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: expected a JSON object")
     if manifest.get("format") != ARTIFACT_FORMAT or manifest.get("version") != ARTIFACT_VERSION:
         raise ArtifactError(
             f"{path}: format {manifest.get('format')!r} v{manifest.get('version')} is not "
@@ -330,7 +405,111 @@ def read_manifest(root: Path) -> dict[str, Any]:
     for key in ("model", "features", "embedding", "tensors", "files"):
         if key not in manifest:
             raise ArtifactError(f"{path}: manifest lacks {key!r}")
+    _check_manifest_sizes(manifest, path)
     return manifest
+
+
+# Bounds on sizes a manifest states, checked before anything is built from them.
+MAX_DIM = 1 << 14
+MAX_DENSE = 1 << 16
+MAX_CARDINALITY = 1 << 40
+
+
+def _check_manifest_sizes(manifest: dict[str, Any], path: Path) -> None:
+    """Every size the manifest states is an integer in a sane range (one-line errors)."""
+
+    def require(ok: bool, what: str) -> None:
+        if not ok:
+            raise ArtifactError(f"{path}: {what}")
+
+    def is_int(x: Any, low: int, high: int) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and low <= x <= high
+
+    model, emb = manifest["model"], manifest["embedding"]
+    require(isinstance(model, dict) and isinstance(emb, dict), "model/embedding must be objects")
+    require(
+        isinstance(model.get("name"), str) and model["name"] in MODELS,
+        f"unknown model {model.get('name')!r}; known: {sorted(MODELS)}",
+    )
+    require(isinstance(model.get("options"), dict), "model options must be an object")
+    require(
+        is_int(model.get("num_dense"), 0, MAX_DENSE),
+        f"num_dense {model.get('num_dense')!r} is not an integer in [0, {MAX_DENSE}]",
+    )
+    require(
+        is_int(emb.get("dim"), 1, MAX_DIM),
+        f"embedding dim {emb.get('dim')!r} is not an integer in [1, {MAX_DIM}]",
+    )
+    require(isinstance(emb.get("config"), dict), "embedding config must be an object")
+    features = manifest["features"]
+    require(isinstance(features, list) and len(features) > 0, "features must be a list")
+    for f in features:
+        require(
+            isinstance(f, dict)
+            and isinstance(f.get("name"), str)
+            and is_int(f.get("cardinality"), 1, MAX_CARDINALITY),
+            f"feature {f!r} needs a name and a cardinality in [1, {MAX_CARDINALITY}]",
+        )
+    tensors = manifest["tensors"]
+    require(isinstance(tensors, dict), "tensors must be an object")
+    for name, spec in tensors.items():
+        require(
+            isinstance(spec, dict)
+            and isinstance(spec.get("dtype"), str)
+            and isinstance(spec.get("shape"), list)
+            and all(is_int(n, 0, 1 << 62) for n in spec["shape"]),
+            f"tensor {name!r}: needs a dtype and a shape of non-negative integers",
+        )
+    files = manifest["files"]
+    require(
+        isinstance(files, dict) and all(isinstance(v, str) for v in files.values()),
+        "files must map file names to sha256 digests",
+    )
+
+
+def _check_file_list(root: Path, files: dict[str, str]) -> None:
+    """The files are the format's, not the manifest's choice: every one present is listed
+    (so verified), and nothing outside the artifact's own names is ever opened."""
+    path = root / MANIFEST_FILE
+    allowed = ARTIFACT_FILES - {MANIFEST_FILE}
+    foreign = sorted(set(files) - allowed)
+    if foreign:
+        raise ArtifactError(
+            f"{path}: lists {foreign[:3]}; an artifact holds only {sorted(allowed)}"
+        )
+    for name in sorted(allowed):
+        required = name == TENSORS_FILE or (root / name).exists()
+        if required and name not in files:
+            raise ArtifactError(f"{path}: lists no checksum for {name}; the file list is damaged")
+
+
+def _check_architecture(
+    manifest: dict[str, Any], dense: dict[str, torch.Tensor], path: Path
+) -> None:
+    """The model the manifest describes has exactly the stored tensors' names and shapes.
+
+    The skeleton is built on the meta device, so sizes such as ``hidden`` or ``num_dense``
+    allocate nothing until they have been matched against the tensors actually stored.
+    """
+    spec, emb = manifest["model"], manifest["embedding"]
+    stub = ServingEmbedding(nn.Identity(), len(manifest["features"]), emb["dim"], emb["method"])
+    try:
+        with torch.device("meta"):
+            skeleton = MODELS[spec["name"]](stub, spec["num_dense"], **spec["options"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ArtifactError(f"{path}: model {spec['name']!r} cannot be built ({e})") from e
+    expected = {
+        k: tuple(v.shape)
+        for k, v in skeleton.state_dict().items()
+        if not k.startswith("embedding.")
+    }
+    actual = {k: tuple(v.shape) for k, v in dense.items()}
+    if expected != actual:
+        diff = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
+        raise ArtifactError(
+            f"{path}: model {spec['name']!r} as described needs other tensors than stored "
+            + ", ".join(f"{k}: {expected.get(k)} vs {actual.get(k)}" for k in diff[:3])
+        )
 
 
 def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, Any], where: Path) -> None:

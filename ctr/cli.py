@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from datasets.prepare.cli import add_prepare_parser
-
 EPILOG_SYNTH = """example:
   ctr synth --rows 1000000 --out data/synth
   ctr synth --rows 200000 --scale 0.001 --multi-hot 2 --out data/small"""
@@ -65,7 +63,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
     config = SyntheticConfig(
         rows=args.rows, scale=args.scale, multi_hot_fields=args.multi_hot, seed=args.seed
     )
-    meta = generate_synthetic(args.out, config, progress=not args.no_progress)
+    meta = generate_synthetic(
+        args.out, config, progress=not args.no_progress, overwrite=args.overwrite
+    )
     teacher = meta.extra["teacher"]
     print(
         f"wrote {args.out}: {sum(s.rows for s in meta.splits.values()):,} rows, "
@@ -145,6 +145,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         args.out,
         dataset=cfg.data,
         extra={"run": {"dir": str(args.run), "config": cfg.to_json()}},
+        overwrite=args.overwrite,
+        vocabulary=cfg.vocabulary,
     )
     emb = manifest["embedding"]
     print(
@@ -155,35 +157,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import numpy as np
 
     from ctr.artifact import CompactModel
     from ctr.metrics import auc_logloss
     from datasets.loader import BatchLoader
 
+    if args.out:
+        _check_predictions_out(Path(args.out), args.overwrite)
     model = CompactModel.load(args.artifact)
     loader = BatchLoader(args.data, args.split, batch_size=args.batch_size)
-    if loader.keys != model.feature_names:
-        raise SystemExit(
-            f"{args.data} has sparse fields {loader.keys[:5]}..., the artifact expects "
-            f"{model.feature_names[:5]}..."
-        )
+    model.check_dataset(loader.meta)
     start = time.perf_counter()
     probs, labels = model.predict_loader(loader)
     elapsed = time.perf_counter() - start
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        np.savetxt(
-            tmp,
-            np.stack([probs, labels], 1),
-            delimiter=",",
-            header="prob,label",
-            comments="",
-            fmt=["%.6f", "%g"],
-        )
-        tmp.replace(out)
+        _write_predictions(Path(args.out), probs, labels, args.overwrite)
     metrics = auc_logloss(labels, probs)
     print(
         f"{len(probs):,} predictions in {elapsed:.2f}s ({len(probs) / elapsed:,.0f}/s); "
@@ -191,6 +179,61 @@ def cmd_predict(args: argparse.Namespace) -> int:
         + (f" -> {args.out}" if args.out else "")
     )
     return 0
+
+
+PREDICTIONS_HEADER = "prob,label"
+
+
+def _check_predictions_out(out: Path, overwrite: bool) -> None:
+    """Refuses to replace a file that is not a predictions CSV, or one without --overwrite."""
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a directory; expected a CSV file path")
+    if not out.exists():
+        return
+    with open(out, "rb") as f:
+        ours = f.readline().rstrip(b"\r\n") == PREDICTIONS_HEADER.encode()
+    if not ours:
+        raise ValueError(f"--out {out}: exists and is not a predictions CSV; choose another path")
+    if not overwrite:
+        raise ValueError(f"--out {out}: exists; pass --overwrite to replace it")
+
+
+def _write_predictions(out: Path, probs: Any, labels: Any, overwrite: bool) -> None:
+    import numpy as np
+
+    _check_predictions_out(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        np.savetxt(
+            tmp,
+            np.stack([probs, labels], 1),
+            delimiter=",",
+            header=PREDICTIONS_HEADER,
+            comments="",
+            fmt=["%.6f", "%g"],
+        )
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+DEMO_ENTRIES = {
+    "data",
+    "run-deepfm-full",
+    "artifact-deepfm-fp32",
+    "artifact-deepfm-int8",
+    "predictions-fp32.csv",
+    "predictions-int8.csv",
+}
+
+
+def _is_demo_output(path: Path) -> bool:
+    from datasets.format import is_prepared_dataset
+    from datasets.outputs import only_names
+
+    return only_names(path, DEMO_ENTRIES) and is_prepared_dataset(path / "data")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -209,15 +252,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    data = out / "data"
+    from datasets.outputs import replace_dir
+
     started = time.perf_counter()
-    if not (data / "meta.json").exists():
-        cmd_synth(
-            argparse.Namespace(
-                rows=args.rows, scale=0.01, multi_hot=0, seed=0, out=data, no_progress=False
-            )
+    # In place: the run and artifacts record absolute paths of what lies beside them.
+    with replace_dir(args.out, "demo output", _is_demo_output, args.overwrite, in_place=True):
+        _demo(Path(args.out), args.rows)
+    print(f"demo finished in {time.perf_counter() - started:.0f}s; outputs under {args.out}/")
+    return 0
+
+
+def _demo(out: Path, rows: int) -> None:
+    data = out / "data"
+    cmd_synth(
+        argparse.Namespace(
+            rows=rows, scale=0.01, multi_hot=0, seed=0, out=data, no_progress=False, overwrite=False
         )
+    )
     run = out / "run-deepfm-full"
     train_args = build_parser().parse_args(
         [
@@ -240,19 +291,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     cmd_train(train_args)
     for storage in ("", "int8"):
-        target = out / f"artifact-deepfm-{storage or 'fp32'}"
-        cmd_export(argparse.Namespace(run=run, out=target, storage=storage))
+        name = storage or "fp32"
+        target = out / f"artifact-deepfm-{name}"
+        cmd_export(argparse.Namespace(run=run, out=target, storage=storage, overwrite=False))
         cmd_predict(
             argparse.Namespace(
                 artifact=target,
                 data=data,
                 split="test",
                 batch_size=16384,
-                out=target / "test-predictions.csv",
+                out=out / f"predictions-{name}.csv",
+                overwrite=False,
             )
         )
-    print(f"demo finished in {time.perf_counter() - started:.0f}s; outputs under {out}/")
-    return 0
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -272,7 +323,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prepare: bool = True) -> argparse.ArgumentParser:
+    """The ``ctr`` parser. ``prepare=False`` lists ``prepare`` without importing its readers
+    (pyarrow and the per-format modules), which only ``ctr prepare`` needs."""
     parser = argparse.ArgumentParser(
         prog="ctr",
         description="Train, compress and serve CTR embedding tables.",
@@ -292,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multi-hot", type=int, default=0, help="extra multi-hot fields")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--overwrite", action="store_true", help="replace a prepared dataset at --out")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_synth)
 
@@ -344,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--storage", default="", help="serve tables at fp16/int8/int4/int2 instead")
+    p.add_argument("--overwrite", action="store_true", help="replace an artifact at --out")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -357,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--batch-size", type=int, default=16384)
     p.add_argument("--out", type=Path, default=None, help="CSV of prob,label")
+    p.add_argument("--overwrite", action="store_true", help="replace a predictions CSV at --out")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
@@ -384,17 +440,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, default=Path("demo-output"))
     p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a previous demo output at --out"
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("methods", help="list compression methods and their options")
     p.set_defaults(func=cmd_methods)
 
-    add_prepare_parser(sub)
+    if prepare:
+        from datasets.prepare.cli import add_prepare_parser
+
+        add_prepare_parser(sub)
+    else:
+        sub.add_parser("prepare", help="turn a raw CTR dataset into the prepared format")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(prepare="prepare" in argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (ValueError, KeyError, TypeError, OSError, RuntimeError) as e:

@@ -16,19 +16,18 @@ Example::
 from __future__ import annotations
 
 import json
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from compressors.core.base import Plan
 from compressors.core.budget import parse_budget
 from ctr.distributed import DistInfo
 from ctr.embedding import EmbeddingLayer, features_from_dataset
 from ctr.models import CTRModel, build_model
-from ctr.trainer import ARCHITECTURE_KEY, TrainConfig, Trainer, seed_everything
+from ctr.trainer import ARCHITECTURE_KEY, TrainConfig, Trainer, load_weights, seed_everything
 from datasets.format import DatasetMeta, atomic_write_text
 from datasets.loader import BatchLoader
 
@@ -49,9 +48,18 @@ class RunConfig:
     budget: str | int | float = "1x"
     method_options: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # The dataset's vocabulary identity (DatasetMeta.vocabulary()) when training started;
+    # recorded by train_run, checked on resume and export.
+    vocabulary: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def validate(self) -> None:
+        """Refuses settings that cannot train, naming the ``ctr train`` flag."""
+        if not isinstance(self.dim, int) or self.dim < 1:
+            raise ValueError(f"--dim must be a positive integer, got {self.dim}")
+        self.train.validate()
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> RunConfig:
@@ -64,12 +72,31 @@ class RunConfig:
         path = Path(run_dir) / "config.json"
         if not path.exists():
             raise RunError(f"{run_dir}: not a run directory (no config.json)")
-        return cls.from_json(json.loads(path.read_text()))
+        raw = _read_config(path)
+        try:
+            return cls.from_json(raw)
+        except TypeError as e:
+            raise RunError(f"{path}: not a run config ({e})") from e
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RunError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    if not isinstance(raw, dict):
+        raise RunError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def build_run_model(cfg: RunConfig, meta: DatasetMeta | None = None) -> CTRModel:
-    """The run's model, freshly initialised from its seed (deterministic)."""
-    meta = meta or DatasetMeta.load(cfg.data)
+    """The run's model, freshly initialised from its seed (deterministic).
+
+    Without ``meta``, reads ``cfg.data`` and refuses it if its vocabulary is not the one the
+    run recorded (its ids would mean other values)."""
+    if meta is None:
+        meta = DatasetMeta.load(cfg.data)
+        meta.check_vocabulary(cfg.vocabulary, "the vocabulary the run was trained with")
     seed_everything(cfg.train.seed)
     layer = EmbeddingLayer(
         features_from_dataset(meta, cfg.method_options.get("keys") == "fingerprint"),
@@ -107,12 +134,18 @@ def load_run_model(run_dir: str | Path) -> tuple[CTRModel, RunConfig]:
         )
     model = build_run_model(cfg)
     check_run_plan(model, run_dir)
-    state = torch.load(weights, weights_only=True)
+    state = load_weights(weights, "model weights")
     architecture = state.pop(ARCHITECTURE_KEY, None)
     if architecture is not None:
         # A stage changed the method's shapes: rebuild them before reading the weights.
         model.embedding.compressor.rebuild(json.loads(architecture))
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise RunError(
+            f"{weights}: weights do not fit the model config.json describes "
+            f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})"
+        ) from e
     return model, cfg
 
 
@@ -122,8 +155,14 @@ def train_run(
     """Trains (or resumes) the run in ``run_dir`` and writes ``summary.json``."""
     run_dir = Path(run_dir)
     start = time.perf_counter()
+    cfg.validate()
     meta = DatasetMeta.load(cfg.data)
-    _claim_run_dir(cfg, run_dir, main=dist_info is None or dist_info.is_main)
+    meta.check_shards()  # a missing test shard must not wait until after training
+    meta.verify_vocabulary()
+    # The resolved path, so export works from any directory; the vocabulary, so export,
+    # resume and predict can tell re-prepared data from the data the weights learned.
+    cfg = replace(cfg, data=str(Path(cfg.data).resolve()), vocabulary=meta.vocabulary())
+    _claim_run_dir(cfg, run_dir, meta, main=dist_info is None or dist_info.is_main)
     model = build_run_model(cfg, meta)
     if (run_dir / PLAN_FILE).exists():
         check_run_plan(model, run_dir)  # resuming: the same layout, or a clear error
@@ -149,7 +188,10 @@ def train_run(
             prefetch=2,  # assemble the next batches while the model computes
         )
 
-    trainer = Trainer(model, loader("train", True), loader("valid", False), tc, run_dir, dist_info)
+    train_loader = loader("train", True)
+    if dist_info is None or dist_info.is_main:
+        _warn_if_few_steps(len(train_loader), meta.rows("train"), tc.batch_size)
+    trainer = Trainer(model, train_loader, loader("valid", False), tc, run_dir, dist_info)
     record = trainer.fit()
     if not record["finished"]:
         return {"finished": False, "steps": record["steps"]}
@@ -184,19 +226,44 @@ def train_run(
     return summary
 
 
-def _claim_run_dir(cfg: RunConfig, run_dir: Path, main: bool) -> None:
+FEW_STEPS = 50  # fewer optimizer steps per epoch than this rarely learn anything useful
+
+
+def _warn_if_few_steps(steps: int, rows: int, batch_size: int) -> None:
+    if steps >= FEW_STEPS:
+        return
+    suggestion = 1 << max(0, (rows // (4 * FEW_STEPS)).bit_length() - 1)
+    print(
+        f"warning: an epoch of {rows:,} train rows is only {steps} steps at --batch-size "
+        f"{batch_size}; small data learns little in few steps — try --batch-size {suggestion} "
+        "or more --epochs",
+        file=sys.stderr,
+    )
+
+
+def _claim_run_dir(cfg: RunConfig, run_dir: Path, meta: DatasetMeta, main: bool) -> None:
     """Writes config.json, or checks that an existing run dir holds this same run."""
     path = run_dir / "config.json"
     if path.exists():
-        existing = json.loads(path.read_text())
+        existing = _read_config(path)
         mine = json.loads(json.dumps(cfg.to_json()))
-        if {k: v for k, v in existing.items() if k != "train"} != {
-            k: v for k, v in mine.items() if k != "train"
-        } or _resume_relevant(existing["train"]) != _resume_relevant(mine["train"]):
+        # Runs recorded before paths were resolved hold the path as given.
+        existing["data"] = str(Path(existing.get("data", "")).resolve())
+        differs = [
+            k
+            for k in sorted(set(existing) | set(mine))
+            if k not in ("train", "vocabulary") and existing.get(k) != mine.get(k)
+        ]
+        if not differs and _resume_relevant(existing.get("train", {})) != _resume_relevant(
+            mine["train"]
+        ):
+            differs = ["train"]
+        if differs:
             raise RunError(
-                f"{run_dir} holds a different run (config.json differs); "
+                f"{run_dir} holds a different run (config.json differs in {differs}); "
                 "choose another --out or delete it"
             )
+        meta.check_vocabulary(existing.get("vocabulary"), f"the run in {run_dir} (resuming)")
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(cfg.to_json(), indent=2))

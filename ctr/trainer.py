@@ -80,6 +80,26 @@ class TrainConfig:
     eval_batch_size: int = 16384
     progress: bool = True
 
+    def validate(self) -> None:
+        """Refuses settings that cannot train, naming the ``ctr train`` flag."""
+        checks = [
+            ("--epochs", self.epochs, self.epochs > 0, "a positive number (fractions allowed)"),
+            ("--batch-size", self.batch_size, self.batch_size >= 1, "a positive integer"),
+            ("--lr", self.lr, self.lr > 0, "a positive number"),
+            ("--table-lr", self.table_lr, self.table_lr > 0, "a positive number"),
+            ("--eval-every", self.eval_every, self.eval_every >= 0, "0 (per epoch) or more"),
+            ("--patience", self.patience, self.patience >= 1, "a positive integer"),
+            (
+                "--max-steps",
+                self.max_steps,
+                self.max_steps is None or self.max_steps >= 1,
+                "a positive integer",
+            ),
+        ]
+        for flag, value, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{flag} must be {expected}, got {value}")
+
 
 @dataclass
 class TrainState:
@@ -472,7 +492,7 @@ class Trainer:
                 raise RuntimeError(
                     "the initial weights were not saved: only runs with a rewinding stage keep them"
                 )
-            self._initial = torch.load(path, weights_only=True)
+            self._initial = load_weights(path, "initial weights")
         return self._initial
 
     def _rewind(self) -> None:
@@ -556,7 +576,7 @@ class Trainer:
     def _restore_best(self) -> None:
         best = self._best
         if best is None and self.run_dir and (self.run_dir / "best.pt").exists():
-            best = torch.load(self.run_dir / "best.pt", weights_only=True)
+            best = load_weights(self.run_dir / "best.pt", "best weights")
             best.pop(ARCHITECTURE_KEY, None)
         if best is None:
             return
@@ -591,7 +611,7 @@ class Trainer:
             seed_everything(self.config.seed)
             self._save_initial()
             return
-        payload = torch.load(path, weights_only=True)
+        payload = load_weights(path, "checkpoint")
         world = self.dist.world_size if self.dist else 1
         if payload["world_size"] != world:
             raise RuntimeError(
@@ -627,6 +647,18 @@ def _zero_tensors(tree: Any) -> None:
     elif isinstance(tree, dict):
         for v in tree.values():
             _zero_tensors(v)
+
+
+def load_weights(path: Path, what: str) -> Any:
+    """``torch.load`` (no pickle) with a one-line error naming the file when it is damaged."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RuntimeError(
+            f"{path}: unreadable {what} file ({reason}); it is truncated or corrupt — "
+            "delete it to start this run afresh"
+        ) from e
 
 
 def _atomic_save(obj: Any, path: Path) -> None:

@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -30,7 +31,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
+
+from datasets.outputs import only_names
 
 FORMAT_NAME = "ctr-compress/prepared"
 FORMAT_VERSION = 1
@@ -96,7 +100,10 @@ class DatasetMeta:
         path = self.root / FREQUENCIES_FILE
         if not path.exists():
             raise PreparedDataError(f"{path}: missing frequency file")
-        tensors = load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise PreparedDataError(f"{path}: unreadable frequency file ({e})") from e
         out = {}
         for f in self.sparse:
             if f.name not in tensors:
@@ -107,8 +114,77 @@ class DatasetMeta:
                     f"{path}: field {f.name!r} has {counts.shape[0]} counts, "
                     f"cardinality is {f.cardinality}"
                 )
+            if counts.dtype != np.int64 or (len(counts) and counts.min() < 0):
+                raise PreparedDataError(
+                    f"{path}: field {f.name!r} counts must be non-negative int64, "
+                    f"got {counts.dtype} (min {counts.min(initial=0)})"
+                )
             out[f.name] = counts
         return out
+
+    def vocabulary(self) -> dict[str, Any]:
+        """The identity of the ids: ``vocab.parquet``'s sha256 (None if absent) and the
+        cardinalities. Two datasets whose identities differ give the same id other meanings."""
+        assert self.root is not None, "meta was not loaded from a directory"
+        path = self.root / VOCAB_FILE
+        return {
+            "sha256": file_sha256(path) if path.exists() else None,
+            "cardinalities": {f.name: f.cardinality for f in self.sparse},
+        }
+
+    def verify_vocabulary(self) -> None:
+        """Checks that ``vocab.parquet`` (if any) reads and maps exactly ids 1..cardinality-1
+        of every field; one vectorised pass."""
+        assert self.root is not None, "meta was not loaded from a directory"
+        path = self.root / VOCAB_FILE
+        if not path.exists():
+            return
+        try:
+            table = pq.read_table(path, columns=["field", "value", "id"])
+        except (OSError, pa.ArrowException) as e:
+            raise PreparedDataError(f"{path}: unreadable vocabulary ({e})") from e
+        fields = table["field"].combine_chunks().dictionary_encode()
+        names = fields.dictionary.to_pylist()
+        codes = fields.indices.to_numpy(zero_copy_only=False)
+        ids = table["id"].to_numpy().astype(np.int64)
+        for f in self.sparse:
+            code = names.index(f.name) if f.name in names else -1
+            mine = ids[codes == code]
+            ok = len(mine) == f.cardinality - 1 and (
+                len(mine) == 0
+                or (
+                    mine.min() >= 1
+                    and mine.max() < f.cardinality
+                    and np.bincount(mine, minlength=f.cardinality)[1:].min() == 1
+                )
+            )
+            if not ok:
+                raise PreparedDataError(
+                    f"{path}: field {f.name!r} must map {f.cardinality - 1} values to ids "
+                    f"1..{f.cardinality - 1} (meta.json's cardinality), holds {len(mine)} rows"
+                )
+
+    def check_vocabulary(self, expected: dict[str, Any] | None, what: str) -> None:
+        """Refuses this dataset unless its vocabulary is ``expected`` (that of ``what``)."""
+        if not expected:
+            return  # recorded before vocabularies were
+        actual = self.vocabulary()
+        if expected.get("cardinalities") != actual["cardinalities"]:
+            diff = [
+                f"{k}: {v} vs {actual['cardinalities'].get(k)}"
+                for k, v in expected.get("cardinalities", {}).items()
+                if actual["cardinalities"].get(k) != v
+            ] or [f"fields {sorted(actual['cardinalities'])}"]
+            raise PreparedDataError(
+                f"{self.root} does not match {what}: cardinalities differ ({', '.join(diff[:3])}); "
+                "its ids mean other values — use the dataset it was trained on"
+            )
+        if expected.get("sha256") and actual["sha256"] and expected["sha256"] != actual["sha256"]:
+            raise PreparedDataError(
+                f"{self.root} does not match {what}: {VOCAB_FILE} sha256 "
+                f"{actual['sha256'][:12]}… vs {expected['sha256'][:12]}… (re-prepared?); "
+                "its ids mean other values — use the dataset it was trained on"
+            )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -172,9 +248,31 @@ class DatasetMeta:
         except (KeyError, TypeError) as e:
             raise PreparedDataError(f"{path}: malformed meta.json ({e})") from e
         for f in meta.sparse:
-            if f.cardinality < 1:
+            if not isinstance(f.cardinality, int) or f.cardinality < 1:
                 raise PreparedDataError(f"{path}: field {f.name!r} has cardinality {f.cardinality}")
+        for split, info in meta.splits.items():
+            for name in info.files:
+                # Shards live inside the dataset: a path leaving it is refused, not read.
+                if (
+                    not isinstance(name, str)
+                    or Path(name).is_absolute()
+                    or ".." in Path(name).parts
+                ):
+                    raise PreparedDataError(
+                        f"{path}: split {split!r} lists {name!r}; shard paths must be relative "
+                        "and stay inside the dataset directory"
+                    )
         return meta
+
+    def check_shards(self, splits: Iterable[str] = SPLITS) -> None:
+        """Every shard of ``splits`` exists: a missing one is found before training, not after."""
+        for split in splits:
+            missing = [p for p in self.files(split) if not p.is_file()]
+            if missing:
+                raise PreparedDataError(
+                    f"{missing[0]}: missing shard of split {split!r} "
+                    f"({len(missing)} of {len(self.files(split))} missing); re-prepare the dataset"
+                )
 
 
 def arrow_schema(label: str, dense: list[str], sparse: list[SparseField]) -> pa.Schema:
@@ -302,6 +400,26 @@ def load_vocab(root: str | os.PathLike) -> dict[str, dict[str, int]]:
     ):
         out.setdefault(name, {})[value] = id_
     return out
+
+
+def is_prepared_dataset(path: Path) -> bool:
+    """Whether directory ``path`` holds a prepared dataset and nothing else (so replacing it
+    loses nothing the user put there)."""
+    try:
+        fmt = json.loads((path / "meta.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return fmt == FORMAT_NAME and only_names(
+        path, {"meta.json", FREQUENCIES_FILE, VOCAB_FILE, *SPLITS}
+    )
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -156,12 +156,22 @@ class BatchLoader:
             offsets = col.offsets.to_numpy().astype(np.int64)
             multi.append((offsets - offsets[0], col.flatten().to_numpy().astype(np.int64)))
         for row, f in enumerate(self._single):
-            top = single[row].max(initial=0)
-            if top >= meta.sparse[f].cardinality or single[row].min(initial=0) < 0:
-                raise PreparedDataError(
-                    f"{path}: field {meta.sparse[f].name!r} has id {top} outside "
-                    f"[0, {meta.sparse[f].cardinality})"
-                )
+            _check_ids(single[row], meta.sparse[f].name, meta.sparse[f].cardinality, path)
+        for (_, values), f in zip(multi, self._multi, strict=True):
+            _check_ids(values, meta.sparse[f].name, meta.sparse[f].cardinality, path)
+        bad = ~((labels >= 0) & (labels <= 1))  # NaN included
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise PreparedDataError(
+                f"{path}: row {i} has label {labels[i]} in column {meta.label!r}; "
+                "expected a click label in [0, 1] (re-prepare the dataset)"
+            )
+        if dense.size and not np.isfinite(dense).all():
+            i, j = (int(x[0]) for x in np.nonzero(~np.isfinite(dense)))
+            raise PreparedDataError(
+                f"{path}: row {i} has {dense[i, j]} in dense column {meta.dense[j]!r}; "
+                "expected a finite number"
+            )
         return _Columns(labels, dense, single, multi)
 
     def _batch(self, parts: list[tuple[_Columns, np.ndarray]]) -> Batch:
@@ -217,6 +227,19 @@ class BatchLoader:
             cols, rows = parts[-1]
             out.append((cols, np.repeat(rows[-1:], per - self._real_rows)))
         return out
+
+
+def _check_ids(ids: np.ndarray, name: str, cardinality: int, path: Path) -> None:
+    """Every id of a field lies in [0, cardinality); the offending value is reported."""
+    if not len(ids):
+        return
+    low, high = ids.min(), ids.max()
+    if low < 0 or high >= cardinality:
+        value = low if low < 0 else high
+        raise PreparedDataError(
+            f"{path}: field {name!r} has id {value} outside [0, {cardinality}) "
+            "(meta.json's cardinality); re-prepare the dataset"
+        )
 
 
 _DONE = object()

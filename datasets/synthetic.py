@@ -20,7 +20,6 @@ Example::
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,9 +36,11 @@ from datasets.format import (
     arrow_schema,
     encoded_counts,
     frequency_order,
+    is_prepared_dataset,
     save_frequencies,
     save_vocab,
 )
+from datasets.outputs import replace_dir
 
 # Distinct values per categorical field in Criteo Kaggle's train.txt (C1..C26).
 CRITEO_KAGGLE_CARDINALITIES = (
@@ -281,13 +282,24 @@ def _chunks(gen: _Generator) -> Iterator[_Chunk]:
 
 
 def generate_synthetic(
-    out: str | Path, config: SyntheticConfig = SyntheticConfig(), progress: bool = True
+    out: str | Path,
+    config: SyntheticConfig = SyntheticConfig(),
+    progress: bool = True,
+    overwrite: bool = False,
 ) -> DatasetMeta:
-    """Writes a prepared dataset to ``out`` and returns its metadata (see module docstring)."""
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    """Writes a prepared dataset to ``out`` and returns its metadata (see module docstring).
+
+    ``out`` must be absent or empty, or hold a prepared dataset and ``overwrite`` be set; the
+    dataset is written beside it and renamed into place when complete.
+    """
+    final = Path(out)
+    with replace_dir(final, "prepared dataset", is_prepared_dataset, overwrite) as staging:
+        meta = _write_synthetic(staging, config, progress)
+    meta.root = final
+    return meta
+
+
+def _write_synthetic(out: Path, config: SyntheticConfig, progress: bool) -> DatasetMeta:
     gen = _Generator(config)
     bounds = _split_bounds(config)
     n_train = bounds["train"][1]

@@ -87,7 +87,7 @@ def test_corrupt_or_inconsistent_artifacts_are_refused(tiny_data, tmp_path):
 
 def test_export_replaces_atomically_and_loads_without_pickle(tiny_data, tmp_path):
     export(_model(tiny_data), tmp_path / "a")
-    export(_model(tiny_data, storage="int8"), tmp_path / "a")  # overwrite in place
+    export(_model(tiny_data, storage="int8"), tmp_path / "a", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
         "manifest.json",
         "tensors.safetensors",

@@ -310,6 +310,18 @@ class ServeTables(nn.Module):
     ) -> None:
         super().__init__()
         _validate(tables, lookups)
+        # Sizes come from an artifact's manifest: check them against the stored tensors
+        # before fbgemm allocates anything from them.
+        for t in tables:
+            src = packed.get(t.name)
+            expected = t.rows * row_bytes(t.dim, t.dtype)
+            got = None if src is None else src.numel() * src.element_size()
+            if got != expected or src.dim() == 0 or src.shape[0] != t.rows:
+                raise ValueError(
+                    f"table {t.name!r}: {t.rows} rows of dim {t.dim} ({t.dtype}) need "
+                    f"{expected} bytes, the stored tensor has "
+                    f"{'none' if src is None else f'{got} bytes, shape {tuple(src.shape)}'}"
+                )
         index = {t.name: i for i, t in enumerate(tables)}
         self.tbe = IntNBitTableBatchedEmbeddingBagsCodegen(
             embedding_specs=[

@@ -26,8 +26,8 @@ def build_model(name: str, embedding: Embedding, num_dense: int, **options: Any)
         raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
     try:
         return MODELS[name](embedding, num_dense, **options)
-    except TypeError as e:
-        raise TypeError(f"model {name!r}: {e}") from e
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"model {name!r} with options {options} (--model-opt): {e}") from e
 
 
 __all__ = ["MODELS", "CTRModel", "DCNv2", "DLRM", "DeepFM", "FM", "LR", "WideDeep", "build_model"]

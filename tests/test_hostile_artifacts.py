@@ -1,0 +1,142 @@
+"""Tampered or hostile artifacts and datasets: each refused in one line, nothing large allocated.
+
+The loads run in one child process that reports its peak-RSS growth per case, so an
+allocation made from a forged size shows however much memory earlier tests used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ctr import EmbeddingLayer, build_model, export, features_from_dataset
+from ctr.artifact import MANIFEST_FILE, TENSORS_FILE
+from datasets.format import DatasetMeta, PreparedDataError
+
+ALLOWED_GROWTH_MB = 200
+
+CHILD = """
+import json, resource, sys
+from ctr.artifact import CompactModel
+out = {}
+for case in sys.argv[1:]:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        CompactModel.load(case)
+        message = None
+    except Exception as e:
+        message = f"{type(e).__name__}: {e}"
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    out[case] = [message, grown]
+print(json.dumps(out))
+"""
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _edit_manifest(art: Path, edit) -> None:
+    manifest = json.loads((art / MANIFEST_FILE).read_text())
+    edit(manifest)
+    (art / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def _emptied_file_list(m):
+    m["files"] = {}
+
+
+def _path_traversal(m):
+    m["files"]["../../etc/passwd"] = "0" * 64
+
+
+def _oversized_rows(m):
+    m["embedding"]["config"]["tables"][0]["rows"] = 10**8
+
+
+def _oversized_hidden(m):
+    m["model"]["options"]["hidden"] = [10**6, 10**6]
+
+
+def _oversized_num_dense(m):
+    m["model"]["num_dense"] = 10**9
+
+
+def _flipped_byte(art: Path) -> None:
+    raw = bytearray((art / TENSORS_FILE).read_bytes())
+    raw[-5] ^= 0xFF
+    (art / TENSORS_FILE).write_bytes(bytes(raw))
+
+
+def _swapped_tensors(art: Path) -> None:
+    """Two weights of different shapes swapped, manifest and checksum forged to match."""
+    tensors = load_file(str(art / TENSORS_FILE))
+    a, b = "model.deep.0.weight", "model.deep.2.weight"
+    assert tensors[a].shape != tensors[b].shape
+    tensors[a], tensors[b] = tensors[b], tensors[a]
+    save_file(tensors, str(art / TENSORS_FILE))
+
+    def forge(m):
+        for k in (a, b):
+            m["tensors"][k]["shape"] = list(tensors[k].shape)
+        m["files"][TENSORS_FILE] = _sha(art / TENSORS_FILE)
+
+    _edit_manifest(art, forge)
+
+
+CASES = {
+    "emptied_file_list": (lambda a: _edit_manifest(a, _emptied_file_list), "lists no checksum"),
+    "path_traversal": (lambda a: _edit_manifest(a, _path_traversal), "an artifact holds only"),
+    "flipped_byte": (_flipped_byte, "checksum mismatch"),
+    "oversized_rows": (lambda a: _edit_manifest(a, _oversized_rows), "need"),
+    "oversized_hidden": (lambda a: _edit_manifest(a, _oversized_hidden), "other tensors"),
+    "oversized_num_dense": (lambda a: _edit_manifest(a, _oversized_num_dense), "num_dense"),
+    "swapped_tensors": (_swapped_tensors, "other tensors than stored"),
+}
+
+
+def test_hostile_artifacts_are_refused_without_allocating(tiny_data, tmp_path):
+    torch.manual_seed(0)
+    layer = EmbeddingLayer(features_from_dataset(tiny_data), 8, "full", "1x")
+    model = build_model("deepfm", layer, 3, hidden=[16, 8]).eval()
+    clean = tmp_path / "clean"
+    export(model, clean, dataset=tiny_data)
+    paths = []
+    for name, (tamper, _) in CASES.items():
+        shutil.copytree(clean, tmp_path / name)
+        tamper(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, str(clean), *paths],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    results = json.loads(child.stdout.splitlines()[-1])
+    assert results.pop(str(clean))[0] is None  # the untampered artifact loads
+    for name, (_, expected) in CASES.items():
+        message, grown_mb = results[str(tmp_path / name)]
+        assert message is not None, f"{name}: loaded"
+        assert message.startswith("ArtifactError: ") and expected in message, (name, message)
+        assert "\n" not in message, (name, message)
+        assert grown_mb < ALLOWED_GROWTH_MB, (name, grown_mb)
+
+
+def test_dataset_shard_paths_may_not_leave_the_dataset(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    for forged in ("../../etc/passwd", "/etc/passwd"):
+        meta = json.loads((data / "meta.json").read_text())
+        meta["splits"]["test"]["files"] = [forged]
+        (data / "meta.json").write_text(json.dumps(meta))
+        with pytest.raises(PreparedDataError, match="must be relative and stay inside"):
+            DatasetMeta.load(data)
