@@ -5,14 +5,19 @@ label, dense floats, categorical tokens); a reader yields chunks of raw columns 
 numbers. :func:`prepare_dataset` then
 
 1. counts the tokens of every sparse field over the *train* rows (memory ~ distinct values),
+   and shows the format those rows for the fields it fits itself (``fitted_fields``: the
+   quantile buckets of ``prepare table``, sketched in fixed memory),
 2. assigns ids by descending train frequency (0 = OOV: rarer than ``min_count``, unseen in
-   train, or missing) and saves frequencies and the vocabulary,
-3. reads everything again, encodes each chunk and appends it to its split's shards,
+   train, or missing), takes the fitted fields' tokens from ``Format.fit`` and saves the
+   vocabulary,
+3. reads everything again, encodes each chunk and appends it to its split's shards, counting
+   the fitted fields' train ids, then saves the frequencies (exact train counts by id),
 4. writes ``meta.json`` last, so an interrupted run never looks complete.
 
 Which split a row belongs to is a pure function of (source file, row position), known in
 pass 1 without reading ahead. Malformed rows are counted per reason with their first
-``file:line`` examples, or stop the run (``on_bad_row="fail"``).
+``file:line`` examples, or stop the run (``on_bad_row="fail"``); more than
+``max_dropped_fraction`` of them fails the run before ``meta.json`` is written.
 
 Example::
 

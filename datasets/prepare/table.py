@@ -222,6 +222,7 @@ class TableFormat(Format):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> TableFormat:
         config = dict(config)
+        config.setdefault("trim", False)  # recorded before trimming existed: it did not trim
         recorded = config.pop("buckets", {})
         schema = TableSchema.from_dict(config)
         if sorted(recorded) != sorted(schema.numeric if schema.numeric_buckets else []):
