@@ -116,6 +116,7 @@ def train_run(
             drop_last=drop_last,
             rank=rank,
             world_size=world,
+            prefetch=2,  # assemble the next batches while the model computes
         )
 
     trainer = Trainer(model, loader("train", True), loader("valid", False), tc, run_dir, dist_info)
