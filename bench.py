@@ -713,11 +713,12 @@ INTER_FEATURE_BUDGETS = ("10x", "100x", "1000x")
 
 
 def _fits(method: str, features: list, budget: str, **options: object) -> str | None:
-    """None when ``method`` can be built at ``budget``, else the BudgetError's message."""
-    from compressors import BudgetError, build_compressor
+    """None when ``method`` fits ``budget``, else the BudgetError's message (solve() only:
+    nothing is built)."""
+    from compressors import BudgetError, solve
 
     try:
-        build_compressor(method, features, 16, budget, **options)
+        solve(method, features, 16, budget, **options)
     except BudgetError as e:
         return str(e)
     return None

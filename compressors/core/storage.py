@@ -54,6 +54,12 @@ def check_dtype(dtype: str, dim: int) -> None:
         raise ValueError(f"unknown storage dtype {dtype!r}; choose from {sorted(BITS)}")
     if (dim * BITS[dtype]) % 8:
         raise ValueError(f"{dtype} storage needs dim * bits divisible by 8, got dim={dim}")
+    if dtype.startswith("int") and (dim * BITS[dtype]) % 16:
+        # fbgemm's row-wise quantiser aligns the fp16 scale/bias after the codes.
+        raise ValueError(
+            f"{dtype} storage needs an even number of code bytes per row (dim * bits divisible "
+            f"by 16 for fbgemm's kernels), got dim={dim}"
+        )
 
 
 def row_bytes(dim: int, dtype: str) -> int:

@@ -291,6 +291,9 @@ class Hash(TableMethod):
     """The salted hashing trick; per-field tables or one multiplexed table (``shared``)."""
 
     name = "hash"
+    option_help = {
+        "shared": "one table for all hashed fields (multiplexing), not one per field",
+    }
 
     def __init__(
         self,

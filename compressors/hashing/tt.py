@@ -223,6 +223,12 @@ class TT(HybridMethod):
     one)."""
 
     name = TT_KIND
+    option_help = {
+        "rank": "TT rank (None: the largest that fits the budget)",
+        "max_rank": "upper bound of the solved rank",
+        "min_rank": "lower bound of the solved rank",
+        "init_std": "std of a reconstructed entry at initialisation",
+    }
 
     def __init__(
         self,

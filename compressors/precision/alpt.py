@@ -76,6 +76,10 @@ class ALPT(IntegerEmbedding):
     """Integer tables with learnable per-row step sizes (see module docstring)."""
 
     name = "alpt"
+    option_help = {
+        "bits": "integer bits (auto: the fewest that fit)",
+        "step_lr": "learning rate of the per-row step sizes",
+    }
 
     def __init__(
         self,

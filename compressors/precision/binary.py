@@ -119,6 +119,10 @@ class Binary(Compressor):
     """fp32 training, then residual-binarized serving (see module docstring)."""
 
     name = "binary"
+    option_help = {
+        "bits": "bit-planes per dimension (auto: as many as fit)",
+        "finetune_epochs": "epochs of fine-tuning after binarization (0: none)",
+    }
 
     def __init__(
         self,
