@@ -3,7 +3,8 @@
 Serving receives raw values ("C1": "68fd1e64", "I2": -1, "genres": ["Comedy"], "hour":
 "14102100"); :class:`RawEncoder` runs the dataset format's own vectorised transform (the
 one ``ctr prepare`` ran, rebuilt from ``meta.json``) and looks the tokens up in
-``vocab.parquet``, so a record encodes to the same row the prepared split holds.
+``vocab.parquet``, so a record encodes to the same row the prepared split holds (numeric
+buckets of ``prepare table`` use the bin edges that ``meta.json`` records).
 Missing fields are missing values (OOV / 0); unknown fields and malformed values raise.
 
 Example::

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 from prepare_support import FIXTURES, read_all_splits
@@ -140,8 +141,66 @@ def test_other_formats_through_the_cli(tmp_path):
             str(tmp_path / "a"),
             "--seed",
             "4",
+            "--max-dropped-fraction",  # the fixture's 2 bad rows in 30 are 6.7%
+            "0.1",
             *QUIET,
         )
         == 0
     )
     assert DatasetMeta.load(tmp_path / "a").options["split"]["seed"] == 4
+
+
+ADULT_SCHEMA = str(FIXTURES / "adult" / "schema.json")
+
+
+def test_quiet_success_still_prints_its_summary(tmp_path, capsys):
+    code = _run("criteo", str(FIXTURES / "criteo" / "train.txt"), "--out", str(tmp_path), *QUIET)
+    assert code == 0
+    err = capsys.readouterr().err
+    assert f"{tmp_path}: train " in err and "rows; 13 dense and 26 sparse fields" in err
+
+
+def test_errors_name_the_subcommand_even_with_a_format_flag(tmp_path, capsys):
+    logs = str(FIXTURES / "table" / "logs.csv")
+    code = _run("table", logs, "--out", str(tmp_path), "--label", "nope", "--format", "csv", *QUIET)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ctr prepare table: error: ") and "None" not in err
+
+
+def test_adult_through_flags_with_text_labels_and_buckets(tmp_path, capsys):
+    adult = [str(FIXTURES / "adult" / n) for n in ("adult.data", "adult.test")]
+    schema = json.loads((FIXTURES / "adult" / "schema.json").read_text())
+    flags = [
+        *("--format", "csv", "--columns", ",".join(schema["columns"]), "--label", "income"),
+        *("--positive", ">50K", "--positive", ">50K.", "--negative", "<=50K"),
+        *("--negative", "<=50K.", "--categorical", ",".join(schema["categorical"])),
+        *("--numeric", ",".join(schema["numeric"]), "--numeric-buckets", "20"),
+        *("--numeric-as", "both", "--max-dropped-fraction", "0.1", *QUIET),
+    ]
+    assert _run("table", *adult, "--out", str(tmp_path / "flags"), *flags) == 0
+    assert (
+        _run(
+            "table",
+            *adult,
+            "--out",
+            str(tmp_path / "file"),
+            "--schema",
+            ADULT_SCHEMA,
+            "--max-dropped-fraction",
+            "0.1",
+            *QUIET,
+        )
+        == 0
+    )
+    assert read_all_splits(tmp_path / "flags").equals(read_all_splits(tmp_path / "file"))
+    meta = DatasetMeta.load(tmp_path / "flags")
+    assert sorted(meta.options["config"]["buckets"]) == sorted(schema["numeric"])
+    # 3 bad rows of 57 (adult.test's first line, two empty last lines) exceed the default 5%.
+    assert _run("table", *adult, "--out", str(tmp_path / "strict"), "--schema", ADULT_SCHEMA) == 2
+    err = capsys.readouterr().err
+    assert "ctr prepare table: error: " in err and "3 of 57 rows were bad" in err
+    logs = str(FIXTURES / "table" / "logs.csv")
+    half = ["--label", "clicked", "--categorical", "site", "--positive", "1", *QUIET]
+    assert _run("table", logs, "--out", str(tmp_path / "half"), *half) == 2
+    assert "`positive` needs `negative` too" in capsys.readouterr().err

@@ -168,7 +168,9 @@ def test_empty_line_bad_encoding_and_bad_label_are_reported(tmp_path):
     ]
     path = tmp_path / "mixed.txt"
     path.write_bytes(b"\n".join(lines) + b"\n")
-    meta = prepare_criteo([path], tmp_path / "out", options=options(split="random"))
+    meta = prepare_criteo(
+        [path], tmp_path / "out", options=options(split="random", max_dropped_fraction=1.0)
+    )
     assert {k: v["examples"] for k, v in meta.bad_rows.items()} == {
         "empty_row": [f"{path}:2"],
         "bad_encoding": [f"{path}:3"],

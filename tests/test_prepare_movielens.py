@@ -164,3 +164,21 @@ def test_joined_records_encode_to_the_prepared_rows(tmp_path):
         got = encoded.sparse[field]
         got = [g.tolist() for g in got] if field == "genres" else got.tolist()
         assert got == table[field].to_pylist(), field
+
+
+def test_a_truncated_user_file_fails_instead_of_dropping_most_ratings(tmp_path):
+    ml = tmp_path / "ml-100k"
+    ml.mkdir()
+    for name in ("u.data", "u.item"):
+        (ml / name).write_bytes((ML_100K / name).read_bytes())
+    (ml / "u.user").write_text((ML_100K / "u.user").read_text().splitlines()[0] + "\n")
+    with pytest.raises(BadInputError) as failure:
+        prepare_movielens(ml, tmp_path / "out", options=options(max_dropped_fraction=0.05))
+    message = str(failure.value)
+    assert re.search(r"out: \d+ of 30 rows were bad \(\d+\.\d%; unknown_id \d+, e\.g\. ", message)
+    assert "u.data:" in message and "is not in the attribute file" in message
+    assert "--max-dropped-fraction 0.05" in message
+    assert not (tmp_path / "out" / "meta.json").exists()  # nothing `ctr train` would accept
+    # Raising the limit is the user's explicit choice.
+    meta = prepare_movielens(ml, tmp_path / "out", options=options(max_dropped_fraction=1.0))
+    assert meta.rows("train") + meta.rows("valid") + meta.rows("test") == 11  # 30 - 19 bad

@@ -28,7 +28,13 @@ from datasets.prepare.kdd12 import DEFAULT_MIN_COUNT as KDD12_MIN_COUNT
 from datasets.prepare.kdd12 import LABEL_MODES, Kdd12Config, prepare_kdd12
 from datasets.prepare.movielens import MovieLensConfig, prepare_movielens
 from datasets.prepare.sources import BadInputError
-from datasets.prepare.table import TABLE_FORMATS, TableSchema, prepare_table, read_schema_file
+from datasets.prepare.table import (
+    NUMERIC_AS,
+    TABLE_FORMATS,
+    TableSchema,
+    prepare_table,
+    read_schema_file,
+)
 
 EXAMPLES = {
     "criteo": "ctr prepare criteo train.txt --out data/criteo --min-count 10\n"
@@ -39,7 +45,14 @@ EXAMPLES = {
     "movielens": "ctr prepare movielens ml-1m --out data/ml-1m --positive-rating 4",
     "table": "ctr prepare table logs.csv --out data/logs --schema schema.json\n"
     "  ctr prepare table logs.parquet --out data/logs --label clicked "
-    "--categorical site,ad --numeric price --multi tags:'|'",
+    "--categorical site,ad --numeric price --multi tags:'|'\n"
+    "  ctr prepare table adult.data adult.test --out data/adult --format csv "
+    "--columns age,workclass,fnlwgt,education,education-num,marital-status,occupation,"
+    "relationship,race,sex,capital-gain,capital-loss,hours-per-week,native-country,income "
+    "--label income --positive '>50K' --positive '>50K.' --negative '<=50K' "
+    "--negative '<=50K.' --categorical workclass,education,marital-status,occupation,"
+    "relationship,race,sex,native-country --numeric age,fnlwgt,education-num,capital-gain,"
+    "capital-loss,hours-per-week --numeric-buckets 20 --numeric-as buckets",
 }
 HELP = {
     "criteo": "Criteo Kaggle train.txt or terabyte day_N files (TSV, plain or .gz)",
@@ -75,6 +88,8 @@ def add_prepare_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         )
         split_choices, min_count = adder(sub)
         _common(sub, split_choices, min_count)
+        # Not `format`: `prepare table` has a --format flag that would shadow the name.
+        sub.set_defaults(prepare_format=name)
     return prepare
 
 
@@ -103,6 +118,14 @@ def _common(p: argparse.ArgumentParser, split_choices: list[str], min_count: int
         choices=BAD_ROW_POLICIES,
         default="skip",
         help="skip (and report) malformed rows, or fail at the first one",
+    )
+    p.add_argument(
+        "--max-dropped-fraction",
+        type=float,
+        default=0.05,
+        metavar="F",
+        help="fail (and write no meta.json) when more than this share of the lines are bad "
+        "rows, e.g. a truncated file of a join (default 0.05; 1 = never)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a prepared dataset at --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -186,7 +209,20 @@ def _movielens(p: argparse.ArgumentParser) -> tuple[list[str], int]:
 def _table(p: argparse.ArgumentParser) -> tuple[list[str], int]:
     p.add_argument("paths", nargs="+", metavar="PATH", help="CSV / TSV / parquet files")
     p.add_argument("--schema", help="JSON schema file (flags below override its entries)")
-    p.add_argument("--label", help="label column (0/1 or a probability)")
+    p.add_argument("--label", help="label column (0/1, a probability, or text: see --positive)")
+    p.add_argument(
+        "--positive",
+        action="append",
+        metavar="VALUE",
+        help="label text meaning 1, e.g. '>50K' (repeatable; needs --negative; other values "
+        "are bad rows)",
+    )
+    p.add_argument(
+        "--negative",
+        action="append",
+        metavar="VALUE",
+        help="label text meaning 0, e.g. '<=50K' (repeatable)",
+    )
     p.add_argument("--categorical", type=_names, help="comma-separated categorical columns")
     p.add_argument("--numeric", type=_names, help="comma-separated numeric columns")
     p.add_argument(
@@ -199,9 +235,28 @@ def _table(p: argparse.ArgumentParser) -> tuple[list[str], int]:
     p.add_argument("--format", choices=sorted(TABLE_FORMATS), help="default: from the file name")
     p.add_argument("--delimiter", help="field delimiter of text files (default per format)")
     p.add_argument(
+        "--columns",
+        type=_names,
+        help="comma-separated column names of text files without a header line",
+    )
+    p.add_argument(
         "--numeric-transform",
         choices=sorted(DENSE_TRANSFORMS),
         help="transform of numeric columns (default signed_log1p)",
+    )
+    p.add_argument(
+        "--numeric-buckets",
+        type=int,
+        metavar="N",
+        help="also give each numeric column COL a categorical field COL_bucket: N "
+        "equal-frequency buckets from the train split (0 its own bucket when it is the "
+        "most frequent value)",
+    )
+    p.add_argument(
+        "--numeric-as",
+        choices=NUMERIC_AS,
+        help="numeric columns as dense values, buckets, or both (default: both with "
+        "--numeric-buckets, else dense)",
     )
     p.set_defaults(func=_run(lambda a, o: prepare_table(a.paths, a.out, _schema(a), o)))
     return ["random", "ordered"], 1
@@ -217,7 +272,13 @@ def _schema(args: argparse.Namespace) -> TableSchema:
         "format": args.format,
         "delimiter": args.delimiter,
         "numeric_transform": args.numeric_transform,
+        "numeric_buckets": args.numeric_buckets,
+        "numeric_as": args.numeric_as,
+        "positive": args.positive,
+        "negative": args.negative,
     }
+    if args.columns is not None:  # naming the columns means the file has no header line
+        flags.update(columns=args.columns, header=False)
     raw.update({k: v for k, v in flags.items() if v is not None})
     return TableSchema.from_dict(raw, where=args.schema or "command line")
 
@@ -235,10 +296,11 @@ def _run(prepare: Callable[[argparse.Namespace, PrepareOptions], DatasetMeta]) -
                 progress=not args.no_progress,
                 block_bytes=args.block_mb << 20,
                 rows_per_shard=args.rows_per_shard,
+                max_dropped_fraction=args.max_dropped_fraction,
             )
             prepare(args, options)
         except (BadInputError, ValueError, OSError) as e:
-            print(f"ctr prepare {args.format}: error: {e}", file=sys.stderr)
+            print(f"ctr prepare {args.prepare_format}: error: {e}", file=sys.stderr)
             return 2
         return 0
 

@@ -86,12 +86,15 @@ class Features:
     ``tokens`` holds raw categorical values as strings (null = missing) or, for multi-hot
     fields, lists of strings. ``source_rows[i]`` is the input row output row ``i`` came from,
     when a format expands rows (KDD Cup 2012 impressions); ``None`` means one output per input.
+    ``numbers`` holds the parsed raw values (float64, NaN = missing) of numeric columns that a
+    format fits on the train split (quantile buckets), before any dense transform.
     """
 
     label: np.ndarray | None
     dense: dict[str, np.ndarray]
     tokens: dict[str, pa.Array]
     source_rows: np.ndarray | None = None
+    numbers: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def as_array(col: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -168,6 +171,31 @@ def parse_unit_label(col: pa.Array, field: str, issues: Issues) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         issues.flag("bad_label", field, ~((y >= 0.0) & (y <= 1.0)), col)
     return np.nan_to_num(y).astype(np.float32)
+
+
+def parse_named_label(
+    col: pa.Array,
+    field: str,
+    positive: tuple[str, ...],
+    negative: tuple[str, ...],
+    issues: Issues,
+) -> np.ndarray:
+    """A label given as text (``>50K`` / ``<=50K``): 1 for ``positive`` values, 0 for
+    ``negative`` ones; anything else, missing included, is flagged ``bad_label``."""
+    col = as_strings(col)
+    y = pc.is_in(col, value_set=pa.array(positive, pa.string())).to_numpy(zero_copy_only=False)
+    known = pc.is_in(col, value_set=pa.array([*positive, *negative], pa.string()))
+    issues.flag("bad_label", field, ~known.to_numpy(zero_copy_only=False), col)
+    return y.astype(np.float32)
+
+
+def trim_spaces(col: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Text values without surrounding whitespace (UCI files write ``39, State-gov``);
+    other types pass unchanged."""
+    col = as_array(col)
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return pc.utf8_trim_whitespace(col)
+    return col
 
 
 def dense_transform(kind: str, x: np.ndarray) -> np.ndarray:

@@ -5,14 +5,19 @@ label, dense floats, categorical tokens); a reader yields chunks of raw columns 
 numbers. :func:`prepare_dataset` then
 
 1. counts the tokens of every sparse field over the *train* rows (memory ~ distinct values),
+   and shows the format those rows for the fields it fits itself (``fitted_fields``: the
+   quantile buckets of ``prepare table``, sketched in fixed memory),
 2. assigns ids by descending train frequency (0 = OOV: rarer than ``min_count``, unseen in
-   train, or missing) and saves frequencies and the vocabulary,
-3. reads everything again, encodes each chunk and appends it to its split's shards,
+   train, or missing), takes the fitted fields' tokens from ``Format.fit`` and saves the
+   vocabulary,
+3. reads everything again, encodes each chunk and appends it to its split's shards, counting
+   the fitted fields' train ids, then saves the frequencies (exact train counts by id),
 4. writes ``meta.json`` last, so an interrupted run never looks complete.
 
 Which split a row belongs to is a pure function of (source file, row position), known in
 pass 1 without reading ahead. Malformed rows are counted per reason with their first
-``file:line`` examples, or stop the run (``on_bad_row="fail"``).
+``file:line`` examples, or stop the run (``on_bad_row="fail"``); more than
+``max_dropped_fraction`` of them fails the run before ``meta.json`` is written.
 
 Example::
 
@@ -78,6 +83,9 @@ class PrepareOptions:
     shares for the ``random`` and ``ordered`` splits. ``block_bytes`` of raw text are read
     and encoded at a time (more when the vocabulary is large, see :func:`encode_block_bytes`);
     peak memory is a few such blocks, one shard per split, plus the vocabulary.
+    ``max_dropped_fraction``: a run whose bad rows exceed this share of the lines read fails
+    instead of writing ``meta.json`` (a broken join or a wrong schema drops most rows; that
+    must not pass for a dataset).
     """
 
     min_count: int | None = None
@@ -90,6 +98,7 @@ class PrepareOptions:
     block_bytes: int = 8 << 20
     rows_per_shard: int = 1 << 20
     max_examples: int = 5
+    max_dropped_fraction: float = 0.05
 
     def validate(self) -> None:
         if self.on_bad_row not in BAD_ROW_POLICIES:
@@ -105,6 +114,10 @@ class PrepareOptions:
         if abs(sum(self.fractions) - 1.0) > 1e-6:
             raise ValueError(
                 f"fractions must sum to 1, got {self.fractions} (sum {sum(self.fractions)})"
+            )
+        if not 0.0 <= self.max_dropped_fraction <= 1.0:
+            raise ValueError(
+                f"max_dropped_fraction must be in [0, 1], got {self.max_dropped_fraction}"
             )
         if self.block_bytes < 1 << 10 or self.rows_per_shard < 1:
             raise ValueError("block_bytes must be at least 1 KiB and rows_per_shard positive")
@@ -152,6 +165,19 @@ class Format(ABC):
     def describe(self) -> dict[str, Any]:
         """What ``meta.json`` records to rebuild this format (see :meth:`from_config`)."""
         return {"format": self.name, "config": asdict(self.config)}
+
+    @property
+    def fitted_fields(self) -> list[str]:
+        """Sparse fields whose vocabulary :meth:`fit` derives from train statistics (quantile
+        buckets) instead of counted tokens; ``transform`` yields their tokens once fitted."""
+        return []
+
+    def observe(self, features: Features, train: np.ndarray) -> None:  # noqa: B027
+        """Pass 1 shows each chunk's features and its train-row mask (for :meth:`fit`)."""
+
+    def fit(self) -> dict[str, list[str]]:
+        """After pass 1: each fitted field's tokens in id order (id 1 first)."""
+        return {}
 
     @classmethod
     @abstractmethod
@@ -316,6 +342,7 @@ class BadRows:
         self.max_examples = max_examples
         self.record = record
         self.reasons: dict[str, dict[str, Any]] = {}
+        self.first_detail: dict[str, str] = {}  # per reason, what was wrong with its first row
 
     @property
     def total(self) -> int:
@@ -331,8 +358,12 @@ class BadRows:
         if not self.record:
             return
         for r in rejected:
+            self.first_detail.setdefault(r.reason, r.detail)
             self._count(r.reason, None, [r.line], r.path)
         for f in flags:
+            if f.reason not in self.first_detail and f.values is not None:
+                value = f.values[int(np.argmax(f.mask))].as_py()
+                self.first_detail[f.reason] = f"field {f.field!r} value {value!r}"
             self._count(f.reason, f.field, lines[f.mask], path)
 
     def report(self) -> dict[str, Any]:
@@ -343,8 +374,18 @@ class BadRows:
         for reason, r in sorted(self.reasons.items()):
             fields = r.get("fields", {})
             where = " in " + ", ".join(f"{k} ({v:,})" for k, v in fields.items()) if fields else ""
-            lines.append(f"  {reason}: {r['count']:,}{where}, e.g. {', '.join(r['examples'])}")
+            examples = list(r["examples"])
+            if examples and reason in self.first_detail:
+                examples[0] += f" ({self.first_detail[reason]})"
+            lines.append(f"  {reason}: {r['count']:,}{where}, e.g. {', '.join(examples)}")
         return "\n".join(lines)
+
+    def headline(self) -> str:
+        """The most frequent reason in one line: count, first example and what was wrong."""
+        reason, r = max(self.reasons.items(), key=lambda kv: kv[1]["count"])
+        first = r["examples"][0] if r["examples"] else "?"
+        detail = f": {self.first_detail[reason]}" if reason in self.first_detail else ""
+        return f"{reason} {r['count']:,}, e.g. {first}{detail}"
 
     def _count(self, reason: str, field: str | None, lines: Sequence[int], path: str) -> None:
         entry = self.reasons.setdefault(reason, {"count": 0, "examples": []})
@@ -466,15 +507,22 @@ def prepare_dataset(
     options.validate()
     min_count = options.min_count or 1
     out = claim_output_dir(out, options.overwrite)
-    vocabs, distinct, lines_counted = _count_train_values(fmt, reader, plan, options, out)
+    vocabs, frequencies, distinct, lines_counted = _count_train_values(
+        fmt, reader, plan, options, out
+    )
     sparse = fmt.sparse_fields({f: v.cardinality for f, v in vocabs.items()})
     # The counting pass read every line when any line may be train (random split).
     total = lines_counted if plan.kind == "random" else None
-    splits, bad, lines_read = _encode_splits(fmt, reader, plan, vocabs, sparse, out, options, total)
+    splits, bad, lines_read, fitted_counts = _encode_splits(
+        fmt, reader, plan, vocabs, sparse, out, options, total
+    )
+    frequencies.update(fitted_counts)
+    save_frequencies(out, {f.name: frequencies[f.name] for f in sparse})
     if bad.total:
         print(f"{out}: {bad.summary()}", file=sys.stderr)
     if splits["train"].rows == 0:
         raise BadInputError(f"{reader.paths}: no usable train rows in {lines_read:,} lines read")
+    check_dropped(bad, lines_read + len(reader.side_rejected), options.max_dropped_fraction, out)
     meta = DatasetMeta(
         name=name or fmt.name,
         label=LABEL,
@@ -493,19 +541,38 @@ def prepare_dataset(
         root=out,
     )
     meta.save(out)
-    if options.progress:
-        rows = ", ".join(f"{s} {meta.rows(s):,}" for s in SPLITS)
-        ids = sum(f.cardinality for f in sparse)
-        print(f"{out}: {rows} rows; {len(sparse)} sparse fields, {ids:,} ids", file=sys.stderr)
+    # The summary prints with or without progress bars: a quiet success still says what it made.
+    rows = ", ".join(f"{s} {meta.rows(s):,}" for s in SPLITS)
+    ids = sum(f.cardinality for f in sparse)
+    dropped = f"; {bad.total:,} bad rows skipped" if bad.total else ""
+    print(
+        f"{out}: {rows} rows; {len(fmt.dense)} dense and {len(sparse)} sparse fields, "
+        f"{ids:,} ids{dropped}",
+        file=sys.stderr,
+    )
     return meta
+
+
+def check_dropped(bad: BadRows, lines: int, max_fraction: float, out: Path) -> None:
+    """Fails (before ``meta.json`` is written) when bad rows exceed ``max_fraction`` of the
+    lines read: the message gives the counts, the main reason and its first example."""
+    if not lines or bad.total <= max_fraction * lines:
+        return
+    raise BadInputError(
+        f"{out}: {bad.total:,} of {lines:,} rows were bad ({bad.total / lines:.1%}; "
+        f"{bad.headline()}), more than --max-dropped-fraction {max_fraction:g}; fix the input "
+        "(a truncated or mismatched file?) or raise the limit. No dataset was written"
+    )
 
 
 def _count_train_values(
     fmt: Format, reader: FileReader, plan: SplitPlan, options: PrepareOptions, out: Path
-) -> tuple[dict[str, FieldVocab], dict[str, int], int]:
-    """Pass 1: counts train tokens, saves frequencies and vocabulary; returns the vocabularies,
-    the distinct train values per field and the lines read."""
-    counters = {f: ValueCounter() for f in fmt.sparse}
+) -> tuple[dict[str, FieldVocab], dict[str, np.ndarray], dict[str, int], int]:
+    """Pass 1: counts train tokens (and shows the format its train rows, for fitted fields),
+    saves the vocabulary; returns the vocabularies, the train counts by id of the counted
+    fields, the distinct train values per field and the lines read."""
+    fitted = set(fmt.fitted_fields)
+    counters = {f: ValueCounter() for f in fmt.sparse if f not in fitted}
     gate = BadRows(options.on_bad_row, record=False)  # pass 2 reports; this one only fails
     gate.add("", reader.side_rejected, [], np.empty(0))
     lines = 0
@@ -519,6 +586,7 @@ def _count_train_values(
                 if end is not None and len(chunk.positions) and chunk.positions[0] >= end:
                     break
                 train = keep & (codes == 0)
+                fmt.observe(features, train)
                 for f, counter in counters.items():
                     counter.add(_rows(as_array(features.tokens[f]), train))
                 read = chunk.table.num_rows + len(chunk.rejected)
@@ -527,9 +595,11 @@ def _count_train_values(
     vocabs, frequencies, distinct = {}, {}, {}
     for f, counter in counters.items():
         vocabs[f], frequencies[f], distinct[f] = build_vocab(counter, options.min_count or 1)
-    save_frequencies(out, frequencies)
+    for f, tokens in fmt.fit().items():
+        vocabs[f], distinct[f] = FieldVocab(pa.array(tokens, pa.string())), len(tokens)
+    vocabs = {f: vocabs[f] for f in fmt.sparse}
     save_vocab(out, {f: (v.values, np.arange(1, v.cardinality)) for f, v in vocabs.items()})
-    return vocabs, distinct, lines
+    return vocabs, frequencies, distinct, lines
 
 
 def _encode_splits(
@@ -541,9 +611,10 @@ def _encode_splits(
     out: Path,
     options: PrepareOptions,
     total: int | None,
-) -> tuple[dict[str, SplitInfo], BadRows, int]:
+) -> tuple[dict[str, SplitInfo], BadRows, int, dict[str, np.ndarray]]:
     """Pass 2: encodes every row into its split's shards; returns the splits, the bad-row
-    report and the lines read."""
+    report, the lines read and the train counts by id of the format's fitted fields."""
+    fitted = {f: np.zeros(vocabs[f].cardinality, dtype=np.int64) for f in fmt.fitted_fields}
     block_bytes = encode_block_bytes(options.block_bytes, vocabs)
     schema = arrow_schema(LABEL, fmt.dense, sparse)
     writers = {s: ShardWriter(out, s, schema, options.rows_per_shard) for s in SPLITS}
@@ -559,6 +630,9 @@ def _encode_splits(
             ):
                 table = encode_features(fmt, features, keep, vocabs)
                 codes = codes[keep]
+                for f, counts in fitted.items():
+                    ids = table[f].to_numpy(zero_copy_only=False)[codes == 0]
+                    counts += np.bincount(ids, minlength=len(counts))
                 for code, split in enumerate(SPLITS):
                     in_split = codes == code
                     if in_split.any():
@@ -566,7 +640,7 @@ def _encode_splits(
                 read = chunk.table.num_rows + len(chunk.rejected)
                 lines += read
                 bar.update(read)
-    return {s: w.close() for s, w in writers.items()}, bad, lines
+    return {s: w.close() for s, w in writers.items()}, bad, lines, fitted
 
 
 def encode_block_bytes(block_bytes: int, vocabs: dict[str, FieldVocab]) -> int:

@@ -9,6 +9,16 @@ from a small JSON file or from command-line flags::
 
 Numeric columns become dense floats through ``numeric_transform`` (``signed_log1p`` by
 default: ``sign(x) * log(|x| + 1)``; ``clamp_log1p`` or ``identity`` also exist); missing = 0.
+With ``numeric_buckets: N`` each numeric column ``c`` also (``numeric_as: "both"``, the
+default then) or only (``"buckets"``) becomes a categorical field ``c_bucket``: at most N
+equal-frequency buckets fitted on the *train* split, with a bucket of its own for 0 when 0 is
+the column's most frequent value (see :mod:`datasets.prepare.quantiles`); the edges are stored
+in ``meta.json`` so :class:`datasets.encode.RawEncoder` buckets raw values identically.
+
+The label is 0/1 or a probability, or text mapped by ``positive`` and ``negative`` (lists of
+values; any other value is a bad row): UCI Adult's ``{"positive": [">50K", ">50K."],
+"negative": ["<=50K", "<=50K."]}`` (adult.test ends its labels with a period). Surrounding
+spaces of text values are removed (``trim``, on by default: UCI files write ``39, State-gov``).
 Text files need a header line unless ``columns`` names the columns. In parquet files
 multi-valued columns may also be list columns.
 
@@ -16,6 +26,9 @@ Example::
 
     schema = TableSchema(label="clicked", categorical=("site", "ad"), numeric=("price",))
     meta = prepare_table(["logs.csv"], "data/logs", schema)
+    adult = TableSchema(label="income", categorical=("workclass",), numeric=("age",),
+                        positive=(">50K", ">50K."), negative=("<=50K", "<=50K."),
+                        numeric_buckets=20, header=False, columns=ADULT_COLUMNS)
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from datasets.format import DatasetMeta
@@ -36,9 +50,11 @@ from datasets.prepare.columns import (
     Issues,
     as_strings,
     dense_transform,
+    parse_named_label,
     parse_numbers,
     parse_unit_label,
     token_lists,
+    trim_spaces,
 )
 from datasets.prepare.common import (
     LABEL,
@@ -48,9 +64,11 @@ from datasets.prepare.common import (
     prepare_dataset,
     standard_split,
 )
+from datasets.prepare.quantiles import NumericSketch, QuantileBuckets, bucket_field
 from datasets.prepare.sources import BadInputError, ParquetSource, TextSource
 
 TABLE_FORMATS = {"csv": ",", "tsv": "\t", "parquet": None}
+NUMERIC_AS = ("dense", "buckets", "both")
 
 
 @dataclass(frozen=True)
@@ -66,12 +84,23 @@ class TableSchema:
     header: bool = True
     columns: tuple[str, ...] | None = None
     numeric_transform: str = "signed_log1p"
+    numeric_buckets: int = 0
+    numeric_as: str | None = None  # None: "both" with numeric_buckets, else "dense"
+    positive: tuple[str, ...] = ()
+    negative: tuple[str, ...] = ()
+    trim: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("categorical", "numeric", "columns"):
+        for name in ("categorical", "numeric", "columns", "positive", "negative"):
             value = getattr(self, name)
+            if isinstance(value, str):  # a lone string is one value, not its characters
+                value = (value,)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
+        if self.numeric_as is None:
+            object.__setattr__(self, "numeric_as", "both" if self.numeric_buckets else "dense")
+        self._check_numeric_options()
+        self._check_label_values()
         features = [*self.categorical, *self.numeric, *self.multi_valued]
         if not features:
             raise ValueError("the schema names no categorical, numeric or multi-valued column")
@@ -88,6 +117,37 @@ class TableSchema:
             raise ValueError(f"numeric_transform must be one of {sorted(DENSE_TRANSFORMS)}")
         if not self.header and not self.columns:
             raise ValueError("a file without a header line needs `columns`")
+        derived = [bucket_field(c) for c in self.numeric if self.numeric_buckets]
+        clash = sorted(set(derived) & {self.label, *features})
+        if clash:
+            raise ValueError(f"bucket fields {clash} clash with columns of the same name")
+
+    def _check_numeric_options(self) -> None:
+        if self.numeric_as not in NUMERIC_AS:
+            raise ValueError(f"numeric_as must be one of {NUMERIC_AS}, got {self.numeric_as!r}")
+        if not isinstance(self.numeric_buckets, int) or self.numeric_buckets < 0:
+            raise ValueError(
+                f"numeric_buckets must be an integer >= 0, got {self.numeric_buckets!r}"
+            )
+        if self.numeric_buckets == 1:
+            raise ValueError("numeric_buckets must be at least 2 (or 0: no buckets)")
+        if (self.numeric_as == "dense") != (self.numeric_buckets == 0):
+            raise ValueError(
+                f"numeric_as {self.numeric_as!r} needs numeric_buckets "
+                + ("0" if self.numeric_as == "dense" else ">= 2")
+                + f", got {self.numeric_buckets}"
+            )
+
+    def _check_label_values(self) -> None:
+        if bool(self.positive) != bool(self.negative):
+            given, missing = ("positive", "negative") if self.positive else ("negative", "positive")
+            raise ValueError(
+                f"label values: `{given}` needs `{missing}` too (every label value must be "
+                "one or the other; others are bad rows)"
+            )
+        both = sorted(set(self.positive) & set(self.negative))
+        if both:
+            raise ValueError(f"label values {both} are both positive and negative")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "schema") -> TableSchema:
@@ -119,30 +179,85 @@ def read_schema_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 class TableFormat(Format):
+    """A table described by a :class:`TableSchema`; ``buckets`` are fitted quantile buckets
+    (from ``meta.json``), or empty until :meth:`fit` when preparing."""
+
     name = "table"
 
-    def __init__(self, config: TableSchema) -> None:
+    def __init__(
+        self, config: TableSchema, buckets: dict[str, QuantileBuckets] | None = None
+    ) -> None:
         super().__init__(config)
         self.label_columns = (config.label,)
         self.columns = [config.label, *config.categorical, *config.numeric, *config.multi_valued]
-        self.dense = list(config.numeric)
-        self.sparse = [*config.categorical, *config.multi_valued]
+        self.bucketed = list(config.numeric) if config.numeric_buckets else []
+        self.dense = list(config.numeric) if config.numeric_as in ("dense", "both") else []
+        self.sparse = [
+            *config.categorical,
+            *config.multi_valued,
+            *(bucket_field(c) for c in self.bucketed),
+        ]
         self.multi_valued = dict(config.multi_valued)
+        self.buckets = dict(buckets or {})
+        self._sketches = {c: NumericSketch(seed=c) for c in self.bucketed}
+
+    @property
+    def fitted_fields(self) -> list[str]:
+        return [bucket_field(c) for c in self.bucketed]
+
+    def observe(self, features: Features, train: np.ndarray) -> None:
+        for c in self.bucketed:
+            self._sketches[c].add(features.numbers[c][train])
+
+    def fit(self) -> dict[str, list[str]]:
+        self.buckets = {c: s.fit(self.config.numeric_buckets) for c, s in self._sketches.items()}
+        return {bucket_field(c): list(b.order) for c, b in self.buckets.items()}
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        if self.buckets:
+            described["config"]["buckets"] = {c: b.to_json() for c, b in self.buckets.items()}
+        return described
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> TableFormat:
-        return cls(TableSchema.from_dict(config))
+        config = dict(config)
+        config.setdefault("trim", False)  # recorded before trimming existed: it did not trim
+        recorded = config.pop("buckets", {})
+        schema = TableSchema.from_dict(config)
+        if sorted(recorded) != sorted(schema.numeric if schema.numeric_buckets else []):
+            raise ValueError(
+                f"table config: buckets recorded for {sorted(recorded)}, "
+                f"expected {sorted(schema.numeric) if schema.numeric_buckets else []}"
+            )
+        buckets = {
+            c: QuantileBuckets.from_json(b, where=f"table config buckets {c!r}")
+            for c, b in recorded.items()
+        }
+        return cls(schema, buckets)
 
     def transform(self, raw: pa.Table, issues: Issues, labeled: bool = True) -> Features:
         cfg = self.config
-        label = parse_unit_label(raw[cfg.label], cfg.label, issues) if labeled else None
-        dense = {
-            c: dense_transform(cfg.numeric_transform, parse_numbers(raw[c], c, issues))
-            for c in cfg.numeric
-        }
-        tokens = {c: as_strings(raw[c]) for c in cfg.categorical}
-        tokens.update({c: token_lists(raw[c], sep) for c, sep in cfg.multi_valued.items()})
-        return Features(label, dense, tokens)
+
+        def column(name: str) -> pa.Array:
+            return trim_spaces(raw[name]) if cfg.trim else raw[name]
+
+        label = None
+        if labeled and cfg.positive:
+            label = parse_named_label(
+                column(cfg.label), cfg.label, cfg.positive, cfg.negative, issues
+            )
+        elif labeled:
+            label = parse_unit_label(column(cfg.label), cfg.label, issues)
+        numbers = {c: parse_numbers(column(c), c, issues) for c in cfg.numeric}
+        dense = {c: dense_transform(cfg.numeric_transform, numbers[c]) for c in self.dense}
+        tokens = {c: as_strings(column(c)) for c in cfg.categorical}
+        tokens.update({c: token_lists(column(c), sep) for c, sep in cfg.multi_valued.items()})
+        if self.buckets:  # empty while pass 1 is still sketching the train values
+            tokens.update(
+                {bucket_field(c): self.buckets[c].tokens(numbers[c]) for c in self.bucketed}
+            )
+        return Features(label, dense, tokens, numbers={c: numbers[c] for c in self.bucketed})
 
 
 def prepare_table(
