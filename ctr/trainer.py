@@ -224,7 +224,8 @@ class Trainer:
         self.compressor.table_optimizer = self.config.table_optimizer
         if self.config.module_optimizer not in ("method", "table"):
             raise ValueError(
-                f"module_optimizer must be 'method' or 'table', got {self.config.module_optimizer!r}"
+                "module_optimizer must be 'method' or 'table', "
+                f"got {self.config.module_optimizer!r}"
             )
         if dist_info is not None:
             if self.config.embedding_l2:
