@@ -357,7 +357,9 @@ def run_sweep(
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(
+            min(workers, len(todo)) or 1, mp_context=mp.get_context("spawn")
+        ) as pool:
             futures = {pool.submit(_local_task, cells[i], str(dirs[i]), threads): i for i in todo}
             for future in as_completed(futures):
                 finished(futures[future], future.result())
