@@ -1,9 +1,13 @@
 """One trainer for every method: stages, fused tables, early stopping, exact resume.
 
 Physical tables train inside fbgemm (a fused optimizer in the backward pass: rowwise Adagrad
-by default; on CPU fbgemm offers SGD, Adagrad and rowwise Adagrad, not Adam); all other
-parameters use Adam. Single-process runs swap each EBC for a ``FusedEmbeddingBagCollection``;
-under ``torchrun`` the model is wrapped in TorchRec's DMP instead (``ctr.distributed``).
+by default; on CPU fbgemm offers SGD, Adagrad and rowwise Adagrad, not Adam); a method's own
+parameter groups use the optimizer it declares, all other parameters Adam. Embedding
+parameters (tables and groups flagged ``embedding``) can get decoupled L2 (``embedding_l2``;
+lazy per row on fused tables) and plateau lr decay; ``module_optimizer="table"`` trains
+embedding groups with the tables' optimizer family and lr (the fair-comparison protocol).
+Single-process runs swap each EBC for a ``FusedEmbeddingBagCollection``; under ``torchrun``
+the model is wrapped in TorchRec's DMP instead (``ctr.distributed``).
 
 The run directory receives ``config.json`` (written by the caller), ``metrics.jsonl`` (one
 line per evaluation), ``checkpoint.pt`` (atomic; everything needed to continue exactly),

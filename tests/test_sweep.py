@@ -92,15 +92,13 @@ def _cli(*args):
 
 
 def test_kill_after_first_cell_then_rerun_with_two_workers(tiny_sweep, tiny_data, tmp_path):
-    # kill -9 after the first finished cell; the rerun keeps it and finishes the rest; two
-    # worker processes give exactly the single-process results.
+    # kill -9 after the first finished cell (one process); the rerun (two worker processes)
+    # keeps it and finishes the rest, with exactly the single-process results.
     _, serial = tiny_sweep
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(_spec(tiny_data, methods=["hash"]).to_json()))
     out = tmp_path / "s"
-    cmd, env = _cli(
-        "sweep", "run", "--spec", str(spec), "--out", str(out), "--threads", "1", "--workers", "2"
-    )
+    cmd, env = _cli("sweep", "run", "--spec", str(spec), "--out", str(out), "--threads", "1")
     results = out / "cells"
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
     try:
@@ -114,6 +112,7 @@ def test_kill_after_first_cell_then_rerun_with_two_workers(tiny_sweep, tiny_data
         proc.wait()
     kept = {p: (p.stat().st_mtime_ns, p.read_text()) for p in results.glob("*/result.json")}
     assert 1 <= len(kept) < 4
+    cmd += ["--workers", "2"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"{len(kept)} done, {4 - len(kept)} to run" in done.stdout
