@@ -60,6 +60,7 @@ def default_dataset(args: argparse.Namespace, rows: int | None = None, **config:
     from datasets.synthetic import SyntheticConfig, generate_synthetic
 
     rows = rows or getattr(args, "rows", None) or DEFAULT_ROWS
+    config.setdefault("min_count", 10)  # as `ctr synth` and Criteo preparation
     cfg = SyntheticConfig(rows=rows, **config)
     key = "-".join(f"{k}{v}" for k, v in sorted(config.items()))
     path = CACHE / "data" / f"synth-{rows}{'-' + key if key else ''}"
@@ -97,6 +98,55 @@ def cached_run(name: str, **run: object) -> dict:
     return train_run(cfg, run_dir)
 
 
+def protocol_sweep(name: str, args: argparse.Namespace, **spec: object) -> list[dict]:
+    """Runs a :class:`ctr.sweep.SweepSpec` under .bench-cache/sweeps/NAME (resumable: finished
+    cells are reused) and writes its report; returns the cells' results.
+
+    The protocol comes from ``spec["protocol"]`` overridden by ``--grid-lrs``, ``--grid-l2s``
+    and ``--sweep-epochs``; ``--workers`` runs cells in parallel processes.
+    """
+    from ctr.sweep import SweepSpec, run_sweep
+    from ctr.sweep_report import write_report
+
+    protocol = dict(spec.pop("protocol", {}) or {})
+    if getattr(args, "grid_lrs", None):
+        protocol["table_lrs"] = [float(x) for x in args.grid_lrs.split(",")]
+        protocol["grid"] = []
+    if getattr(args, "grid_l2s", None):
+        protocol["embedding_l2s"] = [float(x) for x in args.grid_l2s.split(",")]
+        protocol["grid"] = []
+    if getattr(args, "sweep_epochs", None):
+        protocol["epochs"] = args.sweep_epochs
+    sweep = SweepSpec.from_json({**spec, "protocol": protocol}, name)
+    out = CACHE / "sweeps" / name
+    results = run_sweep(sweep, out, workers=getattr(args, "workers", 1) or 1)
+    paths = write_report(out)
+    print(f"  report: {paths['markdown']}, {paths['png'][0]}")
+    return results
+
+
+def seed_stats(results: list[dict], method: str, budget: str) -> dict | None:
+    """Mean, spread and bytes of one method at one budget over its finished seeds."""
+    aucs = [
+        r["test_auc"]
+        for r in results
+        if r["method"] == method and str(r["budget"]) == budget and r["status"] == "done"
+    ]
+    if not aucs:
+        return None
+    size = next(
+        r["serve_bytes"]
+        for r in results
+        if r["method"] == method and r["status"] == "done" and str(r["budget"]) == budget
+    )
+    return {
+        "mean": sum(aucs) / len(aucs),
+        "spread": max(aucs) - min(aucs),
+        "aucs": aucs,
+        "bytes": size,
+    }
+
+
 def timed_steps(step: Callable[[object], object], batches: list, repeats: int = 1) -> float:
     """Samples per second of ``step`` over ``batches`` (after one warm-up batch)."""
     step(batches[0])
@@ -111,10 +161,20 @@ def timed_steps(step: Callable[[object], object], batches: list, repeats: int = 
 
 # ---------------------------------------------------------------- foundation
 class PlainDeepFM:
-    """The plain-PyTorch baseline: ``nn.EmbeddingBag`` per field with sparse gradients and
-    SparseAdam (the strongest plain setting), same first-order/FM/MLP as ``ctr``'s DeepFM."""
+    """The plain-PyTorch baseline: ``nn.EmbeddingBag`` per field with sparse gradients, same
+    first-order/FM/MLP as ``ctr``'s DeepFM. ``table_optimizer``: ``"sparse_adam"`` (the
+    strongest plain setting) or ``"adagrad"`` (torch's sparse Adagrad: the same family as
+    ``ctr``'s fused rowwise Adagrad)."""
 
-    def __init__(self, meta: object, dim: int, hidden: list[int], lr: float = 1e-3) -> None:
+    def __init__(
+        self,
+        meta: object,
+        dim: int,
+        hidden: list[int],
+        lr: float = 1e-3,
+        table_optimizer: str = "sparse_adam",
+        table_lr: float = 0.05,
+    ) -> None:
         import torch
         from torch import nn
 
@@ -127,8 +187,11 @@ class PlainDeepFM:
         self.linear = FirstOrder(len(self.names), dim, len(meta.dense))
         self.deep = mlp(len(self.names) * dim + len(meta.dense), hidden, 1)
         dense = list(self.linear.parameters()) + list(self.deep.parameters())
+        tables = list(self.bags.parameters())
         self.opts = [
-            torch.optim.SparseAdam(list(self.bags.parameters()), lr=lr),
+            torch.optim.SparseAdam(tables, lr=lr)
+            if table_optimizer == "sparse_adam"
+            else torch.optim.Adagrad(tables, lr=table_lr),
             torch.optim.Adam(dense, lr=lr),
         ]
 
@@ -187,11 +250,14 @@ def bench_train(args: argparse.Namespace) -> dict:
         TrainConfig(progress=False),
     )
     plain = PlainDeepFM(meta, 16, [400, 400, 400])
-    speeds = {"ctr": [], "plain": []}
-    for _ in range(2):  # interleaved, so drift on a shared machine hits both alike
+    plain_adagrad = PlainDeepFM(meta, 16, [400, 400, 400], table_optimizer="adagrad")
+    speeds = {"ctr": [], "plain": [], "plain_adagrad": []}
+    for _ in range(2):  # interleaved, so drift on a shared machine hits all alike
         speeds["ctr"].append(timed_steps(ours.train_step, batches))
         speeds["plain"].append(timed_steps(plain.step, batches))
+        speeds["plain_adagrad"].append(timed_steps(plain_adagrad.step, batches))
     ctr_sps, plain_sps = max(speeds["ctr"]), max(speeds["plain"])
+    adagrad_sps = max(speeds["plain_adagrad"])
     rows_out = [
         {"what": "DeepFM full test AUC", "value": summary["test_auc"]},
         {"what": "teacher test AUC (ceiling)", "value": teacher},
@@ -199,7 +265,12 @@ def bench_train(args: argparse.Namespace) -> dict:
         {"what": "DeepFM full test logloss", "value": summary["test_logloss"]},
         {"what": "ctr train samples/s (fused fbgemm)", "value": ctr_sps},
         {"what": "plain PyTorch samples/s (SparseAdam)", "value": plain_sps},
-        {"what": "throughput ratio ctr / plain", "value": ctr_sps / plain_sps},
+        {"what": "plain PyTorch samples/s (sparse Adagrad)", "value": adagrad_sps},
+        {"what": "throughput ratio ctr / plain SparseAdam", "value": ctr_sps / plain_sps},
+        {
+            "what": "throughput ratio ctr / plain Adagrad (same family)",
+            "value": ctr_sps / adagrad_sps,
+        },
         {"what": "loader rows/s (first epoch, decode)", "value": loader_cold},
         {"what": "loader rows/s (cached)", "value": loader_warm},
     ]
@@ -210,6 +281,8 @@ def bench_train(args: argparse.Namespace) -> dict:
         "ctr_samples_per_sec": ctr_sps,
         "plain_samples_per_sec": plain_sps,
         "ratio": ctr_sps / plain_sps,
+        "plain_adagrad_samples_per_sec": adagrad_sps,
+        "ratio_same_optimizer_family": ctr_sps / adagrad_sps,
         "loader_rows_per_sec_cold": loader_cold,
         "loader_rows_per_sec_warm": loader_warm,
     }
@@ -738,7 +811,16 @@ def bench_inter_feature(args: argparse.Namespace) -> dict:
     meta = DatasetMeta.load(data)
     features = features_from_dataset(meta)
     methods = [m for m in INTER_FEATURE if m in compressors.available()]
-    full = cached_run("deepfm-full-1x", data=str(data), model="deepfm", compressor="full")
+    swept = protocol_sweep(
+        "inter_feature",
+        args,
+        data=[str(data)],
+        methods=methods,
+        budgets=list(INTER_FEATURE_BUDGETS),
+        seeds=[0],
+    )
+    by_cell = {(r["method"], str(r["budget"])): r for r in swept}
+    full = by_cell[("full", "1x")]
 
     loader = BatchLoader(meta, "train", batch_size=4096, shuffle=True)
     batches = [b for _, b in zip(range(21), loader.epoch(7), strict=False)]
@@ -767,13 +849,7 @@ def bench_inter_feature(args: argparse.Namespace) -> dict:
             if refused:
                 rows.append({"method": method, "budget": budget, "note": refused})
                 continue
-            summary = cached_run(
-                f"deepfm-{method}-{budget}",
-                data=str(data),
-                model="deepfm",
-                compressor=method,
-                budget=budget,
-            )
+            summary = by_cell[(method, budget)]
             # Interleaved with full, best of two rounds each: drift on a shared machine hits
             # both alike.
             ours = trainer(method, budget)
@@ -795,7 +871,7 @@ def bench_inter_feature(args: argparse.Namespace) -> dict:
                 }
             )
     print_table(
-        "inter_feature: DeepFM, default synthetic data, 1 epoch (teacher AUC "
+        "inter_feature: DeepFM, default synthetic data, fair protocol, seed 0 (teacher AUC "
         f"{meta.extra['teacher']['test_auc']:.4f})",
         [{k: v for k, v in r.items() if k != "note"} for r in rows if not r["note"]],
     )
@@ -1054,55 +1130,53 @@ CLAIM_VARIANTS = {
 
 @section("unified_claim", default=False)
 def bench_unified_claim(args: argparse.Namespace) -> dict:
-    """Unified Embedding's claim: multiplexed vs per-field hashing at equal bytes (2 seeds)."""
+    """Unified Embedding's claim: multiplexed vs per-field hashing at equal bytes (3 seeds)."""
     from ctr.embedding import features_from_dataset
     from datasets.format import DatasetMeta
 
     data = default_dataset(args)
     features = features_from_dataset(DatasetMeta.load(data))
-    seeds = (0, 1)
+    seeds = (0, 1, 2)
+    variants = {v: m for v, (m, _) in CLAIM_VARIANTS.items()}
+    # One sweep per variant: a spec's options are per method, and two variants share "hash".
+    results = {
+        variant: protocol_sweep(
+            f"unified_claim-{variant}",
+            args,
+            data=[str(data)],
+            methods=[method],
+            budgets=[b for b in INTER_FEATURE_BUDGETS if not _fits(method, features, b, **options)],
+            seeds=list(seeds),
+            method_options={method: options},
+            reference=False,
+        )
+        for variant, (method, options) in CLAIM_VARIANTS.items()
+    }
     rows, wins, compared = [], 0, 0
     for budget in INTER_FEATURE_BUDGETS:
-        per_variant = {}
-        for variant, (method, options) in CLAIM_VARIANTS.items():
-            if _fits(method, features, budget, **options):
-                continue
-            aucs, size = [], 0
-            for seed in seeds:
-                # Seed 0 runs share their cache with the inter_feature section.
-                name = f"deepfm-{variant}-{budget}" + (f"-seed{seed}" if seed else "")
-                summary = cached_run(
-                    name,
-                    data=str(data),
-                    model="deepfm",
-                    compressor=method,
-                    budget=budget,
-                    method_options=options,
-                    train={"seed": seed} if seed else {},
-                )
-                aucs.append(summary["test_auc"])
-                size = summary["serve_bytes"]
-            per_variant[variant] = (sum(aucs) / len(aucs), aucs, size)
-        base = per_variant.get("hash", (None,))[0]
-        for variant, (auc, aucs, size) in per_variant.items():
+        per_variant = {
+            v: st
+            for v in CLAIM_VARIANTS
+            if (st := seed_stats(results[v], variants[v], budget)) is not None
+        }
+        base = per_variant.get("hash")
+        for variant, st in per_variant.items():
             rows.append(
                 {
                     "budget": budget,
                     "variant": variant,
-                    "serve_bytes": size,
-                    "mean_test_auc": auc,
-                    "seed_aucs": " ".join(f"{a:.4f}" for a in aucs),
-                    "vs_per_field_hash": None if base is None else auc - base,
+                    "serve_bytes": st["bytes"],
+                    "mean_test_auc": st["mean"],
+                    "seed_aucs": " ".join(f"{a:.4f}" for a in st["aucs"]),
+                    "vs_per_field_hash": None if base is None else st["mean"] - base["mean"],
                 }
             )
         if "unified" in per_variant and base is not None:
             compared += 1
             # A win counts only beyond the seed-to-seed spread of either method.
-            spread = max(
-                max(a) - min(a) for _, a, _ in (per_variant["hash"], per_variant["unified"])
-            )
-            wins += per_variant["unified"][0] - base > spread
-    print_table("unified_claim: DeepFM, default synthetic data, 1 epoch, mean of 2 seeds", rows)
+            unified = per_variant["unified"]
+            wins += unified["mean"] - base["mean"] > max(unified["spread"], base["spread"])
+    print_table("unified_claim: DeepFM, default synthetic data, fair protocol, 3 seeds", rows)
     verdict = (
         f"unified beats per-field hash beyond the seed spread at {wins} of {compared} "
         "budgets (the paper: multiplexing wins at equal bytes)"
@@ -1677,6 +1751,76 @@ def bench_dmp_scaling(args: argparse.Namespace) -> dict:
     return {"samples_per_sec": results, "ratio": ratio}
 
 
+# Few values per field (tests/conftest.py's learn_data): the setting of the TT/ROBE/DHE claim.
+SMALL_CARDINALITIES = (40, 120, 600, 25, 300, 80, 15, 1000)
+
+
+@section("table_less_claim", default=False)
+def bench_table_less_claim(args: argparse.Namespace) -> dict:
+    """TT-Rec/ROBE/DHE vs same-size hashing at 20x, fair protocol, 3 seeds, lr grid."""
+    data = default_dataset(args, rows=400_000, cardinalities=SMALL_CARDINALITIES, num_dense=4)
+    seeds = [0, 1, 2]
+    methods = ["hash", "tt", "robe", "dhe"]
+    results = protocol_sweep(
+        "table_less_claim",
+        args,
+        data=[str(data)],
+        methods=methods,
+        budgets=["20x"],
+        seeds=seeds,
+        model_options={"hidden": [32]},
+        protocol={"table_lrs": [0.02, 0.05, 0.15], "embedding_l2s": [0.0], "epochs": 2},
+    )
+    base = seed_stats(results, "hash", "20x")
+    rows, verdicts = [], []
+    for method in methods:
+        st = seed_stats(results, method, "20x")
+        if st is None:
+            continue
+        margin = None if base is None else st["mean"] - base["mean"]
+        rows.append(
+            {
+                "method": method,
+                "serve_bytes": st["bytes"],
+                "mean_test_auc": st["mean"],
+                "seed_aucs": " ".join(f"{a:.4f}" for a in st["aucs"]),
+                "vs_hash": margin,
+            }
+        )
+        if method != "hash" and base is not None:
+            beyond = margin > max(st["spread"], base["spread"])
+            verb = "beats" if beyond else "does not beat"
+            verdicts.append(f"{method} {verb} hash beyond the seed spread ({margin:+.4f})")
+    print_table("table_less_claim: DeepFM, small-vocabulary synthetic data, 20x, 3 seeds", rows)
+    for v in verdicts:
+        print(" ", v)
+    return {"rows": rows, "verdicts": verdicts, "seeds": seeds}
+
+
+ALL_BUDGETS = ("2x", "10x", "100x", "1000x")
+
+
+@section("fair_sweep", default=False)
+def bench_fair_sweep(args: argparse.Namespace) -> dict:
+    """`ctr sweep` over the default data: methods x 2x/10x/100x/1000x x seeds, tuned full."""
+    import compressors
+
+    data = default_dataset(args)
+    methods = args.methods.split(",") if args.methods else compressors.available()
+    budgets = args.budgets.split(",") if args.budgets else list(ALL_BUDGETS)
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [0, 1, 2]
+    start = time.perf_counter()
+    results = protocol_sweep(
+        f"fair_sweep-{len(methods)}m-{len(budgets)}b-{len(seeds)}s",
+        args,
+        data=[str(data)],
+        methods=methods,
+        budgets=budgets,
+        seeds=seeds,
+    )
+    return {"cells": len(results), "wall_s": time.perf_counter() - start, "results": results}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -1686,8 +1830,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rows", type=int, default=None, help="override dataset rows where a section uses them"
     )
-    parser.add_argument("--budgets", default=None, help="dimension: comma-separated budgets")
-    parser.add_argument("--storages", default=None, help="dimension: comma-separated dtypes")
+    sweep = parser.add_argument_group("protocol sweeps (inter_feature, *_claim, fair_sweep)")
+    sweep.add_argument("--methods", default="", help="fair_sweep: methods (default: all)")
+    sweep.add_argument(
+        "--budgets", default="", help="fair_sweep, dimension: comma-separated budgets"
+    )
+    sweep.add_argument("--storages", default="", help="dimension: comma-separated dtypes")
+    sweep.add_argument("--seeds", default="", help="fair_sweep: seeds (default 0,1,2)")
+    sweep.add_argument("--grid-lrs", default="", help="embedding lr grid, comma-separated")
+    sweep.add_argument("--grid-l2s", default="", help="embedding L2 grid, comma-separated")
+    sweep.add_argument("--sweep-epochs", type=float, default=None, help="max epochs per point")
+    sweep.add_argument("--workers", type=int, default=1, help="parallel cell processes")
     args = parser.parse_args(argv)
     if args.list:
         for name, (fn, default) in SECTIONS.items():

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ctr.sweep_cli import add_sweep_parser
+
 EPILOG_SYNTH = """example:
   ctr synth --rows 1000000 --out data/synth
   ctr synth --rows 200000 --scale 0.001 --multi-hot 2 --out data/small"""
@@ -61,7 +63,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from datasets.synthetic import SyntheticConfig, generate_synthetic
 
     config = SyntheticConfig(
-        rows=args.rows, scale=args.scale, multi_hot_fields=args.multi_hot, seed=args.seed
+        rows=args.rows,
+        scale=args.scale,
+        multi_hot_fields=args.multi_hot,
+        seed=args.seed,
+        min_count=args.min_count,
     )
     meta = generate_synthetic(
         args.out, config, progress=not args.no_progress, overwrite=args.overwrite
@@ -76,12 +82,18 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _run_config(args: argparse.Namespace) -> Any:
-    from ctr.run import RunConfig
+    from ctr.run import RunConfig, auto_batch_size
     from ctr.trainer import TrainConfig
+    from datasets.format import DatasetMeta
 
+    batch_size = args.batch_size
+    if batch_size is None:
+        rows = DatasetMeta.load(args.data).rows("train")
+        batch_size = auto_batch_size(rows)
+        print(f"batch size {batch_size} ({rows // batch_size} steps per epoch; set --batch-size)")
     train = TrainConfig(
         epochs=args.epochs,
-        batch_size=args.batch_size,
+        batch_size=batch_size,
         lr=args.lr,
         table_lr=args.table_lr,
         table_optimizer=args.table_optimizer,
@@ -266,7 +278,14 @@ def _demo(out: Path, rows: int) -> None:
     data = out / "data"
     cmd_synth(
         argparse.Namespace(
-            rows=rows, scale=0.01, multi_hot=0, seed=0, out=data, no_progress=False, overwrite=False
+            rows=rows,
+            scale=0.01,
+            multi_hot=0,
+            seed=0,
+            min_count=10,
+            out=data,
+            no_progress=False,
+            overwrite=False,
         )
     )
     run = out / "run-deepfm-full"
@@ -344,6 +363,12 @@ def build_parser(prepare: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=0.01, help="factor on Criteo's cardinalities")
     p.add_argument("--multi-hot", type=int, default=0, help="extra multi-hot fields")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--min-count",
+        type=int,
+        default=10,
+        help="values seen fewer times in train map to the OOV id 0 (as Criteo preparation)",
+    )
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--overwrite", action="store_true", help="replace a prepared dataset at --out")
     p.add_argument("--no-progress", action="store_true")
@@ -373,7 +398,9 @@ def build_parser(prepare: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument("--dim", type=int, default=16, help="embedding dim of the model")
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="default: >= 200 steps/epoch in 256..4096"
+    )
     p.add_argument("--lr", type=float, default=1e-3, help="Adam lr of dense parameters")
     p.add_argument("--table-lr", type=float, default=0.05, help="lr of the fused table optimizer")
     p.add_argument(
@@ -454,6 +481,7 @@ def build_parser(prepare: bool = True) -> argparse.ArgumentParser:
         add_prepare_parser(sub)
     else:
         sub.add_parser("prepare", help="turn a raw CTR dataset into the prepared format")
+    add_sweep_parser(sub)
     return parser
 
 

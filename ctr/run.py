@@ -36,6 +36,19 @@ class RunError(RuntimeError):
     """A run directory that cannot be used as asked."""
 
 
+MIN_STEPS_PER_EPOCH = 200
+
+
+def auto_batch_size(train_rows: int, low: int = 256, high: int = 4096) -> int:
+    """The largest power of two giving at least 200 steps per epoch, clamped to [256, 4096].
+
+    Too few steps per epoch is the common way a default run learns nothing (60k rows at 4096
+    are 12 steps); too small a batch wastes the fused kernels.
+    """
+    target = max(1, train_rows // MIN_STEPS_PER_EPOCH)
+    return int(min(high, max(low, 1 << (target.bit_length() - 1))))
+
+
 @dataclass
 class RunConfig:
     """Everything that defines a run; saved as ``config.json``."""
@@ -216,6 +229,8 @@ def train_run(
         "hyperparameters": model.embedding.compressor.hyperparameters(),
         "samples_per_sec": record["samples_per_sec"],
         "steps": record["steps"],
+        "train_seconds": trainer.state.train_seconds,
+        "batch_size": tc.batch_size,
         "world_size": world,
         "teacher_test_auc": meta.extra.get("teacher", {}).get("test_auc"),
         "wall_seconds": time.perf_counter() - start,

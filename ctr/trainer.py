@@ -1,9 +1,13 @@
 """One trainer for every method: stages, fused tables, early stopping, exact resume.
 
 Physical tables train inside fbgemm (a fused optimizer in the backward pass: rowwise Adagrad
-by default; on CPU fbgemm offers SGD, Adagrad and rowwise Adagrad, not Adam); all other
-parameters use Adam. Single-process runs swap each EBC for a ``FusedEmbeddingBagCollection``;
-under ``torchrun`` the model is wrapped in TorchRec's DMP instead (``ctr.distributed``).
+by default; on CPU fbgemm offers SGD, Adagrad and rowwise Adagrad, not Adam); a method's own
+parameter groups use the optimizer it declares, all other parameters Adam. Embedding
+parameters (tables and groups flagged ``embedding``) can get decoupled L2 (``embedding_l2``;
+lazy per row on fused tables) and plateau lr decay; ``module_optimizer="table"`` trains
+embedding groups with the tables' optimizer family and lr (the fair-comparison protocol).
+Single-process runs swap each EBC for a ``FusedEmbeddingBagCollection``; under ``torchrun``
+the model is wrapped in TorchRec's DMP instead (``ctr.distributed``).
 
 The run directory receives ``config.json`` (written by the caller), ``metrics.jsonl`` (one
 line per evaluation), ``checkpoint.pt`` (atomic; everything needed to continue exactly),
@@ -57,13 +61,25 @@ from ctr.distributed import (
 )
 from ctr.metrics import auc_logloss
 from ctr.models.base import CTRModel
+from ctr.optim import RowwiseAdagrad
 from datasets.loader import PAD_LABEL, BatchLoader
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings. ``epochs`` may be fractional; ``eval_every=0`` evaluates once
-    per epoch; ``max_steps`` stops (and checkpoints) after that many steps in total."""
+    """Optimisation settings. ``epochs`` may be fractional; ``eval_every=0`` evaluates
+    ``evals_per_epoch`` times per epoch (0: once); ``max_steps`` stops (and checkpoints) after
+    that many steps in total.
+
+    Embedding parameters: tables train with ``table_optimizer`` at ``table_lr``.
+    ``module_optimizer="method"`` lets a method's embedding modules (TT cores, ROBE array, DHE
+    network) use the optimizer the method declares; ``"table"`` trains them with the tables'
+    optimizer family and learning rate (the fair-comparison protocol, ``ctr.sweep``).
+    ``embedding_l2`` is decoupled weight decay on every embedding parameter (``l2_mode``
+    ``"lazy"`` at sparse cost or the exact ``"dense"`` reference; see
+    :mod:`compressors.core.decay`). ``lr_decay`` < 1 multiplies the embedding learning rates
+    each time an evaluation does not improve (decay on plateau).
+    """
 
     epochs: float = 1.0
     batch_size: int = 4096
@@ -73,6 +89,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     eval_every: int = 0
     patience: int = 2
+    evals_per_epoch: int = 0
+    module_optimizer: str = "method"
+    embedding_l2: float = 0.0
+    l2_mode: str = "lazy"
+    lr_decay: float = 1.0
     restore_best: bool = True
     checkpoint_every: int = 500
     seed: int = 0
@@ -115,6 +136,7 @@ class TrainState:
     bad_evals: int = 0
     samples: int = 0
     train_seconds: float = 0.0
+    lr_scale: float = 1.0
     finished: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
     architecture: dict[str, Any] | None = None
@@ -181,6 +203,14 @@ class RunContext:
 # The name compressors' type hints use.
 StageContext = RunContext
 
+# Optimizers a compressor's parameter group may ask for (and the protocol's module families).
+OPTIMIZERS: dict[str, Any] = {
+    "adam": torch.optim.Adam,
+    "sgd": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
+    "rowwise_adagrad": RowwiseAdagrad,
+}
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -216,7 +246,14 @@ class Trainer:
         self._initial: dict[str, torch.Tensor] | None = None
         self.compressor: Compressor = model.embedding.compressor
         self.compressor.table_optimizer = self.config.table_optimizer
+        if self.config.module_optimizer not in ("method", "table"):
+            raise ValueError(
+                "module_optimizer must be 'method' or 'table', "
+                f"got {self.config.module_optimizer!r}"
+            )
         if dist_info is not None:
+            if self.config.embedding_l2:
+                raise RuntimeError("embedding_l2 runs in a single process only (not under DMP)")
             # Bilevel and reshaping stages, and a method's own procedures (searches,
             # quantisation passes: they read whole tables that DMP holds as shards), run in
             # one process only; refusing beats hanging in a collective.
@@ -249,6 +286,7 @@ class Trainer:
         if self.dist is None:
             for tables in table_modules(self.model):
                 tables.fuse(cfg.table_optimizer, cfg.table_lr)
+                tables.set_weight_decay(cfg.embedding_l2, cfg.l2_mode)
             fused = {id(p) for t in table_modules(self.model) for p in t.parameters()}
             dense = [p for p in self.model.parameters() if p.requires_grad and id(p) not in fused]
         else:
@@ -260,6 +298,7 @@ class Trainer:
             if self.dist is None
             else {"tables": ShardedTableOptimizer(self.net)}
         )
+        self._apply_lr_scale()
 
     def _build_optimizers(
         self, dense: list[torch.nn.Parameter]
@@ -269,21 +308,27 @@ class Trainer:
         train: dict[str, Any] = {}
         valid: dict[str, Any] = {}
         claimed: set[int] = set()
+        self.embedding_groups: list[str] = []
         for i, group in enumerate(self.compressor.optimizer_groups()):
             params = [p for p in group["params"] if p.requires_grad]
             claimed |= {id(p) for p in params}
             kind, role = group.get("optimizer", "adam"), group.get("role", "train")
-            if kind not in ("adam", "sgd") or role not in ("train", "valid"):
+            if kind not in OPTIMIZERS or role not in ("train", "valid"):
                 raise ValueError(
                     f"{self.compressor.name}: optimizer group {i} has optimizer {kind!r} and "
-                    f"role {role!r}; expected adam|sgd and train|valid"
+                    f"role {role!r}; expected {'|'.join(OPTIMIZERS)} and train|valid"
                 )
-            lr, wd = group.get("lr", cfg.lr), group.get("weight_decay", 0.0)
-            opt = (
-                torch.optim.SGD(params, lr=lr, weight_decay=wd)
-                if kind == "sgd"
-                else torch.optim.Adam(params, lr=lr, weight_decay=wd)
-            )
+            lr = group.get("lr") or cfg.lr
+            wd = group.get("weight_decay", 0.0)
+            if group.get("embedding") and role == "train":
+                # Embedding parameters: decoupled L2 and plateau decay like the tables; under
+                # the protocol also the tables' optimizer family and learning rate.
+                self.embedding_groups.append(f"compressor{i}")
+                if cfg.module_optimizer == "table":
+                    kind, lr = cfg.table_optimizer, cfg.table_lr
+            opt = OPTIMIZERS[kind](params, lr=lr, weight_decay=wd)
+            for g in opt.param_groups:
+                g["base_lr"] = lr
             (valid if role == "valid" else train)[f"compressor{i}"] = opt
         rest = [p for p in dense if id(p) not in claimed]
         train["dense"] = torch.optim.Adam(rest, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -291,6 +336,32 @@ class Trainer:
 
     def _all_optimizers(self) -> dict[str, Any]:
         return {**self.optimizers, **self.valid_optimizers, **self.table_optimizers}
+
+    def _apply_lr_scale(self) -> None:
+        """Embedding learning rates = their base rates x ``state.lr_scale`` (plateau decay)."""
+        scale = self.state.lr_scale
+        if self.dist is None:
+            for opt in self.table_optimizers.values():
+                for g in opt.param_groups:
+                    g["lr"] = self.config.table_lr * scale
+                opt.step()  # a fused optimizer hands its lr to fbgemm on step()/zero_grad()
+        for name in self.embedding_groups:
+            for g in self.optimizers[name].param_groups:
+                g["lr"] = g["base_lr"] * scale
+
+    def _decay_embeddings(self) -> None:
+        """Decoupled embedding L2 after a step: tables (lazy/dense) and embedding modules."""
+        cfg = self.config
+        if not cfg.embedding_l2 or self.dist is not None:
+            return
+        for tables in table_modules(self.model):
+            if tables.decay is not None:
+                tables.decay.advance(cfg.table_lr * self.state.lr_scale)
+        with torch.no_grad():
+            for name in self.embedding_groups:
+                for g in self.optimizers[name].param_groups:
+                    for p in g["params"]:
+                        p.mul_(1.0 - g["lr"] * cfg.embedding_l2)
 
     # ---------------------------------------------------------------- training
     def fit(self) -> dict[str, Any]:
@@ -356,7 +427,9 @@ class Trainer:
         cfg, st = self.config, self.state
         total = self._stage_steps(stage)
         per_epoch = len(self.train)
-        eval_every = cfg.eval_every or per_epoch
+        eval_every = cfg.eval_every or (
+            math.ceil(per_epoch / cfg.evals_per_epoch) if cfg.evals_per_epoch else per_epoch
+        )
         bar = self.progress(total, stage.name, initial=st.stage_step)
         # A bilevel stage reads validation batch k after training batch k (k counts the
         # stage's steps), so a resumed stage continues the alternation exactly.
@@ -435,6 +508,7 @@ class Trainer:
         for name, opt in self.optimizers.items():
             if dense or name != "dense":
                 opt.step()
+        self._decay_embeddings()
         return loss.item()
 
     def valid_step(self, batch: Any) -> float:
@@ -470,12 +544,16 @@ class Trainer:
             self._save_model("best.pt")
         else:
             st.bad_evals += 1
+            if self.config.lr_decay < 1.0:
+                st.lr_scale *= self.config.lr_decay
+                self._apply_lr_scale()
         record = {
             "stage": stage.name,
             "step": st.step,
             "epoch": st.epoch,
             "valid_auc": metrics["auc"],
             "valid_logloss": metrics["logloss"],
+            "lr_scale": st.lr_scale,
         }
         st.history.append(record)
         if self.run_dir and self.main:
@@ -550,6 +628,9 @@ class Trainer:
     def full_state(self) -> dict[str, torch.Tensor]:
         """Unsharded weights (a copy), on every rank."""
         if self.dist is None:
+            for tables in table_modules(self.model):
+                if tables.decay is not None:
+                    tables.decay.flush()  # lazily decayed rows brought up to date
             # Extra state (get_extra_state) may hold plain values beside the tensors.
             return {
                 k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
@@ -560,6 +641,9 @@ class Trainer:
     def _load_weights(self, state: dict[str, Any]) -> None:
         if self.dist is None:
             self.model.load_state_dict(state)
+            for tables in table_modules(self.model):
+                if tables.decay is not None:
+                    tables.decay.reset()
         else:
             load_full_state_dict(self.net, state)
 
@@ -626,6 +710,7 @@ class Trainer:
         for k, opt in self._all_optimizers().items():
             opt.load_state_dict(payload["optimizers"][k])
         self.state = state
+        self._apply_lr_scale()
         self.stage_state = payload.get("stage_state")
         torch.set_rng_state(payload["torch_rng"][self.dist.rank if self.dist else 0])
 

@@ -7,6 +7,17 @@ effects, through a logistic with a base rate near 0.25. Fields carry strong, wea
 signal. The teacher's own AUC on the test split is recorded in ``meta.json`` — the ceiling no
 model can beat.
 
+The teacher's per-value parameters are i.i.d. across values — a deliberate choice. Real
+categorical data has structure among rare values (a new ad of a known advertiser), but a
+planted cluster structure would have to be keyed by *something* the models see: keyed by
+frequency rank (neighbouring ids share a cluster) it would hand QR's quotient tables and
+TT-Rec's index digits exactly the sharing pattern they impose, keyed by a hash no method
+could use it. Either would tilt the comparison. Instead ``ctr synth`` drops values seen fewer
+than ``min_count = 10`` times in train into the OOV id 0, as Criteo preparation does, so
+the budget ratios count only rows a model can learn and the rare values' i.i.d. noise does
+not reward methods merely for sharing it. (``SyntheticConfig.min_count`` itself defaults to 1
+so library callers and tests keep every value.)
+
 Teacher parameters are hashes of (seed, field, value), never tables, so a 10 M-value field
 costs no memory; rows are generated in seeded chunks, so 10 M rows never sit in memory and
 the two passes (count frequencies, then encode) see identical data.

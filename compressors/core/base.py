@@ -475,8 +475,11 @@ class Compressor(nn.Module):
     def optimizer_groups(self) -> list[dict[str, Any]]:
         """Parameter groups needing their own optimizer: ``{"params", "optimizer", "lr"}``,
         optionally ``"role"`` (``"train"``, the default, or ``"valid"``: stepped only on the
-        validation batches of a bilevel stage) and ``"weight_decay"``. ``optimizer`` is
-        ``"adam"`` or ``"sgd"``.
+        validation batches of a bilevel stage), ``"weight_decay"`` and ``"embedding"`` (True:
+        the group holds embedding parameters — it gets the run's embedding L2 and plateau
+        decay, and the tables' optimizer under the fair-comparison protocol; thresholds and
+        architecture weights leave it unset). ``optimizer`` is ``"adam"``, ``"sgd"``,
+        ``"adagrad"`` or ``"rowwise_adagrad"``; ``lr`` None means the trainer's dense lr.
 
         Everything not listed here (and not a fused table) goes to the trainer's dense Adam.
         """

@@ -252,7 +252,8 @@ class HybridMethod(Compressor):
     ) -> None:
         """Builds the tables for ``table_fields`` (indices) and checks the budget.
 
-        ``module_lr``: the module's own Adam learning rate (None: the trainer's dense one).
+        ``module_lr``: the module's own Adam learning rate (None: the trainer's dense one);
+        under ``TrainConfig(module_optimizer="table")`` the tables' optimizer and lr instead.
         """
         self.module_lr = module_lr
         names = [self.features[i].name for i in table_fields]
@@ -282,10 +283,17 @@ class HybridMethod(Compressor):
         )
 
     def optimizer_groups(self) -> list[dict[str, Any]]:
-        if self.module is None or self.module_lr is None:
+        # The module holds embedding parameters: the trainer gives them embedding L2 and, under
+        # the fair-comparison protocol, the tables' optimizer family and learning rate.
+        if self.module is None:
             return []
         return [
-            {"params": list(self.module.parameters()), "optimizer": "adam", "lr": self.module_lr}
+            {
+                "params": list(self.module.parameters()),
+                "optimizer": "adam",
+                "lr": self.module_lr,
+                "embedding": True,
+            }
         ]
 
     def memory(self) -> MemoryReport:

@@ -33,6 +33,8 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 
+from compressors.core.decay import RowDecay
+
 BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
 SCALE_BIAS_BYTES = 4
 _SPARSE_TYPES = {
@@ -203,8 +205,11 @@ class TrainTables(nn.Module):
         self._keys = [lk.key for lk in lookups]
         self._perms: dict[tuple[str, ...], torch.Tensor | None] = {}
         self._direct: _DirectLookup | None = None
+        self.decay: RowDecay | None = None
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        if self.decay is not None and self.decay.last:
+            self.decay.touch(self._rows_by_table(features))
         if self._direct is not None:
             out, keys, widths = self._direct(features)
         else:
@@ -220,6 +225,22 @@ class TrainTables(nn.Module):
     def weights(self) -> dict[str, torch.Tensor]:
         """Each table's fp32 weights (views), by table name."""
         return {t.name: self.ebc.embedding_bags[t.name].weight for t in self.tables}
+
+    def set_weight_decay(self, rate: float, mode: str = "lazy") -> RowDecay:
+        """Decoupled L2 on every table (see :mod:`compressors.core.decay`); call after
+        :meth:`fuse` (the decay holds the fused weights). Pending decay is flushed first."""
+        if self.decay is not None:
+            self.decay.flush()
+        self.decay = RowDecay(self.weights(), rate, mode)
+        return self.decay
+
+    def _rows_by_table(self, features: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
+        table_of = {lk.key: lk.table for lk in self.lookups}
+        rows: dict[str, list[torch.Tensor]] = {}
+        values = torch.split(features.values(), features.length_per_key())
+        for key, ids in zip(features.keys(), values, strict=True):
+            rows.setdefault(table_of[key], []).append(ids)
+        return {t: torch.cat(parts) for t, parts in rows.items()}
 
     def fuse(self, optimizer: str, lr: float, **kwargs: Any) -> None:
         """Swaps the EBC for a fused one whose optimizer runs in fbgemm's backward.

@@ -1,0 +1,254 @@
+"""The report of a sweep directory: a table, a markdown summary and a Pareto plot.
+
+``results.csv`` / ``results.parquet`` hold one row per cell (infeasible ones included, with
+the reason). ``summary.md`` has, per dataset and model, a method × budget table of test AUC
+mean ± std over seeds and the best method per budget — a *win* only when the best mean beats
+the runner-up by more than either's seed spread (max − min), otherwise a tie is reported.
+``pareto.png`` plots test AUC against serve bytes (log x): one line per method with seed error
+bars, the Pareto front marked, tuned ``full`` and the synthetic teacher's AUC as horizontal
+lines.
+
+Example::
+
+    paths = write_report("sweeps/synth")   # {"csv": .., "parquet": .., "markdown": .., "png": [..]}
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from ctr.sweep import load_results
+
+COLUMNS = (
+    "data",
+    "model",
+    "method",
+    "budget",
+    "seed",
+    "status",
+    "serve_bytes",
+    "train_bytes",
+    "full_bytes",
+    "ratio",
+    "test_auc",
+    "test_logloss",
+    "valid_auc",
+    "table_lr",
+    "embedding_l2",
+    "batch_size",
+    "steps",
+    "train_seconds",
+    "cell_seconds",
+    "samples_per_sec",
+    "hyperparameters",
+    "teacher_test_auc",
+    "reason",
+    "key",
+)
+
+
+def result_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for r in results:
+        chosen = r.get("chosen") or {}
+        row = {k: r.get(k) for k in COLUMNS}
+        row["budget"] = str(r["budget"])
+        row["table_lr"] = chosen.get("table_lr")
+        row["embedding_l2"] = chosen.get("embedding_l2")
+        row["hyperparameters"] = str(r.get("hyperparameters") or "")
+        rows.append(row)
+    rows.sort(key=lambda x: (x["data"], x["model"], x["method"], _ratio_order(x), x["seed"]))
+    return rows
+
+
+def _ratio_order(row: dict[str, Any]) -> float:
+    return row["ratio"] if row["ratio"] is not None else math.inf
+
+
+def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[tuple[str, str], list]]:
+    """(data, model) -> (method, budget) -> finished rows."""
+    out: dict[tuple[str, str], dict[tuple[str, str], list]] = {}
+    for r in rows:
+        cells = out.setdefault((r["data"], r["model"]), {})
+        cells.setdefault((r["method"], r["budget"]), []).append(r)
+    return out
+
+
+def _stats(rows: list[dict[str, Any]]) -> dict[str, float] | None:
+    aucs = [r["test_auc"] for r in rows if r["status"] == "done"]
+    if not aucs:
+        return None
+    return {
+        "mean": statistics.fmean(aucs),
+        "std": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
+        "spread": max(aucs) - min(aucs),
+        "n": len(aucs),
+        "bytes": statistics.fmean(r["serve_bytes"] for r in rows if r["status"] == "done"),
+    }
+
+
+def best_per_budget(cells: dict[tuple[str, str], list]) -> dict[str, str]:
+    """budget -> "method (win)" / "tie: a, b" (a win only beyond either's seed spread)."""
+    verdicts = {}
+    for budget in dict.fromkeys(b for _, b in cells):
+        ranked = sorted(
+            ((s, m) for (m, b), rows in cells.items() if b == budget and (s := _stats(rows))),
+            key=lambda x: -x[0]["mean"],
+        )
+        if not ranked:
+            verdicts[budget] = "none feasible"
+        elif len(ranked) == 1:
+            verdicts[budget] = f"{ranked[0][1]} (only one)"
+        else:
+            (best, name), (second, other) = ranked[0], ranked[1]
+            margin = best["mean"] - second["mean"]
+            if margin > max(best["spread"], second["spread"]) and min(best["n"], second["n"]) > 1:
+                verdicts[budget] = f"**{name}** (+{margin:.4f} over {other})"
+            else:
+                ties = [
+                    m for s, m in ranked if best["mean"] - s["mean"] <= best["spread"] + s["spread"]
+                ]
+                verdicts[budget] = f"tie within seed spread: {', '.join(ties)}"
+    return verdicts
+
+
+def markdown_summary(rows: list[dict[str, Any]]) -> str:
+    lines = ["# Sweep summary", ""]
+    for (data, model), cells in _groups(rows).items():
+        budgets = sorted(
+            dict.fromkeys(b for _, b in cells),
+            key=lambda b: min(
+                _ratio_order(r) for (_, bb), rs in cells.items() if bb == b for r in rs
+            ),
+        )
+        methods = list(dict.fromkeys(m for m, _ in cells))
+        teacher = next((r["teacher_test_auc"] for r in rows if r["teacher_test_auc"]), None)
+        lines += [f"## {model} on {data}", ""]
+        if teacher:
+            lines += [f"Teacher test AUC (ceiling): {teacher:.4f}", ""]
+        lines += ["Test AUC, mean ± std over seeds (n); — = budget not reachable.", ""]
+        lines.append("| method | " + " | ".join(budgets) + " |")
+        lines.append("|---|" + "---|" * len(budgets))
+        for m in methods:
+            cellstr = []
+            for b in budgets:
+                rs = cells.get((m, b))
+                s = _stats(rs) if rs else None
+                if rs is None:
+                    cellstr.append("")
+                elif s is None:
+                    cellstr.append("—")
+                else:
+                    cellstr.append(f"{s['mean']:.4f} ± {s['std']:.4f} ({s['n']})")
+            lines.append(f"| {m} | " + " | ".join(cellstr) + " |")
+        lines += ["", "Best per budget (a win only beyond the seed spread):", ""]
+        for budget, verdict in best_per_budget(cells).items():
+            lines.append(f"- {budget}: {verdict}")
+        infeasible = sorted(
+            {
+                (r["method"], r["budget"], r["reason"])
+                for rs in cells.values()
+                for r in rs
+                if r["status"] != "done"
+            }
+        )
+        if infeasible:
+            lines += ["", "Not reachable:", ""]
+            lines += [f"- {m} @ {b}: {reason}" for m, b, reason in infeasible]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (bytes, auc) points no other point beats with fewer or equal bytes."""
+    front, best = [], -math.inf
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = _groups(rows)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    points = []
+    full = None
+    for group in cells.values():
+        for method in dict.fromkeys(m for m, _ in group):
+            stats = sorted(
+                (s for (m, _), rs in group.items() if m == method and (s := _stats(rs))),
+                key=lambda s: s["bytes"],
+            )
+            if not stats:
+                continue
+            if method == "full":
+                full = stats[-1]
+            x = [s["bytes"] for s in stats]
+            y = [s["mean"] for s in stats]
+            err = [s["std"] for s in stats]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
+            points += list(zip(x, y, strict=True))
+    front = pareto_front(points)
+    if front:
+        fx, fy = zip(*front, strict=True)
+        ax.plot(fx, fy, linestyle="--", color="grey", zorder=0, label="Pareto front")
+        ax.scatter(fx, fy, s=160, facecolors="none", edgecolors="black", zorder=4)
+    if full is not None:
+        ax.axhline(
+            full["mean"], color="black", linestyle=":", label=f"tuned full {full['mean']:.4f}"
+        )
+    teacher = next((r["teacher_test_auc"] for r in rows if r["teacher_test_auc"]), None)
+    if teacher:
+        ax.axhline(teacher, color="red", linestyle="-.", label=f"teacher {teacher:.4f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("serve bytes of the embeddings (log)")
+    ax.set_ylabel("test AUC (mean ± std over seeds)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_report(sweep: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+    """Writes results.csv, results.parquet, summary.md and pareto[-i].png; returns the paths."""
+    import pandas as pd
+
+    sweep = Path(sweep)
+    out = Path(out) if out else sweep / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = result_rows(load_results(sweep))
+    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    paths: dict[str, Any] = {
+        "csv": out / "results.csv",
+        "parquet": out / "results.parquet",
+        "markdown": out / "summary.md",
+    }
+    for kind, writer in (("csv", frame.to_csv), ("parquet", frame.to_parquet)):
+        tmp = paths[kind].with_name(paths[kind].name + ".tmp")
+        writer(tmp, index=False)
+        tmp.replace(paths[kind])
+    tmp = paths["markdown"].with_name("summary.md.tmp")
+    tmp.write_text(markdown_summary(rows))
+    tmp.replace(paths["markdown"])
+    groups = list(_groups(rows))
+    paths["png"] = []
+    for i, (data, model) in enumerate(groups):
+        name = "pareto.png" if len(groups) == 1 else f"pareto-{i}.png"
+        subset = [r for r in rows if (r["data"], r["model"]) == (data, model)]
+        paths["png"].append(pareto_plot(subset, out / name, f"{model} on {Path(data).name}"))
+    return paths

@@ -1,0 +1,126 @@
+"""The fair-comparison protocol's trainer pieces: embedding L2 (lazy == dense), one optimiser
+family for embedding modules, plateau lr decay, exact resume with all of them on."""
+
+import json
+
+import pytest
+import torch
+
+from compressors.core.decay import RowDecay
+from ctr.optim import RowwiseAdagrad
+from ctr.run import RunConfig, build_run_model, train_run
+from ctr.trainer import TrainConfig, Trainer
+from datasets.format import DatasetMeta
+from datasets.loader import BatchLoader
+
+
+def test_row_decay_lazy_equals_dense_under_sparse_sgd():
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(50, 4, generator=gen)
+    tables = {"lazy": start.clone(), "dense": start.clone()}
+    decays = {mode: RowDecay({"t": tables[mode]}, rate=0.3, mode=mode) for mode in tables}
+    for step in range(40):
+        ids = torch.randint(0, 50, (7,), generator=gen)
+        grad = torch.randn(7, 4, generator=gen)
+        lr = 0.1 if step < 20 else 0.05  # a plateau decay mid-run stays exact
+        for mode, w in tables.items():
+            decays[mode].touch({"t": ids})
+            w.index_add_(0, ids, grad + 0.5 * w[ids], alpha=-lr)  # depends on the row
+            decays[mode].advance(lr)
+    decays["lazy"].flush()
+    torch.testing.assert_close(tables["lazy"], tables["dense"], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(tables["dense"], start)
+
+
+def _trainer(data, compressor="full", budget="1x", **train):
+    cfg = RunConfig(
+        data=str(data),
+        model="deepfm",
+        model_options={"hidden": [16]},
+        dim=8,
+        compressor=compressor,
+        budget=budget,
+        train=TrainConfig(**{"epochs": 1, "batch_size": 256, "progress": False, **train}),
+    )
+    meta = DatasetMeta.load(data)
+    model = build_run_model(cfg, meta)
+    loader = BatchLoader(meta, "train", 256, shuffle=True, drop_last=True)
+    return Trainer(model, loader, BatchLoader(meta, "valid", 4096), cfg.train)
+
+
+def _train_steps(trainer, steps=12):
+    for batch in list(trainer.train.epoch(0))[:steps]:
+        trainer.train_step(batch)
+    return trainer.full_state()  # flushes lazy decay
+
+
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "sgd"])
+def test_lazy_l2_on_fused_tables_equals_dense_l2(tiny_data, optimizer):
+    common = dict(table_optimizer=optimizer, table_lr=0.1, embedding_l2=0.5)
+    lazy = _train_steps(_trainer(tiny_data, l2_mode="lazy", **common))
+    dense = _train_steps(_trainer(tiny_data, l2_mode="dense", **common))
+    plain = _train_steps(_trainer(tiny_data, table_optimizer=optimizer, table_lr=0.1))
+    tables = [k for k in lazy if "embedding_bags" in k]
+    assert tables
+    for k in tables:
+        torch.testing.assert_close(lazy[k], dense[k], rtol=1e-4, atol=1e-6)
+    # The decay really acts (fbgemm ignores weight_decay on CPU: this is the only L2).
+    assert sum(dense[k].norm() for k in tables) < 0.99 * sum(plain[k].norm() for k in tables)
+
+
+def test_protocol_trains_embedding_modules_with_the_table_optimizer(tiny_data):
+    own = _trainer(tiny_data, "tt", "4x")
+    protocol = _trainer(tiny_data, "tt", "4x", module_optimizer="table", table_lr=0.07)
+    name = own.embedding_groups[0]
+    assert isinstance(own.optimizers[name], torch.optim.Adam)
+    opt = protocol.optimizers[name]
+    assert isinstance(opt, RowwiseAdagrad) and opt.param_groups[0]["lr"] == 0.07
+    before = {
+        k: v.clone() for k, v in protocol.model.embedding.compressor.module.state_dict().items()
+    }
+    _train_steps(protocol, 3)
+    after = protocol.model.embedding.compressor.module.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_rowwise_adagrad_matches_fbgemm_rule():
+    w = torch.nn.Parameter(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    opt = RowwiseAdagrad([w], lr=0.5)
+    w.grad = torch.tensor([[0.3, 0.4], [0.0, 0.0]])
+    opt.step()
+    s = (0.09 + 0.16) / 2
+    expected = torch.tensor([[1 - 0.5 * 0.3 / s**0.5, 2 - 0.5 * 0.4 / s**0.5], [3.0, 4.0]])
+    torch.testing.assert_close(w.detach(), expected)
+    RowwiseAdagrad([torch.nn.Parameter(torch.ones(5))]).step()  # 1-D parameters work
+
+
+def test_plateau_decay_and_resume_with_l2_are_exact(tiny_data, tmp_path):
+    def cfg(**extra):
+        train = dict(
+            epochs=3,
+            batch_size=256,
+            progress=False,
+            evals_per_epoch=4,
+            patience=100,
+            lr_decay=0.5,
+            embedding_l2=1e-3,
+            module_optimizer="table",
+            **extra,
+        )
+        return RunConfig(
+            data=str(tiny_data),
+            model="deepfm",
+            model_options={"hidden": [16]},
+            dim=8,
+            compressor="tt",
+            budget="4x",
+            train=TrainConfig(**train),
+        )
+
+    whole = train_run(cfg(), tmp_path / "whole")
+    assert train_run(cfg(max_steps=17), tmp_path / "split")["finished"] is False
+    split = train_run(cfg(), tmp_path / "split")
+    assert split["test_auc"] == whole["test_auc"]
+    lines = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    history = [json.loads(line)["lr_scale"] for line in lines]
+    assert len(history) >= 8 and min(history) < 1.0
