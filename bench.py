@@ -475,10 +475,8 @@ def _serving_tables(cards: list[int], dim: int, seed: int = 0) -> dict[str, obje
     the binary module at b=1 and b=4 (built one format at a time to bound memory)."""
     import torch
 
-    from compressors import ExportedEmbedding
-    from compressors.core.layout import OffsetMap
     from compressors.core.storage import Lookup, ServeTables, TableSpec, pack_rows
-    from compressors.precision.binary import KIND, BinaryServing, binarize
+    from compressors.precision.binary import BinaryServing, binarize, binary_export
 
     names = [f"C{i + 1}" for i in range(len(cards))]
 
@@ -494,23 +492,9 @@ def _serving_tables(cards: list[int], dim: int, seed: int = 0) -> dict[str, obje
         packed = {s.name: pack_rows(w, dtype) for s, w in zip(specs, weights(), strict=True)}
         modules[dtype] = ServeTables(specs, lookups, packed)
         del packed
-    offsets = [sum(cards[:i]) for i in range(len(cards))]
     for bits in (1, 4):
         parts = [binarize(w, bits) for w in weights()]
-        exported = ExportedEmbedding(
-            kind=KIND,
-            config={
-                "method": "binary",
-                "dim": dim,
-                "num_fields": len(cards),
-                "bits": bits,
-                "index_map": OffsetMap(names, offsets).to_config(),
-            },
-            tensors={
-                "codes": torch.cat([c for c, _ in parts]),
-                "scales": torch.cat([s for _, s in parts]),
-            },
-        )
+        exported = binary_export(names, dim, [c for c, _ in parts], [s for _, s in parts])
         modules[f"binary b={bits}"] = BinaryServing(exported)
     return modules
 
