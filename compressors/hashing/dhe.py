@@ -317,8 +317,8 @@ class DHE(HybridMethod):
                     f" of tables, but the smallest network ({each}{fewest} hashes, {layers} "
                     f"layers of width {lo}) needs {describe_bytes(needed)}"
                     + (
-                        f"; min_hashes={min_hashes} keeps k near the paper's 1024 (pass a "
-                        "smaller min_hashes to allow fewer hashes)"
+                        f"; fewer than min_hashes={min_hashes} hashes would be far from the "
+                        "paper's 1024 (pass a smaller min_hashes to allow it)"
                         if not width and fewest > 1
                         else ""
                     )
