@@ -205,8 +205,11 @@ def spread(values: Any) -> float:
 
 
 def beats(a: Any, b: Any, margin: float = 0.0) -> bool:
-    """``a``'s mean beats ``b``'s by more than either's seed spread (plus ``margin``)."""
-    return float(np.mean(a)) - float(np.mean(b)) > max(spread(a), spread(b)) + margin
+    """``a`` beats ``b`` beyond the seed noise, seed by seed: ``a[i]`` and ``b[i]`` share the
+    seed of their initial weights and data order (a paired comparison), every gain
+    ``a[i] - b[i]`` is positive and their mean exceeds their spread (plus ``margin``)."""
+    gains = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    return bool(gains.min() > 0 and gains.mean() > spread(gains) + margin)
 
 
 def check_round_trip(data: Path, run_dir: Path, out: Path, atol: float = 0.0) -> None:

@@ -77,14 +77,14 @@ def test_multi_hot_bags_sum_their_rows():
 
 def test_gaussian_init_gives_the_requested_entry_std():
     torch.manual_seed(0)
-    cores = TTCores(TTShape.for_field(20000, 16), rank=8, init_std=0.05, init="gaussian")
+    cores = TTCores(TTShape.for_field(20000, 16), rank=8, init_std=0.05)  # the default init
     assert cores.full_table().std().item() == pytest.approx(0.05, rel=0.2)
 
 
 def test_approx_normal_init_is_the_references_reversed_truncated_normal():
     torch.manual_seed(0)
     n = 20000
-    cores = TTCores(TTShape.for_field(n, 16), rank=8, rows=n)  # the default init
+    cores = TTCores(TTShape.for_field(n, 16), rank=8, init="approx-normal", rows=n)
     scale = (3 * n) ** (-1 / 6)
     entries = torch.cat([p.detach().flatten() for p in cores.parameters()]) / scale
     assert entries.abs().min().item() >= 2.0 - 1e-5  # only the tails |x| >= 2
