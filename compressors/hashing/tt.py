@@ -272,9 +272,9 @@ class TT(HybridMethod):
     """TT-Rec (see the module docstring). Options: ``max_rank``/``min_rank`` bound the solved
     rank (``min_rank=1`` allows Kronecker products); ``rank`` fixes it (checked against the
     budget); ``init`` is ``"gaussian"`` (default), whose ``init_std`` is the standard
-    deviation of a reconstructed entry at init, or ``"approx-normal"`` (the reference's); ``init_scale`` bounds the uniform init of the
-    fields kept as tables; ``lr`` is the cores' Adam learning rate (None: the trainer's dense
-    one)."""
+    deviation of a reconstructed entry at init, or ``"approx-normal"`` (the reference's);
+    ``init_scale`` bounds the uniform init of the fields kept as tables; ``lr`` is the cores'
+    Adam learning rate (None: the trainer's dense one)."""
 
     name = TT_KIND
 
