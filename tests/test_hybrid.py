@@ -209,7 +209,7 @@ def test_run_summary_records_the_split(learn_data, tmp_path):
         model_options={"hidden": [16]},
         compressor="dhe",
         budget="4x",
-        train=TrainConfig(max_steps=3, batch_size=1024, progress=False),
+        train=TrainConfig(epochs=0.01, batch_size=1024, progress=False),
     )
     summary = train_run(cfg, tmp_path / "dhe")
     assert summary["serve_bytes"] <= summary["budget_bytes"]
