@@ -292,7 +292,7 @@ def test_export_bytes_count_scale_bias_per_row():
     one_plane = build_compressor("binary", feats, DIM, "16x", bits=1)
     assert one_plane.memory().serve_bytes == rows * (2 + 2)
     # Per-field scales: a plane costs its codes only (plus one fp16 scale per field): 32x.
-    field = build_compressor("binary", feats, DIM, "32x", bits=1, scales="field")
+    field = build_compressor("binary", feats, DIM, "31x", bits=1, scales="field")
     assert field.memory().serve_bytes == rows * 2 + len(feats) * 2 == field.export().nbytes
     assert binary_row_bytes(12, 3) == 3 * (2 + 2)  # 12 dims still take 2 code bytes a plane
 
