@@ -697,11 +697,12 @@ INTER_FEATURE_BUDGETS = ("10x", "100x", "1000x")
 
 
 def _fits(method: str, features: list, budget: str, **options: object) -> str | None:
-    """None when ``method`` can be built at ``budget``, else the BudgetError's message."""
-    from compressors import BudgetError, build_compressor
+    """None when ``method`` fits ``budget``, else the BudgetError's message (solve() only:
+    nothing is built)."""
+    from compressors import BudgetError, solve
 
     try:
-        build_compressor(method, features, 16, budget, **options)
+        solve(method, features, 16, budget, **options)
     except BudgetError as e:
         return str(e)
     return None
@@ -893,6 +894,176 @@ def bench_unified_claim(args: argparse.Namespace) -> dict:
     )
     print(verdict)
     return {"rows": rows, "verdict": verdict, "seeds": list(seeds)}
+
+
+# ----------------------------------------------------------------------------- vs TorchRec
+VS_TORCHREC_SCALES = {"693k ids": 0.16, "67k ids": 0.002}
+DLRM_BOTTOM, DLRM_TOP = [64], [256, 128]
+
+
+def _torchrec_dlrm_step(meta: object, lr: float, table_lr: float) -> Callable[[object], float]:
+    """TorchRec's own DLRM (dense arch [64, D], over arch [256, 128, 1]) in DMP on one gloo
+    rank: tables table-wise with fbgemm's fused rowwise Adagrad, dense parameters on Adam."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.distributed.optim import _apply_optimizer_in_backward
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.planner import (
+        EmbeddingShardingPlanner,
+        ParameterConstraints,
+        Topology,
+    )
+    from torchrec.distributed.types import ShardingEnv, ShardingType
+    from torchrec.models.dlrm import DLRM
+    from torchrec.optim import RowWiseAdagrad
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    dim = 16
+    ebc = EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(
+                name=f"t_{f.name}",
+                num_embeddings=f.cardinality,
+                embedding_dim=dim,
+                feature_names=[f.name],
+            )
+            for f in meta.sparse
+        ],
+        device=torch.device("meta"),
+    )
+    model = DLRM(
+        embedding_bag_collection=ebc,
+        dense_in_features=len(meta.dense),
+        dense_arch_layer_sizes=[*DLRM_BOTTOM, dim],
+        over_arch_layer_sizes=[*DLRM_TOP, 1],
+    )
+    _apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": table_lr})
+    constraints = {
+        f"t_{f.name}": ParameterConstraints(
+            sharding_types=[ShardingType.TABLE_WISE.value], compute_kernels=["fused"]
+        )
+        for f in meta.sparse
+    }
+    plan = EmbeddingShardingPlanner(
+        topology=Topology(world_size=1, compute_device="cpu"), constraints=constraints
+    ).collective_plan(model, None, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(
+        model,
+        env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+        device=torch.device("cpu"),
+        plan=plan,
+    )
+    dense = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
+    adam = torch.optim.Adam(dense, lr=lr)
+
+    def step(batch: object) -> float:
+        dmp.train()
+        logits = dmp(batch.dense_features, batch.sparse_features).squeeze(1)
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        adam.zero_grad()
+        loss.backward()
+        adam.step()
+        return loss.item()
+
+    return step
+
+
+@section("vs_torchrec", default=False)
+def bench_vs_torchrec(args: argparse.Namespace) -> dict:
+    """Training throughput: ctr DLRM (full, and hash at 10x) vs TorchRec's DLRM under DMP."""
+    import statistics
+
+    from ctr.run import RunConfig, build_run_model
+    from ctr.trainer import TrainConfig, Trainer
+    from datasets.format import DatasetMeta
+    from datasets.loader import BatchLoader
+
+    rows_out, repeats, steps = [], 3, 20
+    for label, scale in VS_TORCHREC_SCALES.items():
+        print(f"  {label}: building both sides ...", flush=True)
+        data = default_dataset(args, rows=args.rows or 300_000, scale=scale)
+        meta = DatasetMeta.load(data)
+        loader = BatchLoader(meta, "train", batch_size=4096, shuffle=True, drop_last=True)
+        batches = [b for _, b in zip(range(steps + 1), loader.epoch(0), strict=False)]
+        config = TrainConfig(progress=False)
+        steppers = {
+            "torchrec_dmp": _torchrec_dlrm_step(meta, config.lr, config.table_lr),
+        }
+        for method, budget in (("full", "1x"), ("hash", "10x")):
+            run = RunConfig(
+                data=str(data),
+                model="dlrm",
+                model_options={"bottom": DLRM_BOTTOM, "top": DLRM_TOP},
+                compressor=method,
+                budget=budget,
+                train=config,
+            )
+            trainer = Trainer(build_run_model(run, meta), loader, loader, config)
+            steppers[f"ctr_{method}"] = trainer.train_step
+        speeds: dict[str, list[float]] = {k: [] for k in steppers}
+        for r in range(repeats):  # interleaved: drift on a shared machine hits every side alike
+            for name, step in steppers.items():
+                speeds[name].append(timed_steps(step, batches))
+            print(
+                f"  {label}: repeat {r + 1}/{repeats} "
+                + ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in speeds.items()),
+                flush=True,
+            )
+        med = {k: statistics.median(v) for k, v in speeds.items()}
+        for name in ("ctr_full", "ctr_hash"):
+            rows_out.append(
+                {
+                    "ids": label,
+                    "ctr": name.removeprefix("ctr_"),
+                    "ctr samples/s": med[name],
+                    "torchrec DMP samples/s": med["torchrec_dmp"],
+                    "ratio": med[name] / med["torchrec_dmp"],
+                }
+            )
+    print_table(
+        f"vs_torchrec: DLRM bottom {DLRM_BOTTOM} top {DLRM_TOP}, batch 4096, D=16, median of "
+        f"{repeats} interleaved repeats of {steps} steps (same batches, fused rowwise Adagrad)",
+        rows_out,
+    )
+    return {"rows": rows_out, "repeats": repeats, "steps": steps}
+
+
+@section("dmp_scaling", default=False)
+def bench_dmp_scaling(args: argparse.Namespace) -> dict:
+    """Two-process DMP training (torchrun, gloo, 1 thread per rank) vs one process (2 threads)."""
+    import subprocess
+
+    data = default_dataset(args, rows=args.rows or 300_000)
+    results: dict[str, float] = {}
+    for procs in (1, 2):
+        out = CACHE / "runs" / f"dmp-scaling-{procs}"
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)  # the bench's own scratch run
+        train = ["train", "--data", str(data), "--model", "dlrm", "--epochs", "0.5"]
+        train += ["--batch-size", "4096", "--no-progress", "--out", str(out)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(2 // procs)}
+        if procs == 1:
+            cmd = [sys.executable, "-m", "ctr.cli", *train]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+            cmd += ["-m", "ctr.cli", *train]
+        subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
+        results[f"{procs} process(es)"] = json.loads((out / "summary.json").read_text())[
+            "samples_per_sec"
+        ]
+    ratio = results["2 process(es)"] / results["1 process(es)"]
+    rows = [{"setup": k, "samples/s": v} for k, v in results.items()]
+    rows.append({"setup": "ratio 2 / 1", "samples/s": ratio})
+    print_table("dmp_scaling: DLRM + full, batch 4096 (global), 0.5 epoch", rows)
+    return {"samples_per_sec": results, "ratio": ratio}
 
 
 def main(argv: list[str] | None = None) -> int:

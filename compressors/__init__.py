@@ -10,14 +10,29 @@ catalogue):
 - ``pruning/`` — row and entry pruning (OptEmbed, PEP, DeepLight);
 - ``dimension/`` — dimension search (DNIS, MDE, AutoDim).
 
-Adding a method is one module in its family's folder: a ``Compressor`` subclass decorated
-with ``@register`` (and ``@register_serving`` for a new export kind), imported by the
-family's ``__init__.py``. Nothing else changes.
+Adding a method is one module in its family's folder, nothing else:
+
+1. a ``Compressor`` subclass with a ``name``, decorated with ``@register`` (and
+   ``@register_serving`` for a new export kind); subclass ``TableMethod`` and implement
+   ``solve_layout()`` when the storage is tables (export, serving, memory and plans come
+   with it), or ``HybridMethod`` for a table-less module;
+2. its constructor's keyword arguments after ``(features, dim, budget_bytes)`` are its typed
+   options (annotation + default), with help text in the class's ``option_help``;
+3. ``stages`` and the hooks of ``core/base.py`` (rewind, bilevel, rebuild, searches) when it
+   trains in several steps;
+4. import the module in the family's ``__init__.py``.
+
+``tests/test_contract.py`` then tests it (budgets, ``solve()`` bytes, export, resume, DMP,
+options); ``compressors/catalog.json`` (what ``ctr methods`` prints) refreshes itself.
+``solve(name, features, dim, budget, **options)`` gives a method's plan and exact bytes
+without building it; ``build_from_plan`` builds exactly what a plan describes.
 
 Example::
 
     from compressors import FeatureSpec, build_compressor
     layer = build_compressor("full", [FeatureSpec("C1", 1000)], dim=16, budget="1x")
+    plan = solve("hash", [FeatureSpec("C1", 1000)], dim=16, budget="10x")  # no weights
+    plan.serve_bytes, plan.details["layout"]["tables"]
 """
 
 # Importing a family registers its methods.
@@ -27,17 +42,23 @@ from compressors.core.base import (
     ExportedEmbedding,
     FeatureSpec,
     MemoryReport,
+    Plan,
     Stage,
     full_bytes,
 )
 from compressors.core.budget import BudgetError, parse_budget
+from compressors.core.options import OptionError, OptionSpec
 from compressors.core.registry import (
     available,
     build_compressor,
+    build_from_plan,
     build_serving,
     method_options,
+    option_spec,
+    options_type,
     register,
     register_serving,
+    solve,
 )
 from compressors.core.tables import TABLE_KIND, TableMethod, TableServing
 
@@ -49,13 +70,20 @@ __all__ = [
     "ExportedEmbedding",
     "FeatureSpec",
     "MemoryReport",
+    "OptionError",
+    "OptionSpec",
+    "Plan",
     "Stage",
     "TableMethod",
     "available",
     "build_compressor",
+    "build_from_plan",
     "build_serving",
     "full_bytes",
     "method_options",
+    "option_spec",
+    "options_type",
     "parse_budget",
     "register",
+    "solve",
 ]

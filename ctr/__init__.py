@@ -5,27 +5,41 @@ Example::
     from ctr import EmbeddingLayer, build_model, RunConfig, train_run, export, CompactModel
 """
 
+from __future__ import annotations
+
+import importlib
 import logging
+from typing import Any
 
 # TorchRec's import triggers an fx deprecation notice on every start; it is not actionable.
 logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
-from ctr.artifact import CompactModel, export  # noqa: E402
-from ctr.embedding import EmbeddingLayer, features_from_dataset  # noqa: E402
-from ctr.models import MODELS, build_model  # noqa: E402
-from ctr.run import RunConfig, load_run_model, train_run  # noqa: E402
-from ctr.trainer import TrainConfig, Trainer  # noqa: E402
+# Public names, imported on first use (PEP 562): ``ctr --help`` and ``ctr methods`` do not
+# pay for torch's import.
+_EXPORTS = {
+    "CompactModel": "ctr.artifact",
+    "export": "ctr.artifact",
+    "EmbeddingLayer": "ctr.embedding",
+    "features_from_dataset": "ctr.embedding",
+    "MODELS": "ctr.models",
+    "build_model": "ctr.models",
+    "RunConfig": "ctr.run",
+    "load_run_model": "ctr.run",
+    "train_run": "ctr.run",
+    "TrainConfig": "ctr.trainer",
+    "Trainer": "ctr.trainer",
+}
 
-__all__ = [
-    "MODELS",
-    "CompactModel",
-    "EmbeddingLayer",
-    "RunConfig",
-    "TrainConfig",
-    "Trainer",
-    "build_model",
-    "export",
-    "features_from_dataset",
-    "load_run_model",
-    "train_run",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ctr' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -126,19 +126,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import torch
-
     from compressors.core.budget import describe_bytes
     from ctr.artifact import export
-    from ctr.run import RunConfig, build_run_model, load_run_model
+    from ctr.run import load_run_model
 
+    model, cfg = load_run_model(args.run)
     if args.storage:
-        cfg = RunConfig.load(args.run)
-        cfg.method_options["storage"] = args.storage
-        model = build_run_model(cfg)
-        model.load_state_dict(torch.load(Path(args.run) / "model.pt", weights_only=True))
-    else:
-        model, cfg = load_run_model(args.run)
+        # The trained layout (the run's plan), served at another dtype: never re-solved.
+        model.embedding.compressor.set_storage(args.storage)
     manifest = export(
         model,
         args.out,
@@ -240,11 +235,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from compressors import available, method_options
+    import importlib.util
 
-    for name in available():
-        opts = ", ".join(f"{k}={v!r}" for k, v in method_options(name).items())
-        print(f"{name:12s} {opts}")
+    # compressors/catalog.py on its own: importing the package would import torch.
+    package = importlib.util.find_spec("compressors")
+    path = Path(package.submodule_search_locations[0]) / "catalog.py"  # type: ignore[index,union-attr]
+    spec = importlib.util.spec_from_file_location("_ctr_catalog", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    for name, entry in module.catalog().items():
+        print(f"{name:10s} {entry['summary']}")
+        for spec in entry["options"]:
+            default = f"{spec['name']}={spec['default']!r}"
+            print(f"    {default:28s} {spec['type']:14s} {spec['help']}")
     return 0
 
 

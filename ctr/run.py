@@ -2,7 +2,10 @@
 
 ``RUN/config.json`` records the config; ``RUN/summary.json`` the results other tools read
 (``test_auc``, ``test_logloss``, ``valid_auc``, ``serve_bytes``, ``train_bytes``,
-``full_bytes``, ``budget_bytes``, ``compressor``, ``model``, ``samples_per_sec``, ...).
+``full_bytes``, ``budget_bytes``, ``compressor``, ``model``, ``samples_per_sec``, ...);
+``RUN/plan.json`` the compressor's plan as solved when the run started (layout and exact
+bytes): loading the run checks that this version builds the same, and ``ctr export
+--storage`` serves that same layout at another dtype.
 
 Example::
 
@@ -20,6 +23,7 @@ from typing import Any
 
 import torch
 
+from compressors.core.base import Plan
 from compressors.core.budget import parse_budget
 from ctr.distributed import DistInfo
 from ctr.embedding import EmbeddingLayer, features_from_dataset
@@ -70,7 +74,23 @@ def build_run_model(cfg: RunConfig, meta: DatasetMeta | None = None) -> CTRModel
     layer = EmbeddingLayer(
         features_from_dataset(meta), cfg.dim, cfg.compressor, cfg.budget, **cfg.method_options
     )
+    # train_bytes counts the table optimizer's state, as the trainer will set it.
+    layer.compressor.table_optimizer = cfg.train.table_optimizer
     return build_model(cfg.model, layer, len(meta.dense), **cfg.model_options)
+
+
+PLAN_FILE = "plan.json"
+
+
+def check_run_plan(model: CTRModel, run_dir: str | Path) -> None:
+    """Raises RunError when ``model`` (freshly built) is not what the run's plan recorded."""
+    path = Path(run_dir) / PLAN_FILE
+    if not path.exists():
+        return  # runs from before plans were recorded
+    try:
+        model.embedding.compressor.check_plan(Plan.from_json(json.loads(path.read_text())))
+    except ValueError as e:
+        raise RunError(f"{path}: {e}") from e
 
 
 def load_run_model(run_dir: str | Path) -> tuple[CTRModel, RunConfig]:
@@ -82,6 +102,7 @@ def load_run_model(run_dir: str | Path) -> tuple[CTRModel, RunConfig]:
             f"{run_dir}: the run has not finished (no model.pt); resume it with ctr train"
         )
     model = build_run_model(cfg)
+    check_run_plan(model, run_dir)
     state = torch.load(weights, weights_only=True)
     architecture = state.pop(ARCHITECTURE_KEY, None)
     if architecture is not None:
@@ -100,6 +121,11 @@ def train_run(
     meta = DatasetMeta.load(cfg.data)
     _claim_run_dir(cfg, run_dir, main=dist_info is None or dist_info.is_main)
     model = build_run_model(cfg, meta)
+    if (run_dir / PLAN_FILE).exists():
+        check_run_plan(model, run_dir)  # resuming: the same layout, or a clear error
+    elif dist_info is None or dist_info.is_main:
+        plan = model.embedding.compressor.plan()
+        atomic_write_text(run_dir / PLAN_FILE, json.dumps(plan.to_json(), indent=2))
     rank, world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
     tc = cfg.train
 
@@ -116,6 +142,7 @@ def train_run(
             drop_last=drop_last,
             rank=rank,
             world_size=world,
+            prefetch=2,  # assemble the next batches while the model computes
         )
 
     trainer = Trainer(model, loader("train", True), loader("valid", False), tc, run_dir, dist_info)

@@ -197,11 +197,17 @@ class Trainer:
         self.compressor: Compressor = model.embedding.compressor
         self.compressor.table_optimizer = self.config.table_optimizer
         if dist_info is not None:
-            special = [s.name for s in self.compressor.stages if s.bilevel or s.rebuilds]
+            # Bilevel and reshaping stages, and a method's own procedures (searches,
+            # quantisation passes: they read whole tables that DMP holds as shards), run in
+            # one process only; refusing beats hanging in a collective.
+            special = [
+                s.name for s in self.compressor.stages if s.bilevel or s.rebuilds or not s.trains
+            ]
             if special:
                 raise RuntimeError(
-                    f"{self.compressor.name}: stages {special} (bilevel or reshaping) run in a "
-                    "single process only; train it without torchrun"
+                    f"{self.compressor.name}: stages {special} (bilevel, reshaping or the "
+                    "method's own procedure) run in a single process only; train it without "
+                    "torchrun"
                 )
             self.net: torch.nn.Module = shard_model(
                 model, dist_info, self.config.table_optimizer, self.config.table_lr
@@ -475,9 +481,15 @@ class Trainer:
         current = self.full_state()
         prefix = _prefix_of(self.model, self.compressor)
         keep = [prefix + k for k in self.compressor.rewind_keep()]
+        initial = self.initial_state()
+        # The compressor fits its own step-0 weights to shapes a rebuild may have changed.
+        own = self.compressor.rewind_state(
+            {k[len(prefix) :]: v for k, v in initial.items() if k.startswith(prefix)}
+        )
+        initial = {k: v for k, v in initial.items() if not k.startswith(prefix)}
+        initial.update({prefix + k: v for k, v in own.items()})
         state = {
-            k: current[k] if any(k.startswith(p) for p in keep) else v
-            for k, v in self.initial_state().items()
+            k: current[k] if any(k.startswith(p) for p in keep) else v for k, v in initial.items()
         }
         self._load_weights(state)
         # Fused table optimizers keep their state in place: zero it (rowwise Adagrad's

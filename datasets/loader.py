@@ -3,7 +3,10 @@
 Shards are decoded once into column arrays (sparse ids field-major, so a batch is one gather
 per field) and kept in memory up to ``cache_rows``; larger splits stream shard by shard.
 Shuffling permutes the shard order and the rows inside each shard, seeded by (seed, epoch),
-so a run resumed at (epoch, batch) sees exactly the batches it would have seen.
+so a run resumed at (epoch, batch) sees exactly the batches it would have seen. With
+``prefetch > 0`` a background thread assembles the next batches while the model trains on
+the current one (parquet decoding and numpy gathers release the GIL), as TorchRec's train
+pipelines overlap input with compute; the batches and their order are the same.
 
 Example::
 
@@ -14,6 +17,8 @@ Example::
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +66,7 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         cache_rows: int = 20_000_000,
+        prefetch: int = 0,
     ) -> None:
         self.meta = data if isinstance(data, DatasetMeta) else DatasetMeta.load(data)
         if batch_size < 1:
@@ -80,6 +86,7 @@ class BatchLoader:
         self._single = [i for i, f in enumerate(self.meta.sparse) if not f.multi_hot]
         self._multi = [i for i, f in enumerate(self.meta.sparse) if f.multi_hot]
         self._cache: dict[int, _Columns] | None = {} if self.rows <= cache_rows else None
+        self.prefetch = prefetch
 
     def __len__(self) -> int:
         full, rest = divmod(self.rows, self.batch_size)
@@ -90,6 +97,10 @@ class BatchLoader:
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """The batches of one epoch, skipping the first ``start_batch`` (for resuming)."""
+        batches = self._epoch(epoch, start_batch)
+        return prefetched(batches, self.prefetch) if self.prefetch > 0 else batches
+
+    def _epoch(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.files)) if self.shuffle else np.arange(len(self.files))
         carry: list[tuple[_Columns, np.ndarray]] = []
@@ -206,6 +217,52 @@ class BatchLoader:
             cols, rows = parts[-1]
             out.append((cols, np.repeat(rows[-1:], per - self._real_rows)))
         return out
+
+
+_DONE = object()
+
+
+def prefetched(items: Iterator, depth: int) -> Iterator:
+    """``items`` produced by a background thread, at most ``depth`` ahead of the consumer.
+
+    Exceptions in the producer are re-raised in the consumer; closing the generator early
+    (a ``break``) stops the producer.
+    """
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put(_DONE)
+        except BaseException as e:  # handed to the consumer
+            buffer.put(e)
+
+    thread = threading.Thread(target=produce, name="batch-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full buffer
+            try:
+                buffer.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
 
 
 def _gather_bags(

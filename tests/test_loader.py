@@ -118,3 +118,34 @@ def test_out_of_range_ids_are_reported_with_the_file(tiny_data, tmp_path):
     )
     with pytest.raises(PreparedDataError, match=r"part-00000.parquet: field 'C2' has id 10000"):
         _all(BatchLoader(copy, "valid"))
+
+
+def test_prefetching_yields_the_same_batches_and_stops_cleanly(tiny_data):
+    import threading
+
+    plain = BatchLoader(tiny_data, "train", batch_size=512, shuffle=True, seed=3)
+    ahead = BatchLoader(tiny_data, "train", batch_size=512, shuffle=True, seed=3, prefetch=2)
+    for epoch, start in ((0, 0), (1, 2)):
+        mine, theirs = list(ahead.epoch(epoch, start)), list(plain.epoch(epoch, start))
+        assert len(mine) == len(theirs)
+        for a, b in zip(mine, theirs, strict=True):
+            assert torch.equal(a.labels, b.labels)
+            assert torch.equal(a.sparse_features.values(), b.sparse_features.values())
+            assert torch.equal(a.dense_features, b.dense_features)
+    for _ in ahead.epoch(0):  # leaving early stops the producer thread
+        break
+    assert not any(t.name == "batch-prefetch" for t in threading.enumerate())
+
+
+def test_prefetching_reraises_the_producers_error():
+    from datasets.loader import prefetched
+
+    def broken():
+        yield 1
+        raise PreparedDataError("bad shard")
+
+    got = []
+    with pytest.raises(PreparedDataError, match="bad shard"):
+        for item in prefetched(broken(), 2):
+            got.append(item)
+    assert got == [1]

@@ -25,6 +25,9 @@ from compressors.core.tables import TableLayout, TableMethod
 @register
 class Full(TableMethod):
     name = "full"
+    option_help = {
+        "shared": "one multiplexed table with per-field row offsets (still collisionless)",
+    }
 
     def __init__(
         self,

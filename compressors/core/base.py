@@ -4,12 +4,29 @@ A compressor is an ``nn.Module`` built from the feature specs, the model's ``dim
 in bytes. It solves its own hyperparameters so that its serving footprint fits the budget,
 maps a ``KeyedJaggedTensor`` of field ids to ``[B, F, dim]``, reports exact memory, lists its
 training stages, and exports a serving representation that holds no pickled code.
+
+The contract, in short:
+
+- ``solve(features, dim, budget_bytes, options) -> Plan`` (classmethod; JSON, exact bytes, no
+  weights allocated) and ``plan()``/``check_plan()`` on a built method;
+- ``forward(kjt) -> [B, F, dim]``, ``penalty()``, ``memory() -> MemoryReport``,
+  ``export() -> ExportedEmbedding``, ``set_storage(dtype)``, ``hyperparameters()``;
+- ``stages`` of :class:`Stage` (trains, epochs, bilevel, dense, rewind, rebuilds) and hooks
+  ``on_stage_start``, ``run_stage``, ``after_step``, ``on_stage_end`` receiving a
+  :class:`StageContext`; ``optimizer_groups()`` (role ``train``/``valid``), ``rewind_keep()``,
+  ``rewind_state()``, ``architecture()``/``rebuild()``;
+- options: the constructor's keyword arguments, help in ``option_help``.
+
+Adding a method: one module and ``@register`` (see ``compressors/__init__.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -81,6 +98,56 @@ class MemoryReport:
 
 
 @dataclass
+class Plan:
+    """What a method's solver decided for a budget, and its exact bytes: small and JSON-able.
+
+    ``solve()`` returns it without building the method (no weights allocated); a run records
+    it, and building from it (:func:`compressors.build_from_plan`) gives exactly this method.
+    ``details`` holds what the method's solver chose: for table methods ``{"layout": ...}``
+    (tables with rows/dim/dtype, lookups, the index map's config, the combine op).
+    """
+
+    method: str
+    dim: int
+    budget_bytes: int
+    options: dict[str, Any]
+    serve_bytes: int
+    train_bytes: int
+    full_bytes: int
+    parts: dict[str, int] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.full_bytes / max(self.serve_bytes, 1)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Plan:
+        return cls(**raw)
+
+
+_PLANNING: contextvars.ContextVar[bool] = contextvars.ContextVar("planning", default=False)
+
+
+@contextlib.contextmanager
+def planning() -> Iterator[None]:
+    """Within it, constructors only solve: weights live on PyTorch's meta device (shapes
+    without storage), so building costs the solver's arithmetic, not the tables' memory."""
+    token = _PLANNING.set(True)
+    try:
+        yield
+    finally:
+        _PLANNING.reset(token)
+
+
+def is_planning() -> bool:
+    return _PLANNING.get()
+
+
+@dataclass
 class ExportedEmbedding:
     """A serving representation: a JSON-able ``config`` plus named tensors.
 
@@ -112,9 +179,11 @@ class Stage:
     - ``rewind``: when the stage first starts, every weight is reset to the run's initial
       weights (saved at step 0), except the compressor's ``rewind_keep()`` entries (masks,
       thresholds), and optimizer states are reset: lottery-ticket retraining (PEP, OptEmbed).
-    - ``rebuilds``: after ``on_stage_end`` the compressor has changed shapes; the trainer
-      re-fuses tables and rebuilds optimizers, and records ``architecture()`` in checkpoints and
-      ``model.pt`` so loading calls ``rebuild(record)`` before reading the weights.
+    - ``rebuilds``: the compressor changes shapes in ``on_stage_end`` (after the stage's last
+      ``ctx.checkpoint``, so a resumed stage finds the old shapes); the trainer then re-fuses
+      tables and rebuilds optimizers, and records ``architecture()`` in checkpoints and
+      ``model.pt`` so loading calls ``rebuild(record)`` before reading the weights. A later
+      rewinding stage maps the step-0 weights onto the new shapes with ``rewind_state()``.
     """
 
     name: str
@@ -213,6 +282,15 @@ class Compressor(nn.Module):
 
     name: ClassVar[str] = ""
     stages: ClassVar[tuple[Stage, ...]] = (Stage("train"),)
+    #: help text of the constructor's options (merged along the class hierarchy)
+    option_help: ClassVar[dict[str, str]] = {
+        "init_scale": "bound of the uniform initialisation of table rows",
+        "threshold": "fields of at most this many values keep collisionless rows",
+        "seed": "seed of the hash functions' salts",
+        "table_share": "at most this share of the budget goes to small fields' plain tables",
+        "lr": "Adam learning rate of the method's own parameters (None: the trainer's)",
+        "optimizer": "optimizer of the integer rows: sgd, adagrad or rowwise_adagrad",
+    }
 
     def __init__(self, features: Sequence[FeatureSpec], dim: int, budget_bytes: int) -> None:
         super().__init__()
@@ -229,6 +307,71 @@ class Compressor(nn.Module):
         self.full_bytes = full_bytes(features, dim)
         # The optimizer that trains physical tables; the trainer sets it (train_bytes uses it).
         self.table_optimizer = "rowwise_adagrad"
+        # The options it was built with (the registry sets them; plans record them).
+        self.options: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- solving
+    @classmethod
+    def solve(
+        cls,
+        features: Sequence[FeatureSpec],
+        dim: int,
+        budget_bytes: int,
+        options: dict[str, Any],
+    ) -> Plan:
+        """The plan this method builds for the budget, without allocating its weights.
+
+        Raises :class:`~compressors.core.budget.BudgetError` when the budget cannot be met.
+        The default runs the constructor on PyTorch's meta device (every tensor a shape
+        without storage); a base whose solver reads tensor values overrides this
+        (:class:`~compressors.core.tables.TableMethod` solves its layout in plain Python).
+        """
+        with planning(), torch.device("meta"):
+            method = cls(features, dim, budget_bytes, **options)
+        method.options = dict(options)
+        return method.plan()
+
+    def plan(self) -> Plan:
+        """This built method's plan (what :meth:`solve` returns for its arguments)."""
+        memory = self.memory()
+        return Plan(
+            method=self.name,
+            dim=self.dim,
+            budget_bytes=self.budget_bytes,
+            options=dict(self.options),
+            serve_bytes=memory.serve_bytes,
+            train_bytes=memory.train_bytes,
+            full_bytes=memory.full_bytes,
+            parts=dict(memory.parts),
+            details=self.plan_details(),
+        )
+
+    def plan_details(self) -> dict[str, Any]:
+        """What the solver chose, as JSON (the plan's ``details``); bases extend it."""
+        return {}
+
+    def check_plan(self, plan: Plan) -> None:
+        """Raises ValueError unless this method is exactly what ``plan`` describes (a plan
+        recorded by an older version whose solver has changed since, for instance)."""
+        # Through JSON, as a recorded plan went (tuples become lists).
+        mine = json.loads(json.dumps(self.plan().to_json()))
+        theirs = json.loads(json.dumps(plan.to_json()))
+        differ = [k for k in theirs if k != "options" and mine.get(k) != theirs[k]]
+        if differ:
+            raise ValueError(
+                f"{self.name}: the recorded plan no longer matches what this version builds "
+                f"from the same options (differs in {differ}: "
+                f"{ {k: theirs[k] for k in differ if k != 'details'} } recorded, "
+                f"{ {k: mine[k] for k in differ if k != 'details'} } now)"
+            )
+
+    def set_storage(self, dtype: str) -> None:
+        """Serves the trained tables at ``dtype`` (fp32/fp16/int8/int4/int2), same layout."""
+        raise ValueError(
+            f"{self.name}: its serving format is fixed by the method; --storage applies to "
+            "table methods (full, hash, unified, qr, adapt, ptq) and the plain tables of "
+            "hybrid ones (tt, robe, dhe)"
+        )
 
     @property
     def feature_names(self) -> list[str]:
@@ -283,6 +426,12 @@ class Compressor(nn.Module):
         """State-dict names (relative to this module, prefixes allowed) that a rewinding stage
         keeps instead of resetting to the initial weights: masks, thresholds, searched dims."""
         return []
+
+    def rewind_state(self, initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This module's step-0 weights (names relative to it) fitted to its current shapes,
+        for a rewind after a rebuild (e.g. OptEmbed's retrain at the searched dims slices the
+        initial rows and columns it kept). Default: unchanged."""
+        return initial
 
     def architecture(self) -> dict[str, Any] | None:
         """After a ``rebuilds`` stage: a JSON record of the changed shapes (None: unchanged)."""

@@ -28,6 +28,7 @@ Example (a method's constructor)::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
@@ -41,6 +42,7 @@ from compressors.core.storage import (
     ServeTables,
     TableSpec,
     TrainTables,
+    check_dtype,
     layout_from_config,
     pack_rows,
 )
@@ -321,6 +323,20 @@ class HybridMethod(Compressor):
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"table_fields": [t.name.removeprefix("t_") for t in self.table_specs]}
+
+    def plan_details(self) -> dict[str, Any]:
+        return {
+            "tables": [t.to_json() for t in self.table_specs],
+            "module": None
+            if self.module is None
+            else {"kind": self.module.kind, **self.module.to_config()},
+        }
+
+    def set_storage(self, dtype: str) -> None:
+        """Serves the plain tables of the small fields at ``dtype`` (the module is unchanged)."""
+        for t in self.table_specs:
+            check_dtype(dtype, t.dim)
+        self.table_specs = [replace(t, dtype=dtype) for t in self.table_specs]
 
 
 # ---------------------------------------------------------------- serving side

@@ -8,14 +8,14 @@ Example::
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
 
-from compressors.core.base import Compressor, ExportedEmbedding, FeatureSpec, full_bytes
+from compressors.core.base import Compressor, ExportedEmbedding, FeatureSpec, Plan, full_bytes
 from compressors.core.budget import Budget, parse_budget
+from compressors.core.options import OptionSpec, check_options, option_specs, options_dataclass
 
 COMPRESSORS: dict[str, type[Compressor]] = {}
 SERVING: dict[str, Callable[[ExportedEmbedding], nn.Module]] = {}
@@ -45,13 +45,36 @@ def available() -> list[str]:
     return sorted(COMPRESSORS)
 
 
+def option_spec(name: str) -> list[OptionSpec]:
+    """Method ``name``'s options: name, type, default and help (from its constructor)."""
+    return option_specs(_lookup(name))
+
+
 def method_options(name: str) -> dict[str, Any]:
     """The keyword arguments a method accepts, with their defaults."""
+    return {s.name: s.default for s in option_spec(name)}
+
+
+def options_type(name: str) -> type:
+    """Method ``name``'s options as a dataclass (help text in each field's metadata)."""
+    return options_dataclass(name, option_spec(name))
+
+
+def solve(
+    name: str, features: Sequence[FeatureSpec], dim: int, budget: Budget = "1x", **options: Any
+) -> Plan:
+    """What method ``name`` would build under ``budget``, with its exact bytes, without
+    allocating any weights. Raises ``BudgetError`` when the budget cannot be met, and
+    ``OptionError`` (a TypeError) for unknown or ill-typed options.
+
+    Example::
+
+        plan = solve("hash", features, 16, "100x", shared=True)
+        plan.serve_bytes, plan.details["layout"]["tables"]
+    """
     cls = _lookup(name)
-    params = list(inspect.signature(cls.__init__).parameters.values())[4:]
-    return {
-        p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY or p.default is not p.empty
-    }
+    check_options(name, option_specs(cls), options)
+    return cls.solve(features, dim, parse_budget(budget, full_bytes(features, dim)), options)
 
 
 def build_compressor(
@@ -59,14 +82,19 @@ def build_compressor(
 ) -> Compressor:
     """Builds method ``name`` for ``features`` at ``dim`` under ``budget`` (see budget.py)."""
     cls = _lookup(name)
-    allowed = method_options(name)
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise TypeError(
-            f"compressor {name!r} has no options {unknown}; it accepts {sorted(allowed) or 'none'}"
-        )
+    check_options(name, option_specs(cls), options)
     budget_bytes = parse_budget(budget, full_bytes(features, dim))
-    return cls(features, dim, budget_bytes, **options)
+    method = cls(features, dim, budget_bytes, **options)
+    method.options = dict(options)
+    return method
+
+
+def build_from_plan(plan: Plan, features: Sequence[FeatureSpec]) -> Compressor:
+    """Builds the method ``plan`` describes (from ``solve()`` or a run's ``plan.json``);
+    raises ValueError when this version's solver would build something else."""
+    method = build_compressor(plan.method, features, plan.dim, plan.budget_bytes, **plan.options)
+    method.check_plan(plan)
+    return method
 
 
 def build_serving(exported: ExportedEmbedding) -> nn.Module:

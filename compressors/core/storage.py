@@ -54,6 +54,12 @@ def check_dtype(dtype: str, dim: int) -> None:
         raise ValueError(f"unknown storage dtype {dtype!r}; choose from {sorted(BITS)}")
     if (dim * BITS[dtype]) % 8:
         raise ValueError(f"{dtype} storage needs dim * bits divisible by 8, got dim={dim}")
+    if dtype.startswith("int") and (dim * BITS[dtype]) % 16:
+        # fbgemm's row-wise quantiser aligns the fp16 scale/bias after the codes.
+        raise ValueError(
+            f"{dtype} storage needs an even number of code bytes per row (dim * bits divisible "
+            f"by 16 for fbgemm's kernels), got dim={dim}"
+        )
 
 
 def row_bytes(dim: int, dtype: str) -> int:
@@ -196,16 +202,19 @@ class TrainTables(nn.Module):
         self.ebc: nn.Module = EmbeddingBagCollection(tables=configs)
         self._keys = [lk.key for lk in lookups]
         self._perms: dict[tuple[str, ...], torch.Tensor | None] = {}
+        self._direct: _DirectLookup | None = None
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        pooled = self.ebc(features)
+        if self._direct is not None:
+            out, keys, widths = self._direct(features)
+        else:
+            pooled = self.ebc(features)
+            out, keys, widths = pooled.values(), tuple(pooled.keys()), pooled.length_per_key()
         # EBCs emit lookups grouped by table, and a sharded EBC in its own sharding order:
         # reorder by key into lookup order (cached per emitted order; usually a no-op).
-        keys = tuple(pooled.keys())
         if keys not in self._perms:
-            self._perms[keys] = _permutation(keys, pooled.length_per_key(), self._keys)
+            self._perms[keys] = _permutation(keys, widths, self._keys)
         perm = self._perms[keys]
-        out = pooled.values()
         return out if perm is None else out.index_select(1, perm.to(out.device))
 
     def weights(self) -> dict[str, torch.Tensor]:
@@ -234,6 +243,47 @@ class TrainTables(nn.Module):
             for name, w in old.items():
                 fused.embedding_bags[name].weight.copy_(w)
         self.ebc = fused
+        self._direct = _DirectLookup.of(fused)
+
+
+class _DirectLookup:
+    """Calls a fused EBC's one fbgemm kernel on the KJT as it comes.
+
+    ``FusedEmbeddingBagCollection.forward`` splits the KJT into one jagged tensor per feature
+    (``to_dict``), concatenates them back and recomputes the offsets on every step: a Python
+    loop over features and three copies of the ids, for nothing when the KJT's keys are
+    already in the kernel's feature order (then its values and offsets are exactly the
+    kernel's input). Only KJTs in another key order are permuted first.
+    """
+
+    def __init__(self, op: nn.Module, order: list[str], widths: list[int]) -> None:
+        self.op = op
+        self.order = order
+        self.keys = tuple(order)
+        self.widths = widths
+        self._perms: dict[tuple[str, ...], list[int]] = {}
+
+    @classmethod
+    def of(cls, fused: FusedEmbeddingBagCollection) -> _DirectLookup | None:
+        # One kernel for all tables (one optimizer, location and pooling), unweighted.
+        ops = getattr(fused, "_emb_modules", None)
+        groups = getattr(fused, "_key_to_tables", None)
+        if ops is None or groups is None or len(ops) != 1 or fused.is_weighted():
+            return None
+        tables = next(iter(groups.values()))
+        order = [f for t in tables for f in t.feature_names]
+        widths = [t.embedding_dim for t in tables for _ in t.feature_names]
+        return cls(ops[0], order, widths)
+
+    def __call__(
+        self, features: KeyedJaggedTensor
+    ) -> tuple[torch.Tensor, tuple[str, ...], list[int]]:
+        keys = features.keys()
+        if keys != self.order:
+            if tuple(keys) not in self._perms:
+                self._perms[tuple(keys)] = [keys.index(k) for k in self.order]
+            features = features.permute(self._perms[tuple(keys)])
+        return self.op(features.values(), features.offsets(), None), self.keys, self.widths
 
 
 def _permutation(

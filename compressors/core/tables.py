@@ -10,15 +10,24 @@ fp16/int8/int4/int2 (e.g. hashed rows in int4) without new code.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from compressors.core.base import Compressor, ExportedEmbedding, FeatureSpec, MemoryReport
+from compressors.core.base import (
+    Compressor,
+    ExportedEmbedding,
+    FeatureSpec,
+    MemoryReport,
+    Plan,
+    is_planning,
+    planning,
+)
 from compressors.core.layout import INDEX_MAPS, Combiner, IndexMap
 from compressors.core.storage import (
     Lookup,
@@ -47,6 +56,15 @@ class TableLayout:
             v.numel() * v.element_size() for v in self.index_map.tensors().values()
         )
 
+    def to_json(self) -> dict[str, Any]:
+        """The layout as a plan records it (and as the export config lists it)."""
+        return {
+            "op": self.op,
+            "index_map": self.index_map.to_config(),
+            "tables": [t.to_json() for t in self.tables],
+            "lookups": [lk.to_json() for lk in self.lookups],
+        }
+
 
 class TableMethod(Compressor):
     """Base of the table-based methods; subclasses implement :meth:`solve_layout`.
@@ -56,6 +74,9 @@ class TableMethod(Compressor):
     """
 
     name: ClassVar[str] = ""
+    option_help: ClassVar[dict[str, str]] = {
+        "storage": "serving dtype of the tables: fp32, fp16, int8, int4 or int2 (fbgemm rows)",
+    }
 
     def __init__(
         self,
@@ -71,7 +92,9 @@ class TableMethod(Compressor):
         layout = self.solve_layout()
         self.check_budget(layout.serve_bytes(), f"the solved layout at {storage}")
         self.index_map = layout.index_map
-        self.tables = TrainTables(layout.tables, layout.lookups, init_scale=init_scale)
+        # While solving, the tables are shapes without storage (see ``planning``).
+        with torch.device("meta") if is_planning() else contextlib.nullcontext():
+            self.tables = TrainTables(layout.tables, layout.lookups, init_scale=init_scale)
         dims = {t.name: t.dim for t in layout.tables}
         self.combiner = Combiner(
             layout.lookups,
@@ -85,6 +108,32 @@ class TableMethod(Compressor):
     def solve_layout(self) -> TableLayout:
         """Chooses tables, lookups and index map so the serving bytes fit the budget."""
         raise NotImplementedError
+
+    @classmethod
+    def solve(
+        cls,
+        features: Sequence[FeatureSpec],
+        dim: int,
+        budget_bytes: int,
+        options: dict[str, Any],
+    ) -> Plan:
+        """The layout is the plan: :meth:`solve_layout` in plain Python (its index map holds
+        a few per-lookup integers), the tables only as shapes."""
+        with planning():
+            method = cls(features, dim, budget_bytes, **options)
+        method.options = dict(options)
+        return method.plan()
+
+    def plan_details(self) -> dict[str, Any]:
+        return {"layout": self.layout.to_json()}
+
+    def set_storage(self, dtype: str) -> None:
+        """Serves every table at ``dtype`` with the same rows (the training tables are fp32
+        whatever the storage, so the trained weights stay valid)."""
+        for t in self.layout.tables:
+            check_dtype(dtype, t.dim)
+        self.layout.tables = [replace(t, dtype=dtype) for t in self.layout.tables]
+        self.storage = dtype
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         return self.combiner(self.tables(self.index_map(features)))
@@ -117,10 +166,7 @@ class TableMethod(Compressor):
                 "method": self.name,
                 "dim": self.dim,
                 "num_fields": self.num_features,
-                "op": self.layout.op,
-                "index_map": self.index_map.to_config(),
-                "tables": [t.to_json() for t in self.layout.tables],
-                "lookups": [lk.to_json() for lk in self.layout.lookups],
+                **self.layout.to_json(),
             },
             tensors=tensors,
         )

@@ -111,6 +111,10 @@ class Adapt(TableMethod):
     """Frequent values own rows, the tail hashes into buckets; the budget solves the split."""
 
     name = "adapt"
+    option_help = {
+        "tail_fraction": "share of the rows given to the hashed tail",
+        "shared_tail": "one tail table for every field instead of one per field",
+    }
 
     def __init__(
         self,

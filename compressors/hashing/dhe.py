@@ -273,6 +273,15 @@ class DHE(HybridMethod):
     learning rate (None: the trainer's dense one); ``init_scale`` bounds the tables' init."""
 
     name = DHE_KIND
+    option_help = {
+        "hashes": "k, hash functions of the dense encoding",
+        "width": "hidden width of the MLP (None: solved from the budget)",
+        "layers": "hidden layers of the MLP",
+        "min_width": "smallest acceptable solved width",
+        "max_width": "largest solved width",
+        "min_hashes": "fewest hashes when k must shrink to fit",
+        "transform": "how hash codes become reals: uniform or gaussian",
+    }
 
     def __init__(
         self,

@@ -309,6 +309,9 @@ class Hash(TableMethod):
     the most of the budget's rows they may take (greedily, smallest first)."""
 
     name = "hash"
+    option_help = {
+        "shared": "one table for all hashed fields (multiplexing), not one per field",
+    }
 
     def __init__(
         self,

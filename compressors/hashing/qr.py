@@ -113,6 +113,9 @@ class QR(TableMethod):
     """Quotient–remainder tables per field, combined by ``op`` (``mult``, ``add``, ``concat``)."""
 
     name = "qr"
+    option_help = {
+        "op": "how quotient and remainder rows combine: mult, add or concat",
+    }
 
     def __init__(
         self,

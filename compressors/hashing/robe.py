@@ -128,6 +128,9 @@ class Robe(HybridMethod):
     Adam learning rate (None: the trainer's dense one)."""
 
     name = ROBE_KIND
+    option_help = {
+        "chunk": "Z, floats per contiguous chunk read (None: solved)",
+    }
 
     def __init__(
         self,

@@ -277,6 +277,12 @@ class TT(HybridMethod):
     Adam learning rate (None: the trainer's dense one)."""
 
     name = TT_KIND
+    option_help = {
+        "rank": "TT rank (None: the largest that fits the budget)",
+        "max_rank": "upper bound of the solved rank",
+        "min_rank": "lower bound of the solved rank",
+        "init_std": "std of a reconstructed entry at initialisation",
+    }
 
     def __init__(
         self,

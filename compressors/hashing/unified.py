@@ -39,6 +39,11 @@ class Unified(TableMethod):
     """
 
     name = "unified"
+    option_help = {
+        "chunks": "probes per field; each reads dim/chunks columns",
+        "field_chunks": "per-field probe counts overriding chunks",
+        "num_tables": "sub-tables the shared buckets are split over",
+    }
 
     def __init__(
         self,

@@ -93,6 +93,10 @@ class ALPT(IntegerEmbedding):
     (None: 1.0 initial steps for adagrad, 2e-5 for adam; 0 keeps the steps fixed)."""
 
     name = "alpt"
+    option_help = {
+        "bits": "integer bits (auto: the fewest that fit)",
+        "step_lr": "learning rate of the per-row step sizes",
+    }
 
     def __init__(
         self,

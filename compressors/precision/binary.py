@@ -177,6 +177,10 @@ class Binary(Compressor):
     ``scales`` ("row" | "field"), ``finetune_epochs``, ``init_scale``."""
 
     name = "binary"
+    option_help = {
+        "bits": "bit-planes per dimension (auto: as many as fit)",
+        "finetune_epochs": "epochs of fine-tuning after binarization (0: none)",
+    }
 
     def __init__(
         self,

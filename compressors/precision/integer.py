@@ -267,6 +267,9 @@ class FixedStepTraining(IntegerEmbedding):
     """int8/int16 training with one fixed power-of-two step (see module docstring)."""
 
     BITS: ClassVar[int] = 8
+    option_help = {
+        "max_abs": "largest representable magnitude (sets the fixed step)",
+    }
 
     def __init__(
         self,

@@ -59,6 +59,10 @@ class PTQ(Full):
     """Per-field tables trained in fp32 and served quantised (see module docstring)."""
 
     name = "ptq"
+    option_help = {
+        "bits": "auto (mixed precision per field) or one of fp16, int8, int4, int2",
+        "min_rows": "fields of at most this many rows stay fp32",
+    }
     stages = (Stage("train"), Stage("quantize", trains=False))
 
     def __init__(

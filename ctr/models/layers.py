@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -59,6 +60,13 @@ def fm_interaction(emb: torch.Tensor) -> torch.Tensor:
 
 def pairwise_dots(vectors: torch.Tensor) -> torch.Tensor:
     """DLRM's dot interaction: upper-triangle ``<v_i, v_j>`` (i < j) of ``vectors [B, N, D]``."""
+    n = vectors.shape[1]
     gram = torch.bmm(vectors, vectors.transpose(1, 2))
-    i, j = torch.triu_indices(vectors.shape[1], vectors.shape[1], offset=1)
-    return gram[:, i, j]
+    return gram.flatten(1).index_select(1, _upper_triangle(n, vectors.device))
+
+
+@functools.cache
+def _upper_triangle(n: int, device: torch.device) -> torch.Tensor:
+    """Flat positions ``i * n + j`` (i < j) in an ``n x n`` matrix, built once per size."""
+    i, j = torch.triu_indices(n, n, offset=1, device=device)
+    return i * n + j
