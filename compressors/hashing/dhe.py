@@ -277,6 +277,7 @@ class DHE(HybridMethod):
         "hashes": "k, hash functions of the dense encoding",
         "width": "hidden width of the MLP (None: solved from the budget)",
         "layers": "hidden layers of the MLP",
+        "networks": "shared (one network, default) or per_field (the reference's)",
         "min_width": "smallest acceptable solved width",
         "max_width": "largest solved width",
         "min_hashes": "fewest hashes when k must shrink to fit",

@@ -311,6 +311,7 @@ class Hash(TableMethod):
     name = "hash"
     option_help = {
         "shared": "one table for all hashed fields (multiplexing), not one per field",
+        "keep_share": "most of the rows small fields kept whole may take (greedy, smallest first)",
     }
 
     def __init__(

@@ -280,7 +280,8 @@ class TT(HybridMethod):
     option_help = {
         "rank": "TT rank (None: the largest that fits the budget)",
         "max_rank": "upper bound of the solved rank",
-        "min_rank": "lower bound of the solved rank",
+        "min_rank": "lower bound of the solved rank (1 allows Kronecker products)",
+        "init": "core init: gaussian (default) or approx-normal (the reference's)",
         "init_std": "std of a reconstructed entry at initialisation",
     }
 

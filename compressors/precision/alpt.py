@@ -95,7 +95,8 @@ class ALPT(IntegerEmbedding):
     name = "alpt"
     option_help = {
         "bits": "integer bits (auto: the fewest that fit)",
-        "step_lr": "learning rate of the per-row step sizes",
+        "step_lr": "learning rate of the steps (None: 1.0 initial steps / adam 2e-5; 0: fixed)",
+        "step_optimizer": "adagrad (tuned variant, default) or adam (the reference's)",
     }
 
     def __init__(

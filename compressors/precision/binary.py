@@ -178,7 +178,8 @@ class Binary(Compressor):
 
     name = "binary"
     option_help = {
-        "bits": "bit-planes per dimension (auto: as many as fit)",
+        "bits": "bit-planes per dimension (auto: per field, to the budget)",
+        "scales": "row (an fp16 scale per row and plane) or field (one per field and plane)",
         "finetune_epochs": "epochs of fine-tuning after binarization (0: none)",
     }
 
