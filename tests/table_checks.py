@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from compressors import Compressor, FeatureSpec
+from compressors.core.registry import method_options
 from ctr.artifact import MANIFEST_FILE, TENSORS_FILE, CompactModel, export
 from ctr.run import RunConfig, build_run_model, load_run_model, train_run
 from ctr.trainer import TrainConfig, Trainer
@@ -71,15 +72,27 @@ def quick_train(
     return train_run(cfg, run_dir)
 
 
-def learn(
-    data: Path, compressor: str, budget: Any, epochs: float = 0.2, **options: Any
-) -> dict[str, Any]:
-    """Trains a small DeepFM briefly (no run dir); returns test AUC/logloss and bytes.
+# The brisk learning rates of :func:`learn`: dense Adam, fused tables, and the methods' own
+# module learning rates (their ``lr`` option) at their defaults, all times ``lr_scale``.
+LEARN_LR, LEARN_TABLE_LR = 3e-3, 0.2
+LR_SCALES = (0.3, 1.0)  # each side of an "A beats B" claim picks its best on seed 0
 
-    Tables train at the default table lr (0.05; a brisk 0.2 made per-field hashing look
-    worse than it is); modules at their methods' own rates. Claims between methods under one
-    tuned protocol live in bench.py (``table_less_claim``, ``unified_claim``).
-    """
+
+def train_small(
+    data: Path,
+    compressor: str,
+    budget: Any,
+    epochs: float = 0.2,
+    seed: int = 0,
+    lr_scale: float = 1.0,
+    zero: str | None = None,
+    **options: Any,
+) -> tuple[torch.nn.Module, Trainer, DatasetMeta]:
+    """Trains a small DeepFM briefly (no run dir). ``zero`` = ``"embedding"`` or ``"module"``
+    makes that part output zeros throughout (a mutation: the method learns nothing)."""
+    own_lr = method_options(compressor).get("lr")
+    if lr_scale != 1.0 and own_lr is not None and "lr" not in options:
+        options = {**options, "lr": own_lr * lr_scale}
     cfg = RunConfig(
         data=str(data),
         model="deepfm",
@@ -87,23 +100,116 @@ def learn(
         compressor=compressor,
         budget=budget,
         method_options=options,
-        train=TrainConfig(epochs=epochs, batch_size=1024, lr=3e-3, table_lr=0.05, progress=False),
+        train=TrainConfig(
+            epochs=epochs,
+            batch_size=1024,
+            lr=LEARN_LR * lr_scale,
+            table_lr=LEARN_TABLE_LR * lr_scale,
+            seed=seed,
+            progress=False,
+        ),
     )
     meta = DatasetMeta.load(data)
     model = build_run_model(cfg, meta)
+    if zero is not None:
+        zero_output(ablated_part(model, zero))
     trainer = Trainer(
         model,
-        BatchLoader(meta, "train", 1024, shuffle=True, drop_last=True),
+        BatchLoader(meta, "train", 1024, shuffle=True, seed=seed, drop_last=True),
         BatchLoader(meta, "valid", 16384),
         cfg.train,
     )
     trainer.fit()
+    return model, trainer, meta
+
+
+def ablated_part(model: torch.nn.Module, part: str) -> torch.nn.Module:
+    """``"embedding"``: the whole embedding layer; ``"module"``: a hybrid method's module."""
+    return model.embedding if part == "embedding" else model.embedding.compressor.module
+
+
+def zero_output(module: torch.nn.Module) -> Any:
+    """Makes ``module`` output zeros (a forward hook; returns its handle)."""
+    return module.register_forward_hook(lambda _m, _inputs, out: torch.zeros_like(out))
+
+
+def learn(
+    data: Path,
+    compressor: str,
+    budget: Any,
+    epochs: float = 0.2,
+    seed: int = 0,
+    lr_scale: float = 1.0,
+    **options: Any,
+) -> dict[str, Any]:
+    """Trains a small DeepFM briefly (no run dir); returns test AUC/logloss, valid AUC and
+    bytes. Brisk learning rates let a fifth of an epoch separate the methods.
+    """
+    model, trainer, meta = train_small(data, compressor, budget, epochs, seed, lr_scale, **options)
     memory = model.embedding.memory()
     return {
         **trainer.evaluate(BatchLoader(meta, "test", 16384)),
+        "valid_auc": trainer.evaluate(trainer.valid)["auc"],
         "serve_bytes": memory.serve_bytes,
         "budget_bytes": model.embedding.compressor.budget_bytes,
     }
+
+
+def learning_margin(
+    data: Path,
+    compressor: str,
+    budget: Any,
+    part: str = "embedding",
+    mutate: bool = False,
+    epochs: float = 0.1,
+    **options: Any,
+) -> tuple[float, float]:
+    """(test AUC, test AUC with ``part``'s output zeroed) of a short run; with ``mutate`` the
+    part outputs zeros during training too (a broken method), so the two are equal."""
+    model, trainer, meta = train_small(
+        data, compressor, budget, epochs, zero=part if mutate else None, **options
+    )
+    test = BatchLoader(meta, "test", 16384)
+    learned = trainer.evaluate(test)["auc"]
+    handle = zero_output(ablated_part(model, part))
+    ablated = trainer.evaluate(test)["auc"]
+    handle.remove()
+    return learned, ablated
+
+
+def seed_runs(
+    data: Path,
+    compressor: str,
+    budget: Any,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    epochs: float = 0.2,
+    **options: Any,
+) -> dict[str, Any]:
+    """Test AUCs over ``seeds`` at the method's own best ``lr_scale`` (of :data:`LR_SCALES`,
+    chosen by seed 0's validation AUC)."""
+    first = {s: learn(data, compressor, budget, epochs, seeds[0], s, **options) for s in LR_SCALES}
+    scale = max(first, key=lambda s: first[s]["valid_auc"])
+    runs = [first[scale]] + [
+        learn(data, compressor, budget, epochs, seed, scale, **options) for seed in seeds[1:]
+    ]
+    return {
+        "aucs": [r["auc"] for r in runs],
+        "lr_scale": scale,
+        "serve_bytes": runs[0]["serve_bytes"],
+        "budget_bytes": runs[0]["budget_bytes"],
+    }
+
+
+def spread(values: Any) -> float:
+    return max(values) - min(values)
+
+
+def beats(a: Any, b: Any, margin: float = 0.0) -> bool:
+    """``a`` beats ``b`` beyond the seed noise, seed by seed: ``a[i]`` and ``b[i]`` share the
+    seed of their initial weights and data order (a paired comparison), every gain
+    ``a[i] - b[i]`` is positive and their mean exceeds their spread (plus ``margin``)."""
+    gains = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    return bool(gains.min() > 0 and gains.mean() > spread(gains) + margin)
 
 
 def check_round_trip(data: Path, run_dir: Path, out: Path, atol: float = 0.0) -> None:

@@ -7,9 +7,14 @@ import torch
 from test_hybrid import criteo_features
 from torchrec import KeyedJaggedTensor
 
-from compressors import FeatureSpec, build_compressor
+from compressors import BudgetError, FeatureSpec, build_compressor, build_serving
 from compressors.core.hash64 import mix64, salted_hash, stable_salt
-from compressors.hashing.dhe import DeepHashEmbedding, network_params, solve_network
+from compressors.hashing.dhe import (
+    ACTIVATION_BATCH,
+    DeepHashEmbedding,
+    network_params,
+    solve_network,
+)
 
 MASK64 = (1 << 64) - 1
 
@@ -108,3 +113,47 @@ def test_a_batch_of_empty_bags_embeds_to_zeros_in_training():
         lengths=torch.zeros(6, dtype=torch.int64),
     )
     assert torch.equal(dhe(kjt), torch.zeros(3, 2, 8))
+
+
+def test_per_field_networks_are_the_reference_setting():
+    features = criteo_features()
+    layer = build_compressor("dhe", features, 16, "10x", networks="per_field")
+    m = layer.module
+    assert m.per_field and len(m.networks) == len(m.fields) > 1
+    assert layer.hyperparameters()["networks"] == "per_field"
+    assert layer.memory().serve_bytes == layer.export().nbytes <= layer.budget_bytes
+    # Each field has its own network: the same id of two fields goes through different ones.
+    kjt = KeyedJaggedTensor(
+        keys=layer.feature_names,
+        values=torch.ones(len(features), dtype=torch.int64),
+        lengths=torch.ones(len(features), dtype=torch.int64),
+    )
+    layer.eval()
+    out = layer(kjt)
+    with torch.no_grad():
+        first = m.fields.index(m.fields[0])
+        code = m.encode(torch.tensor([1]), torch.tensor([first]))
+        expected = m.networks[first](code)[0]
+    torch.testing.assert_close(out[0, layer.feature_names.index(m.fields[0])], expected)
+    served = build_serving(layer.export())(kjt)
+    torch.testing.assert_close(served, out)
+
+
+def test_solver_refuses_far_below_the_papers_hash_count():
+    features = [FeatureSpec("big", 50_000)]
+    budget = 8_000  # 64 hashes at width 16 fit (6.8 kB), 128 do not (10.9 kB)
+    with pytest.raises(BudgetError, match="fewer than min_hashes=128 hashes would be far"):
+        build_compressor("dhe", features, 16, budget)
+    assert build_compressor("dhe", features, 16, budget, min_hashes=32).module.hashes == 64
+    per_field = build_compressor("dhe", criteo_features(), 16, "100x", networks="per_field")
+    assert 128 <= per_field.module.hashes < 1024  # the budget split over the fields
+
+
+def test_train_bytes_include_the_batch_activations():
+    layer = build_compressor("dhe", criteo_features(), 16, "100x")
+    m = layer.module
+    distinct = ACTIVATION_BATCH * len(m.fields)
+    encodings = distinct * m.hashes * 4
+    assert m.activation_bytes() >= encodings
+    assert layer.memory().train_bytes >= encodings + 3 * layer.memory().serve_bytes
+    assert layer.memory().train_bytes > 10 * layer.memory().serve_bytes  # not compressed

@@ -86,12 +86,22 @@ def test_small_fields_stay_whole_while_the_budget_allows():
             assert rows[name] == n
         else:  # large fields shrink by one common ratio
             assert rows[name] == pytest.approx(n * rows["C3"] / sizes["C3"], rel=0.02, abs=2)
-    # 1000x cannot hold the small fields whole: everything is hashed.
-    rows = build_compressor("hash", features, dim=16, budget="1000x").hyperparameters()[
-        "rows_per_field"
-    ]
-    assert all(rows[n] < sizes[n] for n in sizes if sizes[n] > 30)
-    unified = build_compressor("unified", features, dim=16, budget="10x")
+    # 1000x cannot hold every small field whole: the smallest stay whole, greedily, while
+    # they take at most half the rows (keep_share), the rest are hashed.
+    layer = build_compressor("hash", features, dim=16, budget="1000x")
+    rows = layer.hyperparameters()["rows_per_field"]
+    capacity = layer.budget_bytes // (16 * 4)
+    whole = [n for n in sizes if rows[n] == sizes[n]]
+    hashed = [n for n in sizes if rows[n] < sizes[n]]
+    assert whole and hashed
+    assert max(sizes[n] for n in whole) <= min(sizes[n] for n in hashed)  # smallest first
+    assert sum(sizes[n] for n in whole) <= 0.5 * capacity
+    next_smallest = min(sizes[n] for n in hashed)
+    assert sum(sizes[n] for n in whole) + next_smallest > 0.5 * capacity or next_smallest > 200
+    # keep_share=0 is plain hashing of every field.
+    none = build_compressor("hash", features, dim=16, budget="1000x", keep_share=0.0)
+    assert all(r < sizes[n] for n, r in none.hyperparameters()["rows_per_field"].items())
+    unified = build_compressor("unified", features, dim=16, budget="10x", threshold=200)
     assert set(unified.hyperparameters()["kept_fields"]) == {
         n for n, s in sizes.items() if s <= 200
     }
@@ -220,7 +230,8 @@ def test_rows_are_stable_across_processes_and_versions():
         },
     }
     for name, expected in golden.items():
-        layer = build_compressor(name, criteo_features(), 16, "100x")
+        # The golden rows were taken with small fields kept out (threshold 200 for both).
+        layer = build_compressor(name, criteo_features(), 16, "100x", threshold=200)
         kjt = KeyedJaggedTensor(
             keys=layer.feature_names,
             values=ids.repeat(26),

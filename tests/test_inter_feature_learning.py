@@ -1,24 +1,34 @@
-"""The inter-feature methods learn the planted signal; the papers' claims at equal bytes.
+"""The papers' claims at equal bytes, each over 3 seeds with each side at its own best
+learning rate (of :data:`table_checks.LR_SCALES`, picked on seed 0's validation AUC).
 
-Every method trains once (a small DeepFM, a fifth of an epoch of ``learn_data``) against
-per-field hashing of the same size. At 5x with every field compressed (``threshold=0``),
-Unified Embedding's multiplexing, QR's unique pairs and adapt's frequent rows must each beat
-it (single-seed margins: unified +.066, adapt +.061, qr +.041 at table lr 0.05). At 20x,
-with small fields kept as tables, TT-Rec, ROBE-Z and DHE must learn at hashing's size; the
-papers' "beats hashing" claim is measured under the fair protocol by bench.py's
-``table_less_claim`` section.
+A claim is asserted only where it holds beyond the seed noise: the runs of one seed share
+the initial weights' seed and the data order, so the comparison is paired, and a win needs
+every seed's gain positive and the mean gain above the gains' spread (:func:`beats`).
+Measured on ``learn_data`` (a fifth of an epoch, DeepFM, test AUC per seed 0/1/2):
+
+* 5x, every field compressed (``threshold=0``): per-field hash .660/.664/.640; shared hash
+  .700/.693/.683 and adapt .726/.726/.713 win (asserted). Unified Embedding .697/.727/.646
+  (gains .037/.063/.006) and QR .726/.697/.644 (.066/.033/.004) win on the mean but not
+  beyond the seed spread at this length, so their claims are not asserted here (the bench's
+  ``unified_claim`` section measures Unified's at full length).
+* 20x, small fields kept as tables by both sides (their defaults): hash .537/.583/.593;
+  TT-Rec (Gaussian init) .697/.710/.691 and ROBE-Z .705/.717/.721 win (asserted); DHE
+  .636/.619/.607 (gains .099/.037/.014, with ``min_hashes=32``: at 20x this tiny data only
+  affords 64 hashes) is not asserted; TT with the reference's approx-normal init
+  .527/.516/.526 loses to hashing here (see ``compressors/hashing/tt.py``).
+
+How each method learns (and that a broken one fails) is tested in ``test_learning_checks.py``
+and ``test_hybrid.py``.
 """
 
 from __future__ import annotations
 
 import pytest
-from table_checks import learn
+from table_checks import beats, seed_runs
 
-RUNS = {
+CLAIMS_5X = {
     "hash": ("hash", {}),
     "hash-shared": ("hash", {"shared": True}),
-    "unified": ("unified", {}),
-    "qr": ("qr", {}),
     "adapt": ("adapt", {}),
 }
 
@@ -26,48 +36,33 @@ RUNS = {
 @pytest.fixture(scope="module")
 def learned(learn_data):
     return {
-        run: learn(learn_data, name, "5x", threshold=0, **options)
-        for run, (name, options) in RUNS.items()
+        run: seed_runs(learn_data, name, "5x", threshold=0, **options)
+        for run, (name, options) in CLAIMS_5X.items()
     }
-
-
-def test_every_method_learns_within_its_budget(learned):
-    for run, result in learned.items():
-        assert result["serve_bytes"] <= result["budget_bytes"], run
-        assert result["auc"] > 0.62, (run, result)
 
 
 def test_equal_bytes(learned):
     sizes = [result["serve_bytes"] for result in learned.values()]
     assert max(sizes) - min(sizes) <= 64
+    assert all(r["serve_bytes"] <= r["budget_bytes"] for r in learned.values())
 
 
-def test_multiplexing_beats_per_field_hashing(learned):
-    # Unified Embedding's central claim (Coleman et al. 2023): same bytes, better AUC.
-    assert learned["unified"]["auc"] > learned["hash"]["auc"] + 0.01
-    assert learned["hash-shared"]["auc"] > learned["hash"]["auc"]
-
-
-def test_unique_pairs_beat_hashing(learned):
-    assert learned["qr"]["auc"] > learned["hash"]["auc"]
+def test_multiplexing_into_one_table_beats_per_field_hashing(learned):
+    assert beats(learned["hash-shared"]["aucs"], learned["hash"]["aucs"]), learned
 
 
 def test_frequent_rows_beat_hashing(learned):
-    assert learned["adapt"]["auc"] > learned["hash"]["auc"] + 0.01
+    assert beats(learned["adapt"]["aucs"], learned["hash"]["aucs"]), learned
 
 
 @pytest.fixture(scope="module")
 def learned_20x(learn_data):
-    return {name: learn(learn_data, name, "20x") for name in ("hash", "tt", "robe", "dhe")}
+    return {name: seed_runs(learn_data, name, "20x") for name in ("hash", "tt", "robe")}
 
 
-@pytest.mark.parametrize("method", ["tt", "robe", "dhe"])
-def test_table_less_methods_learn_at_high_compression(learned_20x, method):
-    # Equal bytes with hashing, within budget, and clearly learning. Whether they *beat*
-    # hashing is a claim for the fair protocol (3 seeds, each at its best lr): bench.py
-    # --only table_less_claim. (At table lr 0.05, one seed: hash .637, tt .697, robe .697,
-    # dhe .619 — the old margin test passed only with hashing's tables at lr 0.2.)
+@pytest.mark.parametrize("method", ["tt", "robe"])
+def test_table_less_methods_beat_hashing_at_high_compression(learned_20x, method):
     baseline, ours = learned_20x["hash"], learned_20x[method]
     assert abs(ours["serve_bytes"] - baseline["serve_bytes"]) <= 0.1 * baseline["serve_bytes"]
     assert ours["serve_bytes"] <= ours["budget_bytes"]
-    assert ours["auc"] > 0.60, (method, ours["auc"])
+    assert beats(ours["aucs"], baseline["aucs"]), (method, ours, baseline)

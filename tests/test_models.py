@@ -79,3 +79,28 @@ def test_unknown_model_and_bad_options():
         build_model("xgb", layer, 0)
     with pytest.raises(TypeError, match="model 'deepfm'"):
         build_model("deepfm", layer, 0, depth=3)
+
+
+def test_deepfm_textbook_first_order_reads_a_counted_column():
+    """first_order='value': the last column of each row is the value's first-order weight,
+    stored (and counted) by the compressed layer itself; FM and MLP use the other columns."""
+    features = [FeatureSpec("a", 50), FeatureSpec("b", 30)]
+    layer = EmbeddingLayer(features, 9, "hash", "4x")
+    model = build_model("deepfm", layer, 2, hidden=[8], first_order="value")
+    assert model.deep[0].in_features == 2 * 8 + 2
+    kjt = KeyedJaggedTensor(
+        keys=["a", "b"], values=torch.tensor([3, 4, 5, 6]), lengths=torch.ones(4, dtype=torch.int64)
+    )
+    dense = torch.randn(2, 2)
+    emb = layer(kjt)
+    with torch.no_grad():
+        model.deep[-1].weight.zero_()
+        model.deep[-1].bias.zero_()
+        expected = emb[..., -1].sum(1) + model.linear.offset(dense) + fm_interaction(emb[..., :-1])
+        torch.testing.assert_close(model(dense, kjt), expected)
+    # Its bytes are the layer's: nothing outside the compressor holds a per-value weight.
+    assert (
+        sum(p.numel() for n, p in model.named_parameters() if "linear" in n) == 4
+    )  # dense 2+1, bias
+    with pytest.raises(ValueError, match="first_order must be one of"):
+        build_model("deepfm", layer, 2, first_order="row")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from table_checks import beats, learn, seed_runs, spread, train_small
 from torchrec import KeyedJaggedTensor
 
 from compressors import BudgetError, FeatureSpec, build_compressor
@@ -262,8 +263,19 @@ def test_budget_solvers_pick_the_most_precise_fitting_format():
     assert build_compressor("alpt", feats, DIM, budget="3x").bits == 8
     assert build_compressor("alpt", feats, DIM, budget="4x").bits == 4
     assert build_compressor("alpt", feats, DIM, budget="6x").bits == 2
-    assert build_compressor("binary", feats, DIM, budget="2x").bits == 8
-    assert build_compressor("binary", feats, DIM, budget="10x").bits == 1
+    assert min(build_compressor("binary", feats, DIM, budget="2x").field_bits) >= 7
+    # Planes per field meet the budget closely: 10x asked gives ~10x, not one plane's 16x.
+    ten = build_compressor("binary", feats, DIM, budget="10x")
+    assert min(ten.field_bits) == 1 and max(ten.field_bits) > 1
+    assert 0.97 * ten.budget_bytes <= ten.memory().serve_bytes <= ten.budget_bytes
+    # Single-hot fields are read equally often in total: spare planes go to the small
+    # fields first (a plane there removes as much error for fewer bytes).
+    equal = [
+        FeatureSpec(f.name, f.cardinality, frequencies=np.full(f.cardinality, 1e4 / f.cardinality))
+        for f in feats
+    ]
+    bits = build_compressor("binary", equal, DIM, budget="10x").field_bits
+    assert bits[3] >= bits[2] >= bits[1] >= bits[0] and bits[3] > bits[0]  # 40 ... 5000 rows
     ptq = build_compressor("ptq", feats, DIM, budget="4x")
     assert [t.dtype for t in ptq.layout.tables] == ["int4", "int4", "int4", "fp32"]  # C3 is small
     # Wider rows amortise the 4-byte scale/bias: int2 reaches 12.8x at D=64.
@@ -277,7 +289,11 @@ def test_export_bytes_count_scale_bias_per_row():
     rows = sum(f.cardinality for f in feats)
     assert build_compressor("int8", feats, DIM, "2x").memory().serve_bytes == rows * (DIM + 4)
     assert build_compressor("alpt", feats, DIM, "6x").memory().serve_bytes == rows * (DIM // 4 + 4)
-    assert build_compressor("binary", feats, DIM, "10x").memory().serve_bytes == rows * (2 + 2)
+    one_plane = build_compressor("binary", feats, DIM, "16x", bits=1)
+    assert one_plane.memory().serve_bytes == rows * (2 + 2)
+    # Per-field scales: a plane costs its codes only (plus one fp16 scale per field): 32x.
+    field = build_compressor("binary", feats, DIM, "31x", bits=1, scales="field")
+    assert field.memory().serve_bytes == rows * 2 + len(feats) * 2 == field.export().nbytes
     assert binary_row_bytes(12, 3) == 3 * (2 + 2)  # 12 dims still take 2 code bytes a plane
 
 
@@ -347,7 +363,7 @@ RUNS = {
     "int16": ("2x", {}),
     "alpt": ("3x", {}),
     "alpt2": ("6x", {"bits": 2}),
-    "binary": ("8x", {"finetune_epochs": 0.05}),
+    "binary": ("6x", {"finetune_epochs": 0.05}),
 }
 
 
@@ -367,9 +383,7 @@ def test_methods_learn(runs):
     for name, (_, summary) in runs.items():
         assert summary["test_auc"] > 0.65, name
         assert summary["serve_bytes"] <= summary["budget_bytes"], name
-    # 8-bit training is near-lossless (ALPT's and the benchmark's claim); ptq keeps accuracy.
-    for name in ("int8", "int16", "alpt", "ptq"):
-        assert runs[name][1]["test_auc"] > full_auc - 0.01, name
+    # "8-bit training is near-lossless" needs seeds: see test_8bit_training_is_near_lossless.
 
 
 @pytest.mark.parametrize("name", [n for n in RUNS if n != "full"])
@@ -411,10 +425,15 @@ def test_alpt_learns_step_sizes_and_binary_finetune_keeps_codes(runs):
     assert step.std() > 0 and not torch.allclose(step, torch.full_like(step, step[0]))
     binary, _ = load_run_model(runs["binary"][0])
     layer = binary.embedding.compressor
-    assert bool(layer.binarized) and layer.bits == 2
-    codes, scales = binarize(layer.tables.weights()["shared"], layer.bits)
-    assert torch.equal(codes, layer.codes)  # fine-tuning left the codes alone ...
-    assert not torch.equal(scales.float(), layer.scales.detach())  # ... and moved the scales
+    assert bool(layer.binarized) and len(set(layer.field_bits)) > 1  # 6x: mixed planes
+    weight = layer.tables.weights()["shared"]
+    moved = False
+    for i, (f, bits) in enumerate(zip(layer.features, layer.field_bits, strict=True)):
+        start = layer.offsets[i]
+        codes, scales = binarize(weight[start : start + f.cardinality], bits)
+        assert torch.equal(codes, layer.codes[i])  # fine-tuning left the codes alone ...
+        moved |= not torch.equal(scales.float(), layer.scales[i].detach())
+    assert moved  # ... and moved the scales
 
 
 def test_integer_methods_trained_integer_codes(runs):
@@ -455,3 +474,70 @@ def test_int16_export_tolerance_is_fp16_rounding(runs):
 def test_ptq_refuses_dims_it_cannot_pack():
     with pytest.raises(ValueError, match=re.escape("dim * bits divisible by 8")):
         build_compressor("ptq", features(), 6, budget="2x", bits="int2")
+
+
+def test_binary_field_scales_are_the_least_squares_scale_of_the_field():
+    torch.manual_seed(0)
+    w = torch.randn(500, DIM)
+    codes, scales = binarize(w, 2, per_row=False)
+    assert codes.shape == (500, 2, 2) and scales.shape == (2,)
+    assert math.isclose(scales[0].item(), w.abs().mean().item(), rel_tol=FP16_EPS)
+    rows = unbinarize(codes, scales.float(), DIM)
+    row_codes, row_scales = binarize(w, 2)
+    per_row = (unbinarize(row_codes, row_scales.float(), DIM) - w).pow(2).sum()
+    assert per_row < (rows - w).pow(2).sum() < w.pow(2).sum()  # coarser, still an estimate
+
+
+# ---------------------------------------------------------------- claims, over seeds
+SEEDS = (0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def full_models(learn_data):
+    """``full`` trained with each seed (the learn() protocol, a fifth of an epoch)."""
+    return [train_small(learn_data, "full", "1x", 0.2, seed) for seed in SEEDS]
+
+
+def _test_auc(model, trainer, meta) -> float:
+    return trainer.evaluate(BatchLoader(meta, "test", 16384))["auc"]
+
+
+def test_8bit_training_is_near_lossless(full_models, learn_data):
+    """ALPT's and the benchmark's claim, over 3 seeds: 8-bit integer training (int8 with a
+    fixed step, ALPT's learned steps) is no worse than fp32 beyond the seed spread."""
+    full = [_test_auc(*run) for run in full_models]
+    for method, budget in (("int8", "3x"), ("alpt", "3x")):
+        aucs = [learn(learn_data, method, budget, 0.2, seed)["auc"] for seed in SEEDS]
+        assert np.mean(aucs) > np.mean(full) - max(spread(full), spread(aucs)), (method, aucs, full)
+
+
+def test_learned_step_beats_a_fixed_step_at_2_bits(learn_data):
+    """ALPT's central claim: at 2 bits the learned per-row step beats the same integer
+    training with the step fixed at its initial value (3 seeds, each side at its best lr)."""
+    learned = seed_runs(learn_data, "alpt", "6x", bits=2)
+    fixed = seed_runs(learn_data, "alpt", "6x", bits=2, step_lr=0.0)
+    assert beats(learned["aucs"], fixed["aucs"]), (learned, fixed)
+
+
+def test_mixed_precision_beats_uniform_on_auc_at_equal_bytes(full_models):
+    """Per-field mixed precision vs the best uniform dtype within the same budget (1.3x the
+    int2 bytes: uniform can only be int2), on the test AUC of the same trained models."""
+    mixed_aucs, uniform_aucs = [], []
+    for model, trainer, meta in full_models:
+        layer = model.embedding.compressor
+        weights = layer.tables.weights()
+        trained = {k: v.detach().clone() for k, v in weights.items()}
+        budget = int(1.3 * sum(t.rows * row_bytes(DIM, "int2") for t in layer.layout.tables))
+        mixed = solve_mixed_precision(layer, budget)
+        assert len(set(mixed)) > 1
+        for dtypes, out in ((mixed, mixed_aucs), (["int2"] * len(mixed), uniform_aucs)):
+            apply_table_dtypes(layer, dtypes)
+            assert layer.memory().serve_bytes <= budget
+            out.append(_test_auc(model, trainer, meta))
+            with torch.no_grad():
+                for k, v in trained.items():
+                    weights[k].copy_(v)
+        apply_table_dtypes(layer, ["fp32"] * len(mixed))
+    gains = np.array(mixed_aucs) - np.array(uniform_aucs)
+    # Same trained models on both sides: the gain is paired, so its own spread is the noise.
+    assert gains.min() > 0 and gains.mean() > spread(gains), (mixed_aucs, uniform_aucs)

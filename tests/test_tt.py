@@ -75,15 +75,38 @@ def test_multi_hot_bags_sum_their_rows():
     torch.testing.assert_close(out[1, 1], 2 * table_b[8])
 
 
-def test_init_gives_the_requested_entry_std():
+def test_gaussian_init_gives_the_requested_entry_std():
     torch.manual_seed(0)
-    cores = TTCores(TTShape.for_field(20000, 16), rank=8, init_std=0.05)
+    cores = TTCores(TTShape.for_field(20000, 16), rank=8, init_std=0.05)  # the default init
     assert cores.full_table().std().item() == pytest.approx(0.05, rel=0.2)
+
+
+def test_approx_normal_init_is_the_references_reversed_truncated_normal():
+    torch.manual_seed(0)
+    n = 20000
+    cores = TTCores(TTShape.for_field(n, 16), rank=8, init="approx-normal", rows=n)
+    scale = (3 * n) ** (-1 / 6)
+    entries = torch.cat([p.detach().flatten() for p in cores.parameters()]) / scale
+    assert entries.abs().min().item() >= 2.0 - 1e-5  # only the tails |x| >= 2
+    assert (entries > 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
+    # E[x^2 | |x| >= 2] = 1 + 2·φ(2)/Φ(-2) = 5.75 for a standard normal.
+    assert entries.pow(2).mean().item() == pytest.approx(5.75, rel=0.03)
+    with pytest.raises(ValueError, match="init must be one of"):
+        TTCores(TTShape.for_field(n, 16), rank=8, init="uniform")
+
+
+def test_rank_one_is_refused_unless_allowed():
+    features = criteo_features()
+    with pytest.raises(BudgetError, match="Kronecker product.*min_rank=1"):
+        build_compressor("tt", features, 16, "1000x")
+    assert build_compressor("tt", features, 16, "1000x", min_rank=1).rank == 1
 
 
 def test_rank_grows_with_the_budget_and_cheap_fields_stay_tables():
     features = criteo_features()
-    ranks = [build_compressor("tt", features, 16, f"{r}x").rank for r in (1000, 100, 10, 2)]
+    ranks = [
+        build_compressor("tt", features, 16, f"{r}x", min_rank=1).rank for r in (1000, 100, 10, 2)
+    ]
     assert ranks == sorted(ranks) and ranks[0] < ranks[-1]
     rank, tables = solve_rank(features, 16, 216_250, max_rank=64, min_rank=1)
     for i, f in enumerate(features):

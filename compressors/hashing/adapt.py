@@ -15,7 +15,8 @@ tail buckets; the rest are head rows, given greedily by frequency *across* field
 ``capacity − tail`` values with the highest training counts, whichever field they belong
 to, own rows (a value's count is capped by the counts of the more frequent ids of its field,
 so each field's head stays a range; the OOV id competes on its own count). Fields of at
-most ``threshold`` values are kept whole first when the head rows can hold them. Tail buckets
+most ``threshold`` values are kept whole first, smallest first, while the head rows can hold
+them (greedily: those that fit stay whole even when not all do). Tail buckets
 go to fields in proportion to their tail sizes (``shared_tail=False``), or form one block that
 every field's tail hashes into with its own salt (``shared_tail=True``, multiplexed). Without
 training frequencies (feature specs built by hand) each field's head is the same fraction

@@ -14,25 +14,41 @@ multiply–add–shift universal hashes ``E_i = top 20 bits of (a_i·x + b_i) mo
 ``m = 2^20 ≈ 10^6`` buckets, with ``(a_i, b_i)`` from ``stable_salt(·, i)`` — ``[N, k]`` codes in
 three vectorised integer passes, several times cheaper on CPU than ``k`` full 64-bit mixes.
 
-One network is shared by all compressed fields (the multi-field setting of the benchmark
-behind METHODS.md's taxonomy; the per-field salts keep fields apart) — per-field networks
-would split an already small budget 20 ways. Each batch's distinct (field, value) pairs are
-encoded and embedded once (``torch.unique``); BatchNorm's batch statistics are therefore
-taken over distinct values rather than occurrences (a deviation; the encodings are uniform
-pseudo-random either way, so the first layer sees the same input distribution).
+Networks (``networks``): ``"shared"`` (default) is one network for all compressed fields,
+fields kept apart by their per-field hash salts; ``"per_field"`` is the benchmark's reference
+setting (Hetu builds one ``DeepHashEmbedding`` per compressed field), each field getting an
+equal share of the budget and the same ``(k, width)``. Shared is the default because the
+budget does not grow with the number of fields: per-field networks split it ~20 ways on the
+default data, which at 100x leaves each network about 1/20 of the parameters and pushes ``k``
+far below the paper's 1024 (the solver then refuses, see below), while the shared network
+keeps ``k = 1024``. Each batch's distinct (field, value) pairs are encoded and embedded once
+(``torch.unique``); BatchNorm's batch statistics are therefore taken over distinct values
+rather than occurrences (a deviation; the encodings are uniform pseudo-random either way, so
+the first layer sees the same input distribution).
 
 Budget: ``serve_bytes`` counts every Linear weight and bias and every BatchNorm affine
 parameter and running statistic (all exported). With ``k = hashes`` (default 1024, the
 paper's value), the solver picks the widest ``width <= max_width`` that fits; if not even
-``min_width`` (default ``dim``) fits, ``k`` is halved (down to ``min_hashes``) — the first
-layer's ``k·width`` dominates small networks. ``BudgetError`` when nothing fits. Fields of at
-most ``threshold`` rows stay plain fp32 TorchRec tables while they take at most
-``table_share`` of the budget. ``layers`` defaults to 2 hidden layers: the paper argues for
-deep networks and the benchmark's implementation (Hetu) uses 5 hidden layers, but at the
-widths these budgets allow (tens of units) five layers trained markedly worse here
-(synthetic data, 10x, 3 epochs: test AUC .662 with 5 layers vs .698 with 2). ``max_width``
-(512) keeps CPU training affordable; at equal bytes the FLOPs per distinct value equal the
-parameter count whatever the depth.
+``min_width`` (default ``dim``) fits, ``k`` is halved, down to ``min_hashes`` (default 128,
+an eighth of the paper's ``k``: the paper's encodings are high-dimensional, and a few dozen
+hashes are a different, much weaker model). Below that the solver refuses with a
+``BudgetError`` naming ``min_hashes`` (pass a smaller one to allow it) rather than silently
+degrading. Fields of at most ``threshold`` rows stay plain fp32 TorchRec tables while they
+take at most ``table_share`` of the budget. ``layers`` defaults to 2 hidden layers: the paper
+argues for deep networks and the benchmark's implementation (Hetu) uses 5 hidden layers, but
+at the widths these budgets allow (tens of units) five layers trained markedly worse here
+(synthetic data, 10x, 3 epochs: test AUC .662 with 5 layers vs .698 with 2); ``layers=5`` is
+the reference depth. ``max_width`` (512) keeps CPU training affordable; at equal bytes the
+FLOPs per distinct value equal the parameter count whatever the depth.
+
+Training memory: DHE compresses the *parameters*, not the training working set. Every
+distinct value of a batch is encoded to ``k`` floats and its activations are kept for the
+backward pass, so ``train_bytes`` adds, for a batch of ``ACTIVATION_BATCH = 4096`` samples
+with one distinct value per compressed field (an upper bound), the encodings
+(``k`` floats), the saved hidden activations (Linear, BatchNorm and Mish outputs: ``3·width``
+floats per layer) and the output (``dim``), plus the int64 codes of one encoding chunk: about
+4096 · 1024 · 4 B ≈ 17 MB per compressed field at ``k = 1024``, typically far more than the
+network itself. Parameters, Adam state and buffers are counted as for every module.
 
 Training: the network trains with its own Adam learning rate ``lr`` (default 0.01): it
 replaces tables, which train at ``table_lr = 0.05`` with rowwise Adagrad, and the dense
@@ -43,6 +59,8 @@ Example::
 
     layer = build_compressor("dhe", features, dim=16, budget="100x")
     layer.hyperparameters()          # {'hashes': 1024, 'width': 38, 'layers': 2, ...}
+    layer = build_compressor("dhe", features, dim=16, budget="10x", networks="per_field",
+                             layers=5)  # the benchmark's reference setting
 """
 
 from __future__ import annotations
@@ -75,6 +93,8 @@ DHE_KIND = "dhe"
 TRANSFORMS = ("uniform", "gaussian")
 BUCKET_BITS = 20  # m = 2^20 buckets per hash function
 ENCODE_CHUNK = 4096  # values encoded at once: bounds the [chunk, k] int64 temporaries
+NETWORKS = ("shared", "per_field")
+ACTIVATION_BATCH = 4096  # samples per batch assumed by train_bytes' activation term
 
 
 def network_params(hashes: int, width: int, layers: int, dim: int) -> int:
@@ -105,9 +125,21 @@ def solve_network(
     return None
 
 
+def embedding_network(hashes: int, width: int, layers: int, dim: int) -> nn.Sequential:
+    """``k -> width -> ... -> dim``: ``layers`` × (Linear → BatchNorm → Mish), then Linear."""
+    blocks: list[nn.Module] = []
+    inputs = hashes
+    for _ in range(layers):
+        blocks += [nn.Linear(inputs, width), nn.BatchNorm1d(width), nn.Mish()]
+        inputs = width
+    blocks.append(nn.Linear(width, dim))
+    return nn.Sequential(*blocks)
+
+
 @register_field_module
 class DeepHashEmbedding(FieldModule):
-    """The dense hash encoding plus the shared embedding network."""
+    """The dense hash encoding plus the embedding network(s): one shared by all its fields
+    (``per_field=False``) or one per field (the reference setting)."""
 
     kind = DHE_KIND
 
@@ -120,6 +152,7 @@ class DeepHashEmbedding(FieldModule):
         layers: int,
         transform: str = "uniform",
         seed: int = 0,
+        per_field: bool = False,
     ) -> None:
         super().__init__(fields, dim)
         if transform not in TRANSFORMS:
@@ -133,17 +166,17 @@ class DeepHashEmbedding(FieldModule):
         self.layers = layers
         self.transform = transform
         self.seed = seed
+        self.per_field = per_field
         self.register_buffer("_field_salts", premixed_salts(fields, 1, seed), persistent=False)
         universal = premixed_salts(["dhe-a", "dhe-b"], hashes, seed)
         self.register_buffer("_mult", universal[0] | 1, persistent=False)  # odd multipliers
         self.register_buffer("_incr", universal[1], persistent=False)
-        blocks: list[nn.Module] = []
-        inputs = hashes
-        for _ in range(layers):
-            blocks += [nn.Linear(inputs, width), nn.BatchNorm1d(width), nn.Mish()]
-            inputs = width
-        blocks.append(nn.Linear(width, dim))
-        self.network = nn.Sequential(*blocks)
+        if per_field:
+            self.networks = nn.ModuleList(
+                embedding_network(hashes, width, layers, dim) for _ in self.fields
+            )
+        else:
+            self.network = embedding_network(hashes, width, layers, dim)
 
     def codes(self, values: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
         """Bucket codes ``[N, hashes]`` in ``[0, 2^20)``; ``fields``: positions in the fields."""
@@ -180,8 +213,30 @@ class DeepHashEmbedding(FieldModule):
             return torch.zeros(features.stride(), count, self.dim, device=features.values().device)
         keys = features.values().to(torch.int64) * count + field_index(features)
         unique, inverse = torch.unique(keys, return_inverse=True)
-        embedded = self.network(self.encode(unique // count, unique % count))
+        values, fields = unique // count, unique % count
+        if not self.per_field:
+            embedded = self.network(self.encode(values, fields))
+        else:
+            embedded = torch.empty(len(unique), self.dim, device=values.device)
+            for j, network in enumerate(self.networks):
+                mine = torch.nonzero(fields == j).squeeze(1)
+                if len(mine):
+                    embedded = embedded.index_copy(
+                        0, mine, network(self.encode(values[mine], fields[mine]))
+                    )
         return pool_bags(embedded[inverse], features)
+
+    def activation_bytes(self, batch: int = ACTIVATION_BATCH) -> int:
+        """Per-batch working memory kept for backward (see the module docstring): encodings,
+        saved hidden activations and the output of ``batch`` distinct values per field, plus
+        one chunk's int64 codes."""
+        distinct = batch * len(self.fields)
+        floats = distinct * (self.hashes + 3 * self.width * self.layers + self.dim)
+        codes = min(distinct, ENCODE_CHUNK) * self.hashes * 8
+        return floats * FLOAT_BYTES + codes
+
+    def train_bytes(self) -> int:
+        return super().train_bytes() + self.activation_bytes()
 
     def to_config(self) -> dict[str, Any]:
         return {
@@ -191,6 +246,7 @@ class DeepHashEmbedding(FieldModule):
             "layers": self.layers,
             "transform": self.transform,
             "seed": self.seed,
+            "per_field": self.per_field,
         }
 
     @classmethod
@@ -203,13 +259,15 @@ class DeepHashEmbedding(FieldModule):
             config["layers"],
             config["transform"],
             config["seed"],
+            config.get("per_field", False),
         )
 
 
 @register
 class DHE(HybridMethod):
-    """Deep Hash Embedding (see the module docstring). Options: ``hashes`` (k), ``width``
-    (None = solved), ``layers``, ``min_width``/``max_width``/``min_hashes`` bound the solver;
+    """Deep Hash Embedding (see the module docstring). Options: ``networks`` ("shared" |
+    "per_field", the reference's), ``hashes`` (k), ``width`` (None = solved), ``layers``,
+    ``min_width``/``max_width``/``min_hashes`` bound the solver;
     ``transform`` ("uniform" | "gaussian"); ``threshold``/``table_share``
     choose the fields kept as tables; ``seed`` salts the hashes; ``lr`` is the network's Adam
     learning rate (None: the trainer's dense one); ``init_scale`` bounds the tables' init."""
@@ -219,6 +277,7 @@ class DHE(HybridMethod):
         "hashes": "k, hash functions of the dense encoding",
         "width": "hidden width of the MLP (None: solved from the budget)",
         "layers": "hidden layers of the MLP",
+        "networks": "shared (one network, default) or per_field (the reference's)",
         "min_width": "smallest acceptable solved width",
         "max_width": "largest solved width",
         "min_hashes": "fewest hashes when k must shrink to fit",
@@ -235,8 +294,9 @@ class DHE(HybridMethod):
         layers: int = 2,
         min_width: int | None = None,
         max_width: int = 512,
-        min_hashes: int = 32,
+        min_hashes: int = 128,
         transform: str = "uniform",
+        networks: str = "shared",
         threshold: int = 200,
         table_share: float = 0.25,
         seed: int = 0,
@@ -244,6 +304,8 @@ class DHE(HybridMethod):
         lr: float | None = 0.01,
     ) -> None:
         super().__init__(features, dim, budget_bytes)
+        if networks not in NETWORKS:
+            raise ValueError(f"dhe: networks must be one of {NETWORKS}, got {networks!r}")
         table_fields = collisionless_fields(features, dim, budget_bytes, threshold, table_share)
         compressed = [f for i, f in enumerate(features) if i not in table_fields]
         module = None
@@ -251,21 +313,36 @@ class DHE(HybridMethod):
             tables = sum(
                 TableSpec("t", features[i].cardinality, dim).serve_bytes for i in table_fields
             )
-            left = (budget_bytes - tables) // FLOAT_BYTES
+            copies = len(compressed) if networks == "per_field" else 1
+            left = (budget_bytes - tables) // FLOAT_BYTES // copies
             lo, hi = (width, width) if width else (min_width or dim, max_width)
-            fewest = hashes if width else min_hashes
+            fewest = min(hashes, min_hashes) if not width else hashes
             solved = solve_network(hashes, fewest, lo, hi, layers, dim, left)
             if solved is None:
-                needed = network_params(fewest, lo, layers, dim) * FLOAT_BYTES
+                needed = network_params(fewest, lo, layers, dim) * FLOAT_BYTES * copies
+                each = f"{copies} networks (one per field) of " if copies > 1 else ""
                 raise BudgetError(
-                    f"dhe: {describe_bytes(budget_bytes)} leaves {describe_bytes(max(left, 0) * 4)}"
-                    f" after {describe_bytes(tables)} of tables, but the smallest network "
-                    f"({fewest} hashes, {layers} layers of width {lo}) needs "
-                    f"{describe_bytes(needed)}"
+                    f"dhe: {describe_bytes(budget_bytes)} leaves "
+                    f"{describe_bytes(max(left * copies, 0) * 4)} after {describe_bytes(tables)}"
+                    f" of tables, but the smallest network ({each}{fewest} hashes, {layers} "
+                    f"layers of width {lo}) needs {describe_bytes(needed)}"
+                    + (
+                        f"; fewer than min_hashes={min_hashes} hashes would be far from the "
+                        "paper's 1024 (pass a smaller min_hashes to allow it)"
+                        if not width and fewest > 1
+                        else ""
+                    )
                 )
             k, w = solved
             module = DeepHashEmbedding(
-                [f.name for f in compressed], dim, k, w, layers, transform, seed
+                [f.name for f in compressed],
+                dim,
+                k,
+                w,
+                layers,
+                transform,
+                seed,
+                per_field=networks == "per_field",
             )
         self.assemble(table_fields, module, init_scale, lr)
 
@@ -279,6 +356,7 @@ class DHE(HybridMethod):
             "width": m.width,
             "layers": m.layers,
             "transform": m.transform,
+            "networks": "per_field" if m.per_field else "shared",
         }
 
 

@@ -17,10 +17,12 @@ different ranks. A value that makes two probes only loses its vector entirely wh
 collide with the same other value, so ``k > 1`` probes into a table of ``k``-times narrower
 rows collide less harmfully than one probe at equal bytes.
 
-Both leave fields of at most ``threshold`` values uncompressed (collisionless rows of their
-own, like DLRM's ``--qr-threshold``) when the budget can hold them; per-field hashing also
-keeps a full table for any field that would not shrink. When the budget cannot hold the
-small fields at full size (e.g. 1000x), every field is hashed.
+``hash`` leaves fields of at most ``threshold`` values uncompressed (collisionless rows of
+their own, like DLRM's ``--qr-threshold``): smallest first, greedily, while their rows take at
+most ``keep_share`` (default half) of the budget's rows, so the large fields keep the rest;
+per-field hashing also keeps a full table for any field that would not shrink. At 1000x the
+kept share holds few or no small fields; the others are hashed. (``unified`` takes a
+``threshold`` too, default 0.)
 
 The OOV id 0 is hashed like any other id: it is a legitimate, usually frequent, bucket.
 
@@ -28,8 +30,8 @@ Deviations: the reference hashes raw values with Keras' FarmHash ``Hashing`` lay
 ``[feature index, chunk]``; here ids are already integers, and the salt is a stable digest of
 ``(seed, field name, chunk)``. When per-field chunk counts give several chunk widths, each
 width gets its own shared table (bytes split by vocabulary share), since rows of one table
-have one width. Small fields are kept out of the multiplexed table (the paper multiplexes
-everything); pass ``threshold=0`` for the paper's setting.
+have one width. ``unified`` multiplexes every field by default (``threshold=0``, the paper's
+setting); a positive ``threshold`` keeps small fields out of the shared table.
 
 Example::
 
@@ -254,14 +256,27 @@ def proportional_rows(sizes: Sequence[int], capacity: int, minimum: int = 1) -> 
 
 
 def keep_small_fields(
-    sizes: Sequence[int], threshold: int, spare_rows: int, rows_each_other: int = 1
+    sizes: Sequence[int],
+    threshold: int,
+    spare_rows: int,
+    rows_each_other: int = 1,
+    share: float = 1.0,
 ) -> list[bool]:
-    """Which fields stay collisionless: those of at most ``threshold`` values, if their rows
-    plus ``rows_each_other`` rows for every other field fit in ``spare_rows``; else none."""
-    keep = [n <= threshold for n in sizes]
-    kept = sum(n for n, k in zip(sizes, keep, strict=True) if k)
-    need = kept + rows_each_other * keep.count(False)
-    return keep if need <= spare_rows else [False] * len(sizes)
+    """Which fields stay collisionless: those of at most ``threshold`` values, smallest first,
+    kept greedily while their rows stay within ``share`` of ``spare_rows`` and leave
+    ``rows_each_other`` rows for every field not kept (ties by field order)."""
+    keep = [False] * len(sizes)
+    kept, others = 0, len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (sizes[i], i)):
+        n = sizes[i]
+        if n > threshold:
+            break
+        if kept + n > share * spare_rows or kept + n + rows_each_other * (others - 1) > spare_rows:
+            break
+        keep[i] = True
+        kept += n
+        others -= 1
+    return keep
 
 
 def direct_layout(
@@ -292,11 +307,15 @@ def budget_error(method: str, needed: int, budget: int, full: int, why: str) -> 
 
 @register
 class Hash(TableMethod):
-    """The salted hashing trick; per-field tables or one multiplexed table (``shared``)."""
+    """The salted hashing trick; per-field tables or one multiplexed table (``shared``).
+
+    ``threshold``: fields of at most that many values may stay collisionless; ``keep_share``:
+    the most of the budget's rows they may take (greedily, smallest first)."""
 
     name = "hash"
     option_help = {
         "shared": "one table for all hashed fields (multiplexing), not one per field",
+        "keep_share": "most of the rows small fields kept whole may take (greedy, smallest first)",
     }
 
     def __init__(
@@ -306,12 +325,16 @@ class Hash(TableMethod):
         budget_bytes: int,
         shared: bool = False,
         threshold: int = DEFAULT_THRESHOLD,
+        keep_share: float = 0.5,
         seed: int = 0,
         storage: str = "fp32",
         init_scale: float = 0.01,
     ) -> None:
+        if not 0.0 <= keep_share <= 1.0:
+            raise ValueError(f"hash: keep_share must lie in [0, 1], got {keep_share}")
         self.shared = shared
         self.threshold = threshold
+        self.keep_share = keep_share
         self.seed = seed
         super().__init__(features, dim, budget_bytes, storage=storage, init_scale=init_scale)
 
@@ -341,7 +364,7 @@ class Hash(TableMethod):
                 "per-field hashing keeps at least one row per field "
                 "(shared=True multiplexes all fields into one table)",
             )
-        keep = keep_small_fields(sizes, self.threshold, capacity)
+        keep = keep_small_fields(sizes, self.threshold, capacity, share=self.keep_share)
         kept = sum(n for n, k in zip(sizes, keep, strict=True) if k)
         hashed = iter(
             proportional_rows(
@@ -377,7 +400,9 @@ class Hash(TableMethod):
             )
         # Small fields own a collisionless block at the top; all others hash into the rest
         # (at least one bucket).
-        keep = keep_small_fields(sizes, self.threshold, capacity - 1, rows_each_other=0)
+        keep = keep_small_fields(
+            sizes, self.threshold, capacity - 1, rows_each_other=0, share=self.keep_share
+        )
         rules, offset = [], 0
         names = self.feature_names
         for i, (name, n, k) in enumerate(zip(names, sizes, keep, strict=True)):
@@ -405,6 +430,7 @@ class Hash(TableMethod):
             **super().hyperparameters(),
             "shared": self.shared,
             "threshold": self.threshold,
+            "keep_share": self.keep_share,
             "seed": self.seed,
             "rows_per_field": self.rows_per_field,
         }

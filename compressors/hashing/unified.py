@@ -15,7 +15,6 @@ from compressors.core.registry import register
 from compressors.core.storage import Lookup, TableSpec, check_dtype, row_bytes
 from compressors.core.tables import TableLayout, TableMethod
 from compressors.hashing.hash import (
-    DEFAULT_THRESHOLD,
     HashRule,
     SaltedHashMap,
     budget_error,
@@ -30,6 +29,13 @@ class Unified(TableMethod):
     ``chunks`` is the probe count of every field (``dim`` must be divisible by it);
     ``field_chunks`` overrides it per field name. ``num_tables`` splits each shared table
     into that many sub-tables of equal rows.
+
+    ``threshold`` (default 0, the paper's setting: every feature is multiplexed) keeps the
+    fields of at most that many values out of the shared table, in collisionless rows of
+    their own, when the budget holds them (``threshold=200`` is DLRM's ``--qr-threshold``
+    convention, which on the default data keeps 18 of 26 fields out, so only 8 would be
+    multiplexed). The other methods of the family keep their thresholds; comparisons at
+    equal bytes should pass the same ``threshold`` to both sides.
     """
 
     name = "unified"
@@ -47,7 +53,7 @@ class Unified(TableMethod):
         chunks: int = 2,
         field_chunks: Mapping[str, int] | None = None,
         num_tables: int = 1,
-        threshold: int = DEFAULT_THRESHOLD,
+        threshold: int = 0,
         seed: int = 0,
         storage: str = "fp32",
         init_scale: float = 0.01,

@@ -30,7 +30,9 @@ class FirstOrder(nn.Module):
 
     A per-value scalar weight would need a second table outside the memory budget; a
     per-field projection of the field's embedding has the same capacity (``e_v`` is free)
-    and keeps every embedding byte inside the compressed layer.
+    and keeps every embedding byte inside the compressed layer. (DeepFM's
+    ``first_order="value"`` takes the textbook per-value weights from a column of the
+    embedding instead and uses only :meth:`offset` here.)
     """
 
     def __init__(self, num_fields: int, dim: int, num_dense: int) -> None:
@@ -40,10 +42,13 @@ class FirstOrder(nn.Module):
         self.bias = nn.Parameter(torch.zeros(()))
 
     def forward(self, emb: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        out = (emb * self.field_weight).sum((1, 2)) + self.bias
-        if self.dense is not None:
-            out = out + self.dense(dense).squeeze(1)
-        return out
+        return (emb * self.field_weight).sum((1, 2)) + self.offset(dense)
+
+    def offset(self, dense: torch.Tensor) -> torch.Tensor:
+        """The dense features' linear term plus the bias: ``<w, dense> + b``."""
+        if self.dense is None:
+            return self.bias.expand(dense.shape[0])
+        return self.dense(dense).squeeze(1) + self.bias
 
 
 def fm_interaction(emb: torch.Tensor) -> torch.Tensor:
