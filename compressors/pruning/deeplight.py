@@ -51,6 +51,13 @@ class DeepLight(EntryPruned):
     """Gradual magnitude pruning, then fine-tuning (module docstring)."""
 
     name = "deeplight"
+    option_help = {
+        "storage": "serving dtype of the kept entries (fp32 or fp16: CSR or kept rows)",
+        "decay_steps": "steps of the schedule S·(1 − 0.99^(t/decay_steps)) (paper: 100)",
+        "prune_every": "steps between magnitude-pruning passes",
+        "prune_epochs": "epochs of the gradual-pruning stage (None: the run's)",
+        "finetune_epochs": "epochs of the fine-tuning stage (None: the run's)",
+    }
 
     def __init__(
         self,

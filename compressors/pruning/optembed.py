@@ -152,6 +152,22 @@ class OptEmbed(SearchedBytes, Compressor):
     """Row pruning by learned thresholds + per-field dims by evolution (module docstring)."""
 
     name = "optembed"
+    option_help = {
+        "storage": "serving dtype of the kept rows (fp32, fp16, int8, int4, int2)",
+        "prune_rows": "learn per-field row thresholds (False: OptEmbed-D, dims only)",
+        "search_dims": "search per-field dims by evolution (False: OptEmbed-E, rows only)",
+        "alpha": "weight of the threshold regulariser α·Σ exp(−t_f) (reference 3e-4)",
+        "threshold_lr": "SGD learning rate of the thresholds (reference 3e-4)",
+        "generations": "generations of the evolutionary search (reference 30)",
+        "mutations": "children by mutation per generation (reference 10)",
+        "crossovers": "children by crossover over fields per generation (reference 10)",
+        "parents": "top candidates kept as parents each generation",
+        "mutation_prob": "per-field probability that a mutation redraws its dim (reference 0.1)",
+        "search_batches": "validation batches scored per candidate (None: the whole split)",
+        "rewind": "retrain from the initial weights (False: from the supernet's)",
+        "supernet_epochs": "epochs of the supernet stage (None: the run's)",
+        "retrain_epochs": "epochs of the retrain stage (None: the run's)",
+    }
 
     def __init__(
         self,

@@ -63,6 +63,17 @@ class PEP(EntryPruned):
     """Learnable soft thresholds, then a lottery-ticket retrain (module docstring)."""
 
     name = "pep"
+    option_help = {
+        "storage": "serving dtype of the kept entries (fp32 or fp16: CSR or kept rows)",
+        "granularity": "one threshold per field ('field') or per field and dim ('field_dim')",
+        "threshold_init": "initial threshold logit s, g(s)=sigmoid(s) (reference -150)",
+        "threshold_lr": "Adam learning rate of the thresholds",
+        "threshold_decay": "L2 decay on the thresholds (the reference's 1e-5)",
+        "check_every": "steps between checks of the budget's sparsity",
+        "rewind": "retrain from the initial weights with the found mask (lottery ticket)",
+        "search_epochs": "epochs of the threshold-learning stage (None: the run's)",
+        "retrain_epochs": "epochs of the retrain stage (None: the run's)",
+    }
 
     def __init__(
         self,
