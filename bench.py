@@ -1671,6 +1671,42 @@ def bench_vs_torchrec(args: argparse.Namespace) -> dict:
     return {"rows": rows_out, "repeats": repeats, "steps": steps}
 
 
+@section("profile_step", default=False)
+def bench_profile_step(args: argparse.Namespace) -> dict:
+    """Top ops by self CPU time of ctr's DLRM train step (torch.profiler), with the fused
+    tables called directly and through TorchRec's FusedEmbeddingBagCollection.forward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ctr.run import RunConfig, build_run_model
+    from ctr.trainer import TrainConfig, Trainer, table_modules
+    from datasets.format import DatasetMeta
+    from datasets.loader import BatchLoader
+
+    data = default_dataset(args, rows=args.rows or 300_000, scale=VS_TORCHREC_SCALES["693k ids"])
+    meta = DatasetMeta.load(data)
+    loader = BatchLoader(meta, "train", batch_size=4096, shuffle=True, drop_last=True)
+    batches = [b for _, b in zip(range(12), loader.epoch(0), strict=False)]
+    run = RunConfig(
+        data=str(data), model="dlrm", model_options={"bottom": DLRM_BOTTOM, "top": DLRM_TOP}
+    )
+    trainer = Trainer(build_run_model(run, meta), loader, loader, TrainConfig(progress=False))
+    direct = [t._direct for t in table_modules(trainer.model)]
+    tables: dict[str, str] = {}
+    for mode in ("torchrec_forward", "direct"):
+        for t, d in zip(table_modules(trainer.model), direct, strict=True):
+            t._direct = None if mode == "torchrec_forward" else d
+        for b in batches[:2]:
+            trainer.train_step(b)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for b in batches[2:]:
+                trainer.train_step(b)
+        tables[mode] = prof.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=50
+        )
+        print(f"profile_step: {mode}, {len(batches) - 2} steps\n{tables[mode]}")
+    return {"tables": tables}
+
+
 @section("dmp_scaling", default=False)
 def bench_dmp_scaling(args: argparse.Namespace) -> dict:
     """Two-process DMP training (torchrun, gloo, 1 thread per rank) vs one process (2 threads)."""
