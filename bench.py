@@ -1534,7 +1534,7 @@ def bench_serving(args: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------- vs TorchRec
-VS_TORCHREC_SCALES = {"693k ids": 0.16, "67k ids": 0.002}
+VS_TORCHREC_SCALES = {"large": 0.16, "small": 0.002}  # Criteo profile scales
 DLRM_BOTTOM, DLRM_TOP = [64], [256, 128]
 
 
@@ -1611,21 +1611,37 @@ def _torchrec_dlrm_step(meta: object, lr: float, table_lr: float) -> Callable[[o
     return step
 
 
+def _loop_stepper(trainer: object, loader: object, steps: int) -> Callable[[object], float]:
+    """A ``timed_steps`` stepper that ignores its batch and trains on ``loader``'s next one
+    instead (the loader's work inside the timing)."""
+    state = {"batches": iter(())}
+
+    def step(_: object) -> float:
+        batch = next(state["batches"], None)
+        if batch is None:
+            state["batches"] = iter(loader.epoch(len(state) + 1))
+            batch = next(state["batches"])
+        return trainer.train_step(batch)
+
+    return step
+
+
 @section("vs_torchrec", default=False)
 def bench_vs_torchrec(args: argparse.Namespace) -> dict:
     """Training throughput: ctr DLRM (full, and hash at 10x) vs TorchRec's DLRM under DMP."""
     import statistics
 
     from ctr.run import RunConfig, build_run_model
-    from ctr.trainer import TrainConfig, Trainer
+    from ctr.trainer import TrainConfig, Trainer, table_modules
     from datasets.format import DatasetMeta
     from datasets.loader import BatchLoader
 
     rows_out, repeats, steps = [], 3, 20
-    for label, scale in VS_TORCHREC_SCALES.items():
-        print(f"  {label}: building both sides ...", flush=True)
-        data = default_dataset(args, rows=args.rows or 300_000, scale=scale)
+    for scale in VS_TORCHREC_SCALES.values():
+        # min_count=1: the issue's vocabularies (every generated value keeps its id).
+        data = default_dataset(args, rows=args.rows or 300_000, scale=scale, min_count=1)
         meta = DatasetMeta.load(data)
+        label = f"{sum(f.cardinality for f in meta.sparse) / 1000:,.0f}k ids"
         loader = BatchLoader(meta, "train", batch_size=4096, shuffle=True, drop_last=True)
         batches = [b for _, b in zip(range(steps + 1), loader.epoch(0), strict=False)]
         config = TrainConfig(progress=False)
@@ -1643,6 +1659,31 @@ def bench_vs_torchrec(args: argparse.Namespace) -> dict:
             )
             trainer = Trainer(build_run_model(run, meta), loader, loader, config)
             steppers[f"ctr_{method}"] = trainer.train_step
+            if method == "full":  # the same, through TorchRec's FusedEmbeddingBagCollection.forward
+                reference = Trainer(build_run_model(run, meta), loader, loader, config)
+                for tables in table_modules(reference.model):
+                    tables._direct = None
+                steppers["ctr_full_via_fused_ebc_forward"] = reference.train_step
+        # ctr's whole loop, batches assembled by the loader inside the timing (as `ctr train`
+        # sees them), without and with the background prefetch thread.
+        loop_trainer = Trainer(
+            build_run_model(
+                RunConfig(
+                    **{**run.to_json(), "compressor": "full", "budget": "1x", "train": config}
+                ),
+                meta,
+            ),
+            loader,
+            loader,
+            config,
+        )
+        for depth in (0, 2):
+            feeding = BatchLoader(
+                meta, "train", batch_size=4096, shuffle=True, drop_last=True, prefetch=depth
+            )
+            steppers[f"ctr_full_with_loader_prefetch{depth}"] = _loop_stepper(
+                loop_trainer, feeding, steps
+            )
         speeds: dict[str, list[float]] = {k: [] for k in steppers}
         for r in range(repeats):  # interleaved: drift on a shared machine hits every side alike
             for name, step in steppers.items():
@@ -1653,7 +1694,13 @@ def bench_vs_torchrec(args: argparse.Namespace) -> dict:
                 flush=True,
             )
         med = {k: statistics.median(v) for k, v in speeds.items()}
-        for name in ("ctr_full", "ctr_hash"):
+        for name in (
+            "ctr_full",
+            "ctr_hash",
+            "ctr_full_via_fused_ebc_forward",
+            "ctr_full_with_loader_prefetch0",
+            "ctr_full_with_loader_prefetch2",
+        ):
             rows_out.append(
                 {
                     "ids": label,
@@ -1682,7 +1729,9 @@ def bench_profile_step(args: argparse.Namespace) -> dict:
     from datasets.format import DatasetMeta
     from datasets.loader import BatchLoader
 
-    data = default_dataset(args, rows=args.rows or 300_000, scale=VS_TORCHREC_SCALES["693k ids"])
+    data = default_dataset(
+        args, rows=args.rows or 300_000, scale=VS_TORCHREC_SCALES["large"], min_count=1
+    )
     meta = DatasetMeta.load(data)
     loader = BatchLoader(meta, "train", batch_size=4096, shuffle=True, drop_last=True)
     batches = [b for _, b in zip(range(12), loader.epoch(0), strict=False)]
