@@ -17,8 +17,6 @@ Example::
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from torchrec import KeyedJaggedTensor
 from torchrec.datasets.utils import Batch
 
 from datasets.format import DatasetMeta, PreparedDataError, iter_tables
+from datasets.prefetch import prefetched
 
 PAD_LABEL = -1.0  # label of rows that only pad a short last batch to equal per-rank size
 
@@ -98,7 +97,9 @@ class BatchLoader:
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """The batches of one epoch, skipping the first ``start_batch`` (for resuming)."""
         batches = self._epoch(epoch, start_batch)
-        return prefetched(batches, self.prefetch) if self.prefetch > 0 else batches
+        if self.prefetch > 0:
+            return prefetched(batches, self.prefetch, name="batch-prefetch")
+        return batches
 
     def _epoch(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, epoch])
@@ -240,52 +241,6 @@ def _check_ids(ids: np.ndarray, name: str, cardinality: int, path: Path) -> None
             f"{path}: field {name!r} has id {value} outside [0, {cardinality}) "
             "(meta.json's cardinality); re-prepare the dataset"
         )
-
-
-_DONE = object()
-
-
-def prefetched(items: Iterator, depth: int) -> Iterator:
-    """``items`` produced by a background thread, at most ``depth`` ahead of the consumer.
-
-    Exceptions in the producer are re-raised in the consumer; closing the generator early
-    (a ``break``) stops the producer.
-    """
-    buffer: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        buffer.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            buffer.put(_DONE)
-        except BaseException as e:  # handed to the consumer
-            buffer.put(e)
-
-    thread = threading.Thread(target=produce, name="batch-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = buffer.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full buffer
-            try:
-                buffer.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.05)
 
 
 def _gather_bags(

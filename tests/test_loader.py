@@ -138,7 +138,7 @@ def test_prefetching_yields_the_same_batches_and_stops_cleanly(tiny_data):
 
 
 def test_prefetching_reraises_the_producers_error():
-    from datasets.loader import prefetched
+    from datasets.prefetch import prefetched
 
     def broken():
         yield 1

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import queue
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
+
+from datasets.prefetch import prefetched
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -257,42 +257,7 @@ def prefetch(chunks: Iterator[RawChunk], depth: int = 2) -> Iterator[RawChunk]:
     pyarrow's parser and zlib release the GIL, so on two cores this roughly overlaps
     reading with encoding.
     """
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def produce() -> None:
-        try:
-            for chunk in chunks:
-                while not stop.is_set():
-                    try:
-                        slots.put(chunk, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            slots.put(done)
-        except BaseException as e:  # handed to the consumer, which re-raises it
-            slots.put(e)
-
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = slots.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                slots.get_nowait()
-            except queue.Empty:
-                thread.join(0.05)
+    return prefetched(chunks, depth, name="read-ahead")
 
 
 def _open(path: Path) -> BinaryIO:
