@@ -200,9 +200,6 @@ class RunContext:
         return torch.Generator().manual_seed(self.seed * 1009 + self.trainer.state.stage)
 
 
-# The name compressors' type hints use.
-StageContext = RunContext
-
 # Optimizers a compressor's parameter group may ask for (and the protocol's module families).
 OPTIMIZERS: dict[str, Any] = {
     "adam": torch.optim.Adam,
