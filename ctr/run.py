@@ -120,6 +120,9 @@ def build_run_model(cfg: RunConfig, meta: DatasetMeta | None = None) -> CTRModel
     )
     # train_bytes counts the table optimizer's state, as the trainer will set it.
     layer.compressor.table_optimizer = cfg.train.table_optimizer
+    layer.compressor.module_optimizer = (
+        cfg.train.table_optimizer if cfg.train.module_optimizer == "table" else "adam"
+    )
     return build_model(cfg.model, layer, len(meta.dense), **cfg.model_options)
 
 
@@ -211,6 +214,9 @@ def train_run(
     valid = trainer.evaluate(trainer.valid)
     test = trainer.evaluate(loader("test", False))
     memory = model.embedding.memory()
+    # Lazy embedding L2's per-row state is training memory too (the method's report cannot
+    # know the run's L2 setting).
+    decay_bytes = trainer.decay_state_bytes()
     summary = {
         "model": cfg.model,
         "compressor": cfg.compressor,
@@ -221,7 +227,8 @@ def train_run(
         "valid_auc": valid["auc"],
         "valid_logloss": valid["logloss"],
         "serve_bytes": memory.serve_bytes,
-        "train_bytes": memory.train_bytes,
+        "train_bytes": memory.train_bytes + decay_bytes,
+        "train_parts": {"embedding": memory.train_bytes, "lazy_l2_state": decay_bytes},
         "full_bytes": memory.full_bytes,
         "budget_bytes": parse_budget(cfg.budget, memory.full_bytes),
         "ratio": memory.ratio,

@@ -204,21 +204,16 @@ def cell_dir(out: str | Path, cell: dict[str, Any]) -> Path:
 
 
 def feasibility(cell: dict[str, Any]) -> str | None:
-    """None when the method can be built at the cell's budget, else why not (no training).
-
-    The single place to swap in a solver that decides without building the method.
-    """
-    from compressors import BudgetError, build_compressor
+    """None when the method can meet the cell's budget, else why not — decided by the
+    method's solver (:func:`compressors.solve`), which allocates no weights."""
+    from compressors import BudgetError, solve
     from ctr.embedding import features_from_dataset
 
+    features = features_from_dataset(
+        cell["data"], cell["method_options"].get("keys") == "fingerprint"
+    )
     try:
-        build_compressor(
-            cell["method"],
-            features_from_dataset(cell["data"]),
-            cell["dim"],
-            cell["budget"],
-            **cell["method_options"],
-        )
+        solve(cell["method"], features, cell["dim"], cell["budget"], **cell["method_options"])
     except BudgetError as e:
         return str(e)
     return None

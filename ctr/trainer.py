@@ -346,6 +346,10 @@ class Trainer:
             for g in self.optimizers[name].param_groups:
                 g["lr"] = g["base_lr"] * scale
 
+    def decay_state_bytes(self) -> int:
+        """Bytes lazy embedding L2 keeps beside the tables (0 without it)."""
+        return sum(t.decay.state_bytes() for t in table_modules(self.model) if t.decay is not None)
+
     def _decay_embeddings(self) -> None:
         """Decoupled embedding L2 after a step: tables (lazy/dense) and embedding modules."""
         cfg = self.config

@@ -83,6 +83,26 @@ def test_protocol_trains_embedding_modules_with_the_table_optimizer(tiny_data):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_train_bytes_follow_the_protocol_optimizer_and_count_lazy_l2_state(tiny_data):
+    own = _trainer(tiny_data, "tt", "4x")
+    protocol = _trainer(
+        tiny_data, "tt", "4x", module_optimizer="table", embedding_l2=0.01, l2_mode="lazy"
+    )
+    cores = list(own.model.embedding.compressor.module.parameters())
+    weights = sum(p.numel() for p in cores) * 4
+    rows = sum(p.shape[0] for p in cores) * 4
+    own_bytes = own.model.embedding.memory().train_bytes
+    protocol_bytes = protocol.model.embedding.memory().train_bytes
+    # Adam keeps two moments per weight, row-wise Adagrad one accumulator per row.
+    assert own_bytes - protocol_bytes == 2 * weights - rows
+    # Lazy L2 keeps one float64 per fused table row; dense L2 and no L2 keep nothing.
+    table_rows = sum(t.rows for t in protocol.model.embedding.compressor.table_specs)
+    assert protocol.decay_state_bytes() == 8 * table_rows > 0
+    assert own.decay_state_bytes() == 0
+    dense = _trainer(tiny_data, "tt", "4x", embedding_l2=0.01, l2_mode="dense")
+    assert dense.decay_state_bytes() == 0
+
+
 def test_rowwise_adagrad_matches_fbgemm_rule():
     w = torch.nn.Parameter(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
     opt = RowwiseAdagrad([w], lr=0.5)

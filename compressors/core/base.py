@@ -362,6 +362,9 @@ class Compressor(nn.Module):
         self.full_bytes = full_bytes(features, dim)
         # The optimizer that trains physical tables; the trainer sets it (train_bytes uses it).
         self.table_optimizer = "rowwise_adagrad"
+        # The optimizer of embedding modules (TT cores, ROBE's array, DHE's network): their
+        # own Adam, or the tables' family under the fair protocol; the trainer's run sets it.
+        self.module_optimizer = "adam"
         # The options it was built with (the registry sets them; plans record them).
         self.options: dict[str, Any] = {}
 

@@ -69,6 +69,10 @@ class RowDecay:
     def active(self) -> bool:
         return self.rate > 0
 
+    def state_bytes(self) -> int:
+        """Training memory the lazy mode adds: one float64 log-factor per table row."""
+        return sum(t.numel() * t.element_size() for t in self.last.values())
+
     @torch.no_grad()
     def touch(self, rows: Mapping[str, torch.Tensor]) -> None:
         """Brings the given rows (ids per table, repeats allowed) up to date (lazy mode)."""

@@ -27,7 +27,7 @@ Example (a method's constructor)::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
 
@@ -51,7 +51,21 @@ FIELD_MODULES: dict[str, type[FieldModule]] = {}
 TABLE_PREFIX = "table."
 MODULE_PREFIX = "module."
 _INT63 = (1 << 63) - 1
-_ADAM_STATE_FLOATS = 2  # exp_avg and exp_avg_sq per parameter
+
+
+def module_optimizer_state_bytes(params: Iterable[torch.Tensor], optimizer: str) -> int:
+    """fp32 state ``optimizer`` keeps for ``params`` (see :meth:`FieldModule.train_bytes`)."""
+    params = list(params)
+    if optimizer == "adam":
+        return sum(p.numel() for p in params) * 2 * 4
+    if optimizer == "adagrad":
+        return sum(p.numel() for p in params) * 4
+    if optimizer == "rowwise_adagrad":
+        return sum(p.shape[0] if p.dim() else 1 for p in params) * 4
+    if optimizer == "sgd":
+        return 0
+    raise ValueError(f"unknown module optimizer {optimizer!r}; expected adam, adagrad, "
+                     "rowwise_adagrad or sgd")
 
 
 def register_field_module(cls: type[FieldModule]) -> type[FieldModule]:
@@ -170,12 +184,15 @@ class FieldModule(nn.Module):
     def serve_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.export_tensors().values())
 
-    def train_bytes(self) -> int:
+    def train_bytes(self, optimizer: str = "adam") -> int:
+        """fp32 weights, buffers and the state ``optimizer`` keeps for the weights (Adam: two
+        moments per weight; Adagrad: one; row-wise Adagrad: one per first-dimension slice,
+        :class:`ctr.optim.RowwiseAdagrad`; SGD: none)."""
         params = dict(self.named_parameters())
         state = self.state_dict()
         weights = sum(p.numel() * p.element_size() for p in params.values())
         buffers = sum(v.numel() * v.element_size() for k, v in state.items() if k not in params)
-        return weights * (1 + _ADAM_STATE_FLOATS) + buffers
+        return weights + buffers + module_optimizer_state_bytes(params.values(), optimizer)
 
     def memory_parts(self) -> dict[str, int]:
         """``serve_bytes`` broken down (one entry by default)."""
@@ -301,7 +318,7 @@ class HybridMethod(Compressor):
         train = sum(t.train_bytes(self.table_optimizer) for t in self.table_specs)
         if self.module is not None:
             parts.update(self.module.memory_parts())
-            train += self.module.train_bytes()
+            train += self.module.train_bytes(self.module_optimizer)
         return MemoryReport(
             serve_bytes=sum(parts.values()),
             train_bytes=train,

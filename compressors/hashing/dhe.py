@@ -235,8 +235,8 @@ class DeepHashEmbedding(FieldModule):
         codes = min(distinct, ENCODE_CHUNK) * self.hashes * 8
         return floats * FLOAT_BYTES + codes
 
-    def train_bytes(self) -> int:
-        return super().train_bytes() + self.activation_bytes()
+    def train_bytes(self, optimizer: str = "adam") -> int:
+        return super().train_bytes(optimizer) + self.activation_bytes()
 
     def to_config(self) -> dict[str, Any]:
         return {
