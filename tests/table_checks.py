@@ -205,11 +205,19 @@ def spread(values: Any) -> float:
 
 
 def beats(a: Any, b: Any, margin: float = 0.0) -> bool:
-    """``a`` beats ``b`` beyond the seed noise, seed by seed: ``a[i]`` and ``b[i]`` share the
-    seed of their initial weights and data order (a paired comparison), every gain
-    ``a[i] - b[i]`` is positive and their mean exceeds their spread (plus ``margin``)."""
-    gains = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    return bool(gains.min() > 0 and gains.mean() > spread(gains) + margin)
+    """``a`` beats ``b`` beyond the seed noise, read both ways:
+
+    * paired — ``a[i]`` and ``b[i]`` share the seed of their initial weights and data order:
+      every gain ``a[i] - b[i]`` is positive and their mean exceeds their spread;
+    * unpaired — the means differ by more than the two sides' standard deviations together
+      (``mean ± std`` bars, as the sweep report prints them, do not overlap).
+
+    ``margin`` is added to both thresholds."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    gains = a - b
+    paired = gains.min() > 0 and gains.mean() > spread(gains) + margin
+    unpaired = a.mean() - b.mean() > a.std() + b.std() + margin
+    return bool(paired and unpaired)
 
 
 def check_round_trip(data: Path, run_dir: Path, out: Path, atol: float = 0.0) -> None:
