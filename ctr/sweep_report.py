@@ -115,6 +115,69 @@ def best_per_budget(cells: dict[tuple[str, str], list]) -> dict[str, str]:
     return verdicts
 
 
+def compare(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> str:
+    """``"above"``, ``"below"`` or ``"tie"``: ``a``'s test AUCs against ``b``'s, a difference
+    only beyond the seed noise read both ways — paired by seed (every per-seed gain of one
+    sign and their mean beyond their spread) and unpaired (the means differ by more than
+    both sides' standard deviations together). Fewer than 3 shared seeds: ``"tie"``."""
+    by_seed_a = {r["seed"]: r["test_auc"] for r in a if r["status"] == "done"}
+    by_seed_b = {r["seed"]: r["test_auc"] for r in b if r["status"] == "done"}
+    seeds = sorted(set(by_seed_a) & set(by_seed_b))
+    if len(seeds) < 3:
+        return "tie"
+    xa = [by_seed_a[k] for k in seeds]
+    xb = [by_seed_b[k] for k in seeds]
+    gains = [x - y for x, y in zip(xa, xb, strict=True)]
+    noise = statistics.pstdev(xa) + statistics.pstdev(xb)
+    mean = statistics.fmean(gains)
+    spread = max(gains) - min(gains)
+    if min(gains) > 0 and mean > spread and mean > noise:
+        return "above"
+    if max(gains) < 0 and -mean > spread and -mean > noise:
+        return "below"
+    return "tie"
+
+
+def against_full(cells: dict[tuple[str, str], list]) -> list[str]:
+    """Markdown lines: each compressed (method, budget) against tuned ``full`` at 1x."""
+    full = cells.get(("full", "1x"))
+    if not full:
+        return []
+    words = {"above": "**above full**", "below": "below full", "tie": "tie with full"}
+    lines = [
+        "Against tuned full at 1x (≥ 3 shared seeds; a difference only beyond the seed noise, "
+        "paired by seed and unpaired):",
+        "",
+    ]
+    reference = _stats(full)
+    for (method, budget), rows in cells.items():
+        s = _stats(rows)
+        if method == "full" or s is None or reference is None:
+            continue
+        verdict = compare(rows, full) if s["n"] >= 3 else f"undecided ({s['n']} seed(s))"
+        verdict = words.get(verdict, verdict)
+        lines.append(f"- {method} @ {budget}: {s['mean'] - reference['mean']:+.4f} → {verdict}")
+    return lines + [""]
+
+
+def cost_lines(cells: dict[tuple[str, str], list]) -> list[str]:
+    """Markdown lines: cells trained, and per method the mean seconds a cell took."""
+    done = [r for rs in cells.values() for r in rs if r["status"] == "done"]
+    if not done:
+        return []
+    total = sum(r.get("cell_seconds") or 0.0 for r in done)
+    lines = [
+        f"Cost: {len(done)} cells trained in {total / 3600:.2f} h of cell time "
+        "(every grid point of a cell included). Mean seconds per cell:",
+        "",
+    ]
+    per_method: dict[str, list[float]] = {}
+    for r in done:
+        per_method.setdefault(r["method"], []).append(r.get("cell_seconds") or 0.0)
+    lines.append(", ".join(f"{m} {statistics.fmean(v):.0f}" for m, v in per_method.items()))
+    return lines + [""]
+
+
 def markdown_summary(rows: list[dict[str, Any]]) -> str:
     lines = ["# Sweep summary", ""]
     for (data, model), cells in _groups(rows).items():
@@ -147,6 +210,9 @@ def markdown_summary(rows: list[dict[str, Any]]) -> str:
         lines += ["", "Best per budget (a win only beyond the seed spread):", ""]
         for budget, verdict in best_per_budget(cells).items():
             lines.append(f"- {budget}: {verdict}")
+        lines.append("")
+        lines += against_full(cells)
+        lines += cost_lines(cells)
         infeasible = sorted(
             {
                 (r["method"], r["budget"], r["reason"])
@@ -179,9 +245,13 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     cells = _groups(rows)
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 6))
     points = []
     full = None
+    methods = list(dict.fromkeys(m for group in cells.values() for m, _ in group))
+    # Twenty distinct colours and a marker cycle: a sweep of every method stays readable.
+    colours = plt.get_cmap("tab20").colors
+    markers = "os^vD<>ph*"
     for group in cells.values():
         for method in dict.fromkeys(m for m, _ in group):
             stats = sorted(
@@ -195,7 +265,16 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
             x = [s["bytes"] for s in stats]
             y = [s["mean"] for s in stats]
             err = [s["std"] for s in stats]
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
+            i = methods.index(method)
+            ax.errorbar(
+                x,
+                y,
+                yerr=err,
+                marker=markers[i % len(markers)],
+                color=colours[i % len(colours)],
+                capsize=3,
+                label=method,
+            )
             points += list(zip(x, y, strict=True))
     front = pareto_front(points)
     if front:
@@ -214,7 +293,7 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     ax.set_ylabel("test AUC (mean ± std over seeds)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")

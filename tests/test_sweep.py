@@ -17,7 +17,7 @@ import pytest
 from ctr.cli import main
 from ctr.run import auto_batch_size
 from ctr.sweep import SweepSpec, cell_dir, cell_key, run_sweep
-from ctr.sweep_report import pareto_front, write_report
+from ctr.sweep_report import against_full, compare, pareto_front, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL = {
@@ -168,6 +168,31 @@ def test_ray_executor_on_a_local_instance(tiny_sweep, tiny_data, tmp_path):
 def test_pareto_front_keeps_points_nothing_smaller_beats():
     points = [(10, 0.70), (20, 0.69), (30, 0.75), (5, 0.60), (30, 0.74)]
     assert pareto_front(points) == [(5, 0.60), (10, 0.70), (30, 0.75)]
+
+
+def _cells(aucs):
+    return [
+        {"seed": i, "test_auc": a, "status": "done", "serve_bytes": 1} for i, a in enumerate(aucs)
+    ]
+
+
+def test_comparison_with_full_needs_three_seeds_and_a_gap_beyond_noise():
+    full = _cells([0.740, 0.742, 0.738])
+    assert compare(_cells([0.750, 0.753, 0.749]), full) == "above"
+    assert compare(_cells([0.700, 0.705, 0.702]), full) == "below"
+    assert compare(_cells([0.745, 0.739, 0.741]), full) == "tie"  # gains of both signs
+    assert compare(_cells([0.750, 0.753]), full) == "tie"  # two seeds decide nothing
+    # Every gain positive but the spread of gains exceeds their mean: noise.
+    assert compare(_cells([0.741, 0.752, 0.739]), full) == "tie"
+    lines = against_full(
+        {
+            ("full", "1x"): full,
+            ("hash", "10x"): _cells([0.700, 0.705, 0.702]),
+            ("tt", "10x"): _cells([0.75]),
+        }
+    )
+    assert any("hash @ 10x" in x and "below full" in x for x in lines)
+    assert any("tt @ 10x" in x and "undecided (1 seed(s))" in x for x in lines)
 
 
 def test_auto_batch_size_gives_200_steps_in_range():
