@@ -1228,6 +1228,13 @@ def _staged_run(name: str, seed: int = 0, **run: object) -> dict:
     return summary
 
 
+def _pruned_by(hp: dict) -> str:
+    if "fallback" not in hp:
+        return ""
+    reached = f"thresholds reached {hp['reached_sparsity']:.3f}"
+    return f"magnitude ({reached})" if hp["fallback"] else reached
+
+
 @section("pruning", default=False)
 def bench_pruning(args: argparse.Namespace) -> dict:
     """optembed, pep, deeplight at 2x-20x (+ int8): AUC, logloss, bytes, stage time vs full."""
@@ -1257,6 +1264,8 @@ def bench_pruning(args: argparse.Namespace) -> dict:
                 "stage_time_vs_full": " ".join(
                     f"{k}={v / full_s:.2f}" for k, v in summary["stage_seconds"].items()
                 ),
+                # pep: whether its thresholds reached the budget or the magnitude fallback did
+                "pruned_by": _pruned_by(summary.get("hyperparameters", {})),
             }
         )
 
@@ -1265,8 +1274,8 @@ def bench_pruning(args: argparse.Namespace) -> dict:
     for method in PRUNING:
         for budget in PRUNING_BUDGETS:
             for storage in ("fp32", "int8"):
-                if storage == "int8" and (method != "optembed" or budget == "10x"):
-                    continue  # entry-sparse exports serve fp32/fp16 only; 10x int8: time
+                if storage == "int8" and budget == "10x":
+                    continue  # time
                 options = {**PRUNING_OPTIONS[method], "storage": storage}
                 note = _fits(method, features, budget, **options)
                 if note:

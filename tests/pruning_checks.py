@@ -41,9 +41,14 @@ def signal_of(meta: DatasetMeta) -> dict[str, float]:
     return {f.name: SIGNAL_PATTERN[i % len(SIGNAL_PATTERN)] for i, f in enumerate(meta.sparse)}
 
 
-def check_artifact(run_dir: Path, data: Path, out: Path, atol: float) -> dict[str, Any]:
-    """Artifact embedding bytes == serve_bytes == manifest; served predictions == trained."""
+def check_artifact(
+    run_dir: Path, data: Path, out: Path, atol: float, storage: str | None = None
+) -> dict[str, Any]:
+    """Artifact embedding bytes == serve_bytes == manifest; served predictions == trained
+    (within ``atol``), the run served at ``storage`` when given (``ctr export --storage``)."""
     model, _ = load_run_model(run_dir)
+    if storage is not None:
+        model.embedding.compressor.set_storage(storage)
     memory = model.embedding.memory()
     assert model.embedding.export().nbytes == memory.serve_bytes
     manifest = export(model, out, dataset=str(data))

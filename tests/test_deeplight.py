@@ -1,5 +1,5 @@
 """deeplight: the pruning schedule, exact final sparsity, fine-tuning with the mask fixed,
-exact export bytes and predictions, resume."""
+exact export bytes and predictions (fp32, and int8/int4 storage), resume."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from pruning_checks import check_artifact, check_resume, config, zeroed_auc
 
 from compressors import FeatureSpec, build_compressor
+from compressors.pruning.common import PrunedServing
 from compressors.pruning.deeplight import deeplight_sparsity
 from ctr.run import load_run_model, train_run
 
@@ -30,6 +31,32 @@ def test_magnitude_pruning_keeps_the_largest_entries_exactly():
     assert int(layer.mask.sum()) == 320 and kept.min() >= dropped.max()
     layer.prune_to(layer.target_sparsity)
     assert int(layer.mask.sum()) == layer.target_entries
+
+
+@pytest.mark.parametrize(("storage", "atol"), [("int8", 2e-4), ("int4", 2e-3)])
+def test_integer_storage_meets_the_budget_with_exact_bytes(storage, atol):
+    from torchrec import KeyedJaggedTensor
+
+    feats = [FeatureSpec("a", 3000), FeatureSpec("b", 40), FeatureSpec("c", 500)]
+    layer = build_compressor("deeplight", feats, 8, "6x", storage=storage)
+    fp32 = build_compressor("deeplight", feats, 8, "6x")
+    if storage == "int8":  # 2 bytes an entry in CSR, not fp32's 5: more entries fit
+        assert layer.target_entries > 2 * fp32.target_entries
+    layer.prune_to(layer.target_sparsity)
+    memory = layer.memory()
+    exported = layer.export()
+    assert exported.nbytes == memory.serve_bytes <= layer.budget_bytes
+    forms = {p["form"] for p in exported.config["plans"]}
+    assert ("csr" in forms) == (storage == "int8")  # int4 has no CSR form
+    torch.manual_seed(0)
+    kjt = KeyedJaggedTensor(
+        keys=["a", "b", "c"],
+        values=torch.cat([torch.randint(0, 40, (64,)), torch.randint(0, 40, (32,))]),
+        lengths=torch.tensor([1] * 32 + [1] * 32 + [1] * 32),
+    )
+    layer.eval()
+    served = PrunedServing(exported)(kjt).view(32, 3, 8)
+    assert (served - layer(kjt)).abs().max() < atol  # init weights within ±0.01
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +85,14 @@ def test_deeplight_learns(run, learn_data):
 
 def test_artifact_matches_serve_bytes_and_predictions(run, learn_data, tmp_path):
     check_artifact(run, learn_data, tmp_path / "a", atol=1e-5)
+
+
+def test_export_at_int8_storage(run, learn_data, tmp_path):
+    manifest = check_artifact(run, learn_data, tmp_path / "a", atol=0.05, storage="int8")
+    assert manifest["embedding"]["config"]["dtype"] == "int8"
+    assert (
+        manifest["embedding"]["serve_bytes"] < load_run_model(run)[0].embedding.memory().serve_bytes
+    )
 
 
 def test_each_stage_resumes_after_a_kill(tiny_data, tmp_path):

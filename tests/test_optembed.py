@@ -13,7 +13,8 @@ from pruning_checks import check_artifact, check_resume, config, signal_of, zero
 from torchrec import KeyedJaggedTensor
 
 from compressors import BudgetError, FeatureSpec, build_compressor
-from compressors.pruning.common import dim_choices
+from compressors.core.storage import row_bytes
+from compressors.pruning.common import PrunedServing, dim_choices, remap_bytes
 from compressors.pruning.optembed import LongTailStep, OptEmbed, ste_derivative
 from ctr.run import load_run_model, train_run
 from ctr.trainer import RunContext
@@ -170,6 +171,7 @@ def runs(learn_data, tmp_path_factory) -> dict[str, Path]:
         "optembed": ("5x", dict(SEARCH, supernet_epochs=0.5)),
         "rows_int8": ("10x", dict(SEARCH, search_dims=False, storage="int8")),
         "dims": ("3x", dict(SEARCH, prune_rows=False)),
+        "oov": ("5x", dict(SEARCH, generations=3, pruned_rows="field_vector")),
     }
     for name, (budget, options) in specs.items():
         train_run(config(learn_data, "optembed", budget, **options), root / name)
@@ -259,6 +261,53 @@ def test_dims_only_ablation_keeps_every_row(runs, learn_data, tmp_path):
     assert layer.memory().serve_bytes <= layer.budget_bytes
     manifest = check_artifact(runs["dims"], learn_data, tmp_path / "a", atol=1e-5)
     assert manifest["embedding"]["config"]["index_map"]["remapped"] == []
+
+
+def test_pruned_ids_read_a_trained_field_vector_served_as_one_more_row(runs, learn_data, tmp_path):
+    run = runs["oov"]
+    model, _ = load_run_model(run)
+    layer = model.embedding.compressor
+    assert layer.pruned_rows == "field_vector"
+    initial = torch.load(run / "initial.pt", weights_only=True)["embedding.compressor.oov"]
+    assert torch.all(initial == 0)  # the retrain rewound it to zero: what it holds, it learned
+    plans = layer.plans()
+    lost = [f for f, p in enumerate(plans) if p.form == "rows"]
+    assert len(lost) >= 2
+    vectors = [layer.oov.detach()[f, : plans[f].dim] for f in lost]
+
+    # Trained where pruned ids occur in the data (a field that lost only ids the data never
+    # draws keeps its zero start), and to a vector of each field's own.
+    def pruned_count(f: int) -> int:
+        pruned = ~layer.row_mask[layer.table.field_slice(f)]
+        return int(torch.as_tensor(layer.features[f].frequencies)[pruned].sum())
+
+    drawn = [f for f in lost if pruned_count(f) >= 100]
+    assert len(drawn) >= 2 and all(vectors[lost.index(f)].abs().sum() > 0 for f in drawn)
+    full = [layer.oov.detach()[f] for f in drawn]
+    assert all(not torch.allclose(a, b) for i, a in enumerate(full) for b in full[i + 1 :])
+    # Bytes: the kept rows, the OOV row, and a remap wide enough for both.
+    for f in lost:
+        p = plans[f]
+        assert p.oov and p.serve_bytes("fp32") == (p.kept + 1) * row_bytes(
+            p.dim, "fp32"
+        ) + remap_bytes(p.rows, p.kept + 1)
+    manifest = check_artifact(run, learn_data, tmp_path / "a", atol=1e-5)
+    tables = {t["name"]: t["rows"] for t in manifest["embedding"]["config"]["tables"]}
+    assert all(tables[f"t_{plans[f].name}"] == plans[f].kept + 1 for f in lost)
+    # A pruned id reads its field's vector, in the trained layer and through fbgemm.
+    names = layer.feature_names
+    ids = [0] * len(names)
+    for f in lost:
+        ids[f] = int(torch.nonzero(~layer.row_mask[layer.table.field_slice(f)])[0])
+    kjt = KeyedJaggedTensor(
+        keys=names, values=torch.tensor(ids), lengths=torch.ones(len(names), dtype=torch.int64)
+    )
+    layer.eval()
+    trained = layer(kjt).view(len(names), -1)
+    served = PrunedServing(layer.export())(kjt).view(len(names), -1)
+    for f, v in zip(lost, vectors, strict=True):
+        torch.testing.assert_close(trained[f, : len(v)], v)
+        torch.testing.assert_close(served[f], trained[f])
 
 
 def test_each_stage_resumes_after_a_kill(tiny_data, tmp_path):

@@ -1,5 +1,6 @@
-"""pep: soft thresholds that prune to the budget's sparsity, a lottery-ticket retrain with the
-found mask, exact export bytes and predictions, resume."""
+"""pep: soft thresholds that prune to the budget's sparsity (frequent ids defend their
+entries), a lottery-ticket retrain with the found mask, the fallback reported, exact export
+bytes and predictions at fp32/fp16/int8, resume."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import torch
 from pruning_checks import check_artifact, check_resume, config, zeroed_auc
 
 from compressors import BudgetError, FeatureSpec, build_compressor
+from compressors.core.storage import row_bytes
 from compressors.pruning.pep import PEP, soft_threshold
+from ctr.embedding import features_from_dataset
 from ctr.run import load_run_model, train_run
 
 
@@ -33,25 +36,62 @@ def test_budget_becomes_a_number_of_entries():
     # 5 bytes per fp32 entry (value + uint8 column), 4 per row pointer.
     assert plan["target_entries"] == (20_000 - (1001 + 201) * 4) // 5
     assert build_compressor("pep", feats, 16, 20_000).target_entries == plan["target_entries"]
+    # int8 CSR: 2 bytes an entry, plus one fp32 scale per field.
+    int8 = PEP.solve_budget(feats, 16, 20_000, storage="int8")
+    assert int8["target_entries"] == (20_000 - (1001 + 201) * 4 - 2 * 4) // 2
+    # int4 has no CSR form: every entry may need an int4 row of its own, every field a remap.
+    int4 = PEP.solve_budget(feats, 16, 20_000, storage="int4")
+    assert int4["target_entries"] == (20_000 - (1000 + 200) * 2) // row_bytes(16, "int4")
     with pytest.raises(BudgetError, match="row pointers"):
         build_compressor("pep", feats, 16, "20x")
-    with pytest.raises(ValueError, match="storage"):
-        build_compressor("pep", feats, 16, "2x", storage="int8")
-    per_dim = build_compressor("pep", feats, 16, "2x", granularity="field_dim")
-    assert per_dim.threshold.shape == (2, 16)
+    with pytest.raises(ValueError, match="int4"):
+        build_compressor("pep", feats, 6, "2x", storage="int4")  # 3 code bytes: not packable
+    # The reference's granularity (a threshold per entry) is the default; its thresholds and
+    # their Adam moments are training bytes.
+    layer = build_compressor("pep", feats, 16, 38_400)
+    assert layer.threshold.shape == (1200, 16) and layer.granularity == "feature_dim"
+    assert PEP.solve_budget(feats, 16, 38_400)["train_bytes"] == layer.memory().train_bytes
+    assert float(torch.sigmoid(layer.threshold.max())) < 1e-6  # nothing pruned at the start
+    assert build_compressor("pep", feats, 16, "2x", granularity="field_dim").threshold.shape == (
+        2,
+        16,
+    )
+    assert build_compressor("pep", feats, 16, "2x", granularity="field").threshold.shape == (2, 1)
 
 
 @pytest.fixture(scope="module")
 def run(learn_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pep") / "run"
-    train_run(config(learn_data, "pep", "5x", threshold_lr=0.05), out)
+    # 64 search steps: threshold_lr 0.4 starts the pruning after ~25 (module docstring).
+    train_run(config(learn_data, "pep", "5x", threshold_lr=0.4, check_every=2), out)
     return out
 
 
-def test_thresholds_prune_to_the_budget_and_retrain_keeps_the_mask(run):
+def test_thresholds_reach_the_budget_and_frequent_ids_defend_their_entries(run, learn_data):
     model, _ = load_run_model(run)
     layer = model.embedding.compressor
-    assert bool(layer.found) and (layer.threshold != -6.0).all()  # thresholds moved
+    initial = torch.load(run / "initial.pt", weights_only=True)
+    w0 = initial["embedding.compressor.table.weight"]
+    s0 = initial["embedding.compressor.threshold"]
+    at_init = float((soft_threshold(w0, torch.sigmoid(s0)) == 0).float().mean())
+    hp = layer.hyperparameters()
+    # The learned thresholds (not the magnitude fallback) reached the budget's sparsity.
+    assert bool(layer.found) and not hp["fallback"]
+    assert hp["reached_sparsity"] >= hp["target_sparsity"] > at_init + 0.5
+    # The data gradient holds the thresholds of frequent ids down: the most frequent fifth
+    # of the rows ends with lower thresholds, and keeps more entries, than the rarest fifth.
+    freq = torch.cat([torch.as_tensor(f.frequencies) for f in features_from_dataset(learn_data)])
+    order = torch.argsort(freq.float(), stable=True)
+    fifth = len(order) // 5
+    rare, frequent = order[:fifth], order[-fifth:]
+    s = layer.threshold.detach()
+    assert s[frequent].mean() < s[rare].mean() - 0.05
+    assert layer.mask[frequent].float().mean() > 2 * layer.mask[rare].float().mean()
+
+
+def test_retrain_keeps_the_mask(run):
+    model, _ = load_run_model(run)
+    layer = model.embedding.compressor
     assert layer.nonzeros() <= layer.target_entries
     assert int(layer.mask.sum()) <= layer.target_entries
     initial = torch.load(run / "initial.pt", weights_only=True)["embedding.compressor.table.weight"]
@@ -73,13 +113,28 @@ def test_artifact_matches_serve_bytes_and_predictions(run, learn_data, tmp_path)
     assert forms <= {"csr", "rows", "dense", "empty"} and forms
 
 
-def test_fp16_storage_and_field_dim_thresholds(learn_data, tmp_path):
+def test_int8_export_serves_csr_codes_with_exact_bytes(run, learn_data, tmp_path):
+    layer = load_run_model(run)[0].embedding.compressor
+    fp32, nnz = layer.memory().serve_bytes, layer.nonzeros()
+    manifest = check_artifact(run, learn_data, tmp_path / "a", atol=0.05, storage="int8")
+    cfg = manifest["embedding"]["config"]
+    assert cfg["dtype"] == "int8" and {p["form"] for p in cfg["plans"]} == {"csr"}
+    # Each entry's value shrinks from 4 bytes to 1; each field adds its 4-byte scale.
+    assert manifest["embedding"]["serve_bytes"] == fp32 - 3 * nnz + 4 * len(cfg["plans"])
+
+
+def test_fp16_storage_and_field_dim_thresholds_report_the_fallback(learn_data, tmp_path, caplog):
     out = tmp_path / "run"
     train_run(
         config(learn_data, "pep", "3x", epochs=0.1, storage="fp16", granularity="field_dim"), out
     )
     model, _ = load_run_model(out)
-    assert model.embedding.memory().serve_bytes <= model.embedding.compressor.budget_bytes
+    layer = model.embedding.compressor
+    assert model.embedding.memory().serve_bytes <= layer.budget_bytes
+    # 32 steps at the network's lr cannot start the pruning: the fallback says so.
+    hp = layer.hyperparameters()
+    assert hp["fallback"] and 0 <= hp["reached_sparsity"] < hp["target_sparsity"]
+    assert "magnitude pruning" in caplog.text
     check_artifact(out, learn_data, tmp_path / "a", atol=1e-2)
 
 

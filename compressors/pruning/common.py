@@ -21,13 +21,17 @@ cheapest form its pattern allows, and every byte is counted:
 
 - ``dense``: all ``n_f`` rows at the field's dim ``d_f`` (no index bytes);
 - ``rows``: only the kept rows at ``d_f`` plus a remap ``id -> kept row`` (``-1`` = pruned),
-  int16 when the kept rows fit, else int32. The remapped ids go straight to fbgemm's int-N TBE,
-  which skips ``-1`` indices (the convention of its own ``index_remapping``), so pruned ids
-  read as zeros;
-- ``csr`` (entry-sparse tables): values (fp32/fp16) + column indices (uint8, or int16 when
-  ``D > 256``) per non-zero entry, plus an int32 row pointer per row; served by a vectorised
-  gather/scatter;
-- ``empty``: every row pruned: zero bytes, reads zeros.
+  int16 when the stored rows fit, else int32. The remapped ids go straight to fbgemm's int-N
+  TBE, which skips ``-1`` indices (the convention of its own ``index_remapping``), so pruned
+  ids read as zeros. With a per-field OOV vector (``FieldPlan.oov``) the field stores one more
+  row, the vector, after its kept rows, and pruned ids remap to it instead of ``-1``: the
+  same fbgemm path serves it, and its bytes are one row more (the remap's width counts it);
+- ``csr`` (entry-sparse tables): values + column indices (uint8, or int16 when ``D > 256``)
+  per non-zero entry, plus an int32 row pointer per row; values at fp32, fp16 or int8 (int8:
+  symmetric codes with one fp32 scale per field, ``max|v| / 127`` — 4 bytes a field, where a
+  scale per row would cost 2 bytes a row on top of the 4 of its pointer); served by a
+  vectorised gather/scatter;
+- ``empty``: every row pruned (and no OOV vector): zero bytes, reads zeros.
 
 Table fields go through :class:`RemapMap` -> one ``IntNBitTableBatchedEmbeddingBagsCodegen``
 (any storage dtype) -> :class:`~compressors.core.layout.Combiner`, which zero-pads a field
@@ -74,7 +78,9 @@ PRUNED_KIND = "pruned"
 INT16_MAX = 32767
 PTR_BYTES = 4
 FORMS = ("dense", "rows", "csr", "empty")
-CSR_DTYPES = ("fp32", "fp16")
+CSR_DTYPES = ("fp32", "fp16", "int8")
+CSR_SCALE_BYTES = 4  # the fp32 scale of a field's int8 CSR values
+INT8_MAX = 127
 _CHUNK_ROWS = 1 << 18
 
 
@@ -88,9 +94,22 @@ def column_bytes(dim: int) -> int:
     return 1 if dim <= 256 else 2
 
 
+def csr_fixed_bytes(rows: int, dtype: str) -> int:
+    """The bytes of a CSR field that do not grow with its entries: an int32 pointer per row
+    (+1), and the field's scale when the values are int8."""
+    return (rows + 1) * PTR_BYTES + (CSR_SCALE_BYTES if dtype == "int8" else 0)
+
+
+def csr_entry_bytes(dim: int, dtype: str) -> int:
+    """Bytes of one CSR entry: its value and its column index."""
+    if dtype not in CSR_DTYPES:
+        raise ValueError(f"no CSR form at {dtype} storage (CSR values are {list(CSR_DTYPES)})")
+    return BITS[dtype] // 8 + column_bytes(dim)
+
+
 def csr_bytes(rows: int, nnz: int, dim: int, dtype: str) -> int:
-    """CSR of ``nnz`` entries: values + column indices + an int32 pointer per row (+1)."""
-    return nnz * (BITS[dtype] // 8 + column_bytes(dim)) + (rows + 1) * PTR_BYTES
+    """CSR of ``nnz`` entries: values + column indices, row pointers (and an int8 scale)."""
+    return nnz * csr_entry_bytes(dim, dtype) + csr_fixed_bytes(rows, dtype)
 
 
 def min_dim(dtype: str) -> int:
@@ -109,7 +128,8 @@ def dim_choices(dim: int, dtype: str) -> list[int]:
 
 @dataclass(frozen=True)
 class FieldPlan:
-    """How one field is served: ``form`` (see module docstring), dim, kept rows, entries."""
+    """How one field is served: ``form`` (see module docstring), dim, kept rows, entries, and
+    whether its pruned ids read a stored OOV row (``oov``, ``rows`` form only)."""
 
     name: str
     rows: int
@@ -117,16 +137,25 @@ class FieldPlan:
     dim: int
     kept: int = 0
     nnz: int = 0
+    oov: bool = False
 
     def __post_init__(self) -> None:
         if self.form not in FORMS:
             raise ValueError(f"field {self.name!r}: unknown form {self.form!r}")
+        if self.oov and self.form != "rows":
+            raise ValueError(f"field {self.name!r}: only the rows form stores an OOV row")
+
+    @property
+    def stored_rows(self) -> int:
+        """Rows of the field's fbgemm table (kept rows, plus the OOV row)."""
+        return self.rows if self.form == "dense" else self.kept + int(self.oov)
 
     def serve_bytes(self, dtype: str) -> int:
         if self.form == "dense":
             return self.rows * row_bytes(self.dim, dtype)
         if self.form == "rows":
-            return self.kept * row_bytes(self.dim, dtype) + remap_bytes(self.rows, self.kept)
+            stored = self.stored_rows
+            return stored * row_bytes(self.dim, dtype) + remap_bytes(self.rows, stored)
         if self.form == "csr":
             return csr_bytes(self.rows, self.nnz, self.dim, dtype)
         return 0
@@ -135,13 +164,14 @@ class FieldPlan:
         return asdict(self)
 
 
-def row_plan(name: str, rows: int, kept: int, dim: int) -> FieldPlan:
-    """The form of a row-pruned field: ``dense`` when nothing is pruned, ``empty`` when all."""
+def row_plan(name: str, rows: int, kept: int, dim: int, oov: bool = False) -> FieldPlan:
+    """The form of a row-pruned field: ``dense`` when nothing is pruned, ``empty`` when all
+    (without an OOV vector), else ``rows`` (plus the OOV row when ``oov``)."""
     if kept >= rows:
         return FieldPlan(name, rows, "dense", dim, kept=rows)
-    if kept == 0:
+    if kept == 0 and not oov:
         return FieldPlan(name, rows, "empty", dim)
-    return FieldPlan(name, rows, "rows", dim, kept=kept)
+    return FieldPlan(name, rows, "rows", dim, kept=kept, oov=oov)
 
 
 def cheapest_entry_plan(
@@ -157,8 +187,8 @@ def cheapest_entry_plan(
 def max_csr_entries(features: Sequence[FeatureSpec], dim: int, budget: int, dtype: str) -> int:
     """The most non-zero entries whose CSR export fits ``budget`` (a bound every cheaper
     per-field form then meets too)."""
-    fixed = sum((f.cardinality + 1) * PTR_BYTES for f in features)
-    return (budget - fixed) // (BITS[dtype] // 8 + column_bytes(dim))
+    fixed = sum(csr_fixed_bytes(f.cardinality, dtype) for f in features)
+    return (budget - fixed) // csr_entry_bytes(dim, dtype)
 
 
 # ---------------------------------------------------------------- training storage
@@ -314,12 +344,13 @@ class RemapMap(IndexMap):
         return cls(config["features"], {f: tensors[f"remap.{f}"] for f in config["remapped"]})
 
 
-def build_remap(keep: torch.Tensor) -> torch.Tensor:
-    """``keep`` (bool per id) -> id -> kept row, ``-1`` for pruned ids (int16 when it fits)."""
+def build_remap(keep: torch.Tensor, oov: bool = False) -> torch.Tensor:
+    """``keep`` (bool per id) -> id -> kept row; pruned ids -> ``-1``, or with ``oov`` the row
+    after the kept ones (the OOV row). int16 when the stored rows fit, else int32."""
     kept = int(keep.sum())
-    remap = torch.full((len(keep),), -1, dtype=torch.int64)
+    remap = torch.full((len(keep),), kept if oov else -1, dtype=torch.int64)
     remap[keep] = torch.arange(kept)
-    return remap.to(torch.int16 if kept <= INT16_MAX else torch.int32)
+    return remap.to(torch.int16 if kept + int(oov) <= INT16_MAX else torch.int32)
 
 
 # ---------------------------------------------------------------- CSR and empty fields
@@ -335,6 +366,10 @@ class SparseFields(nn.Module):
                 self.register_buffer(f"_values{i}", tensors[f"csr.{p.name}.values"])
                 self.register_buffer(f"_cols{i}", tensors[f"csr.{p.name}.cols"])
                 self.register_buffer(f"_ptr{i}", tensors[f"csr.{p.name}.ptr"])
+                scale = tensors.get(f"csr.{p.name}.scale")  # int8 values only
+                if scale is None:
+                    scale = torch.ones(1)
+                self.register_buffer(f"_scale{i}", scale, persistent=False)
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         batch = features.stride()
@@ -353,24 +388,34 @@ class SparseFields(nn.Module):
                     bag = torch.repeat_interleave(torch.arange(batch), lengths[i])
                     bag = torch.repeat_interleave(bag, count)
                     cols = getattr(self, f"_cols{i}")[entry].long()
-                    vals = getattr(self, f"_values{i}")[entry].float()
+                    scale = getattr(self, f"_scale{i}")
+                    vals = getattr(self, f"_values{i}")[entry].float() * scale
                     pooled.view(-1).index_add_(0, bag * self.dim + cols, vals)
             out.append(pooled)
         return torch.stack(out, dim=1)
 
 
 def pack_csr(values: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
-    """A field's ``[n, D]`` values (zeros pruned) -> CSR tensors at ``dtype``."""
+    """A field's ``[n, D]`` values (zeros pruned) -> CSR tensors at ``dtype`` (int8: codes
+    and the field's fp32 scale; an entry whose code rounds to 0 stays an entry)."""
+    csr_entry_bytes(values.shape[1], dtype)  # refuses a dtype without a CSR form
     nz = values != 0
     rows, cols = nz.nonzero(as_tuple=True)
     ptr = torch.zeros(values.shape[0] + 1, dtype=torch.int64)
     ptr[1:] = torch.cumsum(nz.sum(1), 0)
-    data = values[rows, cols]
-    return {
-        "values": data.float() if dtype == "fp32" else data.half(),
+    data = values[rows, cols].float()
+    packed = {
         "cols": cols.to(torch.uint8 if column_bytes(values.shape[1]) == 1 else torch.int16),
         "ptr": ptr.to(torch.int32),
     }
+    if dtype == "int8":
+        peak = float(data.abs().max()) if data.numel() else 0.0
+        scale = torch.tensor([peak / INT8_MAX if peak > 0 else 1.0], dtype=torch.float32)
+        packed["values"] = torch.round(data / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+        packed["scale"] = scale
+    else:
+        packed["values"] = data if dtype == "fp32" else data.half()
+    return packed
 
 
 # ---------------------------------------------------------------- export and serving
@@ -381,9 +426,11 @@ def export_pruned(
     dtype: str,
     field_values: Callable[[int], torch.Tensor],
     row_keep: Callable[[int], torch.Tensor],
+    oov_vector: Callable[[int], torch.Tensor] | None = None,
 ) -> ExportedEmbedding:
     """The ``pruned`` export of ``plans``; ``field_values(f)`` are field ``f``'s ``[n_f, D]``
-    values as the trained model reads them, ``row_keep(f)`` its kept rows (bool)."""
+    values as the trained model reads them, ``row_keep(f)`` its kept rows (bool),
+    ``oov_vector(f)`` the ``[D]`` vector its pruned ids read (fields whose plan has ``oov``)."""
     table_plans = [p for p in plans if p.form in ("dense", "rows")]
     sparse_plans = [p for p in plans if p.form in ("csr", "empty")]
     tensors: dict[str, torch.Tensor] = {}
@@ -395,8 +442,12 @@ def export_pruned(
                 keep = row_keep(f)
                 if int(keep.sum()) != p.kept:
                     raise RuntimeError(f"{method}: field {p.name!r} keeps {int(keep.sum())} rows")
-                remaps[p.name] = build_remap(keep)
+                remaps[p.name] = build_remap(keep, p.oov)
                 values = values[keep]
+                if p.oov:
+                    if oov_vector is None:
+                        raise RuntimeError(f"{method}: field {p.name!r} has no OOV vector")
+                    values = torch.cat([values, oov_vector(f)[: p.dim].unsqueeze(0)])
             spec = TableSpec(f"t_{p.name}", values.shape[0], p.dim, dtype)
             tables.append(spec)
             lookups.append(Lookup(p.name, spec.name, field=len(lookups)))

@@ -21,6 +21,7 @@ Example::
 
     layer = build_compressor("deeplight", features, dim=16, budget="5x")
     layer = build_compressor("deeplight", features, dim=16, budget="5x", decay_steps=5)
+    layer = build_compressor("deeplight", features, dim=16, budget="10x", storage="int8")
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class DeepLight(EntryPruned):
 
     name = "deeplight"
     option_help = {
-        "storage": "serving dtype of the kept entries (fp32 or fp16: CSR or kept rows)",
+        "storage": "serving dtype of the kept entries (fp32, fp16, int8: CSR or kept rows; "
+        "int4, int2: kept rows)",
         "decay_steps": "steps of the schedule S·(1 − 0.99^(t/decay_steps)) (paper: 100)",
         "prune_every": "steps between magnitude-pruning passes",
         "prune_epochs": "epochs of the gradual-pruning stage (None: the run's)",

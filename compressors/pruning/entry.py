@@ -2,10 +2,20 @@
 mask, a budget turned into a number of non-zero entries, and the cheapest honest export.
 
 **Budget.** The most non-zero entries ``K`` whose CSR export fits the budget
-(``K·(value + column bytes) + Σ_f (n_f + 1)·4``, :func:`max_csr_entries`). Every field then
-exports in the cheapest of its forms (dense rows, kept rows + remap, CSR), each no larger than
-its CSR, so a table with at most ``K`` non-zeros always fits. Storage is ``fp32`` or ``fp16``
-(CSR values at that precision); row-wise int-N storage of sparse rows is not offered.
+(``K·(value + column bytes) + Σ_f (n_f + 1)·4`` (+ 4 bytes a field for int8's scale),
+:func:`max_csr_entries`). Every field then exports in the cheapest of its forms (dense rows,
+kept rows + remap, CSR), each no larger than its CSR, so a table with at most ``K`` non-zeros
+always fits.
+
+**Storage.** ``fp32``, ``fp16`` and ``int8`` offer all three forms (int8 CSR: one fp32 scale
+per field, see :mod:`compressors.pruning.common`; int8 rows: fbgemm's row-wise codes).
+``int4`` and ``int2`` serve dense or kept rows only (fbgemm row-wise; CSR values that coarse
+would need a scale per row to stay useful, and cost little less than int8's column byte
+already does), so their bound is by rows: every non-zero may sit in a row of its own, and
+every field may need its remap, ``K = (budget − Σ_f remap(n_f)) // row_bytes(D)`` — a far
+smaller ``K`` than int8's. Row-wise int-N codes are asymmetric (min/max), so a kept row's
+pruned entries read back close to, not exactly, zero. ``set_storage`` (``ctr export
+--storage``) serves the trained mask at another dtype, each field in its cheapest form there.
 
 Example::
 
@@ -16,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -31,22 +42,40 @@ from compressors.core.base import (
     full_bytes,
 )
 from compressors.core.budget import BudgetError, describe_bytes
-from compressors.core.storage import optimizer_state_bytes
+from compressors.core.storage import check_dtype, optimizer_state_bytes, row_bytes
 from compressors.pruning.common import (
     CSR_DTYPES,
-    PTR_BYTES,
     EntryTable,
     FieldPlan,
     cheapest_entry_plan,
+    csr_fixed_bytes,
     export_pruned,
     max_csr_entries,
     refuse_distributed,
+    remap_bytes,
 )
 
 if TYPE_CHECKING:
     from compressors.core.base import StageContext
 
 _CHUNK_ROWS = 1 << 18
+log = logging.getLogger(__name__)
+
+
+def entry_floor_bytes(features: Sequence[FeatureSpec], dtype: str) -> int:
+    """What an entry-sparse export needs before its first entry: CSR row pointers (and int8
+    scales), or for row-only dtypes every field's remap."""
+    if dtype in CSR_DTYPES:
+        return sum(csr_fixed_bytes(f.cardinality, dtype) for f in features)
+    return sum(remap_bytes(f.cardinality, f.cardinality) for f in features)
+
+
+def max_entries(features: Sequence[FeatureSpec], dim: int, budget: int, dtype: str) -> int:
+    """The most non-zero entries any pattern of which fits ``budget`` at ``dtype`` (module
+    docstring)."""
+    if dtype in CSR_DTYPES:
+        return max_csr_entries(features, dim, budget, dtype)
+    return (budget - entry_floor_bytes(features, dtype)) // row_bytes(dim, dtype)
 
 
 class EntryPruned(SearchedBytes, Compressor):
@@ -66,8 +95,9 @@ class EntryPruned(SearchedBytes, Compressor):
         plan = self.solve_budget(features, dim, budget_bytes, storage=storage, optimizer=optimizer)
         if not plan["feasible"]:
             floor = plan["floor_bytes"]
+            what = "the CSR row pointers" if storage in CSR_DTYPES else "the id remaps"
             raise BudgetError(
-                f"{self.name}: the CSR row pointers alone need {describe_bytes(floor)}"
+                f"{self.name}: {what} alone need {describe_bytes(floor)} at {storage}"
                 f" ({self.full_bytes / plan['floor_bytes']:.1f}x) but the budget is "
                 f"{describe_bytes(budget_bytes)} ({self.full_bytes / budget_bytes:.1f}x); "
                 "entry pruning cannot reach it (try optembed or an inter-feature method)"
@@ -83,14 +113,10 @@ class EntryPruned(SearchedBytes, Compressor):
         """The plan by arithmetic: at most ``target_entries`` non-zeros (the sparsity the run
         prunes to); serve bytes at most the budget, exact ones depend on the learned pattern."""
         storage = options.get("storage", "fp32")
-        if storage not in CSR_DTYPES:
-            raise ValueError(
-                f"{cls.name}: storage must be one of {list(CSR_DTYPES)} (sparse rows are served "
-                f"as CSR or kept rows), got {storage!r}"
-            )
+        check_dtype(storage, dim)
         rows = sum(f.cardinality for f in features)
         entries = rows * dim
-        target = min(entries, max_csr_entries(features, dim, budget_bytes, storage))
+        target = min(entries, max_entries(features, dim, budget_bytes, storage))
         train = (
             entries * 4
             + optimizer_state_bytes(rows, dim, options.get("optimizer", "rowwise_adagrad"))
@@ -102,7 +128,7 @@ class EntryPruned(SearchedBytes, Compressor):
             "target_entries": max(target, 0),
             "target_sparsity": 1.0 - max(target, 0) / entries,
             "serve_bytes_max": budget_bytes,
-            "floor_bytes": sum((f.cardinality + 1) * PTR_BYTES for f in features),
+            "floor_bytes": entry_floor_bytes(features, storage),
             "train_bytes": train,
             "full_bytes": full_bytes(features, dim),
         }
@@ -177,6 +203,24 @@ class EntryPruned(SearchedBytes, Compressor):
 
     def extra_train_bytes(self) -> int:
         return 0
+
+    def set_storage(self, dtype: str) -> None:
+        """Serves the trained entries at ``dtype``, each field in its cheapest form there. The
+        mask is the one trained for the run's storage: at a dtype without CSR (int4, int2)
+        the bytes can exceed the run's budget, which a warning then says."""
+        check_dtype(dtype, self.dim)
+        self.storage = dtype
+        serve = self.memory().serve_bytes
+        if serve > self.budget_bytes:
+            log.warning(
+                "%s: at %s the trained mask needs %s, over the run's budget %s (it was "
+                "pruned for %s storage)",
+                self.name,
+                dtype,
+                describe_bytes(serve),
+                describe_bytes(self.budget_bytes),
+                self.options.get("storage", "fp32"),
+            )
 
     @torch.no_grad()
     def export(self) -> ExportedEmbedding:

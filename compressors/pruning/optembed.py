@@ -36,7 +36,9 @@ Ablations (the paper's): ``search_dims=False`` is OptEmbed-E (rows only, all fie
 
 Export (kind ``pruned``, see :mod:`compressors.pruning.common`): each field's kept rows at
 its chosen dim (``storage`` any fbgemm dtype), plus an id remap for fields that lost rows
-(pruned ids -> ``-1``, skipped by fbgemm's TBE), zero-padded back to ``D``.
+(pruned ids -> ``-1``, skipped by fbgemm's TBE, or -> the field's OOV row), zero-padded back
+to ``D``. ``set_storage`` (``ctr export --storage``) serves the same rows and dims at another
+dtype when every field's dim packs there.
 ``serve_bytes`` is always what :meth:`export` would write now; after the search it is at
 most the budget.
 
@@ -58,14 +60,26 @@ Where this deviates from the reference, and why:
   ~0.006 per step from the penalty while the data loss, which only a small ``alpha`` leaves
   comparable, holds them down per field. The reference's ``alpha=3e-4``,
   ``threshold_lr=3e-4`` (64-dim xavier tables, Adam, 30 epochs) are one option away.
-- A per-field OOV vector for pruned rows (the reference's ``mode_oov='oov'``) is not offered:
-  pruned rows read zeros (its default ``'zero'``).
+- Pruned rows: ``pruned_rows="zero"`` (the default, as the reference's default
+  ``mode_oov='zero'``, the setting of the paper's results) reads zeros;
+  ``pruned_rows="field_vector"`` (the reference's ``mode_oov='oov'``) gives each field one
+  learned vector that its pruned ids read instead, in the supernet and in the retrain, cut
+  to the field's dim like its rows. It starts at zero (pruned rows read zeros until it
+  learns; the reference draws it xavier-uniform) and trains with the network's Adam; the
+  retrain rewinds it to zero with the rest, so the served vector is the retrain's. In the
+  supernet a row reads ``m·e + (1 − m)·v_f`` (``m`` the step), so the straight-through
+  gradient ``(e − v_f)·∂L/∂out·ste'`` tells the threshold whether a row beats its field's
+  vector; the reference's ``torch.where(m > 0, e, v_f)`` passes no data gradient to the
+  thresholds at all in that mode. Served as one more row of the field's table that pruned
+  ids remap to (instead of ``-1``), counted in ``serve_bytes``; a field that loses every row
+  keeps just that row and its remap.
 
 Example::
 
     layer = build_compressor("optembed", features, dim=16, budget="5x")
     layer = build_compressor("optembed", features, dim=16, budget="10x", storage="int8")
     layer = build_compressor("optembed", features, dim=16, budget="2x", search_dims=False)  # -E
+    layer = build_compressor("optembed", features, dim=16, budget="5x", pruned_rows="field_vector")
 """
 
 from __future__ import annotations
@@ -90,13 +104,12 @@ from compressors.core.base import (
 )
 from compressors.core.budget import BudgetError, describe_bytes
 from compressors.core.registry import register
-from compressors.core.storage import check_dtype, optimizer_state_bytes, row_bytes
+from compressors.core.storage import check_dtype, optimizer_state_bytes
 from compressors.pruning.common import (
     EntryTable,
     dim_choices,
     export_pruned,
     refuse_distributed,
-    remap_bytes,
     row_plan,
 )
 
@@ -106,6 +119,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 QUANTILE_STEPS = 1000
+PRUNED_ROWS = ("zero", "field_vector")
 
 
 def ste_derivative(x: torch.Tensor) -> torch.Tensor:
@@ -134,17 +148,17 @@ def floor_bytes(
     storage: str,
     prune_rows: bool,
     search_dims: bool,
+    oov: bool = False,
 ) -> int:
     """The fewest serve bytes the search can reach: one row per field at the smallest dim
-    (plus its remap) with row pruning; every row at the smallest dim without."""
+    (plus the OOV row and the remap) with row pruning; every row at the smallest dim without."""
     d = dim_choices(dim, storage)[0] if search_dims else dim
-    total = 0
-    for f in features:
-        if prune_rows and f.cardinality > 1:
-            total += row_bytes(d, storage) + remap_bytes(f.cardinality, 1)
-        else:
-            total += f.cardinality * row_bytes(d, storage)
-    return total
+    return sum(
+        row_plan(f.name, f.cardinality, 1 if prune_rows else f.cardinality, d, oov).serve_bytes(
+            storage
+        )
+        for f in features
+    )
 
 
 @register
@@ -165,6 +179,8 @@ class OptEmbed(SearchedBytes, Compressor):
         "mutation_prob": "per-field probability that a mutation redraws its dim (reference 0.1)",
         "search_batches": "validation batches scored per candidate (None: the whole split)",
         "rewind": "retrain from the initial weights (False: from the supernet's)",
+        "pruned_rows": "what pruned ids read: 'zero' (reference default) or 'field_vector' "
+        "(one learned vector per field, served as an extra row)",
         "supernet_epochs": "epochs of the supernet stage (None: the run's)",
         "retrain_epochs": "epochs of the retrain stage (None: the run's)",
     }
@@ -186,6 +202,7 @@ class OptEmbed(SearchedBytes, Compressor):
         mutation_prob: float = 0.1,
         search_batches: int | None = None,
         rewind: bool = True,
+        pruned_rows: str = "zero",
         supernet_epochs: float | None = None,
         retrain_epochs: float | None = None,
         optimizer: str = "rowwise_adagrad",
@@ -195,6 +212,14 @@ class OptEmbed(SearchedBytes, Compressor):
         check_dtype(storage, dim)
         if not (prune_rows or search_dims):
             raise ValueError("optembed: prune_rows and search_dims cannot both be off")
+        if pruned_rows not in PRUNED_ROWS:
+            raise ValueError(
+                f"optembed: pruned_rows must be one of {PRUNED_ROWS}, got {pruned_rows!r}"
+            )
+        if pruned_rows == "field_vector" and not prune_rows:
+            raise ValueError(
+                "optembed: pruned_rows='field_vector' needs prune_rows (no row is pruned)"
+            )
         if generations < 1 or mutations + crossovers < 1 or parents < 2:
             raise ValueError("optembed: needs generations >= 1, a population and parents >= 2")
         if not 0.0 <= mutation_prob <= 1.0:
@@ -210,8 +235,10 @@ class OptEmbed(SearchedBytes, Compressor):
         self.parents = parents
         self.mutation_prob = mutation_prob
         self.search_batches = search_batches
+        self.pruned_rows = pruned_rows
+        self.field_vector = pruned_rows == "field_vector"
         self.choices = dim_choices(dim, storage) if search_dims else [dim]
-        floor = floor_bytes(features, dim, storage, prune_rows, search_dims)
+        floor = floor_bytes(features, dim, storage, prune_rows, search_dims, self.field_vector)
         if floor > budget_bytes:
             raise BudgetError(
                 f"optembed: even {'one row per field' if prune_rows else 'every row'} at dim "
@@ -226,6 +253,9 @@ class OptEmbed(SearchedBytes, Compressor):
         )
         self.table = EntryTable(features, dim, optimizer, init_scale)
         self.threshold = nn.Parameter(torch.zeros(len(features)))
+        # The per-field OOV vectors (field_vector only): a plain parameter, so the network's
+        # Adam trains it; zero at first, so pruned ids read zeros until it learns.
+        self.oov = nn.Parameter(torch.zeros(len(features), dim)) if self.field_vector else None
         self.register_buffer("row_mask", torch.ones(self.table.rows, dtype=torch.bool))
         self.register_buffer("dims", torch.full((len(features),), dim, dtype=torch.int64))
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
@@ -242,13 +272,15 @@ class OptEmbed(SearchedBytes, Compressor):
         storage = options.get("storage", "fp32")
         prune_rows = options.get("prune_rows", True)
         search_dims = options.get("search_dims", True)
-        floor = floor_bytes(features, dim, storage, prune_rows, search_dims)
+        oov = options.get("pruned_rows", "zero") == "field_vector"
+        floor = floor_bytes(features, dim, storage, prune_rows, search_dims, oov)
         rows = sum(f.cardinality for f in features)
         train = (
             rows * dim * 4
             + optimizer_state_bytes(rows, dim, options.get("optimizer", "rowwise_adagrad"))
             + rows
             + len(features) * (4 + 8)
+            + (len(features) * dim * 4 * 3 if oov else 0)  # OOV vectors and their Adam moments
         )
         return {
             "method": cls.name,
@@ -260,14 +292,24 @@ class OptEmbed(SearchedBytes, Compressor):
         }
 
     # ---------------------------------------------------------------- forward
+    def _read_rows(
+        self, rows: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor:
+        """Kept rows (``keep`` 1) read their values, pruned ones zeros or their field's OOV
+        vector; ``keep`` may carry the straight-through gradient."""
+        keep = keep.unsqueeze(1)
+        if self.oov is None:
+            return weight * keep
+        return weight * keep + (1 - keep) * self.oov[self.table.field_of(rows)]
+
     def _supernet_rows(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if not self.prune_rows:
             return weight
         x = weight.abs().sum(1) - self.threshold[self.table.field_of(rows)]
-        return weight * LongTailStep.apply(x).unsqueeze(1)
+        return self._read_rows(rows, weight, LongTailStep.apply(x))
 
     def _masked_rows(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.row_mask[rows].unsqueeze(1).to(weight.dtype)
+        return self._read_rows(rows, weight, self.row_mask[rows].to(weight.dtype))
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         if bool(self.frozen):
@@ -333,7 +375,7 @@ class OptEmbed(SearchedBytes, Compressor):
         dims = self.dims.tolist() if dims is None else dims
         kept = self.kept_per_field() if kept is None else kept
         return [
-            row_plan(f.name, f.cardinality, k, d)
+            row_plan(f.name, f.cardinality, k, d, self.field_vector)
             for f, k, d in zip(self.features, kept, dims, strict=True)
         ]
 
@@ -409,8 +451,9 @@ class OptEmbed(SearchedBytes, Compressor):
                 if i == 0 or kept[f] == 0:
                     continue
                 lower = self.choices[i - 1]
-                now = row_plan("", self.features[f].cardinality, kept[f], dims[f])
-                then = row_plan("", self.features[f].cardinality, kept[f], lower)
+                card, oov = self.features[f].cardinality, self.field_vector
+                now = row_plan("", card, kept[f], dims[f], oov)
+                then = row_plan("", card, kept[f], lower, oov)
                 freed = now.serve_bytes(self.storage) - then.serve_bytes(self.storage)
                 cost = float(mass[f, lower : dims[f]].sum()) / max(freed, 1)
                 if best_cost is None or cost < best_cost:
@@ -503,6 +546,7 @@ class OptEmbed(SearchedBytes, Compressor):
             + self.row_mask.numel()
             + self.threshold.numel() * 4
             + self.dims.numel() * 8
+            + (self.oov.numel() * 4 * 3 if self.oov is not None else 0)  # + Adam's moments
         )
         return MemoryReport(
             serve_bytes=sum(parts.values()),
@@ -529,7 +573,21 @@ class OptEmbed(SearchedBytes, Compressor):
             self.storage,
             values,
             lambda f: mask[self.table.field_slice(f)],
+            None if self.oov is None else lambda f: self.oov.detach()[f],
         )
+
+    def set_storage(self, dtype: str) -> None:
+        """Serves the searched rows and dims at ``dtype`` (refused when a field's dim does
+        not pack there, e.g. an odd dim at int8)."""
+        check_dtype(dtype, self.dim)
+        step = dim_choices(self.dim, dtype)[0]
+        for p in self.plans():
+            if p.form in ("dense", "rows") and p.dim % step:
+                raise ValueError(
+                    f"{self.name}: field {p.name!r} was searched to dim {p.dim}, which {dtype} "
+                    f"rows cannot hold (dims must be multiples of {step})"
+                )
+        self.storage = dtype
 
     def hyperparameters(self) -> dict[str, Any]:
         kept = self.kept_per_field()
@@ -537,6 +595,7 @@ class OptEmbed(SearchedBytes, Compressor):
             "storage": self.storage,
             "prune_rows": self.prune_rows,
             "search_dims": self.search_dims,
+            "pruned_rows": self.pruned_rows,
             "dims": dict(zip(self.feature_names, self.dims.tolist(), strict=True)),
             "kept_rows": dict(zip(self.feature_names, kept, strict=True)),
             "thresholds": dict(
