@@ -425,10 +425,17 @@ class Compressor(nn.Module):
 
     def set_storage(self, dtype: str) -> None:
         """Serves the trained tables at ``dtype`` (fp32/fp16/int8/int4/int2), same layout."""
+        # The registry imports this module: read it at call time.
+        from compressors.core.registry import COMPRESSORS
+
+        able = sorted(
+            name
+            for name, cls in COMPRESSORS.items()
+            if cls.set_storage is not Compressor.set_storage
+        )
         raise ValueError(
             f"{self.name}: its serving format is fixed by the method; --storage applies to "
-            "table methods (full, hash, unified, qr, adapt, ptq) and the plain tables of "
-            "hybrid ones (tt, robe, dhe)"
+            f"{', '.join(able)} (for hybrid methods, to their plain tables)"
         )
 
     @property
