@@ -24,6 +24,7 @@ from compressors.core.base import Stage
 from compressors.core.budget import Budget
 from compressors.core.keys import FingerprintKeys
 from compressors.core.layout import IdRangeCheck
+from compressors.core.registry import method_options
 from datasets.encode import load_field_vocabs
 from datasets.fingerprint import MISSING, fingerprint_strings
 from datasets.format import DatasetMeta
@@ -60,9 +61,10 @@ class EmbeddingLayer(nn.Module):
     :class:`Compressor`; ``budget`` is ``"10x"``, a fraction, ``"25MB"`` or bytes; further
     keywords are the method's options.
 
-    ``keys="fingerprint"`` keys the fields a method hashes (``hash``, ``unified``, ``robe``;
-    ``compressor.hashed_fields()``) by raw-value fingerprints instead of ids, so they serve
-    without a vocabulary (:mod:`compressors.core.keys`); features need ``fingerprints``.
+    ``keys="fingerprint"`` keys the fields a method hashes (``hash``, ``unified``, ``qr``,
+    ``robe``, ``dhe``; ``compressor.hashed_fields()``) by raw-value fingerprints instead of
+    ids, so they serve without a vocabulary (:mod:`compressors.core.keys`); features need
+    ``fingerprints``. A method with a ``keys`` option of its own (``qr``) is given it.
     """
 
     def __init__(
@@ -82,6 +84,10 @@ class EmbeddingLayer(nn.Module):
                 raise TypeError("options are only accepted with a compressor name")
             self.compressor = compressor
         else:
+            if keys != "id" and "keys" in method_options(compressor):
+                # The method's rows depend on how values are keyed (qr hashes fingerprints
+                # before splitting them): it takes the layer's keys as its own option.
+                options = {"keys": keys, **options}
             self.compressor = build_compressor(compressor, features, dim, budget, **options)
         self.method = self.compressor.name
         self.budget = budget
@@ -93,7 +99,7 @@ class EmbeddingLayer(nn.Module):
         if keys == "fingerprint" and not self.fingerprint_fields:
             raise ValueError(
                 f"{self.method}: keys='fingerprint' needs a method that hashes values "
-                "(hash, unified, robe); this one hashes no field"
+                "(hash, unified, qr, robe, dhe); this one hashes no field"
             )
         self.key_map = FingerprintKeys(self.compressor.features, self.fingerprint_fields)
 
