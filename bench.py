@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 CACHE = Path(os.environ.get("CTR_BENCH_CACHE", ".bench-cache"))
@@ -546,29 +546,53 @@ PRECISION_DTYPES = ("fp32", "fp16", "int8", "int4", "int2")
 def _serving_tables(cards: list[int], dim: int, seed: int = 0) -> dict[str, object]:
     """The same random tables behind every serving format: fbgemm's int-N TBE per dtype and
     the binary module at b=1 and b=4 (built one format at a time to bound memory)."""
+    modules = _int_tables(cards, dim, seed)
+    modules.update(_binary_tables(cards, dim, (1, 4), seed))
+    return modules
+
+
+def _random_tables(cards: list[int], dim: int, seed: int) -> object:
     import torch
 
+    gen = torch.Generator().manual_seed(seed)
+    for n in cards:
+        yield torch.randn(n, dim, generator=gen) * 0.1
+
+
+def _int_tables(cards: list[int], dim: int, seed: int, dtypes=PRECISION_DTYPES) -> dict:
     from compressors.core.storage import Lookup, ServeTables, TableSpec, pack_rows
+
+    names = [f"C{i + 1}" for i in range(len(cards))]
+    lookups = [Lookup(n, f"t_{n}", field=i) for i, n in enumerate(names)]
+    modules: dict[str, object] = {}
+    for dtype in dtypes:
+        specs = [TableSpec(f"t_{n}", c, dim, dtype) for n, c in zip(names, cards, strict=True)]
+        weights = _random_tables(cards, dim, seed)
+        packed = {s.name: pack_rows(w, dtype) for s, w in zip(specs, weights, strict=True)}
+        modules[dtype] = ServeTables(specs, lookups, packed)
+        del packed
+    return modules
+
+
+def _binary_tables(
+    cards: list[int],
+    dim: int,
+    bits: Sequence[int],
+    seed: int = 0,
+    decodes: Sequence[tuple[str, str]] = (("auto", "int2"),),
+) -> dict:
+    """Binary serving modules over the same random tables: one per plane count and
+    ``(decode, plane dtype)``, keyed ``binary b=B DECODE[/DTYPE]``."""
     from compressors.precision.binary import BinaryServing, binarize, binary_export
 
     names = [f"C{i + 1}" for i in range(len(cards))]
-
-    def weights() -> object:
-        gen = torch.Generator().manual_seed(seed)
-        for n in cards:
-            yield torch.randn(n, dim, generator=gen) * 0.1
-
     modules: dict[str, object] = {}
-    lookups = [Lookup(n, f"t_{n}", field=i) for i, n in enumerate(names)]
-    for dtype in PRECISION_DTYPES:
-        specs = [TableSpec(f"t_{n}", c, dim, dtype) for n, c in zip(names, cards, strict=True)]
-        packed = {s.name: pack_rows(w, dtype) for s, w in zip(specs, weights(), strict=True)}
-        modules[dtype] = ServeTables(specs, lookups, packed)
-        del packed
-    for bits in (1, 4):
-        parts = [binarize(w, bits) for w in weights()]
+    for b in bits:
+        parts = [binarize(w, b) for w in _random_tables(cards, dim, seed)]
         exported = binary_export(names, dim, [c for c, _ in parts], [s for _, s in parts])
-        modules[f"binary b={bits}"] = BinaryServing(exported)
+        for decode, plane_dtype in decodes:
+            label = f"binary b={b} {decode}" + (f"/{plane_dtype}" if decode == "planes" else "")
+            modules[label] = BinaryServing(exported, decode, plane_dtype)
     return modules
 
 
@@ -1530,15 +1554,32 @@ def bench_serving(args: argparse.Namespace) -> dict:
     ]
     print_table("serving: in-process, batches of 4096 (same run)", inproc_rows)
 
-    # Binary serving (per-field bit-planes unpacked through a sign table) vs fp32 lookups.
+    # Binary serving vs fp32 lookups, b=1 and b=2 side by side: the default decode ("auto":
+    # one kernel lookup an id), every plane its own int-N row ("planes", exact, b lookups an
+    # id), and the packed bits decoded in torch ("bits", 1x memory).
     cards = [f.cardinality for f in meta.sparse]
-    modules = _serving_tables(cards, 16)
+    decodes = (("auto", "int2"), ("planes", "int2"), ("planes", "int8"), ("bits", "int2"))
+    modules = {
+        **_int_tables(cards, 16, 0, ("fp32",)),
+        **_binary_tables(cards, 16, (1, 2), 0, decodes),
+    }
     kjts = [b.sparse_features for b in ids_batches]
-    speeds = _lookup_speed({k: v for k, v in modules.items() if "binary" in k or k == "fp32"}, kjts)
+    speeds = _lookup_speed(modules, kjts)
+    rows_total = sum(cards)
     binary_rows = [
-        {"format": k, "lookups/s": v, "vs fp32": v / speeds["fp32"]} for k, v in speeds.items()
+        {
+            "format": k,
+            "lookups/s": v,
+            "vs fp32": v / speeds["fp32"],
+            # What each format holds in memory per id (fp32: 16 floats).
+            "resident B/row": getattr(modules[k], "resident_bytes", rows_total * 64) / rows_total,
+        }
+        for k, v in speeds.items()
     ]
-    print_table("serving: binary decode vs fp32 fbgemm lookups (1 thread CPU time)", binary_rows)
+    print_table(
+        "serving: binary decode vs fp32 fbgemm lookups (1 thread CPU time, best of 5 per batch)",
+        binary_rows,
+    )
     return {"http": rows, "in_process": inproc_rows, "binary": binary_rows}
 
 

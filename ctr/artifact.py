@@ -216,6 +216,12 @@ class CompactModel(nn.Module):
         return int(self.manifest["embedding"]["serve_bytes"])
 
     @property
+    def resident_bytes(self) -> int:
+        """Bytes the loaded embedding tables hold in memory: ``serve_bytes``, except where
+        serving re-lays the stored format for speed (``binary``'s decoded rows)."""
+        return int(getattr(self.model.embedding.module, "resident_bytes", self.serve_bytes))
+
+    @property
     def feature_names(self) -> list[str]:
         return [f["name"] for f in self.manifest["features"]]
 

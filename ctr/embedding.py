@@ -23,6 +23,8 @@ from compressors import Compressor, ExportedEmbedding, FeatureSpec, MemoryReport
 from compressors.core.base import Stage
 from compressors.core.budget import Budget
 from compressors.core.keys import FingerprintKeys
+from compressors.core.layout import IdRangeCheck
+from compressors.core.registry import method_options
 from datasets.encode import load_field_vocabs
 from datasets.fingerprint import MISSING, fingerprint_strings
 from datasets.format import DatasetMeta
@@ -52,55 +54,6 @@ def vocabulary_fingerprints(meta: DatasetMeta) -> dict[str, np.ndarray]:
     }
 
 
-class IdRangeCheck:
-    """Refuses ids outside ``[0, cardinality)`` of their field, in one vectorised pass.
-
-    Out-of-range ids would otherwise be zeroed by fbgemm (with only a C++ log line) or hashed
-    silently by hashing methods; this names the field and the offending value instead.
-    """
-
-    def __init__(self, cardinality: dict[str, int]) -> None:
-        self.cardinality = dict(cardinality)
-        self._limits: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
-
-    def __call__(self, features: KeyedJaggedTensor) -> None:
-        values = features.values()
-        if values.numel() == 0:
-            return
-        keys = tuple(features.keys())
-        key = (keys, values.device)
-        if key not in self._limits:
-            unknown = [k for k in keys if k not in self.cardinality]
-            if unknown:
-                raise ValueError(
-                    f"unknown sparse fields {unknown}; expected {list(self.cardinality)}"
-                )
-            self._limits[key] = torch.tensor(
-                [self.cardinality[k] for k in keys], dtype=values.dtype, device=values.device
-            )
-        per_key = features.length_per_key()
-        limits = self._limits[key]
-        if len(set(per_key)) == 1:
-            # Every field has as many ids (single-hot batches): one pass over a [F, n] view.
-            low, high = values.view(len(keys), -1).aminmax(dim=1)
-            if bool(((low < 0) | (high >= limits)).any()):
-                self._report(values, keys, torch.tensor(per_key, device=values.device))
-            return
-        lengths = torch.tensor(per_key, device=values.device)
-        limit = torch.repeat_interleave(limits, lengths, output_size=values.numel())
-        if bool(((values < 0) | (values >= limit)).any()):
-            self._report(values, keys, lengths)
-
-    def _report(self, values: torch.Tensor, keys: tuple[str, ...], lengths: torch.Tensor) -> None:
-        limit = torch.repeat_interleave(self._limits[(keys, values.device)], lengths)
-        i = int(((values < 0) | (values >= limit)).nonzero()[0, 0])
-        field = int(torch.searchsorted(lengths.cumsum(0), i, right=True))
-        raise ValueError(
-            f"sparse field {keys[field]!r} has id {int(values[i])} outside "
-            f"[0, {self.cardinality[keys[field]]})"
-        )
-
-
 class EmbeddingLayer(nn.Module):
     """``KeyedJaggedTensor`` of field ids -> ``[B, F, dim]`` through a swappable compressor.
 
@@ -108,9 +61,10 @@ class EmbeddingLayer(nn.Module):
     :class:`Compressor`; ``budget`` is ``"10x"``, a fraction, ``"25MB"`` or bytes; further
     keywords are the method's options.
 
-    ``keys="fingerprint"`` keys the fields a method hashes (``hash``, ``unified``, ``robe``;
-    ``compressor.hashed_fields()``) by raw-value fingerprints instead of ids, so they serve
-    without a vocabulary (:mod:`compressors.core.keys`); features need ``fingerprints``.
+    ``keys="fingerprint"`` keys the fields a method hashes (``hash``, ``unified``, ``qr``,
+    ``robe``, ``dhe``; ``compressor.hashed_fields()``) by raw-value fingerprints instead of
+    ids, so they serve without a vocabulary (:mod:`compressors.core.keys`); features need
+    ``fingerprints``. A method with a ``keys`` option of its own (``qr``) is given it.
     """
 
     def __init__(
@@ -130,6 +84,10 @@ class EmbeddingLayer(nn.Module):
                 raise TypeError("options are only accepted with a compressor name")
             self.compressor = compressor
         else:
+            if keys != "id" and "keys" in method_options(compressor):
+                # The method's rows depend on how values are keyed (qr hashes fingerprints
+                # before splitting them): it takes the layer's keys as its own option.
+                options = {"keys": keys, **options}
             self.compressor = build_compressor(compressor, features, dim, budget, **options)
         self.method = self.compressor.name
         self.budget = budget
@@ -141,7 +99,7 @@ class EmbeddingLayer(nn.Module):
         if keys == "fingerprint" and not self.fingerprint_fields:
             raise ValueError(
                 f"{self.method}: keys='fingerprint' needs a method that hashes values "
-                "(hash, unified, robe); this one hashes no field"
+                "(hash, unified, qr, robe, dhe); this one hashes no field"
             )
         self.key_map = FingerprintKeys(self.compressor.features, self.fingerprint_fields)
 

@@ -158,6 +158,8 @@ class Served:
             "serve_bytes": emb["serve_bytes"],
             "ratio": memory.get("full_bytes", 0) / max(emb["serve_bytes"], 1),
             "footprint": footprint,
+            # In memory after loading (binary's fast decode holds more than serve_bytes).
+            "resident_bytes": self.model.resident_bytes,
             "fingerprint_fields": self.model.fingerprint_fields,
             "dataset": (manifest.get("dataset") or {}).get("name"),
             "inputs": {"raw": self.encoder is not None, "ids": True},

@@ -83,6 +83,25 @@ def test_forward_embeds_each_distinct_value_once_and_pools():
     assert not torch.allclose(rows[0], rows[2])  # same id, different field
 
 
+@pytest.mark.parametrize("per_field", [False, True])
+def test_forward_takes_any_int64_key(per_field):
+    """Raw-value fingerprints span all of int64: each (field, value) is still embedded as
+    its own encoding, once per batch (keys='fingerprint' serves DHE without a vocabulary)."""
+    torch.manual_seed(0)
+    dhe = DeepHashEmbedding(["A", "B"], 8, 64, 16, 2, per_field=per_field).eval()
+    big = [2**62 + 3, -(2**63) + 7, 2**62 + 3, -5]
+    kjt = KeyedJaggedTensor(
+        keys=["A", "B"], values=torch.tensor(big), lengths=torch.tensor([1, 1, 1, 1])
+    )
+    out = dhe(kjt)
+    with torch.no_grad():
+        for i, (v, f) in enumerate(zip(big, [0, 0, 1, 1], strict=True)):
+            net = dhe.networks[f] if per_field else dhe.network
+            row = net(dhe.encode(torch.tensor([v]), torch.tensor([f])))[0]
+            torch.testing.assert_close(out[i % 2, f], row)
+    assert not torch.allclose(out[0, 0], out[0, 1])  # same value, different field
+
+
 def test_solver_prefers_many_hashes_then_width():
     assert solve_network(1024, 32, 16, 512, 2, 16, budget_floats=10**7) == (1024, 512)
     k, w = solve_network(1024, 32, 16, 512, 2, 16, budget_floats=200_000)

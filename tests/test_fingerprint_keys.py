@@ -72,7 +72,12 @@ def _vocab_records(data, n, seed):
 
 @pytest.mark.parametrize(
     ("method", "options"),
-    [("hash", {"shared": True, "threshold": 0}), ("unified", {"threshold": 0})],
+    [
+        ("hash", {"shared": True, "threshold": 0}),
+        ("unified", {"threshold": 0}),
+        ("qr", {"threshold": 0, "budget": "4x"}),
+        ("dhe", {"threshold": 0, "hashes": 64, "min_hashes": 16}),
+    ],
 )
 def test_hashing_artifact_holds_no_vocabulary_and_predicts_like_training(
     tiny_data, tmp_path, method, options

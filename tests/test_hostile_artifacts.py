@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from compressors.core.base import Stage
 from ctr import EmbeddingLayer, build_model, export, features_from_dataset
 from ctr.artifact import MANIFEST_FILE, TENSORS_FILE
 from datasets.format import DatasetMeta, PreparedDataError
@@ -103,14 +104,38 @@ CASES = {
 }
 
 
-def test_hostile_artifacts_are_refused_without_allocating(tiny_data, tmp_path):
-    torch.manual_seed(0)
-    layer = EmbeddingLayer(features_from_dataset(tiny_data), 8, "full", "1x")
-    model = build_model("deepfm", layer, 3, hidden=[16, 8]).eval()
-    clean = tmp_path / "clean"
-    export(model, clean, dataset=tiny_data)
+def _forged_planes(m):
+    m["embedding"]["config"]["bits"][0] = 8
+
+
+def _forged_binary_dim(m):
+    m["embedding"]["config"]["dim"] = 4096
+
+
+def _resized_codes(art: Path) -> None:
+    """A field's codes stored with more planes than its config says, checksums forged."""
+    tensors = load_file(str(art / TENSORS_FILE))
+    key = "embedding.codes.0"
+    tensors[key] = tensors[key].repeat(1, 8, 1)
+    save_file(tensors, str(art / TENSORS_FILE))
+
+    def forge(m):
+        m["tensors"][key]["shape"] = list(tensors[key].shape)
+        m["files"][TENSORS_FILE] = _sha(art / TENSORS_FILE)
+
+    _edit_manifest(art, forge)
+
+
+BINARY_CASES = {
+    "forged_planes": (lambda a: _edit_manifest(a, _forged_planes), "planes of dim"),
+    "forged_binary_dim": (lambda a: _edit_manifest(a, _forged_binary_dim), "planes of dim 4096"),
+    "resized_codes": (_resized_codes, "stores codes torch.uint8"),
+}
+
+
+def _check_refused(clean: Path, tmp_path: Path, cases: dict) -> None:
     paths = []
-    for name, (tamper, _) in CASES.items():
+    for name, (tamper, _) in cases.items():
         shutil.copytree(clean, tmp_path / name)
         tamper(tmp_path / name)
         paths.append(str(tmp_path / name))
@@ -123,12 +148,33 @@ def test_hostile_artifacts_are_refused_without_allocating(tiny_data, tmp_path):
     )
     results = json.loads(child.stdout.splitlines()[-1])
     assert results.pop(str(clean))[0] is None  # the untampered artifact loads
-    for name, (_, expected) in CASES.items():
+    for name, (_, expected) in cases.items():
         message, grown_mb = results[str(tmp_path / name)]
         assert message is not None, f"{name}: loaded"
         assert message.startswith("ArtifactError: ") and expected in message, (name, message)
         assert "\n" not in message, (name, message)
         assert grown_mb < ALLOWED_GROWTH_MB, (name, grown_mb)
+
+
+def test_hostile_artifacts_are_refused_without_allocating(tiny_data, tmp_path):
+    torch.manual_seed(0)
+    layer = EmbeddingLayer(features_from_dataset(tiny_data), 8, "full", "1x")
+    model = build_model("deepfm", layer, 3, hidden=[16, 8]).eval()
+    clean = tmp_path / "clean"
+    export(model, clean, dataset=tiny_data)
+    _check_refused(clean, tmp_path, CASES)
+
+
+def test_hostile_binary_artifacts_are_refused(tiny_data, tmp_path):
+    """Binary serving re-lays its codes at load: the codes' shapes are checked against the
+    config before any table is built from them."""
+    torch.manual_seed(0)
+    layer = EmbeddingLayer(features_from_dataset(tiny_data), 8, "binary", "10x")
+    layer.compressor.run_stage(Stage("binarize", trains=False), None)
+    model = build_model("deepfm", layer, 3, hidden=[16, 8]).eval()
+    clean = tmp_path / "clean"
+    export(model, clean, dataset=tiny_data)
+    _check_refused(clean, tmp_path, BINARY_CASES)
 
 
 def test_dataset_shard_paths_may_not_leave_the_dataset(tiny_data, tmp_path):

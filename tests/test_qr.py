@@ -8,6 +8,7 @@ from table_checks import RATIOS, check_round_trip, criteo_features, quick_train
 from torchrec import KeyedJaggedTensor
 
 from compressors import BudgetError, FeatureSpec, build_compressor
+from compressors.core.hash64 import salted_hash
 from compressors.hashing.qr import QRRule, QuotientRemainderMap
 
 
@@ -83,6 +84,38 @@ def test_index_map_on_multi_hot_bags_and_full_fields():
     assert out.keys() == ["F_q", "F_r", "G"]
     assert out.values().tolist() == [2, 0, 1, 6, 100, 3, 4, 5]
     assert out.lengths().tolist() == [2, 0, 2, 0, 1, 3]
+
+
+def test_fingerprint_keys_hash_into_the_pairs_then_split():
+    """keys='fingerprint': any int64 (a raw value's 64-bit fingerprint) is hashed into the
+    field's ⌈n/m⌉·m pairs, and both lookups split the same hash; keys='id' is unchanged."""
+    features = [FeatureSpec("A", 1000), FeatureSpec("S", 10)]
+    by_id = build_compressor("qr", features, dim=8, budget="4x")
+    keyed = build_compressor("qr", features, dim=8, budget="4x", keys="fingerprint")
+    assert by_id.hashed_fields() == [] and keyed.hashed_fields() == ["A"]  # S stays full
+    assert by_id.memory().serve_bytes == keyed.memory().serve_bytes
+    m = keyed.hyperparameters()["collisions_per_field"]["A"]
+    quotients = -(-1000 // m)
+    prints = torch.randint(-(2**63), 2**63 - 1, (5000,), generator=torch.Generator().manual_seed(0))
+    kjt = KeyedJaggedTensor(
+        keys=["A", "S"],
+        values=torch.cat([prints, torch.arange(10)]),
+        lengths=torch.cat(
+            [torch.ones(5000, dtype=torch.int64), torch.zeros(4990), torch.ones(10)]
+        ).long(),
+    )
+    rows = keyed.index_map(kjt)
+    q, r = rows["A_q"].values(), rows["A_r"].values()
+    salt = keyed.index_map.rules[0].salt
+    assert torch.equal(q * m + r, salted_hash(prints, salt) % (quotients * m))
+    assert q.min() >= 0 and q.max() == quotients - 1 and r.max() == m - 1  # every row used
+    assert rows["S"].values().tolist() == list(range(10))  # the full field reads its ids
+    ids = KeyedJaggedTensor(
+        keys=["A", "S"], values=torch.tensor([123, 4]), lengths=torch.ones(2).long()
+    )
+    assert by_id.index_map(ids)["A_q"].values().item() == 123 // m  # id keys: the plain split
+    with pytest.raises(ValueError, match="keys must be one of"):
+        build_compressor("qr", features, dim=8, budget="4x", keys="raw")
 
 
 @pytest.mark.parametrize("op", ["mult", "add", "concat"])

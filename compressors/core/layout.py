@@ -76,6 +76,55 @@ def field_index(features: KeyedJaggedTensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
 
 
+class IdRangeCheck:
+    """Refuses ids outside ``[0, cardinality)`` of their field, in one vectorised pass.
+
+    Out-of-range ids would otherwise be zeroed by fbgemm (with only a C++ log line) or hashed
+    silently by hashing methods; this names the field and the offending value instead.
+    """
+
+    def __init__(self, cardinality: dict[str, int]) -> None:
+        self.cardinality = dict(cardinality)
+        self._limits: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
+
+    def __call__(self, features: KeyedJaggedTensor) -> None:
+        values = features.values()
+        if values.numel() == 0:
+            return
+        keys = tuple(features.keys())
+        key = (keys, values.device)
+        if key not in self._limits:
+            unknown = [k for k in keys if k not in self.cardinality]
+            if unknown:
+                raise ValueError(
+                    f"unknown sparse fields {unknown}; expected {list(self.cardinality)}"
+                )
+            self._limits[key] = torch.tensor(
+                [self.cardinality[k] for k in keys], dtype=values.dtype, device=values.device
+            )
+        per_key = features.length_per_key()
+        limits = self._limits[key]
+        if len(set(per_key)) == 1:
+            # Every field has as many ids (single-hot batches): one pass over a [F, n] view.
+            low, high = values.view(len(keys), -1).aminmax(dim=1)
+            if bool(((low < 0) | (high >= limits)).any()):
+                self._report(values, keys, torch.tensor(per_key, device=values.device))
+            return
+        lengths = torch.tensor(per_key, device=values.device)
+        limit = torch.repeat_interleave(limits, lengths, output_size=values.numel())
+        if bool(((values < 0) | (values >= limit)).any()):
+            self._report(values, keys, lengths)
+
+    def _report(self, values: torch.Tensor, keys: tuple[str, ...], lengths: torch.Tensor) -> None:
+        limit = torch.repeat_interleave(self._limits[(keys, values.device)], lengths)
+        i = int(((values < 0) | (values >= limit)).nonzero()[0, 0])
+        field = int(torch.searchsorted(lengths.cumsum(0), i, right=True))
+        raise ValueError(
+            f"sparse field {keys[field]!r} has id {int(values[i])} outside "
+            f"[0, {self.cardinality[keys[field]]})"
+        )
+
+
 @register_index_map
 class DirectMap(IndexMap):
     """Each field reads its own table at row = id (collisionless, per-field tables)."""

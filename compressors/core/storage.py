@@ -25,7 +25,11 @@ from typing import Any
 import torch
 import torchrec.optim as trec_optim
 from fbgemm_gpu.split_embedding_configs import SparseType
-from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
+    BoundsCheckMode,
+    EmbeddingLocation,
+    PoolingMode,
+)
 from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (
     IntNBitTableBatchedEmbeddingBagsCodegen,
 )
@@ -321,13 +325,19 @@ def _permutation(
 
 
 class ServeTables(nn.Module):
-    """The same tables packed for fbgemm's int-N inference kernel (one TBE for all tables)."""
+    """The same tables packed for fbgemm's int-N inference kernel (one TBE for all tables).
+
+    ``check_bounds=False`` skips fbgemm's per-call bounds check of every index (a pass that
+    costs about as much as an fp32 lookup): only for callers that produce rows already known
+    to be in range.
+    """
 
     def __init__(
         self,
         tables: Sequence[TableSpec],
         lookups: Sequence[Lookup],
         packed: Mapping[str, torch.Tensor],
+        check_bounds: bool = True,
     ) -> None:
         super().__init__()
         _validate(tables, lookups)
@@ -354,6 +364,7 @@ class ServeTables(nn.Module):
             pooling_mode=PoolingMode.SUM,
             output_dtype=SparseType.FP32,
             row_alignment=1,
+            bounds_check_mode=BoundsCheckMode.WARNING if check_bounds else BoundsCheckMode.NONE,
         )
         self.tbe.initialize_weights()
         for t, (dest, _, _) in zip(

@@ -14,6 +14,11 @@ multiply–add–shift universal hashes ``E_i = top 20 bits of (a_i·x + b_i) mo
 ``m = 2^20 ≈ 10^6`` buckets, with ``(a_i, b_i)`` from ``stable_salt(·, i)`` — ``[N, k]`` codes in
 three vectorised integer passes, several times cheaper on CPU than ``k`` full 64-bit mixes.
 
+The encoding reads a value only through its salted hash, so any int64 key works:
+``EmbeddingLayer(keys="fingerprint")`` feeds the compressed fields 64-bit fingerprints of the
+raw values, and their artifact serves them with no vocabulary (fields kept as tables stay
+keyed by id).
+
 Networks (``networks``): ``"shared"`` (default) is one network for all compressed fields,
 fields kept apart by their per-field hash salts; ``"per_field"`` is the benchmark's reference
 setting (Hetu builds one ``DeepHashEmbedding`` per compressed field), each field getting an
@@ -142,6 +147,7 @@ class DeepHashEmbedding(FieldModule):
     (``per_field=False``) or one per field (the reference setting)."""
 
     kind = DHE_KIND
+    hashes_values = True
 
     def __init__(
         self,
@@ -178,19 +184,30 @@ class DeepHashEmbedding(FieldModule):
         else:
             self.network = embedding_network(hashes, width, layers, dim)
 
+    def keys(self, values: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
+        """``[N]`` salted 63-bit hashes of ``values`` under their field's salt (``fields``:
+        positions in the fields): all the encoding reads of a value, so any int64 key works
+        (ids, or raw-value fingerprints)."""
+        return hash_premixed(values, self._field_salts[fields]).squeeze(-1)
+
     def codes(self, values: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
         """Bucket codes ``[N, hashes]`` in ``[0, 2^20)``; ``fields``: positions in the fields."""
-        keyed = hash_premixed(values, self._field_salts[fields])  # [N, 1]
-        codes = keyed * self._mult  # wraps mod 2^64, like the unsigned reference
+        return self._codes(self.keys(values, fields))
+
+    def _codes(self, keyed: torch.Tensor) -> torch.Tensor:
+        codes = keyed.unsqueeze(-1) * self._mult  # wraps mod 2^64, like the unsigned reference
         shift, mask = 64 - BUCKET_BITS, (1 << BUCKET_BITS) - 1
         return codes.add_(self._incr).bitwise_right_shift_(shift).bitwise_and_(mask)
 
     def encode(self, values: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
         """Dense hash encodings ``[N, hashes]``: in ``[-1, 1]`` (uniform) or N(0, 1) (gaussian)."""
-        out = torch.empty(len(values), self.hashes, device=values.device)
-        for start in range(0, len(values), ENCODE_CHUNK):
+        return self._encode(self.keys(values, fields))
+
+    def _encode(self, keyed: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(len(keyed), self.hashes, device=keyed.device)
+        for start in range(0, len(keyed), ENCODE_CHUNK):
             stop = start + ENCODE_CHUNK
-            out[start:stop] = self._to_real(self.codes(values[start:stop], fields[start:stop]))
+            out[start:stop] = self._to_real(self._codes(keyed[start:stop]))
         return out
 
     def _to_real(self, codes: torch.Tensor) -> torch.Tensor:
@@ -211,19 +228,19 @@ class DeepHashEmbedding(FieldModule):
         count = len(self.fields)
         if features.values().numel() == 0:  # only empty bags: nothing to embed
             return torch.zeros(features.stride(), count, self.dim, device=features.values().device)
-        keys = features.values().to(torch.int64) * count + field_index(features)
-        unique, inverse = torch.unique(keys, return_inverse=True)
-        values, fields = unique // count, unique % count
+        fields = field_index(features)
+        # Distinct (field, value) pairs are distinct salted hashes (up to 2^-63 collisions),
+        # whatever the values: ids or 64-bit raw-value fingerprints.
+        unique, inverse = torch.unique(self.keys(features.values(), fields), return_inverse=True)
         if not self.per_field:
-            embedded = self.network(self.encode(values, fields))
+            embedded = self.network(self._encode(unique))
         else:
-            embedded = torch.empty(len(unique), self.dim, device=values.device)
+            owner = torch.empty_like(unique).scatter_(0, inverse, fields)
+            embedded = torch.empty(len(unique), self.dim, device=unique.device)
             for j, network in enumerate(self.networks):
-                mine = torch.nonzero(fields == j).squeeze(1)
+                mine = torch.nonzero(owner == j).squeeze(1)
                 if len(mine):
-                    embedded = embedded.index_copy(
-                        0, mine, network(self.encode(values[mine], fields[mine]))
-                    )
+                    embedded = embedded.index_copy(0, mine, network(self._encode(unique[mine])))
         return pool_bags(embedded[inverse], features)
 
     def activation_bytes(self, batch: int = ACTIVATION_BATCH) -> int:

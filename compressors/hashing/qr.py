@@ -16,6 +16,13 @@ most ``threshold`` values (DLRM's ``--qr-threshold``, 200) and fields that QR wo
 keep a full table. The smallest possible layout is ``≈ 2·√n_f`` rows per field; a budget
 below that raises :class:`BudgetError`.
 
+Keys: ``keys="id"`` (default) splits the id itself. ``keys="fingerprint"`` (set by
+``EmbeddingLayer(keys="fingerprint")``, which then feeds each compressed field the 64-bit
+fingerprint of the raw value instead of its id) first hashes the value into the field's
+``⌈n/m⌉·m`` pairs, ``u = h(salt_f, v) mod ⌈n/m⌉·m``, and splits ``u``: the same tables and
+bytes, no vocabulary needed to serve, at the price of hashing's collisions (values sharing a
+``u`` share both rows). Fields kept full stay keyed by id.
+
 Deviations: DLRM initialises both tables uniformly on ``[√(1/n), 1]`` (all positive). Here,
 with ``op="mult"``, both factors start uniform on ``±√init_scale`` so that products start at
 the scale of every other method's rows (``±init_scale``) and differ between values from the
@@ -42,25 +49,34 @@ import numpy as np
 import torch
 
 from compressors.core.base import FeatureSpec
+from compressors.core.hash64 import mix64, stable_salt
 from compressors.core.layout import register_index_map
 from compressors.core.registry import register
 from compressors.core.storage import Lookup, TableSpec, check_dtype, row_bytes
 from compressors.core.tables import TableLayout, TableMethod
-from compressors.hashing.hash import DEFAULT_THRESHOLD, FanOutMap, budget_error
+from compressors.hashing.hash import DEFAULT_THRESHOLD, INT63, FanOutMap, budget_error
 
 OPS = {"mult": "mult", "add": "sum", "concat": "sum"}  # QR op -> Combiner op
 
 
+KEYS = ("id", "fingerprint")
+SALT_TAG = "qr/"
+
+
 @dataclass(frozen=True)
 class QRRule:
-    """One lookup of field ``field``: row ``v // divisor``, or ``v mod divisor`` if ``remainder``.
+    """One lookup of field ``field``: row ``u // divisor``, or ``u mod divisor`` if ``remainder``.
 
-    A full (uncompressed) field is the quotient lookup with ``divisor = 1``.
+    ``u`` is the value itself, or with ``space > 0`` its salted hash ``h(salt, v) mod space``
+    (fingerprint keys; both lookups of a field share salt and space, so they split the same
+    ``u``). A full (uncompressed) field is the quotient lookup with ``divisor = 1``.
     """
 
     field: int
     divisor: int
     remainder: bool = False
+    space: int = 0
+    salt: int = 0
 
 
 @register_index_map
@@ -73,23 +89,44 @@ class QuotientRemainderMap(FanOutMap):
         self, features: Sequence[str], lookup_keys: Sequence[str], rules: Sequence[QRRule]
     ) -> None:
         super().__init__(features, lookup_keys, [r.field for r in rules])
-        if any(r.divisor < 1 for r in rules):
-            raise ValueError("QR divisors must be positive")
+        if any(r.divisor < 1 or r.space < 0 for r in rules):
+            raise ValueError("QR divisors must be positive and hash spaces non-negative")
         self.rules = list(rules)
         self.register_buffer("_divisor", torch.tensor([r.divisor for r in rules]), persistent=False)
         self.register_buffer(
             "_remainder", torch.tensor([r.remainder for r in rules]), persistent=False
         )
+        self._any_hashed = any(r.space for r in rules)
+        self.register_buffer(
+            "_hashed", torch.tensor([r.space > 0 for r in rules]), persistent=False
+        )
+        # A space of 1 for unhashed lookups keeps the remainder defined (its result is unused).
+        self.register_buffer(
+            "_space", torch.tensor([max(r.space, 1) for r in rules]), persistent=False
+        )
+        self.register_buffer(
+            "_mixed_salt", mix64(torch.tensor([r.salt for r in rules])), persistent=False
+        )
 
     def rows(
         self, values: torch.Tensor, per_value: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
+        if self._any_hashed:
+            # salted_hash(v, salt) = mix64(v ^ mix64(salt)) & INT63, the salts mixed once.
+            hashed = mix64(values ^ per_value(self._mixed_salt)) & INT63
+            values = torch.where(
+                per_value(self._hashed), torch.remainder(hashed, per_value(self._space)), values
+            )
         divisor = per_value(self._divisor)
         return torch.where(
             per_value(self._remainder),
             torch.remainder(values, divisor),
             torch.div(values, divisor, rounding_mode="floor"),
         )
+
+    def hashed_fields(self) -> list[str]:
+        hashed = {r.field for r in self.rules if r.space}
+        return [f for i, f in enumerate(self.features) if i in hashed]
 
     def to_config(self) -> dict[str, Any]:
         return {**super().to_config(), "rules": [asdict(r) for r in self.rules]}
@@ -115,6 +152,8 @@ class QR(TableMethod):
     name = "qr"
     option_help = {
         "op": "how quotient and remainder rows combine: mult, add or concat",
+        "keys": "id (split the id) or fingerprint (split a hash of the raw value's fingerprint; "
+        "set by the layer's keys='fingerprint')",
     }
 
     def __init__(
@@ -126,9 +165,13 @@ class QR(TableMethod):
         threshold: int = DEFAULT_THRESHOLD,
         storage: str = "fp32",
         init_scale: float = 0.01,
+        keys: str = "id",
     ) -> None:
         if op not in OPS:
             raise ValueError(f"qr: unknown op {op!r}; choose from {sorted(OPS)}")
+        if keys not in KEYS:
+            raise ValueError(f"qr: keys must be one of {KEYS}, got {keys!r}")
+        self.keys = keys
         if op == "concat":
             if dim % 2:
                 raise ValueError(f"qr: op='concat' needs an even dim, got {dim}")
@@ -192,7 +235,13 @@ class QR(TableMethod):
                     term=0 if concat else 1,
                 ),
             ]
-            rules += [QRRule(i, int(c)), QRRule(i, int(c), remainder=True)]
+            # Fingerprint keys: hash into the ⌈n/m⌉·m pairs the tables hold, then split.
+            space = -(-f.cardinality // int(c)) * int(c) if self.keys == "fingerprint" else 0
+            salt = stable_salt(SALT_TAG + f.name) if space else 0
+            rules += [
+                QRRule(i, int(c), space=space, salt=salt),
+                QRRule(i, int(c), remainder=True, space=space, salt=salt),
+            ]
         return TableLayout(
             tables=tables,
             lookups=lookups,
@@ -239,6 +288,7 @@ class QR(TableMethod):
             **super().hyperparameters(),
             "op": self.op,
             "threshold": self.threshold,
+            "keys": self.keys,
             "collisions": shared,
             "collisions_per_field": self.collisions,
             "full_fields": [n for n in self.feature_names if n not in self.collisions],

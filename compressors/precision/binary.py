@@ -32,9 +32,20 @@ network, which the paper's fine-tune leaves to the retrieval towers. After ``bin
 model itself looks rows up through the binary codes, so training metrics and the exported
 artifact agree; scales are used at fp16 in both (straight-through during fine-tuning).
 
-Serving (export kind ``binary``) gathers each field's packed codes of the looked-up rows,
-unpacks them with a 256-entry sign table, weights the planes by their scales and pools the
-bags — vectorised torch, no fbgemm kernel exists for this format.
+Serving (export kind ``binary``, :class:`BinaryServing`) runs fbgemm's inference kernel, one
+table per field. A plane ``s · sign`` is exactly an int-N row with codes {0, 1}, fp16 scale
+``2s`` and bias ``-s`` (per-field scales: the same scale and bias on every row of the plane),
+so ``decode="planes"`` re-lays each field's ``b`` planes as ``b`` int2 rows per id and expands
+every looked-up id to its ``b`` rows in the same bag: the kernel's sum pooling adds them,
+exactly the slow decode's sum. But the kernel's cost is per lookup, and ``b`` lookups an id
+run at ~0.7x of fp32 lookups at ``b=2`` (``bench.py --only serving``), so the default
+``decode="auto"`` keeps one lookup an id: one-plane fields as int2 plane rows (exact, 2x the
+codes' bytes in memory), fields of more planes decoded at load into fp16 rows (equal to the
+slow decode up to one fp16 rounding of each row; ``2·dim`` bytes a row, independent of ``b``).
+``decode="bits"`` keeps the packed codes and decodes them per lookup in torch with a
+256-entry sign table (1x memory, ~0.1-0.2x of fp32). ``BinaryServing.resident_bytes`` says
+what a decode holds. Ids are range-checked once per id, so fbgemm's per-index bounds pass is
+skipped.
 
 Deviations: closed form instead of the learned recurrent encoder (above); every field is
 binarized (no fp32 threshold: the codes shrink each row by the same factor whatever the
@@ -69,9 +80,15 @@ from compressors.core.base import (
     Stage,
 )
 from compressors.core.budget import BudgetError, describe_bytes
-from compressors.core.layout import DirectMap, OffsetMap
+from compressors.core.layout import DirectMap, IdRangeCheck, OffsetMap
 from compressors.core.registry import register, register_serving
-from compressors.core.storage import Lookup, TableSpec, TrainTables
+from compressors.core.storage import (
+    SCALE_BIAS_BYTES,
+    Lookup,
+    ServeTables,
+    TableSpec,
+    TrainTables,
+)
 from compressors.precision.common import choose_dtypes
 
 if TYPE_CHECKING:
@@ -87,6 +104,14 @@ TABLE = "shared"
 PLANE_RESIDUAL = 1 - 2 / math.pi
 # Bit j of byte c, as a sign: SIGNS[c, j] = +1 if (c >> j) & 1 else -1.
 SIGNS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).float() * 2 - 1
+# Serving decodes (BinaryServing): "auto" serves a one-plane field as plane rows and a field
+# of more planes as fp16 rows decoded at load, so every id is one kernel lookup; "planes"
+# serves every plane as its own row (exact at any b, b lookups an id); "rows" decodes every
+# field to fp16 rows; "bits" keeps the packed codes (1x memory, decoded per lookup in torch).
+DECODES = ("auto", "planes", "rows", "bits")
+PLANE_DTYPE = "int2"  # fbgemm row type of a served plane (codes 0/1)
+ROW_DTYPE = "fp16"  # fbgemm row type of a decoded multi-plane row
+DECODE_CHUNK = 1 << 16  # rows re-laid at once at load: bounds the temporaries
 
 
 def code_bytes(dim: int) -> int:
@@ -342,25 +367,194 @@ def binary_export(
     )
 
 
+def _spread_table(bits: int) -> torch.Tensor:
+    """``[256, bits]`` uint8: a code byte (8 dimensions, one bit each) re-packed as fbgemm's
+    ``bits``-bit codes of the same 8 dimensions (each 0 or 1, low bits first)."""
+    per_byte = 8 // bits
+    dims = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).view(256, bits, per_byte)
+    return (dims << (torch.arange(per_byte) * bits)).sum(-1).to(torch.uint8)
+
+
+_SPREAD = {dtype: _spread_table(bits) for dtype, bits in (("int2", 2), ("int4", 4), ("int8", 8))}
+
+
+def plane_rows(codes: torch.Tensor, scales: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Codes ``[n, b, m]`` and fp16 scales (``[n, b]`` or ``[b]``) -> ``[n·b, row_bytes(8m,
+    dtype)]`` uint8 rows of fbgemm's int-N inference layout ``[scale | bias | codes]``: plane
+    ``p`` of row ``r`` is row ``r·b + p`` (a row's planes adjacent in memory), with codes {0, 1},
+    scale ``2s`` and bias ``-s``. It decodes to exactly ``s · sign``: ``2s`` and ``-s`` are exact
+    in fp16 (for ``|s| < 2^15``; the caller checks) and ``code · 2s - s`` is exact in fp32."""
+    n, b, m = codes.shape
+    spread = _SPREAD[dtype]
+    out = torch.empty(n * b, SCALE_BIAS_BYTES + m * spread.shape[1], dtype=torch.uint8)
+    half = scales.half()
+    for start in range(0, n, DECODE_CHUNK):
+        stop = min(n, start + DECODE_CHUNK)
+        rows = slice(start * b, stop * b)
+        out[rows, SCALE_BIAS_BYTES:] = spread[codes[start:stop].long()].flatten(0, 1).flatten(1)
+        s = (half[start:stop] if half.dim() == 2 else half.expand(stop - start, b)).reshape(-1, 1)
+        out[rows, :SCALE_BIAS_BYTES] = torch.cat([s * 2, -s], dim=1).view(torch.uint8)
+    return out
+
+
+def decoded_rows(codes: torch.Tensor, scales: torch.Tensor, width: int) -> torch.Tensor:
+    """``[n, width]`` fp16 rows ``Σ_p s_p · sign_p`` (summed in fp32, then rounded once;
+    exact for one plane, whose values ``±s`` are fp16 numbers)."""
+    n = codes.shape[0]
+    out = torch.empty(n, width, dtype=torch.float16)
+    scales = scales.float()
+    for start in range(0, n, DECODE_CHUNK):
+        stop = min(n, start + DECODE_CHUNK)
+        own = scales if scales.dim() == 1 else scales[start:stop]
+        out[start:stop] = unbinarize(codes[start:stop], own, width).half()
+    return out
+
+
+def checked_export(
+    exported: ExportedEmbedding,
+) -> tuple[list[str], int, list[torch.Tensor], list[torch.Tensor]]:
+    """``(fields, dim, codes, scales)`` of a ``binary`` export, every shape and dtype checked
+    against its config before anything is allocated from them (artifacts are untrusted)."""
+    cfg, tensors = exported.config, exported.tensors
+    names, bits, dim, mode = cfg["fields"], cfg["bits"], cfg["dim"], cfg.get("scales", "row")
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise ValueError("binary: config 'fields' must be a non-empty list of names")
+    if not (isinstance(bits, list) and len(bits) == len(names)):
+        raise ValueError(f"binary: config 'bits' must list one count per field ({len(names)})")
+    if mode not in SCALES or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"binary: config needs scales in {SCALES} and a positive dim")
+    expected = {f"{kind}.{i}" for i in range(len(names)) for kind in ("codes", "scales")}
+    if set(tensors) != expected:
+        raise ValueError(
+            f"binary: tensors {sorted(set(tensors) ^ expected)[:4]} differ from the config's"
+        )
+    codes, scales = [], []
+    for i, (name, b) in enumerate(zip(names, bits, strict=True)):
+        c, s = tensors[f"codes.{i}"], tensors[f"scales.{i}"]
+        if not (isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= MAX_BITS):
+            raise ValueError(f"binary: field {name!r} has {b!r} bit-planes, not 1..{MAX_BITS}")
+        rows = c.shape[0] if c.dim() == 3 else 0
+        want_scales = (rows, b) if mode == "row" else (b,)
+        if (
+            c.dtype != torch.uint8
+            or tuple(c.shape) != (rows, b, code_bytes(dim))
+            or rows < 1
+            or s.dtype != torch.float16
+            or tuple(s.shape) != want_scales
+        ):
+            raise ValueError(
+                f"binary: field {name!r} stores codes {c.dtype} {tuple(c.shape)} and scales "
+                f"{s.dtype} {tuple(s.shape)}; {b} planes of dim {dim} with {mode} scales need "
+                f"uint8 (rows, {b}, {code_bytes(dim)}) and float16 {want_scales}"
+            )
+        codes.append(c)
+        scales.append(s)
+    return names, dim, codes, scales
+
+
 @register_serving(KIND)
 class BinaryServing(nn.Module):
-    """Serving side of ``binary``: per-field codes, unpacked on the fly."""
+    """Serving side of ``binary``: each field one table of fbgemm's inference kernel, every
+    looked-up id one row per plane (see :data:`DECODES`), ids range-checked first.
 
-    def __init__(self, exported: ExportedEmbedding) -> None:
+    ``resident_bytes`` is what the decoded tables hold in memory (the artifact's bytes are
+    ``serve_bytes``; only ``decode="bits"`` holds no more than those).
+    """
+
+    def __init__(
+        self, exported: ExportedEmbedding, decode: str = "auto", plane_dtype: str = PLANE_DTYPE
+    ) -> None:
         super().__init__()
-        cfg = exported.config
-        self.field_map = DirectMap(cfg["fields"])
-        self.dim = cfg["dim"]
-        self.num_fields = len(cfg["fields"])
-        for i in range(self.num_fields):
-            self.register_buffer(f"codes_{i}", exported.tensors[f"codes.{i}"])
-            self.register_buffer(f"scales_{i}", exported.tensors[f"scales.{i}"].float())
+        if decode not in DECODES:
+            raise ValueError(f"binary: decode must be one of {DECODES}, got {decode!r}")
+        if plane_dtype not in _SPREAD:
+            raise ValueError(f"binary: plane_dtype must be one of {sorted(_SPREAD)}")
+        names, self.dim, codes, scales = checked_export(exported)
+        self.decode = decode
+        self.field_map = DirectMap(names)
+        self.num_fields = len(names)
+        self.check_ids = IdRangeCheck({n: c.shape[0] for n, c in zip(names, codes, strict=True)})
+        if decode == "bits":
+            for i, (c, s) in enumerate(zip(codes, scales, strict=True)):
+                self.register_buffer(f"codes_{i}", c)
+                self.register_buffer(f"scales_{i}", s.float())
+            self.resident_bytes = sum(
+                c.numel() + s.numel() * SCALE_BYTES for c, s in zip(codes, scales, strict=True)
+            )
+            return
+        # Every field at the same width (a whole number of code bytes); columns past ``dim``
+        # (zero bits: ``-Σ s``) are dropped after pooling.
+        self.width = 8 * code_bytes(self.dim)
+        specs, packed, self.planes = [], {}, []
+        for name, c, s in zip(names, codes, scales, strict=True):
+            n, b = c.shape[0], c.shape[1]
+            exact = bool(s.float().abs().max() < 2**15)  # 2s stays finite in fp16
+            as_planes = decode == "planes" or (decode == "auto" and b == 1 and exact)
+            if as_planes and not exact:
+                raise ValueError(
+                    f"binary: field {name!r} has scales of 2^15 or more; "
+                    "decode='bits' or 'rows' serves them"
+                )
+            if as_planes:
+                spec = TableSpec(f"{name}.planes", n * b, self.width, plane_dtype)
+                packed[spec.name] = plane_rows(c, s, plane_dtype)
+            else:
+                spec = TableSpec(f"{name}.rows", n, self.width, ROW_DTYPE)
+                packed[spec.name] = decoded_rows(c, s, self.width)
+            specs.append(spec)
+            self.planes.append(b if as_planes else 1)
+        self.resident_bytes = sum(t.serve_bytes for t in specs)
+        # Rows are range-checked ids times their planes: fbgemm's own bounds pass is skipped.
+        self.tables = ServeTables(
+            specs,
+            [Lookup(n, t.name, field=i) for i, (n, t) in enumerate(zip(names, specs, strict=True))],
+            packed,
+            check_bounds=False,
+        )
+        del packed
+        self.index_dtype = torch.int32 if max(t.rows for t in specs) < 2**31 else torch.int64
+        self.register_buffer(
+            "_planes", torch.tensor(self.planes, dtype=self.index_dtype), persistent=False
+        )
+        uniform = len(set(self.planes)) == 1
+        self._uniform_planes = self.planes[0] if uniform else None
+        self.register_buffer(
+            "_within", torch.arange(self.planes[0], dtype=self.index_dtype), persistent=False
+        )
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        n = self.num_fields
-        return pooled_binary_lookup(
-            self.field_map(features),
-            [getattr(self, f"codes_{i}") for i in range(n)],
-            [getattr(self, f"scales_{i}") for i in range(n)],
-            self.dim,
-        )
+        mapped = self.field_map(features)
+        if self.decode == "bits":
+            n = self.num_fields
+            return pooled_binary_lookup(
+                mapped,
+                [getattr(self, f"codes_{i}") for i in range(n)],
+                [getattr(self, f"scales_{i}") for i in range(n)],
+                self.dim,
+            )
+        self.check_ids(mapped)
+        rows, offsets = self._plane_rows(mapped)
+        pooled = self.tables.tbe(rows, offsets).view(-1, self.num_fields, self.width)
+        return pooled if self.width == self.dim else pooled[..., : self.dim]
+
+    def _plane_rows(self, mapped: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each id of a field with ``b`` plane rows -> rows ``id·b .. id·b + b-1``, in its bag
+        (the kernel's sum pooling then adds the planes); other fields' ids pass unchanged."""
+        values = mapped.values().to(self.index_dtype)
+        offsets = mapped.offsets().to(self.index_dtype)
+        planes = self._uniform_planes
+        if planes == 1:
+            return values, offsets
+        if planes is not None:
+            return (values.unsqueeze(1) * planes + self._within).view(-1), offsets * planes
+        per_key = mapped.length_per_key()
+        counts = torch.tensor(per_key)
+        per_value = torch.repeat_interleave(self._planes, counts, output_size=values.numel())
+        total = sum(c * b for c, b in zip(per_key, self.planes, strict=True))
+        # Row = id·b + (position - first position of this id's rows).
+        first = torch.cumsum(per_value, 0) - per_value
+        rows = torch.repeat_interleave(values * per_value - first, per_value, output_size=total)
+        rows += torch.arange(total, dtype=self.index_dtype)
+        bags = torch.repeat_interleave(self._planes, mapped.stride())
+        lengths = mapped.lengths().to(self.index_dtype) * bags
+        return rows, torch.cat([offsets[:1], torch.cumsum(lengths, 0, dtype=self.index_dtype)])
