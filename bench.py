@@ -1554,9 +1554,9 @@ def bench_serving(args: argparse.Namespace) -> dict:
     ]
     print_table("serving: in-process, batches of 4096 (same run)", inproc_rows)
 
-    # Binary serving vs fp32 lookups, b=1 and b=2 side by side: the default decode ("auto":
-    # one kernel lookup an id), every plane its own int-N row ("planes", exact, b lookups an
-    # id), and the packed bits decoded in torch ("bits", 1x memory).
+    # Binary serving vs fp32 lookups, b=1 and b=2 side by side: the fast decode ("auto": one
+    # kernel lookup an id), every plane its own int-N row ("planes", exact, b lookups an id),
+    # and the default, the packed bits decoded in torch ("bits", the artifact's bytes).
     cards = [f.cardinality for f in meta.sparse]
     decodes = (("auto", "int2"), ("planes", "int2"), ("planes", "int8"), ("bits", "int2"))
     modules = {

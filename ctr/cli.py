@@ -258,6 +258,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_rows=args.max_rows,
         max_queue_rows=args.max_queue_rows,
         poll_s=args.poll_s,
+        binary_decode=args.binary_decode,
     )
     serve(args.artifact, args.host, args.port, config)
     return 0
@@ -457,6 +458,13 @@ def build_parser(prepare: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=8.0, help="request body limit (413)")
     p.add_argument("--max-queue-rows", type=int, default=65536, help="rows waiting before 503s")
     p.add_argument("--poll-s", type=float, default=2.0, help="version-directory poll interval")
+    p.add_argument(
+        "--binary-decode",
+        choices=("bits", "auto", "planes", "rows"),
+        default="bits",
+        help="binary artifacts: bits holds the artifact's bytes; auto/planes/rows serve fbgemm "
+        "rows, faster and larger (/v1/metadata: resident_bytes)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(

@@ -88,6 +88,9 @@ class ServeConfig:
     max_rows: int = 16384
     max_queue_rows: int = 65536
     poll_s: float = 2.0
+    # binary artifacts: "bits" holds exactly the artifact's bytes (serve_bytes); "auto",
+    # "planes" and "rows" serve through fbgemm rows, faster and larger (resident_bytes).
+    binary_decode: str = "bits"
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_body_bytes", "max_rows", "max_queue_rows"):
@@ -178,9 +181,11 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def load_served(path: Path) -> Served:
+def load_served(path: Path, binary_decode: str = "bits") -> Served:
     """Loads and verifies ``path`` (checksums, shapes, a warm-up forward) or raises."""
-    model = CompactModel.load(path, verify=True)
+    model = CompactModel.load(
+        path, verify=True, serving_options={"binary": {"decode": binary_decode}}
+    )
     try:
         encoder: RawEncoder | None = model.raw_encoder
     except ArtifactError:
@@ -649,8 +654,16 @@ class Batcher:
 class ModelManager:
     """The served model, and atomic swaps to a newly loaded and verified one."""
 
-    def __init__(self, source: Path, served: Served, metrics: Metrics, poll_s: float) -> None:
+    def __init__(
+        self,
+        source: Path,
+        served: Served,
+        metrics: Metrics,
+        poll_s: float,
+        binary_decode: str = "bits",
+    ) -> None:
         self.source = source
+        self.binary_decode = binary_decode
         self.current = served
         self.metrics = metrics
         self.poll_s = poll_s
@@ -672,7 +685,9 @@ class ModelManager:
                 if path == self.current.path and checksum == self.current.checksum:
                     self.metrics.reloads["unchanged"] += 1
                     return {"swapped": False, "version": self.current.version}
-                served = await loop.run_in_executor(self._loader, load_served, path)
+                served = await loop.run_in_executor(
+                    self._loader, load_served, path, self.binary_decode
+                )
             except Exception as e:
                 self.metrics.reloads["refused"] += 1
                 self.last_error = f"{e}"
@@ -729,7 +744,13 @@ def create_app(
     source = Path(source)
     metrics = Metrics()
     source = source.resolve()
-    manager = ModelManager(source, load_served(resolve_artifact(source)), metrics, config.poll_s)
+    manager = ModelManager(
+        source,
+        load_served(resolve_artifact(source), config.binary_decode),
+        metrics,
+        config.poll_s,
+        config.binary_decode,
+    )
     batcher = Batcher(config, metrics)
     state = {"ready": False}
 

@@ -98,7 +98,7 @@ def test_decodes_report_what_they_hold():
     rows = sum(CARDS)
     bits = BinaryServing(exported, "bits")
     assert bits.resident_bytes == exported.nbytes
-    auto = BinaryServing(exported)
+    auto = BinaryServing(exported, "auto")
     one, two = CARDS[0] + CARDS[2], CARDS[1]
     assert auto.resident_bytes == one * row_bytes(16, "int2") + two * 16 * 2
     planes = BinaryServing(exported, "planes")
@@ -148,11 +148,17 @@ def test_artifact_predicts_like_the_trained_model(tiny_data, tmp_path):
     layer.compressor.run_stage(Stage("binarize", trains=False), None)
     model = build_model("deepfm", layer, 3, hidden=[16]).eval()
     manifest = export(model, tmp_path / "a", dataset=tiny_data)
-    compact = CompactModel.load(tmp_path / "a")
-    assert compact.resident_bytes > manifest["embedding"]["serve_bytes"]
+    # By default the server holds exactly the artifact's bytes (what serve_bytes reports).
+    exact = CompactModel.load(tmp_path / "a")
+    assert exact.resident_bytes == manifest["embedding"]["serve_bytes"]
+    fast = CompactModel.load(tmp_path / "a", serving_options={"binary": {"decode": "auto"}})
+    assert fast.resident_bytes > manifest["embedding"]["serve_bytes"]
     batch = next(iter(BatchLoader(tiny_data, "test", batch_size=1000).epoch(0)))
     with torch.no_grad():
         trained = model(batch.dense_features, batch.sparse_features)
-    served = compact(batch.dense_features, batch.sparse_features)
+    torch.testing.assert_close(
+        exact(batch.dense_features, batch.sparse_features), trained, rtol=0, atol=1e-5
+    )
     # Multi-plane rows are served at fp16: logits agree to fp16 rounding of the embeddings.
+    served = fast(batch.dense_features, batch.sparse_features)
     torch.testing.assert_close(served, trained, rtol=0, atol=2e-3)

@@ -64,8 +64,9 @@ def module_optimizer_state_bytes(params: Iterable[torch.Tensor], optimizer: str)
         return sum(p.shape[0] if p.dim() else 1 for p in params) * 4
     if optimizer == "sgd":
         return 0
-    raise ValueError(f"unknown module optimizer {optimizer!r}; expected adam, adagrad, "
-                     "rowwise_adagrad or sgd")
+    raise ValueError(
+        f"unknown module optimizer {optimizer!r}; expected adam, adagrad, rowwise_adagrad or sgd"
+    )
 
 
 def register_field_module(cls: type[FieldModule]) -> type[FieldModule]:

@@ -8,7 +8,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -97,12 +97,16 @@ def build_from_plan(plan: Plan, features: Sequence[FeatureSpec]) -> Compressor:
     return method
 
 
-def build_serving(exported: ExportedEmbedding) -> nn.Module:
+def build_serving(
+    exported: ExportedEmbedding, options: Mapping[str, Mapping[str, Any]] | None = None
+) -> nn.Module:
+    """The serving module of ``exported``; ``options`` maps an export kind to its serving
+    options (e.g. ``{"binary": {"decode": "auto"}}``), other kinds' entries are ignored."""
     if exported.kind not in SERVING:
         raise ValueError(
             f"no serving module for export kind {exported.kind!r}; known: {sorted(SERVING)}"
         )
-    return SERVING[exported.kind](exported)
+    return SERVING[exported.kind](exported, **dict((options or {}).get(exported.kind, {})))
 
 
 def _lookup(name: str) -> type[Compressor]:

@@ -462,7 +462,7 @@ class BinaryServing(nn.Module):
     """
 
     def __init__(
-        self, exported: ExportedEmbedding, decode: str = "auto", plane_dtype: str = PLANE_DTYPE
+        self, exported: ExportedEmbedding, decode: str = "bits", plane_dtype: str = PLANE_DTYPE
     ) -> None:
         super().__init__()
         if decode not in DECODES:
