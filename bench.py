@@ -896,62 +896,32 @@ def bench_inter_feature(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------- dimension search (issue 11)
-DIMENSION = ("dnis", "mde", "autodim")
+# (label, method, options): DNIS with the paper's |e ⊙ α| score and with α's column ranking.
+DIMENSION = (
+    ("dnis", "dnis", {}),
+    ("dnis-alpha", "dnis", {"prune_score": "alpha"}),
+    ("mde", "mde", {}),
+    ("autodim", "autodim", {}),
+)
 DIMENSION_BUDGETS = ("2x", "5x", "10x", "20x")
 
 
-def _staged_run(name: str, **run: object) -> tuple[dict, dict[str, float]]:
-    """Trains ``RunConfig(**run)`` afresh under .bench-cache/runs/NAME; returns its summary and
-    the wall seconds of each stage (``on_stage_start`` to ``on_stage_end``, evaluations
-    included), timed by wrapping the method's own hooks for the run."""
-    import shutil
+def _mean_std(values: list[float]) -> str:
+    """``mean ± std`` (sample std; the value alone for one seed)."""
+    import numpy as np
 
-    from compressors.core.registry import COMPRESSORS
-    from ctr.run import RunConfig, train_run
-    from ctr.trainer import TrainConfig
-
-    train = run.pop("train", {})
-    cfg = RunConfig(**run, train=TrainConfig(progress=False, **train))
-    run_dir = CACHE / "runs" / name
-    timings = run_dir / "stage_seconds.json"
-    if timings.exists() and json.loads((run_dir / "config.json").read_text()) == json.loads(
-        json.dumps(cfg.to_json())
-    ):
-        return json.loads((run_dir / "summary.json").read_text()), json.loads(timings.read_text())
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    seconds: dict[str, float] = {}
-    started: dict[str, float] = {}
-    cls = COMPRESSORS[cfg.compressor]
-    saved = {k: cls.__dict__[k] for k in ("on_stage_start", "on_stage_end") if k in cls.__dict__}
-    own_start, own_end = cls.on_stage_start, cls.on_stage_end
-
-    def on_start(self, stage, ctx):
-        started[stage.name] = time.perf_counter()
-        own_start(self, stage, ctx)
-
-    def on_end(self, stage, ctx):
-        own_end(self, stage, ctx)
-        seconds[stage.name] = time.perf_counter() - started[stage.name]
-
-    cls.on_stage_start, cls.on_stage_end = on_start, on_end
-    try:
-        print(f"  training {name} ...", flush=True)
-        summary = train_run(cfg, run_dir)
-    finally:
-        for k in ("on_stage_start", "on_stage_end"):
-            if k in saved:
-                setattr(cls, k, saved[k])
-            else:
-                delattr(cls, k)
-    timings.write_text(json.dumps(seconds))
-    return summary, seconds
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
 
 
 @section("dimension", default=False)
 def bench_dimension(args: argparse.Namespace) -> dict:
-    """Dimension search (dnis, mde, autodim) at 2x/5x/10x/20x, fp32 and int8: AUC, logloss,
-    bytes, stage wall times as ratios to one full run."""
+    """Dimension search (dnis, dnis with α's column ranking, mde, autodim) at 2x/5x/10x/20x,
+    fp32 and int8, over ``--seeds`` (default 0): AUC, logloss (mean ± std over seeds), bytes,
+    stage wall times as ratios to full's (full trained with the same seeds)."""
+    import numpy as np
+
     from ctr.embedding import features_from_dataset
     from datasets.format import DatasetMeta
 
@@ -960,68 +930,78 @@ def bench_dimension(args: argparse.Namespace) -> dict:
     batch = 4096 if rows_arg >= 200_000 else 1024
     meta = DatasetMeta.load(data)
     features = features_from_dataset(meta)
-    common = dict(data=str(data), model="deepfm", dim=16, train={"batch_size": batch})
-    full, full_stages = _staged_run("dimension-full", compressor="full", **common)
-    full_time = sum(full_stages.values())
-    rows = [
-        {
-            "method": "full",
-            "storage": "fp32",
-            "budget": "1x",
-            "ratio": 1.0,
-            "test_auc": full["test_auc"],
-            "test_logloss": full["test_logloss"],
-            "serve_bytes": full["serve_bytes"],
-            "train_bytes": full["train_bytes"],
-            "stages_vs_full": "train 1.00",
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [0]
+
+    def runs(name: str, **run: object) -> tuple[list[dict], list[dict[str, float]]]:
+        out = [
+            _staged_run(
+                f"{name}-s{seed}" if seed else name,
+                seed=seed,
+                data=str(data),
+                model="deepfm",
+                dim=16,
+                train={"batch_size": batch},
+                **run,
+            )
+            for seed in seeds
+        ]
+        return out, [s["stage_seconds"] for s in out]
+
+    def row(label: str, storage: str, budget: str, summaries: list[dict], stages) -> dict:
+        mean_stages = {k: np.mean([t[k] for t in stages]) for k in stages[0]}
+        return {
+            "method": label,
+            "storage": storage,
+            "budget": budget,
+            "ratio": float(np.mean([s["ratio"] for s in summaries])),
+            "test_auc": _mean_std([s["test_auc"] for s in summaries]),
+            "test_logloss": _mean_std([s["test_logloss"] for s in summaries]),
+            "serve_bytes": int(max(s["serve_bytes"] for s in summaries)),
+            "train_bytes": int(max(s["train_bytes"] for s in summaries)),
+            "stages_vs_full": " ".join(f"{k} {v / full_time:.2f}" for k, v in mean_stages.items()),
+            "seeds": len(summaries),
+            "auc_by_seed": [s["test_auc"] for s in summaries],
             "note": "",
         }
-    ]
+
+    full, full_stages = runs("dimension-full", compressor="full")
+    full_time = float(np.mean([sum(t.values()) for t in full_stages]))
+    rows = [row("full", "fp32", "1x", full, full_stages)]
     budgets = args.budgets.split(",") if args.budgets else DIMENSION_BUDGETS
     storages = args.storages.split(",") if args.storages else ("fp32", "int8")
     for budget in budgets:
         for storage in storages:
-            for method in DIMENSION:
-                refused = _fits(method, features, budget, storage=storage)
+            for label, method, options in DIMENSION:
+                refused = _fits(method, features, budget, storage=storage, **options)
                 if refused:
                     rows.append(
-                        {"method": method, "storage": storage, "budget": budget, "note": refused}
+                        {"method": label, "storage": storage, "budget": budget, "note": refused}
                     )
                     continue
-                summary, stages = _staged_run(
-                    f"dimension-{method}-{storage}-{budget}",
+                summaries, stages = runs(
+                    f"dimension-{label}-{storage}-{budget}",
                     compressor=method,
                     budget=budget,
-                    method_options={"storage": storage},
-                    **common,
+                    method_options={"storage": storage, **options},
                 )
-                rows.append(
-                    {
-                        "method": method,
-                        "storage": storage,
-                        "budget": budget,
-                        "ratio": summary["ratio"],
-                        "test_auc": summary["test_auc"],
-                        "test_logloss": summary["test_logloss"],
-                        "serve_bytes": summary["serve_bytes"],
-                        "train_bytes": summary["train_bytes"],
-                        "stages_vs_full": " ".join(
-                            f"{k} {v / full_time:.2f}" for k, v in stages.items()
-                        ),
-                        "note": "",
-                    }
-                )
+                rows.append(row(label, storage, budget, summaries, stages))
                 print(f"  {json.dumps(rows[-1])}", flush=True)
     print_table(
         f"dimension: DeepFM dim 16, synthetic {rows_arg} rows (scale 0.001), batch {batch}, "
-        f"1 epoch per stage, one seed (teacher AUC {meta.extra['teacher']['test_auc']:.4f})",
-        [{k: v for k, v in r.items() if k != "note"} for r in rows if not r["note"]],
+        f"1 epoch per stage, seeds {seeds} (AUC, logloss: mean ± std; bytes: the largest; "
+        f"teacher AUC {meta.extra['teacher']['test_auc']:.4f})",
+        [
+            {k: v for k, v in r.items() if k not in ("note", "auc_by_seed")}
+            for r in rows
+            if not r["note"]
+        ],
     )
     for r in rows:
         if r["note"]:
             print(f"  {r['method']} ({r['storage']}) at {r['budget']}: {r['note']}")
     return {
         "rows": rows,
+        "seeds": seeds,
         "teacher_auc": meta.extra["teacher"]["test_auc"],
         "full_stage_seconds": full_stages,
     }
@@ -1923,7 +1903,9 @@ def main(argv: list[str] | None = None) -> int:
         "--budgets", default="", help="fair_sweep, dimension: comma-separated budgets"
     )
     sweep.add_argument("--storages", default="", help="dimension: comma-separated dtypes")
-    sweep.add_argument("--seeds", default="", help="fair_sweep: seeds (default 0,1,2)")
+    sweep.add_argument(
+        "--seeds", default="", help="fair_sweep: seeds (default 0,1,2); dimension (default 0)"
+    )
     sweep.add_argument("--grid-lrs", default="", help="embedding lr grid, comma-separated")
     sweep.add_argument("--grid-l2s", default="", help="embedding L2 grid, comma-separated")
     sweep.add_argument("--sweep-epochs", type=float, default=None, help="max epochs per point")

@@ -44,3 +44,23 @@ def learn_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
         progress=False,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def control_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``learn_data`` without the planted field signal: the teacher's per-value biases and
+    interactions are off, so labels depend on the dense features only and every field is
+    noise. The negative control of tests that find the planted signal."""
+    out = tmp_path_factory.mktemp("control")
+    generate_synthetic(
+        out,
+        SyntheticConfig(
+            rows=400_000,
+            cardinalities=SMALL_CARDINALITIES,
+            num_dense=4,
+            bias_std=0.0,
+            interaction_std=0.0,
+        ),
+        progress=False,
+    )
+    return out

@@ -77,7 +77,7 @@ def check_export(data: Path, run_dir: Path, out: Path, atol: float = 1e-6) -> No
     torch.testing.assert_close(served, trained, atol=atol, rtol=0.0)
 
 
-def train_model(data: Path, method: str, budget: Any, epochs: float, **options: Any):
+def train_model(data: Path, method: str, budget: Any, epochs: float, seed: int = 0, **options: Any):
     """Trains a small DeepFM (no run dir); returns (model, test metrics)."""
     cfg = RunConfig(
         data=str(data),
@@ -88,7 +88,13 @@ def train_model(data: Path, method: str, budget: Any, epochs: float, **options: 
         budget=budget,
         method_options=options,
         train=TrainConfig(
-            epochs=epochs, batch_size=1024, lr=3e-3, table_lr=0.2, progress=False, patience=1
+            epochs=epochs,
+            batch_size=1024,
+            lr=3e-3,
+            table_lr=0.2,
+            progress=False,
+            patience=1,
+            seed=seed,
         ),
     )
     meta = DatasetMeta.load(data)

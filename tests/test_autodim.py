@@ -39,6 +39,26 @@ def test_budget_below_the_smallest_candidates_is_a_clear_error():
         build_compressor("autodim", criteo_features(), dim=16, budget="20x")
 
 
+def test_plan_is_the_budget_bound_until_the_search_chooses_the_dims():
+    features = criteo_features(scale=0.0005)[:6]
+    layer = build_compressor("autodim", features, dim=8, budget="2x")
+    plan = layer.plan()
+    assert plan.details["bound"] and plan.serve_bytes == layer.budget_bytes
+    before = layer.memory()
+    assert before.parts == {
+        "bound: at most the budget (the search's choice decides)": layer.budget_bytes
+    }
+    assert before.serve_bytes == layer.budget_bytes and before.train_bytes == plan.train_bytes
+    layer.table_optimizer = "adagrad"  # the trainer's, not an option: train_bytes follows it
+    assert layer.plan().train_bytes == layer.memory().train_bytes > plan.train_bytes
+    layer.table_optimizer = "rowwise_adagrad"
+    layer._build_retrain(layer.choose())
+    after = layer.memory()
+    assert after.serve_bytes == layer.export().nbytes <= layer.budget_bytes
+    assert after.train_bytes == plan.train_bytes  # the search is the peak
+    assert layer.plan().to_json() == plan.to_json()  # a resumed run's plan check still holds
+
+
 def test_search_forward_is_a_mixture_of_candidates():
     features = criteo_features(scale=0.0005)[:4]
     layer = build_compressor("autodim", features, dim=8, budget="2x")

@@ -161,7 +161,13 @@ class SearchedBytes:
     "floor_bytes", "train_bytes", ...}``) and refuse an infeasible budget in their constructor
     with their own message. The plan's ``serve_bytes`` is then the budget the method
     guarantees never to exceed (``details["bound"]`` is True), while ``memory()`` reports the
-    bytes of the current masks (the exact figure once the deciding stage has run).
+    bytes of the current masks (the exact figure once the deciding stage has run). A method
+    that has no bytes to report before that stage (DNIS's prune, AutoDim's choice) reports
+    :meth:`bound_memory`: the budget, labelled as the bound.
+
+    :meth:`plan_context` passes what the plan's arithmetic reads from the built method rather
+    than from its options (the table optimizer the trainer set, for ``train_bytes``); it is
+    not recorded among the plan's options.
     """
 
     searched: ClassVar[bool] = True
@@ -176,7 +182,20 @@ class SearchedBytes:
     def solve(
         cls, features: Sequence[FeatureSpec], dim: int, budget_bytes: int, options: dict[str, Any]
     ) -> Plan:
-        raw = cls.solve_budget(features, dim, budget_bytes, **options)
+        return cls.bound_plan(features, dim, budget_bytes, options, {})
+
+    @classmethod
+    def bound_plan(
+        cls,
+        features: Sequence[FeatureSpec],
+        dim: int,
+        budget_bytes: int,
+        options: dict[str, Any],
+        context: dict[str, Any],
+    ) -> Plan:
+        """The plan for ``options``; ``context`` (see :meth:`plan_context`) is passed to
+        :meth:`solve_budget` but not recorded."""
+        raw = cls.solve_budget(features, dim, budget_bytes, **{**options, **context})
         if not raw["feasible"]:
             # The constructor refuses with the method's own message; build it weightless.
             with planning(), torch.device("meta"):
@@ -197,7 +216,28 @@ class SearchedBytes:
         )
 
     def plan(self) -> Plan:
-        return type(self).solve(self.features, self.dim, self.budget_bytes, self.options)  # type: ignore[attr-defined]
+        return type(self).bound_plan(
+            self.features,  # type: ignore[attr-defined]
+            self.dim,  # type: ignore[attr-defined]
+            self.budget_bytes,  # type: ignore[attr-defined]
+            self.options,  # type: ignore[attr-defined]
+            self.plan_context(),
+        )
+
+    def plan_context(self) -> dict[str, Any]:
+        """Keyword arguments of :meth:`solve_budget` read from the built method (not options)."""
+        return {}
+
+    def bound_memory(self, train_bytes: int, stage: str) -> MemoryReport:
+        """``memory()`` before the deciding ``stage`` has run: the budget as the bound it keeps
+        (the exact bytes depend on what that stage learns)."""
+        budget = self.budget_bytes  # type: ignore[attr-defined]
+        return MemoryReport(
+            serve_bytes=budget,
+            train_bytes=train_bytes,
+            full_bytes=self.full_bytes,  # type: ignore[attr-defined]
+            parts={f"bound: at most the budget ({stage} decides)": budget},
+        )
 
 
 @dataclass

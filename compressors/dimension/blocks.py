@@ -36,16 +36,24 @@ from compressors.core.layout import IndexMap, field_index, register_index_map
 _FIELD_SPAN = 1 << 40
 
 
-def frequency_blocks(feature: FeatureSpec, num_blocks: int) -> list[int]:
+def frequency_blocks(feature: FeatureSpec, num_blocks: int, oov_block: bool = False) -> list[int]:
     """Block boundaries ``[0, b_1, ..., n]`` of ``feature``: ``num_blocks`` id ranges of equal
     train-frequency mass (fewer when the field is too small). Without frequencies every id
-    weighs the same (equal-size blocks)."""
+    weighs the same (equal-size blocks).
+
+    ``oov_block``: the OOV id 0 is a block of its own (``[0, 1, b_2, ..., n]``) and the
+    ``num_blocks`` blocks cut ids ``1..n-1``. Id 0 is not a value of the field's frequency
+    order: unseen in train (a count of 0) it would sit in the head block as an untrained row,
+    and where preprocessing folds rare values into it, its count says nothing of any value."""
     if num_blocks < 1:
         raise ValueError(f"the number of frequency blocks must be >= 1, got {num_blocks}")
     n = feature.cardinality
     counts = (
         np.ones(n) if feature.frequencies is None else np.asarray(feature.frequencies, np.float64)
     )
+    if oov_block and n > 1:
+        rest = FeatureSpec(feature.name, n - 1, frequencies=counts[1:])
+        return [0] + [1 + b for b in frequency_blocks(rest, num_blocks)]
     cumulative = np.cumsum(counts)
     total = cumulative[-1]
     if total <= 0:
