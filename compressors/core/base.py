@@ -474,7 +474,8 @@ class Compressor(nn.Module):
             if cls.set_storage is not Compressor.set_storage
         )
         raise ValueError(
-            f"{self.name}: its serving format is fixed by the method; --storage applies to "
+            f"{self.name}: its serving format is fixed by the method (--storage {dtype} "
+            "refused); --storage applies to "
             f"{', '.join(able)} (for hybrid methods, to their plain tables)"
         )
 
