@@ -116,19 +116,22 @@ def _signal_ratio(data, seed=0, arch_lr=0.05):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_search_prefers_larger_dims_for_the_signal_fields(learn_data, seed):
-    # 1.55-1.86 over seeds 0-2 (0.83 before the fields' shared scale started at the tables'
-    # init scale: see the module docstring).
+    # 1.55-1.86 over seeds 0-2 on one thread (0.83 before the fields' shared scale started at
+    # the tables' init scale: see the module docstring); the bound leaves room for the float
+    # sums of other thread counts. Frozen architecture weights give 1.0 (test below).
     ratio, expected = _signal_ratio(learn_data, seed)
-    assert ratio > 1.5, expected
+    assert ratio > 1.25, expected
 
 
 def test_the_preference_vanishes_without_the_planted_signal(control_data, learn_data):
-    # Negative control of the test above: the same fields, frequencies, seed (init, Gumbel
-    # draws, batch order), labels independent of the fields. 1.42, 0.90, 0.88 over seeds 0-2;
-    # seed 0 is the closest to the planted threshold, and it stays under its planted twin.
-    ratio, expected = _signal_ratio(control_data, 0)
-    assert ratio < 1.5, expected
-    assert ratio < _signal_ratio(learn_data, 0)[0] - 0.3, expected
+    # Negative control of the test above: the same fields, frequencies, seeds (init, Gumbel
+    # draws, batch order), labels independent of the fields: 1.42, 0.90, 0.88 over seeds 0-2
+    # (planted 1.86, 1.55, 1.84). Means over the three seeds, so one seed's noise cannot
+    # decide it.
+    control = np.mean([_signal_ratio(control_data, s)[0] for s in (0, 1, 2)])
+    planted = np.mean([_signal_ratio(learn_data, s)[0] for s in (0, 1, 2)])
+    assert control < 1.35, control
+    assert control < planted - 0.3, (control, planted)
 
 
 def test_the_preference_comes_from_the_architecture_weights(learn_data):
