@@ -969,9 +969,12 @@ def bench_dimension(args: argparse.Namespace) -> dict:
     rows = [row("full", "fp32", "1x", full, full_stages)]
     budgets = args.budgets.split(",") if args.budgets else DIMENSION_BUDGETS
     storages = args.storages.split(",") if args.storages else ("fp32", "int8")
+    wanted = set(args.methods.split(",")) if args.methods else None
     for budget in budgets:
         for storage in storages:
             for label, method, options in DIMENSION:
+                if wanted and label not in wanted:
+                    continue
                 refused = _fits(method, features, budget, storage=storage, **options)
                 if refused:
                     rows.append(
@@ -1911,7 +1914,9 @@ def main(argv: list[str] | None = None) -> int:
         "--rows", type=int, default=None, help="override dataset rows where a section uses them"
     )
     sweep = parser.add_argument_group("protocol sweeps (inter_feature, *_claim, fair_sweep)")
-    sweep.add_argument("--methods", default="", help="fair_sweep: methods (default: all)")
+    sweep.add_argument(
+        "--methods", default="", help="fair_sweep, dimension: methods (default: all)"
+    )
     sweep.add_argument(
         "--budgets", default="", help="fair_sweep, dimension: comma-separated budgets"
     )
