@@ -9,7 +9,7 @@ import torch
 from table_checks import check_memory_matches_artifact
 from torchrec import KeyedJaggedTensor
 
-from compressors import FeatureSpec
+from compressors import Compressor, FeatureSpec, Plan
 from ctr.artifact import CompactModel
 from ctr.run import RunConfig, build_run_model, load_run_model, train_run
 from ctr.trainer import TrainConfig, Trainer
@@ -120,3 +120,18 @@ def random_kjt(features: list[FeatureSpec], batch: int, max_bag: int = 3, seed: 
     return KeyedJaggedTensor(
         keys=[f.name for f in features], values=torch.cat(values), lengths=torch.cat(lengths)
     )
+
+
+def check_budget_bound_before_deciding(layer: Compressor, decides: str) -> Plan:
+    """Before its deciding stage a searched method plans and reports the budget as a labelled
+    bound, and its train_bytes follow the table optimizer the trainer sets (not an option of
+    the method). Returns the plan (restores the default optimizer)."""
+    plan = layer.plan()
+    assert plan.details["bound"] and plan.serve_bytes == layer.budget_bytes
+    before = layer.memory()
+    assert before.parts == {f"bound: at most the budget ({decides} decides)": layer.budget_bytes}
+    assert before.serve_bytes == layer.budget_bytes and before.train_bytes == plan.train_bytes
+    layer.table_optimizer = "adagrad"
+    assert layer.plan().train_bytes == layer.memory().train_bytes > plan.train_bytes
+    layer.table_optimizer = "rowwise_adagrad"
+    return plan

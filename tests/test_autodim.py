@@ -8,7 +8,13 @@ import functools
 import numpy as np
 import pytest
 import torch
-from dimension_checks import check_export, check_resume_chain, random_kjt, train_model
+from dimension_checks import (
+    check_budget_bound_before_deciding,
+    check_export,
+    check_resume_chain,
+    random_kjt,
+    train_model,
+)
 from table_checks import criteo_features
 
 from compressors import BudgetError, FeatureSpec, build_compressor
@@ -46,16 +52,7 @@ def test_budget_below_the_smallest_candidates_is_a_clear_error():
 def test_plan_is_the_budget_bound_until_the_search_chooses_the_dims():
     features = criteo_features(scale=0.0005)[:6]
     layer = build_compressor("autodim", features, dim=8, budget="2x")
-    plan = layer.plan()
-    assert plan.details["bound"] and plan.serve_bytes == layer.budget_bytes
-    before = layer.memory()
-    assert before.parts == {
-        "bound: at most the budget (the search's choice decides)": layer.budget_bytes
-    }
-    assert before.serve_bytes == layer.budget_bytes and before.train_bytes == plan.train_bytes
-    layer.table_optimizer = "adagrad"  # the trainer's, not an option: train_bytes follows it
-    assert layer.plan().train_bytes == layer.memory().train_bytes > plan.train_bytes
-    layer.table_optimizer = "rowwise_adagrad"
+    plan = check_budget_bound_before_deciding(layer, "the search's choice")
     layer._build_retrain(layer.choose())
     after = layer.memory()
     assert after.serve_bytes == layer.export().nbytes <= layer.budget_bytes

@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from dimension_checks import check_export, check_resume_chain, random_kjt, train_model
+from dimension_checks import (
+    check_budget_bound_before_deciding,
+    check_export,
+    check_resume_chain,
+    random_kjt,
+    train_model,
+)
 from table_checks import criteo_features
 
 from compressors import FeatureSpec, build_compressor, build_serving
@@ -79,17 +85,7 @@ def test_oov_gets_its_own_block():
 def test_plan_is_the_budget_bound_until_the_prune_decides_the_bytes():
     features = criteo_features(scale=0.001, zipf=True)
     layer = build_compressor("dnis", features, dim=16, budget="10x")
-    plan = layer.plan()
-    assert plan.details["bound"] and plan.serve_bytes == layer.budget_bytes
-    before = layer.memory()
-    assert before.parts == {
-        "bound: at most the budget (the prune stage decides)": layer.budget_bytes
-    }
-    assert before.serve_bytes == layer.budget_bytes and before.train_bytes == plan.train_bytes
-    # train_bytes follows the table optimizer the trainer sets (not an option of the method).
-    layer.table_optimizer = "adagrad"
-    assert layer.plan().train_bytes == layer.memory().train_bytes > plan.train_bytes
-    layer.table_optimizer = "rowwise_adagrad"
+    plan = check_budget_bound_before_deciding(layer, "the prune stage")
     with torch.no_grad():
         for w in layer._field_weights():
             w.normal_()

@@ -77,20 +77,31 @@ def _flipped_byte(art: Path) -> None:
     (art / TENSORS_FILE).write_bytes(bytes(raw))
 
 
-def _swapped_tensors(art: Path) -> None:
-    """Two weights of different shapes swapped, manifest and checksum forged to match."""
+def _forged_tensors(art: Path, edit) -> None:
+    """Stored tensors rewritten by ``edit`` (returns the keys it changed), with the manifest's
+    shapes and checksum forged to match."""
     tensors = load_file(str(art / TENSORS_FILE))
-    a, b = "model.deep.0.weight", "model.deep.2.weight"
-    assert tensors[a].shape != tensors[b].shape
-    tensors[a], tensors[b] = tensors[b], tensors[a]
+    changed = edit(tensors)
     save_file(tensors, str(art / TENSORS_FILE))
 
     def forge(m):
-        for k in (a, b):
+        for k in changed:
             m["tensors"][k]["shape"] = list(tensors[k].shape)
         m["files"][TENSORS_FILE] = _sha(art / TENSORS_FILE)
 
     _edit_manifest(art, forge)
+
+
+def _swapped_tensors(art: Path) -> None:
+    """Two weights of different shapes swapped, manifest and checksum forged to match."""
+
+    def swap(tensors):
+        a, b = "model.deep.0.weight", "model.deep.2.weight"
+        assert tensors[a].shape != tensors[b].shape
+        tensors[a], tensors[b] = tensors[b], tensors[a]
+        return (a, b)
+
+    _forged_tensors(art, swap)
 
 
 CASES = {
@@ -114,16 +125,13 @@ def _forged_binary_dim(m):
 
 def _resized_codes(art: Path) -> None:
     """A field's codes stored with more planes than its config says, checksums forged."""
-    tensors = load_file(str(art / TENSORS_FILE))
-    key = "embedding.codes.0"
-    tensors[key] = tensors[key].repeat(1, 8, 1)
-    save_file(tensors, str(art / TENSORS_FILE))
 
-    def forge(m):
-        m["tensors"][key]["shape"] = list(tensors[key].shape)
-        m["files"][TENSORS_FILE] = _sha(art / TENSORS_FILE)
+    def resize(tensors):
+        key = "embedding.codes.0"
+        tensors[key] = tensors[key].repeat(1, 8, 1)
+        return (key,)
 
-    _edit_manifest(art, forge)
+    _forged_tensors(art, resize)
 
 
 BINARY_CASES = {
