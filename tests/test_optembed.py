@@ -114,7 +114,7 @@ def _searched(budget: int, weights: list[float], **options) -> tuple[OptEmbed, F
 def test_search_finds_rewarded_dims_and_never_exceeds_the_budget():
     weights = [0.0, 1.0, 0.0, 1.0, 0.0]
     budget = 55_000
-    layer, ctx = _searched(budget, weights, generations=8)
+    layer, ctx = _searched(budget, weights, generations=8, fill_budget=False)
     dims = layer.dims.tolist()
     assert layer.memory().serve_bytes <= budget
     assert layer.kept_per_field()[0] <= 1001  # frozen row mask: field 0's tail is gone
@@ -127,6 +127,41 @@ def test_search_finds_rewarded_dims_and_never_exceeds_the_budget():
     for _ in range(200):
         cand = [layer._random_dim(gen) for _ in layer.features]
         assert layer.candidate_bytes(layer.repair(cand, kept, mass), kept) <= budget
+
+
+def test_unused_budget_goes_back_to_the_supernets_best_pruned_rows():
+    budget = 55_000
+    paper, _ = _searched(budget, [1.0] * 5, generations=3, fill_budget=False)
+    filled, _ = _searched(budget, [1.0] * 5, generations=3)
+    assert filled.dims.tolist() == paper.dims.tolist()  # the fill comes after the search
+    assert paper.kept_per_field() == filled.supernet_kept.tolist()  # the paper's: supernet's rows
+    assert (
+        paper.hyperparameters()["supernet_kept_rows"]
+        == filled.hyperparameters()["supernet_kept_rows"]
+    )
+    assert bool((paper.row_mask <= filled.row_mask).all())  # nothing kept is dropped ...
+    assert filled.row_mask.sum() > paper.row_mask.sum()  # ... and pruned rows come back
+    serve = filled.memory().serve_bytes
+    assert paper.memory().serve_bytes < serve <= budget
+    # Within a row of the budget: one more row of any field that still has some would not fit.
+    kept = filled.kept_per_field()
+    dims = filled.dims.tolist()
+    for f, spec in enumerate(filled.features):
+        if kept[f] < spec.cardinality:
+            grown = list(kept)
+            grown[f] += 1
+            assert filled.candidate_bytes(dims, grown) > budget
+    # Per field, the rows that came back are the best-scored of the pruned ones.
+    score = (
+        filled.table.row_norms()
+        - filled.threshold.detach()[filled.table.field_of(torch.arange(filled.table.rows))]
+    )
+    for f in range(len(filled.features)):
+        sl = filled.table.field_slice(f)
+        back = filled.row_mask[sl] & ~paper.row_mask[sl]
+        still = ~filled.row_mask[sl]
+        if back.any() and still.any():
+            assert score[sl][back].min() >= score[sl][still].max()
 
 
 def test_thresholds_rise_by_quantile_when_rows_cannot_fit(caplog):
@@ -184,7 +219,8 @@ def test_thresholds_prune_the_fields_without_signal(runs, learn_data):
     signal = signal_of(DatasetMeta.load(learn_data))
     hp = layer.hyperparameters()
     assert all(t > 0.2 for t in hp["thresholds"].values())  # thresholds moved from 0
-    kept, dims = hp["kept_rows"], hp["dims"]
+    # The supernet's own rows (the budget fill adds the next-best ones after the search).
+    kept, dims = hp["supernet_kept_rows"], hp["dims"]
     sizes = {f.name: f.cardinality for f in layer.features}
 
     def share(names, weigh_dims):
