@@ -47,6 +47,7 @@ from typing import Any
 
 from datasets.format import atomic_write_text
 
+CELL_FILE = "cell.json"
 RESULT_FILE = "result.json"
 SPEC_FILE = "sweep.json"
 REFERENCE = ("full", "1x")
@@ -234,7 +235,7 @@ def run_cell(cell: dict[str, Any], directory: str | Path) -> dict[str, Any]:
     if done.exists():
         return json.loads(done.read_text())
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(directory / "cell.json", json.dumps(cell, indent=2))
+    atomic_write_text(directory / CELL_FILE, json.dumps(cell, indent=2))
     started = time.perf_counter()
     base = {k: cell[k] for k in ("data", "model", "method", "budget", "seed")}
     reason = feasibility(cell)
@@ -419,8 +420,17 @@ def _describe(result: dict[str, Any]) -> str:
 
 
 def load_results(out: str | Path) -> list[dict[str, Any]]:
-    """Every finished cell's result under ``out`` (any spec that wrote there)."""
+    """Every finished cell's result under ``out`` (any spec that wrote there), each with its
+    cell's ``method_options`` (from ``cell.json``), so that one method run with two option
+    sets is never read as one."""
     paths = sorted((Path(out) / "cells").glob(f"*/{RESULT_FILE}"))
     if not paths:
         raise ValueError(f"{out}: no finished cells (cells/*/{RESULT_FILE}); run `ctr sweep run`")
-    return [json.loads(p.read_text()) for p in paths]
+    results = []
+    for path in paths:
+        result = json.loads(path.read_text())
+        cell = path.with_name(CELL_FILE)
+        if "method_options" not in result and cell.exists():
+            result["method_options"] = json.loads(cell.read_text()).get("method_options", {})
+        results.append(result)
+    return results

@@ -14,6 +14,7 @@ EPILOG_SWEEP = """examples:
   ctr sweep run --spec sweep.json --out sweeps/synth      # a JSON (or YAML) SweepSpec
   ctr sweep run --spec sweep.json --out sweeps/synth --executor ray --address ray://head:10001
   ctr sweep report sweeps/synth                           # -> sweeps/synth/report/
+  ctr sweep report sweeps/a sweeps/b --out sweeps/ab      # one report of several
 Rerunning the same `ctr sweep run` resumes: finished cells are kept, an interrupted one
 continues from its checkpoint."""
 
@@ -131,6 +132,8 @@ def add_sweep_parser(sub: Any) -> None:
     )
     r.set_defaults(func=cmd_sweep_run)
     rep = actions.add_parser("report", help="table, markdown summary and Pareto plot")
-    rep.add_argument("sweep", type=Path, help="sweep directory")
-    rep.add_argument("--out", type=Path, default=None, help="default: SWEEP/report")
+    rep.add_argument("sweep", type=Path, nargs="+", help="sweep directory (or several: one report)")
+    rep.add_argument(
+        "--out", type=Path, default=None, help="default: SWEEP/report (required for several)"
+    )
     rep.set_defaults(func=cmd_sweep_report)

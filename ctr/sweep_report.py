@@ -8,15 +8,21 @@ the runner-up by more than either's seed spread (max − min), otherwise a tie i
 bars, the Pareto front marked, tuned ``full`` and the synthetic teacher's AUC as horizontal
 lines.
 
+A method run with non-default options is its own row, labelled with them
+(``pep[threshold_lr=0.1]``): cells of one method under two option sets are never averaged.
+Several sweep directories report as one (a cell found in two is counted once).
+
 Example::
 
     paths = write_report("sweeps/synth")   # {"csv": .., "parquet": .., "markdown": .., "png": [..]}
+    paths = write_report(["sweeps/a", "sweeps/b"], "sweeps/report")
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +52,16 @@ COLUMNS = (
     "hyperparameters",
     "teacher_test_auc",
     "reason",
+    "method_options",
     "key",
 )
+
+
+def variant(method: str, options: dict[str, Any] | None) -> str:
+    """``method`` with its non-default options, e.g. ``pep[threshold_lr=0.1]``."""
+    if not options:
+        return method
+    return f"{method}[{','.join(f'{k}={options[k]}' for k in sorted(options))}]"
 
 
 def result_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -55,6 +69,8 @@ def result_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in results:
         chosen = r.get("chosen") or {}
         row = {k: r.get(k) for k in COLUMNS}
+        row["method"] = variant(r["method"], r.get("method_options"))
+        row["method_options"] = str(r.get("method_options") or "")
         row["budget"] = str(r["budget"])
         row["table_lr"] = chosen.get("table_lr")
         row["embedding_l2"] = chosen.get("embedding_l2")
@@ -303,14 +319,25 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     return path
 
 
-def write_report(sweep: str | Path, out: str | Path | None = None) -> dict[str, Any]:
-    """Writes results.csv, results.parquet, summary.md and pareto[-i].png; returns the paths."""
+def write_report(
+    sweep: str | Path | Sequence[str | Path], out: str | Path | None = None
+) -> dict[str, Any]:
+    """Writes results.csv, results.parquet, summary.md and pareto[-i].png of one sweep
+    directory or several (``out`` then required); returns the paths."""
     import pandas as pd
 
-    sweep = Path(sweep)
-    out = Path(out) if out else sweep / "report"
+    sweeps = [Path(sweep)] if isinstance(sweep, str | Path) else [Path(s) for s in sweep]
+    if out is None and len(sweeps) != 1:
+        raise ValueError("a report of several sweep directories needs --out")
+    out = Path(out) if out else sweeps[0] / "report"
     out.mkdir(parents=True, exist_ok=True)
-    rows = result_rows(load_results(sweep))
+    results, seen = [], set()
+    for directory in sweeps:
+        for result in load_results(directory):
+            if result.get("key") not in seen or result.get("key") is None:
+                seen.add(result.get("key"))
+                results.append(result)
+    rows = result_rows(results)
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     paths: dict[str, Any] = {
         "csv": out / "results.csv",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,6 +63,33 @@ def test_tiny_sweep_writes_table_summary_and_plot(tiny_sweep):
     summary = paths["markdown"].read_text()
     assert "| hash |" in summary and "Best per budget" in summary and " ± " in summary
     assert paths["png"][0].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_one_method_under_two_option_sets_reports_as_two_rows(tiny_sweep, tmp_path):
+    # A second sweep directory holds the same cells plus hash cells run with an option: the
+    # joint report counts the shared cells once and never averages the two option sets.
+    out, _ = tiny_sweep
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    for cell in list((other / "cells").glob("hash-*")):
+        variant = cell.with_name(cell.name + "-shared")
+        shutil.copytree(cell, variant)
+        config = json.loads((variant / "cell.json").read_text())
+        result = json.loads((variant / "result.json").read_text())
+        config["method_options"] = {"shared": True}
+        result["key"] += "-shared"
+        result["test_auc"] = 0.123
+        (variant / "cell.json").write_text(json.dumps(config))
+        (variant / "result.json").write_text(json.dumps(result))
+    paths = write_report([out, other], tmp_path / "joint")
+    frame = pd.read_parquet(paths["parquet"])
+    assert len(frame) == 8 + 4
+    assert set(frame["method"]) == {"hash", "qr", "hash[shared=True]"}
+    assert (frame[frame["method"] == "hash[shared=True]"]["test_auc"] == 0.123).all()
+    assert (frame[frame["method"] == "hash"]["test_auc"] != 0.123).all()
+    assert "| hash[shared=True] |" in paths["markdown"].read_text()
+    with pytest.raises(ValueError, match="needs --out"):
+        write_report([out, other])
 
 
 def test_cell_keys_are_stable_and_name_the_run_dirs(tiny_sweep, tiny_data):
