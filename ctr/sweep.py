@@ -203,6 +203,28 @@ def cell_key(cell: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def method_defaults(method: str) -> dict[str, Any]:
+    """The method's option defaults in this code, as JSON would store them: recorded with
+    each result so that a later rerun can tell a cell finished under other defaults."""
+    from compressors.core.registry import method_options
+
+    return json.loads(json.dumps(method_options(method), default=str))
+
+
+def changed_defaults(result: dict[str, Any]) -> dict[str, tuple[Any, Any]] | None:
+    """``{option: (then, now)}`` for defaults that changed since ``result`` was written;
+    None when the result predates recorded defaults."""
+    then = result.get("method_defaults")
+    if then is None:
+        return None
+    now = method_defaults(result["method"])
+    return {
+        k: (then.get(k), now.get(k))
+        for k in sorted(set(then) | set(now))
+        if then.get(k) != now.get(k)
+    }
+
+
 def cell_dir(out: str | Path, cell: dict[str, Any]) -> Path:
     budget = str(cell["budget"]).replace("/", "_")
     name = f"{cell['method']}-{budget}-{cell['model']}-seed{cell['seed']}-{cell_key(cell)}"
@@ -240,7 +262,13 @@ def run_cell(cell: dict[str, Any], directory: str | Path) -> dict[str, Any]:
     base = {k: cell[k] for k in ("data", "model", "method", "budget", "seed")}
     reason = feasibility(cell)
     if reason is not None:
-        result = {**base, "status": "infeasible", "reason": reason, "key": cell_key(cell)}
+        result = {
+            **base,
+            "status": "infeasible",
+            "reason": reason,
+            "key": cell_key(cell),
+            "method_defaults": method_defaults(cell["method"]),
+        }
         atomic_write_text(done, json.dumps(result, indent=2))
         return result
     protocol = ProtocolConfig(**cell["protocol"])
@@ -271,6 +299,7 @@ def run_cell(cell: dict[str, Any], directory: str | Path) -> dict[str, Any]:
         **base,
         "status": "done",
         "key": cell_key(cell),
+        "method_defaults": method_defaults(cell["method"]),
         **{k: chosen.get(k) for k in _SUMMARY_KEYS},
         "chosen": best["point"],
         "batch_size": batch,
@@ -339,6 +368,7 @@ def run_sweep(
         else:
             todo.append(i)
     log(f"sweep {out}: {len(cells)} cells, {len(results)} done, {len(todo)} to run")
+    _warn_stale(results, dirs, log)
     threads = threads or max(1, (os.cpu_count() or 1) // max(workers, 1))
 
     def finished(i: int, result: dict[str, Any]) -> None:
@@ -365,6 +395,30 @@ def run_sweep(
             for future in as_completed(futures):
                 finished(futures[future], future.result())
     return [results[i] for i in range(len(cells))]
+
+
+def _warn_stale(
+    results: dict[int, dict[str, Any]], dirs: list[Path], log: Callable[[str], None]
+) -> None:
+    """Cell keys hash the options a spec names, not the code's defaults: a finished cell whose
+    method defaults changed since is kept (it is the user's result) but named, with how to
+    retrain it."""
+    unknown = 0
+    for i, result in sorted(results.items()):
+        changed = changed_defaults(result)
+        if changed is None:
+            unknown += 1
+        elif changed:
+            what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            log(
+                f"  warning: {dirs[i].name} finished under other {result['method']} defaults "
+                f"({what}); kept — remove {dirs[i]} to retrain it under today's"
+            )
+    if unknown:
+        log(
+            f"  note: {unknown} finished cells predate recorded method defaults; kept as they "
+            "are (their defaults cannot be checked)"
+        )
 
 
 def _run_ray(

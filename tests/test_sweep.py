@@ -92,6 +92,32 @@ def test_one_method_under_two_option_sets_reports_as_two_rows(tiny_sweep, tmp_pa
         write_report([out, other])
 
 
+def test_a_cell_finished_under_other_method_defaults_is_kept_and_named(
+    tiny_sweep, tiny_data, tmp_path
+):
+    out, results = tiny_sweep
+    assert all(
+        r["method_defaults"]["keep_share"] is not None for r in results if r["method"] == "hash"
+    )
+    copy = tmp_path / "s"
+    shutil.copytree(out, copy)
+    stale = next(iter(sorted((copy / "cells").glob("hash-*"))))
+    result = json.loads((stale / "result.json").read_text())
+    result["method_defaults"]["keep_share"] = 0.123  # as if the default changed since
+    (stale / "result.json").write_text(json.dumps(result))
+    old = next(iter(sorted((copy / "cells").glob("qr-*"))))
+    result = json.loads((old / "result.json").read_text())
+    del result["method_defaults"]  # written before defaults were recorded
+    (old / "result.json").write_text(json.dumps(result))
+    lines = []
+    again = run_sweep(_spec(tiny_data), copy, threads=1, log=lines.append)
+    text = "\n".join(lines)
+    assert f"{stale.name} finished under other hash defaults (keep_share: 0.123 -> " in text
+    assert "1 finished cells predate recorded method defaults" in text
+    assert "0 to run" in lines[0]  # kept, not retrained
+    assert [r["test_auc"] for r in again] == [r["test_auc"] for r in results]
+
+
 def test_cell_keys_are_stable_and_name_the_run_dirs(tiny_sweep, tiny_data):
     out, _ = tiny_sweep
     cells = _spec(tiny_data).cells()
