@@ -13,6 +13,7 @@ from pruning_checks import check_artifact, check_resume, config, zeroed_auc
 
 from compressors import BudgetError, FeatureSpec, build_compressor
 from compressors.core.storage import row_bytes
+from compressors.pruning.common import bitmap_bytes
 from compressors.pruning.pep import PEP, soft_threshold
 from ctr.embedding import features_from_dataset
 from ctr.run import load_run_model, train_run
@@ -39,9 +40,12 @@ def test_budget_becomes_a_number_of_entries():
     # int8 CSR: 2 bytes an entry, plus one fp32 scale per field.
     int8 = PEP.solve_budget(feats, 16, 20_000, storage="int8")
     assert int8["target_entries"] == (20_000 - (1001 + 201) * 4 - 2 * 4) // 2
-    # int4 has no CSR form: every entry may need an int4 row of its own, every field a remap.
+    # int4 has no CSR form: every entry may need an int4 row of its own, every field a remap
+    # (a rank bitmap here: 12 bytes per 64 ids).
     int4 = PEP.solve_budget(feats, 16, 20_000, storage="int4")
-    assert int4["target_entries"] == (20_000 - (1000 + 200) * 2) // row_bytes(16, "int4")
+    remaps = bitmap_bytes(1000) + bitmap_bytes(200)
+    assert remaps == (16 + 4) * 12
+    assert int4["target_entries"] == (20_000 - remaps) // row_bytes(16, "int4")
     with pytest.raises(BudgetError, match="row pointers"):
         build_compressor("pep", feats, 16, "20x")
     with pytest.raises(ValueError, match="int4"):

@@ -50,9 +50,9 @@ from compressors.pruning.common import (
     cheapest_entry_plan,
     csr_fixed_bytes,
     export_pruned,
+    index_bytes,
     max_csr_entries,
     refuse_distributed,
-    remap_bytes,
 )
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ def entry_floor_bytes(features: Sequence[FeatureSpec], dtype: str) -> int:
     scales), or for row-only dtypes every field's remap."""
     if dtype in CSR_DTYPES:
         return sum(csr_fixed_bytes(f.cardinality, dtype) for f in features)
-    return sum(remap_bytes(f.cardinality, f.cardinality) for f in features)
+    return sum(index_bytes(f.cardinality, f.cardinality) for f in features)
 
 
 def max_entries(features: Sequence[FeatureSpec], dim: int, budget: int, dtype: str) -> int:
