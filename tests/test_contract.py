@@ -141,6 +141,20 @@ def test_solve_equals_the_built_method_and_its_plan_rebuilds_it(name, features):
     assert build_from_plan(recorded, features).plan().to_json() == plan.to_json()
 
 
+def test_a_changed_plan_is_refused_naming_the_entry_but_a_searched_floor_is_not(features):
+    hashed = solve("hash", features, DIM, "4x").to_json()
+    hashed["serve_bytes"] += 8  # as if an older solver had laid the tables out otherwise
+    with pytest.raises(ValueError, match=r"serve_bytes: \d+ recorded, \d+ now"):
+        build_compressor("hash", features, DIM, "4x").check_plan(Plan.from_json(hashed))
+    searched = solve("optembed", features, DIM, "4x").to_json()
+    assert searched["details"]["bound"]
+    searched["details"]["floor_bytes"] += 1000  # an older, larger remap format
+    build_compressor("optembed", features, DIM, "4x").check_plan(Plan.from_json(searched))
+    searched["details"]["train_bytes"] += 8
+    with pytest.raises(ValueError, match="details.train_bytes"):
+        build_compressor("optembed", features, DIM, "4x").check_plan(Plan.from_json(searched))
+
+
 # ---------------------------------------------------------------- export
 @pytest.mark.parametrize("name", METHODS)
 def test_export_round_trip_predicts_like_the_trained_model(name, trained, tiny_data, tmp_path):

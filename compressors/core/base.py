@@ -363,6 +363,18 @@ class StageContext(Protocol):
         ...
 
 
+def _flat(plan: dict[str, Any]) -> dict[str, Any]:
+    """A plan's JSON with its ``details`` (and other dicts) flattened one level, as
+    ``details.floor_bytes``, so a mismatch names the very entry."""
+    out: dict[str, Any] = {}
+    for k, v in plan.items():
+        if isinstance(v, dict) and k != "parts":
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
 class Compressor(nn.Module):
     """Base class of every method. Subclasses set ``name`` and implement the abstract parts.
 
@@ -452,15 +464,21 @@ class Compressor(nn.Module):
         """Raises ValueError unless this method is exactly what ``plan`` describes (a plan
         recorded by an older version whose solver has changed since, for instance)."""
         # Through JSON, as a recorded plan went (tuples become lists).
-        mine = json.loads(json.dumps(self.plan().to_json()))
-        theirs = json.loads(json.dumps(plan.to_json()))
-        differ = [k for k in theirs if k != "options" and mine.get(k) != theirs[k]]
+        mine = _flat(json.loads(json.dumps(self.plan().to_json())))
+        theirs = _flat(json.loads(json.dumps(plan.to_json())))
+        if theirs.get("details.bound"):
+            # A searched method's floor is arithmetic of its export format (a newer, smaller
+            # remap lowers it), not of the model the run trained: a run stays loadable.
+            mine.pop("details.floor_bytes", None)
+            theirs.pop("details.floor_bytes", None)
+        differ = [k for k in theirs if not k.startswith("options") and mine.get(k) != theirs[k]]
         if differ:
+            what = "; ".join(
+                f"{k}: {theirs[k]!r} recorded, {mine.get(k)!r} now" for k in differ[:3]
+            )
             raise ValueError(
                 f"{self.name}: the recorded plan no longer matches what this version builds "
-                f"from the same options (differs in {differ}: "
-                f"{ {k: theirs[k] for k in differ if k != 'details'} } recorded, "
-                f"{ {k: mine[k] for k in differ if k != 'details'} } now)"
+                f"from the same options ({what})"
             )
 
     def set_storage(self, dtype: str) -> None:
