@@ -41,10 +41,10 @@ def test_budget_becomes_a_number_of_entries():
     int8 = PEP.solve_budget(feats, 16, 20_000, storage="int8")
     assert int8["target_entries"] == (20_000 - (1001 + 201) * 4 - 2 * 4) // 2
     # int4 has no CSR form: every entry may need an int4 row of its own, every field a remap
-    # (a rank bitmap here: 12 bytes per 64 ids).
+    # (a rank bitmap here: 20 bytes per 64 ids).
     int4 = PEP.solve_budget(feats, 16, 20_000, storage="int4")
     remaps = bitmap_bytes(1000) + bitmap_bytes(200)
-    assert remaps == (16 + 4) * 12
+    assert remaps == (16 + 4) * 20
     assert int4["target_entries"] == (20_000 - remaps) // row_bytes(16, "int4")
     with pytest.raises(BudgetError, match="row pointers"):
         build_compressor("pep", feats, 16, "20x")

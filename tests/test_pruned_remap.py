@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torchrec import KeyedJaggedTensor
 
 from compressors.pruning.common import (
     FieldPlan,
@@ -31,12 +32,13 @@ def test_bitmap_maps_every_id_as_the_array_remap(rows, share, oov):
     assert torch.equal(bitmap(torch.arange(rows)), array)
     ids = torch.randint(0, rows, (4096,), generator=gen)
     assert torch.equal(bitmap(ids), array[ids])
-    assert bitmap.bits.numel() + 4 * bitmap.ranks.numel() == bitmap_bytes(rows)
+    held = bitmap.bits.numel() + bitmap.counts.numel() + 4 * bitmap.ranks.numel()
+    assert held == bitmap_bytes(rows)
 
 
 def test_the_smaller_remap_is_chosen_and_counted():
-    assert remap_form(6, 3) == "array" and remap_form(7, 3) == "bitmap"  # 12 vs 12, 12 vs 14
-    assert bitmap_bytes(64_000) * 10 < remap_bytes(64_000, 100)  # 1.5 vs 16 bits an id
+    assert remap_form(10, 3) == "array" and remap_form(11, 3) == "bitmap"  # 20 vs 20, 20 vs 22
+    assert bitmap_bytes(64_000) * 6.4 == remap_bytes(64_000, 100)  # 2.5 vs 16 bits an id
     plan = FieldPlan("C1", 1000, "rows", dim=4, kept=10)
     assert plan.serve_bytes("fp32") == 10 * 16 + bitmap_bytes(1000)
     keep = torch.zeros(1000, dtype=torch.bool)
@@ -46,7 +48,12 @@ def test_the_smaller_remap_is_chosen_and_counted():
     )
     stored = sum(t.numel() * t.element_size() for t in exported.tensors.values())
     assert stored == plan.serve_bytes("fp32")
-    assert set(exported.tensors) == {"table.t_C1", "index_map.bits.C1", "index_map.ranks.C1"}
+    assert set(exported.tensors) == {
+        "table.t_C1",
+        "index_map.bits.C1",
+        "index_map.counts.C1",
+        "index_map.ranks.C1",
+    }
 
 
 def _forged(edit) -> tuple[dict, dict]:
@@ -59,6 +66,10 @@ def _forged(edit) -> tuple[dict, dict]:
 
 def _flip_rank(config, tensors):
     tensors["ranks.C.1"][2] += 1
+
+
+def _flip_count(config, tensors):
+    tensors["counts.C.1"][3] += 1
 
 
 def _set_padding(config, tensors):
@@ -76,10 +87,11 @@ def _short_bits(config, tensors):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (_flip_rank, "block counts do not match"),
+        (_flip_rank, "counts do not match"),
+        (_flip_count, "counts do not match"),
         (_set_padding, "padding bits are set"),
         (_wrong_target, "pruned ids map to 7"),
-        (_short_bits, "expected uint8"),
+        (_short_bits, "expected torch.uint8"),
     ],
 )
 def test_a_forged_bitmap_is_refused_in_one_line(edit, message):
@@ -91,10 +103,48 @@ def test_a_forged_bitmap_is_refused_in_one_line(edit, message):
     assert "\n" not in str(info.value) and "'C.1'" in str(info.value)
 
 
+def test_one_map_serves_arrays_bitmaps_and_plain_fields_at_once():
+    # Fields of every kind in one batch: each id maps as its own field's remap says, and an
+    # id beyond its field is refused (in the concatenation it would read the next field's).
+    gen = torch.Generator().manual_seed(2)
+    keeps = {
+        "a": torch.rand(5, generator=gen) < 0.5,  # small: an int16 array
+        "b": torch.rand(1000, generator=gen) < 0.2,  # a bitmap
+        "c": torch.rand(70_000, generator=gen) < 0.9,  # an int32 array (forced below)
+        "d": torch.rand(300, generator=gen) < 0.1,  # a bitmap with an OOV row
+    }
+    arrays = {"a": build_remap(keeps["a"]), "c": build_remap(keeps["c"]).to(torch.int32)}
+    bitmaps = {"b": build_bitmap(keeps["b"]), "d": build_bitmap(keeps["d"], oov=True)}
+    names = ["a", "plain", "b", "c", "d"]
+    remap = RemapMap(names, arrays, bitmaps)
+    reference = {**arrays, "b": build_remap(keeps["b"]), "d": build_remap(keeps["d"], True)}
+    sizes = {"a": 5, "plain": 50, "b": 1000, "c": 70_000, "d": 300}
+    ids = {f: torch.randint(0, n, (64,), generator=gen) for f, n in sizes.items()}
+    kjt = KeyedJaggedTensor(
+        keys=names,
+        values=torch.cat([ids[f] for f in names]),
+        lengths=torch.ones(64 * len(names), dtype=torch.int64),
+    )
+    out = remap(kjt).to_dict()
+    for f in names:
+        want = ids[f] if f == "plain" else reference[f].long()[ids[f]]
+        assert torch.equal(out[f].values(), want), f
+    held = sum(t.numel() * t.element_size() for t in remap.tensors().values())
+    assert held == sum(t.numel() * t.element_size() for t in arrays.values()) + sum(
+        bitmap_bytes(sizes[f]) for f in bitmaps
+    )
+    again = RemapMap.from_config(remap.to_config(), remap.tensors())
+    assert torch.equal(again(kjt).values(), remap(kjt).values())
+    bad = torch.cat([ids[f] for f in names])
+    bad[64 * 2 + 3] = 1000  # field b has ids 0..999
+    with pytest.raises(ValueError, match=r"field 'b': id 1000 outside \[0, 1000\)"):
+        remap(KeyedJaggedTensor(keys=names, values=bad, lengths=kjt.lengths()))
+
+
 def test_rank_bitmap_round_trips_through_its_config():
     keep = torch.rand(500, generator=torch.Generator().manual_seed(1)) < 0.3
     built = build_bitmap(keep, oov=True)
-    again = RankBitmap.from_config("f", built.to_config(), built.bits, built.ranks)
+    again = RankBitmap.from_config("f", built.to_config(), built.bits, built.counts, built.ranks)
     ids = torch.arange(500)
     assert torch.equal(again(ids), built(ids))
     assert int(again(ids)[~keep][0]) == int(keep.sum())  # pruned ids read the OOV row
