@@ -34,12 +34,14 @@ def test_soft_threshold_formula_and_gradients():
 def test_budget_becomes_a_number_of_entries():
     feats = [FeatureSpec("a", 1000), FeatureSpec("b", 200)]
     plan = PEP.solve_budget(feats, 16, 20_000)
-    # 5 bytes per fp32 entry (value + uint8 column), 4 per row pointer.
-    assert plan["target_entries"] == (20_000 - (1001 + 201) * 4) // 5
+    # 5 bytes per fp32 entry (value + uint8 column); row pointers: a 2-byte offset per row
+    # (+1) and an int32 base per 64 of them.
+    pointers = (1001 + 201) * 2 + (16 + 4) * 4
+    assert plan["target_entries"] == (20_000 - pointers) // 5
     assert build_compressor("pep", feats, 16, 20_000).target_entries == plan["target_entries"]
     # int8 CSR: 2 bytes an entry, plus one fp32 scale per field.
     int8 = PEP.solve_budget(feats, 16, 20_000, storage="int8")
-    assert int8["target_entries"] == (20_000 - (1001 + 201) * 4 - 2 * 4) // 2
+    assert int8["target_entries"] == (20_000 - pointers - 2 * 4) // 2
     # int4 has no CSR form: every entry may need an int4 row of its own, every field a remap
     # (a rank bitmap here: 20 bytes per 64 ids).
     int4 = PEP.solve_budget(feats, 16, 20_000, storage="int4")
@@ -47,7 +49,7 @@ def test_budget_becomes_a_number_of_entries():
     assert remaps == (16 + 4) * 20
     assert int4["target_entries"] == (20_000 - remaps) // row_bytes(16, "int4")
     with pytest.raises(BudgetError, match="row pointers"):
-        build_compressor("pep", feats, 16, "20x")
+        build_compressor("pep", feats, 16, "40x")
     with pytest.raises(ValueError, match="int4"):
         build_compressor("pep", feats, 6, "2x", storage="int4")  # 3 code bytes: not packable
     # The reference's granularity (a threshold per entry) is the default; its thresholds and

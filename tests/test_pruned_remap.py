@@ -1,6 +1,7 @@
-"""The remap of a row-pruned field: the rank bitmap maps every id exactly as the array remap
-does, costs what serve_bytes counts, is the form chosen wherever it is smaller, and a forged
-one is refused whole before it serves."""
+"""The index structures of pruned fields: the rank bitmap maps every id exactly as the array
+remap does, costs what serve_bytes counts, is the form chosen wherever it is smaller, and a
+forged one is refused whole before it serves; CSR row pointers as block bases + 16-bit
+offsets serve exactly as int32 pointers did (which older exports still use)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,14 @@ from compressors.pruning.common import (
     FieldPlan,
     RankBitmap,
     RemapMap,
+    SparseFields,
     bitmap_bytes,
     build_bitmap,
     build_remap,
+    csr_bytes,
+    csr_pointer_bytes,
     export_pruned,
+    pack_csr,
     remap_bytes,
     remap_form,
 )
@@ -148,3 +153,43 @@ def test_rank_bitmap_round_trips_through_its_config():
     ids = torch.arange(500)
     assert torch.equal(again(ids), built(ids))
     assert int(again(ids)[~keep][0]) == int(keep.sum())  # pruned ids read the OOV row
+
+
+@pytest.mark.parametrize(("dim", "density"), [(16, 0.3), (600, 1.0), (1100, 0.3)])
+def test_csr_row_pointers_are_block_bases_and_16_bit_offsets(dim, density):
+    gen = torch.Generator().manual_seed(dim)
+    rows = 700 if dim == 16 else 70
+    keep = torch.rand(rows, dim, generator=gen) < density
+    values = torch.randn(rows, dim, generator=gen) * keep
+    values[5:8] = 0  # empty rows
+    packed = pack_csr(values, "fp32")
+    nnz = int((values != 0).sum())
+    stored = sum(t.numel() * t.element_size() for t in packed.values())
+    assert stored == csr_bytes(rows, nnz, dim, "fp32")
+    if dim <= 1040:  # 63 rows of dim entries fit 16 bits: bases + offsets, 2.06 bytes a row
+        assert set(packed) == {"cols", "values", "base", "offsets"}
+        blocks = -(-(rows + 1) // 64)
+        assert csr_pointer_bytes(rows, dim) == (rows + 1) * 2 + blocks * 4
+        if dim == 600:  # offsets past 32767 wrap in int16 and are read back unsigned
+            assert int(packed["offsets"].min()) < 0
+    else:  # 63 x 1100 entries overflow 16 bits: int32 pointers
+        assert set(packed) == {"cols", "values", "ptr"}
+    plan = FieldPlan("C1", rows, "csr", dim=dim, nnz=nnz)
+    served = SparseFields([plan], dim, {f"csr.C1.{k}": v for k, v in packed.items()})
+    ids = torch.randint(0, rows, (256,), generator=gen)
+    kjt = KeyedJaggedTensor(keys=["C1"], values=ids, lengths=torch.ones(256, dtype=torch.int64))
+    torch.testing.assert_close(served(kjt)[:, 0], values[ids])
+
+
+def test_csr_exports_with_int32_pointers_still_serve():
+    values = torch.randn(300, 8) * (torch.rand(300, 8) < 0.2)
+    nz = values != 0
+    ptr = torch.zeros(301, dtype=torch.int64)
+    ptr[1:] = torch.cumsum(nz.sum(1), 0)
+    rows, cols = nz.nonzero(as_tuple=True)
+    older = {"values": values[rows, cols], "cols": cols.to(torch.uint8), "ptr": ptr.int()}
+    plan = FieldPlan("C1", 300, "csr", dim=8, nnz=len(rows))
+    served = SparseFields([plan], 8, {f"csr.C1.{k}": v for k, v in older.items()})
+    ids = torch.arange(300)
+    kjt = KeyedJaggedTensor(keys=["C1"], values=ids, lengths=torch.ones(300, dtype=torch.int64))
+    torch.testing.assert_close(served(kjt)[:, 0], values)

@@ -171,6 +171,9 @@ class SearchedBytes:
     """
 
     searched: ClassVar[bool] = True
+    # Plan details that follow the export format rather than the trained model (see
+    # Compressor.check_plan): they may change between versions without making a run stale.
+    format_details: ClassVar[tuple[str, ...]] = ("floor_bytes",)
 
     @classmethod
     def solve_budget(
@@ -388,6 +391,7 @@ class Compressor(nn.Module):
     name: ClassVar[str] = ""
     #: True for methods whose serving bytes a stage decides (see :class:`SearchedBytes`).
     searched: ClassVar[bool] = False
+    format_details: ClassVar[tuple[str, ...]] = ()
     stages: ClassVar[tuple[Stage, ...]] = (Stage("train"),)
     #: help text of the constructor's options (merged along the class hierarchy)
     option_help: ClassVar[dict[str, str]] = {
@@ -467,10 +471,12 @@ class Compressor(nn.Module):
         mine = _flat(json.loads(json.dumps(self.plan().to_json())))
         theirs = _flat(json.loads(json.dumps(plan.to_json())))
         if theirs.get("details.bound"):
-            # A searched method's floor is arithmetic of its export format (a newer, smaller
-            # remap lowers it), not of the model the run trained: a run stays loadable.
-            mine.pop("details.floor_bytes", None)
-            theirs.pop("details.floor_bytes", None)
+            # A searched method's floor (and what its budget buys) is arithmetic of its export
+            # format (a newer, smaller remap changes it), not of the model a run trained: a
+            # finished run stays loadable; its export is sized by today's format.
+            for key in self.format_details:
+                mine.pop(f"details.{key}", None)
+                theirs.pop(f"details.{key}", None)
         differ = [k for k in theirs if not k.startswith("options") and mine.get(k) != theirs[k]]
         if differ:
             what = "; ".join(

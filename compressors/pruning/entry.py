@@ -62,11 +62,11 @@ _CHUNK_ROWS = 1 << 18
 log = logging.getLogger(__name__)
 
 
-def entry_floor_bytes(features: Sequence[FeatureSpec], dtype: str) -> int:
+def entry_floor_bytes(features: Sequence[FeatureSpec], dim: int, dtype: str) -> int:
     """What an entry-sparse export needs before its first entry: CSR row pointers (and int8
     scales), or for row-only dtypes every field's remap."""
     if dtype in CSR_DTYPES:
-        return sum(csr_fixed_bytes(f.cardinality, dtype) for f in features)
+        return sum(csr_fixed_bytes(f.cardinality, dim, dtype) for f in features)
     return sum(index_bytes(f.cardinality, f.cardinality) for f in features)
 
 
@@ -75,11 +75,14 @@ def max_entries(features: Sequence[FeatureSpec], dim: int, budget: int, dtype: s
     docstring)."""
     if dtype in CSR_DTYPES:
         return max_csr_entries(features, dim, budget, dtype)
-    return (budget - entry_floor_bytes(features, dtype)) // row_bytes(dim, dtype)
+    return (budget - entry_floor_bytes(features, dim, dtype)) // row_bytes(dim, dtype)
 
 
 class EntryPruned(SearchedBytes, Compressor):
     """Entry masks over one fp32 table; subclasses define :meth:`values` and the stages."""
+
+    # What the budget buys follows the export format (a smaller pointer form buys entries).
+    format_details = ("floor_bytes", "target_entries", "target_sparsity")
 
     def __init__(
         self,
@@ -128,7 +131,7 @@ class EntryPruned(SearchedBytes, Compressor):
             "target_entries": max(target, 0),
             "target_sparsity": 1.0 - max(target, 0) / entries,
             "serve_bytes_max": budget_bytes,
-            "floor_bytes": entry_floor_bytes(features, storage),
+            "floor_bytes": entry_floor_bytes(features, dim, storage),
             "train_bytes": train,
             "full_bytes": full_bytes(features, dim),
         }
