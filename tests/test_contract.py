@@ -150,6 +150,9 @@ def test_a_changed_plan_is_refused_naming_the_entry_but_a_searched_floor_is_not(
     assert searched["details"]["bound"]
     searched["details"]["floor_bytes"] += 1000  # an older, larger remap format
     build_compressor("optembed", features, DIM, "4x").check_plan(Plan.from_json(searched))
+    entry = solve("pep", features, DIM, "4x").to_json()
+    entry["details"]["target_entries"] += 100  # what an older pointer format bought
+    build_compressor("pep", features, DIM, "4x").check_plan(Plan.from_json(entry))
     searched["details"]["train_bytes"] += 8
     with pytest.raises(ValueError, match="details.train_bytes"):
         build_compressor("optembed", features, DIM, "4x").check_plan(Plan.from_json(searched))
