@@ -41,7 +41,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +223,21 @@ def changed_defaults(result: dict[str, Any]) -> dict[str, tuple[Any, Any]] | Non
         for k in sorted(set(then) | set(now))
         if then.get(k) != now.get(k)
     }
+
+
+def effective_key(cell: dict[str, Any]) -> str:
+    """A hash of what a cell actually trains: its protocol's grid as the points it runs, so
+    two cells that differ only in fields an explicit grid overrides (the default
+    ``table_lrs``/``embedding_l2s`` of the version that wrote them) hash alike. The report
+    counts such twins once; run directories keep :func:`cell_key`."""
+    protocol = dict(cell.get("protocol", {}))
+    if "table_lrs" in protocol or "grid" in protocol:
+        known = {f.name for f in fields(ProtocolConfig)}
+        points = ProtocolConfig(**{k: v for k, v in protocol.items() if k in known}).points()
+        for name in ("table_lrs", "embedding_l2s"):
+            protocol.pop(name, None)
+        protocol["grid"] = points
+    return cell_key({**cell, "protocol": protocol})
 
 
 def cell_dir(out: str | Path, cell: dict[str, Any]) -> Path:
@@ -476,7 +491,7 @@ def _describe(result: dict[str, Any]) -> str:
 def load_results(out: str | Path) -> list[dict[str, Any]]:
     """Every finished cell's result under ``out`` (any spec that wrote there), each with its
     cell's ``method_options`` (from ``cell.json``), so that one method run with two option
-    sets is never read as one."""
+    sets is never read as one, and its :func:`effective_key`."""
     paths = sorted((Path(out) / "cells").glob(f"*/{RESULT_FILE}"))
     if not paths:
         raise ValueError(f"{out}: no finished cells (cells/*/{RESULT_FILE}); run `ctr sweep run`")
@@ -484,7 +499,9 @@ def load_results(out: str | Path) -> list[dict[str, Any]]:
     for path in paths:
         result = json.loads(path.read_text())
         cell = path.with_name(CELL_FILE)
-        if "method_options" not in result and cell.exists():
-            result["method_options"] = json.loads(cell.read_text()).get("method_options", {})
+        if cell.exists():
+            config = json.loads(cell.read_text())
+            result.setdefault("method_options", config.get("method_options", {}))
+            result["effective_key"] = effective_key(config)
         results.append(result)
     return results

@@ -10,7 +10,8 @@ lines.
 
 A method run with non-default options is its own row, labelled with them
 (``pep[threshold_lr=0.1]``): cells of one method under two option sets are never averaged.
-Several sweep directories report as one (a cell found in two is counted once).
+Several sweep directories report as one. A cell is counted once however many directories
+(or keys: a version whose unused protocol defaults differed) hold it — by what it trains.
 
 Example::
 
@@ -334,8 +335,9 @@ def write_report(
     results, seen = [], set()
     for directory in sweeps:
         for result in load_results(directory):
-            if result.get("key") not in seen or result.get("key") is None:
-                seen.add(result.get("key"))
+            key = result.get("effective_key") or result.get("key")
+            if key is None or key not in seen:
+                seen.add(key)
                 results.append(result)
     rows = result_rows(results)
     frame = pd.DataFrame(rows, columns=list(COLUMNS))

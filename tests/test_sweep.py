@@ -81,6 +81,17 @@ def test_one_method_under_two_option_sets_reports_as_two_rows(tiny_sweep, tmp_pa
         result["test_auc"] = 0.123
         (variant / "cell.json").write_text(json.dumps(config))
         (variant / "result.json").write_text(json.dumps(result))
+    for cell in list((other / "cells").glob("qr-*")):
+        # A twin of a qr cell written by a version whose unused lr default differed: another
+        # key, the same training, counted once.
+        twin = cell.with_name(cell.name + "-twin")
+        shutil.copytree(cell, twin)
+        config = json.loads((twin / "cell.json").read_text())
+        config["protocol"]["table_lrs"] = [0.5]  # the explicit grid overrides it
+        result = json.loads((twin / "result.json").read_text())
+        result["key"] += "-twin"
+        (twin / "cell.json").write_text(json.dumps(config))
+        (twin / "result.json").write_text(json.dumps(result))
     paths = write_report([out, other], tmp_path / "joint")
     frame = pd.read_parquet(paths["parquet"])
     assert len(frame) == 8 + 4
