@@ -9,6 +9,7 @@ import pytest
 import torch
 from torchrec import KeyedJaggedTensor
 
+from compressors.core.csr import pointer_bytes
 from compressors.pruning.common import (
     FieldPlan,
     RankBitmap,
@@ -18,7 +19,6 @@ from compressors.pruning.common import (
     build_bitmap,
     build_remap,
     csr_bytes,
-    csr_pointer_bytes,
     export_pruned,
     pack_csr,
     remap_bytes,
@@ -169,7 +169,7 @@ def test_csr_row_pointers_are_block_bases_and_16_bit_offsets(dim, density):
     if dim <= 1040:  # 63 rows of dim entries fit 16 bits: bases + offsets, 2.06 bytes a row
         assert set(packed) == {"cols", "values", "base", "offsets"}
         blocks = -(-(rows + 1) // 64)
-        assert csr_pointer_bytes(rows, dim) == (rows + 1) * 2 + blocks * 4
+        assert pointer_bytes(rows, dim) == (rows + 1) * 2 + blocks * 4
         if dim == 600:  # offsets past 32767 wrap in int16 and are read back unsigned
             assert int(packed["offsets"].min()) < 0
     else:  # 63 x 1100 entries overflow 16 bits: int32 pointers

@@ -84,6 +84,7 @@ from compressors.core.base import (
     full_bytes,
 )
 from compressors.core.budget import BudgetError, describe_bytes
+from compressors.core.csr import column_bytes, column_dtype
 from compressors.core.registry import register
 from compressors.core.storage import (
     Lookup,
@@ -96,13 +97,11 @@ from compressors.core.storage import (
 from compressors.dimension.blocks import BlockMap, block_ranges, frequency_blocks, router_bytes
 from compressors.dimension.mixed import (
     MIXED_KIND,
-    PTR_BYTES,
-    column_bytes,
-    column_dtype,
     csr_bytes,
     csr_value_dtype,
     dense_bytes,
     mixed_config,
+    pack_csr_block,
     padded_width,
 )
 
@@ -485,16 +484,8 @@ class DNIS(SearchedBytes, Compressor):
                 tensors[f"table.{key}"] = pack_rows(block[:, cols], self.storage)
                 tensors[f"columns.{key}"] = cols.to(column_dtype(self.dim))
             elif form.form == "csr":
-                counts = kept.sum(1)
-                ptr = torch.zeros(len(counts) + 1, dtype=torch.int32)
-                ptr[1:] = torch.cumsum(counts, 0)
-                rows_at, cols_at = kept.nonzero(as_tuple=True)
-                tensors[f"csr_ptr.{key}"] = ptr
-                tensors[f"csr_cols.{key}"] = cols_at.to(column_dtype(self.dim))
-                tensors[f"csr_values.{key}"] = block[rows_at, cols_at].to(
-                    csr_value_dtype(self.storage)
-                )
-        assert PTR_BYTES == torch.tensor([], dtype=torch.int32).element_size()
+                packed = pack_csr_block(kept, block, self.storage)
+                tensors.update({f"{name}.{key}": v for name, v in packed.items()})
         return ExportedEmbedding(
             kind=MIXED_KIND,
             config=mixed_config(self.name, self.dim, router, specs, {"storage": self.storage}),

@@ -10,7 +10,8 @@ Shared by the dimension-search methods. Every (field, block) lookup is stored in
 - ``projection``: a dense sub-table of width ``d < dim`` and an fp32 ``dim × d`` projection
   (MDE, AutoDim);
 - ``csr``: the surviving entries of a block whose survivors are unstructured, as CSR (row
-  pointers int32, column numbers, values at fp32 or fp16) — chosen where it is smaller;
+  pointers as :mod:`compressors.core.csr` stores them, column numbers, values at fp32 or
+  fp16; served from the stored tensors as they are) — chosen where it is smaller;
 - ``none``: nothing survives; the block reads zero.
 
 Dense sub-tables of every width are served together by one fbgemm
@@ -40,6 +41,15 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from compressors.core.base import ExportedEmbedding, FeatureSpec
+from compressors.core.csr import (
+    POINTER_KEYS,
+    column_bytes,
+    column_dtype,
+    pack_pointers,
+    pointer_bytes,
+    pool_entries,
+    row_pointers,
+)
 from compressors.core.registry import register_serving
 from compressors.core.storage import (
     BITS,
@@ -53,16 +63,7 @@ from compressors.core.storage import (
 from compressors.dimension.blocks import BlockMap, block_ranges, router_bytes
 
 MIXED_KIND = "mixed_dims"
-PTR_BYTES = 4
 FORMS = ("full", "columns", "projection", "csr", "none")
-
-
-def column_dtype(dim: int) -> torch.dtype:
-    return torch.uint8 if dim <= 256 else torch.int16
-
-
-def column_bytes(dim: int) -> int:
-    return 1 if dim <= 256 else 2
 
 
 def csr_value_dtype(storage: str) -> torch.dtype | None:
@@ -79,7 +80,18 @@ def csr_bytes(rows: int, nnz: int, dim: int, storage: str) -> int:
     if dtype is None:
         raise ValueError(f"no CSR form at {storage} storage")
     value = torch.finfo(dtype).bits // 8
-    return (rows + 1) * PTR_BYTES + nnz * (column_bytes(dim) + value)
+    return pointer_bytes(rows, dim) + nnz * (column_bytes(dim) + value)
+
+
+def pack_csr_block(kept: torch.Tensor, values: torch.Tensor, storage: str) -> dict:
+    """A block's surviving entries (``kept`` bool ``[rows, dim]``) as CSR tensors."""
+    rows_at, cols_at = kept.nonzero(as_tuple=True)
+    packed = {
+        f"csr_{k}": v for k, v in pack_pointers(row_pointers(kept.sum(1)), kept.shape[1]).items()
+    }
+    packed["csr_cols"] = cols_at.to(column_dtype(kept.shape[1]))
+    packed["csr_values"] = values[rows_at, cols_at].to(csr_value_dtype(storage))
+    return packed
 
 
 def padded_width(width: int, storage: str) -> int:
@@ -115,21 +127,17 @@ class MixedDimServing(nn.Module):
         keys = self.router.lookup_keys
         dense, src, dst, start = [], [], [], 0
         self.projections: list[tuple[int, int, int, torch.Tensor]] = []
-        self.csr: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # (lookup index, field, pointers, cols, values), all as stored: resident = serve_bytes
+        self.csr: list[tuple[int, int, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]] = []
         tables, lookups, packed = [], [], {}
         for spec in cfg["lookups"]:
             key, form, f, width = spec["key"], spec["form"], spec["field"], spec["width"]
             if form not in FORMS:
                 raise ValueError(f"mixed_dims: lookup {key!r} has unknown form {form!r}")
             if form == "csr":
+                pointers = {k: t[f"csr_{k}.{key}"] for k in POINTER_KEYS if f"csr_{k}.{key}" in t}
                 self.csr.append(
-                    (
-                        keys.index(key),
-                        f,
-                        t[f"csr_ptr.{key}"].long(),
-                        t[f"csr_cols.{key}"].long(),
-                        t[f"csr_values.{key}"].float(),
-                    )
+                    (keys.index(key), f, pointers, t[f"csr_cols.{key}"], t[f"csr_values.{key}"])
                 )
                 continue
             if form == "none":
@@ -159,31 +167,11 @@ class MixedDimServing(nn.Module):
             out.index_add_(1, self._dst, pooled.index_select(1, self._src))
             for a, b, f, proj in self.projections:
                 out[:, f * self.dim : (f + 1) * self.dim] += pooled[:, a:b] @ proj.T
-        for index, f, ptr, cols, values in self.csr:
+        for index, f, pointers, cols, values in self.csr:
             jagged = mapped[mapped.keys()[index]]
-            part = csr_pooled(jagged.values().long(), jagged.lengths(), ptr, cols, values, self.dim)
+            part = pool_entries(jagged.values(), jagged.lengths(), pointers, cols, values, self.dim)
             out[:, f * self.dim : (f + 1) * self.dim] += part
         return out.view(batch, self.num_fields, self.dim)
-
-
-def csr_pooled(
-    rows: torch.Tensor,
-    lengths: torch.Tensor,
-    ptr: torch.Tensor,
-    cols: torch.Tensor,
-    values: torch.Tensor,
-    dim: int,
-) -> torch.Tensor:
-    """Sum-pooled bags ``[B, dim]`` of CSR rows (``lengths`` values per bag)."""
-    batch = len(lengths)
-    begin, counts = ptr[rows], ptr[rows + 1] - ptr[rows]
-    owner = torch.repeat_interleave(torch.arange(len(rows)), counts)
-    first = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(int(counts.sum())) - first[owner] + begin[owner]
-    bag = torch.repeat_interleave(torch.arange(batch), lengths)[owner]
-    out = torch.zeros(batch * dim, dtype=values.dtype)
-    out.index_add_(0, bag * dim + cols[pos], values[pos])
-    return out.view(batch, dim)
 
 
 register_serving(MIXED_KIND)(MixedDimServing)

@@ -36,12 +36,9 @@ cheapest form its pattern allows, and every byte is counted:
   (``FieldPlan.oov``) the field stores one more row, the vector, after its kept rows, and
   pruned ids remap to it instead of ``-1``: the same fbgemm path serves it, and its bytes are
   one row more (an array remap's width counts it);
-- ``csr`` (entry-sparse tables): values + column indices (uint8, or int16 when ``D > 256``)
-  per non-zero entry, plus the row pointers: row ``j`` starts at ``base[j // 64] +
-  offset[j]``, an int32 per 64 rows and a 16-bit unsigned offset per row (held as int16,
-  which torch can index; 2.06 bytes a row where int32 pointers took 4: at 10x of a 16-dim
-  fp32 table those took 62% of the budget), or int32 pointers when 63 rows of ``D``
-  entries overflow 16 bits (``D > 1040``); values at fp32, fp16 or int8 (int8:
+- ``csr`` (entry-sparse tables): values + column indices per non-zero entry and the row
+  pointers (:mod:`compressors.core.csr`: an int32 base per 64 rows + a 16-bit offset per
+  row, 2.06 bytes a row); values at fp32, fp16 or int8 (int8:
   symmetric codes with one fp32 scale per field, ``max|v| / 127`` — 4 bytes a field, where a
   scale per row would cost 2 bytes a row on top of its pointer); served by a
   vectorised gather/scatter;
@@ -72,6 +69,15 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from compressors.core.base import ExportedEmbedding, FeatureSpec
+from compressors.core.csr import (
+    POINTER_KEYS,
+    column_bytes,
+    column_dtype,
+    pack_pointers,
+    pointer_bytes,
+    pool_entries,
+    row_pointers,
+)
 from compressors.core.hybrid import FieldRouter
 from compressors.core.layout import Combiner, IndexMap, register_index_map
 from compressors.core.registry import register_serving
@@ -90,9 +96,6 @@ log = logging.getLogger(__name__)
 
 PRUNED_KIND = "pruned"
 INT16_MAX = 32767
-PTR_BYTES = 4
-POINTER_BLOCK = 64  # CSR rows per int32 pointer base
-UINT16_MAX = 65535
 FORMS = ("dense", "rows", "csr", "empty")
 CSR_DTYPES = ("fp32", "fp16", "int8")
 CSR_SCALE_BYTES = 4  # the fp32 scale of a field's int8 CSR values
@@ -128,27 +131,10 @@ def index_bytes(rows: int, stored: int) -> int:
     return min(remap_bytes(rows, stored), bitmap_bytes(rows))
 
 
-def column_bytes(dim: int) -> int:
-    return 1 if dim <= 256 else 2
-
-
-def compact_pointers(dim: int) -> bool:
-    """Whether a CSR of width ``dim`` stores its row pointers as block bases + 16-bit
-    offsets (an offset spans at most 63 rows of ``dim`` entries)."""
-    return (POINTER_BLOCK - 1) * dim <= UINT16_MAX
-
-
-def csr_pointer_bytes(rows: int, dim: int) -> int:
-    """Bytes of the ``rows + 1`` row pointers of a CSR of width ``dim``."""
-    if compact_pointers(dim):
-        return (rows + 1) * 2 + -(-(rows + 1) // POINTER_BLOCK) * PTR_BYTES
-    return (rows + 1) * PTR_BYTES
-
-
 def csr_fixed_bytes(rows: int, dim: int, dtype: str) -> int:
     """The bytes of a CSR field that do not grow with its entries: its row pointers, and the
     field's scale when the values are int8."""
-    return csr_pointer_bytes(rows, dim) + (CSR_SCALE_BYTES if dtype == "int8" else 0)
+    return pointer_bytes(rows, dim) + (CSR_SCALE_BYTES if dtype == "int8" else 0)
 
 
 def csr_entry_bytes(dim: int, dtype: str) -> int:
@@ -616,26 +602,21 @@ class SparseFields(nn.Module):
         super().__init__()
         self.plans = list(plans)
         self.dim = dim
+        self._pointer_keys: dict[int, list[str]] = {}
         for i, p in enumerate(self.plans):
             if p.form == "csr":
                 self.register_buffer(f"_values{i}", tensors[f"csr.{p.name}.values"])
                 self.register_buffer(f"_cols{i}", tensors[f"csr.{p.name}.cols"])
-                if f"csr.{p.name}.ptr" in tensors:  # int32 pointers (wide, or older exports)
-                    self.register_buffer(f"_ptr{i}", tensors[f"csr.{p.name}.ptr"])
-                else:
-                    self.register_buffer(f"_base{i}", tensors[f"csr.{p.name}.base"])
-                    self.register_buffer(f"_offsets{i}", tensors[f"csr.{p.name}.offsets"])
+                # int32 pointers (wide rows, or exports before the split form), or bases +
+                # offsets (compressors.core.csr)
+                keys = [k for k in POINTER_KEYS if f"csr.{p.name}.{k}" in tensors]
+                self._pointer_keys[i] = keys
+                for k in keys:
+                    self.register_buffer(f"_{k}{i}", tensors[f"csr.{p.name}.{k}"])
                 scale = tensors.get(f"csr.{p.name}.scale")  # int8 values only
                 if scale is None:
                     scale = torch.ones(1)
                 self.register_buffer(f"_scale{i}", scale, persistent=False)
-
-    def _pointer(self, i: int, rows: torch.Tensor) -> torch.Tensor:
-        """Where rows ``rows`` of CSR field ``i`` start (``rows`` may be ``n``: the end)."""
-        if hasattr(self, f"_ptr{i}"):
-            return getattr(self, f"_ptr{i}")[rows].long()
-        base = getattr(self, f"_base{i}")[rows // POINTER_BLOCK].long()
-        return base + (getattr(self, f"_offsets{i}")[rows].long() & UINT16_MAX)
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         batch = features.stride()
@@ -643,21 +624,21 @@ class SparseFields(nn.Module):
         parts = torch.split(features.values(), features.length_per_key())
         out = []
         for i, (p, ids) in enumerate(zip(self.plans, parts, strict=True)):
-            pooled = torch.zeros(batch, self.dim)
-            if p.form == "csr" and ids.numel():
-                start = self._pointer(i, ids)
-                count = self._pointer(i, ids + 1) - start
-                total = int(count.sum())
-                if total:
-                    first = torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
-                    entry = torch.repeat_interleave(start, count) + torch.arange(total) - first
-                    bag = torch.repeat_interleave(torch.arange(batch), lengths[i])
-                    bag = torch.repeat_interleave(bag, count)
-                    cols = getattr(self, f"_cols{i}")[entry].long()
-                    scale = getattr(self, f"_scale{i}")
-                    vals = getattr(self, f"_values{i}")[entry].float() * scale
-                    pooled.view(-1).index_add_(0, bag * self.dim + cols, vals)
-            out.append(pooled)
+            if p.form != "csr":
+                out.append(torch.zeros(batch, self.dim))
+                continue
+            pointers = {k: getattr(self, f"_{k}{i}") for k in self._pointer_keys[i]}
+            out.append(
+                pool_entries(
+                    ids,
+                    lengths[i],
+                    pointers,
+                    getattr(self, f"_cols{i}"),
+                    getattr(self, f"_values{i}"),
+                    self.dim,
+                    getattr(self, f"_scale{i}"),
+                )
+            )
         return torch.stack(out, dim=1)
 
 
@@ -667,19 +648,9 @@ def pack_csr(values: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
     csr_entry_bytes(values.shape[1], dtype)  # refuses a dtype without a CSR form
     nz = values != 0
     rows, cols = nz.nonzero(as_tuple=True)
-    ptr = torch.zeros(values.shape[0] + 1, dtype=torch.int64)
-    ptr[1:] = torch.cumsum(nz.sum(1), 0)
     data = values[rows, cols].float()
-    packed = {
-        "cols": cols.to(torch.uint8 if column_bytes(values.shape[1]) == 1 else torch.int16),
-    }
-    if compact_pointers(values.shape[1]):
-        base = ptr[::POINTER_BLOCK]
-        packed["base"] = base.to(torch.int32)
-        offsets = ptr - base.repeat_interleave(POINTER_BLOCK)[: len(ptr)]
-        packed["offsets"] = offsets.to(torch.int32).to(torch.int16)  # unsigned, read & 0xFFFF
-    else:
-        packed["ptr"] = ptr.to(torch.int32)
+    packed = {"cols": cols.to(column_dtype(values.shape[1]))}
+    packed.update(pack_pointers(row_pointers(nz.sum(1)), values.shape[1]))
     if dtype == "int8":
         peak = float(data.abs().max()) if data.numel() else 0.0
         scale = torch.tensor([peak / INT8_MAX if peak > 0 else 1.0], dtype=torch.float32)
