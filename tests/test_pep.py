@@ -132,7 +132,16 @@ def test_int8_export_serves_csr_codes_with_exact_bytes(run, learn_data, tmp_path
 def test_fp16_storage_and_field_dim_thresholds_report_the_fallback(learn_data, tmp_path, caplog):
     out = tmp_path / "run"
     train_run(
-        config(learn_data, "pep", "3x", epochs=0.1, storage="fp16", granularity="field_dim"), out
+        config(
+            learn_data,
+            "pep",
+            "3x",
+            epochs=0.1,
+            storage="fp16",
+            granularity="field_dim",
+            threshold_lr=None,  # the reference's: the network's lr
+        ),
+        out,
     )
     model, _ = load_run_model(out)
     layer = model.embedding.compressor
