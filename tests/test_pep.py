@@ -65,6 +65,32 @@ def test_budget_becomes_a_number_of_entries():
     assert build_compressor("pep", feats, 16, "2x", granularity="field").threshold.shape == (2, 1)
 
 
+@pytest.mark.parametrize("granularity", ["feature_dim", "field"])
+def test_a_mask_that_overshoots_the_budget_is_filled_nearest_threshold_first(granularity):
+    feats = [FeatureSpec("a", 1000), FeatureSpec("b", 200)]
+
+    def frozen(**options):
+        torch.manual_seed(0)
+        layer = build_compressor("pep", feats, 16, "10x", granularity=granularity, **options)
+        with torch.no_grad():  # thresholds that jumped past the target: ~99% pruned
+            layer.table.weight.normal_(0, 0.01)
+            layer.threshold.fill_(float(torch.logit(torch.tensor(0.025))))
+        layer._freeze(step=7)
+        return layer
+
+    paper, filled = frozen(fill_budget=False), frozen()
+    found = int(paper.mask.sum())
+    assert found < paper.target_entries  # the overshoot, kept as found
+    assert not paper.hyperparameters()["filled_entries"]
+    assert int(filled.mask.sum()) == filled.target_entries  # the budget's entries exactly
+    assert filled.hyperparameters()["filled_entries"] == filled.target_entries - found
+    assert filled.reached_sparsity == paper.reached_sparsity  # what the thresholds reached
+    assert bool((paper.mask <= filled.mask).all())
+    margin = filled.table.weight.abs()  # one threshold for all: nearest = largest |w|
+    back = filled.mask & ~paper.mask
+    assert margin[back].min() >= margin[~filled.mask].max()
+
+
 @pytest.fixture(scope="module")
 def run(learn_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pep") / "run"

@@ -11,9 +11,12 @@ is Adam's (coupled) L2 weight decay ``threshold_decay``. Two stages:
 1. **search** (training): every ``check_every`` steps the table's sparsity is measured; the
    first time it reaches the budget's sparsity (see :mod:`compressors.pruning.entry`) the
    mask ``|w| > g(s)`` is frozen, as the paper saves the pruned structure once the target
-   is met. The rest of the stage trains with the frozen mask (its weights are discarded by
-   the rewind). If the target is never reached, the stage ends by keeping the largest
-   ``|ŵ|`` entries up to the target (magnitude pruning), and says so: a warning with the
+   is met (``fill_budget``, the default, then restores the pruned entries nearest their
+   thresholds if the jump between two checks overshot the target; ``False`` keeps the
+   paper's mask as found). The rest of the stage trains with the frozen mask (its weights
+   are discarded by the rewind). If the target is never reached, the stage ends by keeping
+   the largest ``|ŵ|`` entries up to the target (magnitude pruning), and says so: a warning
+   with the
    sparsity the thresholds reached, and ``reached_sparsity`` / ``fallback`` in
    :meth:`PEP.hyperparameters` (the run's summary).
 2. **retrain** (training) from the run's initial weights with the mask fixed
@@ -109,6 +112,8 @@ class PEP(EntryPruned):
         "reference's); pruning starts after about (|threshold_init| - 5) / threshold_lr steps",
         "threshold_decay": "L2 decay on the thresholds (the reference's 1e-5)",
         "check_every": "steps between checks of the budget's sparsity",
+        "fill_budget": "when the frozen mask overshoots the budget's sparsity, restore the "
+        "pruned entries nearest their thresholds up to it (False: the paper's mask as found)",
         "rewind": "retrain from the initial weights with the found mask (lottery ticket)",
         "search_epochs": "epochs of the threshold-learning stage (None: the run's)",
         "retrain_epochs": "epochs of the retrain stage (None: the run's)",
@@ -125,6 +130,7 @@ class PEP(EntryPruned):
         threshold_lr: float | None = 0.1,
         threshold_decay: float = 1e-5,
         check_every: int = 10,
+        fill_budget: bool = True,
         rewind: bool = True,
         search_epochs: float | None = None,
         retrain_epochs: float | None = None,
@@ -142,6 +148,7 @@ class PEP(EntryPruned):
         self.threshold_lr = threshold_lr
         self.threshold_decay = threshold_decay
         self.check_every = check_every
+        self.fill_budget = fill_budget
         shape = threshold_shape(granularity, self.table.rows, len(features), dim)
         self.threshold = nn.Parameter(torch.full(shape, float(threshold_init)))
         self.register_buffer("found", torch.zeros((), dtype=torch.bool))
@@ -150,6 +157,7 @@ class PEP(EntryPruned):
         # whether the magnitude fallback had to finish the job.
         self.register_buffer("reached_sparsity", torch.full((), -1.0))
         self.register_buffer("fallback", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.int64))
         self.stages = (
             Stage("search", epochs=search_epochs),
             Stage("retrain", epochs=retrain_epochs, rewind=rewind),
@@ -174,7 +182,15 @@ class PEP(EntryPruned):
         ]
 
     def rewind_keep(self) -> list[str]:
-        return ["mask", "found", "found_step", "threshold", "reached_sparsity", "fallback"]
+        return [
+            "mask",
+            "found",
+            "found_step",
+            "threshold",
+            "reached_sparsity",
+            "fallback",
+            "filled",
+        ]
 
     def extra_train_bytes(self) -> int:
         return self.threshold.numel() * 4 * 3  # the value and Adam's two moments
@@ -202,15 +218,39 @@ class PEP(EntryPruned):
     @torch.no_grad()
     def _freeze(self, step: int) -> None:
         self.mask.copy_(self.all_values() != 0)
+        self.reached_sparsity.fill_(1 - int(self.mask.sum()) / self.mask.numel())
+        self._fill()
         self.found.fill_(True)
         self.found_step.fill_(step)
-        self.reached_sparsity.fill_(1 - int(self.mask.sum()) / self.mask.numel())
         log.info(
-            "pep: the thresholds reached sparsity %.4f (budget %.4f) at step %d; mask frozen",
+            "pep: the thresholds reached sparsity %.4f (budget %.4f) at step %d; mask frozen%s",
             float(self.reached_sparsity),
             self.target_sparsity,
             step,
+            f", {int(self.filled)} entries nearest their thresholds restored"
+            if self.filled
+            else "",
         )
+
+    @torch.no_grad()
+    def _fill(self) -> None:
+        """``fill_budget``: the thresholds rise for every entry at once, so between two checks
+        the sparsity can jump past the budget's (at 10x on the synthetic sweep: 97.5% where
+        94.6% was the target, 63% of the budget used). Restores the pruned entries with the
+        largest ``|w| − g(s)`` (the nearest to surviving) up to the target."""
+        kept = int(self.mask.sum())
+        if not self.fill_budget or kept >= self.target_entries:
+            return
+        gate = torch.sigmoid(self.threshold)
+        if self.granularity != "feature_dim":
+            gate = gate[self.table.field_of(torch.arange(self.table.rows))]
+        margin = self.table.weight.abs() - gate
+        margin = torch.where(self.mask, torch.full_like(margin, float("inf")), margin)
+        chosen = torch.topk(margin.flatten(), self.target_entries, sorted=False).indices
+        mask = torch.zeros(self.mask.numel(), dtype=torch.bool)
+        mask[chosen] = True
+        self.mask.copy_(mask.view_as(self.mask))
+        self.filled.fill_(self.target_entries - kept)
 
     @torch.no_grad()
     def on_stage_end(self, stage: Stage, ctx: StageContext) -> None:
@@ -239,4 +279,5 @@ class PEP(EntryPruned):
             "found_step": int(self.found_step),
             "reached_sparsity": round(float(self.reached_sparsity), 4),
             "fallback": bool(self.fallback),
+            "filled_entries": int(self.filled),
         }
