@@ -60,7 +60,7 @@ Where this deviates from the reference, and why:
   raised thresholds) and from below (``fill_budget``). Why the fill is the default: the
   thresholds' equilibrium depends on ``alpha`` and the data, not on the budget, so the same
   supernet serves every budget; on the 200k-row synthetic sweep at 10x one seed's supernet
-  kept 398 of 11,040 rows, 46% of the budget, with ten fields emptied. Without the fill a
+  kept 402 of 11,040 rows, 46% of the budget, with ten fields emptied. Without the fill a
   "2x" run would be compared at whatever ratio the thresholds reached.
 - Tables train with row-wise Adagrad (every method here does) instead of the reference's
   Adam with weight decay; the tables are plain fp32 buffers with a sparse row optimizer
