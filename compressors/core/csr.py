@@ -14,6 +14,7 @@ and converts per lookup.
 
 Example::
 
+    structure, data = pack_entries(keep, values)      # {"cols", "base", "offsets"}, fp32
     tensors = pack_pointers(ptr, dim)                 # {"base", "offsets"} or {"ptr"}
     start, count = row_span(tensors, rows)            # where rows' entries are, how many
     pooled = pool_entries(rows, lengths, tensors, cols, values, dim)   # [B, dim]
@@ -64,6 +65,17 @@ def pack_pointers(ptr: torch.Tensor, dim: int) -> dict[str, torch.Tensor]:
     base = ptr[::POINTER_BLOCK]
     offsets = ptr - base.repeat_interleave(POINTER_BLOCK)[: len(ptr)]
     return {"base": base.to(torch.int32), "offsets": offsets.to(torch.int32).to(torch.int16)}
+
+
+def pack_entries(
+    keep: torch.Tensor, values: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The entries ``keep`` marks (bool ``[rows, dim]``) as CSR: ``cols`` and the stored row
+    pointers, and their ``values`` (fp32, row by row) for the caller to store at its dtype."""
+    rows, cols = keep.nonzero(as_tuple=True)
+    structure = {"cols": cols.to(column_dtype(keep.shape[1]))}
+    structure.update(pack_pointers(row_pointers(keep.sum(1)), keep.shape[1]))
+    return structure, values[rows, cols].float()
 
 
 def pointer_at(pointers: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:

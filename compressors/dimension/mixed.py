@@ -44,11 +44,9 @@ from compressors.core.base import ExportedEmbedding, FeatureSpec
 from compressors.core.csr import (
     POINTER_KEYS,
     column_bytes,
-    column_dtype,
-    pack_pointers,
+    pack_entries,
     pointer_bytes,
     pool_entries,
-    row_pointers,
 )
 from compressors.core.registry import register_serving
 from compressors.core.storage import (
@@ -85,12 +83,9 @@ def csr_bytes(rows: int, nnz: int, dim: int, storage: str) -> int:
 
 def pack_csr_block(kept: torch.Tensor, values: torch.Tensor, storage: str) -> dict:
     """A block's surviving entries (``kept`` bool ``[rows, dim]``) as CSR tensors."""
-    rows_at, cols_at = kept.nonzero(as_tuple=True)
-    packed = {
-        f"csr_{k}": v for k, v in pack_pointers(row_pointers(kept.sum(1)), kept.shape[1]).items()
-    }
-    packed["csr_cols"] = cols_at.to(column_dtype(kept.shape[1]))
-    packed["csr_values"] = values[rows_at, cols_at].to(csr_value_dtype(storage))
+    structure, data = pack_entries(kept, values)
+    packed = {f"csr_{k}": v for k, v in structure.items()}
+    packed["csr_values"] = data.to(csr_value_dtype(storage))
     return packed
 
 

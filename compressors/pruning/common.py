@@ -30,9 +30,9 @@ cheapest form its pattern allows, and every byte is counted:
   batch 4096 took 1.2-1.3x the time it takes with arrays; a 1.5-bit variant without the byte
   counts measured 20x). The bitmap is 6.4x smaller than an int16 remap, which at 10x
   compression of a 16-dim fp32 table would take a third of the budget; any field of more
-  than 10 ids uses it. The remapped ids go
-  straight to fbgemm's int-N TBE, which skips ``-1`` indices (the convention of its own
-  ``index_remapping``), so pruned ids read as zeros. With a per-field OOV vector
+  than 10 ids uses it. The remapped ids go straight to fbgemm's int-N TBE, which skips
+  ``-1`` indices (the convention of its own ``index_remapping``), so pruned ids read as
+  zeros. With a per-field OOV vector
   (``FieldPlan.oov``) the field stores one more row, the vector, after its kept rows, and
   pruned ids remap to it instead of ``-1``: the same fbgemm path serves it, and its bytes are
   one row more (an array remap's width counts it);
@@ -72,11 +72,9 @@ from compressors.core.base import ExportedEmbedding, FeatureSpec
 from compressors.core.csr import (
     POINTER_KEYS,
     column_bytes,
-    column_dtype,
-    pack_pointers,
+    pack_entries,
     pointer_bytes,
     pool_entries,
-    row_pointers,
 )
 from compressors.core.hybrid import FieldRouter
 from compressors.core.layout import Combiner, IndexMap, register_index_map
@@ -366,9 +364,9 @@ class RemapMap(IndexMap):
             if f in remaps:
                 self.register_buffer(f"_remap{i}", remaps[f], persistent=False)
         ordered = [bitmaps[f] for f in self.bitmapped]
-        starts = np.cumsum([0] + [b.bits.numel() * 8 for b in ordered])[:-1]
         self._bitmap_slots = [self.features.index(f) for f in self.bitmapped]
         self._bitmap_ids = [b.bits.numel() * 8 for b in ordered]  # padded ids per field
+        starts = np.cumsum([0] + self._bitmap_ids)[:-1]
 
         def cat(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
             return torch.cat(tensors) if tensors else torch.zeros(0, dtype=dtype)
@@ -386,26 +384,25 @@ class RemapMap(IndexMap):
 
     def _map_bitmaps(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
         ids = [parts[i] for i in self._bitmap_slots]
-        sizes = torch.tensor([len(p) for p in ids])
+        sizes = [len(p) for p in ids]
         values = torch.cat(ids).long()
-        rows = torch.repeat_interleave(self._bm_rows, sizes)
+        owner = torch.repeat_interleave(torch.arange(len(ids)), torch.tensor(sizes))  # per id
+        rows = self._bm_rows[owner]
         bad = (values < 0) | (values >= rows)
         if bool(bad.any()):  # padding bits would read "pruned", or the next field's bits
             first = int(torch.nonzero(bad)[0])
-            field = self.bitmapped[
-                int(torch.searchsorted(torch.cumsum(sizes, 0), first, right=True))
-            ]
             raise ValueError(
-                f"field {field!r}: id {int(values[first])} outside [0, {int(rows[first])})"
+                f"field {self.bitmapped[int(owner[first])]!r}: id {int(values[first])} "
+                f"outside [0, {int(rows[first])})"
             )
         mapped = bitmap_lookup(
-            values + torch.repeat_interleave(self._bm_start, sizes),
+            values + self._bm_start[owner],
             self._bits,
             self._counts,
             self._ranks,
-            torch.repeat_interleave(self._bm_pruned, sizes),
+            self._bm_pruned[owner],
         )
-        return list(torch.split(mapped, sizes.tolist()))
+        return list(torch.split(mapped, sizes))
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         features = self.check_keys(features)
@@ -646,11 +643,7 @@ def pack_csr(values: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
     """A field's ``[n, D]`` values (zeros pruned) -> CSR tensors at ``dtype`` (int8: codes
     and the field's fp32 scale; an entry whose code rounds to 0 stays an entry)."""
     csr_entry_bytes(values.shape[1], dtype)  # refuses a dtype without a CSR form
-    nz = values != 0
-    rows, cols = nz.nonzero(as_tuple=True)
-    data = values[rows, cols].float()
-    packed = {"cols": cols.to(column_dtype(values.shape[1]))}
-    packed.update(pack_pointers(row_pointers(nz.sum(1)), values.shape[1]))
+    packed, data = pack_entries(values != 0, values)
     if dtype == "int8":
         peak = float(data.abs().max()) if data.numel() else 0.0
         scale = torch.tensor([peak / INT8_MAX if peak > 0 else 1.0], dtype=torch.float32)
