@@ -482,11 +482,21 @@ class Trainer:
         return epoch + 1000 * self.state.stage
 
     def valid_batches(self, start: int = 0) -> Iterator:
-        """Endless validation batches in order, from the ``start``-th one on."""
-        per_epoch = max(len(self.valid), 1)
+        """Endless shuffled validation batches of the *training* batch size, from the
+        ``start``-th one on: a bilevel stage's architecture steps.
+
+        DARTS-style searches (DNIS's official code, AutoDim) draw the validation batch of
+        each architecture step like the training batch — same size, shuffled. The
+        evaluation loader's batches (``eval_batch_size``, 16384) would make every α step
+        32x a training step's work at batch 512 and average its gradient over 32x the
+        samples. Seeded by the run, the stage and the pass over the split, so a resumed
+        stage draws the same batches."""
+        size = self.train.batch_size
+        stream = self.valid.resized(size, shuffle=True, drop_last=self.valid.rows >= size)
+        per_epoch = max(len(stream), 1)
         epoch, skip = divmod(start, per_epoch)
         while True:
-            yield from self.valid.epoch(epoch, start_batch=skip)
+            yield from stream.epoch(2 * 10**6 + 1000 * self.state.stage + epoch, skip)
             epoch, skip = epoch + 1, 0
 
     def loss(self, batch: Any) -> torch.Tensor:

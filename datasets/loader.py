@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,17 @@ class BatchLoader:
         self._multi = [i for i, f in enumerate(self.meta.sparse) if f.multi_hot]
         self._cache: dict[int, _Columns] | None = {} if self.rows <= cache_rows else None
         self.prefetch = prefetch
+
+    def resized(self, batch_size: int, shuffle: bool, drop_last: bool) -> BatchLoader:
+        """The same split in other batches, sharing the decoded shards (no second read)."""
+        if batch_size < 1 or batch_size % self.world_size:
+            raise ValueError(
+                f"batch_size must be a positive multiple of world_size {self.world_size}, "
+                f"got {batch_size}"
+            )
+        other = copy.copy(self)
+        other.batch_size, other.shuffle, other.drop_last = batch_size, shuffle, drop_last
+        return other
 
     def __len__(self) -> int:
         full, rest = divmod(self.rows, self.batch_size)

@@ -14,6 +14,7 @@ from compressors.core.registry import COMPRESSORS
 from compressors.core.storage import TrainTables
 from ctr.run import RunConfig, load_run_model, train_run
 from ctr.trainer import TrainConfig, Trainer
+from datasets.loader import BatchLoader
 
 PREFIX = "embedding.compressor."
 
@@ -140,6 +141,8 @@ def test_bilevel_steps_update_only_valid_groups_on_validation_batches(
 ):
     _register(monkeypatch, _Bilevel)
     calls = {"train": 0, "valid": 0}
+    sizes: set[int] = set()
+    firsts: list[torch.Tensor] = []
     train_step, valid_step = Trainer.train_step, Trainer.valid_step
 
     def checked_train(self, batch, dense=True):
@@ -161,12 +164,19 @@ def test_bilevel_steps_update_only_valid_groups_on_validation_batches(
                 assert torch.equal(v, network[k]), k
         assert not torch.equal(self.compressor.alpha, alpha)
         calls["valid"] += 1
+        # Drawn like a training batch (its size, shuffled), not the evaluation loader's.
+        sizes.add(len(batch.labels))
+        firsts.append(batch.sparse_features.values()[:32].clone())
         return out
 
     monkeypatch.setattr(Trainer, "train_step", checked_train)
     monkeypatch.setattr(Trainer, "valid_step", checked_valid)
-    train_run(_config(tiny_data, _Bilevel.name, restore_best=False), tmp_path / "r")
-    assert calls["train"] == calls["valid"] == 7  # one epoch of 7 batches, alternating
+    config = _config(tiny_data, _Bilevel.name, restore_best=False, batch_size=128, patience=99)
+    train_run(config, tmp_path / "r")
+    assert calls["train"] == calls["valid"] == 31  # one epoch of 4000 // 128, alternating
+    assert sizes == {128}
+    ordered = next(iter(BatchLoader(tiny_data, "valid", 128)))
+    assert not torch.equal(firsts[0], ordered.sparse_features.values()[:32])  # shuffled
 
 
 def test_bilevel_resume_continues_the_alternation_exactly(tiny_data, tmp_path, monkeypatch):

@@ -336,7 +336,8 @@ class StageContext(Protocol):
         ...
 
     def valid_batches(self) -> Iterator[Any]:
-        """Endless validation batches, in order (one epoch after another)."""
+        """Endless shuffled validation batches of the training batch size (a bilevel
+        stage's architecture steps draw theirs from the same stream)."""
         ...
 
     def evaluate(self, split: str = "valid", max_batches: int | None = None) -> dict[str, float]:
