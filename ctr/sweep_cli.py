@@ -88,7 +88,10 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
 def cmd_sweep_report(args: argparse.Namespace) -> int:
     from ctr.sweep_report import write_report
 
-    paths = write_report(args.sweep, args.out)
+    try:
+        paths = write_report(args.sweep, args.out, overwrite=args.overwrite)
+    except ValueError as e:
+        raise SystemExit(f"ctr sweep report: {e}") from None
     print(Path(paths["markdown"]).read_text())
     pngs = ", ".join(str(p) for p in paths["png"])
     print(f"wrote {paths['csv']}, {paths['parquet']}, {paths['markdown']}, {pngs}")
@@ -135,5 +138,11 @@ def add_sweep_parser(sub: Any) -> None:
     rep.add_argument("sweep", type=Path, nargs="+", help="sweep directory (or several: one report)")
     rep.add_argument(
         "--out", type=Path, default=None, help="default: SWEEP/report (required for several)"
+    )
+    rep.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out that holds no earlier report (its report files "
+        "are replaced; nothing else is touched)",
     )
     rep.set_defaults(func=cmd_sweep_report)

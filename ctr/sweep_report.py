@@ -320,18 +320,45 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     return path
 
 
+REPORT_MARKER = ".ctr-sweep-report"
+
+
+def claim_report_dir(out: Path, owned: bool, overwrite: bool) -> None:
+    """Creates ``out`` or checks that writing the report there replaces only a report.
+
+    ``owned``: ``out`` is the sweep's own ``report/`` folder. Otherwise a non-empty ``out``
+    must carry the marker an earlier report left (this command wrote it), or ``overwrite``.
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (owned or overwrite):
+        if not (out / REPORT_MARKER).exists():
+            raise ValueError(
+                f"--out {out}: not empty and not a report this command wrote "
+                f"(no {REPORT_MARKER}); give an empty or new directory, or --overwrite to "
+                "replace its report files"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / REPORT_MARKER).touch()
+
+
 def write_report(
-    sweep: str | Path | Sequence[str | Path], out: str | Path | None = None
+    sweep: str | Path | Sequence[str | Path],
+    out: str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Writes results.csv, results.parquet, summary.md and pareto[-i].png of one sweep
-    directory or several (``out`` then required); returns the paths."""
+    directory or several (``out`` then required); returns the paths. Files are replaced
+    atomically; an ``out`` holding anything but an earlier report is refused unless
+    ``overwrite`` (which replaces only the report's own file names)."""
     import pandas as pd
 
     sweeps = [Path(sweep)] if isinstance(sweep, str | Path) else [Path(s) for s in sweep]
     if out is None and len(sweeps) != 1:
         raise ValueError("a report of several sweep directories needs --out")
+    owned = out is None
     out = Path(out) if out else sweeps[0] / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    claim_report_dir(out, owned, overwrite)
     results, seen = [], set()
     for directory in sweeps:
         for result in load_results(directory):

@@ -101,6 +101,19 @@ def test_one_method_under_two_option_sets_reports_as_two_rows(tiny_sweep, tmp_pa
     assert "| hash[shared=True] |" in paths["markdown"].read_text()
     with pytest.raises(ValueError, match="needs --out"):
         write_report([out, other])
+    write_report([out, other], tmp_path / "joint")  # its own earlier report: replaced
+
+
+def test_report_refuses_a_folder_it_did_not_write(tiny_sweep, tmp_path):
+    out, _ = tiny_sweep
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "summary.md").write_text("my notes")
+    with pytest.raises(ValueError, match="not a report this command wrote"):
+        write_report(out, mine)
+    assert (mine / "summary.md").read_text() == "my notes"
+    write_report(out, mine, overwrite=True)
+    assert (mine / "summary.md").read_text().startswith("# Sweep summary")
 
 
 def test_a_cell_finished_under_other_method_defaults_is_kept_and_named(
