@@ -39,6 +39,7 @@ import hashlib
 import itertools
 import json
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
@@ -203,6 +204,31 @@ def cell_key(cell: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def code_version() -> str | None:
+    """The commit of the code that trains a cell (``+dirty`` with uncommitted changes), or
+    None outside a git checkout. Recorded with results, not hashed into keys: a key names
+    what a cell trains, and a rerun under newer code still finds the finished cell."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if status else "") if commit else None
+
+
 def method_defaults(method: str) -> dict[str, Any]:
     """The method's option defaults in this code, as JSON would store them: recorded with
     each result so that a later rerun can tell a cell finished under other defaults."""
@@ -283,6 +309,7 @@ def run_cell(cell: dict[str, Any], directory: str | Path) -> dict[str, Any]:
             "reason": reason,
             "key": cell_key(cell),
             "method_defaults": method_defaults(cell["method"]),
+            "code_version": code_version(),
         }
         atomic_write_text(done, json.dumps(result, indent=2))
         return result
@@ -315,6 +342,7 @@ def run_cell(cell: dict[str, Any], directory: str | Path) -> dict[str, Any]:
         "status": "done",
         "key": cell_key(cell),
         "method_defaults": method_defaults(cell["method"]),
+        "code_version": code_version(),
         **{k: chosen.get(k) for k in _SUMMARY_KEYS},
         "chosen": best["point"],
         "batch_size": batch,

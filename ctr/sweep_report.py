@@ -55,6 +55,7 @@ COLUMNS = (
     "reason",
     "method_options",
     "key",
+    "code_version",
 )
 
 

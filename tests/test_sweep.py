@@ -17,7 +17,7 @@ import pytest
 
 from ctr.cli import main
 from ctr.run import auto_batch_size
-from ctr.sweep import SweepSpec, cell_dir, cell_key, run_sweep
+from ctr.sweep import SweepSpec, cell_dir, cell_key, code_version, run_sweep
 from ctr.sweep_report import against_full, compare, pareto_front, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +53,8 @@ def tiny_sweep(tiny_data, tmp_path_factory):
 def test_tiny_sweep_writes_table_summary_and_plot(tiny_sweep):
     out, results = tiny_sweep
     assert len(results) == 8 and all(r["status"] == "done" for r in results)
+    # The code that trained each cell is recorded (a commit, when run from a checkout).
+    assert {r["code_version"] for r in results} == {code_version()}
     paths = write_report(out)
     frame = pd.read_parquet(paths["parquet"])
     assert len(frame) == 8 and set(frame["method"]) == {"hash", "qr"}
