@@ -596,6 +596,42 @@ def _binary_tables(
     return modules
 
 
+def _pruned_index_tables(cards: list[int], dim: int, keep: float, seed: int = 0) -> dict:
+    """fp32 lookups of the same kept rows (a random ``keep`` fraction of each field) behind
+    the two index forms a pruned export picks from: an id -> row array (int16/int32 per id)
+    and a rank bitmap (2.5 bits per id); plus the unpruned table. The ratio isolates what
+    the index costs a lookup."""
+    import torch
+    from torch import nn
+
+    from compressors.core.storage import Lookup, ServeTables, TableSpec, pack_rows
+    from compressors.pruning.common import RemapMap, build_bitmap, build_remap
+
+    names = [f"C{i + 1}" for i in range(len(cards))]
+    lookups = [Lookup(n, f"t_{n}", field=i) for i, n in enumerate(names)]
+    gen = torch.Generator().manual_seed(seed)
+    keeps = [torch.rand(n, generator=gen) < keep for n in cards]
+    for k in keeps:
+        k[0] = True  # a small field keeps at least one row
+    weights = list(_random_tables(cards, dim, seed))
+    kept = {
+        f"t_{n}": pack_rows(w[k], "fp32") for n, w, k in zip(names, weights, keeps, strict=True)
+    }
+    specs = [TableSpec(f"t_{n}", len(kept[f"t_{n}"]), dim, "fp32") for n in names]
+    forms = {
+        "array": RemapMap(names, {n: build_remap(k) for n, k in zip(names, keeps, strict=True)}),
+        "bitmap": RemapMap(
+            names, {}, {n: build_bitmap(k) for n, k in zip(names, keeps, strict=True)}
+        ),
+    }
+    modules: dict[str, object] = _int_tables(cards, dim, seed, ("fp32",))
+    for form, index in forms.items():
+        module = nn.Sequential(index, ServeTables(specs, lookups, kept))
+        module.index_bytes = sum(t.numel() * t.element_size() for t in index.tensors().values())
+        modules[f"pruned {form}"] = module
+    return modules
+
+
 def _lookup_speed(modules: dict[str, object], batches: list, repeats: int = 5) -> dict[str, float]:
     """Lookups per CPU-second of each module over ``batches``, on one thread.
 
@@ -630,7 +666,7 @@ def _evaluate_export(model: object, meta: object, out: Path) -> dict:
     from ctr.metrics import auc_logloss
     from datasets.loader import BatchLoader
 
-    manifest = export(model, out)
+    manifest = export(model, out, overwrite=True)  # bench.py's own cache
     compact = CompactModel.load(out)
     probs, labels = compact.predict_loader(BatchLoader(meta, "test", batch_size=16384))
     memory = manifest["embedding"]["memory"]
@@ -1479,7 +1515,7 @@ def bench_serving(args: argparse.Namespace) -> dict:
         layer = EmbeddingLayer(features_from_dataset(meta), 16, "full", "1x", storage=storage)
         model = build_model("deepfm", layer, len(meta.dense)).eval()
         path = CACHE / "serving" / storage
-        export(model, path, dataset=data)
+        export(model, path, dataset=data, overwrite=True)  # its own cache
         compact = CompactModel.load(path)
 
         def ids_forward(m: object = compact) -> int:
@@ -1576,7 +1612,32 @@ def bench_serving(args: argparse.Namespace) -> dict:
         "serving: binary decode vs fp32 fbgemm lookups (1 thread CPU time, best of 5 per batch)",
         binary_rows,
     )
-    return {"http": rows, "in_process": inproc_rows, "binary": binary_rows}
+
+    # Pruned rows: the same kept rows (10% of each field) behind an id -> row array and
+    # behind a rank bitmap (what the export picks when it is smaller), vs the whole table.
+    modules = _pruned_index_tables(cards, 16, keep=0.1)
+    speeds = _lookup_speed(modules, kjts)
+    pruned_rows = [
+        {
+            "format": k,
+            "lookups/s": v,
+            "vs pruned array": v / speeds["pruned array"],
+            "vs fp32 full": v / speeds["fp32"],
+            "index B/id": getattr(modules[k], "index_bytes", 0) / rows_total,
+        }
+        for k, v in speeds.items()
+    ]
+    print_table(
+        "serving: pruned rows' index, id -> row array vs rank bitmap (10% of rows kept; 1 "
+        "thread CPU time, best of 5 per batch)",
+        pruned_rows,
+    )
+    return {
+        "http": rows,
+        "in_process": inproc_rows,
+        "binary": binary_rows,
+        "pruned_index": pruned_rows,
+    }
 
 
 # ----------------------------------------------------------------------------- vs TorchRec
