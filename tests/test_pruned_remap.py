@@ -144,6 +144,9 @@ def test_one_map_serves_arrays_bitmaps_and_plain_fields_at_once():
     bad[64 * 2 + 3] = 1000  # field b has ids 0..999
     with pytest.raises(ValueError, match=r"field 'b': id 1000 outside \[0, 1000\)"):
         remap(KeyedJaggedTensor(keys=names, values=bad, lengths=kjt.lengths()))
+    bad[64 * 2 + 3] = 2**32 + 7  # would wrap to 7 in the int32 arithmetic: refused first
+    with pytest.raises(ValueError, match=r"field 'b': id 4294967303 outside"):
+        remap(KeyedJaggedTensor(keys=names, values=bad, lengths=kjt.lengths()))
 
 
 def test_rank_bitmap_round_trips_through_its_config():
