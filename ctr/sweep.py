@@ -208,25 +208,20 @@ def code_version() -> str | None:
     """The commit of the code that trains a cell (``+dirty`` with uncommitted changes), or
     None outside a git checkout. Recorded with results, not hashed into keys: a key names
     what a cell trains, and a rerun under newer code still finds the finished cell."""
-    root = Path(__file__).resolve().parents[1]
+    root = str(Path(__file__).resolve().parents[1])
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", root, *args], capture_output=True, text=True, timeout=10, check=True
+        )
+        return done.stdout.strip()
+
     try:
-        commit = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
+        commit = git("rev-parse", "--short=12", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
         return None
-    return commit + ("+dirty" if status else "") if commit else None
+    return commit + ("+dirty" if dirty else "") if commit else None
 
 
 def method_defaults(method: str) -> dict[str, Any]:
