@@ -3,6 +3,7 @@ and an interrupted DMP run resumes exactly."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -29,6 +30,13 @@ def _run(cmd, env):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
+def _free_port() -> int:
+    # A port the OS just handed out: two test sessions on one machine do not collide.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _torchrun(data, out, env, *extra):
     _run(
         [
@@ -38,7 +46,7 @@ def _torchrun(data, out, env, *extra):
             "--nproc_per_node",
             "2",
             "--master_port",
-            "29517",
+            str(_free_port()),
             "-m",
             "ctr.cli",
             *ARGS,
