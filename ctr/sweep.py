@@ -246,19 +246,24 @@ def changed_defaults(result: dict[str, Any]) -> dict[str, tuple[Any, Any]] | Non
     }
 
 
+def effective_protocol(protocol: dict[str, Any]) -> dict[str, Any]:
+    """What a protocol trains: every field (defaults filled in for cells written before a
+    field existed), the grid as its points and not the ``table_lrs``/``embedding_l2s`` an
+    explicit grid overrides."""
+    known = {f.name for f in fields(ProtocolConfig)}
+    config = ProtocolConfig(**{k: v for k, v in protocol.items() if k in known})
+    out = asdict(config)
+    out["grid"] = config.points()
+    del out["table_lrs"], out["embedding_l2s"]
+    return out
+
+
 def effective_key(cell: dict[str, Any]) -> str:
-    """A hash of what a cell actually trains: its protocol's grid as the points it runs, so
-    two cells that differ only in fields an explicit grid overrides (the default
-    ``table_lrs``/``embedding_l2s`` of the version that wrote them) hash alike. The report
-    counts such twins once; run directories keep :func:`cell_key`."""
-    protocol = dict(cell.get("protocol", {}))
-    if "table_lrs" in protocol or "grid" in protocol:
-        known = {f.name for f in fields(ProtocolConfig)}
-        points = ProtocolConfig(**{k: v for k, v in protocol.items() if k in known}).points()
-        for name in ("table_lrs", "embedding_l2s"):
-            protocol.pop(name, None)
-        protocol["grid"] = points
-    return cell_key({**cell, "protocol": protocol})
+    """A hash of what a cell actually trains (:func:`effective_protocol`), so two cells that
+    differ only in fields an explicit grid overrides (the default ``table_lrs``/
+    ``embedding_l2s`` of the version that wrote them) hash alike. The report counts such
+    twins once; run directories keep :func:`cell_key`."""
+    return cell_key({**cell, "protocol": effective_protocol(cell.get("protocol", {}))})
 
 
 def cell_dir(out: str | Path, cell: dict[str, Any]) -> Path:
@@ -526,5 +531,6 @@ def load_results(out: str | Path) -> list[dict[str, Any]]:
             config = json.loads(cell.read_text())
             result.setdefault("method_options", config.get("method_options", {}))
             result["effective_key"] = effective_key(config)
+            result["protocol"] = effective_protocol(config.get("protocol", {}))
         results.append(result)
     return results

@@ -21,6 +21,8 @@ Example::
 
 from __future__ import annotations
 
+import collections
+import json
 import math
 import statistics
 from collections.abc import Sequence
@@ -66,12 +68,36 @@ def variant(method: str, options: dict[str, Any] | None) -> str:
     return f"{method}[{','.join(f'{k}={options[k]}' for k in sorted(options))}]"
 
 
+def protocol_suffix(protocol: dict[str, Any] | None, common: dict[str, Any] | None) -> str:
+    """``{epochs=6.0}``: the protocol fields in which a cell differs from the report's most
+    common protocol, so cells trained under two protocols never average into one row."""
+    if protocol is None or common is None or protocol == common:
+        return ""
+    parts = []
+    for k in sorted(set(protocol) | set(common)):
+        value = protocol.get(k)
+        if value != common.get(k):
+            shown = f"{len(value)} points" if k == "grid" and isinstance(value, list) else value
+            parts.append(f"{k}={shown}")
+    return "{" + ",".join(parts) + "}"
+
+
+def _common_protocol(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    spelled = [json.dumps(r["protocol"], sort_keys=True) for r in results if r.get("protocol")]
+    if not spelled:
+        return None
+    return json.loads(collections.Counter(spelled).most_common(1)[0][0])
+
+
 def result_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
+    common = _common_protocol(results)
     for r in results:
         chosen = r.get("chosen") or {}
         row = {k: r.get(k) for k in COLUMNS}
-        row["method"] = variant(r["method"], r.get("method_options"))
+        row["method"] = variant(r["method"], r.get("method_options")) + protocol_suffix(
+            r.get("protocol"), common
+        )
         row["method_options"] = str(r.get("method_options") or "")
         row["budget"] = str(r["budget"])
         row["table_lr"] = chosen.get("table_lr")

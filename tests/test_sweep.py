@@ -106,6 +106,21 @@ def test_one_method_under_two_option_sets_reports_as_two_rows(tiny_sweep, tmp_pa
     write_report([out, other], tmp_path / "joint")  # its own earlier report: replaced
 
 
+def test_cells_of_another_protocol_report_as_their_own_row(tiny_sweep, tmp_path):
+    # The same method trained for more epochs is another experiment: never one mean.
+    out, _ = tiny_sweep
+    other = tmp_path / "longer"
+    shutil.copytree(out, other)
+    for cell in list((other / "cells").glob("hash-*")):
+        config = json.loads((cell / "cell.json").read_text())
+        config["protocol"]["epochs"] = 6.0
+        (cell / "cell.json").write_text(json.dumps(config))
+        cell.rename(cell.with_name(cell.name + "-longer"))
+    frame = pd.read_csv(write_report([out, other], tmp_path / "joint")["csv"])
+    assert set(frame["method"]) == {"hash", "qr", "hash{epochs=6.0}"}
+    assert (frame["method"] == "hash{epochs=6.0}").sum() == 4
+
+
 def test_report_refuses_a_folder_it_did_not_write(tiny_sweep, tmp_path):
     out, _ = tiny_sweep
     mine = tmp_path / "notes"
