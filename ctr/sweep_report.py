@@ -82,6 +82,21 @@ def protocol_suffix(protocol: dict[str, Any] | None, common: dict[str, Any] | No
     return "{" + ",".join(parts) + "}"
 
 
+def learns_on_validation(method: str) -> bool:
+    """Whether ``method`` fits parameters on validation batches (unknown names: False)."""
+    from compressors.core.registry import COMPRESSORS
+
+    cls = COMPRESSORS.get(method)
+    return bool(cls is not None and cls.learns_on_validation)
+
+
+VALIDATION_NOTE = (
+    "† learns architecture weights on the validation split (a bilevel search, as its paper "
+    "does): that split is training data to it, its validation AUC is not held out, and a "
+    "gain over methods that never see it may be that data."
+)
+
+
 def _common_protocol(results: list[dict[str, Any]]) -> dict[str, Any] | None:
     spelled = [json.dumps(r["protocol"], sort_keys=True) for r in results if r.get("protocol")]
     if not spelled:
@@ -98,6 +113,7 @@ def result_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["method"] = variant(r["method"], r.get("method_options")) + protocol_suffix(
             r.get("protocol"), common
         )
+        row["learns_on_validation"] = learns_on_validation(r["method"])
         row["method_options"] = str(r.get("method_options") or "")
         row["budget"] = str(r["budget"])
         row["table_lr"] = chosen.get("table_lr")
@@ -200,7 +216,10 @@ def against_full(cells: dict[tuple[str, str], list]) -> list[str]:
             continue
         verdict = compare(rows, full) if s["n"] >= 3 else f"undecided ({s['n']} seed(s))"
         verdict = words.get(verdict, verdict)
-        lines.append(f"- {method} @ {budget}: {s['mean'] - reference['mean']:+.4f} → {verdict}")
+        mark = " †" if rows[0].get("learns_on_validation") else ""
+        lines.append(
+            f"- {method}{mark} @ {budget}: {s['mean'] - reference['mean']:+.4f} → {verdict}"
+        )
     return lines + [""]
 
 
@@ -239,6 +258,9 @@ def markdown_summary(rows: list[dict[str, Any]]) -> str:
         lines += ["Test AUC, mean ± std over seeds (n); — = budget not reachable.", ""]
         lines.append("| method | " + " | ".join(budgets) + " |")
         lines.append("|---|" + "---|" * len(budgets))
+        flagged = {
+            m for (m, _), rs in cells.items() if any(r.get("learns_on_validation") for r in rs)
+        }
         for m in methods:
             cellstr = []
             for b in budgets:
@@ -250,7 +272,10 @@ def markdown_summary(rows: list[dict[str, Any]]) -> str:
                     cellstr.append("—")
                 else:
                     cellstr.append(f"{s['mean']:.4f} ± {s['std']:.4f} ({s['n']})")
-            lines.append(f"| {m} | " + " | ".join(cellstr) + " |")
+            mark = " †" if m in flagged else ""
+            lines.append(f"| {m}{mark} | " + " | ".join(cellstr) + " |")
+        if flagged:
+            lines += ["", VALIDATION_NOTE]
         lines += ["", "Best per budget (a win only beyond the seed spread):", ""]
         for budget, verdict in best_per_budget(cells).items():
             lines.append(f"- {budget}: {verdict}")

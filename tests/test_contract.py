@@ -141,6 +141,13 @@ def test_solve_equals_the_built_method_and_its_plan_rebuilds_it(name, features):
     assert build_from_plan(recorded, features).plan().to_json() == plan.to_json()
 
 
+@pytest.mark.parametrize("name", METHODS)
+def test_a_method_says_whether_it_learns_on_validation_batches(name, features):
+    # The sweep report flags such methods (the validation split is training data to them).
+    built = build_compressor(name, features, DIM, _train_budget(name, features))
+    assert type(built).learns_on_validation == any(s.bilevel for s in built.stages)
+
+
 def test_a_changed_plan_is_refused_naming_the_entry_but_a_searched_floor_is_not(features):
     hashed = solve("hash", features, DIM, "4x").to_json()
     hashed["serve_bytes"] += 8  # as if an older solver had laid the tables out otherwise

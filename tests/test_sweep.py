@@ -18,7 +18,13 @@ import pytest
 from ctr.cli import main
 from ctr.run import auto_batch_size
 from ctr.sweep import SweepSpec, cell_dir, cell_key, code_version, run_sweep
-from ctr.sweep_report import against_full, compare, pareto_front, write_report
+from ctr.sweep_report import (
+    against_full,
+    compare,
+    learns_on_validation,
+    pareto_front,
+    write_report,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL = {
@@ -288,6 +294,12 @@ def test_comparison_with_full_needs_three_seeds_and_a_gap_beyond_noise():
     )
     assert any("hash @ 10x" in x and "below full" in x for x in lines)
     assert any("tt @ 10x" in x and "undecided (1 seed(s))" in x for x in lines)
+    # A method fit partly on the validation split is flagged wherever it is compared.
+    dnis = [{**r, "learns_on_validation": True} for r in _cells([0.750, 0.753, 0.749])]
+    lines = against_full({("full", "1x"): full, ("dnis", "2x"): dnis})
+    assert any(x.startswith("- dnis † @ 2x") and "above full" in x for x in lines)
+    assert learns_on_validation("dnis") and learns_on_validation("autodim")
+    assert not learns_on_validation("tt") and not learns_on_validation("no-such-method")
 
 
 def test_auto_batch_size_gives_200_steps_in_range():

@@ -394,6 +394,9 @@ class Compressor(nn.Module):
     searched: ClassVar[bool] = False
     format_details: ClassVar[tuple[str, ...]] = ()
     stages: ClassVar[tuple[Stage, ...]] = (Stage("train"),)
+    #: True when some parameters learn on validation batches (a bilevel search, as DARTS-style
+    #: papers do): the validation split is then training data too, which reports flag.
+    learns_on_validation: ClassVar[bool] = False
     #: help text of the constructor's options (merged along the class hierarchy)
     option_help: ClassVar[dict[str, str]] = {
         "init_scale": "bound of the uniform initialisation of table rows",

@@ -144,6 +144,7 @@ class AutoDim(SearchedBytes, Compressor):
     """Per-field dimension search by Gumbel-softmax mixtures, then a budgeted retrain."""
 
     name = "autodim"
+    learns_on_validation = True  # the architecture weights (search stage)
     option_help = {
         "arch_lr": "Adam learning rate of the architecture weights (validation batches)",
         "search_epochs": "epochs of the search stage (None: the run's)",

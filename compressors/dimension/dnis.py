@@ -186,6 +186,7 @@ class DNIS(SearchedBytes, Compressor):
     """Frequency-block soft selection α searched on validation data, then magnitude pruning."""
 
     name = "dnis"
+    learns_on_validation = True  # α (search stage)
     option_help = {
         "num_blocks": "frequency blocks per field (equal train-frequency mass)",
         "shared_alpha": "one α for every field instead of one per field",

@@ -29,12 +29,12 @@ cheapest form its pattern allows, and every byte is counted:
   variant without the byte counts measured 20x slower). ``bench.py --only serving`` times
   the same kept rows (10% of 26 fields, batches of 4096, one thread) behind both forms: the
   bitmap's remap + fbgemm lookup runs at 0.73x the lookups/s of the array's, which runs at
-  0.55x the unpruned table's (the remap's passes cost about what the kernel does). The bitmap is 6.4x smaller than an int16 remap, which at 10x
-  compression of a 16-dim fp32 table would take a third of the budget; any field of more
-  than 10 ids uses it. The remapped ids go straight to fbgemm's int-N TBE, which skips
-  ``-1`` indices (the convention of its own ``index_remapping``), so pruned ids read as
-  zeros. With a per-field OOV vector
-  (``FieldPlan.oov``) the field stores one more row, the vector, after its kept rows, and
+  0.55x the unpruned table's (the remap's passes cost about what the kernel does). The
+  bitmap is 6.4x smaller than an int16 remap, which at 10x compression of a 16-dim fp32
+  table would take a third of the budget; any field of more than 10 ids uses it. The
+  remapped ids go straight to fbgemm's int-N TBE, which skips ``-1`` indices (the
+  convention of its own ``index_remapping``), so pruned ids read as zeros. With a per-field
+  OOV vector (``FieldPlan.oov``) the field stores one more row, the vector, after its kept rows, and
   pruned ids remap to it instead of ``-1``: the same fbgemm path serves it, and its bytes are
   one row more (an array remap's width counts it);
 - ``csr`` (entry-sparse tables): values + column indices per non-zero entry and the row
