@@ -243,6 +243,14 @@ class Trainer:
         self._initial: dict[str, torch.Tensor] | None = None
         self.compressor: Compressor = model.embedding.compressor
         self.compressor.table_optimizer = self.config.table_optimizer
+        # Architecture steps from the validation split (the papers), or from a held-out
+        # share of the training split that no stage then trains on (the validation split
+        # stays unseen, for early stopping and the sweep's choice of learning rate).
+        self.search = valid
+        holdout = self.compressor.search_holdout
+        if holdout and any(s.bilevel for s in self.compressor.stages):
+            self.train = train.share(0.0, 1.0 - holdout)
+            self.search = train.share(1.0 - holdout, 1.0)
         if self.config.module_optimizer not in ("method", "table"):
             raise ValueError(
                 "module_optimizer must be 'method' or 'table', "
@@ -483,7 +491,8 @@ class Trainer:
 
     def valid_batches(self, start: int = 0) -> Iterator:
         """Endless shuffled validation batches of the *training* batch size, from the
-        ``start``-th one on: a bilevel stage's architecture steps.
+        ``start``-th one on: a bilevel stage's architecture steps (from the held-out share
+        of the training split instead, when the method sets ``search_holdout``).
 
         DARTS-style searches (DNIS's official code, AutoDim) draw the validation batch of
         each architecture step like the training batch — same size, shuffled. The
@@ -492,7 +501,7 @@ class Trainer:
         samples. Seeded by the run, the stage and the pass over the split, so a resumed
         stage draws the same batches."""
         size = self.train.batch_size
-        stream = self.valid.resized(size, shuffle=True, drop_last=self.valid.rows >= size)
+        stream = self.search.resized(size, shuffle=True, drop_last=self.search.rows >= size)
         per_epoch = max(len(stream), 1)
         epoch, skip = divmod(start, per_epoch)
         while True:

@@ -48,6 +48,11 @@ class _Columns:
         return len(self.labels)
 
 
+def _share_bounds(rows: int, low: float, high: float) -> tuple[int, int]:
+    """The first and past-the-last row of the share ``[low, high)`` of ``rows`` rows."""
+    return int(rows * low), int(rows * high)
+
+
 class BatchLoader:
     """Iterates one split of a prepared dataset in batches.
 
@@ -87,6 +92,23 @@ class BatchLoader:
         self._multi = [i for i, f in enumerate(self.meta.sparse) if f.multi_hot]
         self._cache: dict[int, _Columns] | None = {} if self.rows <= cache_rows else None
         self.prefetch = prefetch
+        self.row_share = (0.0, 1.0)
+
+    def share(self, low: float, high: float) -> BatchLoader:
+        """The rows ``[low, high)`` of every shard, as shares of its rows (``share(0, .9)`` and
+        ``share(.9, 1)`` split the split in two disjoint parts that cover it), sharing the
+        decoded shards. Shard sizes come from the parquet footers."""
+        import pyarrow.parquet as pq
+
+        if not 0.0 <= low < high <= 1.0:
+            raise ValueError(f"a row share needs 0 <= low < high <= 1, got [{low}, {high})")
+        other = copy.copy(self)
+        other.row_share = (low, high)
+        other.rows = 0
+        for path in self.files:
+            first, stop = _share_bounds(pq.read_metadata(path).num_rows, low, high)
+            other.rows += stop - first
+        return other
 
     def resized(self, batch_size: int, shuffle: bool, drop_last: bool) -> BatchLoader:
         """The same split in other batches, sharing the decoded shards (no second read)."""
@@ -121,7 +143,10 @@ class BatchLoader:
         index = 0
         for shard in order:
             cols = self._shard(int(shard))
-            rows = rng.permutation(cols.rows) if self.shuffle else np.arange(cols.rows)
+            first, stop = _share_bounds(cols.rows, *self.row_share)
+            rows = first + (
+                rng.permutation(stop - first) if self.shuffle else np.arange(stop - first)
+            )
             pos = 0
             while pos < len(rows):
                 take = min(self.batch_size - carried, len(rows) - pos)

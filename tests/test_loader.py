@@ -54,6 +54,30 @@ def test_shuffle_is_seeded_and_covers_every_row_once(tiny_data):
     assert torch.equal(la.sort().values, plain.sort().values)
 
 
+def test_row_shares_split_the_split_in_disjoint_covering_parts(tiny_data):
+    meta = DatasetMeta.load(tiny_data)
+    column = meta.dense[0]
+    whole = BatchLoader(tiny_data, "train", batch_size=300)
+    head, tail = whole.share(0.0, 0.8), whole.share(0.8, 1.0)
+    assert head.rows + tail.rows == whole.rows and 0 < tail.rows < head.rows
+
+    def rows(loader):
+        return torch.cat([b.dense_features[:, 0] for b in loader.epoch(0)])
+
+    # Unshuffled, each share is its slice of every shard, in shard order.
+    shards = [pq.read_table(f, columns=[column])[column].to_numpy() for f in meta.files("train")]
+    for part, (low, high) in ((head, (0.0, 0.8)), (tail, (0.8, 1.0))):
+        want = np.concatenate([x[int(len(x) * low) : int(len(x) * high)] for x in shards])
+        assert torch.equal(rows(part), torch.from_numpy(want.astype(np.float32)))
+        assert len(part) == -(-part.rows // 300)
+    shuffled = whole.resized(300, shuffle=True, drop_last=False)
+    again = torch.cat([rows(shuffled.share(0.0, 0.8)), rows(shuffled.share(0.8, 1.0))])
+    assert torch.equal(again.sort().values, rows(whole).sort().values)
+    assert torch.equal(rows(shuffled.share(0.0, 1.0)), rows(shuffled))  # the same shuffle
+    with pytest.raises(ValueError, match="row share"):
+        whole.share(0.5, 0.5)
+
+
 def test_start_batch_skips_exactly(tiny_data):
     loader = BatchLoader(tiny_data, "train", batch_size=700, shuffle=True, seed=5)
     full = _all(loader)

@@ -179,6 +179,32 @@ def test_bilevel_steps_update_only_valid_groups_on_validation_batches(
     assert not torch.equal(firsts[0], ordered.sparse_features.values()[:32])  # shuffled
 
 
+def test_bilevel_steps_can_draw_from_a_held_out_share_of_training_rows(
+    tiny_data, tmp_path, monkeypatch
+):
+    # search_holdout: the architecture steps read training rows no stage trains on, and the
+    # validation split stays unseen by every parameter.
+    class _HeldOut(_Bilevel):
+        name = "test_bilevel_holdout"
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.hold_out(0.25)
+
+    _register(monkeypatch, _HeldOut)
+    streams = set()
+    valid_step = Trainer.valid_step
+
+    def record(self, batch):
+        streams.add((self.search.split, self.search.row_share, self.train.row_share))
+        return valid_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "valid_step", record)
+    train_run(_config(tiny_data, _HeldOut.name, batch_size=128, patience=99), tmp_path / "r")
+    # Disjoint shares of the training split (tests/test_loader.py checks that they are).
+    assert streams == {("train", (0.75, 1.0), (0.0, 0.75))}
+
+
 def test_bilevel_resume_continues_the_alternation_exactly(tiny_data, tmp_path, monkeypatch):
     _register(monkeypatch, _Bilevel)
     train_run(_config(tiny_data, _Bilevel.name), tmp_path / "whole")

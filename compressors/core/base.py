@@ -397,6 +397,9 @@ class Compressor(nn.Module):
     #: True when some parameters learn on validation batches (a bilevel search, as DARTS-style
     #: papers do): the validation split is then training data too, which reports flag.
     learns_on_validation: ClassVar[bool] = False
+    #: Share of the training split a bilevel stage's architecture steps draw from instead of
+    #: the validation split; no stage trains on those rows (see :meth:`hold_out`).
+    search_holdout: float = 0.0
     #: help text of the constructor's options (merged along the class hierarchy)
     option_help: ClassVar[dict[str, str]] = {
         "init_scale": "bound of the uniform initialisation of table rows",
@@ -405,6 +408,9 @@ class Compressor(nn.Module):
         "table_share": "at most this share of the budget goes to small fields' plain tables",
         "lr": "Adam learning rate of the method's own parameters (None: the trainer's)",
         "optimizer": "optimizer of the integer rows: sgd, adagrad or rowwise_adagrad",
+        "search_holdout": "share of the training split the search's architecture steps use "
+        "instead of the validation split, never trained on (0: the validation split, as the "
+        "paper)",
     }
 
     def __init__(self, features: Sequence[FeatureSpec], dim: int, budget_bytes: int) -> None:
@@ -506,6 +512,12 @@ class Compressor(nn.Module):
             "refused); --storage applies to "
             f"{', '.join(able)} (for hybrid methods, to their plain tables)"
         )
+
+    def hold_out(self, share: float) -> None:
+        """Sets :attr:`search_holdout` (option ``search_holdout``) after checking it."""
+        if not 0.0 <= share < 1.0:
+            raise ValueError(f"{self.name}: search_holdout must lie in [0, 1), got {share}")
+        self.search_holdout = float(share)
 
     @property
     def feature_names(self) -> list[str]:

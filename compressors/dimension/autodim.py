@@ -8,6 +8,8 @@ normalisation (the paper's magnitude alignment), and the field's embedding is th
 weighted by a Gumbel-softmax over architecture weights ``a_f`` (temperature annealed as the
 paper: ``τ = max(0.01, 1 − 5e-5·step)``; plain softmax in eval mode). Training batches update
 tables, transforms and network; validation batches update ``a`` (Adam, DARTS first order).
+``search_holdout`` (default 0: the validation split, as the paper) takes ``a``'s batches from
+that share of the training split instead, which no stage then trains on (see ``dnis``).
 
 **Choice and retrain** (stage ``retrain``, after a rebuild). Each field takes its argmax
 dim. The paper leaves memory unbounded; here the choice must fit the budget: while the
@@ -166,9 +168,11 @@ class AutoDim(SearchedBytes, Compressor):
         anneal: float = 5e-5,
         storage: str = "fp32",
         init_scale: float = 0.01,
+        search_holdout: float = 0.0,
     ) -> None:
         super().__init__(features, dim, budget_bytes)
         check_dtype(storage, dim)
+        self.hold_out(search_holdout)
         self.storage, self.arch_lr, self.init_scale = storage, arch_lr, init_scale
         self.min_temperature, self.anneal = min_temperature, anneal
         self.stages = (
@@ -344,5 +348,6 @@ class AutoDim(SearchedBytes, Compressor):
             "storage": self.storage,
             "candidates": self.candidates,
             "arch_lr": self.arch_lr,
+            "search_holdout": self.search_holdout,
             "dims": dict(zip(self.feature_names, dims, strict=True)),
         }

@@ -19,7 +19,13 @@ Stages:
    network here; ``train_network=True`` trains it too), then a validation batch updates α by
    SGD (``alpha_lr`` 0.01) on validation loss + ``l1``·‖α‖₁ (λ = 1e-5), with α's gradient
    divided, per block (row of α), by its mean absolute value (``grad_norm``; the official
-   ``--alpha_grad_norm 1``), and α clipped to [0, 1] after each step.
+   ``--alpha_grad_norm 1``), and α clipped to [0, 1] after each step. The validation
+   batches are drawn like training ones (same size, shuffled). ``search_holdout`` (default
+   0: the validation split, as the paper) draws them instead from that share of the
+   training split, which then no stage trains on: the validation split stays unseen for
+   early stopping and the sweep's choice of learning rate, and α does not get data the
+   methods it is compared with never see (the sweep report marks methods that learn on
+   validation batches with †).
 3. ``prune`` — α is folded into the table (``e ← e ⊙ α[block]``, α ← 1); then the entries of
    lowest score are removed until the exported bytes fit the budget: a binary search over the
    sorted scores finds the smallest threshold whose exact export bytes fit. ``prune_score``:
@@ -221,8 +227,10 @@ class DNIS(SearchedBytes, Compressor):
         oov_block: bool = True,
         prune_score: str = "folded",
         init_scale: float = 0.01,
+        search_holdout: float = 0.0,
     ) -> None:
         super().__init__(features, dim, budget_bytes)
+        self.hold_out(search_holdout)
         check_dtype(storage, dim)
         if l1 < 0 or alpha_lr <= 0:
             raise ValueError(f"dnis: l1 must be >= 0 and alpha_lr > 0, got {l1}, {alpha_lr}")
@@ -523,6 +531,7 @@ class DNIS(SearchedBytes, Compressor):
             "train_network": self.train_network,
             "oov_block": self.oov_block,
             "prune_score": self.prune_score,
+            "search_holdout": self.search_holdout,
             "bounds": dict(zip(self.feature_names, self.bounds, strict=True)),
         }
 

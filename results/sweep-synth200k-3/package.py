@@ -25,6 +25,29 @@ STALE = {
 }
 
 
+def report(folder: Path) -> None:
+    command = ["ctr.cli", "sweep", "report", str(folder), "--out", str(folder / "report")]
+    subprocess.run(
+        [sys.executable, "-m", *command, "--overwrite"], check=True, stdout=subprocess.DEVNULL
+    )
+    (folder / "report" / "results.parquet").unlink(missing_ok=True)  # the CSV has the rows
+
+
+def epochs_check() -> None:
+    """DNIS at 2x with its stages cut to 2 epochs in all and with α frozen, and full given 6
+    epochs: the sweep directory s6 as it is, with its own report."""
+    folder = HERE.parent / "epochs-check"
+    if folder.exists():
+        shutil.rmtree(folder)
+    (folder / "cells").mkdir(parents=True)
+    for result_path in sorted((SWEEPS / "s6" / "cells").glob("*/result.json")):
+        dest = folder / "cells" / result_path.parent.name
+        dest.mkdir()
+        for name in ("cell.json", "result.json"):
+            shutil.copy(result_path.with_name(name), dest / name)
+    report(folder)
+
+
 def main() -> None:
     out = HERE / "cells"
     if out.exists():
@@ -47,23 +70,8 @@ def main() -> None:
         for name in ("cell.json", "result.json"):
             shutil.copy(directory / name, dest / name)
     print(f"{len(chosen)} cells")
-    report = HERE / "report"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ctr.cli",
-            "sweep",
-            "report",
-            str(HERE),
-            "--out",
-            str(report),
-            "--overwrite",
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    (report / "results.parquet").unlink(missing_ok=True)  # the CSV holds the same rows
+    report(HERE)
+    epochs_check()
 
 
 if __name__ == "__main__":
