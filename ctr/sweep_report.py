@@ -82,12 +82,15 @@ def protocol_suffix(protocol: dict[str, Any] | None, common: dict[str, Any] | No
     return "{" + ",".join(parts) + "}"
 
 
-def learns_on_validation(method: str) -> bool:
-    """Whether ``method`` fits parameters on validation batches (unknown names: False)."""
+def learns_on_validation(method: str, options: dict[str, Any] | None = None) -> bool:
+    """Whether ``method`` run with ``options`` fits parameters on validation batches (not
+    with ``search_holdout``, which takes them from held-out training rows; unknown names:
+    False)."""
     from compressors.core.registry import COMPRESSORS
 
     cls = COMPRESSORS.get(method)
-    return bool(cls is not None and cls.learns_on_validation)
+    held_out = bool((options or {}).get("search_holdout"))
+    return bool(cls is not None and cls.learns_on_validation and not held_out)
 
 
 VALIDATION_NOTE = (
@@ -113,7 +116,7 @@ def result_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["method"] = variant(r["method"], r.get("method_options")) + protocol_suffix(
             r.get("protocol"), common
         )
-        row["learns_on_validation"] = learns_on_validation(r["method"])
+        row["learns_on_validation"] = learns_on_validation(r["method"], r.get("method_options"))
         row["method_options"] = str(r.get("method_options") or "")
         row["budget"] = str(r["budget"])
         row["table_lr"] = chosen.get("table_lr")

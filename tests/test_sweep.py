@@ -299,6 +299,7 @@ def test_comparison_with_full_needs_three_seeds_and_a_gap_beyond_noise():
     lines = against_full({("full", "1x"): full, ("dnis", "2x"): dnis})
     assert any(x.startswith("- dnis † @ 2x") and "above full" in x for x in lines)
     assert learns_on_validation("dnis") and learns_on_validation("autodim")
+    assert not learns_on_validation("dnis", {"search_holdout": 0.1})
     assert not learns_on_validation("tt") and not learns_on_validation("no-such-method")
 
 

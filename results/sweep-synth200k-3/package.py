@@ -14,10 +14,11 @@ from pathlib import Path
 
 SWEEPS = Path("/work/sweepdata")
 HERE = Path(__file__).resolve().parent
-# Newest first: dnis/autodim after the bilevel batch fix, pep/deeplight at 2x with today's
-# defaults, optembed at 100x, the 2x column, pep with its fill and deeplight with split
-# pointers at 10x, optembed with its fill, then the carried-over first sweep.
-SOURCES = ["s5", "s5prune", "s5opt", "s4", "s3fill", "s3new", "s3opt", "s3"]
+# Newest first: pep/deeplight refusals under the split pointers, dnis/autodim after the
+# bilevel batch fix, pep/deeplight at 2x with today's defaults, optembed at 100x, the 2x
+# column, pep with its fill and deeplight with split pointers at 10x, optembed with its
+# fill, then the carried-over first sweep.
+SOURCES = ["s7ref", "s5", "s5prune", "s5opt", "s4", "s3fill", "s3new", "s3opt", "s3"]
 STALE = {
     "s3": {"pep", "deeplight", "dnis", "autodim", "optembed"},
     "s3new": {"pep"},
