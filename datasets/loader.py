@@ -48,6 +48,13 @@ class _Columns:
         return len(self.labels)
 
 
+def _check_batch_size(batch_size: int, world_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if batch_size % world_size:
+        raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
+
+
 def _share_bounds(rows: int, low: float, high: float) -> tuple[int, int]:
     """The first and past-the-last row of the share ``[low, high)`` of ``rows`` rows."""
     return int(rows * low), int(rows * high)
@@ -74,10 +81,7 @@ class BatchLoader:
         prefetch: int = 0,
     ) -> None:
         self.meta = data if isinstance(data, DatasetMeta) else DatasetMeta.load(data)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if batch_size % world_size:
-            raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
+        _check_batch_size(batch_size, world_size)
         self.split = split
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -112,11 +116,7 @@ class BatchLoader:
 
     def resized(self, batch_size: int, shuffle: bool, drop_last: bool) -> BatchLoader:
         """The same split in other batches, sharing the decoded shards (no second read)."""
-        if batch_size < 1 or batch_size % self.world_size:
-            raise ValueError(
-                f"batch_size must be a positive multiple of world_size {self.world_size}, "
-                f"got {batch_size}"
-            )
+        _check_batch_size(batch_size, self.world_size)
         other = copy.copy(self)
         other.batch_size, other.shuffle, other.drop_last = batch_size, shuffle, drop_last
         return other
