@@ -237,6 +237,7 @@ def train_run(
         "samples_per_sec": record["samples_per_sec"],
         "steps": record["steps"],
         "train_seconds": trainer.state.train_seconds,
+        "stage_seconds": record["stage_seconds"],
         "batch_size": tc.batch_size,
         "world_size": world,
         "teacher_test_auc": meta.extra.get("teacher", {}).get("test_auc"),

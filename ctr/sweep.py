@@ -367,6 +367,7 @@ _SUMMARY_KEYS = (
     "samples_per_sec",
     "steps",
     "train_seconds",
+    "stage_seconds",
     "wall_seconds",
     "teacher_test_auc",
 )

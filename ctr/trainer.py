@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import random
@@ -63,6 +64,8 @@ from ctr.metrics import auc_logloss
 from ctr.models.base import CTRModel
 from ctr.optim import RowwiseAdagrad
 from datasets.loader import PAD_LABEL, BatchLoader
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -138,6 +141,7 @@ class TrainState:
     train_seconds: float = 0.0
     lr_scale: float = 1.0
     finished: bool = False
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     architecture: dict[str, Any] | None = None
 
@@ -153,8 +157,12 @@ class RunContext:
         self.stage = stage
         self.resumed = resumed
         self.seed = trainer.config.seed
-        self.table_lr = trainer.config.table_lr
+        self.embedding_l2 = trainer.config.embedding_l2
         self.batch: Any = None
+
+    @property
+    def table_lr(self) -> float:
+        return self.trainer.embedding_lr
 
     @property
     def model(self) -> torch.nn.Module:
@@ -354,6 +362,11 @@ class Trainer:
             for g in self.optimizers[name].param_groups:
                 g["lr"] = g["base_lr"] * scale
 
+    @property
+    def embedding_lr(self) -> float:
+        """The embedding learning rate now: the table lr times the plateau decay."""
+        return self.config.table_lr * self.state.lr_scale
+
     def decay_state_bytes(self) -> int:
         """Bytes lazy embedding L2 keeps beside the tables (0 without it)."""
         return sum(t.decay.state_bytes() for t in table_modules(self.model) if t.decay is not None)
@@ -386,8 +399,13 @@ class Trainer:
                 self.state.best_auc, self.state.bad_evals = -math.inf, 0
                 self.stage_state = None
                 self._best = None
+                # Each stage starts at the base embedding lr: a pruning stage's dips in
+                # validation AUC must not slow the retraining that follows.
+                self.state.lr_scale = 1.0
+                self._apply_lr_scale()
                 if stage.rewind:
                     self._rewind()
+            started = time.perf_counter()
             ctx = RunContext(self, stage, resumed)
             self.compressor.on_stage_start(stage, ctx)
             if stage.trains:
@@ -400,6 +418,9 @@ class Trainer:
             if stage.rebuilds:
                 self.state.architecture = self.compressor.architecture()
                 self._setup_optimizers()
+            seconds = self.state.stage_seconds
+            seconds[stage.name] = seconds.get(stage.name, 0.0) + time.perf_counter() - started
+            self._log_stage(stage, seconds[stage.name])
             self.state.stage += 1
             self.state.stage_started = False
             self.stage_state = None
@@ -411,8 +432,14 @@ class Trainer:
             "finished": self.state.finished,
             "steps": self.state.step,
             "samples_per_sec": self.state.samples / max(self.state.train_seconds, 1e-9),
+            "stage_seconds": dict(self.state.stage_seconds),
             "history": self.state.history,
         }
+
+    def _log_stage(self, stage: Stage, seconds: float) -> None:
+        """One log line per finished stage: its wall time (also in the summary)."""
+        if self.main:
+            log.info("stage %s done in %.1f s (step %d)", stage.name, seconds, self.state.step)
 
     def _stage_steps(self, stage: Stage) -> int:
         epochs = stage.epochs if stage.epochs is not None else self.config.epochs
@@ -469,7 +496,7 @@ class Trainer:
                     if evaluate or interrupted or st.step % cfg.checkpoint_every == 0:
                         st.train_seconds += time.perf_counter() - tick
                         if evaluate:
-                            stopped = self._evaluate_and_track(stage)
+                            stopped = self._evaluate_and_track(stage) and stage.early_stop
                         if end_of_epoch:
                             st.epoch, st.batch = st.epoch + 1, 0
                         self._checkpoint()
@@ -482,7 +509,7 @@ class Trainer:
                     st.train_seconds += time.perf_counter() - tick
         finally:
             bar.close()
-        if cfg.restore_best:
+        if cfg.restore_best and stage.restore_best:
             self._restore_best()
         return True
 
@@ -561,10 +588,12 @@ class Trainer:
         improved = metrics["auc"] > st.best_auc
         if improved:
             st.best_auc, st.bad_evals = metrics["auc"], 0
-            self._save_model("best.pt")
+            if stage.restore_best and self.config.restore_best:
+                self._save_model("best.pt")
         else:
             st.bad_evals += 1
-            if self.config.lr_decay < 1.0:
+            # Plateau decay belongs to early stopping: a scheduled stage keeps its lr.
+            if self.config.lr_decay < 1.0 and stage.early_stop:
                 st.lr_scale *= self.config.lr_decay
                 self._apply_lr_scale()
         record = {
@@ -684,6 +713,14 @@ class Trainer:
             best.pop(ARCHITECTURE_KEY, None)
         if best is None:
             return
+        # Weights only: the architecture the stage ended with stays (masks, thresholds, α).
+        prefix = _prefix_of(self.model, self.compressor)
+        keep = [prefix + k for k in self.compressor.architecture_state()]
+        if keep:
+            current = self.full_state()
+            best = {
+                k: current[k] if any(k.startswith(p) for p in keep) else v for k, v in best.items()
+            }
         self._load_weights(best)
 
     def _save_initial(self) -> None:

@@ -264,10 +264,19 @@ class ExportedEmbedding:
 class Stage:
     """One step of a method's training procedure, and what the trainer does around it.
 
-    - ``trains``: the trainer runs gradient steps (epochs, evaluation, early stopping, best
-      weights restored); otherwise the compressor's ``run_stage`` does the work (a search, a
-      quantisation pass), checkpointing its progress through ``ctx.checkpoint``.
+    - ``trains``: the trainer runs gradient steps (epochs, evaluation); otherwise the
+      compressor's ``run_stage`` does the work (a search, a quantisation pass), checkpointing
+      its progress through ``ctx.checkpoint``.
     - ``epochs``: overrides the run's epoch count for this stage.
+    - ``early_stop``: the stage ends when validation AUC has not improved for the run's
+      patience, and the embedding learning rates decay on plateaus (``lr_decay``). False runs
+      the stage's schedule to its last step (searches and pruning schedules: a dip in
+      validation AUC is what pruning does on its way to the target, not a reason to stop).
+    - ``restore_best``: at the end of the stage the weights of its best evaluation come back
+      (the run's ``restore_best`` permitting). Never the compressor's
+      ``architecture_state()`` (masks, thresholds, α, searched choices): the trainer does not
+      roll an architecture back; a stage whose weights only make sense with the architecture
+      it ends with (a pruning schedule) sets False.
     - ``bilevel``: steps alternate one training batch (dense Adam, fused tables and groups
       tagged ``"train"``) with one validation batch (only groups tagged ``"valid"``: DNIS's α,
       AutoDim's weights). Both use ``ctx.loss`` plus ``penalty()``.
@@ -289,6 +298,13 @@ class Stage:
     dense: bool = True
     rewind: bool = False
     rebuilds: bool = False
+    early_stop: bool = True
+    restore_best: bool = True
+
+
+#: The flags of a stage that searches or prunes: its schedule runs to the end and its
+#: weights are never restored from an earlier evaluation.
+SCHEDULED = {"early_stop": False, "restore_best": False}
 
 
 class Progress(Protocol):
@@ -312,8 +328,12 @@ class StageContext(Protocol):
     resumed: bool
     #: the run's seed
     seed: int
-    #: the learning rate of embedding parameters (the fused tables' lr)
+    #: the current learning rate of embedding parameters: the run's table lr times its
+    #: plateau decay (what a method stepping its own rows must use)
     table_lr: float
+    #: the run's decoupled embedding L2 (rows a method steps itself get it through
+    #: ``set_weight_decay`` of their table; read it for anything else)
+    embedding_l2: float
     #: the batch of the training step just taken (in ``after_step``)
     batch: Any
 
@@ -580,6 +600,13 @@ class Compressor(nn.Module):
         """State-dict names (relative to this module, prefixes allowed) that a rewinding stage
         keeps instead of resetting to the initial weights: masks, thresholds, searched dims."""
         return []
+
+    def architecture_state(self) -> list[str]:
+        """State-dict names (relative to this module, prefixes allowed) of the architecture:
+        what a stage decides rather than trains as weights (masks, thresholds, α, searched
+        dims). Restoring a stage's best weights never rolls them back. Default: the
+        entries a rewind keeps."""
+        return self.rewind_keep()
 
     def rewind_state(self, initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This module's step-0 weights (names relative to it) fitted to its current shapes,

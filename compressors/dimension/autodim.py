@@ -61,6 +61,7 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from compressors.core.base import (
+    SCHEDULED,
     Compressor,
     ExportedEmbedding,
     FeatureSpec,
@@ -176,7 +177,7 @@ class AutoDim(SearchedBytes, Compressor):
         self.storage, self.arch_lr, self.init_scale = storage, arch_lr, init_scale
         self.min_temperature, self.anneal = min_temperature, anneal
         self.stages = (
-            Stage("search", epochs=search_epochs, bilevel=True, rebuilds=True),
+            Stage("search", epochs=search_epochs, bilevel=True, rebuilds=True, **SCHEDULED),
             Stage("retrain", epochs=retrain_epochs),
         )
         self.candidates = candidate_dims(dim, storage)
@@ -311,6 +312,9 @@ class AutoDim(SearchedBytes, Compressor):
             "index_map",
         ):
             delattr(self, name)
+
+    def architecture_state(self) -> list[str]:
+        return ["arch", "searched_weights"]
 
     def architecture(self) -> dict[str, Any] | None:
         return None if self.dims is None else {"dims": self.dims}

@@ -88,6 +88,7 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from compressors.core.base import (
+    SCHEDULED,
     Compressor,
     ExportedEmbedding,
     FeatureSpec,
@@ -252,7 +253,7 @@ class DNIS(SearchedBytes, Compressor):
         self.train_network = train_network
         self.stages = (
             Stage("warmup", epochs=warmup_epochs),
-            Stage("search", epochs=search_epochs, bilevel=True, dense=train_network),
+            Stage("search", epochs=search_epochs, bilevel=True, dense=train_network, **SCHEDULED),
             Stage("prune", trains=False),
             Stage("finetune", epochs=finetune_epochs),
         )
@@ -333,6 +334,9 @@ class DNIS(SearchedBytes, Compressor):
         if not self._searching or self.l1 == 0:
             return torch.zeros(())
         return self.l1 * self.alpha.abs().sum()
+
+    def architecture_state(self) -> list[str]:
+        return ["alpha", "mask", "pruned", "searched_alpha"]
 
     def optimizer_groups(self) -> list[dict[str, Any]]:
         return [{"params": [self.alpha], "optimizer": "sgd", "lr": self.alpha_lr, "role": "valid"}]

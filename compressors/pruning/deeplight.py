@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from compressors.core.base import FeatureSpec, Stage
+from compressors.core.base import SCHEDULED, FeatureSpec, Stage
 from compressors.core.registry import register
 from compressors.pruning.entry import EntryPruned
 
@@ -81,9 +81,12 @@ class DeepLight(EntryPruned):
         self.prune_every = prune_every
         self.register_buffer("stage_start", torch.full((), -1, dtype=torch.int64))
         self.stages = (
-            Stage("prune", epochs=prune_epochs),
+            Stage("prune", epochs=prune_epochs, **SCHEDULED),
             Stage("finetune", epochs=finetune_epochs),
         )
+
+    def architecture_state(self) -> list[str]:
+        return ["mask", "stage_start"]
 
     @property
     def target_sparsity(self) -> float:

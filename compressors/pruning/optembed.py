@@ -105,6 +105,7 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from compressors.core.base import (
+    SCHEDULED,
     Compressor,
     ExportedEmbedding,
     FeatureSpec,
@@ -262,7 +263,7 @@ class OptEmbed(SearchedBytes, Compressor):
                 f"{describe_bytes(budget_bytes)} ({self.full_bytes / budget_bytes:.1f}x)"
             )
         self.stages = (
-            Stage("supernet", epochs=supernet_epochs),
+            Stage("supernet", epochs=supernet_epochs, **SCHEDULED),
             Stage("search", trains=False),
             Stage("retrain", epochs=retrain_epochs, rewind=rewind),
         )

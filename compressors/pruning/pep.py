@@ -74,7 +74,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from compressors.core.base import FeatureSpec, Stage
+from compressors.core.base import SCHEDULED, FeatureSpec, Stage
 from compressors.core.registry import register
 from compressors.pruning.entry import EntryPruned
 
@@ -159,7 +159,7 @@ class PEP(EntryPruned):
         self.register_buffer("fallback", torch.zeros((), dtype=torch.bool))
         self.register_buffer("filled", torch.zeros((), dtype=torch.int64))
         self.stages = (
-            Stage("search", epochs=search_epochs),
+            Stage("search", epochs=search_epochs, **SCHEDULED),
             Stage("retrain", epochs=retrain_epochs, rewind=rewind),
         )
 
