@@ -51,6 +51,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from tqdm import tqdm
 
 from compressors.core.base import Compressor, Stage
+from compressors.core.decay import EmbeddingRows
 from compressors.core.storage import TrainTables
 from ctr.distributed import (
     DistInfo,
@@ -227,6 +228,12 @@ def table_modules(model: torch.nn.Module) -> list[TrainTables]:
     return [m for m in model.modules() if isinstance(m, TrainTables)]
 
 
+def embedding_rows(model: torch.nn.Module) -> list[EmbeddingRows]:
+    """Modules holding embedding rows that take the run's decoupled L2: TorchRec tables and
+    a method's own row tables (the pruning family's)."""
+    return [m for m in model.modules() if isinstance(m, EmbeddingRows)]
+
+
 class Trainer:
     """Runs a model's compressor stages in order (see module docstring)."""
 
@@ -299,7 +306,8 @@ class Trainer:
         if self.dist is None:
             for tables in table_modules(self.model):
                 tables.fuse(cfg.table_optimizer, cfg.table_lr)
-                tables.set_weight_decay(cfg.embedding_l2, cfg.l2_mode)
+            for rows in embedding_rows(self.model):
+                rows.set_weight_decay(cfg.embedding_l2, cfg.l2_mode)
             fused = {id(p) for t in table_modules(self.model) for p in t.parameters()}
             dense = [p for p in self.model.parameters() if p.requires_grad and id(p) not in fused]
         else:
@@ -369,16 +377,18 @@ class Trainer:
 
     def decay_state_bytes(self) -> int:
         """Bytes lazy embedding L2 keeps beside the tables (0 without it)."""
-        return sum(t.decay.state_bytes() for t in table_modules(self.model) if t.decay is not None)
+        return sum(
+            m.decay.state_bytes() for m in embedding_rows(self.model) if m.decay is not None
+        )
 
     def _decay_embeddings(self) -> None:
         """Decoupled embedding L2 after a step: tables (lazy/dense) and embedding modules."""
         cfg = self.config
         if not cfg.embedding_l2 or self.dist is not None:
             return
-        for tables in table_modules(self.model):
-            if tables.decay is not None:
-                tables.decay.advance(cfg.table_lr * self.state.lr_scale)
+        for rows in embedding_rows(self.model):
+            if rows.decay is not None:
+                rows.decay.advance(self.embedding_lr)
         with torch.no_grad():
             for name in self.embedding_groups:
                 for g in self.optimizers[name].param_groups:
@@ -413,7 +423,9 @@ class Trainer:
                 if not done:
                     break
             else:
+                self._flush_decay()  # a method's own procedure reads its tables whole
                 self.compressor.run_stage(stage, ctx)
+            self._flush_decay()
             self.compressor.on_stage_end(stage, ctx)
             if stage.rebuilds:
                 self.state.architecture = self.compressor.architecture()
@@ -555,6 +567,8 @@ class Trainer:
         for name, opt in self.optimizers.items():
             if dense or name != "dense":
                 opt.step()
+        for rows in embedding_rows(self.model):
+            rows.step_rows(self.embedding_lr)
         self._decay_embeddings()
         return loss.item()
 
@@ -677,9 +691,7 @@ class Trainer:
     def full_state(self) -> dict[str, torch.Tensor]:
         """Unsharded weights (a copy), on every rank."""
         if self.dist is None:
-            for tables in table_modules(self.model):
-                if tables.decay is not None:
-                    tables.decay.flush()  # lazily decayed rows brought up to date
+            self._flush_decay()
             # Extra state (get_extra_state) may hold plain values beside the tensors.
             return {
                 k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
@@ -687,12 +699,17 @@ class Trainer:
             }
         return full_state_dict(self.net)
 
+    def _flush_decay(self) -> None:
+        """Lazily decayed rows brought up to date (before the weights are read whole)."""
+        for rows in embedding_rows(self.model):
+            rows.flush_decay()
+
     def _load_weights(self, state: dict[str, Any]) -> None:
         if self.dist is None:
             self.model.load_state_dict(state)
-            for tables in table_modules(self.model):
-                if tables.decay is not None:
-                    tables.decay.reset()
+            for rows in embedding_rows(self.model):
+                if rows.decay is not None:
+                    rows.decay.reset()
         else:
             load_full_state_dict(self.net, state)
 

@@ -119,3 +119,39 @@ class RowDecay:
         """The weights were replaced by up-to-date ones (a load): nothing is pending."""
         for last in self.last.values():
             last.fill_(self.now)
+
+
+class EmbeddingRows:
+    """Mixin of modules holding embedding rows that the trainer drives under the run's
+    protocol: its embedding learning rate (plateau decay included) and decoupled L2.
+
+    After every training step the trainer calls :meth:`step_rows` at the current embedding
+    lr (rows a module updates itself, outside autograd's optimizers; fused TorchRec tables
+    update inside their backward and do nothing here), then advances ``decay``. It calls
+    :meth:`set_weight_decay` once the weights are in place (after fusing, after a rebuild),
+    flushes the decay before reading weights whole and resets it after loading weights. The
+    module touches the rows it reads in its forward (``decay.touch``) and flushes before its
+    own whole-table reads. Fused TorchRec tables and a method's own row tables (the pruning
+    family's) thus share one protocol.
+    """
+
+    decay: RowDecay | None = None
+
+    def step_rows(self, lr: float) -> None:
+        """Updates the rows the last training forward read (nothing by default)."""
+
+    def decay_weights(self) -> dict[str, torch.Tensor]:
+        """The ``[rows, dim]`` weight tensors to decay, by name (live tensors, not copies)."""
+        raise NotImplementedError
+
+    def set_weight_decay(self, rate: float, mode: str = "lazy") -> RowDecay:
+        """Decoupled L2 ``rate`` on :meth:`decay_weights`; pending decay is flushed first."""
+        if self.decay is not None:
+            self.decay.flush()
+        self.decay = RowDecay(self.decay_weights(), rate, mode)
+        return self.decay
+
+    def flush_decay(self) -> None:
+        """Brings every row up to date (before a whole-table read)."""
+        if self.decay is not None:
+            self.decay.flush()

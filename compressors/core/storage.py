@@ -37,7 +37,7 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 
-from compressors.core.decay import RowDecay
+from compressors.core.decay import EmbeddingRows, RowDecay
 
 BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
 SCALE_BIAS_BYTES = 4
@@ -178,7 +178,7 @@ def _validate(tables: Sequence[TableSpec], lookups: Sequence[Lookup]) -> None:
         raise ValueError(f"tables {sorted(unused)} are never looked up")
 
 
-class TrainTables(nn.Module):
+class TrainTables(EmbeddingRows, nn.Module):
     """Trainable fp32 tables behind one ``EmbeddingBagCollection``.
 
     ``forward`` takes a KJT keyed by lookup keys (in ``lookups`` order) and returns
@@ -230,13 +230,10 @@ class TrainTables(nn.Module):
         """Each table's fp32 weights (views), by table name."""
         return {t.name: self.ebc.embedding_bags[t.name].weight for t in self.tables}
 
-    def set_weight_decay(self, rate: float, mode: str = "lazy") -> RowDecay:
-        """Decoupled L2 on every table (see :mod:`compressors.core.decay`); call after
-        :meth:`fuse` (the decay holds the fused weights). Pending decay is flushed first."""
-        if self.decay is not None:
-            self.decay.flush()
-        self.decay = RowDecay(self.weights(), rate, mode)
-        return self.decay
+    def decay_weights(self) -> dict[str, torch.Tensor]:
+        # Decoupled L2 on every table (see compressors.core.decay); set after fuse(): the
+        # decay holds the fused weights.
+        return self.weights()
 
     def _rows_by_table(self, features: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         table_of = {lk.key: lk.table for lk in self.lookups}

@@ -10,8 +10,9 @@ run inside fbgemm's fused TBE backward, which only ever sees pooled gradients. S
 ``[offset_f, offset_f + n_f)``), reads a batch's unique rows into a small leaf tensor, lets the
 method transform them, pools them with ``embedding_bag`` and, after the optimizer step,
 updates exactly those rows with the same optimiser family the fused tables use (row-wise
-Adagrad by default, at the trainer's ``table_lr``;
-:class:`~compressors.precision.integer.SparseRowOptimizer`). ``train_bytes`` counts the whole
+Adagrad by default; :class:`~compressors.precision.integer.SparseRowOptimizer`). It is one of
+the trainer's :class:`~compressors.core.decay.EmbeddingRows`: stepped at the run's current
+embedding lr and decayed by its embedding L2 like the fused tables. ``train_bytes`` counts the whole
 fp32 table, its optimizer state and the masks: these methods need the full table while
 training, and say so. The tables are buffers, not TorchRec tables, so training is
 single-process (:func:`refuse_distributed`).
@@ -77,6 +78,7 @@ from compressors.core.csr import (
     pointer_bytes,
     pool_entries,
 )
+from compressors.core.decay import EmbeddingRows
 from compressors.core.hybrid import FieldRouter
 from compressors.core.layout import Combiner, IndexMap, register_index_map
 from compressors.core.registry import register_serving
@@ -239,7 +241,7 @@ def refuse_distributed(method: str) -> None:
         )
 
 
-class EntryTable(nn.Module):
+class EntryTable(EmbeddingRows, nn.Module):
     """All fields in one fp32 table; the forward applies a per-row transform before pooling.
 
     ``forward(kjt, transform)`` returns ``[B, F, D]``; ``transform(rows, weight)`` maps the
@@ -300,6 +302,8 @@ class EntryTable(nn.Module):
         fields = torch.repeat_interleave(torch.arange(len(self.names)), counts)
         ids = features.values() + self._offsets[fields]
         rows, inverse = torch.unique(ids, return_inverse=True)
+        if self.decay is not None:
+            self.decay.touch({"weight": rows})
         weight = self.weight[rows]
         if self.training and torch.is_grad_enabled():
             weight.requires_grad_()
@@ -321,11 +325,18 @@ class EntryTable(nn.Module):
         self.weight[rows] = self.optimizer.step(rows, weight.detach(), weight.grad, lr)
         return rows
 
+    def step_rows(self, lr: float) -> None:
+        self.step(lr)
+
     def train_bytes(self) -> int:
         return self.weight.numel() * 4 + self.optimizer.nbytes
 
+    def decay_weights(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight}
+
     def row_norms(self, values: torch.Tensor | None = None) -> torch.Tensor:
         """L1 norm of every row (of ``values`` when given, e.g. masked values)."""
+        self.flush_decay()
         source = self.weight if values is None else values
         return torch.cat(
             [

@@ -101,6 +101,7 @@ class DeepLight(EntryPruned):
     def prune_to(self, sparsity: float) -> None:
         keep = round((1.0 - sparsity) * self.mask.numel())
         if keep < int(self.mask.sum()):
+            self.table.flush_decay()
             self.keep_top(self.table.weight.abs(), max(keep, self.target_entries))
 
     def after_step(self, ctx: StageContext) -> None:

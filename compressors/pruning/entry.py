@@ -148,13 +148,11 @@ class EntryPruned(SearchedBytes, Compressor):
     def on_stage_start(self, stage: Stage, ctx: StageContext) -> None:
         refuse_distributed(self.name)
 
-    def after_step(self, ctx: StageContext) -> None:
-        self.table.step(ctx.table_lr)
-
     @torch.no_grad()
     def all_values(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Values of table rows ``[start, stop)`` as the model reads them."""
         stop = self.table.rows if stop is None else stop
+        self.table.flush_decay()
         rows = torch.arange(start, stop)
         return self.values(rows, self.table.weight[start:stop])
 

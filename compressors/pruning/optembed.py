@@ -363,9 +363,6 @@ class OptEmbed(SearchedBytes, Compressor):
     def on_stage_start(self, stage: Stage, ctx: StageContext) -> None:
         refuse_distributed(self.name)
 
-    def after_step(self, ctx: StageContext) -> None:
-        self.table.step(ctx.table_lr)
-
     @torch.no_grad()
     def current_row_mask(self) -> torch.Tensor:
         """The rows kept now: the frozen mask, or the supernet's hard step."""

@@ -246,6 +246,7 @@ class PEP(EntryPruned):
         gate = torch.sigmoid(self.threshold)
         if self.granularity != "feature_dim":
             gate = gate[self.table.field_of(torch.arange(self.table.rows))]
+        self.table.flush_decay()
         margin = self.table.weight.abs() - gate
         margin = torch.where(self.mask, torch.full_like(margin, float("inf")), margin)
         chosen = torch.topk(margin.flatten(), self.target_entries, sorted=False).indices
