@@ -407,7 +407,9 @@ def build_parser(prepare: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "--table-optimizer",
         default="rowwise_adagrad",
-        choices=["rowwise_adagrad", "adagrad", "sgd"],
+        choices=["rowwise_adagrad", "adagrad", "sgd", "adam"],
+        help="optimizer of every embedding table (adam: lazy sparse Adam outside fbgemm's "
+        "CPU fused kernels; its lr scale differs, try --table-lr 1e-3)",
     )
     p.add_argument("--eval-every", type=int, default=0, help="steps between evals (0: per epoch)")
     p.add_argument("--patience", type=int, default=2, help="evals without improvement to stop")

@@ -64,6 +64,11 @@ def shard_model(
     model: nn.Module, info: DistInfo, table_optimizer: str, table_lr: float
 ) -> DistributedModelParallel:
     """Wraps ``model`` in DMP, copying its current weights into the shards."""
+    if table_optimizer == "adam":
+        raise ValueError(
+            "--table-optimizer adam trains its tables outside fbgemm's fused kernels (fbgemm has "
+            "no CPU Adam), which DMP cannot shard; train it without torchrun"
+        )
     if table_optimizer not in TABLE_OPTIMIZERS:
         raise ValueError(f"unknown table optimizer {table_optimizer!r}")
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -24,6 +24,7 @@ from typing import Any
 
 from compressors.core.base import Plan
 from compressors.core.budget import parse_budget
+from compressors.core.decay import EmbeddingRows
 from ctr.distributed import DistInfo
 from ctr.embedding import EmbeddingLayer, features_from_dataset
 from ctr.models import CTRModel, build_model
@@ -120,6 +121,9 @@ def build_run_model(cfg: RunConfig, meta: DatasetMeta | None = None) -> CTRModel
     )
     # train_bytes counts the table optimizer's state, as the trainer will set it.
     layer.compressor.table_optimizer = cfg.train.table_optimizer
+    for rows in layer.modules():
+        if isinstance(rows, EmbeddingRows):  # weights and their optimizer state load next
+            rows.use_optimizer(cfg.train.table_optimizer)
     layer.compressor.module_optimizer = (
         cfg.train.table_optimizer if cfg.train.module_optimizer == "table" else "adam"
     )

@@ -2,8 +2,10 @@
 
 Every cell (one dataset, model, method, budget and seed) is trained by the same
 :class:`ProtocolConfig`: all embedding parameters — tables, TT cores, ROBE's array, DHE's
-network, ``full``'s tables alike — use one optimiser family (rowwise Adagrad by default, what
-fbgemm fuses on CPU; modules get :class:`ctr.optim.RowwiseAdagrad`) with decoupled embedding L2
+network, the pruning family's row tables, ``full``'s tables alike — use one optimiser family
+(rowwise Adagrad by default, what fbgemm fuses on CPU; modules get
+:class:`ctr.optim.RowwiseAdagrad`; the optimiser can be an axis of the grid, Adam included, see
+:class:`ProtocolConfig`) with decoupled embedding L2
 (:mod:`compressors.core.decay`); the dense network uses Adam. Each cell tries every point of the
 validation grid (embedding lr × embedding L2), each point trained up to ``epochs`` with
 ``evals_per_epoch`` evaluations per epoch, patience, lr decay on plateau and best-weight
@@ -58,8 +60,12 @@ REFERENCE = ("full", "1x")
 class ProtocolConfig:
     """The training protocol every cell follows (see module docstring).
 
-    ``grid`` lists explicit points (``{"table_lr": .., "embedding_l2": ..}``); when empty the
-    grid is ``table_lrs × embedding_l2s``. ``batch_size`` 0 picks :func:`ctr.run.auto_batch_size`.
+    ``grid`` lists explicit points (``{"table_lr": .., "embedding_l2": ..}``, optionally
+    ``"table_optimizer"``); when empty the grid is ``table_lrs × embedding_l2s`` at
+    ``optimizer``, or, with ``optimizers`` (e.g. ``["rowwise_adagrad", "adam"]``: each method
+    can have its paper's optimiser and ``full`` the same chance), each optimiser × its lrs
+    (``optimizer_lrs``, else ``table_lrs``) × ``embedding_l2s``. ``batch_size`` 0 picks
+    :func:`ctr.run.auto_batch_size`.
 
     The default grid is 3 lrs × 3 L2 values (9 points): on the 200k-row synthetic data
     (``results/full-l2-check/`` beside the main sweep's cells), the best of 7 points by
@@ -69,8 +75,12 @@ class ProtocolConfig:
 
     table_lrs: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1])
     embedding_l2s: list[float] = field(default_factory=lambda: [0.0, 1e-2, 3e-2])
-    grid: list[dict[str, float]] = field(default_factory=list)
+    grid: list[dict[str, Any]] = field(default_factory=list)
     optimizer: str = "rowwise_adagrad"
+    optimizers: list[str] = field(default_factory=list)
+    optimizer_lrs: dict[str, list[float]] = field(
+        default_factory=lambda: {"adam": [3e-4, 1e-3, 3e-3]}
+    )
     l2_mode: str = "lazy"
     epochs: float = 3.0
     evals_per_epoch: int = 4
@@ -80,12 +90,21 @@ class ProtocolConfig:
     batch_size: int = 0
     eval_batch_size: int = 16384
 
-    def points(self) -> list[dict[str, float]]:
+    def points(self) -> list[dict[str, Any]]:
         if self.grid:
             return [dict(p) for p in self.grid]
+        if not self.optimizers:
+            return [
+                {"table_lr": lr, "embedding_l2": l2}
+                for lr, l2 in itertools.product(self.table_lrs, self.embedding_l2s)
+            ]
+        # The optimiser as an axis: each with its own lr scale (Adam's is not Adagrad's).
         return [
-            {"table_lr": lr, "embedding_l2": l2}
-            for lr, l2 in itertools.product(self.table_lrs, self.embedding_l2s)
+            {"table_optimizer": opt, "table_lr": lr, "embedding_l2": l2}
+            for opt in self.optimizers
+            for lr, l2 in itertools.product(
+                self.optimizer_lrs.get(opt, self.table_lrs), self.embedding_l2s
+            )
         ]
 
     def train_config(self, point: dict[str, float], seed: int, batch_size: int) -> Any:
@@ -96,7 +115,7 @@ class ProtocolConfig:
             batch_size=batch_size,
             lr=self.dense_lr,
             table_lr=point["table_lr"],
-            table_optimizer=self.optimizer,
+            table_optimizer=point.get("table_optimizer", self.optimizer),
             evals_per_epoch=self.evals_per_epoch,
             patience=self.patience,
             lr_decay=self.lr_decay,
@@ -254,7 +273,7 @@ def effective_protocol(protocol: dict[str, Any]) -> dict[str, Any]:
     config = ProtocolConfig(**{k: v for k, v in protocol.items() if k in known})
     out = asdict(config)
     out["grid"] = config.points()
-    del out["table_lrs"], out["embedding_l2s"]
+    del out["table_lrs"], out["embedding_l2s"], out["optimizers"], out["optimizer_lrs"]
     return out
 
 

@@ -50,6 +50,7 @@ def spec_from_args(args: argparse.Namespace) -> Any:
     for flag, key, cast in (
         ("lrs", "table_lrs", float),
         ("l2s", "embedding_l2s", float),
+        ("optimizers", "optimizers", str),
     ):
         value = _list(getattr(args, flag), cast)
         if value is not None:
@@ -122,6 +123,12 @@ def add_sweep_parser(sub: Any) -> None:
     r.add_argument("--dim", type=int, default=None, help="embedding dim (default 16)")
     r.add_argument("--lrs", help="grid of embedding learning rates, comma-separated")
     r.add_argument("--l2s", help="grid of embedding L2 rates, comma-separated")
+    r.add_argument(
+        "--optimizers",
+        help="embedding optimizers as a grid axis, comma-separated (rowwise_adagrad,adam); "
+        "each takes its lrs from the spec's protocol.optimizer_lrs (adam: 3e-4,1e-3,3e-3), "
+        "else --lrs",
+    )
     r.add_argument("--epochs", type=float, default=None, help="max epochs per grid point")
     r.add_argument("--evals-per-epoch", type=int, default=None)
     r.add_argument("--patience", type=int, default=None)

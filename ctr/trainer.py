@@ -307,6 +307,7 @@ class Trainer:
             for tables in table_modules(self.model):
                 tables.fuse(cfg.table_optimizer, cfg.table_lr)
             for rows in embedding_rows(self.model):
+                rows.use_optimizer(cfg.table_optimizer)
                 rows.set_weight_decay(cfg.embedding_l2, cfg.l2_mode)
             fused = {id(p) for t in table_modules(self.model) for p in t.parameters()}
             dense = [p for p in self.model.parameters() if p.requires_grad and id(p) not in fused]
@@ -315,7 +316,7 @@ class Trainer:
         self.optimizers, self.valid_optimizers = self._build_optimizers(dense)
         # Fused table optimizers step inside fbgemm's backward; they are only checkpointed.
         self.table_optimizers: dict[str, Any] = (
-            {f"tables{i}": t.ebc.fused_optimizer() for i, t in enumerate(table_modules(self.model))}
+            {f"tables{i}": t.table_optimizer() for i, t in enumerate(table_modules(self.model))}
             if self.dist is None
             else {"tables": ShardedTableOptimizer(self.net)}
         )
@@ -377,9 +378,7 @@ class Trainer:
 
     def decay_state_bytes(self) -> int:
         """Bytes lazy embedding L2 keeps beside the tables (0 without it)."""
-        return sum(
-            m.decay.state_bytes() for m in embedding_rows(self.model) if m.decay is not None
-        )
+        return sum(m.decay.state_bytes() for m in embedding_rows(self.model) if m.decay is not None)
 
     def _decay_embeddings(self) -> None:
         """Decoupled embedding L2 after a step: tables (lazy/dense) and embedding modules."""
@@ -658,6 +657,9 @@ class Trainer:
         for tables in self.table_optimizers.values():
             live = tables.optimizer if isinstance(tables, ShardedTableOptimizer) else tables
             _zero_tensors(live.state_dict()["state"])
+        for tables in table_modules(self.model):
+            if tables.sparse_optimizer is not None:  # its step counts start afresh too
+                tables.reset_optimizer(self.config.table_optimizer, self.config.table_lr)
         self._setup_optimizers()
 
     # ---------------------------------------------------------------- evaluation

@@ -114,9 +114,16 @@ def test_rowwise_adagrad_matches_fbgemm_rule():
     RowwiseAdagrad([torch.nn.Parameter(torch.ones(5))]).step()  # 1-D parameters work
 
 
-def test_plateau_decay_and_resume_with_l2_are_exact(tiny_data, tmp_path):
+@pytest.mark.parametrize(
+    ("compressor", "budget", "optimizer"),
+    [("tt", "4x", "rowwise_adagrad"), ("full", "1x", "adam"), ("pep", "2x", "adam")],
+)
+def test_plateau_decay_and_resume_with_l2_are_exact(
+    tiny_data, tmp_path, compressor, budget, optimizer
+):
     def cfg(**extra):
         train = dict(
+            table_optimizer=optimizer,
             epochs=3,
             batch_size=256,
             progress=False,
@@ -132,8 +139,8 @@ def test_plateau_decay_and_resume_with_l2_are_exact(tiny_data, tmp_path):
             model="deepfm",
             model_options={"hidden": [16]},
             dim=8,
-            compressor="tt",
-            budget="4x",
+            compressor=compressor,
+            budget=budget,
             train=TrainConfig(**train),
         )
 
@@ -191,3 +198,35 @@ def test_lazy_l2_on_method_row_tables_equals_dense(tiny_data, method):
     dense = _fit_steps(tiny_data, method, "2x", l2_mode="dense", **common)
     for k in lazy:
         torch.testing.assert_close(lazy[k], dense[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_sparse_row_adam_is_lazy_adam():
+    """The row tables' Adam equals PyTorch's SparseAdam (lazy Adam) step for step."""
+    from compressors.precision.integer import SparseRowOptimizer
+
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(30, 4, generator=gen)
+    mine, theirs = start.clone(), torch.nn.Parameter(start.clone())
+    rows_opt = SparseRowOptimizer("adam", 30, 4)
+    reference = torch.optim.SparseAdam([theirs], lr=0.01)
+    for _ in range(25):
+        rows = torch.unique(torch.randint(0, 30, (6,), generator=gen))
+        grad = torch.randn(len(rows), 4, generator=gen)
+        mine[rows] = rows_opt.step(rows, mine[rows], grad, 0.01)
+        theirs.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), grad, (30, 4))
+        reference.step()
+    torch.testing.assert_close(mine, theirs.detach())
+    assert rows_opt.nbytes == 2 * 30 * 4 * 4 + 8
+
+
+@pytest.mark.parametrize(("method", "budget"), [("full", "1x"), ("pep", "2x")])
+def test_adam_is_a_protocol_optimizer_for_tables_and_row_tables(tiny_data, method, budget):
+    adam = _trainer(tiny_data, method, budget, table_optimizer="adam", table_lr=1e-3)
+    adagrad = _trainer(tiny_data, method, budget)
+    rows = sum(f.cardinality for f in adam.model.embedding.compressor.features)
+    extra = adam.model.embedding.memory().train_bytes - adagrad.model.embedding.memory().train_bytes
+    assert extra == rows * (2 * 8 - 1) * 4 + (8 if method == "pep" else 0)  # moments vs one acc.
+    before = _fit_steps(tiny_data, method, budget, steps=3, table_optimizer="adam")
+    after = _fit_steps(tiny_data, method, budget, steps=6, table_optimizer="adam")
+    rows_key = [k for k in before if k.endswith("weight") and before[k].dim() == 2]
+    assert rows_key and any(not torch.equal(before[k], after[k]) for k in rows_key)

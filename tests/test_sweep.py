@@ -317,3 +317,20 @@ def test_train_defaults_learn_on_60k_synthetic_rows(tmp_path, capsys):
     assert main(["train", "--data", str(data), "--out", str(run), "--no-progress"]) == 0
     assert "batch size 256" in capsys.readouterr().out
     assert json.loads((run / "summary.json").read_text())["test_auc"] >= 0.70
+
+
+def test_optimizer_axis_gives_each_optimizer_its_own_lrs():
+    from ctr.sweep import ProtocolConfig, effective_protocol
+
+    plain = ProtocolConfig(table_lrs=[0.05], embedding_l2s=[0.0])
+    assert plain.points() == [{"table_lr": 0.05, "embedding_l2": 0.0}]
+    axis = ProtocolConfig(
+        table_lrs=[0.05], embedding_l2s=[0.0], optimizers=["rowwise_adagrad", "adam"]
+    )
+    points = axis.points()
+    assert {p["table_optimizer"] for p in points} == {"rowwise_adagrad", "adam"}
+    assert [p["table_lr"] for p in points if p["table_optimizer"] == "adam"] == [3e-4, 1e-3, 3e-3]
+    adam = next(p for p in points if p["table_optimizer"] == "adam")
+    assert axis.train_config(adam, seed=0, batch_size=64).table_optimizer == "adam"
+    # Older cells (no optimizer axis) keep their effective protocol.
+    assert effective_protocol(plain.__dict__)["grid"] == plain.points()

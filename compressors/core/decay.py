@@ -140,6 +140,10 @@ class EmbeddingRows:
     def step_rows(self, lr: float) -> None:
         """Updates the rows the last training forward read (nothing by default)."""
 
+    def use_optimizer(self, kind: str) -> None:
+        """The run's table optimizer, set before weights load (a module whose rows fbgemm or
+        a fixed optimizer steps ignores it)."""
+
     def decay_weights(self) -> dict[str, torch.Tensor]:
         """The ``[rows, dim]`` weight tensors to decay, by name (live tensors, not copies)."""
         raise NotImplementedError

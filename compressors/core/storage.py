@@ -53,6 +53,10 @@ TABLE_OPTIMIZERS = {
     "adagrad": torch.optim.Adagrad,
     "rowwise_adagrad": trec_optim.RowWiseAdagrad,
 }
+#: Table optimizers outside fbgemm's CPU fused kernels: the tables stay an ordinary EBC with
+#: sparse gradients and PyTorch's lazy ``SparseAdam`` steps the rows a batch read.
+SPARSE_TABLE_OPTIMIZERS = {"adam": torch.optim.SparseAdam}
+TABLE_OPTIMIZER_NAMES = (*TABLE_OPTIMIZERS, *SPARSE_TABLE_OPTIMIZERS)
 
 
 def check_dtype(dtype: str, dim: int) -> None:
@@ -76,8 +80,9 @@ def row_bytes(dim: int, dtype: str) -> int:
 
 
 def optimizer_state_bytes(rows: int, dim: int, optimizer: str) -> int:
-    """Optimizer state an fbgemm fused optimizer keeps for one fp32 table."""
-    per_row = {"sgd": 0, "rowwise_adagrad": 1, "adagrad": dim}
+    """Optimizer state a table optimizer keeps for one fp32 table (Adam: both moments; its
+    step counts are a few bytes per table and not counted)."""
+    per_row = {"sgd": 0, "rowwise_adagrad": 1, "adagrad": dim, "adam": 2 * dim}
     if optimizer not in per_row:
         raise ValueError(f"unknown table optimizer {optimizer!r}; choose from {sorted(per_row)}")
     return rows * per_row[optimizer] * 4
@@ -210,6 +215,7 @@ class TrainTables(EmbeddingRows, nn.Module):
         self._perms: dict[tuple[str, ...], torch.Tensor | None] = {}
         self._direct: _DirectLookup | None = None
         self.decay: RowDecay | None = None
+        self.sparse_optimizer: torch.optim.Optimizer | None = None
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         if self.decay is not None and self.decay.last:
@@ -247,11 +253,20 @@ class TrainTables(EmbeddingRows, nn.Module):
         """Swaps the EBC for a fused one whose optimizer runs in fbgemm's backward.
 
         Weights are carried over; the fused tables stop being ordinary autograd parameters.
+        An optimizer fbgemm's CPU kernels lack (Adam) keeps the EBC and steps its rows with
+        a lazy sparse optimizer instead (:meth:`step_rows`).
         """
-        if optimizer not in TABLE_OPTIMIZERS:
-            raise ValueError(
-                f"unknown table optimizer {optimizer!r}; choose from {sorted(TABLE_OPTIMIZERS)}"
-            )
+        if optimizer not in TABLE_OPTIMIZER_NAMES:
+            choices = sorted(TABLE_OPTIMIZER_NAMES)
+            raise ValueError(f"unknown table optimizer {optimizer!r}; choose from {choices}")
+        if optimizer in SPARSE_TABLE_OPTIMIZERS:
+            if isinstance(self.ebc, FusedEmbeddingBagCollection):
+                raise ValueError(f"tables already fused with another optimizer than {optimizer}")
+            if self.sparse_optimizer is None:
+                for bag in self.ebc.embedding_bags.values():
+                    bag.sparse = True  # gradients of the rows a batch read only
+                self.reset_optimizer(optimizer, lr)
+            return
         if isinstance(self.ebc, FusedEmbeddingBagCollection):
             return
         old = self.weights()
@@ -266,6 +281,28 @@ class TrainTables(EmbeddingRows, nn.Module):
                 fused.embedding_bags[name].weight.copy_(w)
         self.ebc = fused
         self._direct = _DirectLookup.of(fused)
+
+    def reset_optimizer(self, optimizer: str, lr: float) -> None:
+        """A fresh sparse optimizer (no state) for unfused tables."""
+        params = list(self.ebc.parameters())
+        self.sparse_optimizer = SPARSE_TABLE_OPTIMIZERS[optimizer](params, lr=lr)
+
+    def step_rows(self, lr: float) -> None:
+        """Unfused tables: the sparse optimizer steps the rows the last backward reached."""
+        opt = self.sparse_optimizer
+        if opt is None:
+            return
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def table_optimizer(self) -> Any:
+        """The tables' optimizer, for checkpoints and lr changes: fbgemm's fused one or the
+        sparse one."""
+        if self.sparse_optimizer is not None:
+            return self.sparse_optimizer
+        return self.ebc.fused_optimizer()
 
 
 class _DirectLookup:

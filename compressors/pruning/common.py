@@ -241,19 +241,26 @@ def refuse_distributed(method: str) -> None:
         )
 
 
+def row_optimizer(options: dict[str, Any]) -> str:
+    """The optimizer of a method's row table: its ``optimizer`` option, else the run's table
+    optimizer (``table_optimizer`` in a plan's context), else fbgemm's default."""
+    return options.get("optimizer") or options.get("table_optimizer") or "rowwise_adagrad"
+
+
 class EntryTable(EmbeddingRows, nn.Module):
     """All fields in one fp32 table; the forward applies a per-row transform before pooling.
 
     ``forward(kjt, transform)`` returns ``[B, F, D]``; ``transform(rows, weight)`` maps the
     batch's unique table rows and their values (a leaf that collects gradients while
     training) to the values to pool. :meth:`step` updates those rows after the optimizer step.
+    ``optimizer`` None follows the run's table optimizer (:meth:`use_optimizer`).
     """
 
     def __init__(
         self,
         features: Sequence[FeatureSpec],
         dim: int,
-        optimizer: str = "rowwise_adagrad",
+        optimizer: str | None = None,
         init_scale: float = 0.01,
     ) -> None:
         super().__init__()
@@ -268,7 +275,8 @@ class EntryTable(EmbeddingRows, nn.Module):
         for start in range(0, self.rows, _CHUNK_ROWS):
             weight[start : start + _CHUNK_ROWS].uniform_(-init_scale, init_scale)
         self.register_buffer("weight", weight)
-        self.optimizer = SparseRowOptimizer(optimizer, self.rows, dim)
+        self.follows_run = optimizer is None
+        self.optimizer = SparseRowOptimizer(optimizer or "rowwise_adagrad", self.rows, dim)
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -327,6 +335,10 @@ class EntryTable(EmbeddingRows, nn.Module):
 
     def step_rows(self, lr: float) -> None:
         self.step(lr)
+
+    def use_optimizer(self, kind: str) -> None:
+        if self.follows_run and kind != self.optimizer.kind:
+            self.optimizer = SparseRowOptimizer(kind, self.rows, self.dim)
 
     def train_bytes(self) -> int:
         return self.weight.numel() * 4 + self.optimizer.nbytes

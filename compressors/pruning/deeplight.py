@@ -53,6 +53,8 @@ class DeepLight(EntryPruned):
 
     name = "deeplight"
     option_help = {
+        "optimizer": "optimizer of the table rows: sgd, adagrad, rowwise_adagrad or adam "
+        "(None: the run's --table-optimizer, as every method's tables)",
         "storage": "serving dtype of the kept entries (fp32, fp16, int8: CSR or kept rows; "
         "int4, int2: kept rows)",
         "decay_steps": "steps of the schedule S·(1 − 0.99^(t/decay_steps)) (paper: 100)",
@@ -71,7 +73,7 @@ class DeepLight(EntryPruned):
         prune_every: int = 10,
         prune_epochs: float | None = None,
         finetune_epochs: float | None = None,
-        optimizer: str = "rowwise_adagrad",
+        optimizer: str | None = None,
         init_scale: float = 0.01,
     ) -> None:
         if decay_steps <= 0 or prune_every < 1:

@@ -53,6 +53,7 @@ from compressors.pruning.common import (
     index_bytes,
     max_csr_entries,
     refuse_distributed,
+    row_optimizer,
 )
 
 if TYPE_CHECKING:
@@ -90,7 +91,7 @@ class EntryPruned(SearchedBytes, Compressor):
         dim: int,
         budget_bytes: int,
         storage: str = "fp32",
-        optimizer: str = "rowwise_adagrad",
+        optimizer: str | None = None,
         init_scale: float = 0.01,
     ) -> None:
         super().__init__(features, dim, budget_bytes)
@@ -122,7 +123,7 @@ class EntryPruned(SearchedBytes, Compressor):
         target = min(entries, max_entries(features, dim, budget_bytes, storage))
         train = (
             entries * 4
-            + optimizer_state_bytes(rows, dim, options.get("optimizer", "rowwise_adagrad"))
+            + optimizer_state_bytes(rows, dim, row_optimizer(options))
             + entries  # the bool mask
         )
         return {
@@ -204,6 +205,9 @@ class EntryPruned(SearchedBytes, Compressor):
 
     def extra_train_bytes(self) -> int:
         return 0
+
+    def plan_context(self) -> dict[str, Any]:
+        return {"table_optimizer": self.table_optimizer}
 
     def set_storage(self, dtype: str) -> None:
         """Serves the trained entries at ``dtype``, each field in its cheapest form there. The

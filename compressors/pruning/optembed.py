@@ -122,6 +122,7 @@ from compressors.pruning.common import (
     dim_choices,
     export_pruned,
     refuse_distributed,
+    row_optimizer,
     row_plan,
 )
 
@@ -179,6 +180,8 @@ class OptEmbed(SearchedBytes, Compressor):
 
     name = "optembed"
     option_help = {
+        "optimizer": "optimizer of the table rows: sgd, adagrad, rowwise_adagrad or adam "
+        "(None: the run's --table-optimizer, as every method's tables)",
         "storage": "serving dtype of the kept rows (fp32, fp16, int8, int4, int2)",
         "prune_rows": "learn per-field row thresholds (False: OptEmbed-D, dims only)",
         "search_dims": "search per-field dims by evolution (False: OptEmbed-E, rows only)",
@@ -220,7 +223,7 @@ class OptEmbed(SearchedBytes, Compressor):
         fill_budget: bool = True,
         supernet_epochs: float | None = None,
         retrain_epochs: float | None = None,
-        optimizer: str = "rowwise_adagrad",
+        optimizer: str | None = None,
         init_scale: float = 0.01,
     ) -> None:
         super().__init__(features, dim, budget_bytes)
@@ -280,6 +283,9 @@ class OptEmbed(SearchedBytes, Compressor):
         self.register_buffer("supernet_kept", torch.full((len(features),), -1, dtype=torch.int64))
 
     # ---------------------------------------------------------------- plan (arithmetic)
+    def plan_context(self) -> dict[str, Any]:
+        return {"table_optimizer": self.table_optimizer}
+
     @classmethod
     def solve_budget(
         cls, features: Sequence[FeatureSpec], dim: int, budget_bytes: int, **options: Any
@@ -295,7 +301,7 @@ class OptEmbed(SearchedBytes, Compressor):
         rows = sum(f.cardinality for f in features)
         train = (
             rows * dim * 4
-            + optimizer_state_bytes(rows, dim, options.get("optimizer", "rowwise_adagrad"))
+            + optimizer_state_bytes(rows, dim, row_optimizer(options))
             + rows
             + len(features) * (4 + 8)
             + (len(features) * dim * 4 * 3 if oov else 0)  # OOV vectors and their Adam moments

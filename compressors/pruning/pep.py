@@ -103,6 +103,8 @@ class PEP(EntryPruned):
 
     name = "pep"
     option_help = {
+        "optimizer": "optimizer of the table rows: sgd, adagrad, rowwise_adagrad or adam "
+        "(None: the run's --table-optimizer, as every method's tables)",
         "storage": "serving dtype of the kept entries (fp32, fp16, int8: CSR or kept rows; "
         "int4, int2: kept rows)",
         "granularity": "one threshold per entry ('feature_dim', reference), per field and dim "
@@ -134,7 +136,7 @@ class PEP(EntryPruned):
         rewind: bool = True,
         search_epochs: float | None = None,
         retrain_epochs: float | None = None,
-        optimizer: str = "rowwise_adagrad",
+        optimizer: str | None = None,
         init_scale: float = 0.01,
     ) -> None:
         if granularity not in GRANULARITIES:
