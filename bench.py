@@ -117,6 +117,9 @@ def protocol_sweep(name: str, args: argparse.Namespace, **spec: object) -> list[
         protocol["grid"] = []
     if getattr(args, "sweep_epochs", None):
         protocol["epochs"] = args.sweep_epochs
+    if getattr(args, "grid_optimizers", None):
+        protocol["optimizers"] = args.grid_optimizers.split(",")
+        protocol["grid"] = []
     sweep = SweepSpec.from_json({**spec, "protocol": protocol}, name)
     out = CACHE / "sweeps" / name
     results = run_sweep(sweep, out, workers=getattr(args, "workers", 1) or 1)
@@ -1965,6 +1968,88 @@ def bench_fair_sweep(args: argparse.Namespace) -> dict:
     return {"cells": len(results), "wall_s": time.perf_counter() - start, "results": results}
 
 
+SEARCH_METHODS = (
+    "hash",
+    "unified",
+    "tt",
+    "robe",
+    "optembed",
+    "pep",
+    "deeplight",
+    "dnis",
+    "mde",
+    "autodim",
+)
+
+
+@section("search_backends", default=False)
+def bench_search_backends(args: argparse.Namespace) -> dict:
+    """Pruning and dimension search against hashing at equal bytes, as a new user runs them:
+    ``ctr train`` defaults (1 epoch, batch 1024) on the default data (``ctr synth --rows
+    200000``), at 2x/5x/10x (``--budgets``), ``--seeds`` (default 0): test AUC (mean ± std),
+    the gap to ``hash`` at the same budget, wall time against ``full``'s and each stage's.
+    Under the fair protocol instead: ``--only fair_sweep --methods ... --grid-optimizers
+    rowwise_adagrad,adam``."""
+    from compressors.core.budget import BudgetError
+
+    data = default_dataset(args, rows=getattr(args, "rows", None) or 200_000)
+    methods = args.methods.split(",") if args.methods else list(SEARCH_METHODS)
+    budgets = args.budgets.split(",") if args.budgets else ["2x", "5x", "10x"]
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [0]
+    base = {"data": str(data), "model": "deepfm", "dim": 16}
+
+    def run(method: str, budget: str, seed: int) -> dict | None:
+        train = {"epochs": 1.0, "batch_size": 1024, "seed": seed}
+        try:
+            return cached_run(
+                f"search-{method}-{budget}-s{seed}",
+                **base,
+                compressor=method,
+                budget=budget,
+                train=train,
+            )
+        except BudgetError as e:
+            print(f"  {method} @ {budget}: {e}")
+            return None
+
+    fulls = [run("full", "1x", s) for s in seeds]
+    full_wall = sum(f["wall_seconds"] for f in fulls) / len(fulls)
+    rows = [
+        {
+            "method": "full",
+            "budget": "1x",
+            "test_auc": _mean_std([f["test_auc"] for f in fulls]),
+            "vs_hash": "",
+            "wall_vs_full": 1.0,
+            "stages_s": "",
+        }
+    ]
+    table: dict[tuple[str, str], list[dict]] = {}
+    for budget in budgets:
+        for method in ["hash", *[m for m in methods if m != "hash"]]:
+            runs = [r for r in (run(method, budget, s) for s in seeds) if r is not None]
+            if runs:
+                table[method, budget] = runs
+    for (method, budget), runs in table.items():
+        aucs = [r["test_auc"] for r in runs]
+        hashed = [r["test_auc"] for r in table.get(("hash", budget), [])]
+        stages = runs[0].get("stage_seconds", {})
+        rows.append(
+            {
+                "method": method,
+                "budget": budget,
+                "test_auc": _mean_std(aucs),
+                "vs_hash": f"{sum(aucs) / len(aucs) - sum(hashed) / len(hashed):+.4f}"
+                if hashed
+                else "",
+                "wall_vs_full": sum(r["wall_seconds"] for r in runs) / len(runs) / full_wall,
+                "stages_s": " ".join(f"{k}={v:.0f}" for k, v in stages.items()),
+            }
+        )
+    print_table(f"search backends, ctr train defaults, seeds {seeds}", rows)
+    return {"rows": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -1987,6 +2072,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     sweep.add_argument("--grid-lrs", default="", help="embedding lr grid, comma-separated")
     sweep.add_argument("--grid-l2s", default="", help="embedding L2 grid, comma-separated")
+    sweep.add_argument(
+        "--grid-optimizers",
+        default="",
+        help="embedding optimisers as a grid axis, comma-separated (rowwise_adagrad,adam)",
+    )
     sweep.add_argument("--sweep-epochs", type=float, default=None, help="max epochs per point")
     sweep.add_argument("--workers", type=int, default=1, help="parallel cell processes")
     args = parser.parse_args(argv)
