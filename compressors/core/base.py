@@ -1,4 +1,4 @@
-"""The compressor contract every method implements (see DESIGN.md, "The compressor contract").
+"""The compressor contract every method implements (see docs/design.md, "The compressor contract").
 
 A compressor is an ``nn.Module`` built from the feature specs, the model's ``dim`` and a budget
 in bytes. It solves its own hyperparameters so that its serving footprint fits the budget,

@@ -1,4 +1,4 @@
-"""Table-based methods: index map -> physical tables -> combiner (DESIGN.md's decomposition).
+"""Table-based methods: index map -> physical tables -> combiner (docs/design.md's decomposition).
 
 ``TableMethod`` is the base of every method whose storage is tables (full, hash, unified,
 qr, adapt, ptq, ...). A subclass only solves its layout from the budget — which tables,
