@@ -82,8 +82,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _run_config(args: argparse.Namespace) -> Any:
+    from compressors.core.registry import COMPRESSORS
     from ctr.run import RunConfig, auto_batch_size
-    from ctr.trainer import TrainConfig
+    from ctr.trainer import DEFAULT_TABLE_LRS, TrainConfig
     from datasets.format import DatasetMeta
 
     batch_size = args.batch_size
@@ -91,12 +92,20 @@ def _run_config(args: argparse.Namespace) -> Any:
         rows = DatasetMeta.load(args.data).rows("train")
         batch_size = auto_batch_size(rows)
         print(f"batch size {batch_size} ({rows // batch_size} steps per epoch; set --batch-size)")
+    optimizer, table_lr = args.table_optimizer, args.table_lr
+    if optimizer == "auto":
+        method = COMPRESSORS.get(args.compressor)
+        optimizer = method.default_optimizer if method is not None else "rowwise_adagrad"
+    if table_lr is None:
+        table_lr = DEFAULT_TABLE_LRS[optimizer]
+    if args.table_optimizer == "auto" or args.table_lr is None:
+        print(f"table optimizer {optimizer} at lr {table_lr:g} (set --table-optimizer/--table-lr)")
     train = TrainConfig(
         epochs=args.epochs,
         batch_size=batch_size,
         lr=args.lr,
-        table_lr=args.table_lr,
-        table_optimizer=args.table_optimizer,
+        table_lr=table_lr,
+        table_optimizer=optimizer,
         eval_every=args.eval_every,
         patience=args.patience,
         seed=args.seed,
@@ -403,13 +412,20 @@ def build_parser(prepare: bool = True) -> argparse.ArgumentParser:
         "--batch-size", type=int, default=None, help="default: >= 200 steps/epoch in 256..4096"
     )
     p.add_argument("--lr", type=float, default=1e-3, help="Adam lr of dense parameters")
-    p.add_argument("--table-lr", type=float, default=0.05, help="lr of the fused table optimizer")
+    p.add_argument(
+        "--table-lr",
+        type=float,
+        default=None,
+        help="lr of the embedding tables' optimizer (default: 0.05 for the Adagrad family and "
+        "sgd, 1e-3 for adam)",
+    )
     p.add_argument(
         "--table-optimizer",
-        default="rowwise_adagrad",
-        choices=["rowwise_adagrad", "adagrad", "sgd", "adam"],
-        help="optimizer of every embedding table (adam: lazy sparse Adam outside fbgemm's "
-        "CPU fused kernels; its lr scale differs, try --table-lr 1e-3)",
+        default="auto",
+        choices=["auto", "rowwise_adagrad", "adagrad", "sgd", "adam"],
+        help="optimizer of every embedding table: auto (default) is the method's "
+        "(rowwise_adagrad, fbgemm's fused kernel; adam for optembed, pep, deeplight, dnis); "
+        "adam is lazy sparse Adam outside fbgemm's CPU fused kernels, single process",
     )
     p.add_argument("--eval-every", type=int, default=0, help="steps between evals (0: per epoch)")
     p.add_argument("--patience", type=int, default=2, help="evals without improvement to stop")

@@ -218,6 +218,11 @@ OPTIMIZERS: dict[str, Any] = {
 }
 
 
+#: Each table optimiser's learning rate when a run leaves it to the defaults: Adam's scale is
+#: not the Adagrad family's.
+DEFAULT_TABLE_LRS = {"rowwise_adagrad": 0.05, "adagrad": 0.05, "sgd": 0.05, "adam": 1e-3}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

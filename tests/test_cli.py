@@ -101,3 +101,23 @@ def test_console_script_is_installed(tmp_path):
     exe = shutil.which("ctr") or str(__import__("pathlib").Path(sys.executable).parent / "ctr")
     result = subprocess.run([exe, "methods"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "full" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("flags", "optimizer", "lr"),
+    [
+        (["--compressor", "hash"], "rowwise_adagrad", 0.05),
+        (["--compressor", "pep"], "adam", 1e-3),
+        (["--compressor", "dnis"], "adam", 1e-3),
+        (["--compressor", "pep", "--table-optimizer", "rowwise_adagrad"], "rowwise_adagrad", 0.05),
+        (["--compressor", "hash", "--table-optimizer", "adam", "--table-lr", "0.01"], "adam", 0.01),
+    ],
+)
+def test_train_defaults_to_each_methods_optimizer(tiny_data, flags, optimizer, lr, capsys):
+    from ctr.cli import _run_config
+
+    args = build_parser().parse_args(
+        ["train", "--data", str(tiny_data), "--out", "x", "--batch-size", "64", *flags]
+    )
+    train = _run_config(args).train
+    assert (train.table_optimizer, train.table_lr) == (optimizer, lr)

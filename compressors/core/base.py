@@ -414,6 +414,12 @@ class Compressor(nn.Module):
     searched: ClassVar[bool] = False
     format_details: ClassVar[tuple[str, ...]] = ()
     stages: ClassVar[tuple[Stage, ...]] = (Stage("train"),)
+    #: The optimiser of the method's embedding rows when a run does not choose one (``ctr
+    #: train --table-optimizer auto``): fbgemm's fused row-wise Adagrad (the fast path, and
+    #: what DMP shards), or the paper's optimiser where the method needs it (Adam for the
+    #: pruning family and DNIS, whose magnitude criteria and α assume it). Sweeps choose it
+    #: explicitly (the protocol's optimiser axis).
+    default_optimizer: ClassVar[str] = "rowwise_adagrad"
     #: True when some parameters learn on validation batches (a bilevel search, as DARTS-style
     #: papers do): the validation split is then training data too, which reports flag.
     learns_on_validation: ClassVar[bool] = False

@@ -201,6 +201,7 @@ class DNIS(SearchedBytes, Compressor):
     """Frequency-block soft selection α searched on validation data, then magnitude pruning."""
 
     name = "dnis"
+    default_optimizer = "adam"  # the paper's; its criteria need it (docs/methods)
     learns_on_validation = True  # α (search stage)
     option_help = {
         "num_blocks": "frequency blocks per field (equal train-frequency mass)",

@@ -52,6 +52,7 @@ class DeepLight(EntryPruned):
     """Gradual magnitude pruning, then fine-tuning (module docstring)."""
 
     name = "deeplight"
+    default_optimizer = "adam"  # the paper's; its criteria need it (docs/methods)
     option_help = {
         "optimizer": "optimizer of the table rows: sgd, adagrad, rowwise_adagrad or adam "
         "(None: the run's --table-optimizer, as every method's tables)",

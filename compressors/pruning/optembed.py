@@ -179,6 +179,7 @@ class OptEmbed(SearchedBytes, Compressor):
     """Row pruning by learned thresholds + per-field dims by evolution (module docstring)."""
 
     name = "optembed"
+    default_optimizer = "adam"  # the paper's; its criteria need it (docs/methods)
     option_help = {
         "optimizer": "optimizer of the table rows: sgd, adagrad, rowwise_adagrad or adam "
         "(None: the run's --table-optimizer, as every method's tables)",

@@ -102,6 +102,7 @@ class PEP(EntryPruned):
     """Learnable soft thresholds, then a lottery-ticket retrain (module docstring)."""
 
     name = "pep"
+    default_optimizer = "adam"  # the paper's; its criteria need it (docs/methods)
     option_help = {
         "optimizer": "optimizer of the table rows: sgd, adagrad, rowwise_adagrad or adam "
         "(None: the run's --table-optimizer, as every method's tables)",
