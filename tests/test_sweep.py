@@ -322,15 +322,19 @@ def test_train_defaults_learn_on_60k_synthetic_rows(tmp_path, capsys):
 def test_optimizer_axis_gives_each_optimizer_its_own_lrs():
     from ctr.sweep import ProtocolConfig, effective_protocol
 
-    plain = ProtocolConfig(table_lrs=[0.05], embedding_l2s=[0.0])
+    plain = ProtocolConfig(table_lrs=[0.05], embedding_l2s=[0.0], optimizers=[])
     assert plain.points() == [{"table_lr": 0.05, "embedding_l2": 0.0}]
     axis = ProtocolConfig(
         table_lrs=[0.05], embedding_l2s=[0.0], optimizers=["rowwise_adagrad", "adam"]
     )
     points = axis.points()
-    assert {p["table_optimizer"] for p in points} == {"rowwise_adagrad", "adam"}
-    assert [p["table_lr"] for p in points if p["table_optimizer"] == "adam"] == [3e-4, 1e-3, 3e-3]
-    adam = next(p for p in points if p["table_optimizer"] == "adam")
-    assert axis.train_config(adam, seed=0, batch_size=64).table_optimizer == "adam"
-    # Older cells (no optimizer axis) keep their effective protocol.
-    assert effective_protocol(plain.__dict__)["grid"] == plain.points()
+    assert [p.get("table_optimizer") for p in points] == [None, "adam", "adam", "adam"]
+    assert [p["table_lr"] for p in points] == [0.05, 3e-4, 1e-3, 3e-3]
+    assert axis.train_config(points[1], seed=0, batch_size=64).table_optimizer == "adam"
+    assert axis.train_config(points[0], seed=0, batch_size=64).table_optimizer == "rowwise_adagrad"
+    # Cells written before the axis (no "optimizers" recorded) trained the Adagrad grid alone;
+    # the axis at rowwise Adagrad alone trains the same points.
+    old = {"table_lrs": [0.05], "embedding_l2s": [0.0]}
+    assert effective_protocol(old)["grid"] == [{"table_lr": 0.05, "embedding_l2": 0.0}]
+    alone = ProtocolConfig(table_lrs=[0.05], embedding_l2s=[0.0], optimizers=["rowwise_adagrad"])
+    assert alone.points() == effective_protocol(old)["grid"]
