@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -409,9 +410,24 @@ def is_prepared_dataset(path: Path) -> bool:
         fmt = json.loads((path / "meta.json").read_text()).get("format")
     except (OSError, ValueError, AttributeError):
         return False
-    return fmt == FORMAT_NAME and only_names(
+    if fmt != FORMAT_NAME or not only_names(
         path, {"meta.json", FREQUENCIES_FILE, VOCAB_FILE, *SPLITS}
-    )
+    ):
+        return False
+    # A split folder holds only our shards: a user's train/ of images is not ours to delete.
+    for split in SPLITS:
+        folder = path / split
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            return False
+        if folder.is_dir() and not all(
+            p.is_file() and not p.is_symlink() and SHARD_NAME.fullmatch(p.name)
+            for p in folder.iterdir()
+        ):
+            return False
+    return True
+
+
+SHARD_NAME = re.compile(r"part-\d{5,}\.parquet")
 
 
 def file_sha256(path: str | os.PathLike) -> str:

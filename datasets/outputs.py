@@ -35,13 +35,7 @@ def check_output_dir(
 
     Returns the absolute path. Call it before any expensive work, so a refusal comes first.
     """
-    path = Path(path).absolute()
-    resolved = path.resolve()
-    cwd = Path.cwd().resolve()
-    if resolved == cwd or resolved in cwd.parents:
-        raise OutputExistsError(
-            f"{path}: is the current directory or one above it; choose a new directory for --out"
-        )
+    path = refuse_current_dir(path)
     if not path.exists():
         return path
     if not path.is_dir():
@@ -55,6 +49,19 @@ def check_output_dir(
         )
     if not overwrite:
         raise OutputExistsError(f"{path}: holds a {kind}; pass --overwrite to replace it")
+    return path
+
+
+def refuse_current_dir(path: str | os.PathLike) -> Path:
+    """The absolute ``path``; refuses the current directory or one above it (an output there
+    would mix with, or replace, everything the user is working on)."""
+    path = Path(path).absolute()
+    resolved = path.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise OutputExistsError(
+            f"{path}: is the current directory or one above it; choose a new directory for --out"
+        )
     return path
 
 

@@ -14,6 +14,10 @@ numbers. :func:`prepare_dataset` then
    the fitted fields' train ids, then saves the frequencies (exact train counts by id),
 4. writes ``meta.json`` last, so an interrupted run never looks complete.
 
+All of it is written into a staging directory beside ``out`` and renamed into place when
+complete (``datasets.outputs.replace_dir``): ``out`` must be absent, empty or a prepared
+dataset (replaced only with ``overwrite``), and a failed run leaves it as it was.
+
 Which split a row belongs to is a pure function of (source file, row position), known in
 pass 1 without reading ahead. Malformed rows are counted per reason with their first
 ``file:line`` examples, or stop the run (``on_bad_row="fail"``); more than
@@ -30,7 +34,6 @@ Example::
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -44,9 +47,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from datasets.format import (
-    FREQUENCIES_FILE,
     SPLITS,
-    VOCAB_FILE,
     DatasetMeta,
     ShardWriter,
     SparseField,
@@ -54,9 +55,11 @@ from datasets.format import (
     arrow_schema,
     encoded_counts,
     frequency_order,
+    is_prepared_dataset,
     save_frequencies,
     save_vocab,
 )
+from datasets.outputs import replace_dir
 from datasets.prepare.columns import Features, Flag, Issues, as_array
 from datasets.prepare.sources import (
     BadInputError,
@@ -505,8 +508,35 @@ def prepare_dataset(
 ) -> DatasetMeta:
     """Runs both passes and writes a prepared dataset to ``out`` (see the module docstring)."""
     options.validate()
+    final = Path(out)
+    # Built beside and renamed into place: a failed run leaves a previous dataset whole.
+    with replace_dir(final, "prepared dataset", is_prepared_dataset, options.overwrite) as staging:
+        meta = _prepare_into(fmt, reader, staging, final, plan, options, name)
+    meta.root = final.absolute()
+    # The summary prints with or without progress bars: a quiet success still says what it made.
+    rows = ", ".join(f"{s} {meta.rows(s):,}" for s in SPLITS)
+    ids = sum(f.cardinality for f in meta.sparse)
+    bad = sum(r.get("count", 0) for r in meta.bad_rows.values())
+    dropped = f"; {bad:,} bad rows skipped" if bad else ""
+    print(
+        f"{final}: {rows} rows; {len(meta.dense)} dense and {len(meta.sparse)} sparse fields, "
+        f"{ids:,} ids{dropped}",
+        file=sys.stderr,
+    )
+    return meta
+
+
+def _prepare_into(
+    fmt: Format,
+    reader: FileReader,
+    out: Path,
+    final: Path,
+    plan: SplitPlan,
+    options: PrepareOptions,
+    name: str | None,
+) -> DatasetMeta:
+    """Both passes into the staging directory ``out``; messages name ``final``."""
     min_count = options.min_count or 1
-    out = claim_output_dir(out, options.overwrite)
     vocabs, frequencies, distinct, lines_counted = _count_train_values(
         fmt, reader, plan, options, out
     )
@@ -519,10 +549,10 @@ def prepare_dataset(
     frequencies.update(fitted_counts)
     save_frequencies(out, {f.name: frequencies[f.name] for f in sparse})
     if bad.total:
-        print(f"{out}: {bad.summary()}", file=sys.stderr)
+        print(f"{final}: {bad.summary()}", file=sys.stderr)
     if splits["train"].rows == 0:
         raise BadInputError(f"{reader.paths}: no usable train rows in {lines_read:,} lines read")
-    check_dropped(bad, lines_read + len(reader.side_rejected), options.max_dropped_fraction, out)
+    check_dropped(bad, lines_read + len(reader.side_rejected), options.max_dropped_fraction, final)
     meta = DatasetMeta(
         name=name or fmt.name,
         label=LABEL,
@@ -541,15 +571,6 @@ def prepare_dataset(
         root=out,
     )
     meta.save(out)
-    # The summary prints with or without progress bars: a quiet success still says what it made.
-    rows = ", ".join(f"{s} {meta.rows(s):,}" for s in SPLITS)
-    ids = sum(f.cardinality for f in sparse)
-    dropped = f"; {bad.total:,} bad rows skipped" if bad.total else ""
-    print(
-        f"{out}: {rows} rows; {len(fmt.dense)} dense and {len(sparse)} sparse fields, "
-        f"{ids:,} ids{dropped}",
-        file=sys.stderr,
-    )
     return meta
 
 
@@ -691,32 +712,6 @@ def encode_features(
 def _rows(data: pa.Array | pa.Table, mask: np.ndarray) -> pa.Array | pa.Table:
     """The rows ``mask`` selects; no copy when it selects them all (the common case)."""
     return data if mask.all() else data.filter(pa.array(mask))
-
-
-def claim_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
-    """``out`` emptied of any previous prepared dataset; refuses to clobber without ``overwrite``.
-
-    Only the prepared format's own files are removed (meta.json first, so a dataset being
-    replaced stops looking complete at once); other files make us refuse.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"{out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    ours = {"meta.json", FREQUENCIES_FILE, VOCAB_FILE, *SPLITS}
-    entries = [p for p in out.iterdir() if not p.name.endswith(".tmp")]
-    foreign = [p.name for p in entries if p.name not in ours]
-    if foreign:
-        raise BadInputError(
-            f"{out}: not empty and not a prepared dataset (holds {sorted(foreign)[:5]}); "
-            "choose another --out"
-        )
-    if (out / "meta.json").exists() and not overwrite:
-        raise BadInputError(f"{out}: holds a prepared dataset; pass --overwrite to replace it")
-    (out / "meta.json").unlink(missing_ok=True)
-    for p in out.iterdir():
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    return out
 
 
 def _bar(desc: str, options: PrepareOptions, total: int | None = None) -> tqdm:
