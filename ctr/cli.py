@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     info = init_from_env()
     try:
-        summary = train_run(_run_config(args), args.out, info)
+        summary = train_run(_run_config(args), args.out, info, overwrite=args.overwrite)
     finally:
         if info is not None:
             shutdown()
@@ -211,6 +212,11 @@ def _check_predictions_out(out: Path, overwrite: bool) -> None:
         raise ValueError(f"--out {out}: is a directory; expected a CSV file path")
     if not out.exists():
         return
+    if not out.is_file():
+        # A pipe, a terminal or a device: reading it to check it is ours would block.
+        raise ValueError(
+            f"--out {out}: is not a regular file (a pipe or device); expected a CSV file path"
+        )
     with open(out, "rb") as f:
         ours = f.readline().rstrip(b"\r\n") == PREDICTIONS_HEADER.encode()
     if not ours:
@@ -224,7 +230,13 @@ def _write_predictions(out: Path, probs: Any, labels: Any, overwrite: bool) -> N
 
     _check_predictions_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    # A fresh name beside the target: never a file of the user's that happens to match.
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the CSV private
     try:
         np.savetxt(
             tmp,
@@ -432,6 +444,7 @@ def build_parser(prepare: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (resumable)")
     p.add_argument("--out", required=True, type=Path, help="run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a different run at --out")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from ctr.models import CTRModel, build_model
 from ctr.trainer import ARCHITECTURE_KEY, TrainConfig, Trainer, load_weights, seed_everything
 from datasets.format import DatasetMeta, atomic_write_text
 from datasets.loader import BatchLoader
+from datasets.outputs import check_output_dir, refuse_current_dir, replace_dir
 
 
 class RunError(RuntimeError):
@@ -149,6 +151,11 @@ def load_run_model(run_dir: str | Path) -> tuple[CTRModel, RunConfig]:
     cfg = RunConfig.load(run_dir)
     weights = Path(run_dir) / "model.pt"
     if not weights.exists():
+        if not (Path(run_dir) / "checkpoint.pt").exists():
+            raise RunError(
+                f"{run_dir}: the run never trained (no model.pt, no checkpoint.pt); "
+                "train it with ctr train --out to this directory"
+            )
         raise RunError(
             f"{run_dir}: the run has not finished (no model.pt); resume it with ctr train"
         )
@@ -170,9 +177,18 @@ def load_run_model(run_dir: str | Path) -> tuple[CTRModel, RunConfig]:
 
 
 def train_run(
-    cfg: RunConfig, run_dir: str | Path, dist_info: DistInfo | None = None
+    cfg: RunConfig,
+    run_dir: str | Path,
+    dist_info: DistInfo | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Trains (or resumes) the run in ``run_dir`` and writes ``summary.json``."""
+    """Trains (or resumes) the run in ``run_dir`` and writes ``summary.json``.
+
+    ``run_dir`` must be absent, empty, or hold this same run (which resumes); a different run
+    there is replaced only with ``overwrite`` (moved aside while the new one trains, restored
+    if it fails). Nothing is written until the model is built, so a refused run (a budget
+    the method cannot meet, a bad option) leaves no trace.
+    """
     run_dir = Path(run_dir)
     start = time.perf_counter()
     cfg.validate()
@@ -182,13 +198,41 @@ def train_run(
     # The resolved path, so export works from any directory; the vocabulary, so export,
     # resume and predict can tell re-prepared data from the data the weights learned.
     cfg = replace(cfg, data=str(Path(cfg.data).resolve()), vocabulary=meta.vocabulary())
-    _claim_run_dir(cfg, run_dir, meta, main=dist_info is None or dist_info.is_main)
+    mode = _check_run_dir(cfg, run_dir, meta, overwrite)
+    main = dist_info is None or dist_info.is_main
     model = build_run_model(cfg, meta)
-    if (run_dir / PLAN_FILE).exists():
+    if mode == "resume" and (run_dir / PLAN_FILE).exists():
         check_run_plan(model, run_dir)  # resuming: the same layout, or a clear error
-    elif dist_info is None or dist_info.is_main:
-        plan = model.embedding.compressor.plan()
-        atomic_write_text(run_dir / PLAN_FILE, json.dumps(plan.to_json(), indent=2))
+    if mode != "replace":
+        return _train(cfg, run_dir, meta, model, dist_info, start, fresh=mode == "new")
+    staging = replace_dir(run_dir, "run", is_run_dir, True, in_place=True) if main else None
+    with staging or nullcontext():
+        _barrier(dist_info)  # every rank starts after the previous run is out of the way
+        return _train(cfg, run_dir, meta, model, dist_info, start, fresh=True)
+
+
+def _barrier(dist_info: DistInfo | None) -> None:
+    if dist_info is not None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _train(
+    cfg: RunConfig,
+    run_dir: Path,
+    meta: DatasetMeta,
+    model: CTRModel,
+    dist_info: DistInfo | None,
+    start: float,
+    fresh: bool,
+) -> dict[str, Any]:
+    if dist_info is None or dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_json(), indent=2))
+        if fresh or not (run_dir / PLAN_FILE).exists():
+            plan = model.embedding.compressor.plan()
+            atomic_write_text(run_dir / PLAN_FILE, json.dumps(plan.to_json(), indent=2))
     rank, world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
     tc = cfg.train
 
@@ -268,10 +312,39 @@ def _warn_if_few_steps(steps: int, rows: int, batch_size: int) -> None:
     )
 
 
-def _claim_run_dir(cfg: RunConfig, run_dir: Path, meta: DatasetMeta, main: bool) -> None:
-    """Writes config.json, or checks that an existing run dir holds this same run."""
+RUN_FILES = {
+    "config.json",
+    PLAN_FILE,
+    "summary.json",
+    "model.pt",
+    "best.pt",
+    "initial.pt",
+    "checkpoint.pt",
+    "metrics.jsonl",
+}
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` holds a run (a readable config.json) and only a run's files, so
+    replacing it loses nothing the user put there."""
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    names = RUN_FILES | {f"{name}.tmp" for name in RUN_FILES}
+    return (
+        isinstance(raw, dict)
+        and "data" in raw
+        and all(p.name in names and p.is_file() and not p.is_symlink() for p in path.iterdir())
+    )
+
+
+def _check_run_dir(cfg: RunConfig, run_dir: Path, meta: DatasetMeta, overwrite: bool) -> str:
+    """What ``run_dir`` allows, without writing: "new" (absent or empty), "resume" (this same
+    run) or "replace" (a different run, with ``overwrite``); anything else is refused."""
+    refuse_current_dir(run_dir)
     path = run_dir / "config.json"
-    if path.exists():
+    if path.is_file():
         existing = _read_config(path)
         mine = json.loads(json.dumps(cfg.to_json()))
         # Runs recorded before paths were resolved hold the path as given.
@@ -285,15 +358,16 @@ def _claim_run_dir(cfg: RunConfig, run_dir: Path, meta: DatasetMeta, main: bool)
             mine["train"]
         ):
             differs = ["train"]
-        if differs:
+        if not differs:
+            meta.check_vocabulary(existing.get("vocabulary"), f"the run in {run_dir} (resuming)")
+            return "resume"
+        if is_run_dir(run_dir) and not overwrite:
             raise RunError(
                 f"{run_dir} holds a different run (config.json differs in {differs}); "
-                "choose another --out or delete it"
+                "pass --overwrite to replace it, or choose another --out"
             )
-        meta.check_vocabulary(existing.get("vocabulary"), f"the run in {run_dir} (resuming)")
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(cfg.to_json(), indent=2))
+    check_output_dir(run_dir, "run", is_run_dir, overwrite)
+    return "replace" if run_dir.is_dir() and any(run_dir.iterdir()) else "new"
 
 
 def _resume_relevant(train: dict[str, Any]) -> dict[str, Any]:
