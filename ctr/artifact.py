@@ -261,6 +261,7 @@ class CompactModel(nn.Module):
         manifest = read_manifest(root)
         tensor_file = root / TENSORS_FILE
         _check_file_list(root, manifest["files"])
+        check_vocabulary_rows(root, manifest)
         if verify:
             for name, digest in manifest["files"].items():
                 if not (root / name).is_file():
@@ -370,6 +371,7 @@ class CompactModel(nn.Module):
             options=info["options"],
             root=self.root,
         )
+        check_vocabulary_rows(self.root, self.manifest)
         vocabs = load_field_vocabs(meta, [f.name for f in meta.sparse if f.name not in keyed])
         return RawEncoder(meta, format_for_meta(meta), vocabs, keyed)
 
@@ -404,10 +406,18 @@ def read_manifest(root: Path) -> dict[str, Any]:
     path = root / MANIFEST_FILE
     if not path.is_file():
         raise ArtifactError(f"{root}: not an artifact (no {MANIFEST_FILE})")
+    _check_own_file(path)
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise ArtifactError(
+            f"{path}: {size:,} bytes; a manifest is at most {MAX_MANIFEST_BYTES:,} (not read)"
+        )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    except RecursionError:
+        raise ArtifactError(f"{path}: JSON nested too deeply to be a manifest") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path}: unreadable ({e})") from e
     if not isinstance(manifest, dict):
@@ -422,6 +432,36 @@ def read_manifest(root: Path) -> dict[str, Any]:
             raise ArtifactError(f"{path}: manifest lacks {key!r}")
     _check_manifest_sizes(manifest, path)
     return manifest
+
+
+# A manifest states a few hundred values per field at most; anything larger is not one.
+MAX_MANIFEST_BYTES = 16 << 20
+
+
+def _check_own_file(path: Path) -> None:
+    """Refuses a link: an artifact's files are its own, never a path elsewhere on the host."""
+    if path.is_symlink():
+        raise ArtifactError(f"{path}: is a symbolic link; an artifact holds its own files")
+
+
+def check_vocabulary_rows(root: Path, manifest: dict[str, Any]) -> None:
+    """The vocabulary holds at most the rows the manifest's cardinalities declare, read from
+    the parquet footer before any row is decoded (a small file can encode millions)."""
+    path = root / VOCAB_FILE
+    if VOCAB_FILE not in manifest["files"] or not path.is_file():
+        return
+    _check_own_file(path)
+    keyed = set(manifest["embedding"].get("fingerprint_fields", []))
+    declared = sum(f["cardinality"] - 1 for f in manifest["features"] if f["name"] not in keyed)
+    try:
+        rows = pq.ParquetFile(path).metadata.num_rows
+    except (OSError, pa.ArrowException) as e:
+        raise ArtifactError(f"{path}: unreadable ({e})") from e
+    if rows > declared:
+        raise ArtifactError(
+            f"{path}: {rows:,} rows, more than the {declared:,} values the manifest's "
+            "features declare (not read)"
+        )
 
 
 # Bounds on sizes a manifest states, checked before anything is built from them.
@@ -493,6 +533,8 @@ def _check_file_list(root: Path, files: dict[str, str]) -> None:
             f"{path}: lists {foreign[:3]}; an artifact holds only {sorted(allowed)}"
         )
     for name in sorted(allowed):
+        if (root / name).is_symlink():
+            _check_own_file(root / name)
         required = name == TENSORS_FILE or (root / name).exists()
         if required and name not in files:
             raise ArtifactError(f"{path}: lists no checksum for {name}; the file list is damaged")

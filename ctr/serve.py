@@ -807,6 +807,9 @@ def create_app(
         except RequestError as e:
             status = e.status
             return error(e)
+        except RecursionError:
+            status = 400  # a value nested too deeply for the encoder: the request's fault
+            return error(RequestError(400, "malformed request: a value is nested too deeply"))
         except Exception as e:
             status = 500
             log.exception("predict failed")
@@ -884,6 +887,9 @@ async def _read_json(request: Request, limit: int) -> Any:
         ) from None
     except UnicodeDecodeError as e:
         raise RequestError(400, f"the body is not UTF-8 ({e.reason})") from None
+    except RecursionError:
+        # No request nests deeper than rows of lists of values; json gives up far deeper.
+        raise RequestError(400, "malformed request: JSON nested too deeply") from None
 
 
 def serve(

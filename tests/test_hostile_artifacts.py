@@ -13,6 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from compressors.core.base import Stage
 from ctr import EmbeddingLayer, build_model, export, features_from_dataset
 from ctr.artifact import MANIFEST_FILE, TENSORS_FILE
-from datasets.format import DatasetMeta, PreparedDataError
+from datasets.format import VOCAB_FILE, DatasetMeta, PreparedDataError
 
 ALLOWED_GROWTH_MB = 200
 
@@ -31,7 +34,7 @@ out = {}
 for case in sys.argv[1:]:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     try:
-        CompactModel.load(case)
+        CompactModel.load(case).raw_encoder  # what `ctr serve` loads: the vocabulary too
         message = None
     except Exception as e:
         message = f"{type(e).__name__}: {e}"
@@ -104,7 +107,42 @@ def _swapped_tensors(art: Path) -> None:
     _forged_tensors(art, swap)
 
 
+def _deep_manifest(art: Path) -> None:
+    (art / MANIFEST_FILE).write_text("[" * 100_000 + "]" * 100_000)
+
+
+def _huge_manifest(art: Path) -> None:
+    """A valid manifest padded to 128 MB with whitespace: read whole, it would be served."""
+    with open(art / MANIFEST_FILE, "ab") as f:
+        for _ in range(128):
+            f.write(b" " * (1 << 20))
+
+
+def _vocab_bomb(art: Path) -> None:
+    """30M dictionary-encoded rows in a small vocab.parquet, checksum forged to match."""
+    path = art / VOCAB_FILE
+    schema = pq.read_schema(path)
+    one = pa.DictionaryArray.from_arrays(pa.array(np.zeros(1 << 20, np.int32)), pa.array(["C1"]))
+    ids = pa.array(np.ones(1 << 20, np.int32))
+    with pq.ParquetWriter(path, schema) as writer:
+        for _ in range(30):
+            writer.write_table(pa.table([one, one, ids], schema=schema))
+    _edit_manifest(art, lambda m: m["files"].update({VOCAB_FILE: _sha(path)}))
+
+
+def _vocab_symlink(art: Path) -> None:
+    """vocab.parquet a link to a file outside the artifact (same bytes, same checksum)."""
+    outside = art.parent / f"{art.name}-outside.parquet"
+    shutil.copyfile(art / VOCAB_FILE, outside)
+    (art / VOCAB_FILE).unlink()
+    (art / VOCAB_FILE).symlink_to(outside)
+
+
 CASES = {
+    "deep_manifest": (_deep_manifest, f"{MANIFEST_FILE}: JSON nested too deeply"),
+    "huge_manifest": (_huge_manifest, "a manifest is at most"),
+    "vocab_bomb": (_vocab_bomb, "more than the"),
+    "vocab_symlink": (_vocab_symlink, "symbolic link"),
     "emptied_file_list": (lambda a: _edit_manifest(a, _emptied_file_list), "lists no checksum"),
     "path_traversal": (lambda a: _edit_manifest(a, _path_traversal), "an artifact holds only"),
     "flipped_byte": (_flipped_byte, "checksum mismatch"),

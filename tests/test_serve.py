@@ -206,6 +206,8 @@ BAD_REQUESTS = [
     ({"instances": [{}] * 501}, "application/json", 413, "501 rows"),
     ({"instances": [{"C1": "x" * 200_000}]}, "application/json", 413, "limit"),
     ({"instances": [{}]}, "text/plain", 415, "application/json"),
+    (b'{"instances": ' + b"[" * 40_000 + b"]" * 40_000 + b"}", "application/json", 400, "deep"),
+    (b'{"inputs": {"C1": ' + b"[" * 900 + b"]" * 900 + b"}}", "application/json", 400, "C1"),
     ({"instances": [{}]}, "", 415, "application/json"),
 ]
 
