@@ -126,6 +126,9 @@ def _run_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from ctr.resources import configure_threads
+
+    configure_threads()  # first: OpenMP reads its wait policy when torch loads it
     from compressors.core.budget import describe_bytes
     from ctr.distributed import init_from_env, shutdown
     from ctr.run import train_run

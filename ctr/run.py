@@ -199,6 +199,8 @@ def train_run(
     # resume and predict can tell re-prepared data from the data the weights learned.
     cfg = replace(cfg, data=str(Path(cfg.data).resolve()), vocabulary=meta.vocabulary())
     mode = _check_run_dir(cfg, run_dir, meta, overwrite)
+    if dist_info is None:
+        check_memory(cfg, meta)  # before the model allocates anything
     main = dist_info is None or dist_info.is_main
     model = build_run_model(cfg, meta)
     if mode == "resume" and (run_dir / PLAN_FILE).exists():
@@ -209,6 +211,54 @@ def train_run(
     with staging or nullcontext():
         _barrier(dist_info)  # every rank starts after the previous run is out of the way
         return _train(cfg, run_dir, meta, model, dist_info, start, fresh=True)
+
+
+def check_memory(cfg: RunConfig, meta: DatasetMeta) -> int:
+    """Refuses a run whose parameters and batches cannot fit the memory this process can
+    still allocate (a run at ``--dim 100000`` would otherwise grow until the kernel kills
+    it, minutes later and without a word); returns the estimate in bytes.
+
+    The estimate is a floor, not a forecast: the method's exact training bytes (its plan),
+    the dense parameters with their gradients and Adam's two moments, and one batch's
+    embedding output (for the larger of the train and evaluation batch) twice over.
+    """
+    from compressors import solve
+    from compressors.core.budget import describe_bytes
+    from ctr import resources
+
+    features = features_from_dataset(meta, cfg.method_options.get("keys") == "fingerprint")
+    plan = solve(cfg.compressor, features, cfg.dim, cfg.budget, **cfg.method_options)
+    dense = 16 * _dense_parameters(cfg, meta)
+    rows = max(cfg.train.batch_size, cfg.train.eval_batch_size)
+    batch = 2 * 4 * rows * len(meta.sparse) * cfg.dim
+    need = plan.train_bytes + dense + batch
+    have = resources.available_memory_bytes()
+    if need > have:
+        raise RunError(
+            f"the run needs at least {describe_bytes(need)} (embedding "
+            f"{describe_bytes(plan.train_bytes)}, dense parameters with Adam "
+            f"{describe_bytes(dense)}, a batch of {rows:,} rows {describe_bytes(batch)}) but "
+            f"{describe_bytes(have)} is available; lower --dim, --budget or --batch-size"
+        )
+    return need
+
+
+def _dense_parameters(cfg: RunConfig, meta: DatasetMeta) -> int:
+    """The model's parameters outside the embedding, counted on the meta device (nothing
+    allocated); 0 when the model cannot be built (building it for real says why)."""
+    import torch
+    from torch import nn
+
+    from ctr.artifact import ServingEmbedding
+    from ctr.models import MODELS
+
+    stub = ServingEmbedding(nn.Identity(), len(meta.sparse), cfg.dim, cfg.compressor)
+    try:
+        with torch.device("meta"):
+            model = MODELS[cfg.model](stub, len(meta.dense), **cfg.model_options)
+    except Exception:  # noqa: BLE001 - the real build reports it with its own message
+        return 0
+    return sum(p.numel() for k, p in model.named_parameters() if not k.startswith("embedding."))
 
 
 def _barrier(dist_info: DistInfo | None) -> None:

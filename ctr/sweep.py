@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ctr.resources import available_cpus
 from datasets.format import atomic_write_text
 
 CELL_FILE = "cell.json"
@@ -403,10 +404,10 @@ _SUMMARY_KEYS = (
 
 # ---------------------------------------------------------------- executors
 def _set_threads(threads: int) -> None:
-    import torch
+    from ctr.resources import configure_threads
 
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    torch.set_num_threads(threads)
+    configure_threads(threads, warn=False)
 
 
 def _local_task(cell: dict[str, Any], directory: str, threads: int) -> dict[str, Any]:
@@ -441,7 +442,10 @@ def run_sweep(
             todo.append(i)
     log(f"sweep {out}: {len(cells)} cells, {len(results)} done, {len(todo)} to run")
     _warn_stale(results, dirs, log)
-    threads = threads or max(1, (os.cpu_count() or 1) // max(workers, 1))
+    # The CPUs this process may use (affinity, cgroup quota), not the machine's cores; idle
+    # OpenMP threads of the workers (spawned below, so they inherit it) sleep, not spin.
+    threads = threads or max(1, available_cpus() // max(workers, 1))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     def finished(i: int, result: dict[str, Any]) -> None:
         results[i] = result
@@ -508,6 +512,7 @@ def _run_ray(
     root = str(Path(__file__).resolve().parent.parent)
     env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     env["OMP_NUM_THREADS"] = str(threads)
+    env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(
