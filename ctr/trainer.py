@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -110,8 +111,8 @@ class TrainConfig:
         checks = [
             ("--epochs", self.epochs, self.epochs > 0, "a positive number (fractions allowed)"),
             ("--batch-size", self.batch_size, self.batch_size >= 1, "a positive integer"),
-            ("--lr", self.lr, self.lr > 0, "a positive number"),
-            ("--table-lr", self.table_lr, self.table_lr > 0, "a positive number"),
+            ("--lr", self.lr, 0 < self.lr < math.inf, "a positive finite number"),
+            ("--table-lr", self.table_lr, 0 < self.table_lr < math.inf, "a positive finite number"),
             ("--eval-every", self.eval_every, self.eval_every >= 0, "0 (per epoch) or more"),
             ("--patience", self.patience, self.patience >= 1, "a positive integer"),
             (
@@ -124,6 +125,45 @@ class TrainConfig:
         for flag, value, ok, expected in checks:
             if not ok:
                 raise ValueError(f"{flag} must be {expected}, got {value}")
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss stopped being a finite number."""
+
+
+class LossCheck:
+    """Watches a stage's training loss: a NaN or infinite loss stops the run at that step
+    (every later step would train on garbage, and the final metrics would fail far from the
+    cause; the last checkpoint stays as it was); a loss averaging over 4x what a constant 0.5
+    prediction costs for ``window`` steps is diverging, and says so once."""
+
+    WORSE_THAN_CONSTANT = 4.0
+
+    def __init__(self, config: TrainConfig, window: int = 20) -> None:
+        self.config, self.window = config, window
+        self.total, self.count, self.warned = 0.0, 0, False
+
+    def __call__(self, loss: float, step: int, stage: str) -> None:
+        cfg = self.config
+        flags = f"lower --lr ({cfg.lr:g}) or --table-lr ({cfg.table_lr:g})"
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"the training loss became {loss} at step {step} (stage {stage!r}): the run "
+                f"diverged; {flags} and train into a new --out (or pass --overwrite)"
+            )
+        self.total, self.count = self.total + loss, self.count + 1
+        if self.count < self.window:
+            return
+        mean, self.total, self.count = self.total / self.count, 0.0, 0
+        if not self.warned and mean > self.WORSE_THAN_CONSTANT * math.log(2):
+            self.warned = True
+            print(
+                f"warning: the training loss averaged {mean:.3g} over steps "
+                f"{step - self.window + 1}-{step} (stage {stage!r}), over "
+                f"{self.WORSE_THAN_CONSTANT:g}x what predicting 0.5 costs ({math.log(2):.3f}): "
+                f"the run is diverging; {flags}",
+                file=sys.stderr,
+            )
 
 
 @dataclass
@@ -487,12 +527,14 @@ class Trainer:
         # stage's steps), so a resumed stage continues the alternation exactly.
         valid = self.valid_batches(start=st.stage_step) if stage.bilevel else None
         stopped = False
+        check_loss = LossCheck(cfg)
         try:
             while st.stage_step < total and not stopped:
                 batches = self.train.epoch(self._epoch_seed(st.epoch), start_batch=st.batch)
                 tick = time.perf_counter()
                 for batch in batches:
                     loss = self.train_step(batch, dense=stage.dense)
+                    check_loss(loss, st.step + 1, stage.name)
                     if valid is not None:
                         self.valid_step(next(valid))
                     ctx.batch = batch
