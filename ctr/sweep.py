@@ -534,8 +534,15 @@ def _run_ray(
 
 
 def _claim(out: Path) -> None:
-    """A sweep writes only into a new, empty or earlier sweep directory."""
-    if out.exists() and any(out.iterdir()) and not (out / SPEC_FILE).exists():
+    """A sweep writes only into a new, empty or earlier sweep directory (which it resumes and
+    extends: every cell is its own directory, each file written atomically), never the
+    current directory or one above it."""
+    from datasets.outputs import refuse_current_dir
+
+    refuse_current_dir(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory; choose another --out")
+    if out.exists() and any(out.iterdir()) and not (out / SPEC_FILE).is_file():
         raise ValueError(f"{out} is not empty and holds no {SPEC_FILE}: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import re
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -376,25 +377,15 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
 
 
 REPORT_MARKER = ".ctr-sweep-report"
+REPORT_NAME = re.compile(r"results\.csv|results\.parquet|summary\.md|pareto(-\d+)?\.png")
 
 
-def claim_report_dir(out: Path, owned: bool, overwrite: bool) -> None:
-    """Creates ``out`` or checks that writing the report there replaces only a report.
-
-    ``owned``: ``out`` is the sweep's own ``report/`` folder. Otherwise a non-empty ``out``
-    must carry the marker an earlier report left (this command wrote it), or ``overwrite``.
-    """
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (owned or overwrite):
-        if not (out / REPORT_MARKER).exists():
-            raise ValueError(
-                f"--out {out}: not empty and not a report this command wrote "
-                f"(no {REPORT_MARKER}); give an empty or new directory, or --overwrite to "
-                "replace its report files"
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / REPORT_MARKER).touch()
+def is_report(path: Path) -> bool:
+    """Whether directory ``path`` holds an earlier report and nothing else."""
+    return (path / REPORT_MARKER).is_file() and all(
+        p.name == REPORT_MARKER or (REPORT_NAME.fullmatch(p.name) and p.is_file())
+        for p in path.iterdir()
+    )
 
 
 def write_report(
@@ -403,17 +394,23 @@ def write_report(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Writes results.csv, results.parquet, summary.md and pareto[-i].png of one sweep
-    directory or several (``out`` then required); returns the paths. Files are replaced
-    atomically; an ``out`` holding anything but an earlier report is refused unless
-    ``overwrite`` (which replaces only the report's own file names)."""
+    directory or several (``out`` then required); returns the paths.
+
+    The report is built beside ``out`` and renamed into place (``datasets.outputs``): ``out``
+    must be new, empty or an earlier report, replaced only with ``overwrite``; a sweep's own
+    ``report/`` folder (the default) is regenerated. Nothing is created when a sweep holds no
+    results."""
     import pandas as pd
+
+    from datasets.outputs import check_output_dir, replace_dir
 
     sweeps = [Path(sweep)] if isinstance(sweep, str | Path) else [Path(s) for s in sweep]
     if out is None and len(sweeps) != 1:
         raise ValueError("a report of several sweep directories needs --out")
     owned = out is None
     out = Path(out) if out else sweeps[0] / "report"
-    claim_report_dir(out, owned, overwrite)
+    replace = overwrite or owned
+    check_output_dir(out, "sweep report", is_report, replace)  # refused before reading
     results, seen = [], set()
     for directory in sweeps:
         for result in load_results(directory):
@@ -423,22 +420,19 @@ def write_report(
                 results.append(result)
     rows = result_rows(results)
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
-    paths: dict[str, Any] = {
+    groups = list(_groups(rows))
+    pngs = ["pareto.png"] if len(groups) == 1 else [f"pareto-{i}.png" for i in range(len(groups))]
+    with replace_dir(out, "sweep report", is_report, replace) as staging:
+        (staging / REPORT_MARKER).touch()
+        frame.to_csv(staging / "results.csv", index=False)
+        frame.to_parquet(staging / "results.parquet", index=False)
+        (staging / "summary.md").write_text(markdown_summary(rows))
+        for name, (data, model) in zip(pngs, groups, strict=True):
+            subset = [r for r in rows if (r["data"], r["model"]) == (data, model)]
+            pareto_plot(subset, staging / name, f"{model} on {Path(data).name}")
+    return {
         "csv": out / "results.csv",
         "parquet": out / "results.parquet",
         "markdown": out / "summary.md",
+        "png": [out / name for name in pngs],
     }
-    for kind, writer in (("csv", frame.to_csv), ("parquet", frame.to_parquet)):
-        tmp = paths[kind].with_name(paths[kind].name + ".tmp")
-        writer(tmp, index=False)
-        tmp.replace(paths[kind])
-    tmp = paths["markdown"].with_name("summary.md.tmp")
-    tmp.write_text(markdown_summary(rows))
-    tmp.replace(paths["markdown"])
-    groups = list(_groups(rows))
-    paths["png"] = []
-    for i, (data, model) in enumerate(groups):
-        name = "pareto.png" if len(groups) == 1 else f"pareto-{i}.png"
-        subset = [r for r in rows if (r["data"], r["model"]) == (data, model)]
-        paths["png"].append(pareto_plot(subset, out / name, f"{model} on {Path(data).name}"))
-    return paths

@@ -109,7 +109,9 @@ def test_one_method_under_two_option_sets_reports_as_two_rows(tiny_sweep, tmp_pa
     assert "| hash[shared=True] |" in paths["markdown"].read_text()
     with pytest.raises(ValueError, match="needs --out"):
         write_report([out, other])
-    write_report([out, other], tmp_path / "joint")  # its own earlier report: replaced
+    with pytest.raises(ValueError, match="pass --overwrite"):
+        write_report([out, other], tmp_path / "joint")
+    write_report([out, other], tmp_path / "joint", overwrite=True)  # an earlier report
 
 
 def test_cells_of_another_protocol_report_as_their_own_row(tiny_sweep, tmp_path):
@@ -132,11 +134,22 @@ def test_report_refuses_a_folder_it_did_not_write(tiny_sweep, tmp_path):
     mine = tmp_path / "notes"
     mine.mkdir()
     (mine / "summary.md").write_text("my notes")
-    with pytest.raises(ValueError, match="not a report this command wrote"):
-        write_report(out, mine)
-    assert (mine / "summary.md").read_text() == "my notes"
-    write_report(out, mine, overwrite=True)
-    assert (mine / "summary.md").read_text().startswith("# Sweep summary")
+    for overwrite in (False, True):  # a user's summary.md is never replaced
+        with pytest.raises(ValueError, match="not empty and not a sweep report"):
+            write_report(out, mine, overwrite=overwrite)
+        assert (mine / "summary.md").read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
+def test_a_failed_report_creates_nothing(tmp_path):
+    from ctr.cli import main
+
+    notsweep = tmp_path / "notsweep"
+    notsweep.mkdir()
+    for sweep in (tmp_path / "nonexistent" / "x", notsweep):
+        with pytest.raises(SystemExit, match="no finished cells"):
+            main(["sweep", "report", str(sweep)])
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["notsweep"]
 
 
 def test_a_cell_finished_under_other_method_defaults_is_kept_and_named(
