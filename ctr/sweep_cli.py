@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,8 @@ def cmd_sweep_report(args: argparse.Namespace) -> int:
     try:
         paths = write_report(args.sweep, args.out, overwrite=args.overwrite)
     except ValueError as e:
-        raise SystemExit(f"ctr sweep report: {e}") from None
+        print(f"ctr sweep report: error: {e}", file=sys.stderr)
+        return 2
     print(Path(paths["markdown"]).read_text())
     pngs = ", ".join(str(p) for p in paths["png"])
     print(f"wrote {paths['csv']}, {paths['parquet']}, {paths['markdown']}, {pngs}")

@@ -185,3 +185,28 @@ def test_predict_to_a_pipe_returns_at_once(finished, tmp_path, capsys):
     worker.join(5)
     assert codes == [2], "ctr predict --out <a pipe> did not return within 5 s"
     assert "not a regular file" in capsys.readouterr().err
+
+
+def test_every_command_refuses_the_current_directory(finished, tmp_path, monkeypatch, capsys):
+    data, run, art = finished
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "mine.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    commands = {
+        "synth": [*SYNTH, "--overwrite"],
+        "train": [*TRAIN, "--data", str(data), "--overwrite"],
+        "export": ["export", str(run), "--overwrite"],
+        "demo": ["demo", "--rows", "1000", "--overwrite"],
+        "sweep run": ["sweep", "run", "--data", str(data), "--methods", "full", "--budgets", "1x"],
+        "sweep report": ["sweep", "report", str(tmp_path), "--overwrite"],
+    }
+    for name, argv in commands.items():
+        for out in (".", ".."):
+            try:
+                code = main([*argv, "--out", out])
+            except SystemExit as e:
+                code = e.code
+            assert code not in (0, None), (name, out)
+            assert "current directory" in capsys.readouterr().err, (name, out)
+    assert sorted(p.name for p in work.iterdir()) == ["mine.txt"]
