@@ -128,7 +128,9 @@ def _run_config(args: argparse.Namespace) -> Any:
 def cmd_train(args: argparse.Namespace) -> int:
     from ctr.resources import configure_threads
 
-    configure_threads()  # first: OpenMP reads its wait policy when torch loads it
+    # First: OpenMP reads its wait policy when torch loads it. The run warns of busy CPUs
+    # once its settings are checked (an error comes first).
+    configure_threads(warn=False)
     from compressors.core.budget import describe_bytes
     from ctr.distributed import init_from_env, shutdown
     from ctr.run import train_run

@@ -88,9 +88,7 @@ def configure_threads(threads: int | None = None, warn: bool = True) -> int:
     """Sets torch's intra-op threads to ``threads`` (default: ``OMP_NUM_THREADS`` when set,
     else :func:`available_cpus`); returns the count. Idle OpenMP threads sleep
     (``OMP_WAIT_POLICY=PASSIVE`` unless set: it takes effect when OpenMP starts, so call this
-    before the first torch computation). Warns once per process when the CPUs are already
-    busy with other work."""
-    global _warned
+    before the first torch computation). ``warn``: :func:`warn_if_oversubscribed` now."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cpus = available_cpus()
     if threads is None:
@@ -99,13 +97,28 @@ def configure_threads(threads: int | None = None, warn: bool = True) -> int:
     import torch
 
     torch.set_num_threads(threads)
-    busy = busy_cpus()
-    if warn and not _warned and busy + threads > 1.5 * cpus:
-        _warned = True
-        print(
-            f"warning: {cpus} CPU(s) available and other processes keep about {busy:.0f} "
-            f"busy; {threads} training thread(s) will be slowed by sharing them (set "
-            "OMP_NUM_THREADS, or run fewer jobs at once)",
-            file=sys.stderr,
-        )
+    if warn:
+        warn_if_oversubscribed(threads)
     return threads
+
+
+def warn_if_oversubscribed(threads: int | None = None) -> bool:
+    """Says once per process when other processes already keep the available CPUs busy, so
+    ``threads`` more would share them; returns whether it warned."""
+    global _warned
+    cpus = available_cpus()
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    busy = busy_cpus()
+    if _warned or busy + threads <= 1.5 * cpus:
+        return False
+    _warned = True
+    print(
+        f"warning: {cpus} CPU(s) available and other processes keep about {busy:.0f} busy; "
+        f"{threads} training thread(s) will be slowed by sharing them (set OMP_NUM_THREADS, "
+        "or run fewer jobs at once)",
+        file=sys.stderr,
+    )
+    return True

@@ -26,6 +26,7 @@ from typing import Any
 from compressors.core.base import Plan
 from compressors.core.budget import parse_budget
 from compressors.core.decay import EmbeddingRows
+from ctr import resources
 from ctr.distributed import DistInfo
 from ctr.embedding import EmbeddingLayer, features_from_dataset
 from ctr.models import CTRModel, build_model
@@ -201,6 +202,7 @@ def train_run(
     mode = _check_run_dir(cfg, run_dir, meta, overwrite)
     if dist_info is None:
         check_memory(cfg, meta)  # before the model allocates anything
+        resources.warn_if_oversubscribed()
     main = dist_info is None or dist_info.is_main
     model = build_run_model(cfg, meta)
     if mode == "resume" and (run_dir / PLAN_FILE).exists():
@@ -224,7 +226,6 @@ def check_memory(cfg: RunConfig, meta: DatasetMeta) -> int:
     """
     from compressors import solve
     from compressors.core.budget import describe_bytes
-    from ctr import resources
 
     features = features_from_dataset(meta, cfg.method_options.get("keys") == "fingerprint")
     plan = solve(cfg.compressor, features, cfg.dim, cfg.budget, **cfg.method_options)

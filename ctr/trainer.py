@@ -49,7 +49,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed._shard.sharded_tensor import ShardedTensor
-from tqdm import tqdm
 
 from compressors.core.base import Compressor, Stage
 from compressors.core.decay import EmbeddingRows
@@ -66,6 +65,7 @@ from ctr.metrics import auc_logloss
 from ctr.models.base import CTRModel
 from ctr.optim import RowwiseAdagrad
 from datasets.loader import PAD_LABEL, BatchLoader
+from datasets.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +232,9 @@ class RunContext:
             raise ValueError(f"evaluate: split must be one of {sorted(loaders)}, got {split!r}")
         return self.trainer.evaluate(loaders[split], max_batches=max_batches)
 
-    def progress(self, total: int, desc: str) -> tqdm:
-        return self.trainer.progress(total, desc)
+    def progress(self, total: int, desc: str) -> Any:
+        # A stage's own loop (a search's generations): a line each, even without bars.
+        return self.trainer.progress(total, desc, quiet="each")
 
     def checkpoint(self, state: dict[str, Any]) -> None:
         self.trainer.stage_state = state
@@ -504,13 +505,16 @@ class Trainer:
     def _out_of_steps(self) -> bool:
         return self.config.max_steps is not None and self.state.step >= self.config.max_steps
 
-    def progress(self, total: int, desc: str, initial: int = 0) -> tqdm:
-        return tqdm(
-            total=total,
+    def progress(self, total: int, desc: str, initial: int = 0, quiet: str = "ends") -> Any:
+        """A bar on a terminal, lines in a log; without bars, a line as each stage starts and
+        ends (``quiet``) so a long run is never silent."""
+        return progress_bar(
+            total,
+            desc,
+            unit="steps",
+            show=self.config.progress and self.main,
             initial=initial,
-            desc=desc,
-            unit="step",
-            disable=not (self.config.progress and self.main),
+            quiet=quiet if self.main else "none",  # type: ignore[arg-type]
             dynamic_ncols=True,
         )
 

@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
 from datasets.format import (
     SPLITS,
@@ -52,6 +51,7 @@ from datasets.format import (
     save_vocab,
 )
 from datasets.outputs import replace_dir
+from datasets.progress import progress_bar
 
 # Distinct values per categorical field in Criteo Kaggle's train.txt (C1..C26).
 CRITEO_KAGGLE_CARDINALITIES = (
@@ -320,7 +320,7 @@ def _write_synthetic(out: Path, config: SyntheticConfig, progress: bool) -> Data
 
     # Pass 1: train-split counts per raw value.
     counts = [np.zeros(n, dtype=np.int64) for n in gen.sizes]
-    bar = tqdm(total=n_train + config.rows, desc="synth", unit="rows", disable=not progress)
+    bar = progress_bar(n_train + config.rows, "synth", unit="rows", show=progress)
     for chunk in _chunks(gen):
         if chunk.start >= n_train:
             break

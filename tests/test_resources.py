@@ -47,10 +47,13 @@ def test_configure_threads_sleeps_idle_threads_and_warns_once(monkeypatch, capsy
     monkeypatch.setattr(resources, "busy_cpus", lambda: 3.0)
     monkeypatch.setattr(resources, "_warned", False)
     try:
-        assert resources.configure_threads() == 1
+        assert resources.configure_threads(warn=False) == 1
         assert torch.get_num_threads() == 1
         assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+        assert capsys.readouterr().err == ""
         resources.configure_threads()
+        resources.configure_threads()
+        assert not resources.warn_if_oversubscribed()
         err = capsys.readouterr().err
         assert err.count("warning:") == 1 and "1 CPU(s) available" in err
     finally:

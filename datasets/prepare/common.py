@@ -44,7 +44,6 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from tqdm import tqdm
 
 from datasets.format import (
     SPLITS,
@@ -69,6 +68,7 @@ from datasets.prepare.sources import (
     TextSource,
     prefetch,
 )
+from datasets.progress import progress_bar
 from datasets.synthetic import splitmix64
 
 LABEL = "label"  # the label column of every prepared dataset, whatever the raw name
@@ -324,8 +324,10 @@ def standard_split(reader: FileReader, options: PrepareOptions) -> SplitPlan:
 def count_rows(reader: FileReader, sources: Sequence[int], options: PrepareOptions) -> list[int]:
     """Data lines per source (a cheap pre-pass for splits that depend on positions)."""
     counts = []
-    for i in tqdm(sources, desc="count lines", unit="file", disable=not options.progress):
-        counts.append(reader.count_rows(i, options.block_bytes))
+    with progress_bar(len(sources), "count lines", unit="files", show=options.progress) as bar:
+        for i in sources:
+            counts.append(reader.count_rows(i, options.block_bytes))
+            bar.update(1)
     return counts
 
 
@@ -714,13 +716,13 @@ def _rows(data: pa.Array | pa.Table, mask: np.ndarray) -> pa.Array | pa.Table:
     return data if mask.all() else data.filter(pa.array(mask))
 
 
-def _bar(desc: str, options: PrepareOptions, total: int | None = None) -> tqdm:
-    return tqdm(
-        total=total,
-        desc=desc,
+def _bar(desc: str, options: PrepareOptions, total: int | None = None) -> Any:
+    return progress_bar(
+        total,
+        desc,
         unit="rows",
+        show=options.progress,
         unit_scale=True,
-        disable=not options.progress,
         mininterval=1.0,
         smoothing=0.1,
     )
