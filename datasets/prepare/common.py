@@ -58,7 +58,7 @@ from datasets.format import (
     save_frequencies,
     save_vocab,
 )
-from datasets.outputs import replace_dir
+from datasets.outputs import OutputExistsError, check_output_dir, replace_dir
 from datasets.prepare.columns import Features, Flag, Issues, as_array
 from datasets.prepare.sources import (
     BadInputError,
@@ -512,6 +512,10 @@ def prepare_dataset(
     options.validate()
     final = Path(out)
     # Built beside and renamed into place: a failed run leaves a previous dataset whole.
+    try:
+        check_output_dir(final, "prepared dataset", is_prepared_dataset, options.overwrite)
+    except OutputExistsError as e:
+        raise BadInputError(str(e)) from None
     with replace_dir(final, "prepared dataset", is_prepared_dataset, options.overwrite) as staging:
         meta = _prepare_into(fmt, reader, staging, final, plan, options, name)
     meta.root = final.absolute()
@@ -542,6 +546,14 @@ def _prepare_into(
     vocabs, frequencies, distinct, lines_counted = _count_train_values(
         fmt, reader, plan, options, out
     )
+    all_oov = [f for f, v in vocabs.items() if v.cardinality == 1 and distinct.get(f, 0) > 0]
+    if all_oov and options.min_count and options.min_count > 1:
+        print(
+            f"{final}: warning: --min-count {options.min_count} maps every value of "
+            f"{len(all_oov)} of {len(vocabs)} fields ({', '.join(all_oov[:5])}) to OOV: none of "
+            "their values is that frequent in train; lower --min-count",
+            file=sys.stderr,
+        )
     sparse = fmt.sparse_fields({f: v.cardinality for f, v in vocabs.items()})
     # The counting pass read every line when any line may be train (random split).
     total = lines_counted if plan.kind == "random" else None
@@ -553,8 +565,13 @@ def _prepare_into(
     if bad.total:
         print(f"{final}: {bad.summary()}", file=sys.stderr)
     if splits["train"].rows == 0:
-        raise BadInputError(f"{reader.paths}: no usable train rows in {lines_read:,} lines read")
-    check_dropped(bad, lines_read + len(reader.side_rejected), options.max_dropped_fraction, final)
+        why = f" ({bad.headline()}){label_hint(fmt, bad)}" if bad.total else ""
+        raise BadInputError(
+            f"{reader.paths}: no usable train rows in {lines_read:,} lines read{why}"
+        )
+    check_dropped(
+        bad, lines_read + len(reader.side_rejected), options.max_dropped_fraction, final, fmt
+    )
     meta = DatasetMeta(
         name=name or fmt.name,
         label=LABEL,
@@ -576,7 +593,9 @@ def _prepare_into(
     return meta
 
 
-def check_dropped(bad: BadRows, lines: int, max_fraction: float, out: Path) -> None:
+def check_dropped(
+    bad: BadRows, lines: int, max_fraction: float, out: Path, fmt: Format | None = None
+) -> None:
     """Fails (before ``meta.json`` is written) when bad rows exceed ``max_fraction`` of the
     lines read: the message gives the counts, the main reason and its first example."""
     if not lines or bad.total <= max_fraction * lines:
@@ -584,7 +603,21 @@ def check_dropped(bad: BadRows, lines: int, max_fraction: float, out: Path) -> N
     raise BadInputError(
         f"{out}: {bad.total:,} of {lines:,} rows were bad ({bad.total / lines:.1%}; "
         f"{bad.headline()}), more than --max-dropped-fraction {max_fraction:g}; fix the input "
-        "(a truncated or mismatched file?) or raise the limit. No dataset was written"
+        f"(a truncated or mismatched file?) or raise the limit{label_hint(fmt, bad)}. "
+        "No dataset was written"
+    )
+
+
+def label_hint(fmt: Format | None, bad: BadRows) -> str:
+    """For a table whose labels are mostly text it was not told how to read: the flags."""
+    if fmt is None or fmt.name != "table" or not bad.reasons:
+        return ""
+    reason = max(bad.reasons, key=lambda k: bad.reasons[k]["count"])
+    if reason != "bad_label" or getattr(getattr(fmt, "config", None), "positive", None):
+        return ""
+    return (
+        "; a label given as text needs --positive VALUE and --negative VALUE (e.g. "
+        "--positive yes --negative no)"
     )
 
 

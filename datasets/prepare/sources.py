@@ -98,7 +98,8 @@ class TextSource:
         with _open(self.path) as f:
             line = f.readline()
         try:
-            text = line.decode(self.encoding).rstrip("\r\n")
+            # A UTF-8 byte-order mark (Excel writes one) is not part of the first name.
+            text = line.decode(self.encoding).rstrip("\r\n").removeprefix("\ufeff")
         except UnicodeDecodeError as e:
             raise BadInputError(f"{self.path}:1: header is not valid {self.encoding} ({e})") from e
         if not text:
@@ -116,6 +117,8 @@ class TextSource:
 
     def chunks(self, block_bytes: int = 32 << 20) -> Iterator[RawChunk]:
         for block, first_line in _blocks(self.path, block_bytes):
+            if first_line == 1 and _is_utf8(self.encoding):
+                block = block.removeprefix(UTF8_BOM)
             if first_line == 1 and self.header:
                 cut = block.find(b"\n") + 1
                 block, first_line = block[cut:], 2
@@ -308,6 +311,9 @@ def _first_unbalanced_quote(block: bytes) -> int:
         if line.count(b'"') % 2:
             return i
     return 0
+
+
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 def _is_utf8(encoding: str) -> bool:
