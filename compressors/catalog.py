@@ -14,8 +14,11 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +31,29 @@ def build_catalog() -> dict[str, Any]:
 
     out = {}
     for name in sorted(COMPRESSORS):
-        doc = (COMPRESSORS[name].__doc__ or "").strip().splitlines()
         out[name] = {
-            "summary": doc[0] if doc else "",
+            "summary": summary(COMPRESSORS[name]),
             "options": [s.to_json() for s in option_spec(name)],
         }
     return out
+
+
+def summary(cls: type) -> str:
+    """One whole sentence for ``ctr methods``: the class docstring's first sentence (without
+    pointers to the module docstring, which the listing cannot show), or, when that says
+    little, the title line of the method's module ("name — what it is"). Never the
+    first *line* of a wrapped paragraph, never empty."""
+    doc = " ".join(inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].split())
+    first = re.split(r"(?<=\.)\s+", doc)[0] if doc else ""
+    first = re.sub(r"\s*\((see )?(the )?module docstring\)", "", first).strip()
+    if len(first) >= 30:
+        return first
+    module = inspect.cleandoc(sys.modules[cls.__module__].__doc__ or "")
+    head = " ".join(module.split("\n\n")[0].split())
+    if head.startswith("``") and " — " in head:
+        text = head.split(" — ", 1)[1]
+        return text[:1].upper() + text[1:]
+    return first or head or cls.__name__
 
 
 def _stale() -> bool:

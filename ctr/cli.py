@@ -38,6 +38,21 @@ EPILOG_DEMO = """example:
   ctr demo --out demo-output            # synthetic data -> DeepFM -> artifact -> predictions"""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written, and each option's default after its help (unless the help
+    already states it, or there is none to state)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or action.default in (None, False, True, argparse.SUPPRESS)
+            or "default" in text.lower()
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _value(text: str) -> Any:
     try:
         return json.loads(text)
@@ -378,7 +393,7 @@ def build_parser(prepare: bool = True) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    fmt = argparse.RawDescriptionHelpFormatter
+    fmt = HelpFormatter
 
     p = sub.add_parser(
         "synth",
@@ -389,16 +404,16 @@ def build_parser(prepare: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=1_000_000, help="total rows (80/10/10 split)")
     p.add_argument("--scale", type=float, default=0.01, help="factor on Criteo's cardinalities")
     p.add_argument("--multi-hot", type=int, default=0, help="extra multi-hot fields")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and its teacher")
     p.add_argument(
         "--min-count",
         type=int,
         default=10,
         help="values seen fewer times in train map to the OOV id 0 (as Criteo preparation)",
     )
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="dataset directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace a prepared dataset at --out")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser(
@@ -424,7 +439,7 @@ def build_parser(prepare: bool = True) -> argparse.ArgumentParser:
         help="method option, e.g. shared=true or storage=int8 (repeatable)",
     )
     p.add_argument("--dim", type=int, default=16, help="embedding dim of the model")
-    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--epochs", type=float, default=1.0, help="epochs (fractions allowed)")
     p.add_argument(
         "--batch-size", type=int, default=None, help="default: >= 200 steps/epoch in 256..4096"
     )
@@ -446,11 +461,13 @@ def build_parser(prepare: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument("--eval-every", type=int, default=0, help="steps between evals (0: per epoch)")
     p.add_argument("--patience", type=int, default=2, help="evals without improvement to stop")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (resumable)")
     p.add_argument("--out", required=True, type=Path, help="run directory")
     p.add_argument("--overwrite", action="store_true", help="replace a different run at --out")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (a line per stage instead)"
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -459,8 +476,8 @@ def build_parser(prepare: bool = True) -> argparse.ArgumentParser:
         epilog=EPILOG_EXPORT,
         formatter_class=fmt,
     )
-    p.add_argument("run", type=Path)
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("run", type=Path, help="a finished run directory (ctr train --out)")
+    p.add_argument("--out", required=True, type=Path, help="artifact directory to write")
     p.add_argument("--storage", default="", help="serve tables at fp16/int8/int4/int2 instead")
     p.add_argument("--overwrite", action="store_true", help="replace an artifact at --out")
     p.set_defaults(func=cmd_export)
@@ -471,10 +488,10 @@ def build_parser(prepare: bool = True) -> argparse.ArgumentParser:
         epilog=EPILOG_PREDICT,
         formatter_class=fmt,
     )
-    p.add_argument("artifact", type=Path)
-    p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--split", default="test")
-    p.add_argument("--batch-size", type=int, default=16384)
+    p.add_argument("artifact", type=Path, help="an artifact directory (ctr export --out)")
+    p.add_argument("--data", required=True, type=Path, help="prepared dataset directory")
+    p.add_argument("--split", default="test", help="train, valid or test")
+    p.add_argument("--batch-size", type=int, default=16384, help="rows per forward")
     p.add_argument("--out", type=Path, default=None, help="CSV of prob,label")
     p.add_argument("--overwrite", action="store_true", help="replace a predictions CSV at --out")
     p.set_defaults(func=cmd_predict)
@@ -486,7 +503,7 @@ def build_parser(prepare: bool = True) -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     p.add_argument("artifact", type=Path, help="an artifact, or a directory of artifact versions")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     p.add_argument("--max-batch", type=int, default=4096, help="rows per model forward")
     p.add_argument("--max-delay-ms", type=float, default=2.0, help="wait for more rows")
@@ -509,8 +526,8 @@ def build_parser(prepare: bool = True) -> argparse.ArgumentParser:
         epilog=EPILOG_DEMO,
         formatter_class=fmt,
     )
-    p.add_argument("--out", type=Path, default=Path("demo-output"))
-    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--out", type=Path, default=Path("demo-output"), help="output directory")
+    p.add_argument("--rows", type=int, default=1_000_000, help="synthetic rows to generate")
     p.add_argument(
         "--overwrite", action="store_true", help="replace a previous demo output at --out"
     )

@@ -17,7 +17,11 @@ EPILOG_SWEEP = """examples:
   ctr sweep report sweeps/synth                           # -> sweeps/synth/report/
   ctr sweep report sweeps/a sweeps/b --out sweeps/ab      # one report of several
 Rerunning the same `ctr sweep run` resumes: finished cells are kept, an interrupted one
-continues from its checkpoint."""
+continues from its checkpoint.
+Spec fields (flags override them; docs/sweep-spec.md): data, models, methods, budgets, seeds,
+dim, model_options, method_options, reference, protocol.{table_lrs (--lrs), embedding_l2s
+(--l2s), grid, optimizer, l2_mode, epochs, evals_per_epoch, patience, lr_decay, dense_lr,
+batch_size, eval_batch_size}."""
 
 
 def _list(text: str | None, cast: Any = str) -> list[Any] | None:
@@ -102,7 +106,9 @@ def cmd_sweep_report(args: argparse.Namespace) -> int:
 
 
 def add_sweep_parser(sub: Any) -> None:
-    fmt = argparse.RawDescriptionHelpFormatter
+    from ctr.cli import HelpFormatter
+
+    fmt = HelpFormatter
     p = sub.add_parser(
         "sweep",
         help="fair memory-accuracy sweeps and their report",
@@ -138,7 +144,9 @@ def add_sweep_parser(sub: Any) -> None:
     r.add_argument("--out", required=True, type=Path, help="sweep directory")
     r.add_argument("--workers", type=int, default=1, help="local worker processes")
     r.add_argument("--threads", type=int, default=None, help="torch threads per worker")
-    r.add_argument("--executor", default="local", choices=["local", "ray"])
+    r.add_argument(
+        "--executor", default="local", choices=["local", "ray"], help="where cells run"
+    )
     r.add_argument(
         "--address", default=None, help="Ray cluster address ('local': a private local instance)"
     )

@@ -1,0 +1,65 @@
+"""What ``--help`` and ``ctr methods`` tell a new user: whole sentences, every default, every
+sweep-spec field."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from ctr.cli import build_parser, main
+from ctr.sweep import ProtocolConfig, SweepSpec
+
+ROOT = Path(__file__).parent.parent
+
+
+def _subparsers(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out[f"{prefix}{name}"] = sub
+                out.update(_subparsers(sub, f"{prefix}{name} "))
+    return out
+
+
+def test_methods_lists_a_whole_sentence_for_every_method(capsys):
+    assert main(["methods"]) == 0
+    summaries = [line for line in capsys.readouterr().out.splitlines() if line[:1] != " "]
+    assert len(summaries) >= 19
+    for line in summaries:
+        name, _, text = line.partition(" ")
+        text = text.strip()
+        assert len(text) >= 20 and text.endswith("."), (name, text)
+        assert "docstring" not in text, (name, text)
+
+
+def test_every_default_is_in_the_help():
+    commands = _subparsers(build_parser())
+    for name in ("synth", "train", "export", "predict", "serve", "demo", "sweep run"):
+        sub = commands[name]
+        text = " ".join(sub.format_help().split())
+        for action in sub._actions:
+            if not action.option_strings or action.default in (
+                None,
+                True,
+                False,
+                "",
+                "==SUPPRESS==",
+            ):
+                continue
+            assert f"default: {action.default}" in text or f"default {action.default}" in text, (
+                name,
+                action.option_strings,
+            )
+    assert "(default: 1000000)" in commands["demo"].format_help()
+
+
+def test_every_sweep_spec_field_is_documented():
+    doc = (ROOT / "docs" / "sweep-spec.md").read_text()
+    epilog = " ".join(_subparsers(build_parser())["sweep run"].format_help().split())
+    for cls in (SweepSpec, ProtocolConfig):
+        for f in dataclasses.fields(cls):
+            assert f"`{f.name}`" in doc, f.name
+            assert f.name in epilog, f.name
