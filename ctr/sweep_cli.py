@@ -144,9 +144,7 @@ def add_sweep_parser(sub: Any) -> None:
     r.add_argument("--out", required=True, type=Path, help="sweep directory")
     r.add_argument("--workers", type=int, default=1, help="local worker processes")
     r.add_argument("--threads", type=int, default=None, help="torch threads per worker")
-    r.add_argument(
-        "--executor", default="local", choices=["local", "ray"], help="where cells run"
-    )
+    r.add_argument("--executor", default="local", choices=["local", "ray"], help="where cells run")
     r.add_argument(
         "--address", default=None, help="Ray cluster address ('local': a private local instance)"
     )
