@@ -20,8 +20,8 @@ Rerunning the same `ctr sweep run` resumes: finished cells are kept, an interrup
 continues from its checkpoint.
 Spec fields (flags override them; docs/sweep-spec.md): data, models, methods, budgets, seeds,
 dim, model_options, method_options, reference, protocol.{table_lrs (--lrs), embedding_l2s
-(--l2s), grid, optimizer, l2_mode, epochs, evals_per_epoch, patience, lr_decay, dense_lr,
-batch_size, eval_batch_size}."""
+(--l2s), grid, optimizer, optimizers (--optimizers), optimizer_lrs, l2_mode, epochs,
+evals_per_epoch, patience, lr_decay, dense_lr, batch_size, eval_batch_size}."""
 
 
 def _list(text: str | None, cast: Any = str) -> list[Any] | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from argparse import SUPPRESS
 from pathlib import Path
 from typing import Any
 
@@ -39,20 +40,12 @@ def test_every_default_is_in_the_help():
     commands = _subparsers(build_parser())
     for name in ("synth", "train", "export", "predict", "serve", "demo", "sweep run"):
         sub = commands[name]
-        text = " ".join(sub.format_help().split())
+        formatter = sub._get_formatter()
         for action in sub._actions:
-            if not action.option_strings or action.default in (
-                None,
-                True,
-                False,
-                "",
-                "==SUPPRESS==",
-            ):
+            if not action.option_strings or action.default in (None, True, False, "", SUPPRESS):
                 continue
-            assert f"default: {action.default}" in text or f"default {action.default}" in text, (
-                name,
-                action.option_strings,
-            )
+            text = formatter._expand_help(action) if action.help else ""
+            assert "default" in text and str(action.default) in text, (name, action.dest, text)
     assert "(default: 1000000)" in commands["demo"].format_help()
 
 
