@@ -366,6 +366,7 @@ def forward(served: Served, parts: Sequence[EncodedRecords]) -> np.ndarray:
     )
     n = dense.shape[0]
     values, lengths = [], []
+    ones = np.ones(max(len(p.dense) for p in parts), dtype=np.int64)
     for f in served.sparse:
         name = f["name"]
         for p in parts:
@@ -378,7 +379,7 @@ def forward(served: Served, parts: Sequence[EncodedRecords]) -> np.ndarray:
                 lengths.append(lens)
             else:
                 values.append(ids)
-                lengths.append(np.ones(len(ids), dtype=np.int64))
+                lengths.append(ones[: len(ids)])
     kjt = KeyedJaggedTensor(
         keys=[f["name"] for f in served.sparse],
         values=torch.from_numpy(np.concatenate(values).astype(np.int64, copy=False)),
