@@ -30,6 +30,7 @@ EPILOG_PREDICT = """example:
 EPILOG_SERVE = """examples:
   ctr serve artifacts/deepfm --port 8080
   ctr serve artifacts/versions/ --max-batch 4096 --max-delay-ms 2   # newest version, hot swap
+  ctr serve artifacts/deepfm --workers 2                           # two processes, one port
   curl -s localhost:8080/v1/predict -H 'content-type: application/json' \\
        -d '{"instances": [{"C1": "68fd1e64", "I1": 3}]}'
 Reload: POST /v1/reload or SIGHUP (a directory of versions is also polled)."""
@@ -268,6 +269,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue_rows=args.max_queue_rows,
         poll_s=args.poll_s,
         binary_decode=args.binary_decode,
+        workers=args.workers,
     )
     serve(args.artifact, args.host, args.port, config)
     return 0
@@ -476,6 +478,13 @@ def build_parser(prepare: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=8.0, help="request body limit (413)")
     p.add_argument("--max-queue-rows", type=int, default=65536, help="rows waiting before 503s")
     p.add_argument("--poll-s", type=float, default=2.0, help="version-directory poll interval")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes on the port (one a core), sharing the loaded tables; each "
+        "has its own queue and /metrics",
+    )
     p.add_argument(
         "--binary-decode",
         choices=("bits", "auto", "planes", "rows"),

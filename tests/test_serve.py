@@ -7,6 +7,7 @@ Every loop is bounded and both processes are always terminated.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -405,3 +406,83 @@ def test_keep_alive_requests_do_not_stall(servers):
         b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
     )
     assert len(_keep_alive_latencies(port, predict, 5)) == 5  # predictions answer as well
+
+
+def _worker_of(server: Server) -> str:
+    """The pid of the worker that answers a new connection."""
+    _, _, text = server.request("GET", "/metrics")
+    return re.search(r'ctr_worker\{index="\d+",workers="\d+",pid="(\d+)"\}', text).group(1)
+
+
+def _versions_everywhere(server: Server, version: str, workers: set[str]) -> bool:
+    """Whether every worker in ``workers`` answers /v1/metadata with ``version`` (new
+    connections land on the workers by the kernel's hash: enough of them reach each)."""
+    seen: dict[str, str] = {}
+    for _ in range(60):
+        pid = _worker_of(server)
+        seen[pid] = server.request("GET", "/v1/metadata")[2]["version"]  # another connection
+        if set(seen) >= workers and all(v == version for v in seen.values()):
+            return True
+    return False
+
+
+def test_workers_share_the_port_swap_together_and_restart(tiny_data, tmp_path):
+    _export(tiny_data, tmp_path / "versions" / "v1", seed=0)
+    server = Server(
+        tmp_path / "versions", tmp_path / "workers.log", "--workers", "2", "--poll-s", "0"
+    )
+    try:
+        server.wait()
+        records = _records(tiny_data, 20, seed=5)
+        v1 = CompactModel.load(tmp_path / "versions" / "v1").predict_records(records)
+        workers: set[str] = set()
+        for _ in range(60):  # bounded: new connections until both workers answered
+            workers.add(_worker_of(server))
+            np.testing.assert_allclose(server.predict({"instances": records}), v1, atol=1e-6)
+            if len(workers) == 2:
+                break
+        assert len(workers) == 2, "one worker took every connection"
+        parent = server.proc.pid
+        children = {int(p) for p in workers}
+
+        # A reload on one worker reaches the other (through the parent).
+        _export(tiny_data, tmp_path / "versions" / "v2", seed=1)
+        status, _, payload = server.request("POST", "/v1/reload")
+        assert status == 200 and payload["version"] == "v2", payload
+        deadline = time.monotonic() + 60
+        while not _versions_everywhere(server, "v2", workers):
+            assert time.monotonic() < deadline, "a worker still serves v1"
+        v2 = CompactModel.load(tmp_path / "versions" / "v2").predict_records(records)
+        np.testing.assert_allclose(server.predict({"instances": records}), v2, atol=1e-6)
+
+        # A worker that dies is started again and serves what the others serve.
+        victim = min(children)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            current = set()
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                current = {_worker_of(server) for _ in range(20)}
+            if len(current) == 2 and str(victim) not in current:
+                break
+            assert time.monotonic() < deadline, "the dead worker was not replaced"
+            time.sleep(0.5)
+        assert _versions_everywhere(server, "v2", current)
+    finally:
+        server.stop()
+    gone = time.monotonic() + 15
+    for pid in [*children, *(int(p) for p in current)]:
+        while _alive(pid) and time.monotonic() < gone:
+            time.sleep(0.1)
+        assert not _alive(pid), f"worker {pid} outlived the server (parent {parent})"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    return False
