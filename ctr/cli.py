@@ -473,7 +473,12 @@ def build_parser(prepare: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     p.add_argument("--max-batch", type=int, default=4096, help="rows per model forward")
-    p.add_argument("--max-delay-ms", type=float, default=2.0, help="wait for more rows")
+    p.add_argument(
+        "--max-delay-ms",
+        type=float,
+        default=0.0,
+        help="wait this long for more rows (0: a batch is what queued during the last forward)",
+    )
     p.add_argument("--max-rows", type=int, default=16384, help="rows per request (else 413)")
     p.add_argument("--max-body-mb", type=float, default=8.0, help="request body limit (413)")
     p.add_argument("--max-queue-rows", type=int, default=65536, help="rows waiting before 503s")

@@ -23,8 +23,11 @@ Endpoints:
   artifact that fails verification is refused (409) and the old model keeps serving.
 
 Requests are validated on arrival, queued, and coalesced by one batcher into forwards of up
-to ``max_batch`` rows, waiting at most ``max_delay_ms`` for more rows. A batch's raw values
-are encoded together (one vectorised pass over all its requests' rows: the per-field fixed
+to ``max_batch`` rows: a batch takes every request that queued while the previous forward
+ran (an idle model answers a lone request at once), and waits up to ``max_delay_ms`` since
+its first request for more (default 0: no wait; raise it for fuller batches at low load).
+A batch's raw values are encoded together (small batches from the encoder's memo of recent
+values, larger ones in one vectorised pass over all its requests' rows: the per-field fixed
 cost is paid once per batch, not per request) and its forward runs, both on a dedicated
 thread, never on the event loop; a value that fails to encode fails only its own request.
 Bad requests get a JSON ``{"error": ...}``:
@@ -85,7 +88,8 @@ class ServeConfig:
     """Limits and batching of one server."""
 
     max_batch: int = 4096
-    max_delay_ms: float = 2.0
+    # 0: a batch is what queued while the previous forward ran; > 0 waits for fuller batches
+    max_delay_ms: float = 0.0
     max_body_bytes: int = 8 * MiB
     max_rows: int = 16384
     max_queue_rows: int = 65536
@@ -545,9 +549,10 @@ def _encode_raw(served: Served, raw: RawColumns) -> EncodedRecords:
 class Batcher:
     """Coalesces queued requests into forwards of at most ``max_batch`` rows.
 
-    A batch closes when it is full, when ``max_delay`` passed since its first request, or
-    when the next request was accepted by another model (after a swap); while one forward
-    runs, the next batch fills. Only requests of the same model share a forward.
+    A batch closes when it is full, when ``max_delay`` passed since its first request (and
+    the previous forward is done), or when the next request was accepted by another model
+    (after a swap); while one forward runs, the next batch fills. Only requests of the same
+    model share a forward.
     """
 
     def __init__(self, config: ServeConfig, metrics: Metrics) -> None:

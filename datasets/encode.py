@@ -96,7 +96,9 @@ class RawEncoder:
     is encoded again whole by the vectorised path, for its own error message.
     """
 
-    #: batches of at most this many rows use the memo
+    #: batches of at most this many rows always use the memo; larger ones while recent batches
+    #: found most of their values in it (with mostly new values, per-value lookups cost more
+    #: than they save on a large batch), and one in 8 to measure that again
     MEMO_ROWS = 256
     #: values memoised per raw column; a full memo starts over
     MEMO_VALUES = 1 << 16
@@ -129,6 +131,8 @@ class RawEncoder:
         self._index: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
         self._plan = _memo_plan(fmt.sources, meta, self.fields)
         self._memo: dict[str, dict[Any, tuple]] = {c: {} for c in self.fields}
+        self._new_share = 0.0  # recent batches' share of values not in the memo (moving mean)
+        self._large = 0  # large batches seen
 
     @classmethod
     def load(cls, root: str | os.PathLike) -> RawEncoder:
@@ -166,9 +170,13 @@ class RawEncoder:
         (n,) = sizes
         if not n:
             raise ValueError("no records to encode")
-        if self._plan is not None and n <= self.MEMO_ROWS:
+        if self._plan is not None and (n <= self.MEMO_ROWS or self._memo_pays()):
             return self._encode_memoised(columns, n, self._plan)
         return self._encode_vectorised(columns, n)
+
+    def _memo_pays(self) -> bool:
+        self._large += 1
+        return self._new_share < 0.25 or self._large % 8 == 0
 
     def _encode_memoised(
         self, columns: Mapping[str, Sequence[Any]], n: int, plan: dict[str, _ColumnPlan]
@@ -198,6 +206,8 @@ class RawEncoder:
                 }
                 new_keys[c] = keys
             entries[c] = got_list
+        fresh_share = sum(map(len, new_values.values())) / (n * max(len(self.fields), 1))
+        self._new_share = 0.5 * self._new_share + 0.5 * fresh_share
         if new_values:
             rows = max(map(len, new_values.values()))
             table = {c: [*m.values(), *[None] * (rows - len(m))] for c, m in new_values.items()}

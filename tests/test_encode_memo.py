@@ -176,3 +176,55 @@ def test_a_format_without_declared_sources_is_not_memoised(tmp_path, monkeypatch
     encoder = _prepared("criteo", tmp_path)
     assert encoder._plan is None
     assert encoder.encode([{}]).dense.shape == (1, 13)
+
+
+def test_large_batches_of_new_values_skip_the_memo_until_values_repeat(tmp_path):
+    encoder = _prepared("synthetic", tmp_path)
+    memoised = []
+    real = encoder._encode_memoised
+    monkey = lambda *a: memoised.append(1) or real(*a)  # noqa: E731
+    encoder._encode_memoised = monkey
+    n = encoder.MEMO_ROWS + 1
+
+    def batch(tag: str) -> dict:
+        def column(c: str) -> list:
+            if c in encoder.meta.dense:
+                return [float(f"{len(tag)}{k}.{tag}") for k in range(n)]
+            if c in encoder.format.multi_valued:
+                return [[f"{tag}-{k}"] for k in range(n)]
+            return [f"{tag}-{k}" for k in range(n)]
+
+        return {c: column(c) for c in encoder.fields}
+
+    for i in range(7):  # every value new: after one such batch the memo is skipped
+        encoder.encode_columns(batch(str(i)))
+    assert len(memoised) == 1
+    repeated = batch("0")  # memoised by the first batch
+    for _ in range(24):  # every 8th large batch measures again, and finds the values known
+        _assert_same(encoder.encode_columns(repeated), encoder._encode_vectorised(repeated, n))
+    assert encoder._new_share < 0.25
+    before = len(memoised)
+    encoder.encode_columns(repeated)
+    assert len(memoised) == before + 1  # the memo again
+
+
+def test_predict_records_rows_and_columns_equal_the_vectorised_answers(tiny_data, tmp_path):
+    import torch
+
+    from ctr import CompactModel, EmbeddingLayer, build_model, export, features_from_dataset
+
+    torch.manual_seed(0)
+    layer = EmbeddingLayer(features_from_dataset(tiny_data), 8, "full", "1x", init_scale=0.1)
+    export(build_model("deepfm", layer, 3, hidden=[16]).eval(), tmp_path / "a", dataset=tiny_data)
+    model = CompactModel.load(tmp_path / "a")
+    encoder = model.raw_encoder
+    rng = np.random.default_rng(3)
+    candidates = _candidates(encoder)
+    for n in (1, 8, 8, 300):
+        records = _records(candidates, n, rng)
+        columns = {c: [r.get(c) for r in records] for c in encoder.fields}
+        batch = encoder._encode_vectorised(columns, n).to_batch()
+        with torch.no_grad():
+            want = torch.sigmoid(model(batch.dense_features, batch.sparse_features)).numpy()
+        np.testing.assert_array_equal(model.predict_records(records), want)
+        np.testing.assert_array_equal(model.predict_columns(columns), want)
