@@ -100,8 +100,9 @@ class RawEncoder:
     #: found most of their values in it (with mostly new values, per-value lookups cost more
     #: than they save on a large batch), and one in 8 to measure that again
     MEMO_ROWS = 256
-    #: values memoised per raw column; a full memo starts over
-    MEMO_VALUES = 1 << 16
+    #: values memoised over all raw columns (shared out evenly: at most ~250 bytes a value,
+    #: so ~30 MB); a column whose share is full starts over
+    MEMO_VALUES = 1 << 17
 
     def __init__(
         self,
@@ -219,7 +220,7 @@ class RawEncoder:
             for c, m in new_values.items():
                 made = dict(zip(m, plan[c].entries(fresh, len(m)), strict=True))
                 memo = self._memo[c]
-                if len(memo) + len(made) > self.MEMO_VALUES:
+                if len(memo) + len(made) > self.MEMO_VALUES // len(self.fields):
                     memo.clear()
                 memo.update(made)
                 keys = new_keys.get(c)
