@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 import os
@@ -100,6 +101,9 @@ class RawEncoder:
     #: found most of their values in it (with mostly new values, per-value lookups cost more
     #: than they save on a large batch), and one in 8 to measure that again
     MEMO_ROWS = 256
+    #: batches of at most this many rows look their tokens up in one combined index (faster
+    #: for few rows: ~1.3x at 1 to 256 rows, ~0.5x at 4096, measured side by side)
+    COMBINED_ROWS = 1024
     #: values memoised over all raw columns (shared out evenly: at most ~250 bytes a value,
     #: so ~30 MB); a column whose share is full starts over
     MEMO_VALUES = 1 << 17
@@ -132,6 +136,7 @@ class RawEncoder:
         self._index: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
         self._plan = _memo_plan(fmt.sources, meta, self.fields)
         self._memo: dict[str, dict[Any, tuple]] = {c: {} for c in self.fields}
+        self._combined: tuple[np.ndarray, np.ndarray, dict[str, np.uint64]] | None = None
         self._new_share = 0.0  # recent batches' share of values not in the memo (moving mean)
         self._large = 0  # large batches seen
 
@@ -270,18 +275,82 @@ class RawEncoder:
         )
         sparse: dict[str, np.ndarray | list[np.ndarray]] = {}
         lengths: dict[str, np.ndarray] = {}
+        flat_tokens: dict[str, pa.Array] = {}
         for f in self.meta.sparse:
             tokens = features.tokens[f.name]
             if isinstance(tokens, pa.ChunkedArray):
                 tokens = tokens.combine_chunks()
             if f.multi_hot:
                 offsets = tokens.offsets.to_numpy()
-                flat = self._ids(f.name, tokens.flatten())
-                sparse[f.name] = np.split(flat, offsets[1:-1] - offsets[0])
                 lengths[f.name] = np.diff(offsets).astype(np.int64)
+                tokens = tokens.flatten()
+            flat_tokens[f.name] = tokens
+        # One search over all fields saves a small batch the per-field fixed cost; a large
+        # one searches each field's own (cache-sized) index faster.
+        if n <= self.COMBINED_ROWS:
+            ids = self._all_ids(flat_tokens)
+        else:
+            ids = {name: self._ids(name, t) for name, t in flat_tokens.items()}
+        for f in self.meta.sparse:
+            if f.multi_hot:
+                sparse[f.name] = np.split(ids[f.name], np.cumsum(lengths[f.name])[:-1])
             else:
-                sparse[f.name] = self._ids(f.name, tokens)
+                sparse[f.name] = ids[f.name]
         return EncodedRecords(dense.astype(np.float32), sparse, lengths)
+
+    def _all_ids(self, tokens: dict[str, pa.Array]) -> dict[str, np.ndarray]:
+        """:meth:`_ids` of every field at once: one fingerprint pass over all fields' tokens
+        and one search of a combined index (each field's vocabulary fingerprints XORed with
+        a constant of the field, sorted together), instead of a dozen numpy calls a field.
+        Fields outside the combined index (a collision inside a field's vocabulary, or
+        across fields after the XOR) take :meth:`_ids`."""
+        combined = self._combined_index()
+        names = [name for name in tokens if name in combined[2]]
+        out = {name: self._ids(name, t) for name, t in tokens.items() if name not in combined[2]}
+        if not names:
+            return out
+        parts = [tokens[name].cast(pa.large_string()) for name in names]
+        sizes = np.array([len(t) for t in parts])
+        fps = fingerprint_strings(pa.concat_arrays(parts))
+        salts = np.repeat(np.array([combined[2][name] for name in names], np.uint64), sizes)
+        keyed = fps.view(np.uint64) ^ salts
+        sorted_keys, ids, _ = combined
+        if len(sorted_keys):
+            pos = np.minimum(np.searchsorted(sorted_keys, keyed), len(sorted_keys) - 1)
+            found = (sorted_keys[pos] == keyed) & (fps != MISSING)
+            found_ids = np.where(found, ids[pos], 0)
+        else:
+            found_ids = np.zeros(len(fps), np.int64)
+        for name, part in zip(names, np.split(found_ids, np.cumsum(sizes)[:-1]), strict=True):
+            out[name] = part
+        return {name: out[name] for name in tokens}
+
+    def _combined_index(self) -> tuple[np.ndarray, np.ndarray, dict[str, np.uint64]]:
+        """(sorted keys, their ids, field -> XOR constant) of every vocabulary field whose
+        fingerprints are unique within the field and, XORed, across fields (built once)."""
+        if self._combined is not None:
+            return self._combined
+        names = [f.name for f in self.meta.sparse if f.name not in self.fingerprint_fields]
+        for name in names:
+            self._ids(name, pa.array([], pa.string()))  # builds the field's index
+        names = [name for name in names if self._index[name] is not None]
+        salts = {
+            name: np.uint64(
+                int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+            )
+            for name in names
+        }
+        keys = [self._index[name][0].view(np.uint64) ^ salts[name] for name in names]
+        ids = [self._index[name][1] for name in names]
+        all_keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+        order = np.argsort(all_keys, kind="stable")
+        sorted_keys = all_keys[order]
+        if len(sorted_keys) > 1 and bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
+            self._combined = (np.zeros(0, np.uint64), np.zeros(0, np.int64), {})
+        else:
+            all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+            self._combined = (sorted_keys, all_ids[order], salts)
+        return self._combined
 
     def _ids(self, name: str, tokens: pa.Array) -> np.ndarray:
         """int64 ids of string tokens: binary search of their fingerprints in the field's

@@ -228,3 +228,24 @@ def test_predict_records_rows_and_columns_equal_the_vectorised_answers(tiny_data
             want = torch.sigmoid(model(batch.dense_features, batch.sparse_features)).numpy()
         np.testing.assert_array_equal(model.predict_records(records), want)
         np.testing.assert_array_equal(model.predict_columns(columns), want)
+
+
+@pytest.mark.parametrize("kind", ["criteo", "movielens", "synthetic"])
+def test_one_search_over_all_fields_equals_the_field_by_field_lookup(kind, tmp_path):
+    import pyarrow as pa
+
+    encoder = _prepared(kind, tmp_path)
+    rng = np.random.default_rng(4)
+    tokens = {}
+    for f in encoder.meta.sparse:
+        pool = [*encoder.vocabs[f.name].values.to_pylist(), "never-seen", None, ""]
+        tokens[f.name] = pa.array([pool[i] for i in rng.integers(len(pool), size=60)], pa.string())
+    got = encoder._all_ids(tokens)
+    assert set(encoder._combined[2]) == set(tokens)  # every field in the one index
+    for name, t in tokens.items():
+        np.testing.assert_array_equal(got[name], encoder._ids(name, t), err_msg=name)
+        assert got[name].any()
+    # Without the combined index (a collision across fields), each field is searched alone.
+    encoder._combined = (np.zeros(0, np.uint64), np.zeros(0, np.int64), {})
+    for name, ids in encoder._all_ids(tokens).items():
+        np.testing.assert_array_equal(ids, got[name])
