@@ -1388,80 +1388,183 @@ def bench_pruning(args: argparse.Namespace) -> dict:
 
 # ---------------------------------------------------------------- serving
 SERVING_ROWS = 200_000
+# (clients, rows per request): one caller, a few callers with small batches, many callers.
+SERVING_LOADS = ((1, 1), (16, 8), (64, 8))
 
 
-def _http_load(port: int, bodies: list[bytes], clients: int, seconds: float) -> dict:
-    """``clients`` threads on keep-alive connections posting ``bodies`` round-robin for
-    ``seconds``: requests, rows, errors and latency percentiles."""
-    import http.client
-    import threading
+def _http_request(body: bytes) -> bytes:
+    return (
+        b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
 
-    import numpy as np
 
-    rows_per = [json.loads(b)["inputs"] for b in bodies]
-    sizes = [len(next(iter(c.values()))) for c in rows_per]
+async def _load_clients(spec: dict) -> dict:
+    """``spec["clients"]`` keep-alive connections to 127.0.0.1, each sending the next of
+    ``spec["bodies"]`` as soon as its answer came (closed loop), for ``spec["seconds"]`` or
+    ``spec["max_requests"]`` in all, whichever ends first; a request over 10 s is an error."""
+    import asyncio
+    import socket
+
+    requests = [_http_request(b.encode()) for b in spec["bodies"]]
+    rows = spec["rows"]
     latencies: list[float] = []
-    counts = {"requests": 0, "rows": 0, "errors": 0}
-    kinds: dict[str, int] = {}
-    lock = threading.Lock()
+    errors: dict[str, int] = {}
+    budget = [spec["max_requests"]]
 
-    def client(k: int) -> None:
-        # Each client runs `seconds` from its own start (thread start-up is slow under load).
-        deadline = time.perf_counter() + seconds
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        mine, rows, errors, i = [], 0, 0, k
-        while time.perf_counter() < deadline:
-            body = bodies[i % len(bodies)]
+    async def client(k: int, deadline: float) -> None:
+        conn = None
+        i = k
+        while time.perf_counter() < deadline and budget[0] > 0:
+            budget[0] -= 1
             start = time.perf_counter()
             try:
-                conn.request("POST", "/v1/predict", body, {"Content-Type": "application/json"})
-                response = conn.getresponse()
-                response.read()
-                ok = response.status == 200
-                kind = str(response.status)
-            except (OSError, http.client.HTTPException) as e:
-                ok, kind = False, type(e).__name__
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-            mine.append(time.perf_counter() - start)
-            rows += sizes[i % len(bodies)] if ok else 0
-            errors += 0 if ok else 1
-            if not ok:
-                with lock:
-                    kinds[kind] = kinds.get(kind, 0) + 1
-            i += 1
-        conn.close()
-        with lock:
-            latencies.extend(mine)
-            counts["requests"] += len(mine)
-            counts["rows"] += rows
-            counts["errors"] += errors
+                if conn is None:
+                    conn = await asyncio.wait_for(
+                        asyncio.open_connection("127.0.0.1", spec["port"]), 10
+                    )
+                    conn[1].get_extra_info("socket").setsockopt(
+                        socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
+                    )
+                reader, writer = conn
+                writer.write(requests[i % len(requests)])
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                await asyncio.wait_for(reader.readexactly(length), 10)
+                status = head[9:12].decode()
+                if status != "200":
+                    errors[status] = errors.get(status, 0) + 1
+                    continue
+                latencies.append(time.perf_counter() - start)
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as e:
+                errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+                if conn is not None:
+                    conn[1].close()
+                conn = None
+            finally:
+                i += 1
+        if conn is not None:
+            conn[1].close()
 
+    # Warm-up (connections, the server's memo of the bodies' values), then the measured run.
+    warm = time.perf_counter() + spec["warmup_s"]
+    await asyncio.gather(*(client(k, warm) for k in range(spec["clients"])))
+    latencies.clear()
+    errors.clear()
+    budget[0] = spec["max_requests"]
     started = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    end = started + spec["seconds"]
+    await asyncio.gather(*(client(k, end) for k in range(spec["clients"])))
     elapsed = time.perf_counter() - started
-    q = np.percentile(latencies, [50, 95, 99]) * 1e3 if latencies else [float("nan")] * 3
+    done = len(latencies)
+    q = [float(x) * 1e3 for x in _percentiles(latencies, (50, 99, 99.9))]
     return {
-        **counts,
-        "rows/s": counts["rows"] / elapsed,
+        "requests/s": done / elapsed,
+        "rows/s": done * rows / elapsed,
         "p50_ms": q[0],
-        "p95_ms": q[1],
-        "p99_ms": q[2],
-        "error kinds": ",".join(f"{k}:{v}" for k, v in sorted(kinds.items())) or "-",
+        "p99_ms": q[1],
+        "p999_ms": q[2],
+        "errors": sum(errors.values()),
+        "error kinds": ",".join(f"{k}:{v}" for k, v in sorted(errors.items())) or "-",
     }
 
 
-@section("serving", default=False)
-def bench_serving(args: argparse.Namespace) -> dict:
-    """`ctr serve` under a bounded concurrent client vs in-process CompactModel; binary decode."""
+def _percentiles(values: list[float], qs: Sequence[float]) -> list[float]:
+    import numpy as np
+
+    return list(np.percentile(values, qs)) if values else [float("nan")] * len(qs)
+
+
+def _run_load(spec: dict) -> dict:
+    """The load generator in its own process (``python bench.py --loadgen``): the clients'
+    work does not share this process's interpreter with the in-process figures."""
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--loadgen"],
+        input=json.dumps(spec),
+        capture_output=True,
+        text=True,
+        timeout=spec["seconds"] + spec["warmup_s"] + 120,
+    )
+    if proc.returncode:
+        raise RuntimeError(f"load generator failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _start_server(path: Path, *args: str) -> tuple[object, int]:
+    """``ctr serve path --port 0 ARGS`` on 127.0.0.1 -> (process, port) once it answers."""
     import re
     import select
     import subprocess
 
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ctr.cli", "serve", str(path), "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    port, deadline = 0, time.monotonic() + 300
+    while not port and time.monotonic() < deadline and proc.poll() is None:
+        if select.select([proc.stdout], [], [], 1.0)[0]:
+            found = re.search(r"http://127\.0\.0\.1:(\d+)", proc.stdout.readline())
+            port = int(found.group(1)) if found else 0
+    if not port:
+        _stop_server(proc)
+        raise RuntimeError("the server did not start")
+    return proc, port
+
+
+def _stop_server(proc: object) -> None:
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def _batch_rows(port: int) -> tuple[float, float]:
+    """(sum, count) of rows per forward from the answering worker's /metrics."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    values = dict(
+        line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("ctr_batch_rows_")
+    )
+    return float(values["ctr_batch_rows_sum"]), float(values["ctr_batch_rows_count"])
+
+
+def _first_rows(batch: object, n: int) -> tuple[object, object]:
+    """(dense, KJT) of the first ``n`` rows of a loader batch (single-hot or multi-hot)."""
+    from torchrec import KeyedJaggedTensor
+
+    kjt = batch.sparse_features
+    per_key = kjt.to_dict()
+    return batch.dense_features[:n], KeyedJaggedTensor.from_jt_dict(
+        {k: _jt_rows(jt, n) for k, jt in per_key.items()}
+    )
+
+
+def _jt_rows(jt: object, n: int) -> object:
+    from torchrec.sparse.jagged_tensor import JaggedTensor
+
+    lengths = jt.lengths()[:n]
+    return JaggedTensor(values=jt.values()[: int(lengths.sum())], lengths=lengths)
+
+
+@section("serving", default=False)
+def bench_serving(args: argparse.Namespace) -> dict:
+    """`ctr serve` under keep-alive load (its own process) vs in-process CompactModel."""
     import numpy as np
     import torch
 
@@ -1471,48 +1574,42 @@ def bench_serving(args: argparse.Namespace) -> dict:
     from datasets.format import DatasetMeta
     from datasets.loader import BatchLoader
 
+    torch.set_num_threads(1)
     data = default_dataset(args, rows=args.rows or SERVING_ROWS)
     meta = DatasetMeta.load(data)
     encoder = RawEncoder.load(data)
     rng = np.random.default_rng(0)
-    request_rows, seconds = 64, float(os.environ.get("CTR_BENCH_SERVING_S", "4"))
+    seconds = float(os.environ.get("CTR_BENCH_SERVING_S", "4"))
+    worker_counts = [int(w) for w in os.environ.get("CTR_BENCH_SERVING_WORKERS", "1,2").split(",")]
 
-    def raw_columns(n: int) -> dict[str, list]:
+    def raw_records(n: int) -> list[dict]:
         cols: dict[str, list] = {d: rng.normal(size=n).round(3).tolist() for d in meta.dense}
         for f in meta.sparse:
             values = encoder.vocabs[f.name].values
             picks = values.take(rng.integers(0, len(values), n)).to_pylist()
             cols[f.name] = [[v] for v in picks] if f.multi_hot else picks
-        return cols
+        return [{k: v[i] for k, v in cols.items()} for i in range(n)]
 
-    bodies = [json.dumps({"inputs": raw_columns(request_rows)}).encode() for _ in range(32)]
-    big = raw_columns(4096)
+    # 64 distinct request bodies per size, sent round robin (rows form, as a ranking service).
+    bodies = {
+        rows: [json.dumps({"instances": raw_records(rows)}) for _ in range(64)]
+        for rows in sorted({r for _, r in SERVING_LOADS})
+    }
     ids_batches = [
-        b for _, b in zip(range(6), BatchLoader(meta, "test", 4096).epoch(0), strict=False)
+        b for _, b in zip(range(4), BatchLoader(meta, "test", 4096).epoch(0), strict=False)
     ]
 
-    def rate(fn: Callable[[], int], repeats: int = 5) -> float:
-        fn()  # warm-up
-        best = float("inf")
+    def best_rate(fn: Callable[[], int], repeats: int) -> tuple[float, float]:
+        """(rows/s of the best run, p50 seconds of a call) over ``repeats`` calls."""
+        fn()
+        times, n = [], 0
         for _ in range(repeats):
             start = time.perf_counter()
             n = fn()
-            best = min(best, time.perf_counter() - start)
-        return n / best
+            times.append(time.perf_counter() - start)
+        return n / min(times), float(np.median(times))
 
-    def interleaved_rates(fns: dict[str, Callable[[], int]], repeats: int) -> dict[str, float]:
-        for fn in fns.values():
-            fn()  # warm-up
-        best = dict.fromkeys(fns, float("inf"))
-        rows_done = dict.fromkeys(fns, 0)
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                start = time.perf_counter()
-                rows_done[name] = fn()
-                best[name] = min(best[name], time.perf_counter() - start)
-        return {name: rows_done[name] / best[name] for name in fns}
-
-    rows, inproc = [], {}
+    http_rows, inproc_rows, forms_rows = [], [], []
     for storage in ("fp32", "int8"):
         torch.manual_seed(0)
         layer = EmbeddingLayer(features_from_dataset(meta), 16, "full", "1x", storage=storage)
@@ -1520,74 +1617,117 @@ def bench_serving(args: argparse.Namespace) -> dict:
         path = CACHE / "serving" / storage
         export(model, path, dataset=data, overwrite=True)  # its own cache
         compact = CompactModel.load(path)
-
-        def ids_forward(m: object = compact) -> int:
-            with torch.inference_mode():
-                for b in ids_batches:
-                    m(b.dense_features, b.sparse_features)
-            return sum(len(b.labels) for b in ids_batches)
-
-        def trained_forward(m: object = model) -> int:
-            return ids_forward(m)
-
-        def raw_predict(m: object = compact) -> int:
-            return len(m.predict_columns(big))
-
-        # The two forwards the ratio compares are timed interleaved, best of 15 each, so
-        # a burst of load on the machine hits both sides alike.
-        inproc[storage] = {
-            **interleaved_rates({"ids": ids_forward, "trained": trained_forward}, 15),
-            "raw": rate(raw_predict),
-        }
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ctr.cli", "serve", str(path), "--port", "0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env=env,
-        )
-        try:
-            port, deadline = 0, time.monotonic() + 300
-            while not port and time.monotonic() < deadline and proc.poll() is None:
-                if select.select([proc.stdout], [], [], 1.0)[0]:
-                    found = re.search(r":(\d+)$", proc.stdout.readline().strip())
-                    port = int(found.group(1)) if found else 0
-            if not port:
-                raise RuntimeError("the server did not start")
-            for clients in (16, 64):
-                load = _http_load(port, bodies, clients, seconds)
-                rows.append(
-                    {
-                        "storage": storage,
-                        "clients": clients,
-                        "rows/req": request_rows,
-                        **load,
-                        "vs in-process raw": load["rows/s"] / inproc[storage]["raw"],
-                    }
-                )
-        finally:
-            proc.terminate()
+        coalesced: dict[tuple[int, int], float] = {}
+        for workers in worker_counts:
+            proc, port = _start_server(path, "--workers", str(workers))
             try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+                for clients, rows in SERVING_LOADS:
+                    before = _batch_rows(port) if workers == 1 else (0.0, 0.0)
+                    spec = {
+                        "port": port,
+                        "bodies": bodies[rows],
+                        "rows": rows,
+                        "clients": clients,
+                        "seconds": seconds,
+                        "warmup_s": 1.0,
+                        "max_requests": 200_000,
+                    }
+                    load = _run_load(spec)
+                    if workers == 1:
+                        after = _batch_rows(port)
+                        count = after[1] - before[1]
+                        coalesced[clients, rows] = (after[0] - before[0]) / max(count, 1)
+                    http_rows.append(
+                        {
+                            "storage": storage,
+                            "workers": workers,
+                            "clients x rows": f"{clients} x {rows}",
+                            **load,
+                            "batch rows (1 worker)": coalesced.get((clients, rows)),
+                        }
+                    )
+            finally:
+                _stop_server(proc)
+
+        # In process, at the same batch sizes: raw records (encode + forward) and ids.
+        sizes = sorted({1, 8, *(max(1, round(b)) for b in coalesced.values())})
+        for n in sizes:
+            records = raw_records(n)
+            batch = ids_batches[0]
+            kjt_n = _first_rows(batch, n)
+
+            def on_records(r: list = records, m: object = compact) -> int:
+                return len(m.predict_records(r))
+
+            def on_ids(b: tuple = kjt_n, m: object = compact, n: int = n) -> int:
+                with torch.inference_mode():
+                    m(*b)
+                return n
+
+            repeats = max(5, min(200, 20_000 // n))
+            rec_rate, rec_p50 = best_rate(on_records, repeats)
+            ids_rate, ids_p50 = best_rate(on_ids, repeats)
+            inproc_rows.append(
+                {
+                    "storage": storage,
+                    "rows/call": n,
+                    "predict_records rows/s": rec_rate,
+                    "predict_records p50_ms": rec_p50 * 1e3,
+                    "predict (ids) rows/s": ids_rate,
+                    "predict (ids) p50_ms": ids_p50 * 1e3,
+                }
+            )
+        # Cold: one row of values never seen (every call misses the encoder's memo).
+        cold = [raw_records(1) for _ in range(30)]
+        rate_cold, p50_cold = best_rate(
+            lambda m=compact, c=cold: len(m.predict_records(c.pop())), 25
+        )
+        inproc_rows.append(
+            {
+                "storage": storage,
+                "rows/call": "1 (new values)",
+                "predict_records rows/s": rate_cold,
+                "predict_records p50_ms": p50_cold * 1e3,
+            }
+        )
+        for row in http_rows:
+            if row["storage"] == storage:
+                b = row["batch rows (1 worker)"] or coalesced.get(
+                    tuple(int(x) for x in row["clients x rows"].split(" x ")), 1
+                )
+                ref = next(
+                    r
+                    for r in inproc_rows
+                    if r["storage"] == storage and r["rows/call"] == max(1, round(b))
+                )
+                row["vs in-process records @ batch"] = row["rows/s"] / ref["predict_records rows/s"]
+        # The rows form against the columns form, 10k rows (interleaved, best of 3).
+        big = raw_records(10_000)
+        columns = {k: [r.get(k) for r in big] for k in encoder.fields}
+        times = {"rows": [], "columns": []}
+        for _ in range(3):
+            for form, fn in (
+                ("rows", lambda m=compact, r=big: m.predict_records(r)),
+                ("columns", lambda m=compact, c=columns: m.predict_columns(c)),
+            ):
+                start = time.perf_counter()
+                fn()
+                times[form].append(time.perf_counter() - start)
+        forms_rows.append(
+            {
+                "storage": storage,
+                "rows form s": min(times["rows"]),
+                "columns form s": min(times["columns"]),
+                "rows / columns": min(times["rows"]) / min(times["columns"]),
+            }
+        )
     print_table(
-        f"serving: ctr serve on 127.0.0.1, {seconds:g} s per setting, {request_rows} raw rows per "
-        "request, client threads in this process (shared 2-core machine: short, noisy run)",
-        rows,
+        f"serving: ctr serve on 127.0.0.1, keep-alive clients in their own process, {seconds:g} s "
+        "per setting, rows form (shared machine: absolute figures are noisy)",
+        http_rows,
     )
-    inproc_rows = [
-        {
-            "storage": s,
-            "CompactModel ids rows/s": r["ids"],
-            "trained model (fbgemm) rows/s": r["trained"],
-            "CompactModel vs trained": r["ids"] / r["trained"],
-            "raw records rows/s": r["raw"],
-        }
-        for s, r in inproc.items()
-    ]
-    print_table("serving: in-process, batches of 4096 (same run)", inproc_rows)
+    print_table("serving: in-process CompactModel at the same batch sizes (1 thread)", inproc_rows)
+    print_table("serving: rows form vs columns form, 10k rows in process", forms_rows)
 
     # Binary serving vs fp32 lookups, b=1 and b=2 side by side: the fast decode ("auto": one
     # kernel lookup an id), every plane its own int-N row ("planes", exact, b lookups an id),
@@ -1636,8 +1776,9 @@ def bench_serving(args: argparse.Namespace) -> dict:
         pruned_rows,
     )
     return {
-        "http": rows,
+        "http": http_rows,
         "in_process": inproc_rows,
+        "forms": forms_rows,
         "binary": binary_rows,
         "pruned_index": pruned_rows,
     }
@@ -2079,7 +2220,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     sweep.add_argument("--sweep-epochs", type=float, default=None, help="max epochs per point")
     sweep.add_argument("--workers", type=int, default=1, help="parallel cell processes")
+    # serving's load generator: its spec (JSON) on stdin, its figures (JSON) on stdout
+    parser.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.loadgen:
+        import asyncio
+
+        print(json.dumps(asyncio.run(_load_clients(json.loads(sys.stdin.read())))))
+        return 0
     if args.list:
         for name, (fn, default) in SECTIONS.items():
             summary = (fn.__doc__ or "").strip().splitlines()[0]

@@ -31,6 +31,7 @@ EPILOG_PREDICT = """example:
 EPILOG_SERVE = """examples:
   ctr serve artifacts/deepfm --port 8080
   ctr serve artifacts/versions/ --max-batch 4096 --max-delay-ms 2   # newest version, hot swap
+  ctr serve artifacts/deepfm --workers 2                           # two processes, one port
   curl -s localhost:8080/v1/predict -H 'content-type: application/json' \\
        -d '{"instances": [{"C1": "68fd1e64", "I1": 3}]}'
 Reload: POST /v1/reload or SIGHUP (a directory of versions is also polled)."""
@@ -300,6 +301,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue_rows=args.max_queue_rows,
         poll_s=args.poll_s,
         binary_decode=args.binary_decode,
+        workers=args.workers,
     )
     serve(args.artifact, args.host, args.port, config)
     return 0
@@ -506,11 +508,23 @@ def build_parser(prepare: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     p.add_argument("--max-batch", type=int, default=4096, help="rows per model forward")
-    p.add_argument("--max-delay-ms", type=float, default=2.0, help="wait for more rows")
+    p.add_argument(
+        "--max-delay-ms",
+        type=float,
+        default=0.0,
+        help="wait this long for more rows (0: a batch is what queued during the last forward)",
+    )
     p.add_argument("--max-rows", type=int, default=16384, help="rows per request (else 413)")
     p.add_argument("--max-body-mb", type=float, default=8.0, help="request body limit (413)")
     p.add_argument("--max-queue-rows", type=int, default=65536, help="rows waiting before 503s")
     p.add_argument("--poll-s", type=float, default=2.0, help="version-directory poll interval")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes on the port (one a core), sharing the loaded tables; each "
+        "has its own queue and /metrics",
+    )
     p.add_argument(
         "--binary-decode",
         choices=("bits", "auto", "planes", "rows"),

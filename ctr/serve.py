@@ -23,8 +23,11 @@ Endpoints:
   artifact that fails verification is refused (409) and the old model keeps serving.
 
 Requests are validated on arrival, queued, and coalesced by one batcher into forwards of up
-to ``max_batch`` rows, waiting at most ``max_delay_ms`` for more rows. A batch's raw values
-are encoded together (one vectorised pass over all its requests' rows: the per-field fixed
+to ``max_batch`` rows: a batch takes every request that queued while the previous forward
+ran (an idle model answers a lone request at once), and waits up to ``max_delay_ms`` since
+its first request for more (default 0: no wait; raise it for fuller batches at low load).
+A batch's raw values are encoded together (small batches from the encoder's memo of recent
+values, larger ones in one vectorised pass over all its requests' rows: the per-field fixed
 cost is paid once per batch, not per request) and its forward runs, both on a dedicated
 thread, never on the event loop; a value that fails to encode fails only its own request.
 Bad requests get a JSON ``{"error": ...}``:
@@ -46,7 +49,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
+import select
 import signal
 import socket
 import time
@@ -83,7 +88,8 @@ class ServeConfig:
     """Limits and batching of one server."""
 
     max_batch: int = 4096
-    max_delay_ms: float = 2.0
+    # 0: a batch is what queued while the previous forward ran; > 0 waits for fuller batches
+    max_delay_ms: float = 0.0
     max_body_bytes: int = 8 * MiB
     max_rows: int = 16384
     max_queue_rows: int = 65536
@@ -91,9 +97,11 @@ class ServeConfig:
     # binary artifacts: "bits" holds exactly the artifact's bytes (serve_bytes); "auto",
     # "planes" and "rows" serve through fbgemm rows, faster and larger (resident_bytes).
     binary_decode: str = "bits"
+    # server processes on the one port (see ``serve``)
+    workers: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_body_bytes", "max_rows", "max_queue_rows"):
+        for name in ("max_batch", "max_body_bytes", "max_rows", "max_queue_rows", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_delay_ms < 0 or self.poll_s < 0:
@@ -261,17 +269,17 @@ def request_columns(payload: Any, accepted: set[str], max_rows: int) -> tuple[di
             raise RequestError(400, f"field 'instances': expected a list, got {_kind(rows)}")
         n = len(rows)
         _check_rows(n, max_rows)
-        columns: dict[str, list[Any]] = {}
-        for i, row in enumerate(rows):
-            if not isinstance(row, dict):
-                raise RequestError(400, f"instances[{i}]: expected an object, got {_kind(row)}")
-            for key, value in row.items():
-                if key not in accepted:
-                    raise RequestError(
-                        400, f"instances[{i}]: unknown field {key!r}; expected {sorted(accepted)}"
-                    )
-                columns.setdefault(key, [None] * n)[i] = value
-        return columns, n, ids
+        # Field by field rather than row by row: the loops run in C (this is on the event loop).
+        if not all(isinstance(row, dict) for row in rows):
+            i, row = next((i, r) for i, r in enumerate(rows) if not isinstance(r, dict))
+            raise RequestError(400, f"instances[{i}]: expected an object, got {_kind(row)}")
+        present = set().union(*rows)
+        if not present <= accepted:
+            i, key = next((i, k) for i, r in enumerate(rows) for k in r if k not in accepted)
+            raise RequestError(
+                400, f"instances[{i}]: unknown field {key!r}; expected {sorted(accepted)}"
+            )
+        return {key: [row.get(key) for row in rows] for key in present}, n, ids
     columns = payload["inputs"]
     if not isinstance(columns, dict):
         raise RequestError(400, f"field 'inputs': expected an object, got {_kind(columns)}")
@@ -366,6 +374,7 @@ def forward(served: Served, parts: Sequence[EncodedRecords]) -> np.ndarray:
     )
     n = dense.shape[0]
     values, lengths = [], []
+    ones = np.ones(max(len(p.dense) for p in parts), dtype=np.int64)
     for f in served.sparse:
         name = f["name"]
         for p in parts:
@@ -378,7 +387,7 @@ def forward(served: Served, parts: Sequence[EncodedRecords]) -> np.ndarray:
                 lengths.append(lens)
             else:
                 values.append(ids)
-                lengths.append(np.ones(len(ids), dtype=np.int64))
+                lengths.append(ones[: len(ids)])
     kjt = KeyedJaggedTensor(
         keys=[f["name"] for f in served.sparse],
         values=torch.from_numpy(np.concatenate(values).astype(np.int64, copy=False)),
@@ -418,7 +427,8 @@ class Histogram:
 class Metrics:
     """The server's counters, rendered in Prometheus' text exposition format."""
 
-    def __init__(self) -> None:
+    def __init__(self, worker: tuple[int, int] | None = None) -> None:
+        self.worker = worker  # (index, count) under --workers
         self.requests: Counter[tuple[str, int]] = Counter()
         self.latency = Histogram(LATENCY_BUCKETS)
         self.batch_rows = Histogram(BATCH_BUCKETS)
@@ -456,6 +466,13 @@ class Metrics:
             "# TYPE ctr_model_info gauge",
             f'ctr_model_info{{version="{served.version}",checksum="{served.checksum}"}} 1',
         ]
+        if self.worker is not None:
+            index, count = self.worker
+            lines += [
+                "# HELP ctr_worker The worker process that answered (each counts its own).",
+                "# TYPE ctr_worker gauge",
+                f'ctr_worker{{index="{index}",workers="{count}",pid="{os.getpid()}"}} 1',
+            ]
         return "\n".join(lines) + "\n"
 
 
@@ -532,9 +549,10 @@ def _encode_raw(served: Served, raw: RawColumns) -> EncodedRecords:
 class Batcher:
     """Coalesces queued requests into forwards of at most ``max_batch`` rows.
 
-    A batch closes when it is full, when ``max_delay`` passed since its first request, or
-    when the next request was accepted by another model (after a swap); while one forward
-    runs, the next batch fills. Only requests of the same model share a forward.
+    A batch closes when it is full, when ``max_delay`` passed since its first request (and
+    the previous forward is done), or when the next request was accepted by another model
+    (after a swap); while one forward runs, the next batch fills. Only requests of the same
+    model share a forward.
     """
 
     def __init__(self, config: ServeConfig, metrics: Metrics) -> None:
@@ -735,18 +753,25 @@ class ModelManager:
 
 
 def create_app(
-    source: str | Path, config: ServeConfig | None = None, on_ready: Any = None
+    source: str | Path,
+    config: ServeConfig | None = None,
+    on_ready: Any = None,
+    served: Served | None = None,
+    worker: tuple[int, int] | None = None,
+    on_reload: Any = None,
 ) -> Starlette:
     """The ASGI app serving ``source`` (an artifact, or a directory of artifact versions);
-    loads and verifies it first (raises :class:`ArtifactError` when it cannot). ``on_ready``
-    (optional) is called once the app has started and takes requests."""
+    loads and verifies it first (raises :class:`ArtifactError` when it cannot) unless
+    ``served`` is that model already loaded. ``on_ready`` (optional) is called once the app
+    has started and takes requests; ``on_reload`` after ``POST /v1/reload`` swapped a model
+    in; ``worker`` is (index, count) of a server process among ``--workers``."""
     config = config or ServeConfig()
     source = Path(source)
-    metrics = Metrics()
+    metrics = Metrics(worker)
     source = source.resolve()
     manager = ModelManager(
         source,
-        load_served(resolve_artifact(source), config.binary_decode),
+        served or load_served(resolve_artifact(source), config.binary_decode),
         metrics,
         config.poll_s,
         config.binary_decode,
@@ -835,6 +860,8 @@ def create_app(
         try:
             result = await manager.reload("POST /v1/reload")
             status = 200
+            if on_reload is not None and result.get("swapped"):
+                on_reload()
             return JSONResponse(result)
         except RequestError as e:
             status = e.status
@@ -895,26 +922,162 @@ async def _read_json(request: Request, limit: int) -> Any:
 def serve(
     source: str | Path, host: str = "127.0.0.1", port: int = 8080, config: ServeConfig | None = None
 ) -> None:
-    """Runs the server until interrupted; prints the address once it listens."""
+    """Runs the server until interrupted; prints the address once it listens (with
+    ``config.workers`` > 1: once every worker does; see :func:`_serve_workers`)."""
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
+    config = config or ServeConfig()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if config.workers > 1:
+        _serve_workers(source, family, host, port, config)
+        return
+    sock = _listener(family, host, port)
     bound = sock.getsockname()[1]
-
-    def announce(served: Served) -> None:
-        # Printed once requests are taken, so a script may start sending when it sees it.
-        manifest = served.model.manifest
-        print(
-            f"serving {served.path} ({manifest['model']['name']} + "
-            f"{manifest['embedding']['method']}) on http://{host}:{bound}",
-            flush=True,
-        )
-
-    app = create_app(source, config, on_ready=announce)
+    app = create_app(source, config, on_ready=lambda served: _announce(served, host, bound))
     server = uvicorn.Server(
         uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
     )
     server.run(sockets=[sock])
+
+
+def _listener(family: int, host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    # proto=IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on accepted sockets
+    # whose proto says TCP, and without it Nagle's algorithm holds a response's body (written
+    # after its headers) until the client's delayed ACK, ~40 ms per keep-alive request.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock
+
+
+def _announce(served: Served, host: str, port: int, workers: int = 1) -> None:
+    # Printed once requests are taken, so a script may start sending when it sees it.
+    manifest = served.model.manifest
+    print(
+        f"serving {served.path} ({manifest['model']['name']} + "
+        f"{manifest['embedding']['method']}) on http://{host}:{port}"
+        + (f" ({workers} workers)" if workers > 1 else ""),
+        flush=True,
+    )
+
+
+def _serve_workers(
+    source: str | Path, family: int, host: str, port: int, config: ServeConfig
+) -> None:
+    """``config.workers`` server processes on one port, forked from this one once it has
+    loaded and verified the model, so the workers share its tables' memory (copy-on-write
+    pages that serving never writes) instead of loading a copy each.
+
+    Each worker listens on its own socket bound to the port with ``SO_REUSEPORT``: the kernel
+    spreads new connections evenly over them (one shared listening socket lets whichever
+    event loop wakes first accept a whole burst). Each worker runs one forward thread with
+    one intra-op thread: N workers for N cores.
+
+    Per worker, as documented in the README: every worker has its own queue, batcher and
+    counters (``/metrics`` answers for the worker that took the connection, named by the
+    ``ctr_worker`` line). A hot swap loads the new version in each worker (a swapped-in model
+    is each worker's own copy): ``SIGHUP`` to this process reaches every worker, a
+    ``POST /v1/reload`` that swaps tells this process to reload the others, and each worker
+    polls a directory of versions. A worker that dies is started again (after a second) and
+    first reloads, to serve the version the others serve. ``SIGTERM``/``SIGINT`` stop all.
+    """
+    import uvicorn
+
+    torch.set_num_threads(1)  # before any forward: no intra-op threads exist at the fork
+    resolved = Path(source).resolve()
+    served = load_served(resolve_artifact(resolved), config.binary_decode)
+    # Holds the port (bound, not listening: it takes no connections) for restarted workers.
+    keeper = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    keeper.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    keeper.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    keeper.bind((host, port))
+    port = keeper.getsockname()[1]
+    ready_r, ready_w = os.pipe()
+    parent = os.getpid()
+    children: dict[int, int] = {}  # pid -> worker index
+    stopping = False
+
+    def start(index: int, restarted: bool) -> None:
+        pid = os.fork()
+        if pid:
+            children[pid] = index
+            return
+        code = 1
+        try:  # the worker: never returns into the supervisor's code
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app handles it
+            os.close(ready_r)
+            keeper.close()
+            sock = _listener(family, host, port, reuse_port=True)
+            app = create_app(
+                resolved,
+                config,
+                on_ready=lambda _: ready(app, restarted),
+                served=served,
+                worker=(index, config.workers),
+                on_reload=lambda: os.kill(parent, signal.SIGUSR1),
+            )
+            uvicorn.Server(
+                uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+            ).run(sockets=[sock])
+            code = 0
+        except BaseException:
+            log.exception("worker %d failed", index)
+        finally:
+            os._exit(code)
+
+    def ready(app: Starlette, restarted: bool) -> None:
+        if restarted:
+            app.state.manager.reload_soon("worker restart")
+        os.write(ready_w, b"r")
+
+    def forward(sig: int) -> None:
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def on_stop(sig: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        forward(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, lambda sig, frame: forward(signal.SIGHUP))
+    signal.signal(signal.SIGUSR1, lambda sig, frame: forward(signal.SIGHUP))
+    for index in range(config.workers):
+        start(index, restarted=False)
+    announced, ready_count = False, 0
+    try:
+        while children:
+            if not announced:
+                if select.select([ready_r], [], [], 0.2)[0]:
+                    ready_count += len(os.read(ready_r, 64))
+                    if ready_count >= config.workers:
+                        _announce(served, host, port, config.workers)
+                        announced = True
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            else:
+                pid, status = os.waitpid(-1, 0)
+            if not pid:
+                continue
+            index = children.pop(pid)
+            if stopping:
+                continue
+            if not announced:
+                raise RuntimeError(f"worker {index} exited during start-up (status {status})")
+            log.warning(
+                "worker %d (pid %d) exited with status %d; starting it again", index, pid, status
+            )
+            time.sleep(1.0)
+            start(index, restarted=True)
+    finally:
+        forward(signal.SIGTERM)
+        for pid in list(children):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        keeper.close()

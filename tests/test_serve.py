@@ -7,6 +7,7 @@ Every loop is bounded and both processes are always terminated.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -14,6 +15,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -362,3 +364,127 @@ def test_a_bad_value_fails_only_its_own_request_in_a_batch(servers):
     expected = served.model.predict_records(records)
     np.testing.assert_allclose(probs[slice(*outcome[0])], expected[:10], atol=1e-6)
     np.testing.assert_allclose(probs[slice(*outcome[2])], expected[10:], atol=1e-6)
+
+
+def _keep_alive_latencies(port: int, request: bytes, count: int) -> list[float]:
+    """Seconds per request of ``count`` requests on one keep-alive connection (a raw socket,
+    one ``sendall`` a request, TCP_NODELAY on the client side as a ranking service sets it)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    latencies = []
+    try:
+        for _ in range(count + 1):  # the first one opens the connection: not counted
+            start = time.perf_counter()
+            sock.sendall(request)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += sock.recv(65536) or _closed()
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            while len(body) < length:
+                body += sock.recv(65536) or _closed()
+            latencies.append(time.perf_counter() - start)
+    finally:
+        sock.close()
+    return latencies[1:]
+
+
+def _closed() -> bytes:
+    raise ConnectionError("the server closed the keep-alive connection")
+
+
+def test_keep_alive_requests_do_not_stall(servers):
+    """Answers on a kept-alive connection come without the ~40 ms stall of Nagle's algorithm
+    meeting the client's delayed ACK (a response written as headers, then body, with Nagle
+    on). /healthz does almost no work, so its p50 stays far below 40 ms even on a busy
+    machine; with the stall every request after the first waits for the delayed ACK."""
+    port = servers["plain"].port
+    health = _keep_alive_latencies(port, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n", 20)
+    assert np.median(health) < 0.020, f"keep-alive p50 {np.median(health) * 1e3:.1f} ms"
+    body = json.dumps({"instances": [{}]}).encode()
+    predict = (
+        b"POST /v1/predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    assert len(_keep_alive_latencies(port, predict, 5)) == 5  # predictions answer as well
+
+
+def _worker_of(server: Server) -> str:
+    """The pid of the worker that answers a new connection."""
+    _, _, text = server.request("GET", "/metrics")
+    return re.search(r'ctr_worker\{index="\d+",workers="\d+",pid="(\d+)"\}', text).group(1)
+
+
+def _versions_everywhere(server: Server, version: str, workers: set[str]) -> bool:
+    """Whether every worker in ``workers`` answers /v1/metadata with ``version`` (new
+    connections land on the workers by the kernel's hash: enough of them reach each)."""
+    seen: dict[str, str] = {}
+    for _ in range(60):
+        pid = _worker_of(server)
+        seen[pid] = server.request("GET", "/v1/metadata")[2]["version"]  # another connection
+        if set(seen) >= workers and all(v == version for v in seen.values()):
+            return True
+    return False
+
+
+def test_workers_share_the_port_swap_together_and_restart(tiny_data, tmp_path):
+    _export(tiny_data, tmp_path / "versions" / "v1", seed=0)
+    server = Server(
+        tmp_path / "versions", tmp_path / "workers.log", "--workers", "2", "--poll-s", "0"
+    )
+    try:
+        server.wait()
+        records = _records(tiny_data, 20, seed=5)
+        v1 = CompactModel.load(tmp_path / "versions" / "v1").predict_records(records)
+        workers: set[str] = set()
+        for _ in range(60):  # bounded: new connections until both workers answered
+            workers.add(_worker_of(server))
+            np.testing.assert_allclose(server.predict({"instances": records}), v1, atol=1e-6)
+            if len(workers) == 2:
+                break
+        assert len(workers) == 2, "one worker took every connection"
+        parent = server.proc.pid
+        children = {int(p) for p in workers}
+
+        # A reload on one worker reaches the other (through the parent).
+        _export(tiny_data, tmp_path / "versions" / "v2", seed=1)
+        status, _, payload = server.request("POST", "/v1/reload")
+        assert status == 200 and payload["version"] == "v2", payload
+        deadline = time.monotonic() + 60
+        while not _versions_everywhere(server, "v2", workers):
+            assert time.monotonic() < deadline, "a worker still serves v1"
+        v2 = CompactModel.load(tmp_path / "versions" / "v2").predict_records(records)
+        np.testing.assert_allclose(server.predict({"instances": records}), v2, atol=1e-6)
+
+        # A worker that dies is started again and serves what the others serve.
+        victim = min(children)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            current = set()
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                current = {_worker_of(server) for _ in range(20)}
+            if len(current) == 2 and str(victim) not in current:
+                break
+            assert time.monotonic() < deadline, "the dead worker was not replaced"
+            time.sleep(0.5)
+        assert _versions_everywhere(server, "v2", current)
+    finally:
+        server.stop()
+    gone = time.monotonic() + 15
+    for pid in [*children, *(int(p) for p in current)]:
+        while _alive(pid) and time.monotonic() < gone:
+            time.sleep(0.1)
+        assert not _alive(pid), f"worker {pid} outlived the server (parent {parent})"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    return False

@@ -56,6 +56,10 @@ class AvazuFormat(Format):
         self.categorical = [c for c in AVAZU_COLUMNS if c not in ("id", "click", "hour")]
         self.sparse = ["hour_of_day", "weekday", *self.categorical]
 
+    @property
+    def sources(self) -> dict[str, str]:
+        return {"hour_of_day": "hour", "weekday": "hour"} | {c: c for c in self.categorical}
+
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> AvazuFormat:
         return cls(AvazuConfig(**config))

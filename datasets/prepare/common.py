@@ -170,6 +170,13 @@ class Format(ABC):
         return {"format": self.name, "config": asdict(self.config)}
 
     @property
+    def sources(self) -> dict[str, str] | None:
+        """Each feature (dense and sparse) -> the one raw column its value is computed from,
+        when every feature depends on one column of its own row only; ``None`` (the default)
+        when that is not declared. Serving memoises encodings per raw value with it."""
+        return None
+
+    @property
     def fitted_fields(self) -> list[str]:
         """Sparse fields whose vocabulary :meth:`fit` derives from train statistics (quantile
         buckets) instead of counted tokens; ``transform`` yields their tokens once fitted."""

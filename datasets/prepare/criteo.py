@@ -88,6 +88,11 @@ class CriteoFormat(Format):
         self.buckets = [f"{d}_bucket" for d in CRITEO_DENSE] if config.bucketize_dense else []
         self.sparse = CRITEO_SPARSE + self.buckets
 
+    @property
+    def sources(self) -> dict[str, str]:
+        own = {c: c for c in [*self.dense, *CRITEO_SPARSE]}
+        return own | {f"{d}_bucket": d for d in self.dense if self.buckets}
+
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> CriteoFormat:
         return cls(CriteoConfig(**config))

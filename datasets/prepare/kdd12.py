@@ -63,6 +63,10 @@ class Kdd12Format(Format):
         self.dense = []
         self.sparse = KDD12_FEATURES
 
+    @property
+    def sources(self) -> dict[str, str]:
+        return {f: f for f in self.sparse}
+
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Kdd12Format:
         return cls(Kdd12Config(**config))

@@ -75,6 +75,10 @@ class MovieLensFormat(Format):
         ]
         self.multi_valued = {"genres": GENRE_SEPARATOR}
 
+    @property
+    def sources(self) -> dict[str, str]:
+        return {f: "title" if f == "year" else f for f in self.sparse}
+
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> MovieLensFormat:
         return cls(MovieLensConfig(**config))

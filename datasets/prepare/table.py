@@ -205,6 +205,11 @@ class TableFormat(Format):
     def fitted_fields(self) -> list[str]:
         return [bucket_field(c) for c in self.bucketed]
 
+    @property
+    def sources(self) -> dict[str, str]:
+        own = {c: c for c in [*self.dense, *self.config.categorical, *self.multi_valued]}
+        return own | {bucket_field(c): c for c in self.bucketed}
+
     def observe(self, features: Features, train: np.ndarray) -> None:
         for c in self.bucketed:
             self._sketches[c].add(features.numbers[c][train])
