@@ -213,6 +213,14 @@ class RunContext:
     def step(self) -> int:
         return self.trainer.state.step
 
+    @property
+    def stage_step(self) -> int:
+        return self.trainer.state.stage_step
+
+    @property
+    def stage_steps(self) -> int:
+        return self.trainer._stage_steps(self.stage)
+
     def loss(self, batch: Any) -> torch.Tensor:
         return self.trainer.loss(batch)
 

@@ -1,9 +1,11 @@
-"""deeplight: the pruning schedule, exact final sparsity, fine-tuning with the mask fixed,
-exact export bytes and predictions (fp32, and int8/int4 storage), resume."""
+"""deeplight: the pruning schedule (over the stage, with a dense warm-up) followed in a run,
+regrowth, exact final sparsity, fine-tuning with the mask fixed, exact export bytes and
+predictions (fp32, and int8/int4 storage), resume."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from pruning_checks import check_artifact, check_resume, config, zeroed_auc
 
 from compressors import FeatureSpec, build_compressor
 from compressors.pruning.common import PrunedServing
-from compressors.pruning.deeplight import deeplight_sparsity
+from compressors.pruning.deeplight import DeepLight, deeplight_sparsity, stage_sparsity
 from ctr.run import load_run_model, train_run
 
 
@@ -21,6 +23,22 @@ def test_schedule_rises_to_the_target():
     assert values[0] == 0.0 and values == sorted(values)
     assert values[1] == pytest.approx(0.9 * 0.01)
     assert values[-1] == pytest.approx(0.9, abs=0.01)
+
+
+def test_stage_schedule_is_the_papers_curve_fitted_to_the_stage():
+    total, s = 1000, 0.9
+    values = [stage_sparsity(s, t, total, 0.2, 0.8) for t in range(total + 1)]
+    assert values == sorted(values)
+    assert max(values[:200]) == 0.0  # dense warm-up
+    assert values[800:] == [s] * 201  # the target from target_at on
+    # The paper's curve rescaled in time: its 99% point (t = 100·ln 0.01 / ln 0.99) lands
+    # at target_at, so a point x of the way there reads the paper's value at x of 458 steps.
+    paper99 = 100 * math.log(0.01) / math.log(0.99)
+    for x in (0.1, 0.25, 0.5):
+        t = 200 + x * 600
+        assert stage_sparsity(s, t, total, 0.2, 0.8) == pytest.approx(
+            deeplight_sparsity(s, x * paper99, 100) / 0.99
+        )
 
 
 def test_magnitude_pruning_keeps_the_largest_entries_exactly():
@@ -59,11 +77,64 @@ def test_integer_storage_meets_the_budget_with_exact_bytes(storage, atol):
     assert (served - layer(kjt)).abs().max() < atol  # init weights within ±0.01
 
 
+def _recorded_run(data: Path, out: Path, **options) -> list[tuple[int, int, torch.Tensor]]:
+    """Trains ``options``' deeplight run, recording after every prune-stage step the stage
+    step, the stage's length and the mask (cloned)."""
+    record = []
+    after_step = DeepLight.after_step
+
+    def recording(self, ctx):
+        after_step(self, ctx)
+        if ctx.stage.name == "prune":
+            record.append((ctx.stage_step + 1, ctx.stage_steps, self.mask.clone()))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DeepLight, "after_step", recording)
+        train_run(config(data, "deeplight", "5x", **options), out)
+    return record
+
+
 @pytest.fixture(scope="module")
-def run(learn_data, tmp_path_factory) -> Path:
+def recorded(learn_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("deeplight") / "run"
-    train_run(config(learn_data, "deeplight", "5x", decay_steps=4), out)
-    return out
+    return out, _recorded_run(learn_data, out, prune_every=4)
+
+
+@pytest.fixture(scope="module")
+def run(recorded) -> Path:
+    return recorded[0]
+
+
+def test_the_run_follows_the_schedule_and_reaches_the_target_before_the_stage_ends(recorded):
+    # Mutation: without the gradual pruning (after_step not pruning) the mask stays dense
+    # until the stage's end prunes everything at once, and this fails.
+    out, record = recorded
+    layer = load_run_model(out)[0].embedding.compressor
+    n, target = layer.mask.numel(), layer.target_entries
+    total = record[0][1]
+    assert len(record) == total > 40
+    sparsity = [(t, 1 - int(m.sum()) / n) for t, _, m in record]
+    for t, s in sparsity:
+        expected = stage_sparsity(layer.target_sparsity, t - t % 4, total, 0.2, 0.8)
+        assert s == pytest.approx(expected, abs=1e-3), (t, s, expected)
+    assert [s for t, s in sparsity if t < 0.2 * total] == [0.0] * len(
+        [t for t, _ in sparsity if t < 0.2 * total]
+    )
+    middle = [s for t, s in sparsity if 0.3 * total < t < 0.7 * total]
+    assert middle and 0.2 * layer.target_sparsity < min(middle)
+    assert max(middle) < layer.target_sparsity
+    # The schedule itself reached the budget: the stage's end has nothing left to prune.
+    assert int(record[-1][2].sum()) == target
+
+
+def test_pruned_entries_regrow_until_the_stage_ends(recorded, learn_data, tmp_path):
+    # regrow (default): every pass ranks all entries, so some entry pruned by one pass is
+    # back after a later one; regrow=False never revives one (each mask inside the last).
+    masks = [m for _, _, m in recorded[1]]
+    revived = sum(int((b & ~a).sum()) for a, b in zip(masks, masks[1:], strict=False))
+    assert revived > 0
+    fixed = [m for _, _, m in _recorded_run(learn_data, tmp_path / "r", regrow=False, epochs=0.1)]
+    assert all(bool((b <= a).all()) for a, b in zip(fixed, fixed[1:], strict=False))
 
 
 def test_pruned_to_the_target_and_finetune_keeps_the_mask(run):
@@ -96,5 +167,5 @@ def test_export_at_int8_storage(run, learn_data, tmp_path):
 
 
 def test_each_stage_resumes_after_a_kill(tiny_data, tmp_path):
-    cfg = config(tiny_data, "deeplight", "3x", epochs=0.5, decay_steps=2, prune_every=3)
+    cfg = config(tiny_data, "deeplight", "3x", epochs=0.5, prune_every=3)
     check_resume(cfg, tmp_path, [5, 12])

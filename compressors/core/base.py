@@ -347,6 +347,19 @@ class StageContext(Protocol):
         """Optimizer steps taken so far in the run (all stages)."""
         ...
 
+    @property
+    def stage_step(self) -> int:
+        """Optimizer steps taken so far in this stage (counted like :attr:`step`: in
+        ``after_step`` the step just taken is not yet counted)."""
+        ...
+
+    @property
+    def stage_steps(self) -> int:
+        """The steps this training stage is scheduled for (its epochs × batches per epoch):
+        the length a method's schedule (pruning, annealing) is defined over. A stage that
+        early-stops may end before it."""
+        ...
+
     def loss(self, batch: Any) -> torch.Tensor:
         """The run's data loss (mean BCE) of ``batch``, with gradients; no ``penalty()``."""
         ...

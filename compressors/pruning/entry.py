@@ -165,11 +165,16 @@ class EntryPruned(SearchedBytes, Compressor):
         )
 
     @torch.no_grad()
-    def keep_top(self, scores: torch.Tensor, k: int) -> None:
-        """Sets the mask to the ``k`` entries of largest ``scores`` (``[N, D]``; ties by
-        position), never reviving an entry already masked."""
-        flat = torch.where(self.mask, scores, torch.full_like(scores, -1.0)).flatten()
-        k = min(k, int(self.mask.sum()))
+    def keep_top(self, scores: torch.Tensor, k: int, revive: bool = False) -> None:
+        """Sets the mask to the ``k`` entries of largest ``scores`` (``[N, D]``, non-negative;
+        ties by position). Without ``revive`` an entry already masked stays masked; with it
+        every entry competes (a pruned entry that regrew can come back)."""
+        if revive:
+            flat = scores.flatten()
+            k = min(k, flat.numel())
+        else:
+            flat = torch.where(self.mask, scores, torch.full_like(scores, -1.0)).flatten()
+            k = min(k, int(self.mask.sum()))
         mask = torch.zeros_like(flat, dtype=torch.bool)
         mask[torch.topk(flat, k, sorted=False).indices] = True
         self.mask.copy_(mask.view_as(self.mask))
