@@ -5,6 +5,7 @@ bytes and predictions at fp32/fp16/int8, resume."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ from compressors.pruning.common import bitmap_bytes
 from compressors.pruning.pep import PEP, soft_threshold
 from ctr.embedding import features_from_dataset
 from ctr.run import load_run_model, train_run
+from ctr.trainer import Trainer
+from datasets.loader import BatchLoader
 
 
 def test_soft_threshold_formula_and_gradients():
@@ -119,6 +122,41 @@ def test_thresholds_reach_the_budget_and_frequent_ids_defend_their_entries(run, 
     s = layer.threshold.detach()
     assert s[frequent].mean() < s[rare].mean() - 0.05
     assert layer.mask[frequent].float().mean() > 2 * layer.mask[rare].float().mean()
+
+
+def test_the_record_says_what_the_thresholds_reached_when_pruning_dips_validation(
+    learn_data, tmp_path, monkeypatch
+):
+    # Validation AUC falls through the search (as pruning can make it) and evaluations are
+    # frequent with patience 1, so the search's first evaluation is its best. A search stage
+    # that early-stopped or restored its best weights would roll the thresholds and the
+    # found mask back to before the target was reached and report the magnitude fallback
+    # (fallback=True, reached_sparsity near 0) although the thresholds had reached it; the
+    # search stage runs to its end (early_stop=False) and keeps its architecture
+    # (restore_best=False), so the record says what the thresholds did.
+    evaluate = Trainer.evaluate
+
+    def falling_during_the_search(self, loader, max_batches=None):
+        metrics = evaluate(self, loader, max_batches)
+        if self.state.stage == 0 and loader is self.valid:
+            metrics["auc"] = 0.9 - self.state.step / 1000
+        return metrics
+
+    monkeypatch.setattr(Trainer, "evaluate", falling_during_the_search)
+    cfg = config(learn_data, "pep", "5x", threshold_lr=0.4, check_every=2)
+    cfg.train.eval_every, cfg.train.patience = 4, 1
+    train_run(cfg, tmp_path / "run")
+    layer = load_run_model(tmp_path / "run")[0].embedding.compressor
+    history = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    search = [h for h in history if h["stage"] == "search"]
+    hp = layer.hyperparameters()
+    assert not hp["fallback"] and hp["reached_sparsity"] >= hp["target_sparsity"], hp
+    steps = math.ceil(0.2 * len(BatchLoader(learn_data, "train", 1024)))
+    assert search[-1]["step"] == steps  # the whole schedule ran
+    assert search[0]["step"] < hp["found_step"] < steps  # the best came before the target
+    assert int(layer.mask.sum()) <= layer.target_entries
 
 
 def test_retrain_keeps_the_mask(run):

@@ -149,7 +149,7 @@ class DeepLight(EntryPruned):
         )
 
     def architecture_state(self) -> list[str]:
-        return ["mask", "stage_start"]
+        return ["mask"]
 
     @property
     def target_sparsity(self) -> float:
