@@ -28,23 +28,19 @@ The serving bytes are decided by the choice (:class:`SearchedBytes`): the plan i
 as a bound, and so is ``memory()`` before the search ends (labelled); after it, the exact
 bytes of the chosen layout. ``train_bytes`` is the search's (its peak).
 
-Planted signal. Each candidate's normalisation has no affine of its own (as the reference
-code): a per-candidate scale would let a candidate win by magnitude again. The field's
-mixture is then scaled and shifted by parameters shared by its candidates, the scale starting
-at the tables' init scale. With the normalised mixture at unit scale (the earlier version, a
-learnable affine per candidate starting at 1), every field, the no-signal ones included, added
-O(1) random FM interactions: the supernet trained badly (valid AUC 0.60-0.64 after 0.5 search
-epochs against 0.75 for ``full``; 0.75 with the fix) and the architecture gradient followed
-that label-independent noise — the strong/no-signal expected-dim ratio was 0.83 on the
-planted data (tests/conftest.py ``learn_data``, DeepFM, dim 16, 5x, 0.15 search epochs,
-``arch_lr`` 0.05) and 0.83 on ``control_data``. With the fix: 1.86, 1.55, 1.84 (seeds 0-2)
-planted against 1.42, 0.90, 0.88 on the control. The gap is modest and noisy: the teacher's
-interactions have rank 4, so only ``d = 2`` is too narrow for a signal field, and nothing in
-the paper's objective pushes a no-signal field down but overfitting, little at this scale.
-A faster anneal (``anneal`` 0.01) changes little (1.81/1.50/1.88 against 1.39/0.88/0.86);
-``arch_lr`` 0.1 for 0.3 epochs spreads more (1.40-4.03 against 0.45-1.40). After the
-search, the budget repair (5x) overrides most choices of the large fields; the tests read
-:meth:`expected_dims`, the search's unrepaired preference.
+Options: ``arch_lr``, ``min_temperature``, ``anneal``, ``search_epochs``, ``retrain_epochs``,
+``storage``, ``search_holdout``.
+
+Deviations from the paper:
+
+- The temperature anneals over the search stage (above); ``anneal=5e-5`` is the paper's.
+- The choice is repaired to fit the budget (the paper's memory is unbounded).
+- The dense network keeps its searched weights for the retrain (the paper retrains it).
+- Each candidate's normalisation has no affine of its own (as the reference code); the field's
+  mixture is scaled and shifted by parameters its candidates share, the scale starting at the
+  tables' init scale (why: ``docs/methods/autodim.md``).
+
+Notes and measured figures (the planted-signal tests, the anneal): ``docs/methods/autodim.md``.
 
 Example::
 
