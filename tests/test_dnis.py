@@ -16,7 +16,12 @@ from dimension_checks import (
 from table_checks import criteo_features
 
 from compressors import FeatureSpec, build_compressor, build_serving
-from compressors.dimension.blocks import BlockMap, frequency_blocks
+from compressors.dimension.blocks import (
+    BlockMap,
+    block_ranges,
+    frequency_blocks,
+    global_frequency_blocks,
+)
 from datasets.synthetic import SIGNAL_PATTERN
 
 
@@ -32,9 +37,45 @@ def test_frequency_blocks_have_equal_mass_and_small_fields_get_fewer():
     assert frequency_blocks(FeatureSpec("C", 12), 3) == [0, 4, 8, 12]  # no counts: equal sizes
 
 
-def test_forward_scales_each_value_by_its_blocks_alpha_for_multi_hot_bags():
+def test_global_blocks_rank_every_fields_values_together():
+    def zipf(n: int, scale: float) -> np.ndarray:
+        return np.concatenate([[0.0], np.floor(scale / np.arange(1, n) ** 1.1)])
+
+    sizes = {"A": (3, 3e3), "B": (40, 1e4), "C": (700, 1e4), "D": (1, 0.0), "E": (2000, 3e4)}
+    features = [FeatureSpec(k, n, frequencies=zipf(n, c)) for k, (n, c) in sizes.items()]
+    bounds, index = global_frequency_blocks(features, 6, oov_block=True)
+    # Every value's global block, from each field's ranges (OOV ids: block 0).
+    value_block, value_count = [], []
+    for f, (b, k) in enumerate(zip(bounds, index, strict=True)):
+        assert b[0] == 0 and b[-1] == features[f].cardinality and b == sorted(set(b))
+        assert k[0] == 0 and b[1] == 1 and k == sorted(k)  # OOV first, then rarer blocks
+        for (start, stop), block in zip(block_ranges(b), k, strict=True):
+            for v in range(max(start, 1), stop):
+                value_block.append(block)
+                value_count.append(features[f].frequencies[v])
+    value_block, value_count = np.array(value_block), np.array(value_count)
+    # Blocks are cuts of one frequency ranking: every value of block k is at least as
+    # frequent as every value of block k + 1, whatever its field.
+    for k in range(1, 6):
+        assert value_count[value_block == k].min() >= value_count[value_block == k + 1].max()
+    # Equal train mass: each cut lands on the first value reaching k/6 of the total.
+    mass = np.array([value_count[value_block == k].sum() for k in range(1, 7)])
+    cumulative = np.cumsum(mass) / mass.sum()
+    assert all(cumulative[k - 1] >= k / 6 for k in range(1, 6))
+    assert all(cumulative[k - 1] - k / 6 < value_count.max() / mass.sum() for k in range(1, 6))
+    layer = build_compressor("dnis", features, dim=8, budget="2x", blocks="global")
+    assert layer.shared_alpha and layer.alpha.shape == (7, 8)  # one α row per global block
+    assert layer.bounds == bounds
+    assert layer.plan().train_bytes == layer.memory().train_bytes
+    per_field = build_compressor("dnis", features, 8, "2x", blocks="global", shared_alpha=False)
+    assert per_field.alpha.shape == (len(per_field.router.lookup_keys), 8)
+
+
+@pytest.mark.parametrize("blocks", ["field", "global"])
+def test_forward_scales_each_value_by_its_blocks_alpha_for_multi_hot_bags(blocks):
+    # Mutation: a forward that ignores α fails here.
     features = criteo_features(scale=0.0005, zipf=True)[:5]
-    layer = build_compressor("dnis", features, dim=8, budget="2x")
+    layer = build_compressor("dnis", features, dim=8, budget="2x", blocks=blocks)
     with torch.no_grad():
         layer.alpha.uniform_(0, 1)
     kjt = random_kjt(features, batch=6)
@@ -48,7 +89,7 @@ def test_forward_scales_each_value_by_its_blocks_alpha_for_multi_hot_bags():
             for v in jagged.values()[offsets[b] : offsets[b + 1]].tolist():
                 block = int(np.searchsorted(layer.bounds[f], v, side="right")) - 1
                 lookup = sum(len(x) - 1 for x in layer.bounds[:f]) + block
-                expected[b, f] += weights[f][v] * layer.alpha[lookup]
+                expected[b, f] += weights[f][v] * layer.lookup_alpha()[lookup]
     torch.testing.assert_close(out, expected)
     routed = BlockMap([f.name for f in features], layer.bounds, relative=True)(kjt)
     assert len(routed.keys()) == sum(len(b) - 1 for b in layer.bounds)

@@ -65,6 +65,64 @@ def frequency_blocks(feature: FeatureSpec, num_blocks: int, oov_block: bool = Fa
     return bounds
 
 
+def global_frequency_blocks(
+    features: Sequence[FeatureSpec], num_blocks: int, oov_block: bool = False
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Blocks over the values of every field ranked together by train frequency (DNIS's
+    official code ranks one global id space), cut into ``num_blocks`` of equal train mass.
+
+    Returns per field the boundaries of its id ranges and the global block of each range.
+    Because a field's ids are frequency-ordered, a global block meets each field in one id
+    range (empty ranges are left out, so a field lists only the blocks it has values in).
+    Ties in frequency (and fields without frequencies, whose ids then weigh the same) go by
+    the id's relative position in its field. ``oov_block``: every field's OOV id 0 forms
+    global block 0, and the value blocks are ``1..num_blocks``."""
+    if num_blocks < 1:
+        raise ValueError(f"the number of frequency blocks must be >= 1, got {num_blocks}")
+    first = 1 if oov_block else 0
+    counts, relative, owner = [], [], []
+    for f, feature in enumerate(features):
+        n = feature.cardinality
+        c = np.ones(n) if feature.frequencies is None else np.asarray(feature.frequencies, float)
+        values = np.arange(first, n)
+        counts.append(c[first:])
+        relative.append((values - first) / max(n - first, 1))
+        owner.append(np.full(len(values), f))
+    count, rel, field = (np.concatenate(x) for x in (counts, relative, owner))
+    order = np.lexsort((rel, -count))
+    cumulative = np.cumsum(count[order])
+    total = cumulative[-1] if len(cumulative) else 0.0
+    if total <= 0:
+        cumulative, total = np.arange(1, len(order) + 1, dtype=np.float64), float(len(order))
+    targets = total * np.arange(1, num_blocks) / num_blocks
+    # As frequency_blocks: block k ends after the first value whose cumulative mass reaches
+    # k/S of the total.
+    cuts = np.searchsorted(cumulative, targets, side="left") + 1
+    block = np.empty(len(order), dtype=np.int64)
+    block[order] = np.searchsorted(cuts, np.arange(len(order)), side="right")
+    all_bounds, all_blocks = [], []
+    start = 0
+    for feature in features:
+        n = feature.cardinality
+        own = block[start : start + n - first] if n > first else np.zeros(0, np.int64)
+        start += max(n - first, 0)
+        # An id rarer than a later one (id 0 when it is not a block of its own, or a field
+        # whose ids are not frequency-ordered) joins the block of the ids after it, so each
+        # block stays one id range.
+        own = np.minimum.accumulate(own[::-1])[::-1] if len(own) else own
+        bounds, blocks = ([0, 1], [0]) if oov_block else ([0], [])
+        for i in range(len(own)):
+            if i == 0 or own[i] != own[i - 1]:
+                if i > 0:
+                    bounds.append(first + i)
+                blocks.append(int(own[i]) + first)
+        if len(own):
+            bounds.append(n)
+        all_bounds.append(bounds)
+        all_blocks.append(blocks)
+    return all_bounds, all_blocks
+
+
 def block_ranges(bounds: Sequence[int]) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 

@@ -1,16 +1,23 @@
 """``dnis`` — Differentiable Neural Input Search (Cheng, Shen, Huang, arXiv 2006.04466;
 official code SJTU-DMTai/AutoSrh, ``main_nas.py`` with ``--search_space free``).
 
-Each field's ids (frequency-ordered) are cut into ``S`` frequency blocks of equal train mass
-(:func:`frequency_blocks`; ``num_blocks``, default 6 as the official CTR script; small fields
-get fewer). The OOV id 0 is a block of its own before them (``oov_block``, default True; the
-paper has no OOV id): unseen in train it would otherwise be an untrained row inside the head
-block, and where preprocessing folds rare values into it, a "head" value made of tail ones.
-Its α row learns only from the L1 term when id 0 never occurs, so it goes to 0.
+**Blocks.** ``blocks="field"`` (default, see below): each field's ids (frequency-ordered)
+are cut into ``S`` frequency blocks of equal train mass (:func:`frequency_blocks`;
+``num_blocks``, default 6 as the official CTR script; small fields get fewer), with an α per
+field. ``blocks="global"`` is the official code's: the values of all fields are ranked
+together by train frequency and cut into ``S`` blocks of equal train mass
+(:func:`global_frequency_blocks`), and one α serves every field (``shared_alpha`` defaults to
+it; the official code cuts its single id space at hand-set sizes, ``--feature_split``, which
+equal mass replaces on data it was not tuned for). A global block meets each field in one id
+range, so both layouts route and export alike. The OOV id 0 is a block of its own before them
+(``oov_block``, default True; the paper has no OOV id): unseen in train it would otherwise be
+an untrained row inside the head block, and where preprocessing folds rare values into it, a
+"head" value made of tail ones. Its α row learns only from the L1 term when id 0 never occurs,
+so it goes to 0.
 
 A soft-selection matrix ``α ∈ [0,1]^{S×D}`` per field (``shared_alpha=True``: one for every
-field, as the official code, which ranks all values globally), initialised to 1, scales each
-embedding element-wise by its block's row: ``ẽ_v = e_v ⊙ α[block(v)]``.
+field, indexed by block), initialised to 1, scales each embedding element-wise by its block's
+row: ``ẽ_v = e_v ⊙ α[block(v)]``.
 
 Stages:
 
@@ -109,7 +116,13 @@ from compressors.core.storage import (
     optimizer_state_bytes,
     pack_rows,
 )
-from compressors.dimension.blocks import BlockMap, block_ranges, frequency_blocks, router_bytes
+from compressors.dimension.blocks import (
+    BlockMap,
+    block_ranges,
+    frequency_blocks,
+    global_frequency_blocks,
+    router_bytes,
+)
 from compressors.dimension.mixed import (
     MIXED_KIND,
     csr_bytes,
@@ -122,12 +135,24 @@ from compressors.dimension.mixed import (
 
 DEFAULT_BLOCKS = 6
 PRUNE_SCORES = ("folded", "alpha")
+BLOCKS = ("field", "global")
 
 
 def dnis_bounds(
-    features: Sequence[FeatureSpec], num_blocks: int, oov_block: bool
-) -> list[list[int]]:
-    return [frequency_blocks(f, num_blocks, oov_block) for f in features]
+    features: Sequence[FeatureSpec], num_blocks: int, oov_block: bool, blocks: str = "field"
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Per field, its blocks' id boundaries and each block's index: within the field
+    (``field``) or among the global blocks (``global``)."""
+    if blocks == "global":
+        return global_frequency_blocks(features, num_blocks, oov_block)
+    bounds = [frequency_blocks(f, num_blocks, oov_block) for f in features]
+    return bounds, [list(range(len(b) - 1)) for b in bounds]
+
+
+def alpha_rows(block_index: Sequence[Sequence[int]], shared: bool) -> int:
+    """Rows of α: one per block index when shared by the fields, else one per lookup."""
+    flat = [b for field in block_index for b in field]
+    return max(flat) + 1 if shared else len(flat)
 
 
 def dnis_train_bytes(rows: int, dim: int, alpha_rows: int, optimizer: str) -> int:
@@ -204,8 +229,11 @@ class DNIS(SearchedBytes, Compressor):
     default_optimizer = "adam"  # the paper's; its criteria need it (docs/methods)
     learns_on_validation = True  # α (search stage)
     option_help = {
-        "num_blocks": "frequency blocks per field (equal train-frequency mass)",
-        "shared_alpha": "one α for every field instead of one per field",
+        "num_blocks": "frequency blocks (equal train-frequency mass) per field, or in all",
+        "blocks": "field: each field's values cut into blocks; global: all fields' values "
+        "ranked together and cut into blocks (the official code's)",
+        "shared_alpha": "one α for every field instead of one per field (None: shared with "
+        "global blocks, per field with field blocks)",
         "l1": "λ of the L1 penalty on α during the search",
         "alpha_lr": "SGD learning rate of α (validation batches)",
         "grad_norm": "divide α's gradient per block by its mean absolute value",
@@ -225,7 +253,8 @@ class DNIS(SearchedBytes, Compressor):
         dim: int,
         budget_bytes: int,
         num_blocks: int = DEFAULT_BLOCKS,
-        shared_alpha: bool = False,
+        blocks: str = "field",
+        shared_alpha: bool | None = None,
         l1: float = 1e-5,
         alpha_lr: float = 0.01,
         grad_norm: bool = True,
@@ -248,7 +277,12 @@ class DNIS(SearchedBytes, Compressor):
             raise ValueError(
                 f"dnis: prune_score must be one of {PRUNE_SCORES}, got {prune_score!r}"
             )
+        if blocks not in BLOCKS:
+            raise ValueError(f"dnis: blocks must be one of {BLOCKS}, got {blocks!r}")
+        if shared_alpha is None:
+            shared_alpha = blocks == "global"
         self.storage, self.num_blocks, self.shared_alpha = storage, num_blocks, shared_alpha
+        self.blocks = blocks
         self.oov_block, self.prune_score = oov_block, prune_score
         self.l1, self.alpha_lr, self.grad_norm = l1, alpha_lr, grad_norm
         self.train_network = train_network
@@ -259,7 +293,7 @@ class DNIS(SearchedBytes, Compressor):
             Stage("finetune", epochs=finetune_epochs),
         )
         names = self.feature_names
-        self.bounds = dnis_bounds(features, num_blocks, oov_block)
+        self.bounds, self.block_index = dnis_bounds(features, num_blocks, oov_block, blocks)
         self.router = BlockMap(names, self.bounds, relative=False)
         tables = [TableSpec(f"t_{f.name}", f.cardinality, dim) for f in features]
         fields = self.router.lookup_fields
@@ -269,18 +303,17 @@ class DNIS(SearchedBytes, Compressor):
         ]
         self.table_specs = tables
         self.tables = TrainTables(tables, lookups, init_scale=init_scale)
-        blocks = [b for bounds in self.bounds for b in range(len(bounds) - 1)]
+        index = [b for field in self.block_index for b in field]
         self.register_buffer("lookup_field", torch.tensor(fields), persistent=False)
-        self.register_buffer("lookup_block", torch.tensor(blocks), persistent=False)
-        rows = max(blocks) + 1 if shared_alpha else len(blocks)
-        self.alpha = nn.Parameter(torch.ones(rows, dim))
+        self.register_buffer("lookup_block", torch.tensor(index), persistent=False)
+        self.alpha = nn.Parameter(torch.ones(alpha_rows(self.block_index, shared_alpha), dim))
         if grad_norm:
             self.alpha.register_hook(normalise_per_block)
         for i, f in enumerate(features):
             self.register_buffer(f"mask{i}", torch.ones(f.cardinality, dim, dtype=torch.bool))
         self.register_buffer("pruned", torch.tensor(False))
         # α as the search left it (folded into the tables by the prune): for reports.
-        self.register_buffer("searched_alpha", torch.ones(len(blocks), dim))
+        self.register_buffer("searched_alpha", torch.ones(len(index), dim))
         self._searching = False
         floor = router_bytes(self.bounds)
         if floor > budget_bytes:
@@ -296,13 +329,16 @@ class DNIS(SearchedBytes, Compressor):
     ) -> dict[str, Any]:
         """The prune keeps the exported bytes at most the budget (the exact bytes depend on
         the searched weights); the block bounds are the floor. Training holds the full table."""
-        bounds = dnis_bounds(
+        blocks = options.get("blocks", "field")
+        bounds, block_index = dnis_bounds(
             features,
             options.get("num_blocks", DEFAULT_BLOCKS),
             options.get("oov_block", True),
+            blocks,
         )
         lookups = sum(len(b) - 1 for b in bounds)
-        alpha_rows = max(len(b) - 1 for b in bounds) if options.get("shared_alpha") else lookups
+        shared = options.get("shared_alpha")
+        rows_of_alpha = alpha_rows(block_index, blocks == "global" if shared is None else shared)
         optimizer = options.get("table_optimizer", "rowwise_adagrad")
         rows = sum(f.cardinality for f in features)
         floor = router_bytes(bounds)
@@ -311,7 +347,7 @@ class DNIS(SearchedBytes, Compressor):
             "feasible": floor <= budget_bytes,
             "serve_bytes_max": budget_bytes,
             "floor_bytes": floor,
-            "train_bytes": dnis_train_bytes(rows, dim, alpha_rows, optimizer),
+            "train_bytes": dnis_train_bytes(rows, dim, rows_of_alpha, optimizer),
             "full_bytes": full_bytes(features, dim),
             "lookups": lookups,
         }
@@ -537,6 +573,7 @@ class DNIS(SearchedBytes, Compressor):
         return {
             "storage": self.storage,
             "num_blocks": self.num_blocks,
+            "blocks": self.blocks,
             "shared_alpha": self.shared_alpha,
             "l1": self.l1,
             "alpha_lr": self.alpha_lr,

@@ -106,7 +106,7 @@ class DeepLight(EntryPruned):
         "regrow": "pruned entries are zeroed and may regrow until the prune stage ends (the "
         "references'); False: a pruned entry is masked for good",
         "prune_epochs": "epochs of the gradual-pruning stage (None: the run's)",
-        "finetune_epochs": "epochs of the fine-tuning stage (None: the run's)",
+        "finetune_epochs": "epochs of the fine-tuning stage (None: the run's; 0: no such stage)",
     }
 
     def __init__(
@@ -143,9 +143,13 @@ class DeepLight(EntryPruned):
         # True while pruned entries may regrow (the prune stage with ``regrow``): the model
         # then reads the raw table, whose pruned entries the passes have zeroed.
         self._regrowing = False
+        if finetune_epochs is not None and finetune_epochs < 0:
+            raise ValueError(f"deeplight: finetune_epochs must be >= 0, got {finetune_epochs}")
+        prune = Stage("prune", epochs=prune_epochs, **SCHEDULED)
+        # finetune_epochs=0: no fine-tuning stage (the references prune while training, and
+        # the stage schedule holds the target over its last share already).
         self.stages = (
-            Stage("prune", epochs=prune_epochs, **SCHEDULED),
-            Stage("finetune", epochs=finetune_epochs),
+            (prune,) if finetune_epochs == 0 else (prune, Stage("finetune", epochs=finetune_epochs))
         )
 
     def architecture_state(self) -> list[str]:
