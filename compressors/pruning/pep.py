@@ -22,41 +22,30 @@ is Adam's (coupled) L2 weight decay ``threshold_decay``. Two stages:
 2. **retrain** (training) from the run's initial weights with the mask fixed
    (lottery-ticket rewind, the paper's setting; ``rewind=False`` keeps the searched weights).
 
-**Defaults are the reference's but one** (``ssui-liu/learnable-embed-sizes-for-RecSys``:
-every ``train_*.py`` sets ``threshold_type='feature_dim'``, ``g_type='sigmoid'``, ``gk=1``,
-``threshold_init`` −15 on MovieLens-1M and −150 on Criteo and Avazu, and ``s`` sits in the one
-Adam optimizer of the model, lr ``1e-3``, L2 ``1e-5``): ``granularity="feature_dim"``,
-``threshold_init=-15`` (``g ≈ 3e-7``: nothing is pruned at the start),
-``threshold_decay=1e-5``, and ``threshold_lr=0.1`` where the reference's is the network's lr
-(``threshold_lr=None``, one flag away). Why: the reference trains until its thresholds reach
-the target, tens of epochs; a run here has the protocol's epochs. On the 200k-row synthetic
-sweep at 10x (3 seeds, same grid and epochs, ``results/sweep-synth200k-2/``) the reference's
-lr reached 0.07–0.10% sparsity in 2 epochs and every run ended in the magnitude fallback
-(test AUC .7216 ± .0016); ``threshold_lr=0.1`` reached the budget's 97.5% by the thresholds
-themselves, PEP as the paper prunes, at .7320 ± .0025 (+.0104 paired, every seed).
+The search stage runs its whole schedule and keeps what it found (``early_stop=False``,
+``restore_best=False``): neither early stopping nor a restore of its best evaluation rolls
+the thresholds, the frozen mask or the record (``found_step``, ``reached_sparsity``,
+``fallback``) back to before the target was reached.
 
-How it prunes: while ``g'(s)`` is tiny the L2 gradient ``1e-5·s`` is all Adam sees, and
-Adam's normalised step walks ``s`` up by about ``threshold_lr`` a step; once ``g(s)`` reaches
-the weights' scale (``s ≈ −5``) the data gradient pushes back on entries the loss needs, and
-the entries it does not defend (rare ids, weak dims) are pruned first. So pruning starts after about
-``(|threshold_init| − 5) / threshold_lr`` steps — 100 with the default, 10,000 at the
-reference's lr, 145,000 from −150 — and a shorter run reaches no sparsity at all and ends
-with the magnitude fallback above.
-``threshold_lr`` sets that time scale: on the tests' synthetic data (``learn_data``, 5x, one
-epoch = 312 search steps) ``threshold_lr=0.1`` reaches the budget's 89% sparsity at step 230,
-while the reference's lr reaches 0.05% and falls back. Per-field thresholds (``field``,
-``field_dim``) face the data gradient of all their entries every step, which outweighs the
-L2 push long before the budget: with ``threshold_lr=0.1`` they end that run at 66% and 73%.
+Options: ``granularity``, ``threshold_init``, ``threshold_lr``, ``threshold_decay``,
+``check_every``, ``fill_budget``, ``rewind``, ``storage``, ``search_epochs``,
+``retrain_epochs``, ``optimizer`` (the table rows'; None: the run's ``--table-optimizer``,
+whose ``auto`` gives PEP the reference's Adam).
 
-``feature_dim`` costs a threshold and Adam's two moments per entry, 12 bytes an entry on top
-of the table (in ``train_bytes``), and a dense Adam step over them every step, as the
-reference's does.
+Deviations from the paper (reasons and figures: ``docs/methods/pep.md``):
 
-Deviations: the reference trains embeddings with Adam (L2 ``1e-5``); here the table uses the
-sparse row-wise Adagrad every table method uses (fbgemm's fused kernels cannot reparameterise
-entries, so the table is a plain buffer and training is single-process). The reference saves
-the table at several parameter counts along one run (``candidate_p``); here one run prunes to
-its budget's.
+- ``threshold_lr=0.1`` where the reference's thresholds learn at the network's lr
+  (``threshold_lr=None``, one flag away): pruning starts after about
+  ``(|threshold_init| − 5) / threshold_lr`` steps, 10,000 at the reference's lr, far beyond
+  a run of the protocol's epochs.
+- ``fill_budget``: a mask that overshot the budget's sparsity between two checks gets the
+  pruned entries nearest their thresholds back (``False``: the paper's mask as found).
+- If the thresholds never reach the budget's sparsity, magnitude pruning finishes the job,
+  and the record says so.
+- One run prunes to its budget's sparsity (the reference saves the table at several
+  parameter counts along one run, ``candidate_p``).
+- The table is a plain buffer stepped by the layer (fbgemm's fused kernels cannot
+  reparameterise entries), so training is single-process.
 
 Example::
 
