@@ -1226,7 +1226,7 @@ PRUNING_TRAIN = {"batch_size": 1024, "epochs": 0.5}
 PRUNING_OPTIONS: dict[str, dict] = {
     "optembed": {"generations": 5, "search_batches": 1},
     "pep": {},
-    "deeplight": {"decay_steps": 5},
+    "deeplight": {},  # its default schedule is fitted to the prune stage
 }
 
 

@@ -42,32 +42,10 @@ Stages:
    so the survivors export as dense column sub-tables, to within one column of the budget.
 4. ``finetune`` — training with the mask fixed (masked entries are zeroed after every step).
 
-Under the fair sweep (``results/sweep-synth200k-3``, ``results/epochs-check``: DeepFM dim 16
-on the 200k-row synthetic data, 4-point lr × L2 grid, 2 epochs a stage, seeds 0-2), DNIS at
-2x reaches test AUC 0.7492 ± 0.0044 against tuned ``full``'s 0.7420 ± 0.0036, a gain beyond
-the seed spread in every seed — and it is α's validation data: with ``search_holdout=0.1``
-(α on held-out training rows, the validation split unseen) 0.7428 ± 0.0056, a tie; with α
-frozen 0.7372 ± 0.0060; with the three stages cut to 2 epochs in all 0.7435 ± 0.0055, a tie.
-``full`` given 6 epochs stops early where it stopped at 2 (0.7420, identical weights).
-
-Head and tail blocks. The paper reports that frequent blocks keep more dims than rare ones.
-The search does order α that way here (on the planted data, tests/test_dnis.py, the head
-value block's mean α exceeds the tail block's by more than 0.1), but with the ``folded``
-score the kept entries do not follow it: row-wise Adagrad leaves a frequent row no larger
-than a rarer one (its step shrinks with its accumulated gradient), and the spread of ``|e|``
-over rows outweighs α's head/tail ratio. Measured on the planted data at 10x (DeepFM, dim 16,
-0.15 epochs per stage; seeds 0, 1, 2), mean entries per row of the signal fields' head vs
-tail block: ``folded`` 1.25 vs 1.25, 0.75 vs 1.30, 1.08 vs 1.07 (test AUC 0.734, 0.700,
-0.721); ``alpha`` 8.50 vs 4.67, 7.50 vs 4.67, 8.67 vs 4.17 (test AUC 0.757, 0.720, 0.752 —
-higher in every seed, +0.024 ± 0.006 paired: dense columns cost 4 bytes an entry where
-CSR costs 5 plus 4 per row, and the big fields' tail blocks are dropped whole).
-
 Exactness with TorchRec/fbgemm tables: every (field, block) is its own lookup key reading the
 field's table (:class:`BlockMap`), so α multiplies each block's *pooled* vector; with sum
-pooling ``Σ_b α_b ⊙ Σ_{v∈b} e_v = Σ_v α_{b(v)} ⊙ e_v``, exact for multi-hot bags too. Tables
-train with the run's fused table optimizer (rowwise Adagrad, like every other method), not
-the official Adam. The mask is applied to the weights after each fused step; rowwise
-Adagrad's per-row accumulator still sees the masked entries' gradients (a small deviation).
+pooling ``Σ_b α_b ⊙ Σ_{v∈b} e_v = Σ_v α_{b(v)} ⊙ e_v``, exact for multi-hot bags too. The
+mask is applied to the weights after each table step.
 
 Export: per (field, block), the surviving entries as the smaller of a dense sub-table of the
 block's surviving columns (structured; fbgemm TBE at the storage dtype, column numbers
@@ -76,6 +54,20 @@ nothing and reads zero. The serving bytes are decided by the prune (:class:`Sear
 the plan is the budget as a bound, and so is ``memory()`` before the prune (labelled); after
 it, ``memory()`` gives the exact bytes of the export. ``train_bytes`` is the full fp32 table
 with the run's table-optimizer state, α and the mask.
+
+Options: ``blocks``, ``num_blocks``, ``shared_alpha``, ``oov_block``, ``l1``, ``alpha_lr``,
+``grad_norm``, ``train_network``, ``prune_score``, ``storage``, ``search_holdout``,
+``warmup_epochs``, ``search_epochs``, ``finetune_epochs``.
+
+Deviations from the paper (reasons and figures: ``docs/methods/dnis.md``):
+
+- ``blocks="field"`` (per-field blocks, α per field) is the default by measurement; the
+  official layout is ``blocks="global"``, whose blocks are cut at equal train mass rather
+  than the official code's hand-set sizes.
+- The OOV id is a block of its own (``oov_block``); the paper has no OOV id.
+- Tables are the run's fused tables (Adam under ``--table-optimizer auto``, the official
+  code's optimiser); under row-wise Adagrad the per-row accumulator still sees the masked
+  entries' gradients.
 
 Example::
 
