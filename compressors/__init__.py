@@ -36,7 +36,7 @@ Example::
 """
 
 # Importing a family registers its methods.
-from compressors import baseline, dimension, hashing, precision, pruning  # noqa: F401
+from compressors import baseline, codebook, dimension, hashing, precision, pruning  # noqa: F401
 from compressors.core.base import (
     Compressor,
     ExportedEmbedding,
