@@ -207,11 +207,14 @@ def deduplicate(
     pairs = lsh_pairs(blocks[:mergeable], bands, hashes, width, rng)
     merged = 0
 
-    def merge(i: int, j: int) -> bool:
-        # Both must still be served; the one that already absorbed others stays.
+    def merge(i: int, j: int, chain: bool = False) -> bool:
+        # Both must still be served; a block merges only into the block it was compared
+        # with, so one that absorbed others stays (two such merge only in the last resort).
         if rep[i] != i or rep[j] != j:
             return False
-        if absorbed[i] and not absorbed[j]:
+        if absorbed[i]:
+            if absorbed[j] and not chain:
+                return False
             i, j = j, i
         rep[i] = j
         absorbed[j] = True
@@ -247,12 +250,17 @@ def deduplicate(
         for k in np.argsort(dist, kind="stable"):
             if merged >= need:
                 break
-            if merge(int(pairs_n[k, 0]), int(pairs_n[k, 1])):
+            if merge(int(pairs_n[k, 0]), int(pairs_n[k, 1]), chain=True):
                 merged += 1
                 report["neighbour_merges"] += 1
                 progress = True
         if not progress:  # cannot happen while two served blocks remain
             break
+    while True:  # last-resort merges may chain: point every block at its final block
+        nxt = rep[rep]
+        if np.array_equal(nxt, rep):
+            break
+        rep = nxt
     return rep, report
 
 
