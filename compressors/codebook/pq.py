@@ -428,13 +428,68 @@ def checked_plan(exported: ExportedEmbedding) -> tuple[list[str], CodebookPlan]:
     return names, plan
 
 
-class CodebookServing(nn.Module):
-    """Serving side of ``dpq``/``mgqe`` (export kind ``codebook``): ids are range-checked,
-    then every value's codes are unpacked from its tier's stream and its ``P`` sub-vectors
-    gathered from the fp32 values in one ``index_select``; bags are sum-pooled.
+RESIDENT_WIDTHS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+DECODE_ROWS = 1 << 18  # rows decoded at once when loading
+# Serving joins g adjacent sub-spaces into one table of their 2^(g·bits) value combinations
+# while it has at most this many entries: one gather of g·d floats instead of g of d.
+JOINT_ENTRIES = 1 << 12
 
-    ``resident_bytes`` equals the artifact's bytes (the codes stay packed; fp16 values are
-    widened to fp32 at load, which adds their size once more).
+
+def joint_parts(parts: int, bits: int) -> int:
+    """Sub-spaces served per gather: the largest divisor ``g`` of ``parts`` with
+    ``2^(g·bits) <= JOINT_ENTRIES`` (at least 1)."""
+    return max(
+        g
+        for g in range(1, parts + 1)
+        if parts % g == 0 and (g == 1 or 1 << (g * bits) <= JOINT_ENTRIES)
+    )
+
+
+def joint_values(values: torch.Tensor, plan: CodebookPlan, g: int) -> torch.Tensor:
+    """``[G, P, K, d]`` values -> ``[G·(P/g)·2^(g·b), g·d]``: entry ``e`` of group table ``j``
+    concatenates the values of codes ``(e >> b·i) & mask`` of sub-spaces ``j·g + i``."""
+    bits = plan.bits[0]
+    entries = torch.arange(1 << (g * bits))
+    codes = (entries.unsqueeze(1) >> (torch.arange(g) * bits)) & ((1 << bits) - 1)
+    codes = codes.clamp(max=plan.choices[0] - 1)  # combinations no row uses
+    groups, parts = values.shape[0], plan.parts // g
+    by_part = values.view(groups, parts, g, plan.choices[0], plan.sub_dim)
+    within = torch.arange(g)
+    table = by_part[:, :, within, codes]  # [G, P/g, 2^(g·b), g, d]
+    return table.reshape(-1, g * plan.sub_dim)
+
+
+def unpacked_codes(plan: CodebookPlan, streams: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Every row's codes ``[N, P]`` (global row order) from the tiers' packed streams."""
+    head_start, tail_start = tier_offsets(plan)
+    out = torch.empty(sum(plan.cardinalities), plan.parts, dtype=torch.int64)
+    within = torch.arange(plan.parts)
+    padded = [padded_stream(s) for s in streams]
+    row = 0
+    for f, (n, h) in enumerate(zip(plan.cardinalities, plan.heads, strict=True)):
+        for tier, (first, count) in enumerate(((head_start[f], h), (tail_start[f], n - h))):
+            for start in range(0, count, DECODE_ROWS):
+                stop = min(count, start + DECODE_ROWS)
+                index = (torch.arange(first + start, first + stop).unsqueeze(1)) * plan.parts
+                out[row + start : row + stop] = unpack_codes(
+                    padded[tier], index + within, plan.bits[tier]
+                )
+            row += count
+    return out
+
+
+class CodebookServing(nn.Module):
+    """Serving side of ``dpq``/``mgqe`` (export kind ``codebook``).
+
+    At load the packed code streams are re-laid as one integer per row (the row's ``P``
+    codes at the head tier's width, in a 1, 2, 4 or 8-byte integer), so a lookup is: ids
+    range-checked, one gather of the rows' integers, shifts and masks to the ``P`` codes, one
+    ``index_select`` of the sub-vectors from the fp32 values (adjacent sub-spaces joined
+    into one table of their value combinations while it stays small: see
+    :func:`joint_parts`), and bag pooling — for every
+    field at once, no loop over fields or tiers. ``resident_bytes`` is what that holds
+    (the artifact's bytes are ``serve_bytes``): at most twice the codes' bytes, plus the
+    joined value tables in fp32 (at most ``JOINT_ENTRIES`` rows per group of sub-spaces).
     """
 
     def __init__(self, exported: ExportedEmbedding) -> None:
@@ -443,22 +498,34 @@ class CodebookServing(nn.Module):
         self.names = names
         self.plan = plan
         self.check_ids = IdRangeCheck(dict(zip(names, plan.cardinalities, strict=True)))
-        self.tiers = TierIndex(plan)
-        for t in range(len(plan.choices)):
-            self.register_buffer(f"stream_{t}", padded_stream(exported.tensors[f"codes.{t}"]))
-        values = exported.tensors["values"].float().reshape(-1, plan.sub_dim)
-        self.register_buffer("values", values)
-        self.register_buffer(
-            "_part_base", torch.arange(plan.parts) * plan.choices[0], persistent=False
+        bits = plan.bits[0]
+        width = next(w for w in RESIDENT_WIDTHS if 8 * w >= plan.parts * bits)
+        streams = [exported.tensors[f"codes.{t}"] for t in range(len(plan.choices))]
+        codes = unpacked_codes(plan, streams)
+        packed = (codes << (torch.arange(plan.parts) * bits)).sum(1)
+        self.register_buffer("codes", packed.to(RESIDENT_WIDTHS[width]))
+        del codes, packed
+        self.joint = joint_parts(plan.parts, bits)
+        values = (
+            exported.tensors["values"]
+            .float()
+            .view(plan.groups, plan.parts, plan.choices[0], plan.sub_dim)
         )
-        self.register_buffer("_within", torch.arange(plan.parts), persistent=False)
-        self.resident_bytes = plan.serve_bytes + (values.numel() * 4 if plan.dtype != "fp32" else 0)
+        table = joint_values(values, plan, self.joint)
+        self.register_buffer("values", table)
+        self.entries = 1 << (self.joint * bits)
+        offsets = [0]
+        for n in plan.cardinalities[:-1]:
+            offsets.append(offsets[-1] + n)
+        self.register_buffer("_offsets", torch.tensor(offsets), persistent=False)
+        self.lookups = plan.parts // self.joint
+        shifts = torch.arange(self.lookups) * bits * self.joint
+        self.register_buffer("_shifts", shifts, persistent=False)
+        self.mask = self.entries - 1
+        base = torch.arange(self.lookups) * self.entries
+        self.register_buffer("_part_base", base, persistent=False)
+        self.resident_bytes = self.codes.numel() * width + table.numel() * 4
         self._order: dict[tuple[str, ...], list[int]] = {}
-
-    def _codes(self, tier: int, rows: torch.Tensor) -> torch.Tensor:
-        p = self.plan
-        index = rows.unsqueeze(1) * p.parts + self._within
-        return unpack_codes(getattr(self, f"stream_{tier}"), index, p.bits[tier])
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         keys = features.keys()
@@ -468,20 +535,19 @@ class CodebookServing(nn.Module):
         self.check_ids(features)
         p = self.plan
         ids = features.values()
-        fields = field_index(features)
-        tail, rows, group = self.tiers(ids, fields)
-        if tail is None:
-            codes = self._codes(0, rows)
+        per_key = features.length_per_key()
+        if len(set(per_key)) == 1:  # as many ids in every field: no per-value field index
+            rows = (ids.view(len(per_key), -1) + self._offsets.unsqueeze(1)).view(-1)
+            fields = None
         else:
-            # Each value reads its own tier's stream (clamped rows keep the other in range).
-            head_rows = rows.masked_fill(tail, 0)
-            tail_rows = rows.masked_fill(~tail, 0)
-            codes = torch.where(
-                tail.unsqueeze(1), self._codes(1, tail_rows), self._codes(0, head_rows)
-            )
-        index = codes + self._part_base
-        if group is not None:
-            index = index + (group * p.parts * p.choices[0]).unsqueeze(1)
+            fields = field_index(features)
+            rows = ids + self._offsets[fields]
+        word = self.codes.index_select(0, rows).long()
+        index = ((word.unsqueeze(1) >> self._shifts) & self.mask) + self._part_base
+        if p.groups > 1:
+            if fields is None:
+                fields = field_index(features)
+            index = index + (fields * self.lookups * self.entries).unsqueeze(1)
         out = self.values.index_select(0, index.view(-1)).view(-1, p.dim)
         return pool_bags(out, features)
 
