@@ -459,21 +459,25 @@ def joint_values(values: torch.Tensor, plan: CodebookPlan, g: int) -> torch.Tens
     return table.reshape(-1, g * plan.sub_dim)
 
 
-def unpacked_codes(plan: CodebookPlan, streams: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Every row's codes ``[N, P]`` (global row order) from the tiers' packed streams."""
+def row_words(
+    plan: CodebookPlan, streams: Sequence[torch.Tensor], dtype: torch.dtype
+) -> torch.Tensor:
+    """Every row's codes (global row order) from the tiers' packed streams, as one integer
+    per row: code ``p`` at bits ``[p·b, (p+1)·b)`` (``b`` the head tier's width). Decoded in
+    chunks, so loading holds no more than a chunk's codes at int64."""
     head_start, tail_start = tier_offsets(plan)
-    out = torch.empty(sum(plan.cardinalities), plan.parts, dtype=torch.int64)
+    out = torch.empty(sum(plan.cardinalities), dtype=dtype)
     within = torch.arange(plan.parts)
+    shifts = within * plan.bits[0]
     padded = [padded_stream(s) for s in streams]
     row = 0
     for f, (n, h) in enumerate(zip(plan.cardinalities, plan.heads, strict=True)):
         for tier, (first, count) in enumerate(((head_start[f], h), (tail_start[f], n - h))):
             for start in range(0, count, DECODE_ROWS):
                 stop = min(count, start + DECODE_ROWS)
-                index = (torch.arange(first + start, first + stop).unsqueeze(1)) * plan.parts
-                out[row + start : row + stop] = unpack_codes(
-                    padded[tier], index + within, plan.bits[tier]
-                )
+                index = torch.arange(first + start, first + stop).unsqueeze(1) * plan.parts
+                codes = unpack_codes(padded[tier], index + within, plan.bits[tier])
+                out[row + start : row + stop] = (codes << shifts).sum(1).to(dtype)
             row += count
     return out
 
@@ -501,10 +505,7 @@ class CodebookServing(nn.Module):
         bits = plan.bits[0]
         width = next(w for w in RESIDENT_WIDTHS if 8 * w >= plan.parts * bits)
         streams = [exported.tensors[f"codes.{t}"] for t in range(len(plan.choices))]
-        codes = unpacked_codes(plan, streams)
-        packed = (codes << (torch.arange(plan.parts) * bits)).sum(1)
-        self.register_buffer("codes", packed.to(RESIDENT_WIDTHS[width]))
-        del codes, packed
+        self.register_buffer("codes", row_words(plan, streams, RESIDENT_WIDTHS[width]))
         self.joint = joint_parts(plan.parts, bits)
         values = (
             exported.tensors["values"]
