@@ -9,6 +9,7 @@ catalogue):
 - ``precision/`` — ptq, int8/int16 training, alpt, binary;
 - ``pruning/`` — row and entry pruning (OptEmbed, PEP, DeepLight);
 - ``dimension/`` — dimension search (DNIS, MDE, AutoDim).
+- ``codebook/`` — codes into learned codebooks (DPQ, MGQE) and block deduplication (Dedup).
 
 Adding a method is one module in its family's folder, nothing else:
 

@@ -507,6 +507,12 @@ class CodebookServing(nn.Module):
         streams = [exported.tensors[f"codes.{t}"] for t in range(len(plan.choices))]
         self.register_buffer("codes", row_words(plan, streams, RESIDENT_WIDTHS[width]))
         self.joint = joint_parts(plan.parts, bits)
+        if plan.groups > 1 and self.joint > 1:
+            # One joint table per field's codebook: only while they stay within the
+            # artifact's size (a fixed 4096·D floats per codebook otherwise).
+            joint_bytes = plan.groups * 4 * plan.dim << (self.joint * bits)
+            if joint_bytes > plan.serve_bytes:
+                self.joint = 1
         values = (
             exported.tensors["values"]
             .float()
