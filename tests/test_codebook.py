@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from table_checks import criteo_features
+from table_checks import criteo_features, learning_margin
 from torchrec import KeyedJaggedTensor
 
 from compressors import BudgetError, FeatureSpec, build_compressor, build_serving, solve
@@ -214,3 +214,22 @@ def test_dedup_serves_every_row_from_its_representative_block():
     rows = torch.cat([ids[0], ids[1] + 300])
     expected = torch.from_numpy(blocks).reshape(-1, 4)[rep[rows // 16] * 16 + rows % 16]
     torch.testing.assert_close(served.transpose(0, 1).reshape(-1, 4), expected)
+
+
+# ---------------------------------------------------------------- learning on CTR data
+# A short DeepFM run's test AUC minus the same model's with the embedding output zeroed must
+# exceed the margin (the dense features alone reach ~.53-.59); a run whose embedding outputs
+# zeros while it trains must not (so the check cannot pass vacuously).
+LEARNING = {"dpq": ("10x", {}), "mgqe": ("4x", {}), "dedup": ("2x", {})}
+LEARNING_MARGIN = 0.05
+
+
+@pytest.mark.parametrize("name", LEARNING)
+def test_learns_beyond_its_ablation_and_the_check_can_fail(name, learn_data):
+    budget, options = LEARNING[name]
+    learned, ablated = learning_margin(learn_data, name, budget, epochs=0.1, **options)
+    assert learned - ablated > LEARNING_MARGIN, (name, learned, ablated)
+    learned, ablated = learning_margin(
+        learn_data, name, budget, mutate=True, epochs=0.02, **options
+    )
+    assert not learned - ablated > LEARNING_MARGIN, (name, learned, ablated)

@@ -282,13 +282,19 @@ class ProductQuantizer(nn.Module):
         v = self.values
         return v + (v.half().float() - v).detach() if self.serve_fp16 else v
 
-    def lookup_rows(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(query rows ``[n, D]`` of every value, field of every value)."""
+    def lookup_rows(
+        self, features: KeyedJaggedTensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(query rows ``[U, D]`` of the batch's distinct rows, their ids, their fields, and
+        for every value the index of its row among them)."""
         fields = field_index(features)
         rows = features.values().long() + self._offsets[fields]
-        ones = torch.ones_like(rows, dtype=torch.int32)
-        kjt = KeyedJaggedTensor(keys=[QUERY_KEY], values=rows, lengths=ones)
-        return self.query(kjt), fields
+        unique, inverse = torch.unique(rows, return_inverse=True)
+        unique_fields = torch.searchsorted(self._offsets, unique, right=True) - 1
+        ones = torch.ones_like(unique, dtype=torch.int32)
+        kjt = KeyedJaggedTensor(keys=[QUERY_KEY], values=unique, lengths=ones)
+        ids = unique - self._offsets[unique_fields]
+        return self.query(kjt), ids, unique_fields, inverse
 
     def scores(self, query: torch.Tensor, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
         """Assignment scores ``[n, P, K]``, tail rows' extra choices masked out."""
@@ -317,19 +323,21 @@ class ProductQuantizer(nn.Module):
         return values.reshape(-1, p.sub_dim)[index]
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        query, fields = self.lookup_rows(features)
-        ids = features.values()
+        # Each distinct row of the batch is quantized once; values then read their row's.
+        query, ids, fields, inverse = self.lookup_rows(features)
         p = self.plan
         if not self.training:
             out = self.gather(self.codes(query, ids, fields), fields).reshape(-1, p.dim)
-            return pool_bags(out, features)
+            return pool_bags(out[inverse], features)
         q = query.view(-1, p.parts, p.sub_dim)
         if self.mode == "vq":
             chosen = self.gather(self.codes(query, ids, fields), fields)
             # Straight-through: the forward value is the centroid, the task gradient goes
-            # to the query; the regulariser pulls the centroids towards their queries.
+            # to the query; the regulariser pulls the centroids towards their queries
+            # (a mean over the batch's values, so a row counts as often as it is read).
             out = q + (chosen - q).detach()
-            self.regularizer = (chosen - q.detach()).square().mean()
+            error = (chosen - q.detach()).square().sum((1, 2))
+            self.regularizer = error[inverse].mean() / p.dim
         else:
             scores = self.scores(query, ids, fields)
             soft = scores.softmax(-1)
@@ -341,7 +349,7 @@ class ProductQuantizer(nn.Module):
             else:
                 out = torch.einsum("npk,npkd->npd", weights, values[fields])
             self.regularizer = query.new_zeros(())
-        return pool_bags(out.reshape(-1, p.dim), features)
+        return pool_bags(out.reshape(-1, p.dim)[inverse], features)
 
     @torch.no_grad()
     def all_codes(self) -> list[torch.Tensor]:
