@@ -47,7 +47,8 @@ DTYPES = {"fp32": (torch.float32, 4), "fp16": (torch.float16, 2)}
 MAX_BITS = 8
 QUERY_TABLE = "query"
 QUERY_KEY = "rows"
-ASSIGN_CHUNK = 1 << 15  # rows assigned at once when exporting: bounds the [n, P, K] scores
+ASSIGN_CHUNK = 1 << 15  # rows assigned at once when exporting
+SCORE_ENTRIES = 1 << 24  # scores computed at once when assigning codes (64 MiB of fp32)
 
 
 def code_bits(choices: int) -> int:
@@ -310,8 +311,19 @@ class ProductQuantizer(nn.Module):
         return scores
 
     def codes(self, query: torch.Tensor, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
+        """The codes ``[n, P]``, scored in chunks of at most ``SCORE_ENTRIES`` scores."""
+        p = self.plan
+        if self.bn is not None and self.training:
+            # Batch statistics need the whole batch at once.
+            with torch.no_grad():
+                return self.scores(query.detach(), ids, fields).argmax(-1)
+        chunk = max(1, SCORE_ENTRIES // (p.parts * p.choices[0]))
+        out = []
         with torch.no_grad():
-            return self.scores(query.detach(), ids, fields).argmax(-1)
+            for start in range(0, len(query), chunk):
+                part = slice(start, start + chunk)
+                out.append(self.scores(query[part].detach(), ids[part], fields[part]).argmax(-1))
+        return torch.cat(out) if out else ids.new_zeros(0, p.parts)
 
     def gather(self, codes: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
         """Values of ``codes`` ``[n, P]`` -> ``[n, P, d]``."""
