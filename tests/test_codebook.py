@@ -196,7 +196,7 @@ def test_dedup_merges_exactly_the_planted_near_duplicates():
 
 def test_dedup_serves_every_row_from_its_representative_block():
     features = [FeatureSpec("a", 300), FeatureSpec("b", 340)]  # 640 rows: 40 blocks of 16
-    method = build_compressor("dedup", features, 4, "1.5x")
+    method = build_compressor("dedup", features, 4, "1.5x", block_rows=16)
     blocks, partner = _planted_blocks(pairs=15, singles=9, entries=16 * 4)
     with torch.no_grad():
         method.tables.weights()["blocks"].copy_(torch.from_numpy(blocks).reshape(-1, 4))

@@ -8,8 +8,13 @@ stage cuts the table into blocks of ``block_rows`` consecutive rows and replaces
 near-duplicate blocks by one representative, until only as many distinct blocks remain as
 the budget pays for; a block remap (one int32 per block) sends every block to its
 representative, so row ``r`` is served from ``remap[r // R] · R + r % R`` of the distinct
-blocks. Optionally ``finetune`` trains on the deduplicated table (the merged blocks read their
-representative's rows), as the reference does.
+blocks. Then ``finetune`` trains the deduplicated table (merged blocks read and train their
+representative's rows) for ``finetune_epochs`` (None: the run's epochs), as the reference.
+
+``block_rows`` (None) is solved: the smallest power of two whose remap takes at most a quarter
+of the budget (finer blocks merge more precisely: on ``learn_data``-like data at 2x, one
+fifth of an epoch before and after deduplication, test AUC .61 with 4-row blocks against
+.56 with 16-row blocks; ``full`` .65).
 
 Serving is the table format every table method uses (export kind ``tables``): the distinct
 blocks are one fbgemm table at ``storage`` (fp32, fp16 or row-wise int8/int4/int2) and the
@@ -45,13 +50,13 @@ Deviations from the reference (Hetu ``scheduler/deduplication.py``):
   bucket are each block's ``window`` sorted neighbours, which bounds the pairs.
 * The last, partial block (rows past ``N`` padded) is never merged; the reference compares it
   without its padding.
-* ``finetune_epochs`` defaults to 0 (the reference fine-tunes for its run's epochs; one flag
-  away). Single process: the stage reads the whole table, which DMP holds as shards.
+* The block size is solved from the budget (the reference fixes ``block_cap``).
+* Single process: the stage reads the whole table, which DMP holds as shards.
 
 Example::
 
     layer = build_compressor("dedup", features, dim=16, budget="2x")
-    layer = build_compressor("dedup", features, dim=16, budget="2x", finetune_epochs=0.5)
+    layer = build_compressor("dedup", features, dim=16, budget="2x", finetune_epochs=0)
 """
 
 from __future__ import annotations
@@ -83,6 +88,9 @@ if TYPE_CHECKING:
 TABLE = "blocks"
 REMAP_BYTES = 4  # int32 per block
 WINDOW = 4  # neighbours per block within an LSH bucket
+REMAP_SHARE = 0.25  # the solved block size keeps the remap within this share of the budget
+MAX_BLOCK_ROWS = 1024
+MAX_PAIRS = 1 << 24  # candidate pairs proposed at most (before duplicates are dropped)
 
 
 @register_index_map
@@ -144,6 +152,17 @@ def block_count(rows: int, block_rows: int) -> int:
     return -(-rows // block_rows)
 
 
+def solve_block_rows(rows: int, budget_bytes: int) -> int:
+    """The smallest power-of-two block (finer blocks merge more precisely) whose remap takes
+    at most ``REMAP_SHARE`` of the budget; 1024 rows at most."""
+    block = 1
+    while block < MAX_BLOCK_ROWS and block_count(rows, block) * REMAP_BYTES > (
+        REMAP_SHARE * budget_bytes
+    ):
+        block *= 2
+    return block
+
+
 def lsh_pairs(
     blocks: np.ndarray, bands: int, hashes: int, width: float, rng: np.random.Generator
 ) -> np.ndarray:
@@ -161,11 +180,13 @@ def lsh_pairs(
     # One int64 key per band: the hashes mixed (collisions only add candidates).
     mix = np.array([1_000_003**k for k in range(hashes)], dtype=np.int64)
     keys = (codes * mix).sum(-1)
+    # Each block meets at most ``window`` sorted neighbours per band: pairs stay bounded.
+    window = max(1, min(WINDOW, MAX_PAIRS // max(n * bands, 1)))
     pairs = []
     for band in range(bands):
         order = np.argsort(keys[:, band], kind="stable")
         sorted_keys = keys[order, band]
-        for step in range(1, WINDOW + 1):
+        for step in range(1, window + 1):
             same = sorted_keys[step:] == sorted_keys[:-step]
             pairs.append(np.stack([order[:-step][same], order[step:][same]], 1))
     out = np.concatenate(pairs)
@@ -270,14 +291,16 @@ class Dedup(Compressor):
 
     name = "dedup"
     option_help = {
-        "block_rows": "consecutive rows per block R (the remap costs 4 bytes per block)",
+        "block_rows": "consecutive rows per block R (None: the smallest power of two whose "
+        "remap, 4 bytes a block, takes at most a quarter of the budget)",
         "fp": "entries within fp of each other count as equal (doubled until the budget is met)",
         "sim": "a pair merges when at least this share of entries are equal",
         "rounds": "passes over the LSH candidates, fp doubling after each",
         "lsh_bands": "LSH bands (a pair sharing a bucket in any band is a candidate)",
         "lsh_hashes": "p-stable hashes per band",
         "lsh_width": "bucket width relative to the projections' standard deviation",
-        "finetune_epochs": "epochs of training after deduplication (0: none)",
+        "finetune_epochs": "epochs of training after deduplication (None: the run's epochs, "
+        "as the reference; 0: none)",
         "storage": "serving dtype of the distinct blocks: fp32, fp16, int8, int4 or int2",
     }
 
@@ -286,19 +309,25 @@ class Dedup(Compressor):
         features: Sequence[FeatureSpec],
         dim: int,
         budget_bytes: int,
-        block_rows: int = 16,
+        block_rows: int | None = None,
         fp: float = 0.01,
         sim: float = 0.7,
         rounds: int = 8,
         lsh_bands: int = 16,
         lsh_hashes: int = 2,
         lsh_width: float = 0.5,
-        finetune_epochs: float = 0.0,
+        finetune_epochs: float | None = None,
         storage: str = "fp32",
         init_scale: float = 0.01,
         seed: int = 0,
     ) -> None:
         super().__init__(features, dim, budget_bytes)
+        offsets, rows = [], 0
+        for f in self.features:
+            offsets.append(rows)
+            rows += f.cardinality
+        if block_rows is None:
+            block_rows = solve_block_rows(rows, budget_bytes)
         if block_rows < 1 or fp < 0 or not 0.0 <= sim <= 1.0 or rounds < 0:
             raise ValueError(
                 f"dedup: need block_rows >= 1, fp >= 0, 0 <= sim <= 1 and rounds >= 0, got "
@@ -318,17 +347,17 @@ class Dedup(Compressor):
             "width": lsh_width,
             "seed": seed,
         }
-        offsets, rows = [], 0
-        for f in self.features:
-            offsets.append(rows)
-            rows += f.cardinality
         self.rows = rows
         self.offsets = offsets
         self.blocks = block_count(rows, block_rows)
         self.keep = self._solve_keep()
         self.finetune_epochs = finetune_epochs
+        if finetune_epochs is not None and finetune_epochs < 0:
+            raise ValueError(f"dedup: finetune_epochs must be >= 0, got {finetune_epochs}")
         self.stages = (Stage("train"), Stage("dedup", trains=False)) + (
-            (Stage("finetune", epochs=finetune_epochs),) if finetune_epochs > 0 else ()
+            (Stage("finetune", epochs=finetune_epochs),)
+            if finetune_epochs is None or finetune_epochs > 0
+            else ()
         )
         names = self.feature_names
         # Training reads block b at its own rows until the stage points it elsewhere.
