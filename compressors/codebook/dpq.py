@@ -105,6 +105,7 @@ def solve_plan(
     groups: int,
     dtype: str,
     name: str,
+    hint: str = "",
 ) -> CodebookPlan:
     """The candidate ``(P, choices per tier)`` with the most code bits that fits the budget
     (then the most choices); ``BudgetError`` naming the cheapest candidate when none fits."""
@@ -123,6 +124,7 @@ def solve_plan(
             f"{'/'.join(map(str, cheapest.choices))} choices) and {groups} codebook(s) at "
             f"{dtype} need {describe_bytes(cheapest.serve_bytes)}, but the budget is "
             f"{describe_bytes(budget_bytes)} ({sum(cards) * dim * FLOAT_BYTES / budget_bytes:.1f}x)"
+            f"{hint}"
         )
 
     def score(p: CodebookPlan) -> tuple[int, int, int]:
@@ -201,6 +203,7 @@ class DPQ(Compressor):
             groups,
             storage,
             name,
+            self.refusal_hint(storage, codebooks),
         )
         self.check_budget(self.plan_.serve_bytes, "the solved codes and codebooks")
         self.quantizer = ProductQuantizer(
@@ -215,6 +218,13 @@ class DPQ(Compressor):
         if choices is not None:
             return [(choices,)]
         return [(1 << b,) for b in range(1, code_bits(max_choices) + 1) if 1 << b <= max_choices]
+
+    def refusal_hint(self, storage: str, codebooks: str) -> str:
+        """What would shrink the smallest configuration (the end of a budget refusal)."""
+        tips = ["storage=fp16 halves the codebook"] if storage == "fp32" else []
+        if codebooks == "field":
+            tips.append("codebooks=shared keeps one codebook")
+        return f"; {', '.join(tips)}" if tips else ""
 
     def head_rows(self) -> list[int]:
         """Tier-0 rows per field (DPQ: every row)."""

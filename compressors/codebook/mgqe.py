@@ -107,6 +107,11 @@ class MGQE(DPQ):
     def tier_choices(self, choices: int | None, max_choices: int) -> list[tuple[int, ...]]:
         return [self.head_tail]
 
+    def refusal_hint(self, storage: str, codebooks: str) -> str:
+        tips = super().refusal_hint(storage, codebooks)
+        extra = "fewer head_choices shrink the codebook"
+        return f"{tips}, {extra}" if tips else f"; {extra}"
+
     def head_rows(self) -> list[int]:
         slots = math.ceil(self.head_share * sum(f.cardinality for f in self.features))
         heads = frequency_heads(self.features, slots, [True] * len(self.features))
