@@ -233,3 +233,15 @@ def test_learns_beyond_its_ablation_and_the_check_can_fail(name, learn_data):
         learn_data, name, budget, mutate=True, epochs=0.02, **options
     )
     assert not learned - ablated > LEARNING_MARGIN, (name, learned, ablated)
+
+
+@pytest.mark.parametrize(("parts", "choices"), [(16, 256), (16, 32), (12, 256)])
+def test_rows_of_more_than_64_code_bits_serve_exactly(parts, choices):
+    features = criteo_features(0.001)[:4]
+    dim = 16 if parts != 12 else 24
+    method = build_compressor("dpq", features, dim, "1x", parts=parts, choices=choices).eval()
+    g = torch.Generator().manual_seed(1)
+    kjt = _kjt(features, [torch.randint(0, f.cardinality, (50,), generator=g) for f in features])
+    served = build_serving(method.export())
+    assert served.words > 1
+    torch.testing.assert_close(served(kjt), method(kjt), rtol=0, atol=1e-6)

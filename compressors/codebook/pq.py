@@ -479,16 +479,24 @@ def joint_values(values: torch.Tensor, plan: CodebookPlan, g: int) -> torch.Tens
     return table.reshape(-1, g * plan.sub_dim)
 
 
+def words_per_row(parts: int, bits: int) -> int:
+    """Integers a row's codes take at serving: the fewest ``w`` dividing ``parts`` whose
+    ``parts/w`` codes fit 64 bits."""
+    return next(w for w in range(1, parts + 1) if parts % w == 0 and parts // w * bits <= 64)
+
+
 def row_words(
-    plan: CodebookPlan, streams: Sequence[torch.Tensor], dtype: torch.dtype
+    plan: CodebookPlan, streams: Sequence[torch.Tensor], words: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Every row's codes (global row order) from the tiers' packed streams, as one integer
-    per row: code ``p`` at bits ``[p·b, (p+1)·b)`` (``b`` the head tier's width). Decoded in
-    chunks, so loading holds no more than a chunk's codes at int64."""
+    """Every row's codes (global row order) from the tiers' packed streams, as ``words``
+    integers per row ``[N, words]``: word ``k`` holds codes ``k·c .. (k+1)·c - 1`` (``c =
+    P/words``), code ``k·c + i`` at bits ``[i·b, (i+1)·b)`` (``b`` the head tier's width).
+    Decoded in chunks, so loading holds no more than a chunk's codes at int64."""
     head_start, tail_start = tier_offsets(plan)
-    out = torch.empty(sum(plan.cardinalities), dtype=dtype)
+    per_word = plan.parts // words
+    out = torch.empty(sum(plan.cardinalities), words, dtype=dtype)
     within = torch.arange(plan.parts)
-    shifts = within * plan.bits[0]
+    shifts = torch.arange(per_word) * plan.bits[0]
     padded = [padded_stream(s) for s in streams]
     row = 0
     for f, (n, h) in enumerate(zip(plan.cardinalities, plan.heads, strict=True)):
@@ -497,7 +505,8 @@ def row_words(
                 stop = min(count, start + DECODE_ROWS)
                 index = torch.arange(first + start, first + stop).unsqueeze(1) * plan.parts
                 codes = unpack_codes(padded[tier], index + within, plan.bits[tier])
-                out[row + start : row + stop] = (codes << shifts).sum(1).to(dtype)
+                packed = (codes.view(-1, words, per_word) << shifts).sum(-1)
+                out[row + start : row + stop] = packed.to(dtype)
             row += count
     return out
 
@@ -506,7 +515,8 @@ class CodebookServing(nn.Module):
     """Serving side of ``dpq``/``mgqe`` (export kind ``codebook``).
 
     At load the packed code streams are re-laid as one integer per row (the row's ``P``
-    codes at the head tier's width, in a 1, 2, 4 or 8-byte integer), so a lookup is: ids
+    codes at the head tier's width, in a 1, 2, 4 or 8-byte integer; two or more when they
+    take over 64 bits), so a lookup is: ids
     range-checked, one gather of the rows' integers, shifts and masks to the ``P`` codes, one
     ``index_select`` of the sub-vectors from the fp32 values (adjacent sub-spaces joined
     into one table of their value combinations while it stays small: see
@@ -523,10 +533,13 @@ class CodebookServing(nn.Module):
         self.plan = plan
         self.check_ids = IdRangeCheck(dict(zip(names, plan.cardinalities, strict=True)))
         bits = plan.bits[0]
-        width = next(w for w in RESIDENT_WIDTHS if 8 * w >= plan.parts * bits)
+        self.words = words_per_row(plan.parts, bits)
+        per_word = plan.parts // self.words
+        width = next(w for w in RESIDENT_WIDTHS if 8 * w >= per_word * bits)
         streams = [exported.tensors[f"codes.{t}"] for t in range(len(plan.choices))]
-        self.register_buffer("codes", row_words(plan, streams, RESIDENT_WIDTHS[width]))
-        self.joint = joint_parts(plan.parts, bits)
+        codes = row_words(plan, streams, self.words, RESIDENT_WIDTHS[width])
+        self.register_buffer("codes", codes)
+        self.joint = joint_parts(per_word, bits)
         if plan.groups > 1 and self.joint > 1:
             # One joint table per field's codebook: only while they stay within the
             # artifact's size (a fixed 4096·D floats per codebook otherwise).
@@ -546,7 +559,7 @@ class CodebookServing(nn.Module):
             offsets.append(offsets[-1] + n)
         self.register_buffer("_offsets", torch.tensor(offsets), persistent=False)
         self.lookups = plan.parts // self.joint
-        shifts = torch.arange(self.lookups) * bits * self.joint
+        shifts = torch.arange(per_word // self.joint) * bits * self.joint
         self.register_buffer("_shifts", shifts, persistent=False)
         self.mask = self.entries - 1
         base = torch.arange(self.lookups) * self.entries
@@ -569,8 +582,9 @@ class CodebookServing(nn.Module):
         else:
             fields = field_index(features)
             rows = ids + self._offsets[fields]
-        word = self.codes.index_select(0, rows).long()
-        index = ((word.unsqueeze(1) >> self._shifts) & self.mask) + self._part_base
+        word = self.codes.index_select(0, rows).long()  # [n, words]
+        index = ((word.unsqueeze(-1) >> self._shifts) & self.mask).view(len(rows), -1)
+        index = index + self._part_base
         if p.groups > 1:
             if fields is None:
                 fields = field_index(features)
