@@ -599,6 +599,39 @@ def _binary_tables(
     return modules
 
 
+def _codebook_tables(cards: list[int], dim: int, seed: int = 0) -> dict:
+    """Codebook serving modules (dpq/mgqe's export format) with random codes and values,
+    keyed by their setting; ``serve_bytes`` is the artifact's size, ``resident_bytes`` what
+    the loaded module holds."""
+    import torch
+
+    from compressors import ExportedEmbedding
+    from compressors.codebook.pq import KIND, CodebookPlan, CodebookServing, pack_codes
+
+    names = [f"C{i + 1}" for i in range(len(cards))]
+    gen = torch.Generator().manual_seed(seed)
+    settings = {
+        "dpq P=4 K=256": (4, (256,), tuple(cards)),
+        "dpq P=8 K=64": (8, (64,), tuple(cards)),
+        "mgqe P=4 K=256/64": (4, (256, 64), tuple(-(-c // 10) for c in cards)),
+    }
+    modules: dict[str, object] = {}
+    for label, (parts, choices, heads) in settings.items():
+        plan = CodebookPlan(dim, parts, choices, tuple(cards), heads, 1)
+        tensors = {
+            f"codes.{t}": pack_codes(torch.randint(0, k, (rows, parts), generator=gen), bits)
+            for t, (k, rows, bits) in enumerate(
+                zip(choices, plan.tier_rows(), plan.bits, strict=True)
+            )
+        }
+        tensors["values"] = torch.randn(1, parts, choices[0], dim // parts, generator=gen)
+        config = {"method": label.split()[0], "fields": names, **plan.to_json()}
+        module = CodebookServing(ExportedEmbedding(KIND, config, tensors))
+        module.serve_bytes = plan.serve_bytes
+        modules[label] = module
+    return modules
+
+
 def _pruned_index_tables(cards: list[int], dim: int, keep: float, seed: int = 0) -> dict:
     """fp32 lookups of the same kept rows (a random ``keep`` fraction of each field) behind
     the two index forms a pruned export picks from: an id -> row array (int16/int32 per id)
@@ -1756,6 +1789,24 @@ def bench_serving(args: argparse.Namespace) -> dict:
         binary_rows,
     )
 
+    # Codebook rows (dpq/mgqe): codes gathered, then their sub-vectors, vs fp32 rows.
+    modules = {**_int_tables(cards, 16, 0, ("fp32",)), **_codebook_tables(cards, 16)}
+    speeds = _lookup_speed(modules, kjts)
+    codebook_rows = [
+        {
+            "format": k,
+            "lookups/s": v,
+            "vs fp32": v / speeds["fp32"],
+            "serve B/row": getattr(modules[k], "serve_bytes", rows_total * 64) / rows_total,
+            "resident B/row": getattr(modules[k], "resident_bytes", rows_total * 64) / rows_total,
+        }
+        for k, v in speeds.items()
+    ]
+    print_table(
+        "serving: codebook (dpq/mgqe) vs fp32 fbgemm lookups (1 thread CPU time, best of 5)",
+        codebook_rows,
+    )
+
     # Pruned rows: the same kept rows (10% of each field) behind an id -> row array and
     # behind a rank bitmap (what the export picks when it is smaller), vs the whole table.
     modules = _pruned_index_tables(cards, 16, keep=0.1)
@@ -1781,6 +1832,7 @@ def bench_serving(args: argparse.Namespace) -> dict:
         "forms": forms_rows,
         "binary": binary_rows,
         "pruned_index": pruned_rows,
+        "codebook": codebook_rows,
     }
 
 

@@ -9,6 +9,7 @@ catalogue):
 - ``precision/`` — ptq, int8/int16 training, alpt, binary;
 - ``pruning/`` — row and entry pruning (OptEmbed, PEP, DeepLight);
 - ``dimension/`` — dimension search (DNIS, MDE, AutoDim).
+- ``codebook/`` — codes into learned codebooks (DPQ, MGQE) and block deduplication (Dedup).
 
 Adding a method is one module in its family's folder, nothing else:
 
@@ -36,7 +37,7 @@ Example::
 """
 
 # Importing a family registers its methods.
-from compressors import baseline, dimension, hashing, precision, pruning  # noqa: F401
+from compressors import baseline, codebook, dimension, hashing, precision, pruning  # noqa: F401
 from compressors.core.base import (
     Compressor,
     ExportedEmbedding,
