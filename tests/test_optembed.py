@@ -4,6 +4,7 @@ a budgeted evolutionary dim search, retrain with fixed masks, export, resume, ab
 from __future__ import annotations
 
 import contextlib
+import itertools
 from pathlib import Path
 from unittest import mock
 
@@ -72,18 +73,19 @@ def test_budget_floor_is_solved_by_arithmetic_and_refused_clearly():
 
 
 class FakeContext:
-    """A search context whose fitness rewards dims on chosen fields (no data needed)."""
+    """A search context whose fitness rewards dims on chosen fields (no data needed): the
+    layer's :meth:`OptEmbed.score` is replaced by it (see :func:`_fake_scores`)."""
 
     def __init__(self, layer: OptEmbed, weights: list[float], stop_after: int | None = None):
         self.layer, self.weights, self.stop_after = layer, weights, stop_after
         self.saved: dict | None = None
         self.evaluations = 0
         self.resumed = False
+        _fake_scores(layer, self.fitness)
 
-    def evaluate(self, split: str = "valid", max_batches: int | None = None) -> dict:
+    def fitness(self, dims) -> float:
         self.evaluations += 1
-        dims = self.layer.dims.tolist()
-        return {"auc": sum(w * min(d, 8) for w, d in zip(self.weights, dims, strict=True))}
+        return sum(w * min(d, 8) for w, d in zip(self.weights, dims, strict=True))
 
     def progress(self, total: int, desc: str):
         return mock.MagicMock()
@@ -100,6 +102,13 @@ class FakeContext:
         return torch.Generator().manual_seed(3)
 
 
+def _fake_scores(layer: OptEmbed, fitness) -> None:
+    layer.score = lambda candidates, ctx: [float(fitness(list(c))) for c in candidates]
+
+
+PAPER_POPULATION = {"mutations": 10, "crossovers": 10, "parents": 10}
+
+
 def _searched(budget: int, weights: list[float], **options) -> tuple[OptEmbed, FakeContext]:
     torch.manual_seed(0)
     layer = build_compressor("optembed", _features(), DIM, budget, **options)
@@ -114,7 +123,7 @@ def _searched(budget: int, weights: list[float], **options) -> tuple[OptEmbed, F
 def test_search_finds_rewarded_dims_and_never_exceeds_the_budget():
     weights = [0.0, 1.0, 0.0, 1.0, 0.0]
     budget = 55_000
-    layer, ctx = _searched(budget, weights, generations=8, fill_budget=False)
+    layer, ctx = _searched(budget, weights, fill_budget=False, **PAPER_POPULATION, generations=8)
     dims = layer.dims.tolist()
     assert layer.memory().serve_bytes <= budget
     assert layer.kept_per_field()[0] <= 1001  # frozen row mask: field 0's tail is gone
@@ -127,6 +136,105 @@ def test_search_finds_rewarded_dims_and_never_exceeds_the_budget():
     for _ in range(200):
         cand = [layer._random_dim(gen) for _ in layer.features]
         assert layer.candidate_bytes(layer.repair(cand, kept, mass), kept) <= budget
+
+
+def test_evolution_beats_random_search_with_the_same_evaluations():
+    """On a separable landscape (reward: closeness of every field's dim to a target) the
+    defaults' evolution ends far nearer the optimum than the best of as many random
+    candidates; a search that drew its children at random lands with the random ones."""
+    features = [FeatureSpec(f"C{i}", 50) for i in range(20)]
+    target = torch.randint(1, DIM + 1, (20,), generator=torch.Generator().manual_seed(7))
+
+    def fitness(dims) -> float:
+        return -float((torch.tensor(dims) - target).abs().sum())
+
+    gaps = []
+    for seed in range(3):
+        layer = build_compressor("optembed", features, DIM, "1x", prune_rows=False)
+        ctx = FakeContext(layer, [0.0] * 20)
+        seen = []
+        _fake_scores(layer, lambda dims: seen.append(dims) or fitness(dims))
+        ctx.rng = lambda seed=seed: torch.Generator().manual_seed(seed)
+        layer.run_stage(layer.stages[1], ctx)
+        evolved = fitness(layer.dims.tolist())
+        assert evolved == max(fitness(d) for d in seen)  # the best candidate seen is kept
+        gen = torch.Generator().manual_seed(100 + seed)
+        randoms = [[layer._random_dim(gen) for _ in features] for _ in seen]
+        gaps.append(evolved - max(fitness(d) for d in randoms))
+    # Measured: the evolution's best is 9-19 closer than random search's (sum of |dim - target|).
+    assert min(gaps) >= 6, gaps
+
+
+def test_batched_auc_is_the_mann_whitney_statistic_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    from compressors.pruning.optembed import batched_auc
+
+    g = torch.Generator().manual_seed(0)
+    labels = (torch.rand(500, generator=g) < 0.3).float()
+    scores = torch.randn(3, 500, generator=g)
+    scores[1] = torch.round(scores[1] * 2)  # many ties
+    scores[2] = labels * 0.5 + torch.randn(500, generator=g)
+    got = batched_auc(scores, labels)
+    for c in range(3):
+        assert got[c].item() == pytest.approx(roc_auc_score(labels, scores[c]), abs=1e-12)
+
+
+def test_candidates_scored_in_batch_equal_each_scored_alone(tiny_data):
+    """The search's batched score (one lookup, every candidate's row and dim masks applied
+    to it, one forward for all) is the AUC of the model with that candidate's dims and filled
+    rows set, evaluated alone on the same sample."""
+    from sklearn.metrics import roc_auc_score
+
+    from ctr.run import build_run_model
+    from datasets.loader import BatchLoader
+
+    meta = DatasetMeta.load(tiny_data)
+    cfg = config(tiny_data, "optembed", "4x", search_batches=3)
+    torch.manual_seed(0)
+    model = build_run_model(cfg, meta)
+    layer = model.embedding.compressor
+    with torch.no_grad():
+        layer.table.weight.mul_(torch.rand(layer.table.rows, 1) * 300)  # rows that matter
+        layer.threshold.fill_(float(layer.table.row_norms().median()))
+        layer.row_mask.copy_(layer.current_row_mask())
+        layer.frozen.fill_(True)
+    assert (~layer.row_mask).sum() > layer.table.rows // 3
+    loader = BatchLoader(meta, "valid", 256, shuffle=True, seed=0, drop_last=True)
+
+    class Ctx:
+        def __init__(self):
+            self.model = model
+
+        def valid_batches(self):
+            for epoch in range(100):
+                yield from loader.epoch(epoch)
+
+    gen = torch.Generator().manual_seed(0)
+    kept = layer.kept_per_field()
+    candidates = [
+        layer.repair([layer._random_dim(gen) for _ in layer.features], kept, layer._column_mass())
+        for _ in range(5)
+    ]
+    scores = layer.score(candidates, Ctx())
+    sample = list(itertools.islice(Ctx().valid_batches(), 3))
+    supernet = layer.row_mask.clone()
+    filled_any = False
+    for dims, got in zip(candidates, scores, strict=True):
+        with torch.no_grad():
+            layer.row_mask.copy_(supernet)
+            added = layer.filled_rows(dims)
+            filled_any |= len(added) > 0
+            layer.dims.copy_(torch.tensor(dims))
+            layer.row_mask[added] = True
+            assert layer.memory().serve_bytes <= layer.budget_bytes
+            model.eval()
+            logits = torch.cat([model(b.dense_features, b.sparse_features) for b in sample])
+        labels = torch.cat([b.labels for b in sample])
+        # Equal up to the float rounding of near-tied logits.
+        assert got == pytest.approx(roc_auc_score(labels, logits), abs=1e-6)
+    assert filled_any  # the fill is part of what a candidate is scored with
+    assert max(scores) - min(scores) > 0.01
 
 
 def test_unused_budget_goes_back_to_the_supernets_best_pruned_rows():
@@ -152,10 +260,7 @@ def test_unused_budget_goes_back_to_the_supernets_best_pruned_rows():
             grown[f] += 1
             assert filled.candidate_bytes(dims, grown) > budget
     # Per field, the rows that came back are the best-scored of the pruned ones.
-    score = (
-        filled.table.row_norms()
-        - filled.threshold.detach()[filled.table.field_of(torch.arange(filled.table.rows))]
-    )
+    score = filled.row_scores()
     for f in range(len(filled.features)):
         sl = filled.table.field_slice(f)
         back = filled.row_mask[sl] & ~paper.row_mask[sl]

@@ -305,21 +305,33 @@ class EntryTable(EmbeddingRows, nn.Module):
         features: KeyedJaggedTensor,
         transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
+        rows, inverse, offsets = self.locate(features)
+        weight = self.weight[rows]
+        if self.training and torch.is_grad_enabled():
+            weight.requires_grad_()
+            self._pending = (rows, weight)
+        return self.pool(inverse, transform(rows, weight), offsets)
+
+    def locate(
+        self, features: KeyedJaggedTensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows, inverse, offsets)``: the batch's unique table rows, each id's index into
+        them and the bags' offsets — what :meth:`pool` needs to pool any values of those rows
+        (a search scoring many masks of one batch looks it up once)."""
         features = self._check(features)
         counts = torch.tensor(features.length_per_key(), device=self.weight.device)
         fields = torch.repeat_interleave(torch.arange(len(self.names)), counts)
         ids = features.values() + self._offsets[fields]
         rows, inverse = torch.unique(ids, return_inverse=True)
-        if self.decay is not None:
+        if self.decay is not None:  # lazily decayed rows brought up to date before a read
             self.decay.touch({"weight": rows})
-        weight = self.weight[rows]
-        if self.training and torch.is_grad_enabled():
-            weight.requires_grad_()
-            self._pending = (rows, weight)
-        values = transform(rows, weight)
-        pooled = F.embedding_bag(
-            inverse, values, features.offsets(), mode="sum", include_last_offset=True
-        )
+        return rows, inverse, features.offsets()
+
+    def pool(
+        self, inverse: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor
+    ) -> torch.Tensor:
+        """``[B, F, D]``: sum-pools ``values`` (one per unique row) into the located bags."""
+        pooled = F.embedding_bag(inverse, values, offsets, mode="sum", include_last_offset=True)
         return pooled.view(len(self.names), -1, self.dim).transpose(0, 1)
 
     @torch.no_grad()

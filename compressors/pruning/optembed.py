@@ -96,6 +96,8 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -116,11 +118,12 @@ from compressors.core.base import (
 )
 from compressors.core.budget import BudgetError, describe_bytes
 from compressors.core.registry import register
-from compressors.core.storage import check_dtype, optimizer_state_bytes
+from compressors.core.storage import check_dtype, optimizer_state_bytes, row_bytes
 from compressors.pruning.common import (
     EntryTable,
     dim_choices,
     export_pruned,
+    index_bytes,
     refuse_distributed,
     row_optimizer,
     row_plan,
@@ -133,6 +136,15 @@ log = logging.getLogger(__name__)
 
 QUANTILE_STEPS = 1000
 PRUNED_ROWS = ("zero", "field_vector")
+#: ``thresholds`` modes and what ``alpha``, ``threshold_lr`` and the thresholds' optimizer
+#: default to in each (module docstring: why ``field`` is the default)
+THRESHOLD_MODES = {
+    "field": {"alpha": 1e-3, "threshold_lr": 1e-2, "optimizer": "adam"},
+    "paper": {"alpha": 3e-4, "threshold_lr": 3e-4, "optimizer": "sgd"},
+}
+SCALE_MOMENTUM = 0.9  # EMA of a field's mean row norm over the training batches
+SEARCH_ROWS = 2048  # rows of the search's fixed validation sample (search_batches=None)
+SCORE_ROWS = 65536  # rows (candidates x sample) per batched forward of the search
 
 
 def ste_derivative(x: torch.Tensor) -> torch.Tensor:
@@ -153,6 +165,28 @@ class LongTailStep(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
         return grad * ste_derivative(x)
+
+
+def batched_auc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """ROC AUC of each row of ``scores`` ``[C, N]`` against binary ``labels`` ``[N]`` (the
+    Mann-Whitney statistic; tied scores count one half, as sklearn's)."""
+    pos = labels > 0.5
+    n_pos = int(pos.sum())
+    n_neg = labels.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return torch.full((scores.shape[0],), float("nan"))
+    out = torch.empty(scores.shape[0], dtype=torch.float64)
+    for c, row in enumerate(scores.double()):
+        values, inverse = torch.unique(row, return_inverse=True)
+        if len(values) == len(row):  # no ties: ranks are the sort positions
+            ranks = torch.empty_like(row)
+            ranks[torch.argsort(row)] = torch.arange(1, len(row) + 1, dtype=row.dtype)
+        else:  # a tie shares the mean of the ranks it spans
+            counts = torch.bincount(inverse, minlength=len(values)).double()
+            ends = torch.cumsum(counts, 0)
+            ranks = (ends - (counts - 1) / 2)[inverse]
+        out[c] = (ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return out
 
 
 def floor_bytes(
@@ -186,19 +220,24 @@ class OptEmbed(SearchedBytes, Compressor):
         "storage": "serving dtype of the kept rows (fp32, fp16, int8, int4, int2)",
         "prune_rows": "learn per-field row thresholds (False: OptEmbed-D, dims only)",
         "search_dims": "search per-field dims by evolution (False: OptEmbed-E, rows only)",
-        "alpha": "weight of the threshold regulariser α·Σ exp(−t_f) (reference 3e-4)",
-        "threshold_lr": "SGD learning rate of the thresholds (reference 3e-4)",
+        "thresholds": "'field' (a row's L1 norm over its field's mean row norm, Adam) or "
+        "'paper' (the raw L1 norm, SGD, alpha and threshold_lr 3e-4: the reference's)",
+        "alpha": "weight of the threshold regulariser α·Σ exp(−t_f) (None: the mode's, "
+        "1e-3 field, 3e-4 paper)",
+        "threshold_lr": "learning rate of the thresholds (None: the mode's, 1e-2 with Adam "
+        "field, 3e-4 with SGD paper)",
         "generations": "generations of the evolutionary search (reference 30)",
         "mutations": "children by mutation per generation (reference 10)",
         "crossovers": "children by crossover over fields per generation (reference 10)",
         "parents": "top candidates kept as parents each generation",
         "mutation_prob": "per-field probability that a mutation redraws its dim (reference 0.1)",
-        "search_batches": "validation batches scored per candidate (None: the whole split)",
+        "search_batches": "validation batches (training batch size) in the fixed sample every "
+        f"candidate is scored on (None: {SEARCH_ROWS} rows' worth)",
         "rewind": "retrain from the initial weights (False: from the supernet's)",
         "pruned_rows": "what pruned ids read: 'zero' (reference default) or 'field_vector' "
         "(one learned vector per field, served as an extra row)",
-        "fill_budget": "after the search, give unused budget back to the supernet's best pruned "
-        "rows (False: the paper's, the supernet alone decides the rows)",
+        "fill_budget": "give budget a candidate's dims leave unused back to the supernet's best "
+        "pruned rows, inside the search (False: the paper's, the supernet alone decides the rows)",
         "supernet_epochs": "epochs of the supernet stage (None: the run's)",
         "retrain_epochs": "epochs of the retrain stage (None: the run's)",
     }
@@ -211,12 +250,13 @@ class OptEmbed(SearchedBytes, Compressor):
         storage: str = "fp32",
         prune_rows: bool = True,
         search_dims: bool = True,
-        alpha: float = 2e-3,
-        threshold_lr: float = 3.0,
-        generations: int = 30,
-        mutations: int = 10,
-        crossovers: int = 10,
-        parents: int = 10,
+        thresholds: str = "field",
+        alpha: float | None = None,
+        threshold_lr: float | None = None,
+        generations: int = 10,
+        mutations: int = 5,
+        crossovers: int = 5,
+        parents: int = 5,
         mutation_prob: float = 0.1,
         search_batches: int | None = None,
         rewind: bool = True,
@@ -239,6 +279,12 @@ class OptEmbed(SearchedBytes, Compressor):
             raise ValueError(
                 "optembed: pruned_rows='field_vector' needs prune_rows (no row is pruned)"
             )
+        if thresholds not in THRESHOLD_MODES:
+            raise ValueError(
+                f"optembed: thresholds must be one of {sorted(THRESHOLD_MODES)}, got {thresholds!r}"
+            )
+        if search_batches is not None and search_batches < 1:
+            raise ValueError(f"optembed: search_batches must be >= 1, got {search_batches}")
         if generations < 1 or mutations + crossovers < 1 or parents < 2:
             raise ValueError("optembed: needs generations >= 1, a population and parents >= 2")
         if not 0.0 <= mutation_prob <= 1.0:
@@ -246,8 +292,12 @@ class OptEmbed(SearchedBytes, Compressor):
         self.storage = storage
         self.prune_rows = prune_rows
         self.search_dims = search_dims
-        self.alpha = alpha
-        self.threshold_lr = threshold_lr
+        mode = THRESHOLD_MODES[thresholds]
+        self.thresholds = thresholds
+        self.normalise = thresholds == "field"
+        self.alpha = mode["alpha"] if alpha is None else alpha
+        self.threshold_lr = mode["threshold_lr"] if threshold_lr is None else threshold_lr
+        self.threshold_optimizer = mode["optimizer"]
         self.generations = generations
         self.mutations = mutations
         self.crossovers = crossovers
@@ -280,6 +330,16 @@ class OptEmbed(SearchedBytes, Compressor):
         self.register_buffer("dims", torch.full((len(features),), dim, dtype=torch.int64))
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
         self.register_buffer("thresholds_raised", torch.zeros((), dtype=torch.bool))
+        # Each field's mean row L1 norm in the training batches (an EMA; 0 = not seen yet):
+        # with thresholds="field" a row's norm is read in units of it.
+        self.register_buffer("field_scale", torch.zeros(len(features)))
+        self.stage_seconds: dict[str, float] = {}
+        self._stage_tick: float | None = None
+        self._capture: list[KeyedJaggedTensor] | None = None  # the search's sample KJTs
+        self._inject: torch.Tensor | None = None  # a scoring forward's embeddings
+        self._sample: list[dict[str, Any]] | None = None
+        self._order: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._consts: tuple[Any, ...] | None = None
         # Rows per field the supernet's step kept when the mask froze (before fit and fill).
         self.register_buffer("supernet_kept", torch.full((len(features),), -1, dtype=torch.int64))
 
@@ -319,6 +379,8 @@ class OptEmbed(SearchedBytes, Compressor):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Runs from before the budget fill recorded no supernet counts: read them as unknown.
         state_dict.setdefault(prefix + "supernet_kept", torch.full_like(self.supernet_kept, -1))
+        # ... nor field scales: their thresholds were raw L1 norms (scale 1).
+        state_dict.setdefault(prefix + "field_scale", torch.ones_like(self.field_scale))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---------------------------------------------------------------- forward
@@ -335,13 +397,42 @@ class OptEmbed(SearchedBytes, Compressor):
     def _supernet_rows(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if not self.prune_rows:
             return weight
-        x = weight.abs().sum(1) - self.threshold[self.table.field_of(rows)]
+        fields = self.table.field_of(rows)
+        norms = weight.abs().sum(1)
+        if self.normalise:
+            if self.training:
+                self._track_scale(fields, norms.detach())
+            norms = norms / self.scales()[fields]
+        x = norms - self.threshold[fields]
         return self._read_rows(rows, weight, LongTailStep.apply(x))
+
+    @torch.no_grad()
+    def _track_scale(self, fields: torch.Tensor, norms: torch.Tensor) -> None:
+        """Moves each field's scale towards the mean L1 norm of its rows in this batch."""
+        count = torch.bincount(fields, minlength=self.num_features)
+        total = torch.zeros(self.num_features).index_add_(0, fields, norms)
+        seen = count > 0
+        mean = total[seen] / count[seen]
+        old = self.field_scale[seen]
+        self.field_scale[seen] = torch.where(
+            old > 0, SCALE_MOMENTUM * old + (1 - SCALE_MOMENTUM) * mean, mean
+        )
+
+    def scales(self) -> torch.Tensor:
+        """What a row's L1 norm is divided by before its threshold: the field's tracked mean
+        norm (``thresholds="field"``), 1 for raw norms or a field not seen yet."""
+        if not self.normalise:
+            return torch.ones(self.num_features)
+        return torch.where(self.field_scale > 0, self.field_scale, 1.0)
 
     def _masked_rows(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return self._read_rows(rows, weight, self.row_mask[rows].to(weight.dtype))
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        if self._inject is not None:  # the search scores precomputed embeddings in batch
+            return self._inject
+        if self._capture is not None:
+            self._capture.append(features)
         if bool(self.frozen):
             out = self.table(features, self._masked_rows)
             cols = torch.arange(self.dim)
@@ -361,22 +452,51 @@ class OptEmbed(SearchedBytes, Compressor):
     def optimizer_groups(self) -> list[dict[str, Any]]:
         if not self.prune_rows:
             return []
-        return [{"params": [self.threshold], "optimizer": "sgd", "lr": self.threshold_lr}]
+        return [
+            {
+                "params": [self.threshold],
+                "optimizer": self.threshold_optimizer,
+                "lr": self.threshold_lr,
+            }
+        ]
 
     def rewind_keep(self) -> list[str]:
-        return ["threshold", "row_mask", "dims", "frozen", "thresholds_raised", "supernet_kept"]
+        return [
+            "threshold",
+            "row_mask",
+            "dims",
+            "frozen",
+            "thresholds_raised",
+            "supernet_kept",
+            "field_scale",
+        ]
 
     # ---------------------------------------------------------------- stages
     def on_stage_start(self, stage: Stage, ctx: StageContext) -> None:
         refuse_distributed(self.name)
+        self._stage_tick = time.perf_counter()
+
+    def on_stage_end(self, stage: Stage, ctx: StageContext) -> None:
+        # Wall time of each stage (of this process: a resumed stage counts from the resume).
+        if self._stage_tick is not None:
+            seconds = time.perf_counter() - self._stage_tick
+            self.stage_seconds[stage.name] = round(seconds, 2)
+            log.info("%s: stage %s took %.1fs", self.name, stage.name, seconds)
+        self._stage_tick = None
 
     @torch.no_grad()
     def current_row_mask(self) -> torch.Tensor:
         """The rows kept now: the frozen mask, or the supernet's hard step."""
         if bool(self.frozen) or not self.prune_rows:
             return self.row_mask.clone()
+        return self.row_scores() > 0
+
+    @torch.no_grad()
+    def row_scores(self) -> torch.Tensor:
+        """Every row's ``‖e‖₁/s_f − t_f``, the step's own argument (``s_f`` = 1 for raw norms):
+        above 0 the supernet keeps the row; the fill brings pruned rows back highest first."""
         fields = self.table.field_of(torch.arange(self.table.rows))
-        return self.table.row_norms() - self.threshold.detach()[fields] > 0
+        return self.table.row_norms() / self.scales()[fields] - self.threshold.detach()[fields]
 
     def run_stage(self, stage: Stage, ctx: StageContext) -> None:
         if stage.name != "search":
@@ -388,12 +508,15 @@ class OptEmbed(SearchedBytes, Compressor):
                 self.frozen.fill_(True)
                 self.supernet_kept.copy_(torch.tensor(self.kept_per_field()))
             self._fit_rows()
-            state = {"generation": 0, "population": [], "scores": [], "best": [], "best_auc": -1.0}
-        if not self.search_dims:
-            self.dims.fill_(self.dim)
-        else:
-            self._search(ctx, state)
-        self._fill_rows()
+            state = {"generation": 0, "population": [], "best": [], "best_auc": -math.inf}
+        try:
+            if not self.search_dims:
+                self.dims.fill_(self.dim)
+            else:
+                self._search(ctx, state)
+            self._fill_rows()
+        finally:
+            self._sample = self._order = None
 
     # ---------------------------------------------------------------- budget arithmetic
     def kept_per_field(self) -> list[int]:
@@ -420,7 +543,8 @@ class OptEmbed(SearchedBytes, Compressor):
         kept = self.kept_per_field()
         if self.candidate_bytes(low, kept) <= self.budget_bytes:
             return
-        norms = self.table.row_norms()
+        fields = self.table.field_of(torch.arange(self.table.rows))
+        norms = self.table.row_norms() / self.scales()[fields]
         per_field = []
         for f in range(self.num_features):
             sl = self.table.field_slice(f)
@@ -453,57 +577,96 @@ class OptEmbed(SearchedBytes, Compressor):
             100 * q,
         )
 
+    # ---------------------------------------------------------------- the fill
+    @torch.no_grad()
+    def _fill_order(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The frozen mask's pruned rows, best :meth:`row_scores` first: ``(rows, their
+        fields, each one's 1-based place among its field's)``."""
+        if self._order is None:
+            pruned = torch.nonzero(~self.row_mask).squeeze(1)
+            score = self.row_scores()[pruned]
+            rows = pruned[torch.argsort(score, descending=True, stable=True)]
+            fields = self.table.field_of(rows)
+            # Place within the field: rank in a stable sort by field, minus the field's start.
+            by_field = torch.argsort(fields, stable=True)
+            starts = torch.cumsum(torch.bincount(fields, minlength=self.num_features), 0)
+            starts = torch.cat([torch.zeros(1, dtype=torch.int64), starts[:-1]])
+            place = torch.empty_like(rows)
+            place[by_field] = torch.arange(len(rows)) - starts[fields[by_field]] + 1
+            self._order = (rows, fields, place)
+        return self._order
+
+    def _field_bytes(self, fields: torch.Tensor, kept: torch.Tensor, dims: torch.Tensor):
+        """Serve bytes of ``fields`` holding ``kept`` rows at ``dims`` (vectorised
+        :func:`~compressors.pruning.common.row_plan`; every argument a tensor of one length)."""
+        if self._consts is None or self._consts[0] != self.storage:
+            self._consts = (
+                self.storage,
+                torch.tensor([f.cardinality for f in self.features]),
+                torch.tensor([row_bytes(d, self.storage) for d in range(self.dim + 1)]),
+                torch.tensor([index_bytes(f.cardinality, 1) for f in self.features]),
+                torch.tensor([index_bytes(f.cardinality, 2**15) for f in self.features]),
+            )
+        _, cards, rbs, narrow, wide = self._consts
+        cards, rb = cards[fields], rbs[dims]
+        oov = int(self.field_vector)
+        stored = kept + oov
+        # An array remap widens to int32 past int16's range (index_bytes of 2**15 rows).
+        index = torch.where(stored > 2**15 - 1, wide[fields], narrow[fields])
+        out = torch.where(kept >= cards, cards * rb, stored * rb + index)
+        if not oov:  # a field without rows or an OOV row is empty: no bytes
+            out = torch.where(kept == 0, torch.zeros_like(out), out)
+        return out
+
+    @torch.no_grad()
+    def filled_rows(self, dims: Sequence[int]) -> torch.Tensor:
+        """The pruned rows ``fill_budget`` gives back at ``dims``: the supernet's best first,
+        each while its exact bytes (remap included) still fit; a row whose field's next row
+        does not fit is passed over, as are the rest of that field's. Empty without the fill."""
+        if not (self.prune_rows and self.fill_budget):
+            return torch.zeros(0, dtype=torch.int64)
+        rows, fields, place = self._fill_order()
+        kept0 = torch.tensor(self.kept_per_field())
+        dim_of = torch.tensor(list(dims))
+        spare = self.budget_bytes - self.candidate_bytes(dims, kept0.tolist())
+        # A row's exact marginal bytes: its field grows from kept0 + place - 1 to kept0 + place
+        # rows (rows are taken as a prefix or passed over a field at a time, so place holds).
+        k = kept0[fields] + place
+        cost = self._field_bytes(fields, k, dim_of[fields]) - self._field_bytes(
+            fields, k - 1, dim_of[fields]
+        )
+        taken = []
+        alive = torch.ones(len(rows), dtype=torch.bool)
+        while spare > 0:
+            idx = torch.nonzero(alive).squeeze(1)
+            if not len(idx):
+                break
+            cum = torch.cumsum(cost[idx], 0)
+            n = int(torch.searchsorted(cum, torch.tensor(spare), right=True))
+            if n:
+                taken.append(idx[:n])
+                spare -= int(cum[n - 1])
+                alive[idx[:n]] = False
+                continue
+            alive &= fields != fields[idx[0]]  # its field's next row does not fit
+        return rows[torch.cat(taken)] if taken else torch.zeros(0, dtype=torch.int64)
+
     @torch.no_grad()
     def _fill_rows(self) -> int:
-        """Gives budget the mask leaves unused back to pruned rows, the supernet's best first
-        (``fill_budget``); returns how many rows it added. Idempotent: a resumed stage that
-        calls it again finds nothing more that fits."""
-        if not (self.prune_rows and self.fill_budget):
-            return 0
-        dims = self.dims.tolist()
-        kept = self.kept_per_field()
-        plans = self.plans(dims, kept)
-        field_bytes = [p.serve_bytes(self.storage) for p in plans]
-        spare = self.budget_bytes - sum(field_bytes)
-        fields = self.table.field_of(torch.arange(self.table.rows))
-        score = self.table.row_norms() - self.threshold.detach()[fields]
-        pruned = torch.nonzero(~self.row_mask).squeeze(1)
-        order = pruned[torch.argsort(score[pruned], descending=True, stable=True)].tolist()
-        field_list = fields.tolist()
-        added = []
-
-        def cost(f: int, k: int) -> int:
-            spec = self.features[f]
-            plan = row_plan(spec.name, spec.cardinality, k, dims[f], self.field_vector)
-            return plan.serve_bytes(self.storage)
-
-        def step(g: int) -> int:  # bytes one more row of field g costs now
-            if kept[g] >= self.features[g].cardinality:
-                return self.budget_bytes + 1
-            return cost(g, kept[g] + 1) - field_bytes[g]
-
-        steps = [step(g) for g in range(len(kept))]
-        cheapest = min(steps)
-        for row in order:
-            if cheapest > spare:
-                break  # not even the cheapest next row of any field fits
-            f = field_list[row]
-            if steps[f] > spare:
-                continue
-            spare -= steps[f]
-            field_bytes[f] += steps[f]
-            kept[f] += 1
-            before, steps[f] = steps[f], step(f)
-            if steps[f] != before:  # a form changed (remap width, dense): rare
-                cheapest = min(steps)
-            added.append(row)
-        if added:
-            self.row_mask[torch.tensor(added)] = True
+        """Gives the budget the searched dims leave unused back to pruned rows
+        (:meth:`filled_rows`); returns how many rows it added. Idempotent: a resumed stage
+        that calls it again finds nothing more that fits."""
+        added = self.filled_rows(self.dims.tolist())
+        if len(added):
+            self.row_mask[added] = True
+            self._order = None
             log.info(
                 "%s: filled the budget with %d of the supernet's pruned rows (best score first)",
                 self.name,
                 len(added),
             )
+        if self.memory().serve_bytes > self.budget_bytes:  # the arithmetic above prevents it
+            raise RuntimeError(f"{self.name}: the budget fill overshot the budget")
         return len(added)
 
     @torch.no_grad()
@@ -545,18 +708,91 @@ class OptEmbed(SearchedBytes, Compressor):
             dims[best[0]] = best[1]
         return dims
 
+    # ---------------------------------------------------------------- scoring
+    @torch.no_grad()
+    def _search_sample(self, ctx: StageContext) -> list[dict[str, Any]]:
+        """The fixed validation sample every candidate is scored on: the first batches of
+        ``ctx.valid_batches()`` (seeded by the run and stage, so a resumed search draws the
+        same), each looked up in the table once."""
+        batches = ctx.valid_batches()
+        sample, rows = [], 0
+        ctx.model.eval()
+        self._capture = []
+
+        def more() -> bool:
+            if self.search_batches is None:
+                return rows < SEARCH_ROWS
+            return len(sample) < self.search_batches
+
+        try:
+            while more():
+                batch = next(batches)
+                ctx.model(batch.dense_features, batch.sparse_features)  # forward captures the KJT
+                found, inverse, offsets = self.table.locate(self._capture.pop())
+                labels = batch.labels
+                sample.append(
+                    {
+                        "dense": batch.dense_features,
+                        "sparse": batch.sparse_features,
+                        "labels": labels,
+                        "rows": found,
+                        "inverse": inverse,
+                        "offsets": offsets,
+                    }
+                )
+                rows += int((labels >= 0).sum())  # padding rows (label -1) do not count
+        finally:
+            self._capture = None
+        return sample
+
+    @torch.no_grad()
+    def score(self, candidates: Sequence[Sequence[int]], ctx: StageContext) -> list[float]:
+        """Validation AUC of the frozen supernet at each candidate's dims (and, with
+        ``fill_budget``, with the rows the fill gives back at those dims) on the fixed sample.
+        The table lookups are done once; per candidate only its row and dim masks are applied
+        and the candidates go through the model together, in forwards of up to
+        ``SCORE_ROWS`` rows; no model is copied."""
+        if self._sample is None:
+            self._sample = self._search_sample(ctx)
+        keeps = []
+        for dims in candidates:
+            keep = self.row_mask.clone()
+            keep[self.filled_rows(dims)] = True
+            keeps.append(keep)
+        cols = torch.arange(self.dim)
+        dmasks = (cols < torch.tensor([list(d) for d in candidates]).unsqueeze(2)).float()
+        logits: list[list[torch.Tensor]] = [[] for _ in candidates]
+        labels = []
+        ctx.model.eval()
+        for part in self._sample:
+            weight = self.table.weight[part["rows"]]
+            size = len(part["labels"])
+            step = max(1, SCORE_ROWS // max(size, 1))
+            for lo in range(0, len(candidates), step):
+                group = range(lo, min(lo + step, len(candidates)))
+                embs = []
+                for c in group:
+                    keep = keeps[c][part["rows"]].to(weight.dtype)
+                    values = self._read_rows(part["rows"], weight, keep)
+                    pooled = self.table.pool(part["inverse"], values, part["offsets"])
+                    embs.append(pooled * dmasks[c])
+                self._inject = torch.cat(embs)
+                try:
+                    dense = part["dense"].repeat(len(group), 1)
+                    out = ctx.model(dense, part["sparse"]).view(len(group), size)
+                finally:
+                    self._inject = None
+                for i, c in enumerate(group):
+                    logits[c].append(out[i])
+            labels.append(part["labels"])
+        y = torch.cat(labels)
+        valid = y >= 0
+        scores = torch.stack([torch.cat(c) for c in logits])[:, valid]
+        return batched_auc(scores, y[valid]).tolist()
+
     # ---------------------------------------------------------------- evolution
     def _random_dim(self, gen: torch.Generator) -> int:
         return self.choices[int(torch.randint(len(self.choices), (1,), generator=gen))]
-
-    @torch.no_grad()
-    def fitness(self, dims: Sequence[int], ctx: StageContext) -> float:
-        saved = self.dims.clone()
-        self.dims.copy_(torch.tensor(list(dims)))
-        try:
-            return float(ctx.evaluate("valid", max_batches=self.search_batches)["auc"])
-        finally:
-            self.dims.copy_(saved)
 
     def _search(self, ctx: StageContext, state: dict[str, Any]) -> None:
         gen = ctx.rng()
@@ -576,15 +812,13 @@ class OptEmbed(SearchedBytes, Compressor):
         bar = ctx.progress(self.generations, "search")
         bar.update(state["generation"])
         for generation in range(state["generation"], self.generations):
-            scores = []
-            for cand in population:
-                key = tuple(cand)
-                if key not in cache:
-                    cache[key] = self.fitness(cand, ctx)
-                scores.append(cache[key])
+            new = list(dict.fromkeys(tuple(c) for c in population if tuple(c) not in cache))
+            if new:
+                cache.update(zip(new, self.score(new, ctx), strict=True))
+            scores = [cache[tuple(c)] for c in population]
             order = sorted(range(len(population)), key=lambda i: -scores[i])
             ranked = [population[i] for i in order]
-            if scores[order[0]] > best_auc:
+            if not best or scores[order[0]] > best_auc:
                 best, best_auc = list(ranked[0]), scores[order[0]]
             top = ranked[: self.parents]
             children = []
@@ -685,6 +919,15 @@ class OptEmbed(SearchedBytes, Compressor):
             ),
             "thresholds_raised": bool(self.thresholds_raised),
             "fill_budget": self.fill_budget,
+            "thresholds_mode": self.thresholds,
+            "field_scale": dict(
+                zip(
+                    self.feature_names,
+                    [round(s, 5) for s in self.field_scale.tolist()],
+                    strict=True,
+                )
+            ),
+            "stage_seconds": dict(self.stage_seconds),
             "supernet_kept_rows": dict(
                 zip(self.feature_names, self.supernet_kept.tolist(), strict=True)
             ),
