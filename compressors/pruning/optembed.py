@@ -802,10 +802,12 @@ class OptEmbed(SearchedBytes, Compressor):
         mass = self._column_mass()
         population = [list(c) for c in state["population"]]
         if not population:
+            # Random candidates, and one that starts every field at D (repaired into the
+            # budget by the mass heuristic): a strong start the evolution can only improve on.
             size = self.mutations + self.crossovers
-            population = [
+            population = [self.repair([self.dim] * self.num_features, kept, mass)] + [
                 self.repair([self._random_dim(gen) for _ in self.features], kept, mass)
-                for _ in range(size)
+                for _ in range(size - 1)
             ]
         cache = {tuple(c): s for c, s in state.get("cache", [])}
         best, best_auc = list(state["best"]), float(state["best_auc"])
