@@ -1,44 +1,57 @@
 """``optembed`` — OptEmbed (Lyu et al., CIKM 2022, arXiv 2208.04482; reference code
-``fuyuanlyu/OptEmbed``: ``supernet.py``, ``evolution.py``, ``retrain.py``).
+``fuyuanlyu/OptEmbed``: ``supernet.py``, ``evolution.py``, ``retrain.py``). Measured figures
+and the reasoning behind the defaults: ``docs/methods/optembed.md``.
 
-Three stages, each resumable:
+Three stages, each resumable; each one's wall time is in ``hyperparameters()["stage_seconds"]``
+(so in the run's ``summary.json``) and the log:
 
 1. **supernet** (training). Field ``f`` has a learnable threshold ``t_f`` (init 0); row ``v``
-   is kept while ``‖e_v‖₁ − t_f > 0`` (hard step forward). The backward pass of the step is
-   the reference's long-tailed straight-through derivative of ``x = ‖e‖₁ − t``: ``2 − 4|x|``
-   for ``|x| ≤ 0.4``, ``0.4`` for ``0.4 < |x| ≤ 1``, ``0`` beyond (:func:`ste_derivative`);
-   it reaches both ``t`` and the embedding values. The loss adds ``α·Σ_f exp(−t_f)``
-   (:meth:`OptEmbed.penalty`); thresholds train with plain SGD at ``threshold_lr``
-   (an optimizer group), the table as every table does (row-wise Adagrad at the run's
-   ``table_lr``), the network with Adam. Pruned rows read as zeros. While training, every
-   (sample, field) keeps a uniformly drawn prefix ``1..D`` of its embedding (applied to the
-   pooled vector, which equals masking each row since pooling is a sum); evaluation uses all
-   ``D`` dims.
+   is kept while ``x_v = ‖e_v‖₁ / s_f − t_f > 0`` (hard step forward), where ``s_f`` is the
+   field's mean row L1 norm in the training batches (an EMA, ``thresholds="field"``) or 1
+   (``thresholds="paper"``: raw norms). The backward pass of the step is the reference's
+   long-tailed straight-through derivative: ``2 − 4|x|`` for ``|x| ≤ 0.4``, ``0.4`` for
+   ``0.4 < |x| ≤ 1``, ``0`` beyond (:func:`ste_derivative`); it reaches both ``t`` and the
+   embedding values. The loss adds ``α·Σ_f exp(−t_f)`` (:meth:`OptEmbed.penalty`); the
+   thresholds are an optimizer group (Adam at ``threshold_lr``; SGD in the paper mode), the
+   table trains as every table does (the run's table optimizer and ``table_lr``), the network
+   with Adam. Pruned rows read as zeros. While training, every (sample, field) keeps a
+   uniformly drawn prefix ``1..D`` of its embedding (applied to the pooled vector, which
+   equals masking each row since pooling is a sum); evaluation uses all ``D`` dims.
 2. **search** (the method's own procedure). The row mask is frozen. If even at the smallest
    dim the kept rows (plus their remaps) exceed the budget, every field drops the same
-   quantile of its kept rows by L1 norm (its threshold rises to the largest dropped norm)
-   until they fit, and a warning says so. Then an evolutionary search over one dim per field:
-   a random first population, then each generation ``mutations`` children of the top
-   ``parents`` (per-gene probability ``mutation_prob`` of a new random dim) and
-   ``crossovers`` children of two distinct top parents cut at one point *over the fields*.
-   Fitness is the validation AUC of the supernet with each field cut to its candidate dim
-   (by masking, no rebuild) on the first ``search_batches`` validation batches (a fixed
-   subsample). A candidate over budget is repaired before it is scored: the field whose next
-   lower dim loses the least frequency-weighted L1 mass per byte saved is lowered, until it
-   fits, so no candidate — and no result — is ever over budget. One progress-bar tick and
-   one checkpoint per generation; a killed search resumes at its last generation.
-   **Filling the budget** (``fill_budget=True``, the default): with the dims chosen, budget
-   the supernet's mask left unused goes back to pruned rows, the supernet's best first (the
-   highest ``‖e‖₁ − t_f``, the step's own score), each added while its exact bytes (remap
-   included) still fit; so ``serve_bytes`` ends within one row of the budget instead of
-   wherever the thresholds happened to stop. ``fill_budget=False`` is the paper's: the
-   supernet alone decides the rows (``supernet_kept_rows`` in the summary either way).
+   quantile of its kept rows by normalised norm (its threshold rises to the largest dropped
+   one) until they fit, and a warning says so. Then an evolutionary search over one dim per
+   field: a first population (random, plus every field at ``D``), then each generation
+   ``mutations`` children of the top ``parents`` (per-gene probability ``mutation_prob`` of a
+   new random dim) and ``crossovers`` children of two distinct top parents cut at one point
+   *over the fields*. A candidate over budget is repaired before it is scored: the field whose
+   next lower dim loses the least frequency-weighted L1 mass per byte saved is lowered until it
+   fits, so no candidate — and no result — is ever over budget. **Filling the budget**
+   (``fill_budget=True``, the default) is part of a candidate: budget its dims leave unused
+   goes back to pruned rows, the supernet's best first (the highest ``x``, the step's own
+   score), each while its exact bytes (remap included) still fit (:meth:`filled_rows`). So
+   the search weighs rows against dims at the budget, and the result's ``serve_bytes`` ends
+   within one row of it. ``fill_budget=False`` is the paper's: the supernet alone decides
+   the rows (``supernet_kept_rows`` in the summary either way).
+   **Fitness** (:meth:`score`) is the validation AUC of the frozen supernet with the
+   candidate's rows and dims, on a fixed sample: the first ``search_batches`` batches of the
+   run's shuffled validation stream (default: 2,048 rows), looked up in the table once; each
+   candidate's row and dim masks are applied to those lookups and the candidates go through
+   the model together (no model copies). One progress-bar tick and one checkpoint per
+   generation; a killed search resumes at its last generation.
 3. **retrain** (training) with both masks fixed, from the run's initial weights
    (``rewind=True``, the paper's lottery-ticket setting; ``rewind=False`` continues from the
    supernet's weights).
 
 Ablations (the paper's): ``search_dims=False`` is OptEmbed-E (rows only, all fields at
 ``D``); ``prune_rows=False`` is OptEmbed-D (dims only, no thresholds).
+
+Options: ``thresholds`` (``field`` | ``paper``), ``alpha``, ``threshold_lr`` (None: the mode's),
+``generations``, ``mutations``, ``crossovers``, ``parents``, ``mutation_prob``,
+``search_batches``, ``fill_budget``, ``rewind``, ``pruned_rows``, ``storage``, ``prune_rows``,
+``search_dims``, ``supernet_epochs``, ``retrain_epochs`` (``option_help`` says each).
+The paper's setting: ``thresholds=paper generations=30 mutations=10 crossovers=10
+parents=10 fill_budget=False`` (and ``search_batches`` large enough for the whole split).
 
 Export (kind ``pruned``, see :mod:`compressors.pruning.common`): each field's kept rows at
 its chosen dim (``storage`` any fbgemm dtype), plus an id remap for fields that lost rows
@@ -48,29 +61,39 @@ dtype when every field's dim packs there.
 ``serve_bytes`` is always what :meth:`export` would write now; after the search it is at
 most the budget.
 
-Where this deviates from the reference, and why:
+Deviations from the paper (and the reference), and why:
 
+- **Thresholds in units of the field's mean row norm, trained with Adam** (``thresholds=
+  "field"``, ``alpha=1e-3``, ``threshold_lr=1e-2``); ``thresholds="paper"`` is the reference's
+  raw L1 norm, SGD, ``alpha=threshold_lr=3e-4``. A raw-norm threshold is in the units of the
+  table's init, optimizer and lr, and SGD couples how fast it moves to how hard the penalty
+  and the data pull: the reference's values suit 64-dim xavier tables under Adam for 30
+  epochs; under row-wise Adagrad (whose first step moves a row seen once as far as a frequent
+  row's whole history) no raw setting separates rare rows from frequent ones, and a fast one
+  masked the small strong fields (the former defaults ``alpha=2e-3``, ``threshold_lr=3.0``:
+  supernet valid AUC .637 against full's .723). Normalised, ``t_f = 0.5`` means "rows below
+  half the field's typical norm" whatever the optimizer, dim or data; Adam moves ``t`` by
+  about ``threshold_lr`` a step while the sign of penalty minus data pull decides the
+  direction, so fields the data does not defend rise and strong fields stop where the data
+  holds them.
+- **The fill** (above; the reference ignores memory): the thresholds' equilibrium depends on
+  ``alpha`` and the data, not on the budget; without the fill a "2x" run is compared at
+  whatever ratio the thresholds reached. Inside the search, so dims are chosen for the rows
+  the run will serve (a fill after the search re-added up to 97% of the rows at dims chosen
+  for the supernet's mask).
+- **A smaller, cheaper search by default**: 10 generations of 10 children (5 parents) scored
+  on 2,048 validation rows, where the reference runs 30 generations of 20 on the whole
+  validation split: at one training epoch a stage, the reference's search alone took ~10x a
+  ``full`` run; the defaults keep a run within ~2.5x of ``full``'s wall time. The first
+  population holds the all-``D`` candidate repaired into the budget.
 - Crossover cuts over fields; the reference draws its cut point in ``[1, latent_dim]`` and
-  slices the per-field candidate there — a bug whenever ``latent_dim ≠ field_num``
-  (no crossover at all when ``D ≥ F``).
-- The reference mutates its parents in place (``origin = self.cands[i]``), so parents,
-  their crossover children and even the recorded best candidate change under it; children
-  here are copies. Its mutation draws dims ``2..D`` only; here any allowed dim.
-- The reference ignores memory; here the budget is enforced as above, from above (repair,
-  raised thresholds) and from below (``fill_budget``). Why the fill is the default: the
-  thresholds' equilibrium depends on ``alpha`` and the data, not on the budget, so the same
-  supernet serves every budget; on the 200k-row synthetic sweep at 10x one seed's supernet
-  kept 402 of 11,040 rows, 46% of the budget, with ten fields emptied. Without the fill a
-  "2x" run would be compared at whatever ratio the thresholds reached.
-- Tables train with row-wise Adagrad (every method here does) instead of the reference's
-  Adam with weight decay; the tables are plain fp32 buffers with a sparse row optimizer
-  (fbgemm's fused kernels cannot carry the straight-through gradient), so training is
-  single-process.
-- Defaults ``alpha=2e-3``, ``threshold_lr=3.0`` suit this project's tables (row-wise
-  Adagrad moves every trained row's L1 norm to ~0.3-3 within an epoch): the thresholds rise
-  ~0.006 per step from the penalty while the data loss, which only a small ``alpha`` leaves
-  comparable, holds them down per field. The reference's ``alpha=3e-4``,
-  ``threshold_lr=3e-4`` (64-dim xavier tables, Adam, 30 epochs) are one option away.
+  slices the per-field candidate there — a bug whenever ``latent_dim ≠ field_num``. The
+  reference mutates its parents in place (``origin = self.cands[i]``); children here are
+  copies. Its mutation draws dims ``2..D`` only; here any allowed dim.
+- Tables train with the run's table optimizer (row-wise Adagrad by default) as every method
+  here, not the reference's Adam with weight decay; plain fp32 buffers with a sparse row
+  optimizer (fbgemm's fused kernels cannot carry the straight-through gradient), so training
+  is single-process.
 - Pruned rows: ``pruned_rows="zero"`` (the default, as the reference's default
   ``mode_oov='zero'``, the setting of the paper's results) reads zeros;
   ``pruned_rows="field_vector"`` (the reference's ``mode_oov='oov'``) gives each field one
@@ -90,7 +113,7 @@ Example::
     layer = build_compressor("optembed", features, dim=16, budget="5x")
     layer = build_compressor("optembed", features, dim=16, budget="10x", storage="int8")
     layer = build_compressor("optembed", features, dim=16, budget="2x", search_dims=False)  # -E
-    layer = build_compressor("optembed", features, dim=16, budget="5x", pruned_rows="field_vector")
+    layer = build_compressor("optembed", features, dim=16, budget="5x", thresholds="paper")
 """
 
 from __future__ import annotations
@@ -600,10 +623,16 @@ class OptEmbed(SearchedBytes, Compressor):
         """Serve bytes of ``fields`` holding ``kept`` rows at ``dims`` (vectorised
         :func:`~compressors.pruning.common.row_plan`; every argument a tensor of one length)."""
         if self._consts is None or self._consts[0] != self.storage:
+            packable = set(dim_choices(self.dim, self.storage)) | {self.dim}
             self._consts = (
                 self.storage,
                 torch.tensor([f.cardinality for f in self.features]),
-                torch.tensor([row_bytes(d, self.storage) for d in range(self.dim + 1)]),
+                torch.tensor(  # 0 for dims the storage cannot pack (never a field's)
+                    [
+                        row_bytes(d, self.storage) if d in packable else 0
+                        for d in range(self.dim + 1)
+                    ]
+                ),
                 torch.tensor([index_bytes(f.cardinality, 1) for f in self.features]),
                 torch.tensor([index_bytes(f.cardinality, 2**15) for f in self.features]),
             )
