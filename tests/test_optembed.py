@@ -153,7 +153,7 @@ def test_evolution_beats_random_search_with_the_same_evaluations():
         layer = build_compressor("optembed", features, DIM, "1x", prune_rows=False)
         ctx = FakeContext(layer, [0.0] * 20)
         seen = []
-        _fake_scores(layer, lambda dims: seen.append(dims) or fitness(dims))
+        _fake_scores(layer, lambda dims, seen=seen: seen.append(dims) or fitness(dims))
         ctx.rng = lambda seed=seed: torch.Generator().manual_seed(seed)
         layer.run_stage(layer.stages[1], ctx)
         evolved = fitness(layer.dims.tolist())

@@ -2,8 +2,7 @@
 ``fuyuanlyu/OptEmbed``: ``supernet.py``, ``evolution.py``, ``retrain.py``). Measured figures
 and the reasoning behind the defaults: ``docs/methods/optembed.md``.
 
-Three stages, each resumable; each one's wall time is in ``hyperparameters()["stage_seconds"]``
-(so in the run's ``summary.json``) and the log:
+Three stages, each resumable (each one's wall time: ``stage_seconds`` in the run's summary):
 
 1. **supernet** (training). Field ``f`` has a learnable threshold ``t_f`` (init 0); row ``v``
    is kept while ``x_v = ‖e_v‖₁ / s_f − t_f > 0`` (hard step forward), where ``s_f`` is the
@@ -120,7 +119,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -356,8 +354,6 @@ class OptEmbed(SearchedBytes, Compressor):
         # Each field's mean row L1 norm in the training batches (an EMA; 0 = not seen yet):
         # with thresholds="field" a row's norm is read in units of it.
         self.register_buffer("field_scale", torch.zeros(len(features)))
-        self.stage_seconds: dict[str, float] = {}
-        self._stage_tick: float | None = None
         self._capture: list[KeyedJaggedTensor] | None = None  # the search's sample KJTs
         self._inject: torch.Tensor | None = None  # a scoring forward's embeddings
         self._sample: list[dict[str, Any]] | None = None
@@ -497,15 +493,6 @@ class OptEmbed(SearchedBytes, Compressor):
     # ---------------------------------------------------------------- stages
     def on_stage_start(self, stage: Stage, ctx: StageContext) -> None:
         refuse_distributed(self.name)
-        self._stage_tick = time.perf_counter()
-
-    def on_stage_end(self, stage: Stage, ctx: StageContext) -> None:
-        # Wall time of each stage (of this process: a resumed stage counts from the resume).
-        if self._stage_tick is not None:
-            seconds = time.perf_counter() - self._stage_tick
-            self.stage_seconds[stage.name] = round(seconds, 2)
-            log.info("%s: stage %s took %.1fs", self.name, stage.name, seconds)
-        self._stage_tick = None
 
     @torch.no_grad()
     def current_row_mask(self) -> torch.Tensor:
@@ -958,7 +945,6 @@ class OptEmbed(SearchedBytes, Compressor):
                     strict=True,
                 )
             ),
-            "stage_seconds": dict(self.stage_seconds),
             "supernet_kept_rows": dict(
                 zip(self.feature_names, self.supernet_kept.tolist(), strict=True)
             ),
