@@ -49,6 +49,36 @@ def test_gradient_reaches_thresholds_and_values():
     assert weight.grad is not None and weight.grad.abs().sum() > 0
 
 
+def test_threshold_modes_field_default_and_the_papers_one_flag_away():
+    feats = [FeatureSpec("a", 10), FeatureSpec("b", 6)]
+    field = build_compressor("optembed", feats, 4, "2x")
+    (group,) = field.optimizer_groups()
+    assert (group["optimizer"], group["lr"], field.alpha) == ("adam", 1e-2, 1e-3)
+    paper = build_compressor("optembed", feats, 4, "2x", thresholds="paper")
+    (group,) = paper.optimizer_groups()
+    assert (group["optimizer"], group["lr"], paper.alpha) == ("sgd", 3e-4, 3e-4)
+    assert build_compressor("optembed", feats, 4, "2x", alpha=0.5).alpha == 0.5
+    with pytest.raises(ValueError, match="thresholds must be one of"):
+        build_compressor("optembed", feats, 4, "2x", thresholds="raw")
+    # Normalised: a row's norm is read in units of its field's mean norm in the batches.
+    kjt = KeyedJaggedTensor(
+        keys=["a", "b"], values=torch.tensor([1, 2, 3, 4]), lengths=torch.tensor([1, 1, 1, 1])
+    )
+    for layer in (field, paper):
+        with torch.no_grad():
+            layer.table.weight[:10] *= 100  # field a's rows are 100x field b's
+        layer.train()
+        layer(kjt)
+    norms = field.table.row_norms()
+    torch.testing.assert_close(field.field_scale[0], norms[[1, 2]].mean())
+    torch.testing.assert_close(field.field_scale[1], norms[[10 + 3, 10 + 4]].mean())
+    assert torch.all(paper.scales() == 1)
+    field.threshold.data.fill_(1.0)
+    kept = field.current_row_mask()
+    # About half of each field's seen rows are above its own mean, whatever its scale.
+    assert kept[[1, 2]].sum() == 1 and kept[[13, 14]].sum() == 1
+
+
 def _features() -> list[FeatureSpec]:
     sizes = (5000, 800, 300, 40, 7)
     return [
