@@ -191,7 +191,7 @@ def test_evolution_beats_random_search_with_the_same_evaluations():
         gen = torch.Generator().manual_seed(100 + seed)
         randoms = [[layer._random_dim(gen) for _ in features] for _ in seen]
         gaps.append(evolved - max(fitness(d) for d in randoms))
-    # Measured: the evolution's best is 9-19 closer than random search's (sum of |dim - target|).
+    # Measured: the evolution ends 14, 16 and 31 nearer than random search (sum of |dim - target|).
     assert min(gaps) >= 6, gaps
 
 
