@@ -90,10 +90,11 @@ Deviations from the paper (and the reference), and why:
   slices the per-field candidate there — a bug whenever ``latent_dim ≠ field_num``. The
   reference mutates its parents in place (``origin = self.cands[i]``); children here are
   copies. Its mutation draws dims ``2..D`` only; here any allowed dim.
-- Tables train with the run's table optimizer (row-wise Adagrad by default) as every method
-  here, not the reference's Adam with weight decay; plain fp32 buffers with a sparse row
-  optimizer (fbgemm's fused kernels cannot carry the straight-through gradient), so training
-  is single-process.
+- Tables train with the run's table optimizer: ``ctr train``'s default (``auto``) gives
+  optembed lazy row Adam at 1e-3, the paper's optimizer, without its weight decay (the run's
+  ``--embedding-l2`` instead); any other table optimizer works too, which is what the
+  normalised thresholds are for. Plain fp32 buffers with a sparse row optimizer (fbgemm's
+  fused kernels cannot carry the straight-through gradient), so training is single-process.
 - Pruned rows: ``pruned_rows="zero"`` (the default, as the reference's default
   ``mode_oov='zero'``, the setting of the paper's results) reads zeros;
   ``pruned_rows="field_vector"`` (the reference's ``mode_oov='oov'``) gives each field one
