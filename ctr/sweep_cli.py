@@ -129,7 +129,11 @@ def add_sweep_parser(sub: Any) -> None:
     r.add_argument("--budgets", help="budgets, comma-separated, e.g. 10x,100x")
     r.add_argument("--seeds", help="seeds, comma-separated, e.g. 0,1,2")
     r.add_argument("--dim", type=int, default=None, help="embedding dim (default 16)")
-    r.add_argument("--lrs", help="grid of embedding learning rates, comma-separated")
+    r.add_argument(
+        "--lrs",
+        help="grid of embedding learning rates, comma-separated (of the protocol's optimizer, "
+        "rowwise_adagrad; Adam takes protocol.optimizer_lrs unless --optimizers leaves it out)",
+    )
     r.add_argument("--l2s", help="grid of embedding L2 rates, comma-separated")
     r.add_argument(
         "--optimizers",
