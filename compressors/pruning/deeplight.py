@@ -29,7 +29,7 @@ the mask is fixed either way.
 
 Options: ``schedule`` (``stage``/``paper``), ``warmup`` and ``target_at`` (shares of the prune
 stage, ``stage`` schedule), ``decay_steps`` (``paper`` schedule), ``prune_every``, ``regrow``,
-``storage``, ``prune_epochs``, ``finetune_epochs``.
+``storage``, ``prune_epochs``, ``finetune_epochs`` (0: no fine-tuning stage), ``optimizer``.
 
 Deviations from the paper:
 
