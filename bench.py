@@ -2178,24 +2178,39 @@ SEARCH_METHODS = (
 @section("search_backends", default=False)
 def bench_search_backends(args: argparse.Namespace) -> dict:
     """Pruning and dimension search against hashing at equal bytes, as a new user runs them:
-    ``ctr train`` defaults (1 epoch, batch 1024) on the default data (``ctr synth --rows
+    ``ctr train`` defaults (1 epoch, batch 1024, each method's table optimiser as
+    ``--table-optimizer auto`` picks it; ``--grid-optimizers rowwise_adagrad`` puts every
+    method on fbgemm's rowwise Adagrad instead) on the default data (``ctr synth --rows
     200000``), at 2x/5x/10x (``--budgets``), ``--seeds`` (default 0): test AUC (mean ± std),
     the gap to ``hash`` at the same budget, wall time against ``full``'s and each stage's.
     Under the fair protocol instead: ``--only fair_sweep --methods ... --grid-optimizers
     rowwise_adagrad,adam``."""
     from compressors.core.budget import BudgetError
+    from compressors.core.registry import COMPRESSORS
+    from ctr.trainer import DEFAULT_TABLE_LRS
 
     data = default_dataset(args, rows=getattr(args, "rows", None) or 200_000)
+    forced = args.grid_optimizers.split(",")[0] if args.grid_optimizers else None
     methods = args.methods.split(",") if args.methods else list(SEARCH_METHODS)
     budgets = args.budgets.split(",") if args.budgets else ["2x", "5x", "10x"]
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [0]
     base = {"data": str(data), "model": "deepfm", "dim": 16}
 
     def run(method: str, budget: str, seed: int) -> dict | None:
-        train = {"epochs": 1.0, "batch_size": 1024, "seed": seed}
+        # What `ctr train --table-optimizer auto` picks (TrainConfig's own default is
+        # rowwise Adagrad for every method).
+        optimizer = forced or COMPRESSORS[method].default_optimizer
+        train = {
+            "epochs": 1.0,
+            "batch_size": 1024,
+            "seed": seed,
+            "table_optimizer": optimizer,
+            "table_lr": DEFAULT_TABLE_LRS[optimizer],
+        }
+        suffix = "" if optimizer == "rowwise_adagrad" else f"-{optimizer}"
         try:
             return cached_run(
-                f"search-{method}-{budget}-s{seed}",
+                f"search-{method}-{budget}{suffix}-s{seed}",
                 **base,
                 compressor=method,
                 budget=budget,
@@ -2239,7 +2254,8 @@ def bench_search_backends(args: argparse.Namespace) -> dict:
                 "stages_s": " ".join(f"{k}={v:.0f}" for k, v in stages.items()),
             }
         )
-    print_table(f"search backends, ctr train defaults, seeds {seeds}", rows)
+    how = f"every table on {forced}" if forced else "ctr train defaults"
+    print_table(f"search backends, {how}, seeds {seeds}", rows)
     return {"rows": rows}
 
 
