@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -277,14 +278,22 @@ def dmp_results(tiny_data, tmp_path_factory):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29533",
+        str(_free_port()),
         str(ROOT / "tests" / "contract_dmp.py"),
         str(tiny_data),
         str(out),
     ]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    # Every method in one process group: minutes alone, far more on a shared machine.
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads((out / "dmp.json").read_text())
+
+
+def _free_port() -> int:
+    """A port the OS hands out (a fixed one collides with another test session's group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("name", METHODS)
