@@ -39,8 +39,8 @@ from ctr.embedding import IdRangeCheck, features_from_dataset
 from ctr.models import MODELS, CTRModel
 from datasets.encode import RawEncoder, format_for_meta, load_field_vocabs
 from datasets.format import VOCAB_FILE, DatasetMeta, SparseField
+from datasets.io import only_names, replace_dir
 from datasets.loader import BatchLoader
-from datasets.outputs import only_names, replace_dir
 
 ARTIFACT_FORMAT = "ctr-compress/artifact"
 ARTIFACT_VERSION = 1

@@ -285,7 +285,7 @@ DEMO_ENTRIES = {
 
 def _is_demo_output(path: Path) -> bool:
     from datasets.format import is_prepared_dataset
-    from datasets.outputs import only_names
+    from datasets.io import only_names
 
     return only_names(path, DEMO_ENTRIES) and is_prepared_dataset(path / "data")
 
@@ -308,7 +308,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from datasets.outputs import replace_dir
+    from datasets.io import replace_dir
 
     started = time.perf_counter()
     # In place: the run and artifacts record absolute paths of what lies beside them.

@@ -32,8 +32,8 @@ from ctr.embedding import EmbeddingLayer, features_from_dataset
 from ctr.models import CTRModel, build_model
 from ctr.trainer import ARCHITECTURE_KEY, TrainConfig, Trainer, load_weights, seed_everything
 from datasets.format import DatasetMeta, atomic_write_text
+from datasets.io import check_output_dir, refuse_current_dir, replace_dir
 from datasets.loader import BatchLoader
-from datasets.outputs import check_output_dir, refuse_current_dir, replace_dir
 
 
 class RunError(RuntimeError):

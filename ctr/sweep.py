@@ -537,7 +537,7 @@ def _claim(out: Path) -> None:
     """A sweep writes only into a new, empty or earlier sweep directory (which it resumes and
     extends: every cell is its own directory, each file written atomically), never the
     current directory or one above it."""
-    from datasets.outputs import refuse_current_dir
+    from datasets.io import refuse_current_dir
 
     refuse_current_dir(out)
     if out.exists() and not out.is_dir():

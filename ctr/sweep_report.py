@@ -396,13 +396,13 @@ def write_report(
     """Writes results.csv, results.parquet, summary.md and pareto[-i].png of one sweep
     directory or several (``out`` then required); returns the paths.
 
-    The report is built beside ``out`` and renamed into place (``datasets.outputs``): ``out``
+    The report is built beside ``out`` and renamed into place (``datasets.io``): ``out``
     must be new, empty or an earlier report, replaced only with ``overwrite``; a sweep's own
     ``report/`` folder (the default) is regenerated. Nothing is created when a sweep holds no
     results."""
     import pandas as pd
 
-    from datasets.outputs import check_output_dir, replace_dir
+    from datasets.io import check_output_dir, replace_dir
 
     sweeps = [Path(sweep)] if isinstance(sweep, str | Path) else [Path(s) for s in sweep]
     if out is None and len(sweeps) != 1:

@@ -20,7 +20,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -35,7 +34,7 @@ import pyarrow.parquet as pq
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from datasets.outputs import only_names
+from datasets.io import atomic_write_text, file_sha256, only_names  # noqa: F401  (re-exported for one release)
 
 FORMAT_NAME = "ctr-compress/prepared"
 FORMAT_VERSION = 1
@@ -428,21 +427,6 @@ def is_prepared_dataset(path: Path) -> bool:
 
 
 SHARD_NAME = re.compile(r"part-\d{5,}\.parquet")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def iter_tables(paths: Iterable[Path], columns: list[str] | None = None) -> Iterable[pa.Table]:

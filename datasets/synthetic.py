@@ -50,7 +50,7 @@ from datasets.format import (
     save_frequencies,
     save_vocab,
 )
-from datasets.outputs import replace_dir
+from datasets.io import replace_dir
 from datasets.progress import progress_bar
 
 # Distinct values per categorical field in Criteo Kaggle's train.txt (C1..C26).

@@ -15,7 +15,7 @@ numbers. :func:`prepare_dataset` then
 4. writes ``meta.json`` last, so an interrupted run never looks complete.
 
 All of it is written into a staging directory beside ``out`` and renamed into place when
-complete (``datasets.outputs.replace_dir``): ``out`` must be absent, empty or a prepared
+complete (``datasets.io.replace_dir``): ``out`` must be absent, empty or a prepared
 dataset (replaced only with ``overwrite``), and a failed run leaves it as it was.
 
 Which split a row belongs to is a pure function of (source file, row position), known in
@@ -58,7 +58,7 @@ from datasets.format import (
     save_frequencies,
     save_vocab,
 )
-from datasets.outputs import OutputExistsError, check_output_dir, replace_dir
+from datasets.io import OutputExistsError, check_output_dir, replace_dir
 from datasets.prepare.columns import Features, Flag, Issues, as_array
 from datasets.prepare.sources import (
     BadInputError,
