@@ -1,0 +1,1 @@
+"""Result packaging and analysis: ``python -m scripts.<name> --help`` from the repository root."""
