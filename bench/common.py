@@ -1,4 +1,27 @@
+"""What every bench section shares: the cache directory, the default synthetic data, cached
+training runs and protocol sweeps, result tables and files, and timing helpers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ctr.run import RunConfig, train_run
+from ctr.sweep import SweepSpec, feasibility, run_sweep
+from ctr.sweep_report import write_report
+from ctr.trainer import TrainConfig
+from datasets.io import atomic_write_text
+from datasets.synthetic import SyntheticConfig, generate_synthetic
+
 CACHE = Path(os.environ.get("CTR_BENCH_CACHE", ".bench-cache"))
+ROOT = Path(__file__).resolve().parent.parent  # the repository: bench.py's folder
 
 
 def print_table(title: str, rows: list[dict]) -> None:
@@ -8,14 +31,14 @@ def print_table(title: str, rows: list[dict]) -> None:
         print("(no rows)")
         return
     keys = list(rows[0])
-    cells = [[_fmt(r.get(k)) for k in keys] for r in rows]
+    cells = [[fmt(r.get(k)) for k in keys] for r in rows]
     widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
     print("  ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True)))
     for c in cells:
         print("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)))
 
 
-def _fmt(v: object) -> str:
+def fmt(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e3 else f"{v:,.0f}"
     if isinstance(v, int):
@@ -23,14 +46,11 @@ def _fmt(v: object) -> str:
     return "" if v is None else str(v)
 
 
-# ---------------------------------------------------------------- shared helpers
 DEFAULT_ROWS = 1_000_000
 
 
 def default_dataset(args: argparse.Namespace, rows: int | None = None, **config: object) -> Path:
     """The default synthetic dataset (Criteo profile at scale 0.01), generated once and cached."""
-    from datasets.synthetic import SyntheticConfig, generate_synthetic
-
     rows = rows or getattr(args, "rows", None) or DEFAULT_ROWS
     config.setdefault("min_count", 10)  # as `ctr synth` and Criteo preparation
     cfg = SyntheticConfig(rows=rows, **config)
@@ -48,9 +68,6 @@ def cached_run(name: str, **run: object) -> dict:
     Interrupted sweeps resume: finished runs are skipped, a half-trained one continues from
     its checkpoint.
     """
-    from ctr.run import RunConfig, train_run
-    from ctr.trainer import TrainConfig
-
     train = run.pop("train", {})
     cfg = RunConfig(**run, train=TrainConfig(progress=False, **train))
     run_dir = CACHE / "runs" / name
@@ -63,8 +80,6 @@ def cached_run(name: str, **run: object) -> dict:
     if config_path.exists() and not summary_path.exists():
         print(f"  resuming {name}")
     elif run_dir.exists():
-        import shutil
-
         shutil.rmtree(run_dir)
     print(f"  training {name} ...", flush=True)
     return train_run(cfg, run_dir)
@@ -77,9 +92,6 @@ def protocol_sweep(name: str, args: argparse.Namespace, **spec: object) -> list[
     The protocol comes from ``spec["protocol"]`` overridden by ``--grid-lrs``, ``--grid-l2s``
     and ``--sweep-epochs``; ``--workers`` runs cells in parallel processes.
     """
-    from ctr.sweep import SweepSpec, run_sweep
-    from ctr.sweep_report import write_report
-
     protocol = dict(spec.pop("protocol", {}) or {})
     if getattr(args, "grid_lrs", None):
         protocol["table_lrs"] = [float(x) for x in args.grid_lrs.split(",")]
@@ -134,66 +146,28 @@ def timed_steps(step: Callable[[object], object], batches: list, repeats: int = 
     return samples / (time.perf_counter() - start)
 
 
-def _mean_std(values: list[float]) -> str:
+def mean_std(values: list[float]) -> str:
     """``mean ± std`` (sample std; the value alone for one seed)."""
-    import numpy as np
-
     if len(values) == 1:
         return f"{values[0]:.4f}"
     return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
 
 
-def _fits(method: str, features: list, budget: str, **options: object) -> str | None:
-    """None when ``method`` fits ``budget``, else the BudgetError's message (solve() only:
-    nothing is built)."""
-    from compressors import BudgetError, solve
-
-    try:
-        solve(method, features, 16, budget, **options)
-    except BudgetError as e:
-        return str(e)
-    return None
+def fits(data: str | Path, method: str, budget: str, **options: object) -> str | None:
+    """None when ``method`` fits ``budget`` on ``data`` at dim 16, else why not: the sweep's
+    own rule (:func:`ctr.sweep.feasibility`, the method's solver; nothing is built)."""
+    cell = {"data": str(data), "method": method, "dim": 16, "budget": budget}
+    return feasibility({**cell, "method_options": options})
 
 
-def _staged_run(name: str, seed: int = 0, **run: object) -> dict:
-    """Like :func:`cached_run`, also recording each stage's wall seconds (``stage_seconds``,
-    from the method's stage hooks)."""
-    import shutil
-    from unittest import mock
+def staged_run(name: str, seed: int = 0, **run: object) -> dict:
+    """:func:`cached_run` with the training seed ``seed``; its summary's ``stage_seconds``
+    holds each stage's wall seconds (recorded by the trainer)."""
+    train = {**run.pop("train", {}), "seed": seed}
+    return cached_run(name, **run, train=train)
 
-    from compressors.core.registry import COMPRESSORS
-    from ctr.run import RunConfig, train_run
-    from ctr.trainer import TrainConfig
 
-    train = run.pop("train", {})
-    cfg = RunConfig(**run, train=TrainConfig(progress=False, seed=seed, **train))
-    run_dir = CACHE / "runs" / name
-    summary_path = run_dir / "summary.json"
-    if summary_path.exists() and json.loads((run_dir / "config.json").read_text()) == json.loads(
-        json.dumps(cfg.to_json())
-    ):
-        summary = json.loads(summary_path.read_text())
-        if "stage_seconds" in summary:
-            return summary
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    cls = COMPRESSORS[cfg.compressor]
-    start_hook, end_hook = cls.on_stage_start, cls.on_stage_end
-    started: dict[str, float] = {}
-    seconds: dict[str, float] = {}
-
-    def timed_start(self, stage, ctx):  # noqa: ANN001, ANN202
-        started[stage.name] = time.perf_counter()
-        return start_hook(self, stage, ctx)
-
-    def timed_end(self, stage, ctx):  # noqa: ANN001, ANN202
-        result = end_hook(self, stage, ctx)
-        seconds[stage.name] = time.perf_counter() - started[stage.name]
-        return result
-
-    print(f"  training {name} ...", flush=True)
-    with mock.patch.multiple(cls, on_stage_start=timed_start, on_stage_end=timed_end):
-        summary = train_run(cfg, run_dir)
-    summary["stage_seconds"] = seconds
-    summary_path.write_text(json.dumps(summary, indent=2))
-    return summary
+def write_result(name: str, result: dict) -> Path:
+    """Writes a section's figures to .bench-cache/results/NAME.json (atomically)."""
+    path = CACHE / "results" / f"{name}.json"
+    return atomic_write_text(path, json.dumps(result, indent=2, default=str))

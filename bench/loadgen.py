@@ -1,3 +1,19 @@
+"""The serving section's load generator, run in its own process so the clients' work does
+not share an interpreter with the server or the in-process figures: a spec (JSON) on stdin,
+its figures (JSON) on stdout. ``python -m bench.loadgen`` (or ``python bench.py --loadgen``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+
 def _http_request(body: bytes) -> bytes:
     return (
         b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -5,13 +21,10 @@ def _http_request(body: bytes) -> bytes:
     )
 
 
-async def _load_clients(spec: dict) -> dict:
+async def load_clients(spec: dict) -> dict:
     """``spec["clients"]`` keep-alive connections to 127.0.0.1, each sending the next of
     ``spec["bodies"]`` as soon as its answer came (closed loop), for ``spec["seconds"]`` or
     ``spec["max_requests"]`` in all, whichever ends first; a request over 10 s is an error."""
-    import asyncio
-    import socket
-
     requests = [_http_request(b.encode()) for b in spec["bodies"]]
     rows = spec["rows"]
     latencies: list[float] = []
@@ -63,7 +76,7 @@ async def _load_clients(spec: dict) -> dict:
     await asyncio.gather(*(client(k, end) for k in range(spec["clients"])))
     elapsed = time.perf_counter() - started
     done = len(latencies)
-    q = [float(x) * 1e3 for x in _percentiles(latencies, (50, 99, 99.9))]
+    q = [float(x) * 1e3 for x in percentiles(latencies, (50, 99, 99.9))]
     return {
         "requests/s": done / elapsed,
         "rows/s": done * rows / elapsed,
@@ -75,7 +88,14 @@ async def _load_clients(spec: dict) -> dict:
     }
 
 
-def _percentiles(values: list[float], qs: Sequence[float]) -> list[float]:
-    import numpy as np
-
+def percentiles(values: list[float], qs: Sequence[float]) -> list[float]:
     return list(np.percentile(values, qs)) if values else [float("nan")] * len(qs)
+
+
+def main() -> int:
+    print(json.dumps(asyncio.run(load_clients(json.loads(sys.stdin.read())))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,15 +1,54 @@
-@section("lookup_speed", default=False)
+"""Lookup-speed sections: ``lookup_speed`` (the table-less methods' layer step and serving
+time against full) and ``precision`` (serving lookups per format, and each format's AUC at its
+natural ratio); also the serving-module builders the ``serving`` section times."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchrec import KeyedJaggedTensor
+
+from bench.common import CACHE, cached_run, default_dataset, print_table
+from compressors import (
+    CODEBOOK_KIND,
+    BinaryServing,
+    CodebookPlan,
+    CodebookServing,
+    ExportedEmbedding,
+    Lookup,
+    RemapMap,
+    ServeTables,
+    Stage,
+    TableSpec,
+    binarize,
+    binary_export,
+    build_bitmap,
+    build_compressor,
+    build_remap,
+    build_serving,
+    pack_codes,
+    pack_rows,
+)
+from ctr.artifact import CompactModel, export
+from ctr.embedding import features_from_dataset
+from ctr.metrics import auc_logloss
+from ctr.run import RunConfig, build_run_model, load_run_model
+from ctr.trainer import table_modules
+from datasets.format import DatasetMeta
+from datasets.loader import BatchLoader
+
+
 def bench_lookup_speed(args: argparse.Namespace) -> dict:
     """Embedding-layer step and serving time of the table-less methods vs full, side by side."""
-    import statistics
-
-    import torch
-
-    from compressors import build_compressor, build_serving
-    from ctr.embedding import features_from_dataset
-    from ctr.trainer import table_modules
-    from datasets.format import DatasetMeta
-    from datasets.loader import BatchLoader
 
     budget, rounds, methods = "100x", 5, ["full", "tt", "robe", "dhe"]
     meta = DatasetMeta.load(default_dataset(args))
@@ -82,29 +121,24 @@ def bench_lookup_speed(args: argparse.Namespace) -> dict:
     }
 
 
-# ---------------------------------------------------------------- precision family
 PRECISION_DTYPES = ("fp32", "fp16", "int8", "int4", "int2")
 
 
 def _serving_tables(cards: list[int], dim: int, seed: int = 0) -> dict[str, object]:
     """The same random tables behind every serving format: fbgemm's int-N TBE per dtype and
     the binary module at b=1 and b=4 (built one format at a time to bound memory)."""
-    modules = _int_tables(cards, dim, seed)
-    modules.update(_binary_tables(cards, dim, (1, 4), seed))
+    modules = int_tables(cards, dim, seed)
+    modules.update(binary_tables(cards, dim, (1, 4), seed))
     return modules
 
 
-def _random_tables(cards: list[int], dim: int, seed: int) -> object:
-    import torch
-
+def _random_tables(cards: list[int], dim: int, seed: int) -> Iterator[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     for n in cards:
         yield torch.randn(n, dim, generator=gen) * 0.1
 
 
-def _int_tables(cards: list[int], dim: int, seed: int, dtypes=PRECISION_DTYPES) -> dict:
-    from compressors.core.storage import Lookup, ServeTables, TableSpec, pack_rows
-
+def int_tables(cards: list[int], dim: int, seed: int, dtypes=PRECISION_DTYPES) -> dict:
     names = [f"C{i + 1}" for i in range(len(cards))]
     lookups = [Lookup(n, f"t_{n}", field=i) for i, n in enumerate(names)]
     modules: dict[str, object] = {}
@@ -117,7 +151,7 @@ def _int_tables(cards: list[int], dim: int, seed: int, dtypes=PRECISION_DTYPES) 
     return modules
 
 
-def _binary_tables(
+def binary_tables(
     cards: list[int],
     dim: int,
     bits: Sequence[int],
@@ -126,8 +160,6 @@ def _binary_tables(
 ) -> dict:
     """Binary serving modules over the same random tables: one per plane count and
     ``(decode, plane dtype)``, keyed ``binary b=B DECODE[/DTYPE]``."""
-    from compressors.precision.binary import BinaryServing, binarize, binary_export
-
     names = [f"C{i + 1}" for i in range(len(cards))]
     modules: dict[str, object] = {}
     for b in bits:
@@ -139,14 +171,10 @@ def _binary_tables(
     return modules
 
 
-def _codebook_tables(cards: list[int], dim: int, seed: int = 0) -> dict:
+def codebook_tables(cards: list[int], dim: int, seed: int = 0) -> dict:
     """Codebook serving modules (dpq/mgqe's export format) with random codes and values,
     keyed by their setting; ``serve_bytes`` is the artifact's size, ``resident_bytes`` what
     the loaded module holds."""
-    import torch
-
-    from compressors import ExportedEmbedding
-    from compressors.codebook.pq import KIND, CodebookPlan, CodebookServing, pack_codes
 
     names = [f"C{i + 1}" for i in range(len(cards))]
     gen = torch.Generator().manual_seed(seed)
@@ -166,22 +194,17 @@ def _codebook_tables(cards: list[int], dim: int, seed: int = 0) -> dict:
         }
         tensors["values"] = torch.randn(1, parts, choices[0], dim // parts, generator=gen)
         config = {"method": label.split()[0], "fields": names, **plan.to_json()}
-        module = CodebookServing(ExportedEmbedding(KIND, config, tensors))
+        module = CodebookServing(ExportedEmbedding(CODEBOOK_KIND, config, tensors))
         module.serve_bytes = plan.serve_bytes
         modules[label] = module
     return modules
 
 
-def _pruned_index_tables(cards: list[int], dim: int, keep: float, seed: int = 0) -> dict:
+def pruned_index_tables(cards: list[int], dim: int, keep: float, seed: int = 0) -> dict:
     """fp32 lookups of the same kept rows (a random ``keep`` fraction of each field) behind
     the two index forms a pruned export picks from: an id -> row array (int16/int32 per id)
     and a rank bitmap (2.5 bits per id); plus the unpruned table. The ratio isolates what
     the index costs a lookup."""
-    import torch
-    from torch import nn
-
-    from compressors.core.storage import Lookup, ServeTables, TableSpec, pack_rows
-    from compressors.pruning.common import RemapMap, build_bitmap, build_remap
 
     names = [f"C{i + 1}" for i in range(len(cards))]
     lookups = [Lookup(n, f"t_{n}", field=i) for i, n in enumerate(names)]
@@ -200,7 +223,7 @@ def _pruned_index_tables(cards: list[int], dim: int, keep: float, seed: int = 0)
             names, {}, {n: build_bitmap(k) for n, k in zip(names, keeps, strict=True)}
         ),
     }
-    modules: dict[str, object] = _int_tables(cards, dim, seed, ("fp32",))
+    modules: dict[str, object] = int_tables(cards, dim, seed, ("fp32",))
     for form, index in forms.items():
         module = nn.Sequential(index, ServeTables(specs, lookups, kept))
         module.index_bytes = sum(t.numel() * t.element_size() for t in index.tensors().values())
@@ -208,15 +231,13 @@ def _pruned_index_tables(cards: list[int], dim: int, keep: float, seed: int = 0)
     return modules
 
 
-def _lookup_speed(modules: dict[str, object], batches: list, repeats: int = 5) -> dict[str, float]:
+def lookup_rates(modules: dict[str, object], batches: list, repeats: int = 5) -> dict[str, float]:
     """Lookups per CPU-second of each module over ``batches``, on one thread.
 
     Every batch is timed alone with the thread's CPU clock, modules interleaved batch by batch,
     and each batch's best of ``repeats`` summed: on a shared machine wall time mostly measures
     the other processes, and CPU time of a single thread does not.
     """
-    import torch
-
     best = {name: [float("inf")] * len(batches) for name in modules}
     lookups = sum(len(kjt.values()) for kjt in batches)
     threads = torch.get_num_threads()
@@ -238,10 +259,6 @@ def _lookup_speed(modules: dict[str, object], batches: list, repeats: int = 5) -
 
 def _evaluate_export(model: object, meta: object, out: Path) -> dict:
     """Exports ``model``, reloads it as a CompactModel and scores it on the test split."""
-    from ctr.artifact import CompactModel, export
-    from ctr.metrics import auc_logloss
-    from datasets.loader import BatchLoader
-
     manifest = export(model, out, overwrite=True)  # bench.py's own cache
     compact = CompactModel.load(out)
     probs, labels = compact.predict_loader(BatchLoader(meta, "test", batch_size=16384))
@@ -254,20 +271,8 @@ def _evaluate_export(model: object, meta: object, out: Path) -> dict:
     }
 
 
-@section("precision", default=False)
 def bench_precision(args: argparse.Namespace) -> dict:
     """Precision family: serving lookup speed per format, AUC/logloss at each natural ratio."""
-    import dataclasses
-    import shutil
-
-    import numpy as np
-    import torch
-    from torchrec import KeyedJaggedTensor
-
-    from compressors.core.base import Stage
-    from ctr.run import RunConfig, build_run_model, load_run_model
-    from datasets.format import DatasetMeta
-    from datasets.loader import BatchLoader
 
     data = default_dataset(args)
     meta = DatasetMeta.load(data)
@@ -296,7 +301,7 @@ def bench_precision(args: argparse.Namespace) -> dict:
         (f"synthetic vocab ({sum(cards):,} rows), test batches", cards, real),
         (f"26 x {big_rows:,} rows, uniform ids", [big_rows] * 26, uniform),
     ):
-        speeds = _lookup_speed(_serving_tables(tables, dim), batches)
+        speeds = lookup_rates(_serving_tables(tables, dim), batches)
         for name, lps in speeds.items():
             speed_rows.append(
                 {

@@ -1,11 +1,28 @@
+"""The ``preprocess`` section: a Criteo-format TSV through ``prepare criteo`` in a fresh
+process per size: rows/s, CPU seconds and peak RSS, and how they grow with the input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pcsv
+
+from bench.common import CACHE, print_table
+from datasets.io import atomic_write
+from datasets.prepare.criteo import CRITEO_COLUMNS
+from datasets.synthetic import CRITEO_KAGGLE_CARDINALITIES, splitmix64
+
+
 def _write_criteo_tsv(path: Path, rows: int, seed: int = 0, chunk: int = 1 << 19) -> None:
     """A Criteo-format TSV with Kaggle-sized Zipf vocabularies, written column-wise by Arrow."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.csv as pcsv
-
-    from datasets.synthetic import CRITEO_KAGGLE_CARDINALITIES, _zipf_ranks, splitmix64
-
     # Share of missing values per categorical field, cycling; a few Criteo fields are mostly empty.
     missing = (
         0.0,
@@ -36,35 +53,44 @@ def _write_criteo_tsv(path: Path, rows: int, seed: int = 0, chunk: int = 1 << 19
         0.03,
     )
     hex_digits = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-    tmp = path.with_name(path.name + ".tmp")
     options = pcsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
-    with pcsv.CSVWriter(tmp, _criteo_bench_schema(), write_options=options) as writer:
-        for index, start in enumerate(range(0, rows, chunk)):
-            n = min(chunk, rows - start)
-            rng = np.random.default_rng([seed, index])
-            cols = [pa.array((rng.random(n) < 0.25).astype(np.int64)).cast(pa.string())]
-            for d in range(13):
-                x = np.floor(np.exp(rng.normal(1.0 + 0.2 * d, 1.5, n))).astype(np.int64)
-                if d == 1:  # I2 holds small negatives in the real data
-                    x -= 3 * (rng.random(n) < 0.1)
-                cols.append(pa.array(x, mask=rng.random(n) < 0.2).cast(pa.string()))
-            for f, size in enumerate(CRITEO_KAGGLE_CARDINALITIES):
-                ranks = _zipf_ranks(rng, size, 1.05, n).astype(np.uint64)
-                ids = splitmix64(ranks ^ np.uint64(f << 40)) & np.uint64(0xFFFFFFFF)
-                nibbles = (ids[:, None] >> (np.arange(28, -1, -4, dtype=np.uint64))) & np.uint64(15)
-                data = pa.py_buffer(hex_digits[nibbles.astype(np.int64)].tobytes())
-                offsets = pa.py_buffer(np.arange(0, 8 * n + 1, 8, dtype=np.int32).tobytes())
-                valid = pa.array(rng.random(n) >= missing[f]).buffers()[1]
-                cols.append(pa.StringArray.from_buffers(n, offsets, data, valid))
-            writer.write_table(pa.Table.from_arrays(cols, schema=_criteo_bench_schema()))
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with pcsv.CSVWriter(tmp, _criteo_bench_schema(), write_options=options) as writer:
+            for index, start in enumerate(range(0, rows, chunk)):
+                n = min(chunk, rows - start)
+                rng = np.random.default_rng([seed, index])
+                cols = [pa.array((rng.random(n) < 0.25).astype(np.int64)).cast(pa.string())]
+                for d in range(13):
+                    x = np.floor(np.exp(rng.normal(1.0 + 0.2 * d, 1.5, n))).astype(np.int64)
+                    if d == 1:  # I2 holds small negatives in the real data
+                        x -= 3 * (rng.random(n) < 0.1)
+                    cols.append(pa.array(x, mask=rng.random(n) < 0.2).cast(pa.string()))
+                for f, size in enumerate(CRITEO_KAGGLE_CARDINALITIES):
+                    ranks = _zipf_ranks(rng, size, 1.05, n).astype(np.uint64)
+                    ids = splitmix64(ranks ^ np.uint64(f << 40)) & np.uint64(0xFFFFFFFF)
+                    nibbles = (
+                        ids[:, None] >> (np.arange(28, -1, -4, dtype=np.uint64))
+                    ) & np.uint64(15)
+                    data = pa.py_buffer(hex_digits[nibbles.astype(np.int64)].tobytes())
+                    offsets = pa.py_buffer(np.arange(0, 8 * n + 1, 8, dtype=np.int32).tobytes())
+                    valid = pa.array(rng.random(n) >= missing[f]).buffers()[1]
+                    cols.append(pa.StringArray.from_buffers(n, offsets, data, valid))
+                writer.write_table(pa.Table.from_arrays(cols, schema=_criteo_bench_schema()))
+
+    atomic_write(path, write)
 
 
-def _criteo_bench_schema():
-    import pyarrow as pa
+def _zipf_ranks(rng: np.random.Generator, n: int, a: float, size: int) -> np.ndarray:
+    """Ranks in [0, n) with P(rank = r) ≈ ∝ (r+1)^-a, by inverting the continuous CDF (the
+    same draw as the synthetic generator's)."""
+    u = rng.random(size)
+    top = (n + 1.0) ** (1.0 - a)
+    x = (1.0 + u * (top - 1.0)) ** (1.0 / (1.0 - a))
+    return np.clip(np.floor(x).astype(np.int64) - 1, 0, n - 1)
 
-    from datasets.prepare.criteo import CRITEO_COLUMNS
 
+def _criteo_bench_schema() -> pa.Schema:
     return pa.schema([(c, pa.string()) for c in CRITEO_COLUMNS])
 
 
@@ -88,8 +114,6 @@ def _run_child(code: str, *args: str) -> tuple[dict, float, float]:
     The peak is the child's ``VmHWM`` read just before it exits: the ``ru_maxrss`` that
     ``wait4`` reports keeps the parent's high-water mark across fork and exec on Linux.
     """
-    import subprocess
-
     wrapped = code + _REPORT_PEAK
     proc = subprocess.Popen(
         [sys.executable, "-c", wrapped, *args], stdout=subprocess.PIPE, text=True
@@ -113,7 +137,6 @@ print(_json.dumps({"peak_kb": _peak}))
 """
 
 
-@section("preprocess", default=False)
 def bench_preprocess(args: argparse.Namespace) -> dict:
     """Criteo-format TSV of 1M and 4M rows through `prepare criteo`: rows/s and peak RSS."""
     sizes = [args.rows, 4 * args.rows] if args.rows else [1_000_000, 4_000_000]

@@ -1,4 +1,28 @@
-# ---------------------------------------------------------------- dimension search (issue 11)
+"""Search-method sections (pruning and dimension search, trained run by run under
+.bench-cache/runs): ``dimension``, ``dnis_kept``, ``pruning`` and ``search_backends``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from bench.common import (
+    cached_run,
+    default_dataset,
+    fits,
+    mean_std,
+    print_table,
+    staged_run,
+)
+from compressors import COMPRESSORS, BudgetError
+from ctr.run import RunConfig, build_run_model
+from ctr.trainer import DEFAULT_TABLE_LRS, TrainConfig, Trainer
+from datasets.format import DatasetMeta
+from datasets.loader import BatchLoader
+from datasets.synthetic import SIGNAL_PATTERN
+
 # (label, method, options): DNIS with the paper's |e ⊙ α| score and with α's column ranking.
 DIMENSION = (
     ("dnis", "dnis", {}),
@@ -9,26 +33,20 @@ DIMENSION = (
 DIMENSION_BUDGETS = ("2x", "5x", "10x", "20x")
 
 
-@section("dimension", default=False)
 def bench_dimension(args: argparse.Namespace) -> dict:
     """Dimension search (dnis, dnis with α's column ranking, mde, autodim) at 2x/5x/10x/20x,
     fp32 and int8, over ``--seeds`` (default 0): AUC, logloss (mean ± std over seeds), bytes,
     stage wall times as ratios to full's (full trained with the same seeds)."""
-    import numpy as np
-
-    from ctr.embedding import features_from_dataset
-    from datasets.format import DatasetMeta
 
     rows_arg = args.rows or 200_000
     data = default_dataset(args, rows=rows_arg, scale=0.001)
     batch = 4096 if rows_arg >= 200_000 else 1024
     meta = DatasetMeta.load(data)
-    features = features_from_dataset(meta)
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [0]
 
     def runs(name: str, **run: object) -> tuple[list[dict], list[dict[str, float]]]:
         out = [
-            _staged_run(
+            staged_run(
                 f"{name}-s{seed}" if seed else name,
                 seed=seed,
                 data=str(data),
@@ -48,8 +66,8 @@ def bench_dimension(args: argparse.Namespace) -> dict:
             "storage": storage,
             "budget": budget,
             "ratio": float(np.mean([s["ratio"] for s in summaries])),
-            "test_auc": _mean_std([s["test_auc"] for s in summaries]),
-            "test_logloss": _mean_std([s["test_logloss"] for s in summaries]),
+            "test_auc": mean_std([s["test_auc"] for s in summaries]),
+            "test_logloss": mean_std([s["test_logloss"] for s in summaries]),
             "serve_bytes": int(max(s["serve_bytes"] for s in summaries)),
             "train_bytes": int(max(s["train_bytes"] for s in summaries)),
             "stages_vs_full": " ".join(f"{k} {v / full_time:.2f}" for k, v in mean_stages.items()),
@@ -69,7 +87,7 @@ def bench_dimension(args: argparse.Namespace) -> dict:
             for label, method, options in DIMENSION:
                 if wanted and label not in wanted:
                     continue
-                refused = _fits(method, features, budget, storage=storage, **options)
+                refused = fits(data, method, budget, storage=storage, **options)
                 if refused:
                     rows.append(
                         {"method": label, "storage": storage, "budget": budget, "note": refused}
@@ -104,17 +122,9 @@ def bench_dimension(args: argparse.Namespace) -> dict:
     }
 
 
-@section("dnis_kept", default=False)
 def bench_dnis_kept(args: argparse.Namespace) -> dict:
     """What DNIS keeps per field and frequency block on planted-teacher data, beside each
     field's planted signal (the setting of tests/test_dnis.py's planted test)."""
-    import numpy as np
-
-    from ctr.run import RunConfig, build_run_model
-    from ctr.trainer import TrainConfig, Trainer
-    from datasets.format import DatasetMeta
-    from datasets.loader import BatchLoader
-    from datasets.synthetic import SIGNAL_PATTERN
 
     cards = (40, 120, 600, 25, 300, 80, 15, 1000)
     data = default_dataset(args, rows=args.rows or 400_000, cardinalities=cards, num_dense=4)
@@ -192,17 +202,12 @@ def _pruned_by(hp: dict) -> str:
     return f"magnitude ({reached})" if hp["fallback"] else reached
 
 
-@section("pruning", default=False)
 def bench_pruning(args: argparse.Namespace) -> dict:
     """optembed, pep, deeplight at 2x-20x (+ int8): AUC, logloss, bytes, stage time vs full."""
-    from ctr.embedding import features_from_dataset
-    from datasets.format import DatasetMeta
-
     data = default_dataset(args, rows=getattr(args, "rows", None) or 200_000, **PRUNING_DATA)
     meta = DatasetMeta.load(data)
-    features = features_from_dataset(meta)
     base = {"data": str(data), "model": "deepfm", "train": PRUNING_TRAIN}
-    full = _staged_run("pruning-full-1x", **base, compressor="full")
+    full = staged_run("pruning-full-1x", **base, compressor="full")
     full_s = sum(full["stage_seconds"].values())
     rows = []
 
@@ -234,11 +239,11 @@ def bench_pruning(args: argparse.Namespace) -> dict:
                 if storage == "int8" and budget == "10x":
                     continue  # time
                 options = {**PRUNING_OPTIONS[method], "storage": storage}
-                note = _fits(method, features, budget, **options)
+                note = fits(data, method, budget, **options)
                 if note:
                     refused.append(f"{method} {storage} at {budget}: {note}")
                     continue
-                summary = _staged_run(
+                summary = staged_run(
                     f"pruning-{method}-{storage}-{budget}",
                     **base,
                     compressor=method,
@@ -261,14 +266,12 @@ def bench_pruning(args: argparse.Namespace) -> dict:
     ours, theirs = [], []
     for seed in seeds:
         theirs.append(
-            _staged_run(f"pruning-full-1x-s{seed}", seed=seed, **base, compressor="full")[
-                "test_auc"
-            ]
+            staged_run(f"pruning-full-1x-s{seed}", seed=seed, **base, compressor="full")["test_auc"]
             if seed
             else full["test_auc"]
         )
         ours.append(
-            _staged_run(
+            staged_run(
                 f"pruning-optembed-fp32-{claim_budget}-s{seed}",
                 seed=seed,
                 **base,
@@ -311,7 +314,6 @@ SEARCH_METHODS = (
 )
 
 
-@section("search_backends", default=False)
 def bench_search_backends(args: argparse.Namespace) -> dict:
     """Pruning and dimension search against hashing at equal bytes, as a new user runs them:
     ``ctr train`` defaults (1 epoch, batch 1024, each method's table optimiser as
@@ -321,10 +323,6 @@ def bench_search_backends(args: argparse.Namespace) -> dict:
     the gap to ``hash`` at the same budget, wall time against ``full``'s and each stage's.
     Under the fair protocol instead: ``--only fair_sweep --methods ... --grid-optimizers
     rowwise_adagrad,adam``."""
-    from compressors.core.budget import BudgetError
-    from compressors.core.registry import COMPRESSORS
-    from ctr.trainer import DEFAULT_TABLE_LRS
-
     data = default_dataset(args, rows=getattr(args, "rows", None) or 200_000)
     forced = args.grid_optimizers.split(",")[0] if args.grid_optimizers else None
     methods = args.methods.split(",") if args.methods else list(SEARCH_METHODS)
@@ -362,7 +360,7 @@ def bench_search_backends(args: argparse.Namespace) -> dict:
         {
             "method": "full",
             "budget": "1x",
-            "test_auc": _mean_std([f["test_auc"] for f in fulls]),
+            "test_auc": mean_std([f["test_auc"] for f in fulls]),
             "vs_hash": "",
             "wall_vs_full": 1.0,
             "stages_s": "",
@@ -382,7 +380,7 @@ def bench_search_backends(args: argparse.Namespace) -> dict:
             {
                 "method": method,
                 "budget": budget,
-                "test_auc": _mean_std(aucs),
+                "test_auc": mean_std(aucs),
                 "vs_hash": f"{sum(aucs) / len(aucs) - sum(hashed) / len(hashed):+.4f}"
                 if hashed
                 else "",

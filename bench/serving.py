@@ -1,15 +1,56 @@
+"""The ``serving`` section: ``ctr serve`` under keep-alive load from its own process against
+in-process ``CompactModel`` calls, the rows and columns request forms, and the lookup speed
+of the binary, codebook and pruned-index serving modules against fp32 tables."""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchrec import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor
+
+from bench.common import CACHE, ROOT, default_dataset, print_table
+from bench.lookups import (
+    binary_tables,
+    codebook_tables,
+    int_tables,
+    lookup_rates,
+    pruned_index_tables,
+)
+from ctr import CompactModel, EmbeddingLayer, build_model, export
+from ctr.embedding import features_from_dataset
+from datasets.encode import RawEncoder
+from datasets.format import DatasetMeta
+from datasets.loader import BatchLoader
+
 SERVING_ROWS = 200_000
 # (clients, rows per request): one caller, a few callers with small batches, many callers.
 SERVING_LOADS = ((1, 1), (16, 8), (64, 8))
 
 
-def _run_load(spec: dict) -> dict:
-    """The load generator in its own process (``python bench.py --loadgen``): the clients'
-    work does not share this process's interpreter with the in-process figures."""
-    import subprocess
+def _child_env() -> dict[str, str]:
+    """The environment of the server and the load generator: this repository importable."""
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
 
+
+def _run_load(spec: dict) -> dict:
+    """The load generator in its own process (:mod:`bench.loadgen`): the clients' work does
+    not share this process's interpreter with the in-process figures."""
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--loadgen"],
+        [sys.executable, "-m", "bench.loadgen"],
+        env=_child_env(),
         input=json.dumps(spec),
         capture_output=True,
         text=True,
@@ -22,17 +63,12 @@ def _run_load(spec: dict) -> dict:
 
 def _start_server(path: Path, *args: str) -> tuple[object, int]:
     """``ctr serve path --port 0 ARGS`` on 127.0.0.1 -> (process, port) once it answers."""
-    import re
-    import select
-    import subprocess
-
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "ctr.cli", "serve", str(path), "--port", "0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env=env,
+        env=_child_env(),
     )
     port, deadline = 0, time.monotonic() + 300
     while not port and time.monotonic() < deadline and proc.poll() is None:
@@ -46,8 +82,6 @@ def _start_server(path: Path, *args: str) -> tuple[object, int]:
 
 
 def _stop_server(proc: object) -> None:
-    import subprocess
-
     proc.terminate()
     try:
         proc.wait(30)
@@ -58,8 +92,6 @@ def _stop_server(proc: object) -> None:
 
 def _batch_rows(port: int) -> tuple[float, float]:
     """(sum, count) of rows per forward from the answering worker's /metrics."""
-    import http.client
-
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
         conn.request("GET", "/metrics")
@@ -74,8 +106,6 @@ def _batch_rows(port: int) -> tuple[float, float]:
 
 def _first_rows(batch: object, n: int) -> tuple[object, object]:
     """(dense, KJT) of the first ``n`` rows of a loader batch (single-hot or multi-hot)."""
-    from torchrec import KeyedJaggedTensor
-
     kjt = batch.sparse_features
     per_key = kjt.to_dict()
     return batch.dense_features[:n], KeyedJaggedTensor.from_jt_dict(
@@ -84,23 +114,12 @@ def _first_rows(batch: object, n: int) -> tuple[object, object]:
 
 
 def _jt_rows(jt: object, n: int) -> object:
-    from torchrec.sparse.jagged_tensor import JaggedTensor
-
     lengths = jt.lengths()[:n]
     return JaggedTensor(values=jt.values()[: int(lengths.sum())], lengths=lengths)
 
 
-@section("serving", default=False)
 def bench_serving(args: argparse.Namespace) -> dict:
     """`ctr serve` under keep-alive load (its own process) vs in-process CompactModel."""
-    import numpy as np
-    import torch
-
-    from ctr import CompactModel, EmbeddingLayer, build_model, export
-    from ctr.embedding import features_from_dataset
-    from datasets.encode import RawEncoder
-    from datasets.format import DatasetMeta
-    from datasets.loader import BatchLoader
 
     torch.set_num_threads(1)
     data = default_dataset(args, rows=args.rows or SERVING_ROWS)
@@ -263,11 +282,11 @@ def bench_serving(args: argparse.Namespace) -> dict:
     cards = [f.cardinality for f in meta.sparse]
     decodes = (("auto", "int2"), ("planes", "int2"), ("planes", "int8"), ("bits", "int2"))
     modules = {
-        **_int_tables(cards, 16, 0, ("fp32",)),
-        **_binary_tables(cards, 16, (1, 2), 0, decodes),
+        **int_tables(cards, 16, 0, ("fp32",)),
+        **binary_tables(cards, 16, (1, 2), 0, decodes),
     }
     kjts = [b.sparse_features for b in ids_batches]
-    speeds = _lookup_speed(modules, kjts)
+    speeds = lookup_rates(modules, kjts)
     rows_total = sum(cards)
     binary_rows = [
         {
@@ -285,8 +304,8 @@ def bench_serving(args: argparse.Namespace) -> dict:
     )
 
     # Codebook rows (dpq/mgqe): codes gathered, then their sub-vectors, vs fp32 rows.
-    modules = {**_int_tables(cards, 16, 0, ("fp32",)), **_codebook_tables(cards, 16)}
-    speeds = _lookup_speed(modules, kjts)
+    modules = {**int_tables(cards, 16, 0, ("fp32",)), **codebook_tables(cards, 16)}
+    speeds = lookup_rates(modules, kjts)
     codebook_rows = [
         {
             "format": k,
@@ -304,8 +323,8 @@ def bench_serving(args: argparse.Namespace) -> dict:
 
     # Pruned rows: the same kept rows (10% of each field) behind an id -> row array and
     # behind a rank bitmap (what the export picks when it is smaller), vs the whole table.
-    modules = _pruned_index_tables(cards, 16, keep=0.1)
-    speeds = _lookup_speed(modules, kjts)
+    modules = pruned_index_tables(cards, 16, keep=0.1)
+    speeds = lookup_rates(modules, kjts)
     pruned_rows = [
         {
             "format": k,

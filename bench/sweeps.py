@@ -1,20 +1,35 @@
+"""Protocol-sweep sections (``ctr sweep``'s fair protocol, resumable under .bench-cache):
+``inter_feature``, ``unified_claim``, ``table_less_claim`` and ``fair_sweep``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import compressors
+from bench.common import (
+    CACHE,
+    default_dataset,
+    fits,
+    print_table,
+    protocol_sweep,
+    seed_stats,
+    timed_steps,
+)
+from ctr.run import RunConfig, build_run_model
+from ctr.trainer import TrainConfig, Trainer
+from datasets.format import DatasetMeta
+from datasets.loader import BatchLoader
+
 INTER_FEATURE = ("hash", "unified", "qr", "tt", "robe", "dhe", "adapt")
 INTER_FEATURE_BUDGETS = ("10x", "100x", "1000x")
 
 
-@section("inter_feature", default=False)
 def bench_inter_feature(args: argparse.Namespace) -> dict:
     """Inter-feature methods at 10x/100x/1000x: AUC, logloss, bytes, step time vs full."""
-    import compressors
-    from ctr.embedding import features_from_dataset
-    from ctr.run import RunConfig, build_run_model
-    from ctr.trainer import TrainConfig, Trainer
-    from datasets.format import DatasetMeta
-    from datasets.loader import BatchLoader
-
     data = default_dataset(args)
     meta = DatasetMeta.load(data)
-    features = features_from_dataset(meta)
     methods = [m for m in INTER_FEATURE if m in compressors.available()]
     swept = protocol_sweep(
         "inter_feature",
@@ -50,7 +65,7 @@ def bench_inter_feature(args: argparse.Namespace) -> dict:
     ]
     for method in methods:
         for budget in INTER_FEATURE_BUDGETS:
-            refused = _fits(method, features, budget)
+            refused = fits(data, method, budget)
             if refused:
                 rows.append({"method": method, "budget": budget, "note": refused})
                 continue
@@ -94,6 +109,8 @@ def bench_inter_feature(args: argparse.Namespace) -> dict:
 
 def _pareto_plot(rows: list[dict], path: Path) -> Path:
     """AUC against serve bytes (log x), one line per method, full as a reference point."""
+    # Imported here: matplotlib is optional and slow to import, and Agg must be chosen before
+    # pyplot loads.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,15 +151,10 @@ CLAIM_VARIANTS = {
 }
 
 
-@section("unified_claim", default=False)
 def bench_unified_claim(args: argparse.Namespace) -> dict:
     """Unified Embedding's claim: multiplexed vs per-field hashing at equal bytes (3 seeds),
     every field compressed on both sides (``threshold=0``, the paper's setting)."""
-    from ctr.embedding import features_from_dataset
-    from datasets.format import DatasetMeta
-
     data = default_dataset(args)
-    features = features_from_dataset(DatasetMeta.load(data))
     seeds = (0, 1, 2)
     variants = {v: m for v, (m, _) in CLAIM_VARIANTS.items()}
     # One sweep per variant: a spec's options are per method, and two variants share "hash".
@@ -152,7 +164,7 @@ def bench_unified_claim(args: argparse.Namespace) -> dict:
             args,
             data=[str(data)],
             methods=[method],
-            budgets=[b for b in INTER_FEATURE_BUDGETS if not _fits(method, features, b, **options)],
+            budgets=[b for b in INTER_FEATURE_BUDGETS if not fits(data, method, b, **options)],
             seeds=list(seeds),
             method_options={method: options},
             reference=False,
@@ -196,7 +208,6 @@ def bench_unified_claim(args: argparse.Namespace) -> dict:
 SMALL_CARDINALITIES = (40, 120, 600, 25, 300, 80, 15, 1000)
 
 
-@section("table_less_claim", default=False)
 def bench_table_less_claim(args: argparse.Namespace) -> dict:
     """TT-Rec/ROBE/DHE vs same-size hashing at 20x, fair protocol, 3 seeds, lr grid."""
     data = default_dataset(args, rows=400_000, cardinalities=SMALL_CARDINALITIES, num_dense=4)
@@ -241,11 +252,8 @@ def bench_table_less_claim(args: argparse.Namespace) -> dict:
 ALL_BUDGETS = ("2x", "10x", "100x", "1000x")
 
 
-@section("fair_sweep", default=False)
 def bench_fair_sweep(args: argparse.Namespace) -> dict:
     """`ctr sweep` over the default data: methods x 2x/10x/100x/1000x x seeds, tuned full."""
-    import compressors
-
     data = default_dataset(args)
     methods = args.methods.split(",") if args.methods else compressors.available()
     budgets = args.budgets.split(",") if args.budgets else list(ALL_BUDGETS)

@@ -1,4 +1,46 @@
-# ---------------------------------------------------------------- foundation
+"""Training speed sections: ``train`` (DeepFM + full against plain PyTorch), ``vs_torchrec``
+(ctr's DLRM against TorchRec's own under DMP), ``profile_step`` and ``dmp_scaling``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+# torch's in-backward optimizer hook: the API TorchRec's own (deprecated) wrapper points to.
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torch.profiler import ProfilerActivity, profile
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.planner import (
+    EmbeddingShardingPlanner,
+    ParameterConstraints,
+    Topology,
+)
+from torchrec.distributed.types import ShardingEnv, ShardingType
+from torchrec.models.dlrm import DLRM
+from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from bench.common import CACHE, cached_run, default_dataset, print_table, timed_steps
+from ctr.models.layers import FirstOrder, fm_interaction, mlp
+from ctr.run import RunConfig, build_run_model
+from ctr.trainer import TrainConfig, Trainer, table_modules
+from datasets.format import DatasetMeta
+from datasets.loader import BatchLoader
+
+
 class PlainDeepFM:
     """The plain-PyTorch baseline: ``nn.EmbeddingBag`` per field with sparse gradients, same
     first-order/FM/MLP as ``ctr``'s DeepFM. ``table_optimizer``: ``"sparse_adam"`` (the
@@ -14,10 +56,6 @@ class PlainDeepFM:
         table_optimizer: str = "sparse_adam",
         table_lr: float = 0.05,
     ) -> None:
-        import torch
-        from torch import nn
-
-        from ctr.models.layers import FirstOrder, mlp
 
         self.names = [f.name for f in meta.sparse]
         self.bags = nn.ModuleList(
@@ -35,10 +73,6 @@ class PlainDeepFM:
         ]
 
     def step(self, batch: object) -> float:
-        import torch
-        import torch.nn.functional as F
-
-        from ctr.models.layers import fm_interaction
 
         kjt = batch.sparse_features
         emb = torch.stack(
@@ -60,14 +94,8 @@ class PlainDeepFM:
         return loss.item()
 
 
-@section("train")
 def bench_train(args: argparse.Namespace) -> dict:
     """DeepFM + full on the default synthetic data: AUC vs teacher, speed vs plain PyTorch."""
-    from ctr.run import RunConfig, build_run_model
-    from ctr.trainer import TrainConfig, Trainer
-    from datasets.format import DatasetMeta
-    from datasets.loader import BatchLoader
-
     data = default_dataset(args)
     meta = DatasetMeta.load(data)
     summary = cached_run("deepfm-full-1x", data=str(data), model="deepfm", compressor="full")
@@ -130,7 +158,6 @@ def bench_train(args: argparse.Namespace) -> dict:
 # ----------------------------------------------------------------------------- preprocessing
 
 
-# ----------------------------------------------------------------------------- vs TorchRec
 VS_TORCHREC_SCALES = {"large": 0.16, "small": 0.002}  # Criteo profile scales
 DLRM_BOTTOM, DLRM_TOP = [64], [256, 128]
 
@@ -138,22 +165,6 @@ DLRM_BOTTOM, DLRM_TOP = [64], [256, 128]
 def _torchrec_dlrm_step(meta: object, lr: float, table_lr: float) -> Callable[[object], float]:
     """TorchRec's own DLRM (dense arch [64, D], over arch [256, 128, 1]) in DMP on one gloo
     rank: tables table-wise with fbgemm's fused rowwise Adagrad, dense parameters on Adam."""
-    import torch
-    import torch.distributed as dist
-    import torch.nn.functional as F
-    from torch.distributed.optim import _apply_optimizer_in_backward
-    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
-    from torchrec.distributed import DistributedModelParallel
-    from torchrec.distributed.planner import (
-        EmbeddingShardingPlanner,
-        ParameterConstraints,
-        Topology,
-    )
-    from torchrec.distributed.types import ShardingEnv, ShardingType
-    from torchrec.models.dlrm import DLRM
-    from torchrec.optim import RowWiseAdagrad
-    from torchrec.optim.optimizers import in_backward_optimizer_filter
-
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
@@ -208,6 +219,20 @@ def _torchrec_dlrm_step(meta: object, lr: float, table_lr: float) -> Callable[[o
     return step
 
 
+def _set_direct_lookups(model: nn.Module, direct: list | None) -> list:
+    """Sets the fused tables' direct fbgemm lookups (``None``: lookups through TorchRec's
+    ``FusedEmbeddingBagCollection.forward``); returns the previous ones.
+
+    The one place bench touches a private attribute (``TrainTables._direct``): the tables
+    offer no public switch for what this measures.
+    """
+    tables = table_modules(model)
+    previous = [t._direct for t in tables]
+    for t, d in zip(tables, direct or [None] * len(tables), strict=True):
+        t._direct = d
+    return previous
+
+
 def _loop_stepper(trainer: object, loader: object, steps: int) -> Callable[[object], float]:
     """A ``timed_steps`` stepper that ignores its batch and trains on ``loader``'s next one
     instead (the loader's work inside the timing)."""
@@ -223,15 +248,8 @@ def _loop_stepper(trainer: object, loader: object, steps: int) -> Callable[[obje
     return step
 
 
-@section("vs_torchrec", default=False)
 def bench_vs_torchrec(args: argparse.Namespace) -> dict:
     """Training throughput: ctr DLRM (full, and hash at 10x) vs TorchRec's DLRM under DMP."""
-    import statistics
-
-    from ctr.run import RunConfig, build_run_model
-    from ctr.trainer import TrainConfig, Trainer, table_modules
-    from datasets.format import DatasetMeta
-    from datasets.loader import BatchLoader
 
     rows_out, repeats, steps = [], 3, 20
     for scale in VS_TORCHREC_SCALES.values():
@@ -258,8 +276,7 @@ def bench_vs_torchrec(args: argparse.Namespace) -> dict:
             steppers[f"ctr_{method}"] = trainer.train_step
             if method == "full":  # the same, through TorchRec's FusedEmbeddingBagCollection.forward
                 reference = Trainer(build_run_model(run, meta), loader, loader, config)
-                for tables in table_modules(reference.model):
-                    tables._direct = None
+                _set_direct_lookups(reference.model, None)
                 steppers["ctr_full_via_fused_ebc_forward"] = reference.train_step
         # ctr's whole loop, batches assembled by the loader inside the timing (as `ctr train`
         # sees them), without and with the background prefetch thread.
@@ -315,16 +332,9 @@ def bench_vs_torchrec(args: argparse.Namespace) -> dict:
     return {"rows": rows_out, "repeats": repeats, "steps": steps}
 
 
-@section("profile_step", default=False)
 def bench_profile_step(args: argparse.Namespace) -> dict:
     """Top ops by self CPU time of ctr's DLRM train step (torch.profiler), with the fused
     tables called directly and through TorchRec's FusedEmbeddingBagCollection.forward."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from ctr.run import RunConfig, build_run_model
-    from ctr.trainer import TrainConfig, Trainer, table_modules
-    from datasets.format import DatasetMeta
-    from datasets.loader import BatchLoader
 
     data = default_dataset(
         args, rows=args.rows or 300_000, scale=VS_TORCHREC_SCALES["large"], min_count=1
@@ -336,11 +346,10 @@ def bench_profile_step(args: argparse.Namespace) -> dict:
         data=str(data), model="dlrm", model_options={"bottom": DLRM_BOTTOM, "top": DLRM_TOP}
     )
     trainer = Trainer(build_run_model(run, meta), loader, loader, TrainConfig(progress=False))
-    direct = [t._direct for t in table_modules(trainer.model)]
+    direct = _set_direct_lookups(trainer.model, None)
     tables: dict[str, str] = {}
     for mode in ("torchrec_forward", "direct"):
-        for t, d in zip(table_modules(trainer.model), direct, strict=True):
-            t._direct = None if mode == "torchrec_forward" else d
+        _set_direct_lookups(trainer.model, None if mode == "torchrec_forward" else direct)
         for b in batches[:2]:
             trainer.train_step(b)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -353,18 +362,13 @@ def bench_profile_step(args: argparse.Namespace) -> dict:
     return {"tables": tables}
 
 
-@section("dmp_scaling", default=False)
 def bench_dmp_scaling(args: argparse.Namespace) -> dict:
     """Two-process DMP training (torchrun, gloo, 1 thread per rank) vs one process (2 threads)."""
-    import subprocess
-
     data = default_dataset(args, rows=args.rows or 300_000)
     results: dict[str, float] = {}
     for procs in (1, 2):
         out = CACHE / "runs" / f"dmp-scaling-{procs}"
         if out.exists():
-            import shutil
-
             shutil.rmtree(out)  # the bench's own scratch run
         train = ["train", "--data", str(data), "--model", "dlrm", "--epochs", "0.5"]
         train += ["--batch-size", "4096", "--no-progress", "--out", str(out)]
