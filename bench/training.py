@@ -253,7 +253,7 @@ def bench_vs_torchrec(args: argparse.Namespace) -> dict:
 
     rows_out, repeats, steps = [], 3, 20
     for scale in VS_TORCHREC_SCALES.values():
-        # min_count=1: the vocabularies (every generated value keeps its id).
+        # min_count=1: every generated value keeps its id (vocabularies at their full size).
         data = default_dataset(args, rows=args.rows or 300_000, scale=scale, min_count=1)
         meta = DatasetMeta.load(data)
         label = f"{sum(f.cardinality for f in meta.sparse) / 1000:,.0f}k ids"
