@@ -140,3 +140,55 @@ def test_load_generator_runs_in_its_own_process() -> None:
     assert figures["errors"] == 0
     assert figures["requests/s"] > 0
     assert figures["p50_ms"] <= figures["p99_ms"]
+
+
+def test_driver_runs_a_section_and_writes_its_figures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bench.common
+
+    main = driver()
+    monkeypatch.setattr(bench.common, "CACHE", tmp_path)
+    monkeypatch.setitem(main.SECTIONS, "tiny", ("common", "unused", False))
+    monkeypatch.setattr(main, "section", lambda name: lambda args: {"rows": args.rows})
+    assert main.main(["--only", "tiny", "--rows", "7"]) == 0
+    figures = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    assert figures["rows"] == 7 and "wall_s" in figures
+
+
+def test_serving_modules_of_every_format_look_up_each_id() -> None:
+    import torch
+    from torchrec import KeyedJaggedTensor
+
+    from bench.lookups import (
+        binary_tables,
+        codebook_tables,
+        int_tables,
+        lookup_rates,
+        pruned_index_tables,
+    )
+
+    cards, dim = [50, 300], 16
+    modules = {
+        **int_tables(cards, dim, 0, ("fp32", "int8")),
+        **binary_tables(cards, dim, (1, 2)),
+        **codebook_tables(cards, dim),
+        **pruned_index_tables(cards, dim, keep=0.5),
+    }
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        KeyedJaggedTensor(
+            keys=["C1", "C2"],
+            values=torch.cat([torch.randint(0, c, (64,), generator=gen) for c in cards]),
+            lengths=torch.ones(128, dtype=torch.int64),
+        )
+        for _ in range(2)
+    ]
+    with torch.inference_mode():
+        for name, module in modules.items():
+            assert module(batches[0]).reshape(64, -1).shape == (64, 2 * dim), name
+        # int8 rows are the fp32 rows quantised: close, not equal.
+        fp32, int8 = modules["fp32"](batches[0]), modules["int8"](batches[0])
+        assert torch.allclose(fp32, int8, atol=0.01)
+    rates = lookup_rates(modules, batches, repeats=1)
+    assert set(rates) == set(modules) and all(r > 0 for r in rates.values())
