@@ -38,6 +38,8 @@ Example::
 
 # Importing a family registers its methods.
 from compressors import baseline, codebook, dimension, hashing, precision, pruning  # noqa: F401
+from compressors.codebook.pq import KIND as CODEBOOK_KIND
+from compressors.codebook.pq import CodebookPlan, CodebookServing, pack_codes
 from compressors.core.base import (
     Compressor,
     ExportedEmbedding,
@@ -50,6 +52,7 @@ from compressors.core.base import (
 from compressors.core.budget import BudgetError, parse_budget
 from compressors.core.options import OptionError, OptionSpec
 from compressors.core.registry import (
+    COMPRESSORS,
     available,
     build_compressor,
     build_from_plan,
@@ -61,7 +64,10 @@ from compressors.core.registry import (
     register_serving,
     solve,
 )
+from compressors.core.storage import Lookup, ServeTables, TableSpec, pack_rows
 from compressors.core.tables import TABLE_KIND, TableMethod, TableServing
+from compressors.precision.binary import BinaryServing, binarize, binary_export
+from compressors.pruning.common import RemapMap, build_bitmap, build_remap
 
 register_serving(TABLE_KIND)(TableServing)
 
@@ -87,4 +93,25 @@ __all__ = [
     "parse_budget",
     "register",
     "solve",
+]
+
+# Serving building blocks, public for tools that assemble serving modules from their own
+# tables (bench/lookups.py): physical tables, binary and codebook serving, pruned-row indexes,
+# and the registry of methods by name (a method's class attributes, e.g. default_optimizer).
+__all__ += [
+    "CODEBOOK_KIND",
+    "COMPRESSORS",
+    "BinaryServing",
+    "CodebookPlan",
+    "CodebookServing",
+    "Lookup",
+    "RemapMap",
+    "ServeTables",
+    "TableSpec",
+    "binarize",
+    "binary_export",
+    "build_bitmap",
+    "build_remap",
+    "pack_codes",
+    "pack_rows",
 ]

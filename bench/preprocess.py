@@ -1,0 +1,185 @@
+"""The ``preprocess`` section: a Criteo-format TSV through ``prepare criteo`` in a fresh
+process per size: rows/s, CPU seconds and peak RSS, and how they grow with the input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pcsv
+
+from bench.common import CACHE, print_table
+from datasets.io import atomic_write
+from datasets.prepare.criteo import CRITEO_COLUMNS
+from datasets.synthetic import CRITEO_KAGGLE_CARDINALITIES, splitmix64
+
+
+def _write_criteo_tsv(path: Path, rows: int, seed: int = 0, chunk: int = 1 << 19) -> None:
+    """A Criteo-format TSV with Kaggle-sized Zipf vocabularies, written column-wise by Arrow."""
+    # Share of missing values per categorical field, cycling; a few Criteo fields are mostly empty.
+    missing = (
+        0.0,
+        0.0,
+        0.03,
+        0.03,
+        0.0,
+        0.1,
+        0.0,
+        0.0,
+        0.0,
+        0.03,
+        0.0,
+        0.03,
+        0.0,
+        0.0,
+        0.0,
+        0.03,
+        0.0,
+        0.0,
+        0.44,
+        0.44,
+        0.03,
+        0.0,
+        0.0,
+        0.03,
+        0.44,
+        0.03,
+    )
+    hex_digits = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+    options = pcsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
+
+    def write(tmp: Path) -> None:
+        with pcsv.CSVWriter(tmp, _criteo_bench_schema(), write_options=options) as writer:
+            for index, start in enumerate(range(0, rows, chunk)):
+                n = min(chunk, rows - start)
+                rng = np.random.default_rng([seed, index])
+                cols = [pa.array((rng.random(n) < 0.25).astype(np.int64)).cast(pa.string())]
+                for d in range(13):
+                    x = np.floor(np.exp(rng.normal(1.0 + 0.2 * d, 1.5, n))).astype(np.int64)
+                    if d == 1:  # I2 holds small negatives in the real data
+                        x -= 3 * (rng.random(n) < 0.1)
+                    cols.append(pa.array(x, mask=rng.random(n) < 0.2).cast(pa.string()))
+                for f, size in enumerate(CRITEO_KAGGLE_CARDINALITIES):
+                    ranks = _zipf_ranks(rng, size, 1.05, n).astype(np.uint64)
+                    ids = splitmix64(ranks ^ np.uint64(f << 40)) & np.uint64(0xFFFFFFFF)
+                    nibbles = (
+                        ids[:, None] >> (np.arange(28, -1, -4, dtype=np.uint64))
+                    ) & np.uint64(15)
+                    data = pa.py_buffer(hex_digits[nibbles.astype(np.int64)].tobytes())
+                    offsets = pa.py_buffer(np.arange(0, 8 * n + 1, 8, dtype=np.int32).tobytes())
+                    valid = pa.array(rng.random(n) >= missing[f]).buffers()[1]
+                    cols.append(pa.StringArray.from_buffers(n, offsets, data, valid))
+                writer.write_table(pa.Table.from_arrays(cols, schema=_criteo_bench_schema()))
+
+    atomic_write(path, write)
+
+
+def _zipf_ranks(rng: np.random.Generator, n: int, a: float, size: int) -> np.ndarray:
+    """Ranks in [0, n) with P(rank = r) ≈ ∝ (r+1)^-a, by inverting the continuous CDF (the
+    same draw as the synthetic generator's)."""
+    u = rng.random(size)
+    top = (n + 1.0) ** (1.0 - a)
+    x = (1.0 + u * (top - 1.0)) ** (1.0 / (1.0 - a))
+    return np.clip(np.floor(x).astype(np.int64) - 1, 0, n - 1)
+
+
+def _criteo_bench_schema() -> pa.Schema:
+    return pa.schema([(c, pa.string()) for c in CRITEO_COLUMNS])
+
+
+_PREPARE_CHILD = """
+import json, sys, time
+from datasets.prepare import PrepareOptions, prepare_criteo
+start = time.perf_counter()
+options = PrepareOptions(overwrite=True, progress=False)
+meta = prepare_criteo([sys.argv[1]], sys.argv[2], options=options)
+print(json.dumps({"seconds": time.perf_counter() - start,
+                  "rows": sum(meta.rows(s) for s in meta.splits),
+                  "kept_ids": sum(f.cardinality for f in meta.sparse),
+                  "distinct": sum(meta.extra["raw_distinct_train_values"].values())}))
+"""
+
+
+def _run_child(code: str, *args: str) -> tuple[dict, float, float]:
+    """Runs ``code`` in a fresh interpreter: its JSON output line, its own peak RSS (MB) and
+    its CPU seconds (user + system; a fair figure when other work shares the cores).
+
+    The peak is the child's ``VmHWM`` read just before it exits: the ``ru_maxrss`` that
+    ``wait4`` reports keeps the parent's high-water mark across fork and exec on Linux.
+    """
+    wrapped = code + _REPORT_PEAK
+    proc = subprocess.Popen(
+        [sys.executable, "-c", wrapped, *args], stdout=subprocess.PIPE, text=True
+    )
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"child failed with exit code {proc.returncode}")
+    lines = out.strip().splitlines()
+    result = json.loads(lines[-2]) if len(lines) > 1 else {}
+    peak_mb = json.loads(lines[-1])["peak_kb"] / 1024
+    return result, peak_mb, usage.ru_utime + usage.ru_stime
+
+
+_REPORT_PEAK = """
+import json as _json
+with open("/proc/self/status") as _status:
+    _peak = next(int(x.split()[1]) for x in _status if x.startswith("VmHWM:"))
+print(_json.dumps({"peak_kb": _peak}))
+"""
+
+
+def bench_preprocess(args: argparse.Namespace) -> dict:
+    """Criteo-format TSV of 1M and 4M rows through `prepare criteo`: rows/s and peak RSS."""
+    sizes = [args.rows, 4 * args.rows] if args.rows else [1_000_000, 4_000_000]
+    # What importing costs (torch, pyarrow, ...) is measured apart and taken out of cpu_s.
+    _, baseline, import_cpu = _run_child("import datasets.prepare; print('{}')")
+    rows = []
+    for n in sizes:
+        path = CACHE / "preprocess" / f"criteo-{n}.tsv"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            start = time.perf_counter()
+            _write_criteo_tsv(path, n)
+            print(
+                f"generated {path} ({path.stat().st_size / 1e6:.0f} MB) "
+                f"in {time.perf_counter() - start:.0f} s"
+            )
+        out = CACHE / "preprocess" / f"out-{n}"
+        result, rss, cpu = _run_child(_PREPARE_CHILD, str(path), str(out))
+        cpu = max(cpu - import_cpu, 1e-3)
+        rows.append(
+            {
+                "rows": n,
+                "file_MB": round(path.stat().st_size / 1e6),
+                "seconds": round(result["seconds"], 1),
+                "rows_per_s": round(n / result["seconds"]),
+                "cpu_s": round(cpu, 1),
+                "rows_per_cpu_s": round(n / cpu),
+                "peak_rss_MB": round(rss),
+                "distinct_train_values": result["distinct"],
+                "kept_ids(min_count=10)": result["kept_ids"],
+            }
+        )
+    big, small = rows[-1], rows[0]
+    ratios = {
+        "rss_ratio": round(big["peak_rss_MB"] / small["peak_rss_MB"], 2),
+        "rss_above_import_ratio": round(
+            (big["peak_rss_MB"] - baseline) / max(small["peak_rss_MB"] - baseline, 1), 2
+        ),
+        "distinct_values_ratio": round(
+            big["distinct_train_values"] / small["distinct_train_values"], 2
+        ),
+        "import_baseline_rss_MB": round(baseline),
+    }
+    print_table("preprocess: prepare criteo (days split, min_count 10), one process per run", rows)
+    print_table("preprocess: growth from the smaller to the larger run", [ratios])
+    return {"runs": rows, **ratios}

@@ -1,0 +1,350 @@
+"""The ``serving`` section: ``ctr serve`` under keep-alive load from its own process against
+in-process ``CompactModel`` calls, the rows and columns request forms, and the lookup speed
+of the binary, codebook and pruned-index serving modules against fp32 tables."""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchrec import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor
+
+from bench.common import CACHE, ROOT, default_dataset, print_table
+from bench.lookups import (
+    binary_tables,
+    codebook_tables,
+    int_tables,
+    lookup_rates,
+    pruned_index_tables,
+)
+from ctr import CompactModel, EmbeddingLayer, build_model, export
+from ctr.embedding import features_from_dataset
+from datasets.encode import RawEncoder
+from datasets.format import DatasetMeta
+from datasets.loader import BatchLoader
+
+SERVING_ROWS = 200_000
+# (clients, rows per request): one caller, a few callers with small batches, many callers.
+SERVING_LOADS = ((1, 1), (16, 8), (64, 8))
+
+
+def _child_env() -> dict[str, str]:
+    """The environment of the server and the load generator: this repository importable."""
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _run_load(spec: dict) -> dict:
+    """The load generator in its own process (:mod:`bench.loadgen`): the clients' work does
+    not share this process's interpreter with the in-process figures."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.loadgen"],
+        env=_child_env(),
+        input=json.dumps(spec),
+        capture_output=True,
+        text=True,
+        timeout=spec["seconds"] + spec["warmup_s"] + 120,
+    )
+    if proc.returncode:
+        raise RuntimeError(f"load generator failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _start_server(path: Path, *args: str) -> tuple[object, int]:
+    """``ctr serve path --port 0 ARGS`` on 127.0.0.1 -> (process, port) once it answers."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ctr.cli", "serve", str(path), "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=_child_env(),
+    )
+    port, deadline = 0, time.monotonic() + 300
+    while not port and time.monotonic() < deadline and proc.poll() is None:
+        if select.select([proc.stdout], [], [], 1.0)[0]:
+            found = re.search(r"http://127\.0\.0\.1:(\d+)", proc.stdout.readline())
+            port = int(found.group(1)) if found else 0
+    if not port:
+        _stop_server(proc)
+        raise RuntimeError("the server did not start")
+    return proc, port
+
+
+def _stop_server(proc: object) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def _batch_rows(port: int) -> tuple[float, float]:
+    """(sum, count) of rows per forward from the answering worker's /metrics."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    values = dict(
+        line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("ctr_batch_rows_")
+    )
+    return float(values["ctr_batch_rows_sum"]), float(values["ctr_batch_rows_count"])
+
+
+def _first_rows(batch: object, n: int) -> tuple[object, object]:
+    """(dense, KJT) of the first ``n`` rows of a loader batch (single-hot or multi-hot)."""
+    kjt = batch.sparse_features
+    per_key = kjt.to_dict()
+    return batch.dense_features[:n], KeyedJaggedTensor.from_jt_dict(
+        {k: _jt_rows(jt, n) for k, jt in per_key.items()}
+    )
+
+
+def _jt_rows(jt: object, n: int) -> object:
+    lengths = jt.lengths()[:n]
+    return JaggedTensor(values=jt.values()[: int(lengths.sum())], lengths=lengths)
+
+
+def bench_serving(args: argparse.Namespace) -> dict:
+    """`ctr serve` under keep-alive load (its own process) vs in-process CompactModel."""
+
+    torch.set_num_threads(1)
+    data = default_dataset(args, rows=args.rows or SERVING_ROWS)
+    meta = DatasetMeta.load(data)
+    encoder = RawEncoder.load(data)
+    rng = np.random.default_rng(0)
+    seconds = float(os.environ.get("CTR_BENCH_SERVING_S", "4"))
+    worker_counts = [int(w) for w in os.environ.get("CTR_BENCH_SERVING_WORKERS", "1,2").split(",")]
+
+    def raw_records(n: int) -> list[dict]:
+        cols: dict[str, list] = {d: rng.normal(size=n).round(3).tolist() for d in meta.dense}
+        for f in meta.sparse:
+            values = encoder.vocabs[f.name].values
+            picks = values.take(rng.integers(0, len(values), n)).to_pylist()
+            cols[f.name] = [[v] for v in picks] if f.multi_hot else picks
+        return [{k: v[i] for k, v in cols.items()} for i in range(n)]
+
+    # 64 distinct request bodies per size, sent round robin (rows form, as a ranking service).
+    bodies = {
+        rows: [json.dumps({"instances": raw_records(rows)}) for _ in range(64)]
+        for rows in sorted({r for _, r in SERVING_LOADS})
+    }
+    ids_batches = [
+        b for _, b in zip(range(4), BatchLoader(meta, "test", 4096).epoch(0), strict=False)
+    ]
+
+    def best_rate(fn: Callable[[], int], repeats: int) -> tuple[float, float]:
+        """(rows/s of the best run, p50 seconds of a call) over ``repeats`` calls."""
+        fn()
+        times, n = [], 0
+        for _ in range(repeats):
+            start = time.perf_counter()
+            n = fn()
+            times.append(time.perf_counter() - start)
+        return n / min(times), float(np.median(times))
+
+    http_rows, inproc_rows, forms_rows = [], [], []
+    for storage in ("fp32", "int8"):
+        torch.manual_seed(0)
+        layer = EmbeddingLayer(features_from_dataset(meta), 16, "full", "1x", storage=storage)
+        model = build_model("deepfm", layer, len(meta.dense)).eval()
+        path = CACHE / "serving" / storage
+        export(model, path, dataset=data, overwrite=True)  # its own cache
+        compact = CompactModel.load(path)
+        coalesced: dict[tuple[int, int], float] = {}
+        for workers in worker_counts:
+            proc, port = _start_server(path, "--workers", str(workers))
+            try:
+                for clients, rows in SERVING_LOADS:
+                    before = _batch_rows(port) if workers == 1 else (0.0, 0.0)
+                    spec = {
+                        "port": port,
+                        "bodies": bodies[rows],
+                        "rows": rows,
+                        "clients": clients,
+                        "seconds": seconds,
+                        "warmup_s": 1.0,
+                        "max_requests": 200_000,
+                    }
+                    load = _run_load(spec)
+                    if workers == 1:
+                        after = _batch_rows(port)
+                        count = after[1] - before[1]
+                        coalesced[clients, rows] = (after[0] - before[0]) / max(count, 1)
+                    http_rows.append(
+                        {
+                            "storage": storage,
+                            "workers": workers,
+                            "clients x rows": f"{clients} x {rows}",
+                            **load,
+                            "batch rows (1 worker)": coalesced.get((clients, rows)),
+                        }
+                    )
+            finally:
+                _stop_server(proc)
+
+        # In process, at the same batch sizes: raw records (encode + forward) and ids.
+        sizes = sorted({1, 8, *(max(1, round(b)) for b in coalesced.values())})
+        for n in sizes:
+            records = raw_records(n)
+            batch = ids_batches[0]
+            kjt_n = _first_rows(batch, n)
+
+            def on_records(r: list = records, m: object = compact) -> int:
+                return len(m.predict_records(r))
+
+            def on_ids(b: tuple = kjt_n, m: object = compact, n: int = n) -> int:
+                with torch.inference_mode():
+                    m(*b)
+                return n
+
+            repeats = max(5, min(200, 20_000 // n))
+            rec_rate, rec_p50 = best_rate(on_records, repeats)
+            ids_rate, ids_p50 = best_rate(on_ids, repeats)
+            inproc_rows.append(
+                {
+                    "storage": storage,
+                    "rows/call": n,
+                    "predict_records rows/s": rec_rate,
+                    "predict_records p50_ms": rec_p50 * 1e3,
+                    "predict (ids) rows/s": ids_rate,
+                    "predict (ids) p50_ms": ids_p50 * 1e3,
+                }
+            )
+        # Cold: one row of values never seen (every call misses the encoder's memo).
+        cold = [raw_records(1) for _ in range(30)]
+        rate_cold, p50_cold = best_rate(
+            lambda m=compact, c=cold: len(m.predict_records(c.pop())), 25
+        )
+        inproc_rows.append(
+            {
+                "storage": storage,
+                "rows/call": "1 (new values)",
+                "predict_records rows/s": rate_cold,
+                "predict_records p50_ms": p50_cold * 1e3,
+            }
+        )
+        for row in http_rows:
+            if row["storage"] == storage:
+                b = row["batch rows (1 worker)"] or coalesced.get(
+                    tuple(int(x) for x in row["clients x rows"].split(" x ")), 1
+                )
+                ref = next(
+                    r
+                    for r in inproc_rows
+                    if r["storage"] == storage and r["rows/call"] == max(1, round(b))
+                )
+                row["vs in-process records @ batch"] = row["rows/s"] / ref["predict_records rows/s"]
+        # The rows form against the columns form, 10k rows (interleaved, best of 3).
+        big = raw_records(10_000)
+        columns = {k: [r.get(k) for r in big] for k in encoder.fields}
+        times = {"rows": [], "columns": []}
+        for _ in range(3):
+            for form, fn in (
+                ("rows", lambda m=compact, r=big: m.predict_records(r)),
+                ("columns", lambda m=compact, c=columns: m.predict_columns(c)),
+            ):
+                start = time.perf_counter()
+                fn()
+                times[form].append(time.perf_counter() - start)
+        forms_rows.append(
+            {
+                "storage": storage,
+                "rows form s": min(times["rows"]),
+                "columns form s": min(times["columns"]),
+                "rows / columns": min(times["rows"]) / min(times["columns"]),
+            }
+        )
+    print_table(
+        f"serving: ctr serve on 127.0.0.1, keep-alive clients in their own process, {seconds:g} s "
+        "per setting, rows form (shared machine: absolute figures are noisy)",
+        http_rows,
+    )
+    print_table("serving: in-process CompactModel at the same batch sizes (1 thread)", inproc_rows)
+    print_table("serving: rows form vs columns form, 10k rows in process", forms_rows)
+
+    # Binary serving vs fp32 lookups, b=1 and b=2 side by side: the fast decode ("auto": one
+    # kernel lookup an id), every plane its own int-N row ("planes", exact, b lookups an id),
+    # and the default, the packed bits decoded in torch ("bits", the artifact's bytes).
+    cards = [f.cardinality for f in meta.sparse]
+    decodes = (("auto", "int2"), ("planes", "int2"), ("planes", "int8"), ("bits", "int2"))
+    modules = {
+        **int_tables(cards, 16, 0, ("fp32",)),
+        **binary_tables(cards, 16, (1, 2), 0, decodes),
+    }
+    kjts = [b.sparse_features for b in ids_batches]
+    speeds = lookup_rates(modules, kjts)
+    rows_total = sum(cards)
+    binary_rows = [
+        {
+            "format": k,
+            "lookups/s": v,
+            "vs fp32": v / speeds["fp32"],
+            # What each format holds in memory per id (fp32: 16 floats).
+            "resident B/row": getattr(modules[k], "resident_bytes", rows_total * 64) / rows_total,
+        }
+        for k, v in speeds.items()
+    ]
+    print_table(
+        "serving: binary decode vs fp32 fbgemm lookups (1 thread CPU time, best of 5 per batch)",
+        binary_rows,
+    )
+
+    # Codebook rows (dpq/mgqe): codes gathered, then their sub-vectors, vs fp32 rows.
+    modules = {**int_tables(cards, 16, 0, ("fp32",)), **codebook_tables(cards, 16)}
+    speeds = lookup_rates(modules, kjts)
+    codebook_rows = [
+        {
+            "format": k,
+            "lookups/s": v,
+            "vs fp32": v / speeds["fp32"],
+            "serve B/row": getattr(modules[k], "serve_bytes", rows_total * 64) / rows_total,
+            "resident B/row": getattr(modules[k], "resident_bytes", rows_total * 64) / rows_total,
+        }
+        for k, v in speeds.items()
+    ]
+    print_table(
+        "serving: codebook (dpq/mgqe) vs fp32 fbgemm lookups (1 thread CPU time, best of 5)",
+        codebook_rows,
+    )
+
+    # Pruned rows: the same kept rows (10% of each field) behind an id -> row array and
+    # behind a rank bitmap (what the export picks when it is smaller), vs the whole table.
+    modules = pruned_index_tables(cards, 16, keep=0.1)
+    speeds = lookup_rates(modules, kjts)
+    pruned_rows = [
+        {
+            "format": k,
+            "lookups/s": v,
+            "vs pruned array": v / speeds["pruned array"],
+            "vs fp32 full": v / speeds["fp32"],
+            "index B/id": getattr(modules[k], "index_bytes", 0) / rows_total,
+        }
+        for k, v in speeds.items()
+    ]
+    print_table(
+        "serving: pruned rows' index, id -> row array vs rank bitmap (10% of rows kept; 1 "
+        "thread CPU time, best of 5 per batch)",
+        pruned_rows,
+    )
+    return {
+        "http": http_rows,
+        "in_process": inproc_rows,
+        "forms": forms_rows,
+        "binary": binary_rows,
+        "pruned_index": pruned_rows,
+        "codebook": codebook_rows,
+    }
