@@ -17,18 +17,18 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from datasets.format import DatasetMeta
-from datasets.prepare.avazu import DEFAULT_MIN_COUNT as AVAZU_MIN_COUNT
-from datasets.prepare.avazu import prepare_avazu
 from datasets.prepare.columns import DENSE_TRANSFORMS
-from datasets.prepare.common import BAD_ROW_POLICIES, PrepareOptions
-from datasets.prepare.criteo import DEFAULT_MIN_COUNT as CRITEO_MIN_COUNT
-from datasets.prepare.criteo import CriteoConfig, CriteoDays, prepare_criteo
-from datasets.prepare.kdd12 import DEFAULT_MIN_COUNT as KDD12_MIN_COUNT
-from datasets.prepare.kdd12 import LABEL_MODES, Kdd12Config, prepare_kdd12
-from datasets.prepare.movielens import MovieLensConfig, prepare_movielens
+from datasets.prepare.engine import BAD_ROW_POLICIES, PrepareOptions
 from datasets.prepare.sources import BadInputError
-from datasets.prepare.table import (
+from datasets.prepared import DatasetMeta
+from datasets.readers.avazu import DEFAULT_MIN_COUNT as AVAZU_MIN_COUNT
+from datasets.readers.avazu import prepare_avazu
+from datasets.readers.criteo import DEFAULT_MIN_COUNT as CRITEO_MIN_COUNT
+from datasets.readers.criteo import CriteoConfig, CriteoDays, prepare_criteo
+from datasets.readers.kdd12 import DEFAULT_MIN_COUNT as KDD12_MIN_COUNT
+from datasets.readers.kdd12 import LABEL_MODES, Kdd12Config, prepare_kdd12
+from datasets.readers.movielens import MovieLensConfig, prepare_movielens
+from datasets.readers.table import (
     NUMERIC_AS,
     TABLE_FORMATS,
     TableSchema,

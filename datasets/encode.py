@@ -34,14 +34,14 @@ from torchrec import KeyedJaggedTensor
 from torchrec.datasets.utils import Batch
 
 from datasets.fingerprint import MISSING, fingerprint_strings
-from datasets.format import VOCAB_FILE, DatasetMeta, PreparedDataError
-from datasets.prepare.avazu import AvazuFormat
 from datasets.prepare.columns import Issues
-from datasets.prepare.common import FieldVocab, Format
-from datasets.prepare.criteo import CriteoFormat
-from datasets.prepare.kdd12 import Kdd12Format
-from datasets.prepare.movielens import MovieLensFormat
-from datasets.prepare.table import TableFormat, TableSchema
+from datasets.prepare.engine import FieldVocab, Format
+from datasets.prepared import VOCAB_FILE, DatasetMeta, PreparedDataError
+from datasets.readers.avazu import AvazuFormat
+from datasets.readers.criteo import CriteoFormat
+from datasets.readers.kdd12 import Kdd12Format
+from datasets.readers.movielens import MovieLensFormat
+from datasets.readers.table import TableFormat, TableSchema
 
 FORMATS: dict[str, type[Format]] = {
     f.name: f for f in (CriteoFormat, AvazuFormat, Kdd12Format, MovieLensFormat, TableFormat)

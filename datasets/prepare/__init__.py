@@ -7,13 +7,13 @@ Example::
     meta.rows("train"), meta.bad_rows
 """
 
-from datasets.prepare.avazu import AvazuFormat, prepare_avazu
-from datasets.prepare.common import PrepareOptions
-from datasets.prepare.criteo import CriteoConfig, CriteoDays, CriteoFormat, prepare_criteo
-from datasets.prepare.kdd12 import Kdd12Config, Kdd12Format, prepare_kdd12
-from datasets.prepare.movielens import MovieLensConfig, MovieLensFormat, prepare_movielens
+from datasets.prepare.engine import PrepareOptions
 from datasets.prepare.sources import BadInputError
-from datasets.prepare.table import TableFormat, TableSchema, prepare_table
+from datasets.readers.avazu import AvazuFormat, prepare_avazu
+from datasets.readers.criteo import CriteoConfig, CriteoDays, CriteoFormat, prepare_criteo
+from datasets.readers.kdd12 import Kdd12Config, Kdd12Format, prepare_kdd12
+from datasets.readers.movielens import MovieLensConfig, MovieLensFormat, prepare_movielens
+from datasets.readers.table import TableFormat, TableSchema, prepare_table
 
 __all__ = [
     "AvazuFormat",

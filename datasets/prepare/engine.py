@@ -45,7 +45,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from datasets.format import (
+from datasets.io import OutputExistsError, check_output_dir, replace_dir
+from datasets.prepare.columns import Features, Flag, Issues, as_array
+from datasets.prepare.sources import (
+    BadInputError,
+    ParquetSource,
+    RawChunk,
+    Rejection,
+    TextSource,
+    prefetch,
+)
+from datasets.prepared import (
     SPLITS,
     DatasetMeta,
     ShardWriter,
@@ -57,16 +67,6 @@ from datasets.format import (
     is_prepared_dataset,
     save_frequencies,
     save_vocab,
-)
-from datasets.io import OutputExistsError, check_output_dir, replace_dir
-from datasets.prepare.columns import Features, Flag, Issues, as_array
-from datasets.prepare.sources import (
-    BadInputError,
-    ParquetSource,
-    RawChunk,
-    Rejection,
-    TextSource,
-    prefetch,
 )
 from datasets.progress import progress_bar
 from datasets.synthetic import splitmix64

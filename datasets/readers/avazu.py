@@ -19,9 +19,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from datasets.format import DatasetMeta
 from datasets.prepare.columns import Features, Issues, as_array, parse_binary_label
-from datasets.prepare.common import (
+from datasets.prepare.engine import (
     FileReader,
     Format,
     PrepareOptions,
@@ -29,6 +28,7 @@ from datasets.prepare.common import (
     standard_split,
 )
 from datasets.prepare.sources import BadInputError, TextSource
+from datasets.prepared import DatasetMeta
 
 AVAZU_COLUMNS = (
     "id,click,hour,C1,banner_pos,site_id,site_domain,site_category,app_id,app_domain,"

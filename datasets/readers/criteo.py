@@ -31,7 +31,6 @@ from typing import Any
 
 import pyarrow as pa
 
-from datasets.format import DatasetMeta
 from datasets.prepare.columns import (
     Features,
     Issues,
@@ -40,7 +39,7 @@ from datasets.prepare.columns import (
     parse_binary_label,
     parse_numbers,
 )
-from datasets.prepare.common import (
+from datasets.prepare.engine import (
     END_OF_SOURCE,
     FileReader,
     Format,
@@ -52,6 +51,7 @@ from datasets.prepare.common import (
     standard_split,
 )
 from datasets.prepare.sources import BadInputError, TextSource
+from datasets.prepared import DatasetMeta
 
 CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
 CRITEO_SPARSE = [f"C{i}" for i in range(1, 27)]

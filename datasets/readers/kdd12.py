@@ -24,9 +24,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from datasets.format import DatasetMeta
 from datasets.prepare.columns import Features, Issues, parse_numbers
-from datasets.prepare.common import (
+from datasets.prepare.engine import (
     FileReader,
     Format,
     PrepareOptions,
@@ -34,6 +33,7 @@ from datasets.prepare.common import (
     standard_split,
 )
 from datasets.prepare.sources import TextSource
+from datasets.prepared import DatasetMeta
 
 KDD12_FEATURES = (
     "display_url,ad_id,advertiser_id,depth,position,query_id,keyword_id,title_id,"

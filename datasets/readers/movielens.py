@@ -28,9 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from datasets.format import DatasetMeta
 from datasets.prepare.columns import Features, Issues, parse_numbers, token_lists
-from datasets.prepare.common import (
+from datasets.prepare.engine import (
     FileReader,
     Format,
     PrepareOptions,
@@ -38,6 +37,7 @@ from datasets.prepare.common import (
     standard_split,
 )
 from datasets.prepare.sources import BadInputError, RawChunk, Rejection, TextSource, read_all
+from datasets.prepared import DatasetMeta
 
 # u.item's genre flags, in file order.
 GENRES_100K = (

@@ -12,7 +12,7 @@ default: ``sign(x) * log(|x| + 1)``; ``clamp_log1p`` or ``identity`` also exist)
 With ``numeric_buckets: N`` each numeric column ``c`` also (``numeric_as: "both"``, the
 default then) or only (``"buckets"``) becomes a categorical field ``c_bucket``: at most N
 equal-frequency buckets fitted on the *train* split, with a bucket of its own for 0 when 0 is
-the column's most frequent value (see :mod:`datasets.prepare.quantiles`); the edges are stored
+the column's most frequent value (see :mod:`datasets.readers.quantiles`); the edges are stored
 in ``meta.json`` so :class:`datasets.encode.RawEncoder` buckets raw values identically.
 
 The label is 0/1 or a probability, or text mapped by ``positive`` and ``negative`` (lists of
@@ -43,7 +43,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from datasets.format import DatasetMeta
 from datasets.prepare.columns import (
     DENSE_TRANSFORMS,
     Features,
@@ -56,7 +55,7 @@ from datasets.prepare.columns import (
     token_lists,
     trim_spaces,
 )
-from datasets.prepare.common import (
+from datasets.prepare.engine import (
     LABEL,
     FileReader,
     Format,
@@ -64,8 +63,9 @@ from datasets.prepare.common import (
     prepare_dataset,
     standard_split,
 )
-from datasets.prepare.quantiles import NumericSketch, QuantileBuckets, bucket_field
 from datasets.prepare.sources import BadInputError, ParquetSource, TextSource
+from datasets.prepared import DatasetMeta
+from datasets.readers.quantiles import NumericSketch, QuantileBuckets, bucket_field
 
 TABLE_FORMATS = {"csv": ",", "tsv": "\t", "parquet": None}
 NUMERIC_AS = ("dense", "buckets", "both")

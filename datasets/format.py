@@ -1,0 +1,26 @@
+"""Moved to ``datasets.prepared``; this name stays for one release."""
+
+from datasets.prepared import (  # noqa: F401
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    FREQUENCIES_FILE,
+    SHARD_NAME,
+    SPLITS,
+    VOCAB_FILE,
+    DatasetMeta,
+    PreparedDataError,
+    ShardWriter,
+    SparseField,
+    SplitInfo,
+    arrow_schema,
+    atomic_write_text,
+    encoded_counts,
+    file_sha256,
+    frequency_order,
+    is_prepared_dataset,
+    iter_tables,
+    load_vocab,
+    only_names,
+    save_frequencies,
+    save_vocab,
+)

@@ -1,0 +1,26 @@
+"""Moved to ``datasets.prepare.engine``; this name stays for one release."""
+
+from datasets.prepare.engine import (  # noqa: F401
+    BAD_ROW_POLICIES,
+    END_OF_SOURCE,
+    LABEL,
+    MAX_BLOCK_BYTES,
+    BadRows,
+    FieldVocab,
+    FileReader,
+    Format,
+    PrepareOptions,
+    SplitPlan,
+    ValueCounter,
+    build_vocab,
+    check_dropped,
+    count_rows,
+    encode_block_bytes,
+    encode_features,
+    global_ranges,
+    label_hint,
+    ordered_split,
+    prepare_dataset,
+    random_split,
+    standard_split,
+)
