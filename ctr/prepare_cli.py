@@ -1,7 +1,11 @@
-"""``ctr prepare {criteo,avazu,kdd12,movielens,table}``: the command-line face of preprocessing.
+"""``ctr prepare <format>``: the command-line face of preprocessing, one subcommand per reader.
 
-The main ``ctr`` CLI calls :func:`add_prepare_parser` on its subparsers and then
-``args.func(args)``, which returns the exit code.
+The subcommands are built from the readers registry
+(:data:`datasets.readers.registry.READERS`): each reader adds its own arguments and this
+module adds the options every format shares, turns them into
+:class:`~datasets.prepare.engine.PrepareOptions` and reports bad input as one line. The main
+``ctr`` CLI calls :func:`add_prepare_parser` on its subparsers and then ``args.func(args)``,
+which returns the exit code.
 
 Example::
 
@@ -17,54 +21,15 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from datasets.prepare.columns import DENSE_TRANSFORMS
 from datasets.prepare.engine import BAD_ROW_POLICIES, PrepareOptions
 from datasets.prepare.sources import BadInputError
-from datasets.prepared import DatasetMeta
-from datasets.readers.avazu import DEFAULT_MIN_COUNT as AVAZU_MIN_COUNT
-from datasets.readers.avazu import prepare_avazu
-from datasets.readers.criteo import DEFAULT_MIN_COUNT as CRITEO_MIN_COUNT
-from datasets.readers.criteo import CriteoConfig, CriteoDays, prepare_criteo
-from datasets.readers.kdd12 import DEFAULT_MIN_COUNT as KDD12_MIN_COUNT
-from datasets.readers.kdd12 import LABEL_MODES, Kdd12Config, prepare_kdd12
-from datasets.readers.movielens import MovieLensConfig, prepare_movielens
-from datasets.readers.table import (
-    NUMERIC_AS,
-    TABLE_FORMATS,
-    TableSchema,
-    prepare_table,
-    read_schema_file,
-)
-
-EXAMPLES = {
-    "criteo": "ctr prepare criteo train.txt --out data/criteo --min-count 10\n"
-    "  ctr prepare criteo day_{0..23}.gz --out data/criteo-tb --valid-days 23 "
-    "--test-days 23",
-    "avazu": "ctr prepare avazu train.csv --out data/avazu --split random --seed 0",
-    "kdd12": "ctr prepare kdd12 track2/training.txt --out data/kdd12 --label binary",
-    "movielens": "ctr prepare movielens ml-1m --out data/ml-1m --positive-rating 4",
-    "table": "ctr prepare table logs.csv --out data/logs --schema schema.json\n"
-    "  ctr prepare table logs.parquet --out data/logs --label clicked "
-    "--categorical site,ad --numeric price --multi tags:'|'\n"
-    "  ctr prepare table adult.data adult.test --out data/adult --format csv "
-    "--columns age,workclass,fnlwgt,education,education-num,marital-status,occupation,"
-    "relationship,race,sex,capital-gain,capital-loss,hours-per-week,native-country,income "
-    "--label income --positive '>50K' --positive '>50K.' --negative '<=50K' "
-    "--negative '<=50K.' --categorical workclass,education,marital-status,occupation,"
-    "relationship,race,sex,native-country --numeric age,fnlwgt,education-num,capital-gain,"
-    "capital-loss,hours-per-week --numeric-buckets 20 --numeric-as buckets",
-}
-HELP = {
-    "criteo": "Criteo Kaggle train.txt or terabyte day_N files (TSV, plain or .gz)",
-    "avazu": "Avazu train.csv (CSV with header; hour -> hour_of_day and weekday)",
-    "kdd12": "KDD Cup 2012 track 2 training.txt (TSV; clicks vs impressions)",
-    "movielens": "MovieLens ml-100k or ml-1m directory (ratings joined with users and movies)",
-    "table": "any CSV/TSV/parquet with a schema (JSON file or flags)",
-}
+from datasets.readers.base import Reader
+from datasets.readers.registry import READERS
 
 
 def add_prepare_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Adds ``prepare`` and its per-format subcommands; each sets ``func`` -> exit code."""
+    """Adds ``prepare`` and a subcommand per registered reader; each sets ``func`` -> exit
+    code."""
     prepare = subparsers.add_parser(
         "prepare",
         help="turn a raw CTR dataset into the prepared format",
@@ -72,24 +37,18 @@ def add_prepare_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         "passes, frequency-ordered ids (0 = OOV), bad rows counted and reported.",
     )
     formats = prepare.add_subparsers(dest="format", metavar="FORMAT", required=True)
-    for name, adder in (
-        ("criteo", _criteo),
-        ("avazu", _avazu),
-        ("kdd12", _kdd12),
-        ("movielens", _movielens),
-        ("table", _table),
-    ):
+    for name, reader in READERS.items():
         sub = formats.add_parser(
             name,
-            help=HELP[name],
-            description=HELP[name],
-            epilog=f"example:\n  {EXAMPLES[name]}",
+            help=reader.help,
+            description=reader.help,
+            epilog=f"example:\n  {reader.example}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        split_choices, min_count = adder(sub)
-        _common(sub, split_choices, min_count)
+        reader.add_arguments(sub)
+        _common(sub, list(reader.splits), reader.min_count)
         # Not `format`: `prepare table` has a --format flag that would shadow the name.
-        sub.set_defaults(prepare_format=name)
+        sub.set_defaults(prepare_format=name, func=_run(reader))
     return prepare
 
 
@@ -140,150 +99,7 @@ def _common(p: argparse.ArgumentParser, split_choices: list[str], min_count: int
     )
 
 
-def _criteo(p: argparse.ArgumentParser) -> tuple[list[str], int]:
-    p.add_argument("paths", nargs="+", metavar="PATH", help="train.txt, or day_N files in order")
-    p.add_argument(
-        "--bucketize-dense",
-        action="store_true",
-        help="also add I1_bucket..I13_bucket categorical fields (floor(log(x)^2))",
-    )
-    for split in ("train", "valid", "test"):
-        p.add_argument(
-            f"--{split}-days",
-            type=_day_list,
-            default=None,
-            metavar="DAYS",
-            help=f"day files for {split}, e.g. 0-22 or 21,22 (numbers from day_N names)",
-        )
-    p.set_defaults(
-        func=_run(
-            lambda a, o: prepare_criteo(
-                a.paths,
-                a.out,
-                CriteoConfig(bucketize_dense=a.bucketize_dense),
-                CriteoDays(a.train_days, a.valid_days, a.test_days),
-                o,
-            )
-        )
-    )
-    return ["days", "random", "ordered"], CRITEO_MIN_COUNT
-
-
-def _avazu(p: argparse.ArgumentParser) -> tuple[list[str], int]:
-    p.add_argument("paths", nargs="+", metavar="PATH", help="train.csv (plain or .gz)")
-    p.set_defaults(func=_run(lambda a, o: prepare_avazu(a.paths, a.out, o)))
-    return ["random", "ordered"], AVAZU_MIN_COUNT
-
-
-def _kdd12(p: argparse.ArgumentParser) -> tuple[list[str], int]:
-    p.add_argument("paths", nargs="+", metavar="PATH", help="training.txt (plain or .gz)")
-    p.add_argument(
-        "--label",
-        choices=LABEL_MODES,
-        default="expanded",
-        help="expanded: one row per impression; binary: one row per line, click > 0",
-    )
-    p.set_defaults(func=_run(lambda a, o: prepare_kdd12(a.paths, a.out, Kdd12Config(a.label), o)))
-    return ["random", "ordered"], KDD12_MIN_COUNT
-
-
-def _movielens(p: argparse.ArgumentParser) -> tuple[list[str], int]:
-    p.add_argument("path", metavar="DIR", help="unpacked ml-100k or ml-1m directory")
-    p.add_argument(
-        "--positive-rating",
-        type=float,
-        default=4.0,
-        help="ratings at or above this are positives (default 4)",
-    )
-    p.add_argument("--no-year", action="store_true", help="no year field from the titles")
-    p.set_defaults(
-        func=_run(
-            lambda a, o: prepare_movielens(
-                a.path, a.out, MovieLensConfig(a.positive_rating, year=not a.no_year), o
-            )
-        )
-    )
-    return ["random", "ordered"], 1
-
-
-def _table(p: argparse.ArgumentParser) -> tuple[list[str], int]:
-    p.add_argument("paths", nargs="+", metavar="PATH", help="CSV / TSV / parquet files")
-    p.add_argument("--schema", help="JSON schema file (flags below override its entries)")
-    p.add_argument("--label", help="label column (0/1, a probability, or text: see --positive)")
-    p.add_argument(
-        "--positive",
-        action="append",
-        metavar="VALUE",
-        help="label text meaning 1, e.g. '>50K' (repeatable; needs --negative; other values "
-        "are bad rows)",
-    )
-    p.add_argument(
-        "--negative",
-        action="append",
-        metavar="VALUE",
-        help="label text meaning 0, e.g. '<=50K' (repeatable)",
-    )
-    p.add_argument("--categorical", type=_names, help="comma-separated categorical columns")
-    p.add_argument("--numeric", type=_names, help="comma-separated numeric columns")
-    p.add_argument(
-        "--multi",
-        action="append",
-        type=_multi,
-        metavar="COL:SEP",
-        help="multi-valued column and its separator, e.g. tags:'|' (repeatable)",
-    )
-    p.add_argument("--format", choices=sorted(TABLE_FORMATS), help="default: from the file name")
-    p.add_argument("--delimiter", help="field delimiter of text files (default per format)")
-    p.add_argument(
-        "--columns",
-        type=_names,
-        help="comma-separated column names of text files without a header line",
-    )
-    p.add_argument(
-        "--numeric-transform",
-        choices=sorted(DENSE_TRANSFORMS),
-        help="transform of numeric columns (default signed_log1p)",
-    )
-    p.add_argument(
-        "--numeric-buckets",
-        type=int,
-        metavar="N",
-        help="also give each numeric column COL a categorical field COL_bucket: N "
-        "equal-frequency buckets from the train split (0 its own bucket when it is the "
-        "most frequent value)",
-    )
-    p.add_argument(
-        "--numeric-as",
-        choices=NUMERIC_AS,
-        help="numeric columns as dense values, buckets, or both (default: both with "
-        "--numeric-buckets, else dense)",
-    )
-    p.set_defaults(func=_run(lambda a, o: prepare_table(a.paths, a.out, _schema(a), o)))
-    return ["random", "ordered"], 1
-
-
-def _schema(args: argparse.Namespace) -> TableSchema:
-    raw = read_schema_file(args.schema) if args.schema else {}
-    flags = {
-        "label": args.label,
-        "categorical": args.categorical,
-        "numeric": args.numeric,
-        "multi_valued": dict(args.multi) if args.multi else None,
-        "format": args.format,
-        "delimiter": args.delimiter,
-        "numeric_transform": args.numeric_transform,
-        "numeric_buckets": args.numeric_buckets,
-        "numeric_as": args.numeric_as,
-        "positive": args.positive,
-        "negative": args.negative,
-    }
-    if args.columns is not None:  # naming the columns means the file has no header line
-        flags.update(columns=args.columns, header=False)
-    raw.update({k: v for k, v in flags.items() if v is not None})
-    return TableSchema.from_dict(raw, where=args.schema or "command line")
-
-
-def _run(prepare: Callable[[argparse.Namespace, PrepareOptions], DatasetMeta]) -> Callable:
+def _run(reader: Reader) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         try:
             options = PrepareOptions(
@@ -298,7 +114,7 @@ def _run(prepare: Callable[[argparse.Namespace, PrepareOptions], DatasetMeta]) -
                 rows_per_shard=args.rows_per_shard,
                 max_dropped_fraction=args.max_dropped_fraction,
             )
-            prepare(args, options)
+            reader.prepare(args, options)
         except (BadInputError, ValueError, OSError) as e:
             print(f"ctr prepare {args.prepare_format}: error: {e}", file=sys.stderr)
             return 2
@@ -312,25 +128,3 @@ def _fractions(text: str) -> tuple[float, float, float]:
     if len(parts) != 3:
         raise ValueError(f"--fractions needs three comma-separated numbers, got {text!r}")
     return tuple(float(x) for x in parts)
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(n.strip() for n in text.split(",") if n.strip())
-
-
-def _multi(text: str) -> tuple[str, str]:
-    name, sep, separator = text.partition(":")
-    if not sep or not name or not separator:
-        raise argparse.ArgumentTypeError(f"expected COL:SEP, e.g. tags:'|', got {text!r}")
-    return name, separator
-
-
-def _day_list(text: str) -> list[int]:
-    days: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, dash, hi = part.partition("-")
-            days += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected days like 0-22 or 21,22, got {text!r}") from e
-    return days

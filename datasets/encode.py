@@ -37,15 +37,8 @@ from datasets.fingerprint import MISSING, fingerprint_strings
 from datasets.prepare.columns import Issues
 from datasets.prepare.engine import FieldVocab, Format
 from datasets.prepared import VOCAB_FILE, DatasetMeta, PreparedDataError
-from datasets.readers.avazu import AvazuFormat
-from datasets.readers.criteo import CriteoFormat
-from datasets.readers.kdd12 import Kdd12Format
-from datasets.readers.movielens import MovieLensFormat
+from datasets.readers.registry import READERS
 from datasets.readers.table import TableFormat, TableSchema
-
-FORMATS: dict[str, type[Format]] = {
-    f.name: f for f in (CriteoFormat, AvazuFormat, Kdd12Format, MovieLensFormat, TableFormat)
-}
 
 
 @dataclass
@@ -461,11 +454,11 @@ def format_for_meta(meta: DatasetMeta) -> Format:
             )
         )
     name = meta.options.get("format")
-    if name not in FORMATS:
+    if name not in READERS:
         raise PreparedDataError(
-            f"{meta.root}: meta.json names no known format ({name!r}); known: {sorted(FORMATS)}"
+            f"{meta.root}: meta.json names no known format ({name!r}); known: {sorted(READERS)}"
         )
-    return FORMATS[name].from_config(meta.options.get("config", {}))
+    return READERS[name].format.from_config(meta.options.get("config", {}))
 
 
 def load_field_vocabs(

@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from datasets.prepare.engine import (
 )
 from datasets.prepare.sources import BadInputError, TextSource
 from datasets.prepared import DatasetMeta
+from datasets.readers.base import Reader
 
 AVAZU_COLUMNS = (
     "id,click,hour,C1,banner_pos,site_id,site_domain,site_category,app_id,app_domain,"
@@ -105,3 +107,18 @@ def prepare_avazu(
             hint = " (Avazu's test.csv has no click labels)" if "click" not in header else ""
             raise BadInputError(f"{s.path}:1: header is {header}, expected {AVAZU_COLUMNS}{hint}")
     return prepare_dataset(fmt, reader, out, standard_split(reader, options), options)
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", metavar="PATH", help="train.csv (plain or .gz)")
+
+
+READER = Reader(
+    name="avazu",
+    format=AvazuFormat,
+    help="Avazu train.csv (CSV with header; hour -> hour_of_day and weekday)",
+    example="ctr prepare avazu train.csv --out data/avazu --split random --seed 0",
+    add_arguments=_arguments,
+    prepare=lambda a, o: prepare_avazu(a.paths, a.out, o),
+    min_count=DEFAULT_MIN_COUNT,
+)

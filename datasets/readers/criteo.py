@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from collections.abc import Sequence
@@ -52,6 +53,7 @@ from datasets.prepare.engine import (
 )
 from datasets.prepare.sources import BadInputError, TextSource
 from datasets.prepared import DatasetMeta
+from datasets.readers.base import Reader
 
 CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
 CRITEO_SPARSE = [f"C{i}" for i in range(1, 27)]
@@ -190,3 +192,50 @@ def _day_numbers(paths: list[str]) -> list[int]:
         if len(set(numbers)) == len(numbers):
             return numbers
     return list(range(len(paths)))
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", metavar="PATH", help="train.txt, or day_N files in order")
+    p.add_argument(
+        "--bucketize-dense",
+        action="store_true",
+        help="also add I1_bucket..I13_bucket categorical fields (floor(log(x)^2))",
+    )
+    for split in ("train", "valid", "test"):
+        p.add_argument(
+            f"--{split}-days",
+            type=_day_list,
+            default=None,
+            metavar="DAYS",
+            help=f"day files for {split}, e.g. 0-22 or 21,22 (numbers from day_N names)",
+        )
+
+
+def _day_list(text: str) -> list[int]:
+    days: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, dash, hi = part.partition("-")
+            days += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected days like 0-22 or 21,22, got {text!r}") from e
+    return days
+
+
+READER = Reader(
+    name="criteo",
+    format=CriteoFormat,
+    help="Criteo Kaggle train.txt or terabyte day_N files (TSV, plain or .gz)",
+    example="ctr prepare criteo train.txt --out data/criteo --min-count 10\n"
+    "  ctr prepare criteo day_{0..23}.gz --out data/criteo-tb --valid-days 23 --test-days 23",
+    add_arguments=_arguments,
+    prepare=lambda a, o: prepare_criteo(
+        a.paths,
+        a.out,
+        CriteoConfig(bucketize_dense=a.bucketize_dense),
+        CriteoDays(a.train_days, a.valid_days, a.test_days),
+        o,
+    ),
+    splits=("days", "random", "ordered"),
+    min_count=DEFAULT_MIN_COUNT,
+)

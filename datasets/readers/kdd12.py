@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from datasets.prepare.engine import (
 )
 from datasets.prepare.sources import TextSource
 from datasets.prepared import DatasetMeta
+from datasets.readers.base import Reader
 
 KDD12_FEATURES = (
     "display_url,ad_id,advertiser_id,depth,position,query_id,keyword_id,title_id,"
@@ -115,3 +117,24 @@ def prepare_kdd12(
     fmt = Kdd12Format(config or Kdd12Config())
     reader = FileReader([TextSource(p, KDD12_COLUMNS, "\t") for p in paths])
     return prepare_dataset(fmt, reader, out, standard_split(reader, options), options)
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", metavar="PATH", help="training.txt (plain or .gz)")
+    p.add_argument(
+        "--label",
+        choices=LABEL_MODES,
+        default="expanded",
+        help="expanded: one row per impression; binary: one row per line, click > 0",
+    )
+
+
+READER = Reader(
+    name="kdd12",
+    format=Kdd12Format,
+    help="KDD Cup 2012 track 2 training.txt (TSV; clicks vs impressions)",
+    example="ctr prepare kdd12 track2/training.txt --out data/kdd12 --label binary",
+    add_arguments=_arguments,
+    prepare=lambda a, o: prepare_kdd12(a.paths, a.out, Kdd12Config(a.label), o),
+    min_count=DEFAULT_MIN_COUNT,
+)

@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from datasets.prepare.engine import (
 )
 from datasets.prepare.sources import BadInputError, RawChunk, Rejection, TextSource, read_all
 from datasets.prepared import DatasetMeta
+from datasets.readers.base import Reader
 
 # u.item's genre flags, in file order.
 GENRES_100K = (
@@ -217,3 +219,26 @@ def prepare_movielens(
         options,
         name=f"movielens-{reader.variant}",
     )
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", metavar="DIR", help="unpacked ml-100k or ml-1m directory")
+    p.add_argument(
+        "--positive-rating",
+        type=float,
+        default=4.0,
+        help="ratings at or above this are positives (default 4)",
+    )
+    p.add_argument("--no-year", action="store_true", help="no year field from the titles")
+
+
+READER = Reader(
+    name="movielens",
+    format=MovieLensFormat,
+    help="MovieLens ml-100k or ml-1m directory (ratings joined with users and movies)",
+    example="ctr prepare movielens ml-1m --out data/ml-1m --positive-rating 4",
+    add_arguments=_arguments,
+    prepare=lambda a, o: prepare_movielens(
+        a.path, a.out, MovieLensConfig(a.positive_rating, year=not a.no_year), o
+    ),
+)

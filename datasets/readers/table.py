@@ -33,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from collections.abc import Sequence
@@ -65,6 +66,7 @@ from datasets.prepare.engine import (
 )
 from datasets.prepare.sources import BadInputError, ParquetSource, TextSource
 from datasets.prepared import DatasetMeta
+from datasets.readers.base import Reader, names
 from datasets.readers.quantiles import NumericSketch, QuantileBuckets, bucket_field
 
 TABLE_FORMATS = {"csv": ",", "tsv": "\t", "parquet": None}
@@ -317,3 +319,104 @@ def _format_of(path: Path) -> str:
     if last not in by_suffix:
         raise BadInputError(f"{path}: cannot tell the format from the name; give --format")
     return by_suffix[last]
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", metavar="PATH", help="CSV / TSV / parquet files")
+    p.add_argument("--schema", help="JSON schema file (flags below override its entries)")
+    p.add_argument("--label", help="label column (0/1, a probability, or text: see --positive)")
+    p.add_argument(
+        "--positive",
+        action="append",
+        metavar="VALUE",
+        help="label text meaning 1, e.g. '>50K' (repeatable; needs --negative; other values "
+        "are bad rows)",
+    )
+    p.add_argument(
+        "--negative",
+        action="append",
+        metavar="VALUE",
+        help="label text meaning 0, e.g. '<=50K' (repeatable)",
+    )
+    p.add_argument("--categorical", type=names, help="comma-separated categorical columns")
+    p.add_argument("--numeric", type=names, help="comma-separated numeric columns")
+    p.add_argument(
+        "--multi",
+        action="append",
+        type=_multi,
+        metavar="COL:SEP",
+        help="multi-valued column and its separator, e.g. tags:'|' (repeatable)",
+    )
+    p.add_argument("--format", choices=sorted(TABLE_FORMATS), help="default: from the file name")
+    p.add_argument("--delimiter", help="field delimiter of text files (default per format)")
+    p.add_argument(
+        "--columns",
+        type=names,
+        help="comma-separated column names of text files without a header line",
+    )
+    p.add_argument(
+        "--numeric-transform",
+        choices=sorted(DENSE_TRANSFORMS),
+        help="transform of numeric columns (default signed_log1p)",
+    )
+    p.add_argument(
+        "--numeric-buckets",
+        type=int,
+        metavar="N",
+        help="also give each numeric column COL a categorical field COL_bucket: N "
+        "equal-frequency buckets from the train split (0 its own bucket when it is the "
+        "most frequent value)",
+    )
+    p.add_argument(
+        "--numeric-as",
+        choices=NUMERIC_AS,
+        help="numeric columns as dense values, buckets, or both (default: both with "
+        "--numeric-buckets, else dense)",
+    )
+
+
+def _schema(args: argparse.Namespace) -> TableSchema:
+    raw = read_schema_file(args.schema) if args.schema else {}
+    flags = {
+        "label": args.label,
+        "categorical": args.categorical,
+        "numeric": args.numeric,
+        "multi_valued": dict(args.multi) if args.multi else None,
+        "format": args.format,
+        "delimiter": args.delimiter,
+        "numeric_transform": args.numeric_transform,
+        "numeric_buckets": args.numeric_buckets,
+        "numeric_as": args.numeric_as,
+        "positive": args.positive,
+        "negative": args.negative,
+    }
+    if args.columns is not None:  # naming the columns means the file has no header line
+        flags.update(columns=args.columns, header=False)
+    raw.update({k: v for k, v in flags.items() if v is not None})
+    return TableSchema.from_dict(raw, where=args.schema or "command line")
+
+
+def _multi(text: str) -> tuple[str, str]:
+    name, sep, separator = text.partition(":")
+    if not sep or not name or not separator:
+        raise argparse.ArgumentTypeError(f"expected COL:SEP, e.g. tags:'|', got {text!r}")
+    return name, separator
+
+
+READER = Reader(
+    name="table",
+    format=TableFormat,
+    help="any CSV/TSV/parquet with a schema (JSON file or flags)",
+    example="ctr prepare table logs.csv --out data/logs --schema schema.json\n"
+    "  ctr prepare table logs.parquet --out data/logs --label clicked "
+    "--categorical site,ad --numeric price --multi tags:'|'\n"
+    "  ctr prepare table adult.data adult.test --out data/adult --format csv "
+    "--columns age,workclass,fnlwgt,education,education-num,marital-status,occupation,"
+    "relationship,race,sex,capital-gain,capital-loss,hours-per-week,native-country,income "
+    "--label income --positive '>50K' --positive '>50K.' --negative '<=50K' "
+    "--negative '<=50K.' --categorical workclass,education,marital-status,occupation,"
+    "relationship,race,sex,native-country --numeric age,fnlwgt,education-num,capital-gain,"
+    "capital-loss,hours-per-week --numeric-buckets 20 --numeric-as buckets",
+    add_arguments=_arguments,
+    prepare=lambda a, o: prepare_table(a.paths, a.out, _schema(a), o),
+)
