@@ -1,5 +1,6 @@
 """Moved to ``datasets.prepared``; this name stays for one release."""
 
+from datasets.io import atomic_write_text, file_sha256, only_names  # noqa: F401
 from datasets.prepared import (  # noqa: F401
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -13,14 +14,11 @@ from datasets.prepared import (  # noqa: F401
     SparseField,
     SplitInfo,
     arrow_schema,
-    atomic_write_text,
     encoded_counts,
-    file_sha256,
     frequency_order,
     is_prepared_dataset,
     iter_tables,
     load_vocab,
-    only_names,
     save_frequencies,
     save_vocab,
 )

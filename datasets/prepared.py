@@ -24,6 +24,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ import pyarrow.parquet as pq
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from datasets.io import atomic_write_text, file_sha256, only_names  # noqa: F401  (re-exported for one release)
+from datasets.io import atomic_path, atomic_write, atomic_write_text, file_sha256, only_names
 
 FORMAT_NAME = "ctr-compress/prepared"
 FORMAT_VERSION = 1
@@ -301,6 +302,7 @@ class ShardWriter:
         self.rows_per_shard = rows_per_shard
         self.info = SplitInfo()
         self._writer: pq.ParquetWriter | None = None
+        self._shard = ExitStack()  # the open shard's rename into place
         self._shard_rows = 0
         (self.root / split).mkdir(parents=True, exist_ok=True)
 
@@ -327,24 +329,22 @@ class ShardWriter:
         return self.root / f"{self.split}/part-{len(self.info.files):05d}.parquet"
 
     def _open(self) -> None:
-        self._writer = pq.ParquetWriter(self._path().with_suffix(".parquet.tmp"), self.schema)
+        tmp = self._shard.enter_context(atomic_path(self._path()))
+        self._writer = pq.ParquetWriter(tmp, self.schema)
         self._shard_rows = 0
 
     def _finish(self) -> None:
         assert self._writer is not None
         self._writer.close()
-        path = self._path()
-        os.replace(path.with_suffix(".parquet.tmp"), path)
-        self.info.files.append(str(path.relative_to(self.root)))
+        self._shard.close()  # renames the shard into place
+        self.info.files.append(str(self._path().relative_to(self.root)))
         self.info.rows += self._shard_rows
         self._writer = None
 
 
 def save_frequencies(root: str | os.PathLike, counts: Mapping[str, np.ndarray]) -> None:
-    path = Path(root) / FREQUENCIES_FILE
-    tmp = path.with_suffix(".tmp")
-    save_file({k: np.ascontiguousarray(v, dtype=np.int64) for k, v in counts.items()}, str(tmp))
-    os.replace(tmp, path)
+    tensors = {k: np.ascontiguousarray(v, dtype=np.int64) for k, v in counts.items()}
+    atomic_write(Path(root) / FREQUENCIES_FILE, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def frequency_order(counts: np.ndarray, min_count: int = 1) -> tuple[np.ndarray, int]:
@@ -382,10 +382,7 @@ def save_vocab(root: str | os.PathLike, vocab: Mapping[str, tuple[pa.Array, np.n
         )
     schema = pa.schema([("field", pa.string()), ("value", pa.string()), ("id", pa.int32())])
     table = pa.concat_tables(parts) if parts else schema.empty_table()
-    path = Path(root) / VOCAB_FILE
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    atomic_write(Path(root) / VOCAB_FILE, lambda tmp: pq.write_table(table, tmp))
 
 
 def load_vocab(root: str | os.PathLike) -> dict[str, dict[str, int]]:
