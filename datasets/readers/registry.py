@@ -24,10 +24,17 @@ from datasets.readers.base import Reader
 #: the reader modules under ``datasets/readers/``, in ``ctr prepare --help`` order
 MODULES = ("criteo", "avazu", "kdd12", "movielens", "table")
 
+
+def load(module: str) -> Reader:
+    """The ``READER`` of ``datasets.readers.<module>``."""
+    reader = getattr(import_module(f"datasets.readers.{module}"), "READER", None)
+    if not isinstance(reader, Reader):
+        raise TypeError(f"datasets.readers.{module} has no READER (a datasets.readers.base.Reader)")
+    return reader
+
+
 #: name -> reader, from each module's ``READER``
-READERS: dict[str, Reader] = {
-    r.name: r for r in (import_module(f"datasets.readers.{m}").READER for m in MODULES)
-}
+READERS: dict[str, Reader] = {r.name: r for r in map(load, MODULES)}
 
 
 def format_class(name: str) -> type[Format] | None:
