@@ -21,7 +21,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from datasets.prepare.engine import BAD_ROW_POLICIES, PrepareOptions
+from datasets.prepare.base import BAD_ROW_POLICIES, PrepareOptions
 from datasets.prepare.sources import BadInputError
 from datasets.readers.base import Reader
 from datasets.readers.registry import READERS

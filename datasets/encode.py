@@ -34,8 +34,9 @@ from torchrec import KeyedJaggedTensor
 from torchrec.datasets.utils import Batch
 
 from datasets.fingerprint import MISSING, fingerprint_strings
+from datasets.prepare.base import Format
 from datasets.prepare.columns import Issues
-from datasets.prepare.engine import FieldVocab, Format
+from datasets.prepare.vocab import FieldVocab
 from datasets.prepared import VOCAB_FILE, DatasetMeta, PreparedDataError
 from datasets.readers.registry import READERS
 from datasets.readers.table import TableFormat, TableSchema

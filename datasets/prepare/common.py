@@ -1,26 +1,24 @@
-"""Moved to ``datasets.prepare.engine``; this name stays for one release."""
+"""Moved to ``datasets.prepare.engine`` (split into ``base``, ``splits`` and ``vocab``); this
+name stays for one release."""
 
+from datasets.prepare.base import BAD_ROW_POLICIES, LABEL, Format, PrepareOptions  # noqa: F401
 from datasets.prepare.engine import (  # noqa: F401
-    BAD_ROW_POLICIES,
-    END_OF_SOURCE,
-    LABEL,
     MAX_BLOCK_BYTES,
     BadRows,
-    FieldVocab,
-    FileReader,
-    Format,
-    PrepareOptions,
-    SplitPlan,
-    ValueCounter,
-    build_vocab,
     check_dropped,
-    count_rows,
     encode_block_bytes,
     encode_features,
-    global_ranges,
     label_hint,
-    ordered_split,
     prepare_dataset,
+)
+from datasets.prepare.splits import (  # noqa: F401
+    END_OF_SOURCE,
+    FileReader,
+    SplitPlan,
+    count_rows,
+    global_ranges,
+    ordered_split,
     random_split,
     standard_split,
 )
+from datasets.prepare.vocab import FieldVocab, ValueCounter, build_vocab  # noqa: F401

@@ -19,7 +19,9 @@ complete (``datasets.io.replace_dir``): ``out`` must be absent, empty or a prepa
 dataset (replaced only with ``overwrite``), and a failed run leaves it as it was.
 
 Which split a row belongs to is a pure function of (source file, row position), known in
-pass 1 without reading ahead. Malformed rows are counted per reason with their first
+pass 1 without reading ahead (:mod:`datasets.prepare.splits`); the counting and the ids are
+:mod:`datasets.prepare.vocab`'s; what a format provides is :mod:`datasets.prepare.base`'s
+:class:`Format`. Malformed rows are counted per reason with their first
 ``file:line`` examples, or stop the run (``on_bad_row="fail"``); more than
 ``max_dropped_fraction`` of them fails the run before ``meta.json`` is written.
 
@@ -35,26 +37,24 @@ from __future__ import annotations
 
 import os
 import sys
-from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from datasets.io import OutputExistsError, check_output_dir, replace_dir
+from datasets.prepare.base import LABEL, Format, PrepareOptions
 from datasets.prepare.columns import Features, Flag, Issues, as_array
 from datasets.prepare.sources import (
     BadInputError,
-    ParquetSource,
     RawChunk,
     Rejection,
-    TextSource,
     prefetch,
 )
+from datasets.prepare.splits import FileReader, SplitPlan
+from datasets.prepare.vocab import FieldVocab, ValueCounter, build_vocab
 from datasets.prepared import (
     SPLITS,
     DatasetMeta,
@@ -62,283 +62,13 @@ from datasets.prepared import (
     SparseField,
     SplitInfo,
     arrow_schema,
-    encoded_counts,
-    frequency_order,
     is_prepared_dataset,
     save_frequencies,
     save_vocab,
 )
 from datasets.progress import progress_bar
-from datasets.synthetic import splitmix64
 
-LABEL = "label"  # the label column of every prepared dataset, whatever the raw name
-BAD_ROW_POLICIES = ("skip", "fail")
-END_OF_SOURCE = 1 << 62  # the stop of a split range that takes a whole file
 MAX_BLOCK_BYTES = 256 << 20  # the largest chunk the vocabulary size may ask for
-
-
-@dataclass(frozen=True)
-class PrepareOptions:
-    """Options every format shares.
-
-    ``min_count``/``split`` left as ``None`` take the format's default (Criteo: 10 and the
-    7-day protocol; see each ``prepare_*`` function). ``fractions`` are train/valid/test
-    shares for the ``random`` and ``ordered`` splits. ``block_bytes`` of raw text are read
-    and encoded at a time (more when the vocabulary is large, see :func:`encode_block_bytes`);
-    peak memory is a few such blocks, one shard per split, plus the vocabulary.
-    ``max_dropped_fraction``: a run whose bad rows exceed this share of the lines read fails
-    instead of writing ``meta.json`` (a broken join or a wrong schema drops most rows; that
-    must not pass for a dataset).
-    """
-
-    min_count: int | None = None
-    split: str | None = None
-    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    seed: int = 0
-    on_bad_row: str = "skip"
-    overwrite: bool = False
-    progress: bool = True
-    block_bytes: int = 8 << 20
-    rows_per_shard: int = 1 << 20
-    max_examples: int = 5
-    max_dropped_fraction: float = 0.05
-
-    def validate(self) -> None:
-        if self.on_bad_row not in BAD_ROW_POLICIES:
-            raise ValueError(
-                f"on_bad_row must be one of {BAD_ROW_POLICIES}, got {self.on_bad_row!r}"
-            )
-        if self.min_count is not None and self.min_count < 1:
-            raise ValueError(f"min_count must be at least 1, got {self.min_count}")
-        if len(self.fractions) != 3 or min(self.fractions) < 0 or self.fractions[0] <= 0:
-            raise ValueError(
-                f"fractions must be 3 non-negative shares with train > 0, got {self.fractions}"
-            )
-        if abs(sum(self.fractions) - 1.0) > 1e-6:
-            raise ValueError(
-                f"fractions must sum to 1, got {self.fractions} (sum {sum(self.fractions)})"
-            )
-        if not 0.0 <= self.max_dropped_fraction <= 1.0:
-            raise ValueError(
-                f"max_dropped_fraction must be in [0, 1], got {self.max_dropped_fraction}"
-            )
-        if self.block_bytes < 1 << 10 or self.rows_per_shard < 1:
-            raise ValueError("block_bytes must be at least 1 KiB and rows_per_shard positive")
-
-    def with_defaults(self, min_count: int, split: str) -> PrepareOptions:
-        """These options with a format's defaults filled in where they were left ``None``."""
-        return replace(
-            self,
-            min_count=self.min_count if self.min_count is not None else min_count,
-            split=self.split or split,
-        )
-
-
-class Format(ABC):
-    """How one dataset's raw columns become a label, dense floats and categorical tokens.
-
-    Subclasses set ``name`` and, in ``__init__``, ``columns`` (raw columns, file order),
-    ``label_columns``, ``dropped_columns``, ``dense``, ``sparse`` and ``multi_valued``; the
-    ``transform`` must be vectorised over a chunk and must also work with ``labeled=False``
-    (serving: records carry no label).
-    """
-
-    name: ClassVar[str]
-    columns: list[str]
-    label_columns: tuple[str, ...]
-    dropped_columns: tuple[str, ...] = ()
-    dense: list[str]
-    sparse: list[str]
-    # Multi-valued raw columns, each the multi-hot field of the same name, with the separator
-    # that joins their values in text.
-    multi_valued: dict[str, str] = {}
-
-    def __init__(self, config: Any) -> None:
-        self.config = config
-
-    @property
-    def feature_columns(self) -> list[str]:
-        """The raw fields a record may give :class:`RawEncoder` (no label, no dropped column)."""
-        skip = {*self.label_columns, *self.dropped_columns}
-        return [c for c in self.columns if c not in skip]
-
-    def sparse_fields(self, cardinalities: dict[str, int]) -> list[SparseField]:
-        return [SparseField(f, cardinalities[f], f in self.multi_valued) for f in self.sparse]
-
-    def describe(self) -> dict[str, Any]:
-        """What ``meta.json`` records to rebuild this format (see :meth:`from_config`)."""
-        return {"format": self.name, "config": asdict(self.config)}
-
-    @property
-    def sources(self) -> dict[str, str] | None:
-        """Each feature (dense and sparse) -> the one raw column its value is computed from,
-        when every feature depends on one column of its own row only; ``None`` (the default)
-        when that is not declared. Serving memoises encodings per raw value with it."""
-        return None
-
-    @property
-    def fitted_fields(self) -> list[str]:
-        """Sparse fields whose vocabulary :meth:`fit` derives from train statistics (quantile
-        buckets) instead of counted tokens; ``transform`` yields their tokens once fitted."""
-        return []
-
-    def observe(self, features: Features, train: np.ndarray) -> None:  # noqa: B027
-        """Pass 1 shows each chunk's features and its train-row mask (for :meth:`fit`)."""
-
-    def fit(self) -> dict[str, list[str]]:
-        """After pass 1: each fitted field's tokens in id order (id 1 first)."""
-        return {}
-
-    @classmethod
-    @abstractmethod
-    def from_config(cls, config: dict[str, Any]) -> Format:
-        """The format described by ``meta.options["config"]``."""
-
-    @abstractmethod
-    def transform(self, raw: pa.Table, issues: Issues, labeled: bool = True) -> Features:
-        """Raw string columns -> features; flags bad rows in ``issues`` instead of raising."""
-
-
-class FileReader:
-    """The chunks of a list of sources, one source after another."""
-
-    def __init__(self, sources: Sequence[TextSource | ParquetSource]) -> None:
-        if not sources:
-            raise BadInputError("no input files given")
-        for s in sources:
-            if not s.path.is_file():
-                raise BadInputError(f"{s.path}: no such file")
-        self.sources = list(sources)
-        self.side_rejected: list[Rejection] = []  # bad rows of auxiliary files (MovieLens)
-
-    @property
-    def paths(self) -> list[str]:
-        return [str(s.path) for s in self.sources]
-
-    def count_rows(self, source: int, block_bytes: int) -> int:
-        return self.sources[source].count_rows(block_bytes)
-
-    def chunks(self, source: int, block_bytes: int) -> Iterator[RawChunk]:
-        return self.sources[source].chunks(block_bytes)
-
-
-# ---------------------------------------------------------------------------------------- splits
-
-
-@dataclass
-class SplitPlan:
-    """The split of every data row as a pure function of (source index, row position).
-
-    ``random``: a seeded hash of (seed, source, position) against ``fractions``.
-    ``ranges``: per source, half-open position ranges ``(start, stop, split)``; a source
-    without ranges is not read at all.
-    """
-
-    kind: str
-    seed: int = 0
-    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    ranges: list[list[tuple[int, int, str]]] = field(default_factory=list)
-    description: dict[str, Any] = field(default_factory=dict)
-
-    def assign(self, source: int, positions: np.ndarray) -> np.ndarray:
-        """Split codes (index into ``SPLITS``; -1 = not used) of rows at ``positions``."""
-        if self.kind == "random":
-            key = splitmix64(np.array([self.seed * 1_000_003 + source], dtype=np.uint64))
-            u = (splitmix64(positions.astype(np.uint64) ^ key) >> np.uint64(11)) * 2.0**-53
-            bounds = np.cumsum(self.fractions)[:-1]
-            return np.searchsorted(bounds, u, side="right").astype(np.int8)
-        codes = np.full(len(positions), -1, dtype=np.int8)
-        for start, stop, split in self.ranges[source]:
-            codes[(positions >= start) & (positions < stop)] = SPLITS.index(split)
-        return codes
-
-    def end(self, source: int, split: str) -> int | None:
-        """The position after the last row of ``split`` in ``source`` (``None``: anywhere)."""
-        if self.kind == "random":
-            return None
-        return max((b for a, b, s in self.ranges[source] if s == split), default=0)
-
-    def uses(self, source: int, split: str | None = None) -> bool:
-        if self.kind == "random":
-            return split is None or self.fractions[SPLITS.index(split)] > 0
-        return any(split in (None, s) and a < b for a, b, s in self.ranges[source])
-
-    def describe(self) -> dict[str, Any]:
-        if self.kind == "random":
-            return {"kind": "random", "seed": self.seed, "fractions": list(self.fractions)}
-        # A range reaching END_OF_SOURCE is written with stop null: "to the end of the file".
-        return {
-            "kind": self.kind,
-            **self.description,
-            "ranges": [
-                [[a, None if b == END_OF_SOURCE else b, s] for a, b, s in rs] for rs in self.ranges
-            ],
-        }
-
-
-def random_split(
-    seed: int = 0, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-) -> SplitPlan:
-    return SplitPlan("random", seed=seed, fractions=tuple(fractions))
-
-
-def ordered_split(row_counts: Sequence[int], fractions: tuple[float, float, float]) -> SplitPlan:
-    """Rows in file order: the first ``fractions[0]`` of all rows train, then valid, then test."""
-    total = sum(row_counts)
-    n_train = int(total * fractions[0])
-    n_valid = int(total * fractions[1])
-    return global_ranges(
-        row_counts,
-        [
-            (0, n_train, "train"),
-            (n_train, n_train + n_valid, "valid"),
-            (n_train + n_valid, total, "test"),
-        ],
-        kind="ordered",
-        fractions=list(fractions),
-    )
-
-
-def global_ranges(
-    row_counts: Sequence[int], ranges: list[tuple[int, int, str]], kind: str, **description: Any
-) -> SplitPlan:
-    """A plan from ranges over the concatenation of all sources, cut into per-source ranges."""
-    per_source = []
-    offset = 0
-    for n in row_counts:
-        own = []
-        for start, stop, split in ranges:
-            a, b = max(start, offset), min(stop, offset + n)
-            if a < b:
-                own.append((a - offset, b - offset, split))
-        per_source.append(own)
-        offset += n
-    return SplitPlan(
-        kind, ranges=per_source, description={"row_counts": list(row_counts), **description}
-    )
-
-
-def standard_split(reader: FileReader, options: PrepareOptions) -> SplitPlan:
-    """The ``random`` or ``ordered`` split that ``options`` asks for."""
-    if options.split == "random":
-        return random_split(options.seed, options.fractions)
-    if options.split == "ordered":
-        counts = count_rows(reader, range(len(reader.sources)), options)
-        return ordered_split(counts, options.fractions)
-    raise ValueError(f"split must be random or ordered, got {options.split!r}")
-
-
-def count_rows(reader: FileReader, sources: Sequence[int], options: PrepareOptions) -> list[int]:
-    """Data lines per source (a cheap pre-pass for splits that depend on positions)."""
-    counts = []
-    with progress_bar(len(sources), "count lines", unit="files", show=options.progress) as bar:
-        for i in sources:
-            counts.append(reader.count_rows(i, options.block_bytes))
-            bar.update(1)
-    return counts
-
-
-# -------------------------------------------------------------------------------------- bad rows
 
 
 class BadRows:
@@ -419,92 +149,6 @@ class BadRows:
                 (int(lines[i]), f"{path}:{lines[i]}: {f.reason} in field {f.field!r}{value}")
             )
         raise BadInputError(min(candidates)[1] + " (policy --on-bad-row fail)")
-
-
-# ------------------------------------------------------------------------------------ vocabulary
-
-
-class ValueCounter:
-    """Train counts of one field's distinct values, merged chunk by chunk.
-
-    Per-chunk ``value_counts`` tables are merged with a hash group-by whenever they outgrow
-    the merged table, so memory stays proportional to the number of distinct values.
-    """
-
-    MERGE_ROWS = 1 << 18  # pending distinct values that trigger a merge (at least)
-
-    def __init__(self) -> None:
-        self._merged: pa.Table | None = None
-        self._parts: list[pa.Table] = []
-        self._pending = 0
-        self.missing = 0
-
-    def add(self, tokens: pa.Array) -> None:
-        if pa.types.is_list(tokens.type):
-            tokens = tokens.flatten()
-        self.missing += tokens.null_count
-        counts = pc.value_counts(tokens.drop_null())
-        self._parts.append(
-            pa.table({"value": counts.field("values"), "count": counts.field("counts")})
-        )
-        self._pending += len(counts)
-        merged = len(self._merged) if self._merged is not None else 0
-        if self._pending > max(merged, self.MERGE_ROWS):
-            self._merge()
-
-    def result(self) -> tuple[pa.Array, np.ndarray]:
-        """Distinct values sorted ascending (bytewise) and their counts."""
-        self._merge()
-        table = (
-            self._merged
-            if self._merged is not None
-            else pa.table({"value": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
-        )
-        table = table.take(pc.sort_indices(table["value"]))
-        return as_array(table["value"]), table["count"].to_numpy()
-
-    def _merge(self) -> None:
-        parts = ([self._merged] if self._merged is not None else []) + self._parts
-        if not self._parts:
-            return
-        merged = pa.concat_tables(parts).group_by("value").aggregate([("count", "sum")])
-        self._merged = merged.select(["value", "count_sum"]).rename_columns(["value", "count"])
-        self._parts, self._pending = [], 0
-
-
-@dataclass
-class FieldVocab:
-    """Raw token -> id for one field: ``values[i]`` has id ``i + 1``; anything else is 0."""
-
-    values: pa.Array
-
-    @property
-    def cardinality(self) -> int:
-        return len(self.values) + 1
-
-    def lookup(self, tokens: pa.Array) -> pa.Array:
-        """int32 ids of string tokens, or list<int32> for lists of tokens."""
-        tokens = as_array(tokens)
-        if pa.types.is_list(tokens.type):
-            offsets = tokens.offsets.to_numpy()
-            ids = self.lookup(tokens.flatten())
-            return pa.ListArray.from_arrays(pa.array((offsets - offsets[0]).astype(np.int32)), ids)
-        index = pc.index_in(tokens, value_set=self.values)
-        return pc.add(index, 1).fill_null(0).cast(pa.int32())
-
-
-def build_vocab(counter: ValueCounter, min_count: int) -> tuple[FieldVocab, np.ndarray, int]:
-    """The field's vocabulary, its train counts by id (OOV at 0) and its distinct values."""
-    values, counts = counter.result()
-    remap, cardinality = frequency_order(counts, min_count)
-    kept = np.flatnonzero(remap)
-    by_id = kept[np.argsort(remap[kept])]
-    frequencies = encoded_counts(remap, counts, cardinality)
-    frequencies[0] += counter.missing
-    return FieldVocab(values.take(pa.array(by_id))), frequencies, len(values)
-
-
-# ------------------------------------------------------------------------------------ the engine
 
 
 def prepare_dataset(

@@ -20,15 +20,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from datasets.prepare.base import Format, PrepareOptions
 from datasets.prepare.columns import Features, Issues, as_array, parse_binary_label
-from datasets.prepare.engine import (
-    FileReader,
-    Format,
-    PrepareOptions,
-    prepare_dataset,
-    standard_split,
-)
+from datasets.prepare.engine import prepare_dataset
 from datasets.prepare.sources import BadInputError, TextSource
+from datasets.prepare.splits import FileReader, standard_split
 from datasets.prepared import DatasetMeta
 from datasets.readers.base import Reader
 

@@ -26,7 +26,7 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from datasets.prepare.engine import Format, PrepareOptions
+from datasets.prepare.base import Format, PrepareOptions
 from datasets.prepared import DatasetMeta
 
 

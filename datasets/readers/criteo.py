@@ -32,6 +32,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from datasets.prepare.base import Format, PrepareOptions
 from datasets.prepare.columns import (
     Features,
     Issues,
@@ -40,18 +41,16 @@ from datasets.prepare.columns import (
     parse_binary_label,
     parse_numbers,
 )
-from datasets.prepare.engine import (
+from datasets.prepare.engine import prepare_dataset
+from datasets.prepare.sources import BadInputError, TextSource
+from datasets.prepare.splits import (
     END_OF_SOURCE,
     FileReader,
-    Format,
-    PrepareOptions,
     SplitPlan,
     count_rows,
     global_ranges,
-    prepare_dataset,
     standard_split,
 )
-from datasets.prepare.sources import BadInputError, TextSource
 from datasets.prepared import DatasetMeta
 from datasets.readers.base import Reader
 

@@ -25,15 +25,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from datasets.prepare.base import Format, PrepareOptions
 from datasets.prepare.columns import Features, Issues, parse_numbers
-from datasets.prepare.engine import (
-    FileReader,
-    Format,
-    PrepareOptions,
-    prepare_dataset,
-    standard_split,
-)
+from datasets.prepare.engine import prepare_dataset
 from datasets.prepare.sources import TextSource
+from datasets.prepare.splits import FileReader, standard_split
 from datasets.prepared import DatasetMeta
 from datasets.readers.base import Reader
 

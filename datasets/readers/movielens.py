@@ -29,15 +29,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from datasets.prepare.base import Format, PrepareOptions
 from datasets.prepare.columns import Features, Issues, parse_numbers, token_lists
-from datasets.prepare.engine import (
-    FileReader,
-    Format,
-    PrepareOptions,
-    prepare_dataset,
-    standard_split,
-)
+from datasets.prepare.engine import prepare_dataset
 from datasets.prepare.sources import BadInputError, RawChunk, Rejection, TextSource, read_all
+from datasets.prepare.splits import FileReader, standard_split
 from datasets.prepared import DatasetMeta
 from datasets.readers.base import Reader
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from datasets.prepare.engine import Format
+from datasets.prepare.base import Format
 from datasets.readers.base import Reader
 
 #: the reader modules under ``datasets/readers/``, in ``ctr prepare --help`` order

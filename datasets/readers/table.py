@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from datasets.prepare.base import LABEL, Format, PrepareOptions
 from datasets.prepare.columns import (
     DENSE_TRANSFORMS,
     Features,
@@ -56,15 +57,9 @@ from datasets.prepare.columns import (
     token_lists,
     trim_spaces,
 )
-from datasets.prepare.engine import (
-    LABEL,
-    FileReader,
-    Format,
-    PrepareOptions,
-    prepare_dataset,
-    standard_split,
-)
+from datasets.prepare.engine import prepare_dataset
 from datasets.prepare.sources import BadInputError, ParquetSource, TextSource
+from datasets.prepare.splits import FileReader, standard_split
 from datasets.prepared import DatasetMeta
 from datasets.readers.base import Reader, names
 from datasets.readers.quantiles import NumericSketch, QuantileBuckets, bucket_field
