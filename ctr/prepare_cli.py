@@ -53,6 +53,8 @@ def add_prepare_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 
 
 def _common(p: argparse.ArgumentParser, split_choices: list[str], min_count: int) -> None:
+    d = PrepareOptions()  # the defaults, stated once
+    fractions = ",".join(f"{x:g}" for x in d.fractions)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
         "--min-count",
@@ -68,34 +70,38 @@ def _common(p: argparse.ArgumentParser, split_choices: list[str], min_count: int
     )
     p.add_argument(
         "--fractions",
-        default="0.8,0.1,0.1",
-        help="train,valid,test shares for --split random|ordered (default 0.8,0.1,0.1)",
+        default=fractions,
+        help=f"train,valid,test shares for --split random|ordered (default {fractions})",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the random split")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the random split")
     p.add_argument(
         "--on-bad-row",
         choices=BAD_ROW_POLICIES,
-        default="skip",
+        default=d.on_bad_row,
         help="skip (and report) malformed rows, or fail at the first one",
     )
     p.add_argument(
         "--max-dropped-fraction",
         type=float,
-        default=0.05,
+        default=d.max_dropped_fraction,
         metavar="F",
         help="fail (and write no meta.json) when more than this share of the lines are bad "
-        "rows, e.g. a truncated file of a join (default 0.05; 1 = never)",
+        f"rows, e.g. a truncated file of a join (default {d.max_dropped_fraction:g}; "
+        "1 = never)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a prepared dataset at --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
-        "--block-mb", type=int, default=8, help="raw megabytes read per chunk (default 8)"
+        "--block-mb",
+        type=int,
+        default=d.block_bytes >> 20,
+        help=f"raw megabytes read per chunk (default {d.block_bytes >> 20})",
     )
     p.add_argument(
         "--rows-per-shard",
         type=int,
-        default=1 << 20,
-        help="rows per parquet shard (default 1048576)",
+        default=d.rows_per_shard,
+        help=f"rows per parquet shard (default {d.rows_per_shard})",
     )
 
 
