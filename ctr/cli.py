@@ -551,7 +551,7 @@ def build_parser(prepare: bool = True) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_methods)
 
     if prepare:
-        from datasets.prepare.cli import add_prepare_parser
+        from ctr.prepare_cli import add_prepare_parser
 
         add_prepare_parser(sub)
     else:

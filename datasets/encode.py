@@ -34,18 +34,12 @@ from torchrec import KeyedJaggedTensor
 from torchrec.datasets.utils import Batch
 
 from datasets.fingerprint import MISSING, fingerprint_strings
-from datasets.format import VOCAB_FILE, DatasetMeta, PreparedDataError
-from datasets.prepare.avazu import AvazuFormat
+from datasets.prepare.base import Format
 from datasets.prepare.columns import Issues
-from datasets.prepare.common import FieldVocab, Format
-from datasets.prepare.criteo import CriteoFormat
-from datasets.prepare.kdd12 import Kdd12Format
-from datasets.prepare.movielens import MovieLensFormat
-from datasets.prepare.table import TableFormat, TableSchema
-
-FORMATS: dict[str, type[Format]] = {
-    f.name: f for f in (CriteoFormat, AvazuFormat, Kdd12Format, MovieLensFormat, TableFormat)
-}
+from datasets.prepare.vocab import FieldVocab
+from datasets.prepared import VOCAB_FILE, DatasetMeta, PreparedDataError
+from datasets.readers.registry import READERS
+from datasets.readers.table import TableFormat, TableSchema
 
 
 @dataclass
@@ -461,11 +455,11 @@ def format_for_meta(meta: DatasetMeta) -> Format:
             )
         )
     name = meta.options.get("format")
-    if name not in FORMATS:
+    if name not in READERS:
         raise PreparedDataError(
-            f"{meta.root}: meta.json names no known format ({name!r}); known: {sorted(FORMATS)}"
+            f"{meta.root}: meta.json names no known format ({name!r}); known: {sorted(READERS)}"
         )
-    return FORMATS[name].from_config(meta.options.get("config", {}))
+    return READERS[name].format.from_config(meta.options.get("config", {}))
 
 
 def load_field_vocabs(

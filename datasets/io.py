@@ -1,8 +1,9 @@
 """Files and output directories of every command: write atomically, hash, never clobber.
 
-Files: :func:`atomic_write` (and its ``_text``/``_bytes`` forms) writes beside the target and
-renames, so a reader sees the old file or the new one, never half of one; :func:`file_sha256`
-hashes in blocks. Every command's writes go through here.
+Files: :func:`atomic_write` (its ``_text``/``_bytes`` forms, and :func:`atomic_path` for a
+file written over many calls) writes beside the target and renames, so a reader sees the old
+file or the new one, never half of one; :func:`file_sha256` hashes in blocks.
+Every command's writes go through here.
 
 Directories:
 
@@ -37,17 +38,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     The temporary name is unique per call, so concurrent writers never share one; on any
     error it is removed and ``path`` is left as it was. Returns ``path``.
     """
+    with atomic_path(path) as tmp:
+        write(tmp)
+    return Path(path)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """:func:`atomic_write` as a context: yields the hidden temporary path beside ``path``,
+    renamed to ``path`` when the block ends (removed if it raises). For a file written over
+    many calls, e.g. a parquet shard streamed row group by row group."""
     path = Path(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
-        write(tmp)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -28,8 +28,8 @@ import torch
 from torchrec import KeyedJaggedTensor
 from torchrec.datasets.utils import Batch
 
-from datasets.format import DatasetMeta, PreparedDataError, iter_tables
 from datasets.prefetch import prefetched
+from datasets.prepared import DatasetMeta, PreparedDataError, iter_tables
 
 PAD_LABEL = -1.0  # label of rows that only pad a short last batch to equal per-rank size
 

@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from datasets.format import (
+from datasets.io import replace_dir
+from datasets.prepared import (
     SPLITS,
     DatasetMeta,
     ShardWriter,
@@ -50,7 +51,6 @@ from datasets.format import (
     save_frequencies,
     save_vocab,
 )
-from datasets.io import replace_dir
 from datasets.progress import progress_bar
 
 # Distinct values per categorical field in Criteo Kaggle's train.txt (C1..C26).

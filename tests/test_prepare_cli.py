@@ -8,8 +8,8 @@ import json
 import pytest
 from prepare_support import FIXTURES, read_all_splits
 
+from ctr.prepare_cli import add_prepare_parser
 from datasets.format import DatasetMeta
-from datasets.prepare.cli import add_prepare_parser
 
 QUIET = ["--no-progress"]
 

@@ -1,0 +1,1 @@
+"""Raw-format readers: one module per raw dataset format, and the registry of them."""
