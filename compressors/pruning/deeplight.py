@@ -6,7 +6,7 @@ Two stages:
 
 1. **prune** (training): a dense warm-up, then every ``prune_every`` steps the
    smallest-magnitude entries are pruned so the table's sparsity follows DeepLight's curve,
-   until it reaches the budget's sparsity ``S`` (see :mod:`compressors.pruning.entry`) and
+   until it reaches the budget's sparsity ``S`` (see :mod:`compressors.pruning.entry_pruned`) and
    holds it. At the end of the stage the sparsity is exactly ``S``.
 2. **finetune** (training) with the mask fixed.
 
@@ -59,7 +59,7 @@ import torch
 
 from compressors.core.base import SCHEDULED, FeatureSpec, Stage
 from compressors.core.registry import register
-from compressors.pruning.entry import EntryPruned
+from compressors.pruning.entry_pruned import EntryPruned
 
 if TYPE_CHECKING:
     from compressors.core.base import StageContext

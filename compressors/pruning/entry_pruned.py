@@ -8,7 +8,7 @@ kept rows + remap, CSR), each no larger than its CSR, so a table with at most ``
 always fits.
 
 **Storage.** ``fp32``, ``fp16`` and ``int8`` offer all three forms (int8 CSR: one fp32 scale
-per field, see :mod:`compressors.pruning.common`; int8 rows: fbgemm's row-wise codes).
+per field, see :mod:`compressors.pruning.bytes`; int8 rows: fbgemm's row-wise codes).
 ``int4`` and ``int2`` serve dense or kept rows only (fbgemm row-wise; CSR values that coarse
 would need a scale per row to stay useful, and cost little less than int8's column byte
 already does), so their bound is by rows: every non-zero may sit in a row of its own, and
@@ -43,18 +43,16 @@ from compressors.core.base import (
 )
 from compressors.core.budget import BudgetError, describe_bytes
 from compressors.core.storage import check_dtype, optimizer_state_bytes, row_bytes
-from compressors.pruning.common import (
+from compressors.pruning.bytes import (
     CSR_DTYPES,
-    EntryTable,
     FieldPlan,
     cheapest_entry_plan,
     csr_fixed_bytes,
-    export_pruned,
     index_bytes,
     max_csr_entries,
-    refuse_distributed,
-    row_optimizer,
 )
+from compressors.pruning.entry_table import EntryTable, refuse_distributed, row_optimizer
+from compressors.pruning.serving import export_pruned
 
 if TYPE_CHECKING:
     from compressors.core.base import StageContext

@@ -52,7 +52,7 @@ Options: ``thresholds`` (``field`` | ``paper``), ``alpha``, ``threshold_lr`` (No
 The paper's setting: ``thresholds=paper generations=30 mutations=10 crossovers=10
 parents=10 fill_budget=False`` (and ``search_batches`` large enough for the whole split).
 
-Export (kind ``pruned``, see :mod:`compressors.pruning.common`): each field's kept rows at
+Export (kind ``pruned``, see :mod:`compressors.pruning.serving`): each field's kept rows at
 its chosen dim (``storage`` any fbgemm dtype), plus an id remap for fields that lost rows
 (pruned ids -> ``-1``, skipped by fbgemm's TBE, or -> the field's OOV row), zero-padded back
 to ``D``. ``set_storage`` (``ctr export --storage``) serves the same rows and dims at another
@@ -142,15 +142,9 @@ from compressors.core.base import (
 from compressors.core.budget import BudgetError, describe_bytes
 from compressors.core.registry import register
 from compressors.core.storage import check_dtype, optimizer_state_bytes, row_bytes
-from compressors.pruning.common import (
-    EntryTable,
-    dim_choices,
-    export_pruned,
-    index_bytes,
-    refuse_distributed,
-    row_optimizer,
-    row_plan,
-)
+from compressors.pruning.bytes import dim_choices, index_bytes, row_plan
+from compressors.pruning.entry_table import EntryTable, refuse_distributed, row_optimizer
+from compressors.pruning.serving import export_pruned
 
 if TYPE_CHECKING:
     from compressors.core.base import StageContext
@@ -610,7 +604,7 @@ class OptEmbed(SearchedBytes, Compressor):
 
     def _field_bytes(self, fields: torch.Tensor, kept: torch.Tensor, dims: torch.Tensor):
         """Serve bytes of ``fields`` holding ``kept`` rows at ``dims`` (vectorised
-        :func:`~compressors.pruning.common.row_plan`; every argument a tensor of one length)."""
+        :func:`~compressors.pruning.bytes.row_plan`; every argument a tensor of one length)."""
         if self._consts is None or self._consts[0] != self.storage:
             packable = set(dim_choices(self.dim, self.storage)) | {self.dim}
             self._consts = (

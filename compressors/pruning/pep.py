@@ -9,7 +9,7 @@ jointly with the table and the network. As in the reference, the only other forc
 is Adam's (coupled) L2 weight decay ``threshold_decay``. Two stages:
 
 1. **search** (training): every ``check_every`` steps the table's sparsity is measured; the
-   first time it reaches the budget's sparsity (see :mod:`compressors.pruning.entry`) the
+   first time it reaches the budget's sparsity (see :mod:`compressors.pruning.entry_pruned`) the
    mask ``|w| > g(s)`` is frozen, as the paper saves the pruned structure once the target
    is met (``fill_budget``, the default, then restores the pruned entries nearest their
    thresholds if the jump between two checks overshot the target; ``False`` keeps the
@@ -65,7 +65,7 @@ from torch import nn
 
 from compressors.core.base import SCHEDULED, FeatureSpec, Stage
 from compressors.core.registry import register
-from compressors.pruning.entry import EntryPruned
+from compressors.pruning.entry_pruned import EntryPruned
 
 if TYPE_CHECKING:
     from compressors.core.base import StageContext
