@@ -93,10 +93,6 @@ class DeepLight(EntryPruned):
     name = "deeplight"
     default_optimizer = "adam"  # the paper's; its criteria need it (docs/methods)
     option_help = {
-        "optimizer": "optimizer of the table rows: sgd, adagrad, rowwise_adagrad or adam "
-        "(None: the run's --table-optimizer, as every method's tables)",
-        "storage": "serving dtype of the kept entries (fp32, fp16, int8: CSR or kept rows; "
-        "int4, int2: kept rows)",
         "schedule": "'stage': the paper's curve fitted to the prune stage (warmup, target_at); "
         "'paper': S·(1 − 0.99^(t/decay_steps)) over the stage's steps",
         "warmup": "share of the prune stage trained dense before pruning starts ('stage')",

@@ -80,6 +80,13 @@ def max_entries(features: Sequence[FeatureSpec], dim: int, budget: int, dtype: s
 class EntryPruned(SearchedBytes, Compressor):
     """Entry masks over one fp32 table; subclasses define :meth:`values` and the stages."""
 
+    option_help = {
+        "optimizer": "optimizer of the table rows: sgd, adagrad, rowwise_adagrad or adam "
+        "(None: the run's --table-optimizer, as every method's tables)",
+        "storage": "serving dtype of the kept entries (fp32, fp16, int8: CSR or kept rows; "
+        "int4, int2: kept rows)",
+    }
+
     # What the budget buys follows the export format (a smaller pointer form buys entries).
     format_details = ("floor_bytes", "target_entries", "target_sparsity")
 

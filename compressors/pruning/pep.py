@@ -93,10 +93,6 @@ class PEP(EntryPruned):
     name = "pep"
     default_optimizer = "adam"  # the paper's; its criteria need it (docs/methods)
     option_help = {
-        "optimizer": "optimizer of the table rows: sgd, adagrad, rowwise_adagrad or adam "
-        "(None: the run's --table-optimizer, as every method's tables)",
-        "storage": "serving dtype of the kept entries (fp32, fp16, int8: CSR or kept rows; "
-        "int4, int2: kept rows)",
         "granularity": "one threshold per entry ('feature_dim', reference), per field and dim "
         "('field_dim') or per field ('field')",
         "threshold_init": "initial threshold logit s, g(s)=sigmoid(s) (reference -15 / -150)",
