@@ -223,11 +223,9 @@ class PEP(EntryPruned):
     @torch.no_grad()
     def _fill(self) -> None:
         """``fill_budget``: the thresholds rise for every entry at once, so between two checks
-        the sparsity can jump past the budget's (at 10x on the synthetic sweep: 97.5% where
-        94.6% was the target, 63% of the budget used). Restores the pruned entries with the
-        largest ``|w| − g(s)`` (the nearest to surviving) up to the target: the budget's
-        sparsity, as asked. Measured there (3 seeds, ``results/pep-fill-10x/``): ~5,200
-        entries back, test AUC .7326 ± .0019 against .7320 ± .0025 without — a tie."""
+        the sparsity can jump past the budget's. Restores the pruned entries with the largest
+        ``|w| − g(s)`` (the nearest to surviving) up to the target: the budget's sparsity, as
+        asked (figures: ``docs/methods/pep.md``)."""
         kept = int(self.mask.sum())
         if not self.fill_budget or kept >= self.target_entries:
             return
