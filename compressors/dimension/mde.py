@@ -20,9 +20,9 @@ two is the paper's default (``round_pow2=False`` rounds to integers instead).
 Options: ``num_blocks``, ``min_dim``, ``round_pow2``, ``storage``, ``init_scale``
 (``option_help`` says each).
 
-Deviations from the paper: blocks are equal-mass frequency ranges within each field (the
-paper's blocks are whole tables); ``α`` (and, when needed, ``d0``) is solved from the budget
-rather than set by hand.
+Deviations from the paper (and DLRM's ``md_solver``, which gives one dim per table): blocks
+are ``num_blocks`` equal-mass frequency ranges within each field; ``α`` (and, when needed,
+``d0``) is solved from the budget rather than set by hand.
 
 Example::
 
