@@ -13,8 +13,8 @@ import torch
 from pruning_checks import check_artifact, check_resume, config, zeroed_auc
 
 from compressors import FeatureSpec, build_compressor
-from compressors.pruning.common import PrunedServing
 from compressors.pruning.deeplight import DeepLight, deeplight_sparsity, stage_sparsity
+from compressors.pruning.serving import PrunedServing
 from ctr.run import load_run_model, train_run
 
 

@@ -15,8 +15,9 @@ from torchrec import KeyedJaggedTensor
 
 from compressors import BudgetError, FeatureSpec, build_compressor
 from compressors.core.storage import row_bytes
-from compressors.pruning.common import PrunedServing, bitmap_bytes, dim_choices, remap_bytes
+from compressors.pruning.bytes import bitmap_bytes, dim_choices, remap_bytes
 from compressors.pruning.optembed import LongTailStep, OptEmbed, ste_derivative
+from compressors.pruning.serving import PrunedServing
 from ctr.run import load_run_model, train_run
 from ctr.trainer import RunContext
 from datasets.format import DatasetMeta

@@ -14,7 +14,7 @@ from pruning_checks import check_artifact, check_resume, config, zeroed_auc
 
 from compressors import BudgetError, FeatureSpec, build_compressor
 from compressors.core.storage import row_bytes
-from compressors.pruning.common import bitmap_bytes
+from compressors.pruning.bytes import bitmap_bytes
 from compressors.pruning.pep import PEP, soft_threshold
 from ctr.embedding import features_from_dataset
 from ctr.run import load_run_model, train_run

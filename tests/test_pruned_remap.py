@@ -10,20 +10,9 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from compressors.core.csr import pointer_bytes
-from compressors.pruning.common import (
-    FieldPlan,
-    RankBitmap,
-    RemapMap,
-    SparseFields,
-    bitmap_bytes,
-    build_bitmap,
-    build_remap,
-    csr_bytes,
-    export_pruned,
-    pack_csr,
-    remap_bytes,
-    remap_form,
-)
+from compressors.pruning.bytes import FieldPlan, bitmap_bytes, csr_bytes, remap_bytes, remap_form
+from compressors.pruning.remap import RankBitmap, RemapMap, build_bitmap, build_remap
+from compressors.pruning.serving import SparseFields, export_pruned, pack_csr
 
 
 @pytest.mark.parametrize("rows", [1, 7, 63, 64, 65, 1000, 40_000])

@@ -2,56 +2,27 @@
 "Serving Deep Learning Models with Deduplication from Relational Databases", Zhou et al.,
 VLDB 2022).
 
-Trains exactly as ``full`` with every field in one multiplexed table (rows ``offset_f + id``;
-fused TorchRec/fbgemm kernels, the run's optimiser, L2 and lr decay). Then the ``dedup``
-stage cuts the table into blocks of ``block_rows`` consecutive rows and replaces
-near-duplicate blocks by one representative, until only as many distinct blocks remain as
-the budget pays for; a block remap (one int32 per block) sends every block to its
-representative, so row ``r`` is served from ``remap[r // R] · R + r % R`` of the distinct
-blocks. Then ``finetune`` trains the deduplicated table (merged blocks read and train their
-representative's rows) for ``finetune_epochs`` (None: the run's epochs), as the reference.
+Trains exactly as ``full`` with every field in one multiplexed table; the ``dedup`` stage
+then cuts it into blocks of ``block_rows`` rows and merges near-duplicate blocks (L2 LSH
+candidates, similar when at least ``sim`` of the entries differ by at most ``fp``) until
+only as many distinct blocks remain as the budget pays for; a block remap (one int32 per
+block) sends every block to its representative, and ``finetune`` trains the deduplicated
+table. ``serve_bytes = U · R · row_bytes + ⌈N/R⌉ · 4``; served in the ``tables`` format
+(fbgemm at ``storage``). How it works in detail, and the measured figures:
+``docs/methods/dedup.md``.
 
-``block_rows`` (None) is solved: the smallest power of two whose remap takes at most a quarter
-of the budget (finer blocks merge more precisely: on ``learn_data``-like data at 2x, one
-fifth of an epoch before and after deduplication, test AUC .61 with 4-row blocks against
-.56 with 16-row blocks; ``full`` .65).
-
-Serving is the table format every table method uses (export kind ``tables``): the distinct
-blocks are one fbgemm table at ``storage`` (fp32, fp16 or row-wise int8/int4/int2) and the
-remap an index map, so ``ctr serve`` looks rows up with fbgemm's kernel.
-
-Budget: ``serve_bytes = U · R · row_bytes + ⌈N/R⌉ · 4`` with ``U`` the distinct blocks kept,
-the most that fit. ``BudgetError`` when even one block and the remap do not fit.
-
-Finding duplicates (``dedup`` stage), as the reference: blocks are hashed with an L2 LSH
-(``lsh_bands`` bands of ``lsh_hashes`` p-stable projections ``⌈(a·x + b)/w⌉``); blocks
-sharing a band bucket are candidates; a candidate pair is similar when at least ``sim`` of
-its entries differ by at most ``fp``. The similar pairs are merged greedily, most similar
-first, a block merging only into a block still served (so every merge is judged against the
-representative actually served). Tuned to the budget: when a pass leaves more blocks than
-the budget affords, ``fp`` doubles and the next pass runs, up to ``rounds`` passes; the rare
-remainder merges neighbours in the reference's order (blocks sorted by their 75th
-percentile), most similar first. ``hyperparameters()`` reports the ``fp`` reached and how
-many merges each kind made.
-
-Options: ``block_rows``, ``fp``, ``sim``, ``rounds``, ``lsh_bands``, ``lsh_hashes``,
-``lsh_width``, ``finetune_epochs``, ``storage``, ``init_scale``, ``seed``.
+Options: ``block_rows`` (None: solved from the budget), ``fp``, ``sim``, ``rounds``,
+``lsh_bands``, ``lsh_hashes``, ``lsh_width``, ``finetune_epochs``, ``storage``,
+``init_scale``, ``seed`` (``option_help`` says each).
 
 Deviations from the reference (Hetu ``scheduler/deduplication.py``):
 
-* The reference stops at the first similar candidate pass and asserts when the budget is not
-  reached; here ``fp`` doubles until the budget is met (the thresholds tuned to the budget),
-  then neighbours merge, so a run always meets its budget.
-* The reference inserts a block into the LSH index even after merging it, so a later block
-  can be judged against a block that is no longer served; here only served blocks absorb
-  others. Merges go most-similar-first instead of in the 75th-percentile order.
-* The LSH width is relative: ``w = lsh_width ·`` the standard deviation of the projections
-  (the reference's absolute ``r = 0.09`` assumes its tables' scale). Candidates within a
-  bucket are each block's ``window`` sorted neighbours, which bounds the pairs.
-* The last, partial block (rows past ``N`` padded) is never merged; the reference compares it
-  without its padding.
-* The block size is solved from the budget (the reference fixes ``block_cap``).
-* Single process: the stage reads the whole table, which DMP holds as shards.
+* ``fp`` doubles until the budget is met, then neighbours merge (the reference asserts).
+* Only served blocks absorb others, most similar first.
+* The LSH width is relative to the projections' spread (the reference's ``r = 0.09`` is
+  absolute); candidates are bounded per bucket.
+* The last, partial block is never merged; the block size is solved from the budget.
+* Single process: the stage reads the whole table.
 
 Example::
 

@@ -1,54 +1,29 @@
 """``dpq`` — Differentiable Product Quantization (Chen, Li & Sun, ICML 2020, arXiv 1908.09756).
 
-Each value keeps a *query* row of ``D`` dims, trained like any table (a TorchRec/fbgemm table
-through the fused kernels, the run's table optimiser, embedding L2 and lr decay). The row is
-split into ``P`` sub-vectors of ``d = D/P`` dims; sub-space ``p`` has ``K`` keys and ``K``
-values. The code of sub-vector ``p`` is
-
-* ``vq``: the nearest key (euclidean); keys and values are one matrix (the centroid); the
-  forward value is the centroid, the task gradient passes straight through to the query, and
-  the reconstruction regulariser ``reg_weight · mean ||v_code − sg(q)||²`` (``penalty()``)
-  pulls the centroids towards their queries;
-* ``sx``: the argmax of the dot products ``q·k`` (batch-normalised, no affine, as the
-  authors' code), forward one-hot, backward through the softmax (straight-through), values a
-  matrix of their own trained by the task loss.
-
-Only the codes (``P·⌈log2 K⌉`` bits a row, packed back to back) and the values are served:
-``serve_bytes = ⌈N·P·bits/8⌉ + G·K·D·s`` (``G`` codebooks, ``s`` = 4 for fp32 values, 2 for
-fp16). Export assigns every row with the trained keys (the same elementwise scores as
-training and eval, so the artifact predicts exactly like the trained model in eval mode); the
-serving module (:class:`~compressors.codebook.pq.CodebookServing`) unpacks the codes of every
-looked-up id of every field at once and gathers the ``P`` sub-vectors in one
-``index_select``.
-
-Budget: among ``P`` dividing ``D`` (at most ``max_parts``) and ``K`` a power of two in
-``[2, max_choices]``, the pair with the most code bits a row (``P·log2 K``) that fits, then
-the larger ``K``; ``parts=``/``choices=`` fix either. ``BudgetError`` when not even one
-sub-space of two choices (1 bit a row, plus its codebook) fits.
+Each value keeps a *query* row of ``D`` dims, trained like any table; the row is split into
+``P`` sub-vectors, and sub-space ``p`` codes its sub-vector as one of ``K`` keys: ``vq`` the
+nearest key (straight-through, plus the reconstruction regulariser ``reg_weight · mean
+||v_code − sg(q)||²``), ``sx`` the argmax of batch-normalised dot products (backward through
+the softmax). Only the packed codes (``P·⌈log2 K⌉`` bits a row) and the ``K`` values per
+sub-space are served (:class:`~compressors.codebook.pq.CodebookServing`):
+``serve_bytes = ⌈N·P·bits/8⌉ + G·K·D·s``. The budget solves ``P`` and ``K`` (the most code
+bits a row that fit). How it works in detail, and the measured figures:
+``docs/methods/dpq.md``.
 
 Options: ``mode`` (vq | sx), ``parts``, ``choices``, ``max_parts``, ``max_choices``,
-``codebooks`` (shared: one codebook for every field, the benchmark's single-table setting;
-field: one per field, the paper's one codebook per embedding table), ``storage`` (the values'
-dtype: fp32 | fp16), ``reg_weight``, ``batch_norm`` (sx), ``init_scale``, ``lr`` (the
-codebooks' Adam learning rate; None: the trainer's dense one; under the fair protocol the
-tables' optimiser and lr).
+``codebooks`` (shared | field), ``storage`` (the values' dtype: fp32 | fp16), ``reg_weight``,
+``batch_norm`` (sx), ``init_scale``, ``lr`` (``option_help`` says each).
 
 Deviations from the paper (and the reference, Hetu's ``layers/dpq.py``):
 
-* Codes are recomputed from the current query and keys at every lookup, in eval and at export;
-  the reference stores each row's code when the row was last looked up in training (the same
-  for rows seen since the keys last moved; rows never seen get their nearest key, not code 0).
-* ``vq`` takes the plain nearest key; the reference batch-normalises the negative distances
-  first in both modes (per key, over the batch), which makes the code depend on the batch.
-  ``batch_norm`` applies to ``sx`` only, as in the authors' code.
-* ``P`` and ``K`` are solved from the budget (the paper tunes them per task; fix them with
-  ``parts=``/``choices=``). Codebooks are shared by the fields by default (``codebooks=field``
-  is the paper's per-table setting, costing ``F`` times the codebook bytes).
-* Keys (and sx values) start as the query table does (uniform ±``init_scale``), so the
-  initial codes spread over the keys instead of collapsing onto one.
-* Single process: each looked-up value is quantized before bags are pooled, so the query
-  table is read with one bag per value, a batch whose size differs between ranks; DMP's
-  table-wise all-to-all assumes equal batch sizes, so under torchrun the method refuses.
+* Codes are recomputed from the current query and keys at every lookup (the reference stores
+  each row's code from its last training lookup).
+* ``vq`` takes the plain nearest key (the reference batch-normalises distances in both modes).
+* ``P`` and ``K`` are solved from the budget (``parts=``/``choices=`` fix them); codebooks are
+  shared by the fields by default (``codebooks=field`` is the paper's per-table setting).
+* Keys start as the query table does (uniform ±``init_scale``).
+* Single process (each value is quantized before pooling; DMP's all-to-all needs equal
+  batches): refused under torchrun.
 
 Example::
 

@@ -60,23 +60,18 @@ class MGQE(DPQ):
         "tail_choices": "centroids per sub-space for the others (the first of the same)",
     }
 
+    # The tiers replace DPQ's one choice of centroids; the rest of DPQ's options pass on.
+    fixed_options = ("choices", "max_choices")
+
     def __init__(
         self,
         features: Sequence[FeatureSpec],
         dim: int,
         budget_bytes: int,
-        mode: str = "vq",
-        parts: int | None = None,
-        max_parts: int = 16,
         head_share: float = 0.1,
         head_choices: int = 256,
         tail_choices: int = 64,
-        codebooks: str = "shared",
-        storage: str = "fp32",
-        reg_weight: float = 1.0,
-        batch_norm: bool = True,
-        init_scale: float = 0.01,
-        lr: float | None = None,
+        **options: Any,
     ) -> None:
         if not 0.0 <= head_share <= 1.0:
             raise ValueError(f"mgqe: head_share must lie in [0, 1], got {head_share}")
@@ -85,23 +80,13 @@ class MGQE(DPQ):
                 f"mgqe: need 2 <= tail_choices <= head_choices <= {1 << MAX_BITS}, got "
                 f"{tail_choices} and {head_choices}"
             )
+        fixed = sorted(set(options) & set(self.fixed_options))
+        if fixed:
+            raise TypeError(f"mgqe: {fixed} follow from head_choices and tail_choices")
         self.head_share = head_share
         self.head_tail = (head_choices, tail_choices)
         super().__init__(
-            features,
-            dim,
-            budget_bytes,
-            mode=mode,
-            parts=parts,
-            choices=None,
-            max_parts=max_parts,
-            max_choices=head_choices,
-            codebooks=codebooks,
-            storage=storage,
-            reg_weight=reg_weight,
-            batch_norm=batch_norm,
-            init_scale=init_scale,
-            lr=lr,
+            features, dim, budget_bytes, choices=None, max_choices=head_choices, **options
         )
 
     def tier_choices(self, choices: int | None, max_choices: int) -> list[tuple[int, ...]]:

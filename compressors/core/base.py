@@ -538,13 +538,10 @@ class Compressor(nn.Module):
 
     def set_storage(self, dtype: str) -> None:
         """Serves the trained tables at ``dtype`` (fp32/fp16/int8/int4/int2), same layout."""
-        # The registry imports this module: read it at call time.
-        from compressors.core.registry import COMPRESSORS
-
+        # The methods that can: every named subclass that overrides this (no registry needed).
         able = sorted(
-            name
-            for name, cls in COMPRESSORS.items()
-            if cls.set_storage is not Compressor.set_storage
+            {c.name for c in _subclasses(Compressor) if c.set_storage is not Compressor.set_storage}
+            - {""}
         )
         raise ValueError(
             f"{self.name}: its serving format is fixed by the method (--storage {dtype} "
@@ -651,3 +648,10 @@ class Compressor(nn.Module):
                 f"but the budget is {describe_bytes(self.budget_bytes)} "
                 f"({self.full_bytes / self.budget_bytes:.1f}x of {describe_bytes(self.full_bytes)})"
             )
+
+
+def _subclasses(cls: type) -> Iterator[type]:
+    """Every subclass of ``cls``, at any depth."""
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)

@@ -3,7 +3,9 @@
 A method's options are the keyword parameters of its ``__init__`` after ``(features, dim,
 budget_bytes)``: name, annotation and default come from the signature, the help text from the
 class's ``option_help`` dict (merged along the class hierarchy, so a base documents the
-options it introduces, e.g. ``storage``). :func:`options_dataclass` turns them into a
+options it introduces, e.g. ``storage``). A subclass whose ``__init__`` takes ``**options``
+passes them on to its base and has the base's options too, less its ``fixed_options`` (those
+it sets itself). :func:`options_dataclass` turns them into a
 dataclass; :func:`check_options` validates a user's options against them, raising
 :class:`OptionError` with one line naming the method and what it accepts. Nothing here
 imports torch, so ``ctr methods`` can list options cheaply.
@@ -68,19 +70,30 @@ class OptionSpec:
 
 
 def option_specs(cls: type) -> list[OptionSpec]:
-    """The options of method class ``cls``, in signature order."""
+    """The options of method class ``cls``: its own in signature order, then, when its
+    ``__init__`` takes ``**options``, its base's (less those it sets itself, named in its
+    ``fixed_options``)."""
     helps: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         helps.update(getattr(klass, "option_help", None) or {})
-    params = list(inspect.signature(cls.__init__).parameters.values())
     specs = []
-    for p in params:
+    passes_on = False
+    for p in inspect.signature(cls.__init__).parameters.values():
+        passes_on |= p.kind is p.VAR_KEYWORD
         if p.name in POSITIONAL or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         if p.default is p.empty:
             raise TypeError(f"{cls.__name__}: option {p.name!r} needs a default")
         annotation = p.annotation if isinstance(p.annotation, str) else _type_name(p.annotation)
         specs.append(OptionSpec(p.name, annotation, p.default, helps.get(p.name, "")))
+    if passes_on:
+        base = next(k for k in cls.__mro__[1:] if "__init__" in vars(k))
+        taken = {s.name for s in specs} | set(getattr(cls, "fixed_options", ()))
+        specs += [
+            dataclasses.replace(s, help=helps.get(s.name, s.help))
+            for s in option_specs(base)
+            if s.name not in taken
+        ]
     return specs
 
 

@@ -202,8 +202,8 @@ class AutoDim(SearchedBytes, Compressor):
         # field's scale and shift are shared by its candidates; the scale starts at the
         # tables' init scale, as a plain table's output does. At unit scale every field, the
         # no-signal ones included, adds O(1) random FM interactions the model cannot switch
-        # off: the supernet then trains badly (valid AUC 0.60-0.69 against 0.75 for a plain
-        # table) and the architecture gradient follows that noise, not the labels.
+        # off: the supernet then trains badly and the architecture gradient follows that
+        # noise, not the labels (docs/methods/autodim.md).
         self.norm = nn.BatchNorm1d(fields * k * dim, affine=False)
         self.field_scale = nn.Parameter(torch.full((fields, dim), float(init_scale)))
         self.field_shift = nn.Parameter(torch.zeros(fields, dim))

@@ -1,59 +1,14 @@
 """``dnis`` — Differentiable Neural Input Search (Cheng, Shen, Huang, arXiv 2006.04466;
 official code SJTU-DMTai/AutoSrh, ``main_nas.py`` with ``--search_space free``).
 
-**Blocks.** ``blocks="field"`` (default, see below): each field's ids (frequency-ordered)
-are cut into ``S`` frequency blocks of equal train mass (:func:`frequency_blocks`;
-``num_blocks``, default 6 as the official CTR script; small fields get fewer), with an α per
-field. ``blocks="global"`` is the official code's: the values of all fields are ranked
-together by train frequency and cut into ``S`` blocks of equal train mass
-(:func:`global_frequency_blocks`), and one α serves every field (``shared_alpha`` defaults to
-it; the official code cuts its single id space at hand-set sizes, ``--feature_split``, which
-equal mass replaces on data it was not tuned for). A global block meets each field in one id
-range, so both layouts route and export alike. The OOV id 0 is a block of its own before them
-(``oov_block``, default True; the paper has no OOV id): unseen in train it would otherwise be
-an untrained row inside the head block, and where preprocessing folds rare values into it, a
-"head" value made of tail ones. Its α row learns only from the L1 term when id 0 never occurs,
-so it goes to 0.
-
-A soft-selection matrix ``α ∈ [0,1]^{S×D}`` per field (``shared_alpha=True``: one for every
-field, indexed by block), initialised to 1, scales each embedding element-wise by its block's
-row: ``ẽ_v = e_v ⊙ α[block(v)]``.
-
-Stages:
-
-1. ``warmup`` — plain training of tables and network.
-2. ``search`` — bilevel: a training batch updates the tables (the official code freezes the
-   network here; ``train_network=True`` trains it too), then a validation batch updates α by
-   SGD (``alpha_lr`` 0.01) on validation loss + ``l1``·‖α‖₁ (λ = 1e-5), with α's gradient
-   divided, per block (row of α), by its mean absolute value (``grad_norm``; the official
-   ``--alpha_grad_norm 1``), and α clipped to [0, 1] after each step. The validation
-   batches are drawn like training ones (same size, shuffled). ``search_holdout`` (default
-   0: the validation split, as the paper) draws them instead from that share of the
-   training split, which then no stage trains on: the validation split stays unseen for
-   early stopping and the sweep's choice of learning rate, and α does not get data the
-   methods it is compared with never see (the sweep report marks methods that learn on
-   validation batches with †).
-3. ``prune`` — α is folded into the table (``e ← e ⊙ α[block]``, α ← 1); then the entries of
-   lowest score are removed until the exported bytes fit the budget: a binary search over the
-   sorted scores finds the smallest threshold whose exact export bytes fit. ``prune_score``:
-   ``folded`` (default; the paper's magnitude pruning of the merged table, as the issue
-   specifies) scores ``|e ⊙ α|`` per entry; ``alpha`` ranks the (block, dim) columns by their
-   searched α (ties by mean ``|e ⊙ α|``) and drops whole columns, lowest α first — structured,
-   so the survivors export as dense column sub-tables, to within one column of the budget.
-4. ``finetune`` — training with the mask fixed (masked entries are zeroed after every step).
-
-Exactness with TorchRec/fbgemm tables: every (field, block) is its own lookup key reading the
-field's table (:class:`BlockMap`), so α multiplies each block's *pooled* vector; with sum
-pooling ``Σ_b α_b ⊙ Σ_{v∈b} e_v = Σ_v α_{b(v)} ⊙ e_v``, exact for multi-hot bags too. The
-mask is applied to the weights after each table step.
-
-Export: per (field, block), the surviving entries as the smaller of a dense sub-table of the
-block's surviving columns (structured; fbgemm TBE at the storage dtype, column numbers
-stored) and CSR (fp32/fp16 storage only), exactly counted; a block with no survivor costs
-nothing and reads zero. The serving bytes are decided by the prune (:class:`SearchedBytes`):
-the plan is the budget as a bound, and so is ``memory()`` before the prune (labelled); after
-it, ``memory()`` gives the exact bytes of the export. ``train_bytes`` is the full fp32 table
-with the run's table-optimizer state, α and the mask.
+Values are cut into frequency blocks (per field, or globally as the official code); a
+soft-selection matrix ``α ∈ [0,1]^{S×D}`` scales each embedding by its block's row,
+``ẽ_v = e_v ⊙ α[block(v)]``. Stages: ``warmup``; ``search`` (bilevel: training batches
+update the tables, validation batches update α on loss + ``l1``·‖α‖₁, gradient normalised per
+block, clipped to [0, 1]); ``prune`` (α folded into the table, then the lowest-scoring entries
+removed until the exact export fits the budget); ``finetune`` with the mask fixed. Export:
+per (field, block), the surviving columns as a dense sub-table or CSR, whichever is smaller.
+How it works in detail, the reasons and the figures: ``docs/methods/dnis.md``.
 
 Options: ``blocks``, ``num_blocks``, ``shared_alpha``, ``oov_block``, ``l1``, ``alpha_lr``,
 ``grad_norm``, ``train_network``, ``prune_score``, ``storage``, ``search_holdout``,
@@ -61,10 +16,9 @@ Options: ``blocks``, ``num_blocks``, ``shared_alpha``, ``oov_block``, ``l1``, ``
 
 Deviations from the paper (reasons and figures: ``docs/methods/dnis.md``):
 
-- ``blocks="field"`` (per-field blocks, α per field) is the default by measurement (at 5x
-  on the default data with Adam tables, 3 seeds: .7383 against .7329 mean test AUC, ahead
-  in every seed); the official layout is ``blocks="global"``, its blocks cut at equal
-  train mass rather than the official code's hand-set sizes.
+- ``blocks="field"`` (per-field blocks, α per field) is the default by measurement; the
+  official layout is ``blocks="global"``, its blocks cut at equal train mass rather than the
+  official code's hand-set sizes.
 - The OOV id is a block of its own (``oov_block``); the paper has no OOV id.
 - Tables are the run's fused tables (Adam under ``--table-optimizer auto``, the official
   code's optimiser); under row-wise Adagrad the per-row accumulator still sees the masked

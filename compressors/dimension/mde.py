@@ -17,6 +17,13 @@ Budget: :func:`solve_mde` (pure arithmetic) finds the smallest ``α`` whose exac
 base dim ``d0 = dim``; when even ``α → ∞`` does not fit, it halves ``d0``. Rounding to powers of
 two is the paper's default (``round_pow2=False`` rounds to integers instead).
 
+Options: ``num_blocks``, ``min_dim``, ``round_pow2``, ``storage``, ``init_scale``
+(``option_help`` says each).
+
+Deviations from the paper (and DLRM's ``md_solver``, which gives one dim per table): blocks
+are ``num_blocks`` equal-mass frequency ranges within each field; ``α`` (and, when needed,
+``d0``) is solved from the budget rather than set by hand.
+
 Example::
 
     layer = build_compressor("mde", features, dim=16, budget="10x")

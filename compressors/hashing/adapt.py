@@ -22,6 +22,9 @@ every field's tail hashes into with its own salt (``shared_tail=True``, multiple
 training frequencies (feature specs built by hand) each field's head is the same fraction
 of its vocabulary.
 
+Options: ``tail_fraction``, ``shared_tail``, ``threshold``, ``seed``, ``storage``,
+``init_scale`` (``option_help`` says each).
+
 Deviations from the Hetu/DeepRec versions: they keep a remap array (one int32 per value) that
 sends each value to a frequent row or a rare bucket; since ids here are already frequency
 ordered, the split is one integer per field and the artifact holds no remap (a remap would

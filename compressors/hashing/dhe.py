@@ -1,64 +1,25 @@
 """``dhe`` — Deep Hash Embedding: no table, a hash encoding and an MLP (Kang et al., KDD 2021).
 
-A value ``v`` of field ``f`` is encoded by ``k`` hash functions into a dense identifier vector
-``E_i(v) ∈ [0, m)``, mapped to reals in ``[-1, 1]`` (``transform="uniform"``, default) or to
-standard normals by Box–Muller on pairs (``"gaussian"``; the paper reports both work). The
-encoding is deterministic, needs no storage and differs per field. A deep embedding network
-``k -> width -> ... -> dim`` of ``layers`` hidden layers, each Linear → BatchNorm → Mish (the
-paper's choices), turns it into the embedding. Multi-hot bags are sum-pooled.
+A value is encoded by ``hashes`` (``k``) universal hashes of its per-field salted 64-bit
+hash into a dense vector in ``[-1, 1]`` (or Gaussian, ``transform``); a deep network of
+``layers`` hidden layers (Linear → BatchNorm → Mish) turns it into the embedding. No table:
+``serve_bytes`` is every exported parameter and statistic. The solver picks the widest
+``width`` that fits at ``k = hashes``, halving ``k`` down to ``min_hashes`` before it refuses.
+Small fields (``threshold``, ``table_share``) stay fp32 tables. How it works in detail, and
+the measured figures: ``docs/methods/dhe.md``.
 
-Hash functions: the paper uses ``k`` universal hashes ``((a_i·x + b_i) mod p) mod m`` with
-``m = 10^6``. Here ``x`` is first the project's salted SplitMix64 hash of the value under a
-per-field salt (``compressors.core.hash64``; so fields never share encodings), then ``k``
-multiply–add–shift universal hashes ``E_i = top 20 bits of (a_i·x + b_i) mod 2^64``, i.e.
-``m = 2^20 ≈ 10^6`` buckets, with ``(a_i, b_i)`` from ``stable_salt(·, i)`` — ``[N, k]`` codes in
-three vectorised integer passes, several times cheaper on CPU than ``k`` full 64-bit mixes.
+Options: ``hashes``, ``width``, ``layers``, ``min_width``, ``max_width``, ``min_hashes``,
+``transform``, ``networks`` (``shared`` | ``per_field``), ``threshold``, ``table_share``,
+``seed``, ``init_scale``, ``lr`` (``option_help`` says each).
 
-The encoding reads a value only through its salted hash, so any int64 key works:
-``EmbeddingLayer(keys="fingerprint")`` feeds the compressed fields 64-bit fingerprints of the
-raw values, and their artifact serves them with no vocabulary (fields kept as tables stay
-keyed by id).
+Deviations from the paper:
 
-Networks (``networks``): ``"shared"`` (default) is one network for all compressed fields,
-fields kept apart by their per-field hash salts; ``"per_field"`` is the benchmark's reference
-setting (Hetu builds one ``DeepHashEmbedding`` per compressed field), each field getting an
-equal share of the budget and the same ``(k, width)``. Shared is the default because the
-budget does not grow with the number of fields: per-field networks split it ~20 ways on the
-default data, which at 100x leaves each network about 1/20 of the parameters and pushes ``k``
-far below the paper's 1024 (the solver then refuses, see below), while the shared network
-keeps ``k = 1024``. Each batch's distinct (field, value) pairs are encoded and embedded once
-(``torch.unique``); BatchNorm's batch statistics are therefore taken over distinct values
-rather than occurrences (a deviation; the encodings are uniform pseudo-random either way, so
-the first layer sees the same input distribution).
-
-Budget: ``serve_bytes`` counts every Linear weight and bias and every BatchNorm affine
-parameter and running statistic (all exported). With ``k = hashes`` (default 1024, the
-paper's value), the solver picks the widest ``width <= max_width`` that fits; if not even
-``min_width`` (default ``dim``) fits, ``k`` is halved, down to ``min_hashes`` (default 128,
-an eighth of the paper's ``k``: the paper's encodings are high-dimensional, and a few dozen
-hashes are a different, much weaker model). Below that the solver refuses with a
-``BudgetError`` naming ``min_hashes`` (pass a smaller one to allow it) rather than silently
-degrading. Fields of at most ``threshold`` rows stay plain fp32 TorchRec tables while they
-take at most ``table_share`` of the budget. ``layers`` defaults to 2 hidden layers: the paper
-argues for deep networks and the benchmark's implementation (Hetu) uses 5 hidden layers, but
-at the widths these budgets allow (tens of units) five layers trained markedly worse here
-(synthetic data, 10x, 3 epochs: test AUC .662 with 5 layers vs .698 with 2); ``layers=5`` is
-the reference depth. ``max_width`` (512) keeps CPU training affordable; at equal bytes the
-FLOPs per distinct value equal the parameter count whatever the depth.
-
-Training memory: DHE compresses the *parameters*, not the training working set. Every
-distinct value of a batch is encoded to ``k`` floats and its activations are kept for the
-backward pass, so ``train_bytes`` adds, for a batch of ``ACTIVATION_BATCH = 4096`` samples
-with one distinct value per compressed field (an upper bound), the encodings
-(``k`` floats), the saved hidden activations (Linear, BatchNorm and Mish outputs: ``3·width``
-floats per layer) and the output (``dim``), plus the int64 codes of one encoding chunk: about
-4096 · 1024 · 4 B ≈ 17 MB per compressed field at ``k = 1024``, typically far more than the
-network itself. Parameters, Adam state and buffers are counted as for every module.
-
-Training: the network trains with its own Adam learning rate ``lr`` (default 0.01): it
-replaces tables, which train at ``table_lr = 0.05`` with rowwise Adagrad, and the dense
-``1e-3`` learned it far too slowly (10x, 1 epoch: AUC .520 at 1e-3 vs .553 at 1e-2 for 5
-layers; .646 vs .663 at 3e-3 vs 1e-2 for 2 layers).
+- Hashes are multiply–add–shift over a salted SplitMix64 hash (``m = 2^20`` buckets), not
+  ``((a·x + b) mod p) mod m``.
+- One network shared by all fields by default (``networks="per_field"`` is the benchmark's
+  reference setting); BatchNorm statistics are over a batch's distinct values.
+- 2 hidden layers by default (``layers=5`` is the reference depth); the network trains with
+  its own Adam lr (``lr``, 0.01).
 
 Example::
 

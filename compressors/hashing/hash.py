@@ -26,12 +26,17 @@ kept share holds few or no small fields; the others are hashed. (``unified`` tak
 
 The OOV id 0 is hashed like any other id: it is a legitimate, usually frequent, bucket.
 
-Deviations: the reference hashes raw values with Keras' FarmHash ``Hashing`` layer salted by
-``[feature index, chunk]``; here ids are already integers, and the salt is a stable digest of
-``(seed, field name, chunk)``. When per-field chunk counts give several chunk widths, each
-width gets its own shared table (bytes split by vocabulary share), since rows of one table
-have one width. ``unified`` multiplexes every field by default (``threshold=0``, the paper's
-setting); a positive ``threshold`` keeps small fields out of the shared table.
+Options: ``hash``: ``shared``, ``threshold``, ``keep_share``, ``seed``, ``storage``,
+``init_scale``; ``unified``: ``chunks``, ``field_chunks``, ``num_tables``, ``threshold`` and
+the same ``seed``, ``storage``, ``init_scale`` (``option_help`` says each).
+
+Deviations from the paper (``unified``): the reference hashes raw values with Keras' FarmHash
+``Hashing`` layer salted by ``[feature index, chunk]``; here ids are already integers, and the
+salt is a stable digest of ``(seed, field name, chunk)``. When per-field chunk counts give
+several chunk widths, each width gets its own shared table (bytes split by vocabulary share),
+since rows of one table have one width. ``unified`` multiplexes every field by default
+(``threshold=0``, the paper's setting); a positive ``threshold`` keeps small fields out of the
+shared table.
 
 Example::
 

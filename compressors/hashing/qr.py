@@ -23,13 +23,17 @@ fingerprint of the raw value instead of its id) first hashes the value into the 
 bytes, no vocabulary needed to serve, at the price of hashing's collisions (values sharing a
 ``u`` share both rows). Fields kept full stay keyed by id.
 
-Deviations: DLRM initialises both tables uniformly on ``[√(1/n), 1]`` (all positive). Here,
-with ``op="mult"``, both factors start uniform on ``±√init_scale`` so that products start at
-the scale of every other method's rows (``±init_scale``) and differ between values from the
-first step; ``add``/``concat`` use ``±init_scale``. (Starting the remainder table at 1, the
-identity of the product, trained markedly worse in our runs: every value sharing a quotient
-starts identical.) DLRM pools each bag per table before combining; with multi-hot fields we
-do the same (``op`` joins the pooled vectors).
+Options: ``op`` (``mult`` | ``add`` | ``concat``), ``threshold``, ``storage``,
+``init_scale``, ``keys`` (``id`` | ``fingerprint``) (``option_help`` says each).
+
+Deviations from the paper (and DLRM's ``tricks/qr_embedding_bag.py``): DLRM initialises both
+tables uniformly on ``[√(1/n), 1]`` (all positive). Here, with ``op="mult"``, both factors
+start uniform on ``±√init_scale`` so that products start at the scale of every other method's
+rows (``±init_scale``) and differ between values from the first step; ``add``/``concat`` use
+``±init_scale``. (Starting the remainder table at 1, the identity of the product, trained
+markedly worse in our runs: every value sharing a quotient starts identical.) DLRM pools each
+bag per table before combining; with multi-hot fields we do the same (``op`` joins the pooled
+vectors).
 
 Example::
 

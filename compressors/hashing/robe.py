@@ -1,31 +1,19 @@
 """``robe`` — ROBE-Z: every embedding read from one small hashed array (Desai et al., MLSys 2022).
 
-All compressed fields share one flat array ``M`` of ``size`` floats (the budget left after the
-fields kept as tables, divided by 4). The row of value ``v`` of field ``f`` is ``dim / Z``
-chunks of ``Z`` contiguous floats; chunk ``c`` starts at ``h(salt_{f,c}, v) mod size`` and wraps
-around the end of the array (the paper's circular array), and every element is multiplied
-by a ±1 sign ``g(f, v, c, j)`` from a second salted hash (one bit per element), so colliding
-chunks do not add up with a common bias. Offsets are unaligned: chunks of different values
-overlap partially, which is what distinguishes ROBE from hashing rows into ``size / dim``
-buckets. The array trains with Adam (the trainer's dense optimiser).
+All compressed fields share one flat array of ``size`` floats (``(budget − table bytes) //
+4``). The row of value ``v`` of field ``f`` is ``dim / Z`` chunks of ``Z`` contiguous floats,
+chunk ``c`` starting at a salted hash of ``(f, c, v)`` modulo ``size`` (wrapping, the paper's
+circular array) and multiplied by a ±1 sign hash. Small fields (``threshold``,
+``table_share``) stay plain fp32 tables. How it works in detail, and the measured figures:
+``docs/methods/robe.md``.
 
-Hashes are the project's salted SplitMix64 (``compressors.core.hash64``), salted per (field,
-chunk), instead of the paper's universal ``((a·x + b) mod p) mod size``; gathering is
-vectorised index arithmetic (``[N, dim/Z, Z]`` indices), no loop per value.
+Options: ``chunk`` (``Z``, default ``min(4, dim)``), ``threshold``, ``table_share``, ``seed``,
+``init_scale``, ``lr`` (the array's Adam learning rate) (``option_help`` says each).
 
-Budget: ``size = (budget - table bytes) // 4``, capped at the compressed fields' total
-``Σ n_f · dim`` (a larger array cannot help). Fields of at most ``threshold`` rows stay plain
-fp32 TorchRec tables, smallest first, while they take at most ``table_share`` of the budget.
-``BudgetError`` when fewer than ``dim`` floats remain for the array.
+Deviations from the paper:
 
-``Z`` (``chunk``) defaults to 4 floats for dim 16 (``min(4, dim)``): the paper finds accuracy
-insensitive to ``Z`` and recommends larger ``Z`` for memory locality; with ``dim / Z = 4``
-independent offsets per row, collisions of two values rarely cover a whole row.
-
-Training: the array has its own Adam learning rate ``lr`` (default 3e-3). Every element is
-shared by several values and receives a gradient at nearly every step, so a table-like rate
-is too noisy, while the dense ``1e-3`` learns it too slowly (synthetic data, 2x, 3 epochs: test
-AUC .707 at 1e-2, .722 at 3e-3; 1 epoch at 10x: .567 at 1e-3).
+* Hashes are the project's salted SplitMix64, not ``((a·x + b) mod p) mod size``.
+* The array trains with its own Adam lr (``lr``, 3e-3).
 
 Example::
 

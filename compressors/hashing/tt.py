@@ -1,50 +1,25 @@
 """``tt`` — TT-Rec: tensor-train cores instead of embedding tables (Yin et al., MLSys 2021).
 
-A field of ``n`` values is viewed as a 3-way tensor: ``n <= n1·n2·n3`` (factors near the cube
-root) and ``dim = d1·d2·d3``. Three cores ``G_k ∈ R^{r_{k-1} × n_k × d_k × r_k}`` with
-``r_0 = r_3 = 1`` hold the whole table; the row of value ``v = (i1, i2, i3)`` (mixed radix) is
-the product of the core slices ``G_1[i1] · G_2[i2] · G_3[i3]``, a ``d1 × d2 × d3`` block
-flattened to ``dim``. Cores train with Adam (the trainer's dense optimiser); multi-hot bags
-are sum-pooled like an ``EmbeddingBag``.
+A field of ``n`` values is viewed as a 3-way tensor (``n <= n1·n2·n3``, ``dim = d1·d2·d3``);
+three cores ``G_k ∈ R^{r_{k-1} × n_k × d_k × r_k}`` hold the whole table and the row of
+``v = (i1, i2, i3)`` is ``G_1[i1] · G_2[i2] · G_3[i3]``. The budget solves one TT rank ``r``
+for every compressed field (the largest ``r <= max_rank`` that fits); fields no larger than
+their cores stay plain fp32 tables. ``BudgetError`` below ``min_rank``. How it works in
+detail, and the measured figures: ``docs/methods/tt.md``.
 
-Budget: one TT rank ``r`` for every compressed field (as in the paper's experiments), the
-largest ``r <= max_rank`` whose cores, plus the fields kept as tables, fit. A field stays a
-plain fp32 TorchRec table when its table is no larger than its cores at that rank (TT-Rec
-only factorises the large tables); budget left over at that rank turns further fields,
-cheapest first, back into tables. ``BudgetError`` when even ``min_rank`` does not fit.
-``min_rank`` defaults to 2: at rank 1 every row is a Kronecker product ``G_1[i1] ⊗ G_2[i2] ⊗
-G_3[i3]`` of three vectors, no longer a tensor train (TT-Rec's experiments use ranks 8-64);
-at 1000x on the default data only rank 1 fits, so ``tt`` refuses it with a message naming
-``min_rank=1``, which allows it explicitly.
+Options: ``rank`` (None: solved), ``max_rank``, ``min_rank`` (2: rank 1 is no longer a
+tensor train), ``init`` (``gaussian`` | ``approx-normal``), ``init_std``, ``init_scale``,
+``lr`` (the cores' Adam learning rate) (``option_help`` says each).
 
-Implementation notes (deviations from the reference ``facebookresearch/FBTT-Embedding``,
-which runs a fused CUDA kernel):
+Deviations from the paper (and the reference ``facebookresearch/FBTT-Embedding``):
 
-* Lookups are vectorised torch: each batch's distinct ids are looked up once
-  (``torch.unique``); the products ``G_1[i1] · G_2[i2]`` are formed for *all* ``n1·n2``
-  prefixes per forward (``O(n1·n2·d1·d2·r²)``, independent of the batch), so a lookup is
-  one batched ``[d1·d2, r] @ [r, d3]`` product instead of materialising ``r × d2 × r``
-  middle slices per id. Same mathematics, different contraction order.
-* Factor order: the middle core costs ``r²`` per entry, so it gets the smallest row and
-  dim factors. The reference suggests shapes by a similar cube-root rule.
-* Initialisation (``init``): ``"approx-normal"`` is the reference's default
-  ``weight_dist``, which the paper argues matters: every core entry is a standard normal
-  *conditioned on* ``|x| >= 2`` (the reference redraws while ``|x| < 2``: a reversed truncated
-  normal, only the tails), times ``(3·n)^(-1/6)`` for a field of ``n`` rows; drawn here by the
-  inverse CDF of the tail (exact, no rejection loop). ``"gaussian"`` (default) is the sampled
-  Gaussian: entries ``N(0, σ²)`` with ``σ = (init_std² / r²)^(1/6)``, so a reconstructed
-  entry (a sum of ``r²`` products of three entries) has standard deviation ``init_std``
-  (0.01, like the tables' init). It is the default, a deliberate deviation, because the
-  reference's scale assumes DLRM's tables of millions of rows: a reconstructed entry's
-  standard deviation is ``≈ 13.8·r/sqrt(3n)``, 0.2–2.6 on fields of 10^3–10^5 rows, which
-  saturates DeepFM's FM term at the start. Measured (DeepFM, test AUC): ``learn_data`` at
-  20x, a fifth of an epoch, seeds 0/1/2 each at its best lr: approx-normal .527/.516/.526,
-  gaussian .697/.710/.691 (per-field hashing .537/.583/.593); the default synthetic data at
-  10x, a quarter epoch, seed 0: approx-normal .543, gaussian .720.
-* The cores train with their own Adam learning rate ``lr`` (default 0.01): the trainer's
-  dense ``1e-3`` learned them far too slowly (synthetic data, 10x, 1 epoch: test AUC .637 at
-  1e-3, .700 at 1e-2, like the uncompressed tables).
-* Slow to look up (the paper says so too): see ``python bench.py --only lookup_speed``.
+* Vectorised torch lookups (the reference runs a fused CUDA kernel): the same mathematics in
+  another contraction order; slow to look up, as the paper says
+  (``python bench.py --only lookup_speed``).
+* ``init="gaussian"`` by default, scaled so a reconstructed entry has std ``init_std``; the
+  reference's ``approx-normal`` assumes tables of millions of rows and saturates the model
+  on smaller fields (one flag away).
+* The cores train with their own Adam lr (``lr``, 0.01).
 
 Example::
 

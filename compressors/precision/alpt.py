@@ -1,44 +1,23 @@
 """``alpt`` — Adaptive Low-Precision Training (Li et al., AAAI 2023, arXiv 2212.05735).
 
-Embeddings are integer codes during training and serving; each row ``v`` has a learnable
-step size ``Δ_v`` (``e_v = Δ_v · q_v``, ``q_v ∈ [−2^(b−1), 2^(b−1) − 1]``). Every training
-step alternates, as the paper's Algorithm 1 (and Hetu's reference trainer) do:
+Embeddings are ``b``-bit integer codes during training and serving; each row has a learnable
+step size ``Δ_v`` (``e_v = Δ_v · q_v``). Every training step alternates, as the paper's
+Algorithm 1: the batch's rows are updated in fp32 with the step fixed; the same batch is run
+again through the LSQ quantiser to update ``Δ`` with the weights fixed; the rows are written
+back as integers by stochastic rounding. Training holds the codes, one fp32 step and the
+optimizer state per row. How it works in detail, and the measured figures:
+``docs/methods/alpt.md``.
 
-1. *weights, step fixed*: forward/backward with ``ŵ = Δ·q``; the batch's unique rows are
-   updated in fp32 (sparse row-wise Adagrad by default) to ``ŵ'``;
-2. *step, weights fixed*: the same batch is run again through the model with the LSQ
-   quantiser ``Q(ŵ'; Δ) = Δ · round(clip(ŵ'/Δ))`` (straight-through round, so
-   ``∂Q/∂Δ = round(v) − v`` inside the range and the clip bound outside); the gradient of the
-   loss w.r.t. ``Δ`` of those rows updates ``Δ`` (see "Step optimizer" below);
-3. ``q = clip(SR(ŵ'/Δ'))`` with stochastic rounding writes the rows back as integers.
+Options: ``bits`` (``auto``: solved from the budget), ``optimizer`` (the rows'), ``step_optimizer``
+(``adagrad`` | ``adam``), ``step_lr``, ``init_scale`` (``option_help`` says each).
 
-So training holds ``b``-bit codes (an int8 buffer for b ≤ 8), one fp32 step and the optimizer
-states per row: 28 bytes a row at D=16 against fp32's 68 (``memory().train_bytes``; the
-reference step optimizer adds two floats a row).
+Deviations from the paper:
 
-Step optimizer (``step_optimizer``):
-
-* ``"adam"`` — the paper's and the reference's setting: Adam on ``Δ`` with learning rate
-  ``step_lr`` (default 2e-5, absolute) and LSQ's gradient scale ``g = 1/sqrt(N·Q_p)`` on
-  ``∂L/∂Δ`` (``N`` the values the batch's rows hold, ``rows·D``; ``Q_p = 2^(b−1) − 1``).
-  Adam state is per row (``m``, ``v`` and the row's update count for bias correction: three
-  floats a row), updated only for the rows a batch reads.
-* ``"adagrad"`` (default) — this project's *tuned variant*: row-wise Adagrad, one float of
-  state per row, learning rate ``step_lr`` (default 1.0) in units of the initial step, so one
-  setting suits every bit width. Adagrad normalises the gradient, so LSQ's constant scale
-  would cancel and is left out. Its first update moves a row's step by up to ±100%. It is
-  the default because it keeps one float of state instead of three and, in runs of the
-  length tested here, it is the one whose steps learn: 2-bit, 6x, ``learn_data``, a fifth
-  of an epoch, seeds 0/1/2 each at its best lr, test AUC tuned .706/.687/.709, fixed step
-  (``step_lr=0``) .644/.580/.659, reference Adam .650/.582/.660 — at lr 2e-5 Adam moves a
-  2-bit step of ~0.01 by at most 2e-5 a step, so in 60 steps it stays where it started
-  (the paper trains for epochs of Criteo). ``tests/test_precision.py`` asserts
-  tuned > fixed.
-
-Deviations: the default step optimizer is the tuned Adagrad variant above (the reference's
-Adam is ``step_optimizer="adam"``). Steps are per row (the paper's main setting), not per
-field. ``Δ`` starts at LSQ's ``2·E|w|/sqrt(Q_p)`` for the
-uniform initialisation. Steps are clamped to at least 2^-24 (fp16's smallest subnormal).
+* The default step optimizer is a tuned row-wise Adagrad (``step_lr`` in units of the initial
+  step, one float of state a row); the paper's Adam with LSQ's gradient scale is
+  ``step_optimizer="adam"``.
+* Steps are per row (the paper's main setting), not per field; ``Δ`` starts at LSQ's
+  ``2·E|w|/sqrt(Q_p)`` and is clamped to at least 2^-24.
 
 Example::
 

@@ -2,55 +2,22 @@
 of "Binary Embedding-based Retrieval at Tencent", Gan et al., KDD 2023, without its learned
 encoder).
 
-What this is: a post-training, closed-form greedy residual binarization. Tencent's method
-*learns* the binarization end to end with a recurrent MLP encoder inside a retrieval model;
-that encoder is not implemented here (METHODS.md asks for the residual scheme). A row is
-approximated by ``b`` scaled sign vectors fitted greedily to the residual::
+A row is approximated greedily by ``b`` scaled sign planes fitted to the residual,
+``e ≈ Σ_k s_k · sign(r_k)``, ``s_k = mean|r_k|`` per row or per field (``scales``); codes
+bit-packed, scales fp16. ``bits="auto"`` gives each field its own ``b_f`` by a knapsack that
+fills the budget. Stages: ``train`` (fp32 tables) -> ``binarize`` -> optional ``finetune``
+(codes frozen, scales and network train). Serving (kind ``binary``, :class:`BinaryServing`)
+runs fbgemm's kernel over int2 plane rows or rows decoded at load (``decode``). How it works
+in detail, and the measured serving speeds: ``docs/methods/binary.md``.
 
-    r_1 = e,   e ≈ Σ_{k=1..b} s_k · sign(r_k),   r_{k+1} = r_k − s_k · sign(r_k)
+Options: ``bits`` (``auto`` | 1..8), ``scales`` (``row`` | ``field``), ``finetune_epochs``,
+``init_scale``.
 
-with ``s_k = mean|r_k|`` (the least-squares scale of a sign vector), per row
-(``scales="row"``, default) or shared by all rows of a field (``scales="field"``: the mean
-over the field's entries). Codes are bit-packed (one bit per dimension per plane, 8
-dimensions a byte); scales are fp16. A row costs ``b · ceil(D/8)`` code bytes plus, per row,
-``2·b`` scale bytes: at b=1, D=16 a per-row scale is half the row (16x), per-field scales
-make it 32x.
+Deviations from the paper:
 
-Budget: ``bits="auto"`` (default) gives every field its own number of planes ``b_f ∈ 1..8``
-so the total comes close to the budget (asking 10x gives ≈10x, not the 16x of one plane
-everywhere): a multiple-choice knapsack (:func:`compressors.precision.common.choose_dtypes`)
-minimising the expected frequency-weighted error ``W_f · ρ^{b_f}``, where ``W_f`` is the
-field's total train count and ``ρ = 1 − 2/π`` the residual energy a sign plane leaves of a
-Gaussian row; it is solved before training (the codes' shapes are fixed from the start), so
-it spends spare bytes on the fields where a plane removes the most error per byte (the small,
-often-read ones first). ``bits=<int>`` binarizes every field alike.
-
-Stages: ``train`` (fp32 TorchRec/fbgemm tables, like ``full``) -> ``binarize`` (codes and
-scales from the trained table) -> optionally ``finetune`` for ``finetune_epochs`` with the
-codes frozen: the scales train (Adam, as any dense parameter) and so does the rest of the
-network, which the paper's fine-tune leaves to the retrieval towers. After ``binarize`` the
-model itself looks rows up through the binary codes, so training metrics and the exported
-artifact agree; scales are used at fp16 in both (straight-through during fine-tuning).
-
-Serving (export kind ``binary``, :class:`BinaryServing`) runs fbgemm's inference kernel, one
-table per field. A plane ``s · sign`` is exactly an int-N row with codes {0, 1}, fp16 scale
-``2s`` and bias ``-s`` (per-field scales: the same scale and bias on every row of the plane),
-so ``decode="planes"`` re-lays each field's ``b`` planes as ``b`` int2 rows per id and expands
-every looked-up id to its ``b`` rows in the same bag: the kernel's sum pooling adds them,
-exactly the slow decode's sum. But the kernel's cost is per lookup, and ``b`` lookups an id
-run at ~0.7x of fp32 lookups at ``b=2`` (``bench.py --only serving``), so the default
-``decode="auto"`` keeps one lookup an id: one-plane fields as int2 plane rows (exact, 2x the
-codes' bytes in memory), fields of more planes decoded at load into fp16 rows (equal to the
-slow decode up to one fp16 rounding of each row; ``2·dim`` bytes a row, independent of ``b``).
-``decode="bits"`` keeps the packed codes and decodes them per lookup in torch with a
-256-entry sign table (1x memory, ~0.1-0.2x of fp32). ``BinaryServing.resident_bytes`` says
-what a decode holds. Ids are range-checked once per id, so fbgemm's per-index bounds pass is
-skipped.
-
-Deviations: closed form instead of the learned recurrent encoder (above); every field is
-binarized (no fp32 threshold: the codes shrink each row by the same factor whatever the
-field's size). The fp32 training table lives in a TorchRec EBC, but ``binarize`` reads it
-whole, so training is single-process.
+- Closed form instead of the paper's learned recurrent encoder.
+- Every field is binarized (no fp32 threshold: the codes shrink each row alike).
+- ``binarize`` reads the fp32 training table whole, so training is single-process.
 
 Example::
 

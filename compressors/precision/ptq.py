@@ -21,6 +21,12 @@ weights are rounded through fbgemm's own pack/unpack), so exported predictions e
 trained model's up to float summation order. The chosen dtypes live in a buffer of the
 state dict, so ``load_run_model`` + export reproduce them.
 
+Options: ``bits`` (``auto`` | fp16 | int8 | int4 | int2), ``min_rows``, ``init_scale``
+(``option_help`` says each).
+
+Deviations (no single paper): the mixed-precision choice is a frequency-weighted error
+knapsack on the trained weights; fields of at most ``min_rows`` values stay fp32.
+
 Example::
 
     layer = build_compressor("ptq", features, dim=16, budget="4x")          # mixed

@@ -1,3 +1,3 @@
 """Pruning methods: rows or entries removed (OptEmbed, PEP, DeepLight)."""
 
-from compressors.pruning import common, deeplight, entry, optembed, pep  # noqa: F401
+from compressors.pruning import deeplight, optembed, pep, serving  # noqa: F401

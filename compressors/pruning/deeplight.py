@@ -6,7 +6,7 @@ Two stages:
 
 1. **prune** (training): a dense warm-up, then every ``prune_every`` steps the
    smallest-magnitude entries are pruned so the table's sparsity follows DeepLight's curve,
-   until it reaches the budget's sparsity ``S`` (see :mod:`compressors.pruning.entry`) and
+   until it reaches the budget's sparsity ``S`` (see :mod:`compressors.pruning.entry_pruned`) and
    holds it. At the end of the stage the sparsity is exactly ``S``.
 2. **finetune** (training) with the mask fixed.
 
@@ -59,7 +59,7 @@ import torch
 
 from compressors.core.base import SCHEDULED, FeatureSpec, Stage
 from compressors.core.registry import register
-from compressors.pruning.entry import EntryPruned
+from compressors.pruning.entry_pruned import EntryPruned
 
 if TYPE_CHECKING:
     from compressors.core.base import StageContext
@@ -93,10 +93,6 @@ class DeepLight(EntryPruned):
     name = "deeplight"
     default_optimizer = "adam"  # the paper's; its criteria need it (docs/methods)
     option_help = {
-        "optimizer": "optimizer of the table rows: sgd, adagrad, rowwise_adagrad or adam "
-        "(None: the run's --table-optimizer, as every method's tables)",
-        "storage": "serving dtype of the kept entries (fp32, fp16, int8: CSR or kept rows; "
-        "int4, int2: kept rows)",
         "schedule": "'stage': the paper's curve fitted to the prune stage (warmup, target_at); "
         "'paper': S·(1 − 0.99^(t/decay_steps)) over the stage's steps",
         "warmup": "share of the prune stage trained dense before pruning starts ('stage')",

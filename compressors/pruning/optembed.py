@@ -1,113 +1,39 @@
 """``optembed`` — OptEmbed (Lyu et al., CIKM 2022, arXiv 2208.04482; reference code
-``fuyuanlyu/OptEmbed``: ``supernet.py``, ``evolution.py``, ``retrain.py``). Measured figures
-and the reasoning behind the defaults: ``docs/methods/optembed.md``.
+``fuyuanlyu/OptEmbed``): learned per-field row thresholds prune rows, an evolutionary search
+picks one dim per field within the budget, then a retrain with both masks fixed.
 
-Three stages, each resumable (each one's wall time: ``stage_seconds`` in the run's summary):
+Stages, each resumable: **supernet** (row ``v`` kept while ``‖e_v‖₁ / s_f − t_f > 0``, a
+hard step with the reference's long-tailed straight-through derivative,
+:func:`ste_derivative`; loss ``+ α·Σ_f exp(−t_f)``; every (sample, field) trains a random
+prefix of its dims), **search** (row mask frozen; an evolution over per-field dims whose
+candidates are repaired into the budget and scored by validation AUC, :meth:`OptEmbed.score`)
+and **retrain** (both masks fixed, from the initial weights when ``rewind``). The stages in
+detail, the reasoning and the measured figures: ``docs/methods/optembed.md``.
 
-1. **supernet** (training). Field ``f`` has a learnable threshold ``t_f`` (init 0); row ``v``
-   is kept while ``x_v = ‖e_v‖₁ / s_f − t_f > 0`` (hard step forward), where ``s_f`` is the
-   field's mean row L1 norm in the training batches (an EMA, ``thresholds="field"``) or 1
-   (``thresholds="paper"``: raw norms). The backward pass of the step is the reference's
-   long-tailed straight-through derivative: ``2 − 4|x|`` for ``|x| ≤ 0.4``, ``0.4`` for
-   ``0.4 < |x| ≤ 1``, ``0`` beyond (:func:`ste_derivative`); it reaches both ``t`` and the
-   embedding values. The loss adds ``α·Σ_f exp(−t_f)`` (:meth:`OptEmbed.penalty`); the
-   thresholds are an optimizer group (Adam at ``threshold_lr``; SGD in the paper mode), the
-   table trains as every table does (the run's table optimizer and ``table_lr``), the network
-   with Adam. Pruned rows read as zeros. While training, every (sample, field) keeps a
-   uniformly drawn prefix ``1..D`` of its embedding (applied to the pooled vector, which
-   equals masking each row since pooling is a sum); evaluation uses all ``D`` dims.
-2. **search** (the method's own procedure). The row mask is frozen. If even at the smallest
-   dim the kept rows (plus their remaps) exceed the budget, every field drops the same
-   quantile of its kept rows by normalised norm (its threshold rises to the largest dropped
-   one) until they fit, and a warning says so. Then an evolutionary search over one dim per
-   field: a first population (random, plus every field at ``D``), then each generation
-   ``mutations`` children of the top ``parents`` (per-gene probability ``mutation_prob`` of a
-   new random dim) and ``crossovers`` children of two distinct top parents cut at one point
-   *over the fields*. A candidate over budget is repaired before it is scored: the field whose
-   next lower dim loses the least frequency-weighted L1 mass per byte saved is lowered until it
-   fits, so no candidate — and no result — is ever over budget. **Filling the budget**
-   (``fill_budget=True``, the default) is part of a candidate: budget its dims leave unused
-   goes back to pruned rows, the supernet's best first (the highest ``x``, the step's own
-   score), each while its exact bytes (remap included) still fit (:meth:`filled_rows`). So
-   the search weighs rows against dims at the budget, and the result's ``serve_bytes`` ends
-   within one row of it. ``fill_budget=False`` is the paper's: the supernet alone decides
-   the rows (``supernet_kept_rows`` in the summary either way).
-   **Fitness** (:meth:`score`) is the validation AUC of the frozen supernet with the
-   candidate's rows and dims, on a fixed sample: the first ``search_batches`` batches of the
-   run's shuffled validation stream (default: 2,048 rows), looked up in the table once; each
-   candidate's row and dim masks are applied to those lookups and the candidates go through
-   the model together (no model copies). One progress-bar tick and one checkpoint per
-   generation; a killed search resumes at its last generation.
-3. **retrain** (training) with both masks fixed, from the run's initial weights
-   (``rewind=True``, the paper's lottery-ticket setting; ``rewind=False`` continues from the
-   supernet's weights).
+Options (``option_help`` says each): ``thresholds`` (``field`` | ``paper``), ``alpha``,
+``threshold_lr``, ``generations``, ``mutations``, ``crossovers``, ``parents``,
+``mutation_prob``, ``search_batches``, ``fill_budget``, ``rewind``, ``pruned_rows``,
+``storage``, ``prune_rows``, ``search_dims``, ``supernet_epochs``, ``retrain_epochs``,
+``optimizer``. Ablations: ``search_dims=False`` is OptEmbed-E, ``prune_rows=False``
+OptEmbed-D. The paper's setting: ``thresholds=paper generations=30 mutations=10
+crossovers=10 parents=10 fill_budget=False`` (and ``search_batches`` covering the split).
 
-Ablations (the paper's): ``search_dims=False`` is OptEmbed-E (rows only, all fields at
-``D``); ``prune_rows=False`` is OptEmbed-D (dims only, no thresholds).
+Export: kind ``pruned`` (:mod:`compressors.pruning.serving`): each field's kept rows at its
+dim plus an id remap; ``serve_bytes`` is what :meth:`export` would write now, at most the
+budget after the search; ``set_storage`` serves the same rows and dims at another dtype.
 
-Options: ``thresholds`` (``field`` | ``paper``), ``alpha``, ``threshold_lr`` (None: the mode's),
-``generations``, ``mutations``, ``crossovers``, ``parents``, ``mutation_prob``,
-``search_batches``, ``fill_budget``, ``rewind``, ``pruned_rows``, ``storage``, ``prune_rows``,
-``search_dims``, ``supernet_epochs``, ``retrain_epochs`` (``option_help`` says each).
-The paper's setting: ``thresholds=paper generations=30 mutations=10 crossovers=10
-parents=10 fill_budget=False`` (and ``search_batches`` large enough for the whole split).
+Deviations from the paper (and the reference):
 
-Export (kind ``pruned``, see :mod:`compressors.pruning.common`): each field's kept rows at
-its chosen dim (``storage`` any fbgemm dtype), plus an id remap for fields that lost rows
-(pruned ids -> ``-1``, skipped by fbgemm's TBE, or -> the field's OOV row), zero-padded back
-to ``D``. ``set_storage`` (``ctr export --storage``) serves the same rows and dims at another
-dtype when every field's dim packs there.
-``serve_bytes`` is always what :meth:`export` would write now; after the search it is at
-most the budget.
-
-Deviations from the paper (and the reference), and why:
-
-- **Thresholds in units of the field's mean row norm, trained with Adam** (``thresholds=
-  "field"``, ``alpha=1e-3``, ``threshold_lr=1e-2``); ``thresholds="paper"`` is the reference's
-  raw L1 norm, SGD, ``alpha=threshold_lr=3e-4``. A raw-norm threshold is in the units of the
-  table's init, optimizer and lr, and SGD couples how fast it moves to how hard the penalty
-  and the data pull: the reference's values suit 64-dim xavier tables under Adam for 30
-  epochs; under row-wise Adagrad (whose first step moves a row seen once as far as a frequent
-  row's whole history) no raw setting separates rare rows from frequent ones, and a fast one
-  masked the small strong fields (the former defaults ``alpha=2e-3``, ``threshold_lr=3.0``:
-  supernet valid AUC .637 against full's .723). Normalised, ``t_f = 0.5`` means "rows below
-  half the field's typical norm" whatever the optimizer, dim or data; Adam moves ``t`` by
-  about ``threshold_lr`` a step while the sign of penalty minus data pull decides the
-  direction, so fields the data does not defend rise and strong fields stop where the data
-  holds them.
-- **The fill** (above; the reference ignores memory): the thresholds' equilibrium depends on
-  ``alpha`` and the data, not on the budget; without the fill a "2x" run is compared at
-  whatever ratio the thresholds reached. Inside the search, so dims are chosen for the rows
-  the run will serve (a fill after the search re-added 71–97% of the served rows at dims
-  chosen for the supernet's mask; at 2x every row).
-- **A smaller, cheaper search by default**: 10 generations of 10 children (5 parents) scored
-  on 2,048 validation rows, where the reference runs 30 generations of 20 on the whole
-  validation split: at one training epoch a stage, that search (one validation pass per
-  candidate) made a run 20–44x ``full``'s wall time; with the defaults and batched scoring a
-  run took 2.0x (2.7x of the summaries' ``wall_seconds``), the search 0.4x. The first
-  population holds the all-``D`` candidate repaired into the budget.
-- Crossover cuts over fields; the reference draws its cut point in ``[1, latent_dim]`` and
-  slices the per-field candidate there — a bug whenever ``latent_dim ≠ field_num``. The
-  reference mutates its parents in place (``origin = self.cands[i]``); children here are
-  copies. Its mutation draws dims ``2..D`` only; here any allowed dim.
-- Tables train with the run's table optimizer: ``ctr train``'s default (``auto``) gives
-  optembed lazy row Adam at 1e-3, the paper's optimizer, without its weight decay (the run's
-  ``--embedding-l2`` instead); any other table optimizer works too, which is what the
-  normalised thresholds are for. Plain fp32 buffers with a sparse row optimizer (fbgemm's
-  fused kernels cannot carry the straight-through gradient), so training is single-process.
-- Pruned rows: ``pruned_rows="zero"`` (the default, as the reference's default
-  ``mode_oov='zero'``, the setting of the paper's results) reads zeros;
-  ``pruned_rows="field_vector"`` (the reference's ``mode_oov='oov'``) gives each field one
-  learned vector that its pruned ids read instead, in the supernet and in the retrain, cut
-  to the field's dim like its rows. It starts at zero (pruned rows read zeros until it
-  learns; the reference draws it xavier-uniform) and trains with the network's Adam; the
-  retrain rewinds it to zero with the rest, so the served vector is the retrain's. In the
-  supernet a row reads ``m·e + (1 − m)·v_f`` (``m`` the step), so the straight-through
-  gradient ``(e − v_f)·∂L/∂out·ste'`` tells the threshold whether a row beats its field's
-  vector; the reference's ``torch.where(m > 0, e, v_f)`` passes no data gradient to the
-  thresholds at all in that mode. Served as one more row of the field's table that pruned
-  ids remap to (instead of ``-1``), counted in ``serve_bytes``; a field that loses every row
-  keeps just that row and its remap.
+- Thresholds in units of the field's mean row norm, trained with Adam (``thresholds="field"``);
+  ``thresholds="paper"`` is the reference's raw L1 norm with SGD.
+- The budget is enforced, and unused budget goes back to the supernet's best pruned rows
+  inside the search (``fill_budget=True``; ``False`` is the paper's).
+- A smaller search by default (10 generations of 10 children, 2,048 validation rows).
+- Crossover cuts over fields (the reference's cut point is drawn over the dim); children are
+  copies; mutation draws any allowed dim.
+- Tables train with the run's table optimizer, in a single process (plain fp32 buffers).
+- ``pruned_rows="field_vector"`` (the reference's ``mode_oov='oov'``) starts at zero and
+  passes a data gradient to the thresholds; ``"zero"`` (the default) is the paper's.
 
 Example::
 
@@ -142,15 +68,9 @@ from compressors.core.base import (
 from compressors.core.budget import BudgetError, describe_bytes
 from compressors.core.registry import register
 from compressors.core.storage import check_dtype, optimizer_state_bytes, row_bytes
-from compressors.pruning.common import (
-    EntryTable,
-    dim_choices,
-    export_pruned,
-    index_bytes,
-    refuse_distributed,
-    row_optimizer,
-    row_plan,
-)
+from compressors.pruning.bytes import dim_choices, index_bytes, row_plan
+from compressors.pruning.entry_table import EntryTable, refuse_distributed, row_optimizer
+from compressors.pruning.serving import export_pruned
 
 if TYPE_CHECKING:
     from compressors.core.base import StageContext
@@ -610,7 +530,7 @@ class OptEmbed(SearchedBytes, Compressor):
 
     def _field_bytes(self, fields: torch.Tensor, kept: torch.Tensor, dims: torch.Tensor):
         """Serve bytes of ``fields`` holding ``kept`` rows at ``dims`` (vectorised
-        :func:`~compressors.pruning.common.row_plan`; every argument a tensor of one length)."""
+        :func:`~compressors.pruning.bytes.row_plan`; every argument a tensor of one length)."""
         if self._consts is None or self._consts[0] != self.storage:
             packable = set(dim_choices(self.dim, self.storage)) | {self.dim}
             self._consts = (

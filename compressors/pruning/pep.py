@@ -9,7 +9,7 @@ jointly with the table and the network. As in the reference, the only other forc
 is Adam's (coupled) L2 weight decay ``threshold_decay``. Two stages:
 
 1. **search** (training): every ``check_every`` steps the table's sparsity is measured; the
-   first time it reaches the budget's sparsity (see :mod:`compressors.pruning.entry`) the
+   first time it reaches the budget's sparsity (see :mod:`compressors.pruning.entry_pruned`) the
    mask ``|w| > g(s)`` is frozen, as the paper saves the pruned structure once the target
    is met (``fill_budget``, the default, then restores the pruned entries nearest their
    thresholds if the jump between two checks overshot the target; ``False`` keeps the
@@ -65,7 +65,7 @@ from torch import nn
 
 from compressors.core.base import SCHEDULED, FeatureSpec, Stage
 from compressors.core.registry import register
-from compressors.pruning.entry import EntryPruned
+from compressors.pruning.entry_pruned import EntryPruned
 
 if TYPE_CHECKING:
     from compressors.core.base import StageContext
@@ -93,10 +93,6 @@ class PEP(EntryPruned):
     name = "pep"
     default_optimizer = "adam"  # the paper's; its criteria need it (docs/methods)
     option_help = {
-        "optimizer": "optimizer of the table rows: sgd, adagrad, rowwise_adagrad or adam "
-        "(None: the run's --table-optimizer, as every method's tables)",
-        "storage": "serving dtype of the kept entries (fp32, fp16, int8: CSR or kept rows; "
-        "int4, int2: kept rows)",
         "granularity": "one threshold per entry ('feature_dim', reference), per field and dim "
         "('field_dim') or per field ('field')",
         "threshold_init": "initial threshold logit s, g(s)=sigmoid(s) (reference -15 / -150)",
@@ -227,11 +223,9 @@ class PEP(EntryPruned):
     @torch.no_grad()
     def _fill(self) -> None:
         """``fill_budget``: the thresholds rise for every entry at once, so between two checks
-        the sparsity can jump past the budget's (at 10x on the synthetic sweep: 97.5% where
-        94.6% was the target, 63% of the budget used). Restores the pruned entries with the
-        largest ``|w| − g(s)`` (the nearest to surviving) up to the target: the budget's
-        sparsity, as asked. Measured there (3 seeds, ``results/pep-fill-10x/``): ~5,200
-        entries back, test AUC .7326 ± .0019 against .7320 ± .0025 without — a tie."""
+        the sparsity can jump past the budget's. Restores the pruned entries with the largest
+        ``|w| − g(s)`` (the nearest to surviving) up to the target: the budget's sparsity, as
+        asked (figures: ``docs/methods/pep.md``)."""
         kept = int(self.mask.sum())
         if not self.fill_budget or kept >= self.target_entries:
             return
