@@ -562,7 +562,6 @@ def build_parser(prepare: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "--serving-opt",
         action="append",
-        default=[],
         metavar="KIND.OPTION=VALUE",
         help="an option of the artifact's serving module (repeatable), e.g. binary.decode=auto: "
         "binary's bits (default) holds the artifact's bytes; auto/planes/rows serve fbgemm "
