@@ -142,15 +142,17 @@ class Manifest:
         """What a server holds for the embeddings: the tables (``serve_bytes``) and, when raw
         values are served through an id vocabulary, the vocabulary as the artifact stores it
         (recorded at export; artifacts from before that count the tables only)."""
-        recorded = self.embedding.get("footprint")
-        tables = self.serve_bytes
-        return dict(recorded) if recorded else {"tables": tables, "vocabulary": 0, "total": tables}
+        return _footprint(self.embedding)
 
 
 def serving_footprint(manifest: dict[str, Any]) -> dict[str, int]:
     """:meth:`Manifest.footprint` of a manifest's JSON (as ``CompactModel.manifest`` holds it)."""
-    tables = int(manifest["embedding"]["serve_bytes"])
-    recorded = manifest["embedding"].get("footprint")
+    return _footprint(manifest["embedding"])
+
+
+def _footprint(embedding: dict[str, Any]) -> dict[str, int]:
+    tables = int(embedding["serve_bytes"])
+    recorded = embedding.get("footprint")
     return dict(recorded) if recorded else {"tables": tables, "vocabulary": 0, "total": tables}
 
 

@@ -8,6 +8,7 @@ a batch's encoded parts.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,8 @@ from ctr.serving.http.requests import ids_records
 from ctr.serving.manifest import MANIFEST_FILE, ArtifactError
 from datasets.encode import EncodedRecords, RawEncoder
 from datasets.io import file_sha256
+
+log = logging.getLogger("ctr.serve")
 
 
 @dataclass
@@ -83,6 +86,15 @@ def load_served(
     ``serving_options`` maps an export kind to its serving module's options
     (:meth:`ServeConfig.module_options`)."""
     model = CompactModel.load(path, verify=True, serving_options=serving_options)
+    unused = sorted(set(serving_options or {}) - {model.spec.kind})
+    if unused:
+        # Options are per export kind; a directory of versions may hold several methods.
+        log.warning(
+            "%s: serving options for %s unused (the artifact's export kind is %r)",
+            path,
+            ", ".join(unused),
+            model.spec.kind,
+        )
     try:
         encoder: RawEncoder | None = model.raw_encoder
     except ArtifactError:
