@@ -291,17 +291,26 @@ def _is_demo_output(path: Path) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ctr.serve import ServeConfig, serve
+    from ctr.serving.http.app import serve
+    from ctr.serving.http.config import MiB, ServeConfig, parse_serving_options
 
+    options = parse_serving_options(args.serving_opt)
+    if args.binary_decode is not None:
+        print(
+            "warning: --binary-decode is deprecated; use --serving-opt "
+            f"binary.decode={args.binary_decode}",
+            file=sys.stderr,
+        )
+        options.setdefault("binary.decode", args.binary_decode)
     config = ServeConfig(
         max_batch=args.max_batch,
         max_delay_ms=args.max_delay_ms,
-        max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        max_body_bytes=int(args.max_body_mb * MiB),
         max_rows=args.max_rows,
         max_queue_rows=args.max_queue_rows,
         poll_s=args.poll_s,
-        binary_decode=args.binary_decode,
         workers=args.workers,
+        serving_options=options,
     )
     serve(args.artifact, args.host, args.port, config)
     return 0
@@ -504,33 +513,65 @@ def build_parser(prepare: bool = True) -> argparse.ArgumentParser:
         epilog=EPILOG_SERVE,
         formatter_class=fmt,
     )
+    from ctr.serving.http.config import MiB, ServeConfig
+
+    serve_defaults = ServeConfig()
     p.add_argument("artifact", type=Path, help="an artifact, or a directory of artifact versions")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8080, help="0 picks a free port")
-    p.add_argument("--max-batch", type=int, default=4096, help="rows per model forward")
+    p.add_argument(
+        "--max-batch", type=int, default=serve_defaults.max_batch, help="rows per model forward"
+    )
     p.add_argument(
         "--max-delay-ms",
         type=float,
-        default=0.0,
+        default=serve_defaults.max_delay_ms,
         help="wait this long for more rows (0: a batch is what queued during the last forward)",
     )
-    p.add_argument("--max-rows", type=int, default=16384, help="rows per request (else 413)")
-    p.add_argument("--max-body-mb", type=float, default=8.0, help="request body limit (413)")
-    p.add_argument("--max-queue-rows", type=int, default=65536, help="rows waiting before 503s")
-    p.add_argument("--poll-s", type=float, default=2.0, help="version-directory poll interval")
+    p.add_argument(
+        "--max-rows",
+        type=int,
+        default=serve_defaults.max_rows,
+        help="rows per request (else 413)",
+    )
+    p.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=serve_defaults.max_body_bytes / MiB,
+        help="request body limit (413)",
+    )
+    p.add_argument(
+        "--max-queue-rows",
+        type=int,
+        default=serve_defaults.max_queue_rows,
+        help="rows waiting before 503s",
+    )
+    p.add_argument(
+        "--poll-s",
+        type=float,
+        default=serve_defaults.poll_s,
+        help="version-directory poll interval",
+    )
     p.add_argument(
         "--workers",
         type=int,
-        default=1,
+        default=serve_defaults.workers,
         help="server processes on the port (one a core), sharing the loaded tables; each "
         "has its own queue and /metrics",
     )
     p.add_argument(
+        "--serving-opt",
+        action="append",
+        metavar="KIND.OPTION=VALUE",
+        help="an option of the artifact's serving module (repeatable), e.g. binary.decode=auto: "
+        "binary's bits (default) holds the artifact's bytes; auto/planes/rows serve fbgemm "
+        "rows, faster and larger (/v1/metadata: resident_bytes)",
+    )
+    p.add_argument(
         "--binary-decode",
         choices=("bits", "auto", "planes", "rows"),
-        default="bits",
-        help="binary artifacts: bits holds the artifact's bytes; auto/planes/rows serve fbgemm "
-        "rows, faster and larger (/v1/metadata: resident_bytes)",
+        default=None,
+        help="deprecated (one release): --serving-opt binary.decode=...",
     )
     p.set_defaults(func=cmd_serve)
 

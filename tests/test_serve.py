@@ -417,12 +417,14 @@ def _worker_of(server: Server) -> str:
 
 
 def _versions_everywhere(server: Server, version: str, workers: set[str]) -> bool:
-    """Whether every worker in ``workers`` answers /v1/metadata with ``version`` (new
-    connections land on the workers by the kernel's hash: enough of them reach each)."""
+    """Whether every worker in ``workers`` serves ``version`` (new connections land on the
+    workers by the kernel's hash: enough of them reach each). Worker and version come from
+    one /metrics answer: two requests may reach two workers."""
     seen: dict[str, str] = {}
     for _ in range(60):
-        pid = _worker_of(server)
-        seen[pid] = server.request("GET", "/v1/metadata")[2]["version"]  # another connection
+        _, _, text = server.request("GET", "/metrics")
+        pid = re.search(r'ctr_worker\{index="\d+",workers="\d+",pid="(\d+)"\}', text).group(1)
+        seen[pid] = re.search(r'ctr_model_info\{version="([^"]*)"', text).group(1)
         if set(seen) >= workers and all(v == version for v in seen.values()):
             return True
     return False

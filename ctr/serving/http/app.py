@@ -1,0 +1,376 @@
+"""``ctr serve``: an artifact behind HTTP (Starlette under uvicorn), with micro-batching.
+
+Endpoints:
+
+- ``POST /v1/predict`` — ``{"instances": [{"C1": "68fd1e64", "I1": 3}, ...]}`` (rows) or
+  ``{"inputs": {"C1": [...], "I1": [...]}}`` (columns) of raw values, as the dataset's files
+  held them; ``"ids": true`` sends prepared ids (sparse) and transformed floats (dense)
+  instead. Answers ``{"predictions": [p, ...]}`` (click probabilities, request order).
+  *Missing fields*: a sparse field that is absent, null or ``""`` is the missing value, which
+  preparation encoded as id 0 (OOV); a dense field that is absent or null is the missing
+  number, which the dataset's transform fills (Criteo: ``log(1 + 0)``, tables: 0). With
+  ``"ids": true`` an absent sparse field is id 0 and an absent dense field is 0.0; a field
+  the model keys by raw-value fingerprint (metadata ``fingerprint_fields``) takes the value's
+  64-bit fingerprint (:func:`datasets.fingerprint.fingerprint_strings`) as its id.
+- ``GET /v1/metadata`` — model, method and solved hyperparameters, fields, serving footprint
+  (tables and, for id-keyed methods, the vocabulary), dataset, artifact version and checksum.
+- ``GET /healthz`` (the process answers) and ``GET /readyz`` (a verified model is loaded).
+- ``GET /metrics`` — Prometheus text: requests by status, latency and batch-size histograms,
+  rows predicted, queue depth, reloads.
+- ``POST /v1/reload`` (or ``SIGHUP``) — load and verify the artifact again (for a directory of
+  versions: the newest one) in the background and swap atomically; a directory of versions
+  is also polled. Requests already queued finish on the model they were accepted by; an
+  artifact that fails verification is refused (409) and the old model keeps serving.
+
+Requests are validated on arrival, queued, and coalesced by one batcher into forwards of up
+to ``max_batch`` rows: a batch takes every request that queued while the previous forward
+ran (an idle model answers a lone request at once), and waits up to ``max_delay_ms`` since
+its first request for more (default 0: no wait; raise it for fuller batches at low load).
+A batch's raw values are encoded together (small batches from the encoder's memo of recent
+values, larger ones in one vectorised pass over all its requests' rows: the per-field fixed
+cost is paid once per batch, not per request) and its forward runs, both on a dedicated
+thread, never on the event loop; a value that fails to encode fails only its own request.
+Bad requests get a JSON ``{"error": ...}``:
+malformed JSON 400, unknown field / wrong type / ragged columns 400 naming the field, body
+over ``max_body_bytes`` 413, more than ``max_rows`` rows 413, non-JSON content type 415, and
+a full queue (over ``max_queue_rows`` rows waiting) 503 with ``Retry-After``.
+
+Example::
+
+    ctr serve artifacts/deepfm --port 8080
+    ctr serve artifacts/binary --serving-opt binary.decode=auto   # faster, larger decode
+    curl -s localhost:8080/v1/predict -H 'content-type: application/json' \\
+         -d '{"instances": [{"C1": "68fd1e64", "I1": 3}]}'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from ctr.serving.http.batcher import Batcher, RawColumns
+from ctr.serving.http.config import ServeConfig
+from ctr.serving.http.metrics import Metrics
+from ctr.serving.http.models import Served, load_served, resolve_artifact
+from ctr.serving.http.reload import ModelManager
+from ctr.serving.http.requests import RequestError, ids_records, read_json, request_columns
+from datasets.encode import EncodedRecords
+
+log = logging.getLogger("ctr.serve")
+
+
+def create_app(
+    source: str | Path,
+    config: ServeConfig | None = None,
+    on_ready: Any = None,
+    served: Served | None = None,
+    worker: tuple[int, int] | None = None,
+    on_reload: Any = None,
+) -> Starlette:
+    """The ASGI app serving ``source`` (an artifact, or a directory of artifact versions);
+    loads and verifies it first (raises :class:`ArtifactError` when it cannot) unless
+    ``served`` is that model already loaded. ``on_ready`` (optional) is called once the app
+    has started and takes requests; ``on_reload`` after ``POST /v1/reload`` swapped a model
+    in; ``worker`` is (index, count) of a server process among ``--workers``."""
+    config = config or ServeConfig()
+    source = Path(source)
+    metrics = Metrics(worker)
+    source = source.resolve()
+    manager = ModelManager(
+        source,
+        served or load_served(resolve_artifact(source), config.module_options()),
+        metrics,
+        config.poll_s,
+        config.module_options(),
+    )
+    batcher = Batcher(config, metrics)
+    state = {"ready": False}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        batcher.start()
+        poller = loop.create_task(manager.poll()) if manager.versioned and config.poll_s else None
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGHUP, manager.reload_soon, "SIGHUP")
+        state["ready"] = True
+        if on_ready is not None:
+            on_ready(manager.current)
+        try:
+            yield
+        finally:
+            state["ready"] = False
+            if poller is not None:
+                poller.cancel()
+            await batcher.stop()
+            manager.close()
+
+    def error(e: RequestError) -> JSONResponse:
+        return JSONResponse({"error": e.message}, e.status, headers=e.headers)
+
+    async def predict(request: Request) -> Response:
+        start = time.perf_counter()
+        status = 200
+        try:
+            served = manager.current
+            payload = await read_json(request, config.max_body_bytes)
+            accepted = (
+                (
+                    set(served.dense) | {f["name"] for f in served.sparse}
+                    if payload.get("ids") is True or served.encoder is None
+                    else set(served.encoder.fields)
+                )
+                if isinstance(payload, dict)
+                else set()
+            )
+            columns, n, ids = request_columns(payload, accepted, config.max_rows)
+            if not ids and served.encoder is None:
+                raise RequestError(
+                    400, 'this artifact was exported without its vocabulary; send "ids": true'
+                )
+            encoded: EncodedRecords | RawColumns = (
+                await run_in_threadpool(ids_records, served, columns, n)
+                if ids
+                else RawColumns(columns, n)
+            )
+            predictions = await batcher.submit(served, encoded, n)
+            metrics.rows_predicted += n
+            return JSONResponse({"predictions": predictions})
+        except RequestError as e:
+            status = e.status
+            return error(e)
+        except RecursionError:
+            status = 400  # a value nested too deeply for the encoder: the request's fault
+            return error(RequestError(400, "malformed request: a value is nested too deeply"))
+        except Exception as e:
+            status = 500
+            log.exception("predict failed")
+            return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, 500)
+        finally:
+            metrics.requests["/v1/predict", status] += 1
+            metrics.latency.observe(time.perf_counter() - start)
+
+    async def metadata(request: Request) -> Response:
+        metrics.requests["/v1/metadata", 200] += 1
+        return JSONResponse(manager.current.metadata())
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        if not state["ready"]:
+            return JSONResponse({"status": "not ready"}, 503)
+        served = manager.current
+        return JSONResponse({"status": "ready", "version": served.version})
+
+    async def reload(request: Request) -> Response:
+        try:
+            result = await manager.reload("POST /v1/reload")
+            status = 200
+            if on_reload is not None and result.get("swapped"):
+                on_reload()
+            return JSONResponse(result)
+        except RequestError as e:
+            status = e.status
+            return error(e)
+        finally:
+            metrics.requests["/v1/reload", status] += 1
+
+    async def prometheus(request: Request) -> Response:
+        text = metrics.render(batcher.queued_rows, batcher.queue.qsize(), manager.current)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    app = Starlette(
+        routes=[
+            Route("/v1/predict", predict, methods=["POST"]),
+            Route("/v1/metadata", metadata, methods=["GET"]),
+            Route("/v1/reload", reload, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", prometheus, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.manager = manager
+    app.state.batcher = batcher
+    return app
+
+
+def serve(
+    source: str | Path, host: str = "127.0.0.1", port: int = 8080, config: ServeConfig | None = None
+) -> None:
+    """Runs the server until interrupted; prints the address once it listens (with
+    ``config.workers`` > 1: once every worker does; see :func:`_serve_workers`)."""
+    import uvicorn
+
+    config = config or ServeConfig()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if config.workers > 1:
+        _serve_workers(source, family, host, port, config)
+        return
+    sock = _listener(family, host, port)
+    bound = sock.getsockname()[1]
+    app = create_app(source, config, on_ready=lambda served: _announce(served, host, bound))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    )
+    server.run(sockets=[sock])
+
+
+def _listener(family: int, host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    # proto=IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on accepted sockets
+    # whose proto says TCP, and without it Nagle's algorithm holds a response's body (written
+    # after its headers) until the client's delayed ACK, ~40 ms per keep-alive request.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock
+
+
+def _announce(served: Served, host: str, port: int, workers: int = 1) -> None:
+    # Printed once requests are taken, so a script may start sending when it sees it.
+    manifest = served.model.manifest
+    print(
+        f"serving {served.path} ({manifest['model']['name']} + "
+        f"{manifest['embedding']['method']}) on http://{host}:{port}"
+        + (f" ({workers} workers)" if workers > 1 else ""),
+        flush=True,
+    )
+
+
+def _serve_workers(
+    source: str | Path, family: int, host: str, port: int, config: ServeConfig
+) -> None:
+    """``config.workers`` server processes on one port, forked from this one once it has
+    loaded and verified the model, so the workers share its tables' memory (copy-on-write
+    pages that serving never writes) instead of loading a copy each.
+
+    Each worker listens on its own socket bound to the port with ``SO_REUSEPORT``: the kernel
+    spreads new connections evenly over them (one shared listening socket lets whichever
+    event loop wakes first accept a whole burst). Each worker runs one forward thread with
+    one intra-op thread: N workers for N cores.
+
+    Per worker, as documented in the README: every worker has its own queue, batcher and
+    counters (``/metrics`` answers for the worker that took the connection, named by the
+    ``ctr_worker`` line). A hot swap loads the new version in each worker (a swapped-in model
+    is each worker's own copy): ``SIGHUP`` to this process reaches every worker, a
+    ``POST /v1/reload`` that swaps tells this process to reload the others, and each worker
+    polls a directory of versions. A worker that dies is started again (after a second) and
+    first reloads, to serve the version the others serve. ``SIGTERM``/``SIGINT`` stop all.
+    """
+    import uvicorn
+
+    torch.set_num_threads(1)  # before any forward: no intra-op threads exist at the fork
+    resolved = Path(source).resolve()
+    served = load_served(resolve_artifact(resolved), config.module_options())
+    # Holds the port (bound, not listening: it takes no connections) for restarted workers.
+    keeper = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    keeper.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    keeper.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    keeper.bind((host, port))
+    port = keeper.getsockname()[1]
+    ready_r, ready_w = os.pipe()
+    parent = os.getpid()
+    children: dict[int, int] = {}  # pid -> worker index
+    stopping = False
+
+    def start(index: int, restarted: bool) -> None:
+        pid = os.fork()
+        if pid:
+            children[pid] = index
+            return
+        code = 1
+        try:  # the worker: never returns into the supervisor's code
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app handles it
+            os.close(ready_r)
+            keeper.close()
+            sock = _listener(family, host, port, reuse_port=True)
+            app = create_app(
+                resolved,
+                config,
+                on_ready=lambda _: ready(app, restarted),
+                served=served,
+                worker=(index, config.workers),
+                on_reload=lambda: os.kill(parent, signal.SIGUSR1),
+            )
+            uvicorn.Server(
+                uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+            ).run(sockets=[sock])
+            code = 0
+        except BaseException:
+            log.exception("worker %d failed", index)
+        finally:
+            os._exit(code)
+
+    def ready(app: Starlette, restarted: bool) -> None:
+        if restarted:
+            app.state.manager.reload_soon("worker restart")
+        os.write(ready_w, b"r")
+
+    def forward(sig: int) -> None:
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def on_stop(sig: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        forward(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, lambda sig, frame: forward(signal.SIGHUP))
+    signal.signal(signal.SIGUSR1, lambda sig, frame: forward(signal.SIGHUP))
+    for index in range(config.workers):
+        start(index, restarted=False)
+    announced, ready_count = False, 0
+    try:
+        while children:
+            if not announced:
+                if select.select([ready_r], [], [], 0.2)[0]:
+                    ready_count += len(os.read(ready_r, 64))
+                    if ready_count >= config.workers:
+                        _announce(served, host, port, config.workers)
+                        announced = True
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            else:
+                pid, status = os.waitpid(-1, 0)
+            if not pid:
+                continue
+            index = children.pop(pid)
+            if stopping:
+                continue
+            if not announced:
+                raise RuntimeError(f"worker {index} exited during start-up (status {status})")
+            log.warning(
+                "worker %d (pid %d) exited with status %d; starting it again", index, pid, status
+            )
+            time.sleep(1.0)
+            start(index, restarted=True)
+    finally:
+        forward(signal.SIGTERM)
+        for pid in list(children):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        keeper.close()
