@@ -1,0 +1,41 @@
+"""Fair memory–accuracy sweeps (``ctr sweep``): the spec, the runner and the report."""
+
+from ctr.sweep.runner import (
+    CELL_FILE,
+    REFERENCE,
+    RESULT_FILE,
+    SPEC_FILE,
+    ProtocolConfig,
+    SweepSpec,
+    cell_dir,
+    cell_key,
+    changed_defaults,
+    code_version,
+    effective_key,
+    effective_protocol,
+    feasibility,
+    load_results,
+    method_defaults,
+    run_cell,
+    run_sweep,
+)
+
+__all__ = [
+    "CELL_FILE",
+    "REFERENCE",
+    "RESULT_FILE",
+    "SPEC_FILE",
+    "ProtocolConfig",
+    "SweepSpec",
+    "cell_dir",
+    "cell_key",
+    "changed_defaults",
+    "code_version",
+    "effective_key",
+    "effective_protocol",
+    "feasibility",
+    "load_results",
+    "method_defaults",
+    "run_cell",
+    "run_sweep",
+]
