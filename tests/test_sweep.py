@@ -181,8 +181,9 @@ def test_a_cell_finished_under_other_method_defaults_is_kept_and_named(
 def test_cell_keys_are_stable_and_name_the_run_dirs(tiny_sweep, tiny_data):
     out, _ = tiny_sweep
     cells = _spec(tiny_data).cells()
-    reordered = {k: cells[0][k] for k in reversed(list(cells[0]))}
-    assert cell_key(reordered) == cell_key(cells[0])
+    raw = cells[0].to_json()
+    reordered = {k: raw[k] for k in reversed(list(raw))}
+    assert cell_key(reordered) == cell_key(cells[0]) == cells[0].key
     assert len({cell_key(c) for c in cells}) == len(cells)
     assert all((cell_dir(out, c) / "result.json").exists() for c in cells)
 

@@ -71,11 +71,11 @@ def spec_from_args(args: argparse.Namespace) -> Any:
 
 
 def cmd_sweep_run(args: argparse.Namespace) -> int:
-    from ctr.sweep import run_sweep
+    from ctr.sweep import run_cells
 
     spec = spec_from_args(args)
     started = time.perf_counter()
-    results = run_sweep(
+    results = run_cells(
         spec,
         args.out,
         workers=args.workers,
@@ -83,7 +83,7 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
         address=args.address,
         threads=args.threads,
     )
-    done = sum(r["status"] == "done" for r in results)
+    done = sum(r.done for r in results)
     print(
         f"sweep finished in {time.perf_counter() - started:.0f}s: {done} cells trained, "
         f"{len(results) - done} infeasible -> {args.out} (ctr sweep report {args.out})"
@@ -92,7 +92,7 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep_report(args: argparse.Namespace) -> int:
-    from ctr.sweep_report import write_report
+    from ctr.sweep import write_report
 
     try:
         paths = write_report(args.sweep, args.out, overwrite=args.overwrite)

@@ -15,7 +15,7 @@ Several sweep directories report as one. A cell is counted once however many dir
 
 Example::
 
-    paths = write_report("sweeps/synth")   # {"csv": .., "parquet": .., "markdown": .., "png": [..]}
+    paths = write_report("sweeps/synth")  # {"csv": .., "parquet": .., "markdown": .., "png": [..]}
     paths = write_report(["sweeps/a", "sweeps/b"], "sweeps/report")
 """
 
@@ -30,7 +30,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ctr.sweep import load_results
+from ctr.sweep.spec import CELL_FILE, RESULT_FILE, Cell, CellResult
+from datasets.io import atomic_write, atomic_write_text
 
 COLUMNS = (
     "data",
@@ -60,6 +61,23 @@ COLUMNS = (
     "key",
     "code_version",
 )
+
+
+def load_results(out: str | Path) -> list[CellResult]:
+    """Every finished cell's result under ``out`` (any spec that wrote there), each with its
+    ``cell.json`` attached (``result.cell``), so that one method run with two option sets is
+    never read as one, and cells are counted by what they train (``Cell.effective_key``)."""
+    paths = sorted((Path(out) / "cells").glob(f"*/{RESULT_FILE}"))
+    if not paths:
+        raise ValueError(f"{out}: no finished cells (cells/*/{RESULT_FILE}); run `ctr sweep run`")
+    results = []
+    for path in paths:
+        result = CellResult.load(path)
+        cell = path.with_name(CELL_FILE)
+        if cell.exists():
+            result.cell = Cell.from_json(json.loads(cell.read_text()))
+        results.append(result)
+    return results
 
 
 def variant(method: str, options: dict[str, Any] | None) -> str:
@@ -101,28 +119,31 @@ VALIDATION_NOTE = (
 )
 
 
-def _common_protocol(results: list[dict[str, Any]]) -> dict[str, Any] | None:
-    spelled = [json.dumps(r["protocol"], sort_keys=True) for r in results if r.get("protocol")]
+def _protocol(result: CellResult) -> dict[str, Any] | None:
+    return result.cell.protocol.effective() if result.cell is not None else None
+
+
+def _common_protocol(results: list[CellResult]) -> dict[str, Any] | None:
+    spelled = [json.dumps(p, sort_keys=True) for r in results if (p := _protocol(r))]
     if not spelled:
         return None
     return json.loads(collections.Counter(spelled).most_common(1)[0][0])
 
 
-def result_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def result_rows(results: list[CellResult]) -> list[dict[str, Any]]:
+    """One row of :data:`COLUMNS` (and ``learns_on_validation``) per result."""
     rows = []
     common = _common_protocol(results)
     for r in results:
-        chosen = r.get("chosen") or {}
-        row = {k: r.get(k) for k in COLUMNS}
-        row["method"] = variant(r["method"], r.get("method_options")) + protocol_suffix(
-            r.get("protocol"), common
-        )
-        row["learns_on_validation"] = learns_on_validation(r["method"], r.get("method_options"))
-        row["method_options"] = str(r.get("method_options") or "")
-        row["budget"] = str(r["budget"])
-        row["table_lr"] = chosen.get("table_lr")
-        row["embedding_l2"] = chosen.get("embedding_l2")
-        row["hyperparameters"] = str(r.get("hyperparameters") or "")
+        raw = r.to_json()
+        row = {k: raw.get(k) for k in COLUMNS}
+        row["method"] = variant(r.method, r.method_options) + protocol_suffix(_protocol(r), common)
+        row["learns_on_validation"] = learns_on_validation(r.method, r.method_options)
+        row["method_options"] = str(r.method_options or "")
+        row["budget"] = str(r.budget)
+        row["table_lr"] = r.chosen.get("table_lr")
+        row["embedding_l2"] = r.chosen.get("embedding_l2")
+        row["hyperparameters"] = str(r.summary.get("hyperparameters") or "")
         rows.append(row)
     rows.sort(key=lambda x: (x["data"], x["model"], x["method"], _ratio_order(x), x["seed"]))
     return rows
@@ -369,10 +390,10 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -414,8 +435,8 @@ def write_report(
     results, seen = [], set()
     for directory in sweeps:
         for result in load_results(directory):
-            key = result.get("effective_key") or result.get("key")
-            if key is None or key not in seen:
+            key = result.cell.effective_key if result.cell is not None else result.key
+            if key not in seen:
                 seen.add(key)
                 results.append(result)
     rows = result_rows(results)
@@ -426,7 +447,7 @@ def write_report(
         (staging / REPORT_MARKER).touch()
         frame.to_csv(staging / "results.csv", index=False)
         frame.to_parquet(staging / "results.parquet", index=False)
-        (staging / "summary.md").write_text(markdown_summary(rows))
+        atomic_write_text(staging / "summary.md", markdown_summary(rows))
         for name, (data, model) in zip(pngs, groups, strict=True):
             subset = [r for r in rows if (r["data"], r["model"]) == (data, model)]
             pareto_plot(subset, staging / name, f"{model} on {Path(data).name}")

@@ -37,205 +37,35 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
 import os
 import subprocess
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ctr.resources import available_cpus
-from datasets.format import atomic_write_text
+from ctr.sweep.spec import (
+    CELL_FILE,
+    RESULT_FILE,
+    SPEC_FILE,
+    Cell,
+    CellResult,
+    SweepSpec,
+    cell_dir,
+)
+from datasets.format import DatasetMeta
+from datasets.io import atomic_write_text
 
-CELL_FILE = "cell.json"
-RESULT_FILE = "result.json"
-SPEC_FILE = "sweep.json"
-REFERENCE = ("full", "1x")
-
-
-@dataclass
-class ProtocolConfig:
-    """The training protocol every cell follows (see module docstring).
-
-    ``grid`` lists explicit points (``{"table_lr": .., "embedding_l2": ..}``, optionally
-    ``"table_optimizer"``); when empty the grid is ``table_lrs × embedding_l2s`` at
-    ``optimizer``, or, with ``optimizers`` (e.g. ``["rowwise_adagrad", "adam"]``: each method
-    can have its paper's optimiser and ``full`` the same chance), each optimiser × its lrs
-    (``optimizer_lrs``, else ``table_lrs``) × ``embedding_l2s``. ``batch_size`` 0 picks
-    :func:`ctr.run.auto_batch_size`.
-
-    The default grid is rowwise Adagrad and Adam, each 3 lrs × 3 L2 values (18 points); the
-    Adagrad part alone (``optimizers=[]`` or ``--optimizers rowwise_adagrad``) is the grid
-    of sweeps before the optimiser axis. Why 3 × 3: on the 200k-row synthetic data
-    (``results/full-l2-check/`` beside the main sweep's cells), the best of 7 points by
-    validation AUC was L2 0 in 2 of 6 cells (``tt``), .01 in 2 and .03 in 2 (``full``), so
-    dropping any of them under-tunes some method. ``--lrs``/``--l2s`` cut it for a quick sweep.
-    """
-
-    table_lrs: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1])
-    embedding_l2s: list[float] = field(default_factory=lambda: [0.0, 1e-2, 3e-2])
-    grid: list[dict[str, Any]] = field(default_factory=list)
-    optimizer: str = "rowwise_adagrad"
-    optimizers: list[str] = field(default_factory=lambda: ["rowwise_adagrad", "adam"])
-    optimizer_lrs: dict[str, list[float]] = field(
-        default_factory=lambda: {"adam": [3e-4, 1e-3, 3e-3]}
-    )
-    l2_mode: str = "lazy"
-    epochs: float = 3.0
-    evals_per_epoch: int = 4
-    patience: int = 3
-    lr_decay: float = 0.5
-    dense_lr: float = 1e-3
-    batch_size: int = 0
-    eval_batch_size: int = 16384
-
-    def points(self) -> list[dict[str, Any]]:
-        if self.grid:
-            return [dict(p) for p in self.grid]
-        if not self.optimizers:
-            return [
-                {"table_lr": lr, "embedding_l2": l2}
-                for lr, l2 in itertools.product(self.table_lrs, self.embedding_l2s)
-            ]
-        # The optimiser as an axis: each with its own lr scale (Adam's is not Adagrad's).
-        # Points at ``optimizer`` do not name it: they train what points before the axis did.
-        return [
-            {
-                **({"table_optimizer": opt} if opt != self.optimizer else {}),
-                "table_lr": lr,
-                "embedding_l2": l2,
-            }
-            for opt in self.optimizers
-            for lr, l2 in itertools.product(
-                self.optimizer_lrs.get(opt, self.table_lrs), self.embedding_l2s
-            )
-        ]
-
-    def train_config(self, point: dict[str, float], seed: int, batch_size: int) -> Any:
-        from ctr.trainer import TrainConfig
-
-        return TrainConfig(
-            epochs=self.epochs,
-            batch_size=batch_size,
-            lr=self.dense_lr,
-            table_lr=point["table_lr"],
-            table_optimizer=point.get("table_optimizer", self.optimizer),
-            evals_per_epoch=self.evals_per_epoch,
-            patience=self.patience,
-            lr_decay=self.lr_decay,
-            module_optimizer="table",
-            embedding_l2=point.get("embedding_l2", 0.0),
-            l2_mode=self.l2_mode,
-            seed=seed,
-            eval_batch_size=self.eval_batch_size,
-            progress=False,
-        )
-
-
-@dataclass
-class SweepSpec:
-    """What to sweep. ``method_options`` maps a method name to its options."""
-
-    data: list[str]
-    models: list[str] = field(default_factory=lambda: ["deepfm"])
-    methods: list[str] = field(default_factory=lambda: ["full"])
-    budgets: list[str | int | float] = field(default_factory=lambda: ["1x"])
-    seeds: list[int] = field(default_factory=lambda: [0])
-    dim: int = 16
-    model_options: dict[str, Any] = field(default_factory=dict)
-    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    reference: bool = True
-    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, raw: dict[str, Any], source: str = "spec") -> SweepSpec:
-        raw = dict(raw)
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(
-                f"{source}: unknown field(s) {unknown}; expected some of {sorted(known)}"
-            )
-        protocol = raw.pop("protocol", {}) or {}
-        bad = sorted(set(protocol) - set(ProtocolConfig.__dataclass_fields__))
-        if bad:
-            raise ValueError(f"{source}: unknown protocol field(s) {bad}")
-        if "data" not in raw:
-            raise ValueError(
-                f"{source}: field 'data' (a list of prepared dataset dirs) is required"
-            )
-        for key in ("data", "models", "methods", "budgets", "seeds"):
-            if key in raw and not isinstance(raw[key], list):
-                raw[key] = [raw[key]]
-        return cls(**raw, protocol=ProtocolConfig(**protocol))
-
-    @classmethod
-    def load(cls, path: str | Path) -> SweepSpec:
-        """A JSON (or, with PyYAML installed, YAML) spec file."""
-        text = Path(path).read_text()
-        if str(path).endswith((".yaml", ".yml")):
-            import yaml
-
-            raw = yaml.safe_load(text)
-        else:
-            try:
-                raw = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping of sweep fields")
-        return cls.from_json(raw, str(path))
-
-    def cells(self) -> list[dict[str, Any]]:
-        """Every cell's config (reference ``full`` cells first), in a stable order."""
-        combos = [
-            (d, m, method, budget, seed)
-            for d in self.data
-            for m in self.models
-            for method in self.methods
-            for budget in self.budgets
-            for seed in self.seeds
-        ]
-        if self.reference:
-            refs = [
-                (d, m, *REFERENCE, s) for d in self.data for m in self.models for s in self.seeds
-            ]
-            combos = refs + [c for c in combos if (c[2], str(c[3])) != REFERENCE]
-        protocol = asdict(self.protocol)
-        return [
-            {
-                "data": str(d),
-                "model": m,
-                "model_options": self.model_options,
-                "dim": self.dim,
-                "method": method,
-                "budget": budget,
-                "method_options": self.method_options.get(method, {}),
-                "seed": seed,
-                "protocol": protocol,
-            }
-            for d, m, method, budget, seed in dict.fromkeys(combos)
-        ]
-
-
-def cell_key(cell: dict[str, Any]) -> str:
-    """A stable hash of a cell's config (key order and JSON spelling do not matter)."""
-    blob = json.dumps(cell, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+Log = Callable[[str], None]
 
 
 def code_version() -> str | None:
     """The commit of the code that trains a cell (``+dirty`` with uncommitted changes), or
     None outside a git checkout. Recorded with results, not hashed into keys: a key names
     what a cell trains, and a rerun under newer code still finds the finished cell."""
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
 
     def git(*args: str) -> str:
         done = subprocess.run(
@@ -259,13 +89,13 @@ def method_defaults(method: str) -> dict[str, Any]:
     return json.loads(json.dumps(method_options(method), default=str))
 
 
-def changed_defaults(result: dict[str, Any]) -> dict[str, tuple[Any, Any]] | None:
+def changed_defaults(result: CellResult) -> dict[str, tuple[Any, Any]] | None:
     """``{option: (then, now)}`` for defaults that changed since ``result`` was written;
     None when the result predates recorded defaults."""
-    then = result.get("method_defaults")
+    then = result.method_defaults
     if then is None:
         return None
-    now = method_defaults(result["method"])
+    now = method_defaults(result.method)
     return {
         k: (then.get(k), now.get(k))
         for k in sorted(set(then) | set(now))
@@ -273,77 +103,69 @@ def changed_defaults(result: dict[str, Any]) -> dict[str, tuple[Any, Any]] | Non
     }
 
 
-def effective_protocol(protocol: dict[str, Any]) -> dict[str, Any]:
-    """What a protocol trains: every field (defaults filled in for cells written before a
-    field existed), the grid as its points and not the ``table_lrs``/``embedding_l2s`` an
-    explicit grid overrides."""
-    known = {f.name for f in fields(ProtocolConfig)}
-    # Cells written before the optimiser axis trained ``optimizer`` alone.
-    protocol = {"optimizers": [], **protocol}
-    config = ProtocolConfig(**{k: v for k, v in protocol.items() if k in known})
-    out = asdict(config)
-    out["grid"] = config.points()
-    del out["table_lrs"], out["embedding_l2s"], out["optimizers"], out["optimizer_lrs"]
-    return out
+class Datasets:
+    """What a sweep reads of its datasets, each read once: ``meta.json`` and, for the
+    feasibility checks, the features with their frequencies (and fingerprints)."""
+
+    def __init__(self) -> None:
+        self._meta: dict[str, DatasetMeta] = {}
+        self._features: dict[tuple[str, bool], list[Any]] = {}
+
+    def meta(self, data: str) -> DatasetMeta:
+        if data not in self._meta:
+            self._meta[data] = DatasetMeta.load(data)
+        return self._meta[data]
+
+    def features(self, cell: Cell) -> list[Any]:
+        from ctr.embedding import features_from_dataset
+
+        key = (cell.data, cell.method_options.get("keys") == "fingerprint")
+        if key not in self._features:
+            self._features[key] = features_from_dataset(self.meta(cell.data), key[1])
+        return self._features[key]
 
 
-def effective_key(cell: dict[str, Any]) -> str:
-    """A hash of what a cell actually trains (:func:`effective_protocol`), so two cells that
-    differ only in fields an explicit grid overrides (the default ``table_lrs``/
-    ``embedding_l2s`` of the version that wrote them) hash alike. The report counts such
-    twins once; run directories keep :func:`cell_key`."""
-    return cell_key({**cell, "protocol": effective_protocol(cell.get("protocol", {}))})
-
-
-def cell_dir(out: str | Path, cell: dict[str, Any]) -> Path:
-    budget = str(cell["budget"]).replace("/", "_")
-    name = f"{cell['method']}-{budget}-{cell['model']}-seed{cell['seed']}-{cell_key(cell)}"
-    return Path(out) / "cells" / name
-
-
-def feasibility(cell: dict[str, Any]) -> str | None:
+def feasibility(cell: Cell, datasets: Datasets | None = None) -> str | None:
     """None when the method can meet the cell's budget, else why not — decided by the
     method's solver (:func:`compressors.solve`), which allocates no weights."""
     from compressors import BudgetError, solve
-    from ctr.embedding import features_from_dataset
 
-    features = features_from_dataset(
-        cell["data"], cell["method_options"].get("keys") == "fingerprint"
-    )
+    features = (datasets or Datasets()).features(cell)
     try:
-        solve(cell["method"], features, cell["dim"], cell["budget"], **cell["method_options"])
+        solve(cell.method, features, cell.dim, cell.budget, **cell.method_options)
     except BudgetError as e:
         return str(e)
     return None
 
 
-def run_cell(cell: dict[str, Any], directory: str | Path) -> dict[str, Any]:
-    """Runs (or resumes, or reads back) one cell; returns and atomically writes its result."""
+def _result(cell: Cell, status: str, **values: Any) -> CellResult:
+    return CellResult.of(
+        cell,
+        status,
+        method_defaults=method_defaults(cell.method),
+        code_version=code_version(),
+        **values,
+    )
+
+
+def run_cell(cell: Cell, directory: str | Path, meta: DatasetMeta | None = None) -> CellResult:
+    """Runs (or resumes, or reads back) one cell; returns and atomically writes its result.
+
+    ``meta``: the cell's dataset, as the sweep read it (read here when not given)."""
     from ctr.run import RunConfig, auto_batch_size, train_run
-    from datasets.format import DatasetMeta
 
     directory = Path(directory)
     done = directory / RESULT_FILE
     if done.exists():
-        return json.loads(done.read_text())
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(directory / CELL_FILE, json.dumps(cell, indent=2))
+        return CellResult.load(done)
+    _write_cell(cell, directory)
     started = time.perf_counter()
-    base = {k: cell[k] for k in ("data", "model", "method", "budget", "seed")}
-    reason = feasibility(cell)
-    if reason is not None:
-        result = {
-            **base,
-            "status": "infeasible",
-            "reason": reason,
-            "key": cell_key(cell),
-            "method_defaults": method_defaults(cell["method"]),
-            "code_version": code_version(),
-        }
-        atomic_write_text(done, json.dumps(result, indent=2))
-        return result
-    protocol = ProtocolConfig(**cell["protocol"])
-    meta = DatasetMeta.load(cell["data"])
+    if meta is None:
+        reason = feasibility(cell)
+        if reason is not None:
+            return _write_result(_result(cell, "infeasible", reason=reason), directory)
+        meta = DatasetMeta.load(cell.data)
+    protocol = cell.protocol
     batch = protocol.batch_size or auto_batch_size(meta.rows("train"))
     grid = []
     for i, point in enumerate(protocol.points()):
@@ -353,53 +175,39 @@ def run_cell(cell: dict[str, Any], directory: str | Path) -> dict[str, Any]:
             summary = json.loads(summary_path.read_text())
         else:
             cfg = RunConfig(
-                data=cell["data"],
-                model=cell["model"],
-                model_options=cell["model_options"],
-                dim=cell["dim"],
-                compressor=cell["method"],
-                budget=cell["budget"],
-                method_options=cell["method_options"],
-                train=protocol.train_config(point, cell["seed"], batch),
+                data=cell.data,
+                model=cell.model,
+                model_options=cell.model_options,
+                dim=cell.dim,
+                compressor=cell.method,
+                budget=cell.budget,
+                method_options=cell.method_options,
+                train=protocol.train_config(point, cell.seed, batch),
             )
             summary = train_run(cfg, run)
-        grid.append({"point": point, "summary": summary})
-    best = max(grid, key=lambda g: g["summary"]["valid_auc"])
-    chosen = best["summary"]
-    result = {
-        **base,
-        "status": "done",
-        "key": cell_key(cell),
-        "method_defaults": method_defaults(cell["method"]),
-        "code_version": code_version(),
-        **{k: chosen.get(k) for k in _SUMMARY_KEYS},
-        "chosen": best["point"],
-        "batch_size": batch,
-        "grid": [{**g["point"], "valid_auc": g["summary"]["valid_auc"]} for g in grid],
-        "grid_train_seconds": sum(g["summary"].get("train_seconds", 0.0) for g in grid),
-        "cell_seconds": time.perf_counter() - started,
-    }
-    atomic_write_text(done, json.dumps(result, indent=2))
+        grid.append((point, summary))
+    point, chosen = max(grid, key=lambda g: g[1]["valid_auc"])
+    result = _result(
+        cell,
+        "done",
+        summary=chosen,
+        chosen=point,
+        batch_size=batch,
+        grid=[{**p, "valid_auc": s["valid_auc"]} for p, s in grid],
+        grid_train_seconds=sum(s.get("train_seconds", 0.0) for _, s in grid),
+        cell_seconds=time.perf_counter() - started,
+    )
+    return _write_result(result, directory)
+
+
+def _write_cell(cell: Cell, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(directory / CELL_FILE, json.dumps(cell.to_json(), indent=2))
+
+
+def _write_result(result: CellResult, directory: Path) -> CellResult:
+    atomic_write_text(directory / RESULT_FILE, json.dumps(result.to_json(), indent=2))
     return result
-
-
-_SUMMARY_KEYS = (
-    "test_auc",
-    "test_logloss",
-    "valid_auc",
-    "serve_bytes",
-    "train_bytes",
-    "full_bytes",
-    "budget_bytes",
-    "ratio",
-    "hyperparameters",
-    "samples_per_sec",
-    "steps",
-    "train_seconds",
-    "stage_seconds",
-    "wall_seconds",
-    "teacher_test_auc",
-)
 
 
 # ---------------------------------------------------------------- executors
@@ -410,9 +218,9 @@ def _set_threads(threads: int) -> None:
     configure_threads(threads, warn=False)
 
 
-def _local_task(cell: dict[str, Any], directory: str, threads: int) -> dict[str, Any]:
+def _local_task(cell: Cell, directory: str, meta: DatasetMeta, threads: int) -> CellResult:
     _set_threads(threads)
-    return run_cell(cell, directory)
+    return run_cell(cell, directory, meta)
 
 
 def run_sweep(
@@ -422,22 +230,39 @@ def run_sweep(
     executor: str = "local",
     address: str | None = None,
     threads: int | None = None,
-    log: Callable[[str], None] = print,
+    log: Log = print,
 ) -> list[dict[str, Any]]:
-    """Runs every cell of ``spec`` under ``out`` (resuming); returns the results in cell order.
+    """Runs every cell of ``spec`` under ``out`` (resuming); returns the results in cell
+    order, as their ``result.json`` spells them (:func:`run_cells` gives them typed).
 
     ``threads``: torch threads per worker (default: the machine's cores / ``workers``).
     """
+    results = run_cells(spec, out, workers, executor, address, threads, log)
+    return [r.to_json() for r in results]
+
+
+def run_cells(
+    spec: SweepSpec,
+    out: str | Path,
+    workers: int = 1,
+    executor: str = "local",
+    address: str | None = None,
+    threads: int | None = None,
+    log: Log = print,
+) -> list[CellResult]:
+    """:func:`run_sweep`, returning :class:`CellResult` records."""
+    if executor not in ("local", "ray"):
+        raise ValueError(f"--executor must be local or ray, got {executor!r}")
     out = Path(out)
     _claim(out)
     atomic_write_text(out / SPEC_FILE, json.dumps(spec.to_json(), indent=2))
     cells = spec.cells()
     dirs = [cell_dir(out, c) for c in cells]
-    results: dict[int, dict[str, Any]] = {}
+    results: dict[int, CellResult] = {}
     todo = []
     for i, d in enumerate(dirs):
         if (d / RESULT_FILE).exists():
-            results[i] = json.loads((d / RESULT_FILE).read_text())
+            results[i] = CellResult.load(d / RESULT_FILE)
         else:
             todo.append(i)
     log(f"sweep {out}: {len(cells)} cells, {len(results)} done, {len(todo)} to run")
@@ -447,35 +272,42 @@ def run_sweep(
     threads = threads or max(1, available_cpus() // max(workers, 1))
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-    def finished(i: int, result: dict[str, Any]) -> None:
-        results[i] = result
-        atomic_write_text(dirs[i] / RESULT_FILE, json.dumps(result, indent=2))
+    def finished(i: int, result: CellResult) -> None:
+        results[i] = _write_result(result, dirs[i])
         log(f"  [{len(results)}/{len(cells)}] {_describe(result)}")
 
+    # Budgets a method cannot meet are decided here, by the solver, before any training:
+    # each dataset is read once for the whole sweep, not once per cell.
+    datasets = Datasets()
+    trainable = []
+    for i in todo:
+        reason = feasibility(cells[i], datasets)
+        if reason is None:
+            trainable.append(i)
+        else:
+            _write_cell(cells[i], dirs[i])
+            finished(i, _result(cells[i], "infeasible", reason=reason))
+    jobs = [(i, cells[i], str(dirs[i]), datasets.meta(cells[i].data)) for i in trainable]
     if executor == "ray":
-        _run_ray(cells, dirs, todo, address, threads, finished)
-    elif executor != "local":
-        raise ValueError(f"--executor must be local or ray, got {executor!r}")
+        _run_ray(jobs, address, threads, finished)
     elif workers <= 1:
         _set_threads(threads)
-        for i in todo:
-            finished(i, run_cell(cells[i], dirs[i]))
+        for i, cell, directory, meta in jobs:
+            finished(i, run_cell(cell, directory, meta))
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(
-            min(workers, len(todo)) or 1, mp_context=mp.get_context("spawn")
+            min(workers, len(jobs)) or 1, mp_context=mp.get_context("spawn")
         ) as pool:
-            futures = {pool.submit(_local_task, cells[i], str(dirs[i]), threads): i for i in todo}
+            futures = {pool.submit(_local_task, *job[1:], threads): job[0] for job in jobs}
             for future in as_completed(futures):
                 finished(futures[future], future.result())
     return [results[i] for i in range(len(cells))]
 
 
-def _warn_stale(
-    results: dict[int, dict[str, Any]], dirs: list[Path], log: Callable[[str], None]
-) -> None:
+def _warn_stale(results: dict[int, CellResult], dirs: list[Path], log: Log) -> None:
     """Cell keys hash the options a spec names, not the code's defaults: a finished cell whose
     method defaults changed since is kept (it is the user's result) but named, with how to
     retrain it."""
@@ -487,7 +319,7 @@ def _warn_stale(
         elif changed:
             what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             log(
-                f"  warning: {dirs[i].name} finished under other {result['method']} defaults "
+                f"  warning: {dirs[i].name} finished under other {result.method} defaults "
                 f"({what}); kept — remove {dirs[i]} to retrain it under today's"
             )
     if unknown:
@@ -498,18 +330,16 @@ def _warn_stale(
 
 
 def _run_ray(
-    cells: list[dict[str, Any]],
-    dirs: list[Path],
-    todo: Iterable[int],
+    jobs: Iterable[tuple[int, Cell, str, DatasetMeta]],
     address: str | None,
     threads: int,
-    finished: Callable[[int, dict[str, Any]], None],
+    finished: Callable[[int, CellResult], None],
 ) -> None:
     try:
         import ray
     except ImportError:
         raise RuntimeError("--executor ray needs Ray: pip install 'ctr-compress[ray]'") from None
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     env["OMP_NUM_THREADS"] = str(threads)
     env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
@@ -523,7 +353,7 @@ def _run_ray(
         )
     try:
         task = ray.remote(num_cpus=threads)(_local_task)
-        pending = {task.remote(cells[i], str(dirs[i]), threads): i for i in todo}
+        pending = {task.remote(*job[1:], threads): job[0] for job in jobs}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
@@ -547,31 +377,11 @@ def _claim(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _describe(result: dict[str, Any]) -> str:
-    head = f"{result['method']} @ {result['budget']} seed {result['seed']}"
-    if result["status"] != "done":
-        return f"{head}: infeasible ({result['reason']})"
+def _describe(result: CellResult) -> str:
+    head = f"{result.method} @ {result.budget} seed {result.seed}"
+    if not result.done:
+        return f"{head}: infeasible ({result.reason})"
     return (
-        f"{head}: test AUC {result['test_auc']:.4f} (lr {result['chosen']['table_lr']}, "
-        f"L2 {result['chosen'].get('embedding_l2', 0.0)})"
+        f"{head}: test AUC {result.test_auc:.4f} (lr {result.chosen['table_lr']}, "
+        f"L2 {result.chosen.get('embedding_l2', 0.0)})"
     )
-
-
-def load_results(out: str | Path) -> list[dict[str, Any]]:
-    """Every finished cell's result under ``out`` (any spec that wrote there), each with its
-    cell's ``method_options`` (from ``cell.json``), so that one method run with two option
-    sets is never read as one, and its :func:`effective_key`."""
-    paths = sorted((Path(out) / "cells").glob(f"*/{RESULT_FILE}"))
-    if not paths:
-        raise ValueError(f"{out}: no finished cells (cells/*/{RESULT_FILE}); run `ctr sweep run`")
-    results = []
-    for path in paths:
-        result = json.loads(path.read_text())
-        cell = path.with_name(CELL_FILE)
-        if cell.exists():
-            config = json.loads(cell.read_text())
-            result.setdefault("method_options", config.get("method_options", {}))
-            result["effective_key"] = effective_key(config)
-            result["protocol"] = effective_protocol(config.get("protocol", {}))
-        results.append(result)
-    return results
