@@ -1,16 +1,16 @@
-"""Moved to :mod:`ctr.sweep.report`; this name stays for one release."""
+"""Moved to :mod:`ctr.sweep.report` (and :mod:`ctr.sweep.stats`, :mod:`ctr.sweep.plot`); this
+name stays for one release."""
 
+from ctr.sweep.plot import pareto_plot  # noqa: F401
 from ctr.sweep.report import (  # noqa: F401
     COLUMNS,
     against_full,
-    best_per_budget,
-    compare,
     is_report,
     learns_on_validation,
+    load_results,
     markdown_summary,
-    pareto_front,
-    pareto_plot,
     result_rows,
     variant,
     write_report,
 )
+from ctr.sweep.stats import best_per_budget, compare, pareto_front  # noqa: F401

@@ -18,13 +18,8 @@ import pytest
 from ctr.cli import main
 from ctr.run import auto_batch_size
 from ctr.sweep import SweepSpec, cell_dir, cell_key, code_version, run_sweep
-from ctr.sweep_report import (
-    against_full,
-    compare,
-    learns_on_validation,
-    pareto_front,
-    write_report,
-)
+from ctr.sweep.report import against_full, learns_on_validation, write_report
+from ctr.sweep.stats import compare, pareto_front
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL = {

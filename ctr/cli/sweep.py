@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+import textwrap
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-EPILOG_SWEEP = """examples:
+from ctr.cli.common import HelpFormatter, field_default, parse_budget
+
+HELP = {"sweep": "fair memory-accuracy sweeps and their report"}
+EXAMPLES = """examples:
   ctr sweep run --data data/synth --methods hash,tt,robe --budgets 10x,100x --seeds 0,1,2 \\
                 --out sweeps/synth --workers 2
   ctr sweep run --spec sweep.json --out sweeps/synth      # a JSON (or YAML) SweepSpec
@@ -18,24 +22,46 @@ EPILOG_SWEEP = """examples:
   ctr sweep report sweeps/a sweeps/b --out sweeps/ab      # one report of several
 Rerunning the same `ctr sweep run` resumes: finished cells are kept, an interrupted one
 continues from its checkpoint.
-Spec fields (flags override them; docs/sweep-spec.md): data, models, methods, budgets, seeds,
-dim, model_options, method_options, reference, protocol.{table_lrs (--lrs), embedding_l2s
-(--l2s), grid, optimizer, optimizers (--optimizers), optimizer_lrs, l2_mode, epochs,
-evals_per_epoch, patience, lr_decay, dense_lr, batch_size, eval_batch_size}."""
+"""
+# Protocol fields that have a list flag of their own (the others: --epochs etc. by name).
+PROTOCOL_LIST_FLAGS = {"table_lrs": ("lrs", float), "embedding_l2s": ("l2s", float)}
+PROTOCOL_LIST_FLAGS["optimizers"] = ("optimizers", str)
+PROTOCOL_FLAGS = {
+    "epochs": (float, "max epochs per grid point"),
+    "evals_per_epoch": (int, "evaluations per epoch"),
+    "patience": (int, "evaluations without improvement to stop a grid point"),
+    "batch_size": (int, "0: >= 200 steps per epoch"),
+}
+
+
+def epilog() -> str:
+    """The examples, then every spec field (read from the dataclasses) and its flag."""
+    from ctr.sweep.spec import ProtocolConfig, SweepSpec
+
+    spec = [f.name for f in fields(SweepSpec) if f.name != "protocol"]
+    protocol = [
+        f.name + (f" (--{PROTOCOL_LIST_FLAGS[f.name][0]})" if f.name in PROTOCOL_LIST_FLAGS else "")
+        for f in fields(ProtocolConfig)
+    ]
+    text = (
+        "Spec fields (flags override them; docs/sweep-spec.md): "
+        f"{', '.join(spec)}, protocol.{{{', '.join(protocol)}}}."
+    )
+    return EXAMPLES + textwrap.fill(text, 92, break_on_hyphens=False)
+
+
+def _shown(value: Any) -> str:
+    return (
+        ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+        if isinstance(value, list)
+        else str(value)
+    )
 
 
 def _list(text: str | None, cast: Any = str) -> list[Any] | None:
     if text is None:
         return None
     return [cast(x.strip()) for x in text.split(",") if x.strip()]
-
-
-def _budget(text: str) -> str | int | float:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return text
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else text
 
 
 def spec_from_args(args: argparse.Namespace) -> Any:
@@ -46,22 +72,18 @@ def spec_from_args(args: argparse.Namespace) -> Any:
         "data": _list(args.data),
         "models": _list(args.models),
         "methods": _list(args.methods),
-        "budgets": _list(args.budgets, _budget),
+        "budgets": _list(args.budgets, parse_budget),
         "seeds": _list(args.seeds, int),
         "dim": args.dim,
     }
     raw.update({k: v for k, v in overrides.items() if v is not None})
     protocol = raw.setdefault("protocol", {})
-    for flag, key, cast in (
-        ("lrs", "table_lrs", float),
-        ("l2s", "embedding_l2s", float),
-        ("optimizers", "optimizers", str),
-    ):
+    for key, (flag, cast) in PROTOCOL_LIST_FLAGS.items():
         value = _list(getattr(args, flag), cast)
         if value is not None:
             protocol[key] = value
             protocol["grid"] = []
-    for key in ("epochs", "evals_per_epoch", "patience", "batch_size"):
+    for key in PROTOCOL_FLAGS:
         value = getattr(args, key)
         if value is not None:
             protocol[key] = value
@@ -106,45 +128,68 @@ def cmd_sweep_report(args: argparse.Namespace) -> int:
 
 
 def add_sweep_parser(sub: Any) -> None:
-    from ctr.cli import HelpFormatter
+    from ctr.sweep.spec import ProtocolConfig, SweepSpec
 
     fmt = HelpFormatter
-    p = sub.add_parser(
-        "sweep",
-        help="fair memory-accuracy sweeps and their report",
-        epilog=EPILOG_SWEEP,
-        formatter_class=fmt,
-    )
+    p = sub.add_parser("sweep", help=HELP["sweep"], epilog=epilog(), formatter_class=fmt)
     actions = p.add_subparsers(dest="sweep_command", required=True)
     r = actions.add_parser(
         "run",
         help="train every cell of a sweep (resumable)",
-        epilog=EPILOG_SWEEP,
+        epilog=epilog(),
         formatter_class=fmt,
     )
     r.add_argument("--spec", type=Path, help="JSON/YAML SweepSpec; flags override its fields")
+
+    def spec_default(name: str) -> str:
+        return _shown(field_default(SweepSpec, name))
+
+    def protocol_default(name: str) -> str:
+        return _shown(field_default(ProtocolConfig, name))
+
+    # None leaves the spec's value; the defaults named in the help are the dataclasses'.
     r.add_argument("--data", help="prepared dataset dir(s), comma-separated")
-    r.add_argument("--models", help="models, comma-separated (default deepfm)")
-    r.add_argument("--methods", help="methods, comma-separated (see `ctr methods`)")
-    r.add_argument("--budgets", help="budgets, comma-separated, e.g. 10x,100x")
-    r.add_argument("--seeds", help="seeds, comma-separated, e.g. 0,1,2")
-    r.add_argument("--dim", type=int, default=None, help="embedding dim (default 16)")
+    r.add_argument("--models", help=f"models, comma-separated (default {spec_default('models')})")
+    r.add_argument(
+        "--methods",
+        help=f"methods, comma-separated (see `ctr methods`; default {spec_default('methods')})",
+    )
+    r.add_argument(
+        "--budgets",
+        help=f"budgets, comma-separated, e.g. 10x,100x (default {spec_default('budgets')})",
+    )
+    r.add_argument(
+        "--seeds", help=f"seeds, comma-separated, e.g. 0,1,2 (default {spec_default('seeds')})"
+    )
+    r.add_argument(
+        "--dim", type=int, default=None, help=f"embedding dim (default {spec_default('dim')})"
+    )
+    adam = _shown(field_default(ProtocolConfig, "optimizer_lrs")["adam"])
+    optimizer = field_default(ProtocolConfig, "optimizer")
     r.add_argument(
         "--lrs",
         help="grid of embedding learning rates, comma-separated (of the protocol's optimizer, "
-        "rowwise_adagrad; Adam takes protocol.optimizer_lrs unless --optimizers leaves it out)",
+        f"{optimizer}; Adam takes protocol.optimizer_lrs unless --optimizers leaves it out; "
+        f"default {protocol_default('table_lrs')})",
     )
-    r.add_argument("--l2s", help="grid of embedding L2 rates, comma-separated")
+    r.add_argument(
+        "--l2s",
+        help="grid of embedding L2 rates, comma-separated "
+        f"(default {protocol_default('embedding_l2s')})",
+    )
     r.add_argument(
         "--optimizers",
-        help="embedding optimizers as a grid axis, comma-separated (rowwise_adagrad,adam); "
-        "each takes its lrs from the spec's protocol.optimizer_lrs (adam: 3e-4,1e-3,3e-3), "
-        "else --lrs",
+        help="embedding optimizers as a grid axis, comma-separated "
+        f"(default {protocol_default('optimizers')}); each takes its lrs from the spec's "
+        f"protocol.optimizer_lrs (adam: {adam}), else --lrs",
     )
-    r.add_argument("--epochs", type=float, default=None, help="max epochs per grid point")
-    r.add_argument("--evals-per-epoch", type=int, default=None)
-    r.add_argument("--patience", type=int, default=None)
-    r.add_argument("--batch-size", type=int, default=None, help="0: >= 200 steps per epoch")
+    for name, (cast, text) in PROTOCOL_FLAGS.items():
+        r.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=cast,
+            default=None,
+            help=f"{text} (default {protocol_default(name)})",
+        )
     r.add_argument("--out", required=True, type=Path, help="sweep directory")
     r.add_argument("--workers", type=int, default=1, help="local worker processes")
     r.add_argument("--threads", type=int, default=None, help="torch threads per worker")

@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import collections
 import json
-import math
 import re
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ctr.sweep.plot import pareto_plot
 from ctr.sweep.spec import CELL_FILE, RESULT_FILE, Cell, CellResult
-from datasets.io import atomic_write, atomic_write_text
+from ctr.sweep.stats import best_per_budget, compare, groups, ratio_order, seed_stats
+from datasets.io import atomic_write_text
 
 COLUMNS = (
     "data",
@@ -145,82 +146,8 @@ def result_rows(results: list[CellResult]) -> list[dict[str, Any]]:
         row["embedding_l2"] = r.chosen.get("embedding_l2")
         row["hyperparameters"] = str(r.summary.get("hyperparameters") or "")
         rows.append(row)
-    rows.sort(key=lambda x: (x["data"], x["model"], x["method"], _ratio_order(x), x["seed"]))
+    rows.sort(key=lambda x: (x["data"], x["model"], x["method"], ratio_order(x), x["seed"]))
     return rows
-
-
-def _ratio_order(row: dict[str, Any]) -> float:
-    return row["ratio"] if row["ratio"] is not None else math.inf
-
-
-def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[tuple[str, str], list]]:
-    """(data, model) -> (method, budget) -> finished rows."""
-    out: dict[tuple[str, str], dict[tuple[str, str], list]] = {}
-    for r in rows:
-        cells = out.setdefault((r["data"], r["model"]), {})
-        cells.setdefault((r["method"], r["budget"]), []).append(r)
-    return out
-
-
-def _stats(rows: list[dict[str, Any]]) -> dict[str, float] | None:
-    aucs = [r["test_auc"] for r in rows if r["status"] == "done"]
-    if not aucs:
-        return None
-    return {
-        "mean": statistics.fmean(aucs),
-        "std": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
-        "spread": max(aucs) - min(aucs),
-        "n": len(aucs),
-        "bytes": statistics.fmean(r["serve_bytes"] for r in rows if r["status"] == "done"),
-    }
-
-
-def best_per_budget(cells: dict[tuple[str, str], list]) -> dict[str, str]:
-    """budget -> "method (win)" / "tie: a, b" (a win only beyond either's seed spread)."""
-    verdicts = {}
-    for budget in dict.fromkeys(b for _, b in cells):
-        ranked = sorted(
-            ((s, m) for (m, b), rows in cells.items() if b == budget and (s := _stats(rows))),
-            key=lambda x: -x[0]["mean"],
-        )
-        if not ranked:
-            verdicts[budget] = "none feasible"
-        elif len(ranked) == 1:
-            verdicts[budget] = f"{ranked[0][1]} (only one)"
-        else:
-            (best, name), (second, other) = ranked[0], ranked[1]
-            margin = best["mean"] - second["mean"]
-            if margin > max(best["spread"], second["spread"]) and min(best["n"], second["n"]) > 1:
-                verdicts[budget] = f"**{name}** (+{margin:.4f} over {other})"
-            else:
-                ties = [
-                    m for s, m in ranked if best["mean"] - s["mean"] <= best["spread"] + s["spread"]
-                ]
-                verdicts[budget] = f"tie within seed spread: {', '.join(ties)}"
-    return verdicts
-
-
-def compare(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> str:
-    """``"above"``, ``"below"`` or ``"tie"``: ``a``'s test AUCs against ``b``'s, a difference
-    only beyond the seed noise read both ways — paired by seed (every per-seed gain of one
-    sign and their mean beyond their spread) and unpaired (the means differ by more than
-    both sides' standard deviations together). Fewer than 3 shared seeds: ``"tie"``."""
-    by_seed_a = {r["seed"]: r["test_auc"] for r in a if r["status"] == "done"}
-    by_seed_b = {r["seed"]: r["test_auc"] for r in b if r["status"] == "done"}
-    seeds = sorted(set(by_seed_a) & set(by_seed_b))
-    if len(seeds) < 3:
-        return "tie"
-    xa = [by_seed_a[k] for k in seeds]
-    xb = [by_seed_b[k] for k in seeds]
-    gains = [x - y for x, y in zip(xa, xb, strict=True)]
-    noise = statistics.pstdev(xa) + statistics.pstdev(xb)
-    mean = statistics.fmean(gains)
-    spread = max(gains) - min(gains)
-    if min(gains) > 0 and mean > spread and mean > noise:
-        return "above"
-    if max(gains) < 0 and -mean > spread and -mean > noise:
-        return "below"
-    return "tie"
 
 
 def against_full(cells: dict[tuple[str, str], list]) -> list[str]:
@@ -234,9 +161,9 @@ def against_full(cells: dict[tuple[str, str], list]) -> list[str]:
         "paired by seed and unpaired):",
         "",
     ]
-    reference = _stats(full)
+    reference = seed_stats(full)
     for (method, budget), rows in cells.items():
-        s = _stats(rows)
+        s = seed_stats(rows)
         if method == "full" or s is None or reference is None:
             continue
         verdict = compare(rows, full) if s["n"] >= 3 else f"undecided ({s['n']} seed(s))"
@@ -268,11 +195,11 @@ def cost_lines(cells: dict[tuple[str, str], list]) -> list[str]:
 
 def markdown_summary(rows: list[dict[str, Any]]) -> str:
     lines = ["# Sweep summary", ""]
-    for (data, model), cells in _groups(rows).items():
+    for (data, model), cells in groups(rows).items():
         budgets = sorted(
             dict.fromkeys(b for _, b in cells),
             key=lambda b: min(
-                _ratio_order(r) for (_, bb), rs in cells.items() if bb == b for r in rs
+                ratio_order(r) for (_, bb), rs in cells.items() if bb == b for r in rs
             ),
         )
         methods = list(dict.fromkeys(m for m, _ in cells))
@@ -290,7 +217,7 @@ def markdown_summary(rows: list[dict[str, Any]]) -> str:
             cellstr = []
             for b in budgets:
                 rs = cells.get((m, b))
-                s = _stats(rs) if rs else None
+                s = seed_stats(rs) if rs else None
                 if rs is None:
                     cellstr.append("")
                 elif s is None:
@@ -320,81 +247,6 @@ def markdown_summary(rows: list[dict[str, Any]]) -> str:
             lines += [f"- {m} @ {b}: {reason}" for m, b, reason in infeasible]
         lines.append("")
     return "\n".join(lines)
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The (bytes, auc) points no other point beats with fewer or equal bytes."""
-    front, best = [], -math.inf
-    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
-        if y > best:
-            front.append((x, y))
-            best = y
-    return front
-
-
-def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cells = _groups(rows)
-    fig, ax = plt.subplots(figsize=(10, 6))
-    points = []
-    full = None
-    methods = list(dict.fromkeys(m for group in cells.values() for m, _ in group))
-    # Twenty distinct colours and a marker cycle: a sweep of every method stays readable.
-    colours = plt.get_cmap("tab20").colors
-    markers = "os^vD<>ph*"
-    for group in cells.values():
-        for method in dict.fromkeys(m for m, _ in group):
-            stats = sorted(
-                (s for (m, _), rs in group.items() if m == method and (s := _stats(rs))),
-                key=lambda s: s["bytes"],
-            )
-            if not stats:
-                continue
-            if method == "full":
-                full = stats[-1]
-            x = [s["bytes"] for s in stats]
-            y = [s["mean"] for s in stats]
-            err = [s["std"] for s in stats]
-            i = methods.index(method)
-            ax.errorbar(
-                x,
-                y,
-                yerr=err,
-                marker=markers[i % len(markers)],
-                color=colours[i % len(colours)],
-                capsize=3,
-                label=method,
-            )
-            points += list(zip(x, y, strict=True))
-    front = pareto_front(points)
-    if front:
-        fx, fy = zip(*front, strict=True)
-        ax.plot(fx, fy, linestyle="--", color="grey", zorder=0, label="Pareto front")
-        ax.scatter(fx, fy, s=160, facecolors="none", edgecolors="black", zorder=4)
-    if full is not None:
-        ax.axhline(
-            full["mean"], color="black", linestyle=":", label=f"tuned full {full['mean']:.4f}"
-        )
-    teacher = next((r["teacher_test_auc"] for r in rows if r["teacher_test_auc"]), None)
-    if teacher:
-        ax.axhline(teacher, color="red", linestyle="-.", label=f"teacher {teacher:.4f}")
-    ax.set_xscale("log")
-    ax.set_xlabel("serve bytes of the embeddings (log)")
-    ax.set_ylabel("test AUC (mean ± std over seeds)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    finally:
-        plt.close(fig)
-    return path
 
 
 REPORT_MARKER = ".ctr-sweep-report"
@@ -441,14 +293,14 @@ def write_report(
                 results.append(result)
     rows = result_rows(results)
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
-    groups = list(_groups(rows))
-    pngs = ["pareto.png"] if len(groups) == 1 else [f"pareto-{i}.png" for i in range(len(groups))]
+    keys = list(groups(rows))
+    pngs = ["pareto.png"] if len(keys) == 1 else [f"pareto-{i}.png" for i in range(len(keys))]
     with replace_dir(out, "sweep report", is_report, replace) as staging:
         (staging / REPORT_MARKER).touch()
         frame.to_csv(staging / "results.csv", index=False)
         frame.to_parquet(staging / "results.parquet", index=False)
         atomic_write_text(staging / "summary.md", markdown_summary(rows))
-        for name, (data, model) in zip(pngs, groups, strict=True):
+        for name, (data, model) in zip(pngs, keys, strict=True):
             subset = [r for r in rows if (r["data"], r["model"]) == (data, model)]
             pareto_plot(subset, staging / name, f"{model} on {Path(data).name}")
     return {
