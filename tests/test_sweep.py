@@ -347,3 +347,55 @@ def test_optimizer_axis_gives_each_optimizer_its_own_lrs():
     assert effective_protocol(old)["grid"] == [{"table_lr": 0.05, "embedding_l2": 0.0}]
     alone = ProtocolConfig(table_lrs=[0.05], embedding_l2s=[0.0], optimizers=["rowwise_adagrad"])
     assert alone.points() == effective_protocol(old)["grid"]
+
+
+def test_records_round_trip_and_keep_the_keys_earlier_sweeps_wrote():
+    import dataclasses
+
+    from ctr.sweep import Cell, CellResult, ProtocolConfig
+    from ctr.sweep.spec import SUMMARY_KEYS
+
+    spec = SweepSpec.from_json(
+        {"data": "d", "methods": ["hash"], "budgets": ["2x"], "reference": False}
+    )
+    (cell,) = spec.cells()
+    # A cell's key hashes the JSON sweeps have always written: finished cells keep their dirs.
+    written = {
+        "data": "d",
+        "model": "deepfm",
+        "model_options": {},
+        "dim": 16,
+        "method": "hash",
+        "budget": "2x",
+        "method_options": {},
+        "seed": 0,
+        "protocol": dataclasses.asdict(ProtocolConfig()),
+    }
+    assert cell.to_json() == written and cell.key == cell_key(written)
+    assert Cell.from_json(json.loads(json.dumps(written))) == cell
+    # A cell written before the optimiser axis trained the Adagrad grid alone.
+    old = {**written, "protocol": {"table_lrs": [0.05], "embedding_l2s": [0.0]}}
+    assert Cell.from_json(old).protocol.points() == [{"table_lr": 0.05, "embedding_l2": 0.0}]
+
+    done = CellResult.of(
+        cell,
+        "done",
+        summary={"test_auc": 0.75, "valid_auc": 0.76},
+        chosen={"table_lr": 0.05},
+        batch_size=256,
+        grid=[{"table_lr": 0.05, "valid_auc": 0.76}],
+        grid_train_seconds=1.0,
+        cell_seconds=2.0,
+    )
+    raw = json.loads(json.dumps(done.to_json()))
+    assert set(raw) == {
+        *("data", "model", "method", "budget", "seed", "status", "key"),
+        *("method_defaults", "code_version", *SUMMARY_KEYS, "chosen", "batch_size", "grid"),
+        *("grid_train_seconds", "cell_seconds"),
+    }
+    assert raw["test_auc"] == 0.75 and raw["key"] == cell.key
+    assert CellResult.from_json(raw) == done and CellResult.from_json(raw).to_json() == raw
+    infeasible = CellResult.of(cell, "infeasible", reason="needs more bytes")
+    raw = infeasible.to_json()
+    assert raw["reason"] == "needs more bytes" and "test_auc" not in raw and "grid" not in raw
+    assert CellResult.from_json(raw) == infeasible

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ctr.cli.common import HelpFormatter, add_field, add_fields, config_values
+from ctr.cli.common import HelpFormatter, add_field, add_fields, config_values, field_default
 
 HELP = {"serve": "serve an artifact over HTTP (micro-batching, metrics, hot swap)"}
 EPILOG_SERVE = """examples:
@@ -36,7 +36,6 @@ SERVE_FLAGS_AFTER_BODY = {
 
 
 def add_parsers(sub: Any) -> None:
-    from ctr.cli.common import field_default
     from ctr.serve import ServeConfig
 
     p = sub.add_parser(

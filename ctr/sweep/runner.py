@@ -103,7 +103,7 @@ def changed_defaults(result: CellResult) -> dict[str, tuple[Any, Any]] | None:
     }
 
 
-class Datasets:
+class SweepData:
     """What a sweep reads of its datasets, each read once: ``meta.json`` and, for the
     feasibility checks, the features with their frequencies (and fingerprints)."""
 
@@ -125,12 +125,12 @@ class Datasets:
         return self._features[key]
 
 
-def feasibility(cell: Cell, datasets: Datasets | None = None) -> str | None:
+def feasibility(cell: Cell, data: SweepData | None = None) -> str | None:
     """None when the method can meet the cell's budget, else why not — decided by the
     method's solver (:func:`compressors.solve`), which allocates no weights."""
     from compressors import BudgetError, solve
 
-    features = (datasets or Datasets()).features(cell)
+    features = (data or SweepData()).features(cell)
     try:
         solve(cell.method, features, cell.dim, cell.budget, **cell.method_options)
     except BudgetError as e:
@@ -151,7 +151,8 @@ def _result(cell: Cell, status: str, **values: Any) -> CellResult:
 def run_cell(cell: Cell, directory: str | Path, meta: DatasetMeta | None = None) -> CellResult:
     """Runs (or resumes, or reads back) one cell; returns and atomically writes its result.
 
-    ``meta``: the cell's dataset, as the sweep read it (read here when not given)."""
+    ``meta``: the cell's dataset as the sweep read it, the sweep having decided already that
+    the cell is feasible; without it, both are done here."""
     from ctr.run import RunConfig, auto_batch_size, train_run
 
     directory = Path(directory)
@@ -161,10 +162,11 @@ def run_cell(cell: Cell, directory: str | Path, meta: DatasetMeta | None = None)
     _write_cell(cell, directory)
     started = time.perf_counter()
     if meta is None:
-        reason = feasibility(cell)
+        data = SweepData()
+        reason = feasibility(cell, data)
         if reason is not None:
             return _write_result(_result(cell, "infeasible", reason=reason), directory)
-        meta = DatasetMeta.load(cell.data)
+        meta = data.meta(cell.data)
     protocol = cell.protocol
     batch = protocol.batch_size or auto_batch_size(meta.rows("train"))
     grid = []
@@ -278,16 +280,16 @@ def run_cells(
 
     # Budgets a method cannot meet are decided here, by the solver, before any training:
     # each dataset is read once for the whole sweep, not once per cell.
-    datasets = Datasets()
+    data = SweepData()
     trainable = []
     for i in todo:
-        reason = feasibility(cells[i], datasets)
+        reason = feasibility(cells[i], data)
         if reason is None:
             trainable.append(i)
         else:
             _write_cell(cells[i], dirs[i])
             finished(i, _result(cells[i], "infeasible", reason=reason))
-    jobs = [(i, cells[i], str(dirs[i]), datasets.meta(cells[i].data)) for i in trainable]
+    jobs = [(i, cells[i], str(dirs[i]), data.meta(cells[i].data)) for i in trainable]
     if executor == "ray":
         _run_ray(jobs, address, threads, finished)
     elif workers <= 1:

@@ -169,11 +169,10 @@ class Cell:
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Cell:
         """A ``cell.json`` as any version wrote it."""
-        names = {f.name for f in fields(cls)} - {"protocol"}
-        return cls(
-            **{k: raw.get(k) for k in names} | {"method_options": raw.get("method_options") or {}},
-            protocol=ProtocolConfig.from_json(raw.get("protocol") or {}),
-        )
+        values = {f.name: raw.get(f.name) for f in fields(cls)}
+        values["method_options"] = values["method_options"] or {}
+        values["protocol"] = ProtocolConfig.from_json(values["protocol"] or {})
+        return cls(**values)
 
     @property
     def key(self) -> str:
