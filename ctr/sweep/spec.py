@@ -225,8 +225,9 @@ SUMMARY_KEYS = (
 
 @dataclass
 class CellResult:
-    """A finished cell (``result.json``): ``status`` ``"done"`` (trained; ``summary`` is the
-    chosen grid point's run summary, flat in the JSON) or ``"infeasible"`` (``reason``).
+    """A finished cell (``result.json``): ``status`` ``"done"`` (trained; ``summary`` holds
+    the chosen grid point's run summary at :data:`SUMMARY_KEYS`, flat in the JSON) or
+    ``"infeasible"`` (``reason``).
 
     ``method_defaults`` (the method's option defaults then; None in results written before
     they were recorded) and ``code_version`` let a later run tell what changed since.
@@ -250,6 +251,10 @@ class CellResult:
     grid_train_seconds: float | None = None
     cell_seconds: float | None = None
     cell: Cell | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        # What a result records of its run summary, and only that.
+        self.summary = {k: self.summary.get(k) for k in SUMMARY_KEYS}
 
     @property
     def done(self) -> bool:
