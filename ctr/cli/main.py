@@ -58,7 +58,7 @@ GROUPS: tuple[tuple[dict[str, str], Callable[[Any], None]], ...] = (
     (demo.HELP, demo.add_parsers),
     (METHODS_HELP, _add_methods),
     (PREPARE_HELP, _add_prepare),
-    (sweep.HELP, sweep.add_sweep_parser),
+    (sweep.HELP, sweep.add_parsers),
 )
 
 

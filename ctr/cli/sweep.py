@@ -8,9 +8,12 @@ import textwrap
 import time
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ctr.cli.common import HelpFormatter, field_default, parse_budget
+
+if TYPE_CHECKING:
+    from ctr.sweep.spec import SweepSpec
 
 HELP = {"sweep": "fair memory-accuracy sweeps and their report"}
 EXAMPLES = """examples:
@@ -23,9 +26,14 @@ EXAMPLES = """examples:
 Rerunning the same `ctr sweep run` resumes: finished cells are kept, an interrupted one
 continues from its checkpoint.
 """
-# Protocol fields that have a list flag of their own (the others: --epochs etc. by name).
-PROTOCOL_LIST_FLAGS = {"table_lrs": ("lrs", float), "embedding_l2s": ("l2s", float)}
-PROTOCOL_LIST_FLAGS["optimizers"] = ("optimizers", str)
+# Protocol fields set by a comma-separated flag (field: flag, element type); setting one
+# drops an explicit grid.
+PROTOCOL_LIST_FLAGS = {
+    "table_lrs": ("lrs", float),
+    "embedding_l2s": ("l2s", float),
+    "optimizers": ("optimizers", str),
+}
+# Protocol fields set by their own flag (--epochs, --evals-per-epoch, ...): type, help.
 PROTOCOL_FLAGS = {
     "epochs": (float, "max epochs per grid point"),
     "evals_per_epoch": (int, "evaluations per epoch"),
@@ -64,8 +72,8 @@ def _list(text: str | None, cast: Any = str) -> list[Any] | None:
     return [cast(x.strip()) for x in text.split(",") if x.strip()]
 
 
-def spec_from_args(args: argparse.Namespace) -> Any:
-    from ctr.sweep import SweepSpec
+def spec_from_args(args: argparse.Namespace) -> SweepSpec:
+    from ctr.sweep.spec import SweepSpec
 
     raw: dict[str, Any] = SweepSpec.load(args.spec).to_json() if args.spec else {}
     overrides = {
@@ -127,7 +135,7 @@ def cmd_sweep_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_sweep_parser(sub: Any) -> None:
+def add_parsers(sub: Any) -> None:
     from ctr.sweep.spec import ProtocolConfig, SweepSpec
 
     fmt = HelpFormatter
