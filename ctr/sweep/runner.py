@@ -124,6 +124,11 @@ class SweepData:
             self._features[key] = features_from_dataset(self.meta(cell.data), key[1])
         return self._features[key]
 
+    def drop_features(self) -> None:
+        """Frees the features (a frequency per id: large for real datasets) once every
+        cell's feasibility is decided, before training takes the memory."""
+        self._features.clear()
+
 
 def feasibility(cell: Cell, data: SweepData | None = None) -> str | None:
     """None when the method can meet the cell's budget, else why not — decided by the
@@ -289,6 +294,7 @@ def run_cells(
         else:
             _write_cell(cells[i], dirs[i])
             finished(i, _result(cells[i], "infeasible", reason=reason))
+    data.drop_features()
     jobs = [(i, cells[i], str(dirs[i]), data.meta(cells[i].data)) for i in trainable]
     if executor == "ray":
         _run_ray(jobs, address, threads, finished)
