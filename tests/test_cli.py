@@ -114,7 +114,7 @@ def test_console_script_is_installed(tmp_path):
     ],
 )
 def test_train_defaults_to_each_methods_optimizer(tiny_data, flags, optimizer, lr, capsys):
-    from ctr.cli import _run_config
+    from ctr.cli.train import _run_config
 
     args = build_parser().parse_args(
         ["train", "--data", str(tiny_data), "--out", "x", "--batch-size", "64", *flags]

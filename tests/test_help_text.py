@@ -56,3 +56,37 @@ def test_every_sweep_spec_field_is_documented():
         for f in dataclasses.fields(cls):
             assert f"`{f.name}`" in doc, f.name
             assert f.name in epilog, f.name
+
+
+def test_train_and_serve_flags_default_to_their_configs(tiny_data):
+    # One source of defaults: a flag's default is its config field's, never a second literal.
+    from ctr.cli.train import _run_config
+    from ctr.run import RunConfig
+    from ctr.serve import ServeConfig
+    from ctr.trainer import TrainConfig
+
+    args = build_parser(["train"]).parse_args(["train", "--data", str(tiny_data), "--out", "r"])
+    # Picked per run: the batch size from the data, the table optimizer and lr from the method.
+    per_run = {"batch_size": None, "table_lr": None, "table_optimizer": "auto"}
+    flags = [f.name for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)]
+    assert {"epochs", "lr", "eval_every", "patience", "seed", "max_steps"} <= set(flags)
+    for name in flags:
+        assert getattr(args, name) == per_run.get(name, getattr(TrainConfig(), name)), name
+    for name in ("model", "compressor", "budget", "dim"):
+        assert getattr(args, name) == getattr(RunConfig(data=""), name), name
+    # And every flag reaches the config: only what is picked per run differs.
+    args.batch_size = TrainConfig().batch_size
+    train = _run_config(args).train
+    differs = {
+        f.name
+        for f in dataclasses.fields(TrainConfig)
+        if getattr(train, f.name) != getattr(TrainConfig(), f.name)
+    }
+    assert differs <= {"table_lr", "table_optimizer", "progress"}, differs
+
+    args = build_parser(["serve"]).parse_args(["serve", "artifact"])
+    config = ServeConfig()
+    for f in dataclasses.fields(ServeConfig):
+        if hasattr(args, f.name):
+            assert getattr(args, f.name) == getattr(config, f.name), f.name
+    assert args.max_body_mb * (1 << 20) == config.max_body_bytes

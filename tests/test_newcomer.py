@@ -32,7 +32,7 @@ def test_help_and_synth_import_no_torch(tmp_path):
     code = (
         "import sys\n"
         "from ctr.cli import build_parser, main\n"
-        "build_parser(prepare=False).format_help()\n"
+        "build_parser(commands=()).format_help()\n"
         f"assert main(['synth', '--rows', '2000', '--scale', '0.0002', '--no-progress', "
         f"'--out', {str(tmp_path / 'd')!r}]) == 0\n"
         "print(sorted(m for m in ('torch', 'torchrec', 'fbgemm_gpu') if m in sys.modules))"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -101,10 +102,10 @@ def test_failed_predict_leaves_no_temporary_file(finished_run, tmp_path, monkeyp
     art = tmp_path / "art"
     assert main(["export", str(run), "--out", str(art)]) == 0
 
-    def fail(self, target):
+    def fail(source, target):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Path, "replace", fail)
+    monkeypatch.setattr(os, "replace", fail)  # the rename datasets.io.atomic_write ends with
     preds = tmp_path / "preds.csv"
     assert main(["predict", str(art), "--data", str(data), "--out", str(preds)]) == 2
     assert "No space left" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import json
 import pytest
 from prepare_support import FIXTURES, read_all_splits
 
-from ctr.prepare_cli import add_prepare_parser
+from ctr.cli.prepare import add_prepare_parser
 from datasets.format import DatasetMeta
 
 QUIET = ["--no-progress"]

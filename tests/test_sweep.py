@@ -18,13 +18,8 @@ import pytest
 from ctr.cli import main
 from ctr.run import auto_batch_size
 from ctr.sweep import SweepSpec, cell_dir, cell_key, code_version, run_sweep
-from ctr.sweep_report import (
-    against_full,
-    compare,
-    learns_on_validation,
-    pareto_front,
-    write_report,
-)
+from ctr.sweep.report import against_full, learns_on_validation, write_report
+from ctr.sweep.stats import compare, pareto_front
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL = {
@@ -181,8 +176,9 @@ def test_a_cell_finished_under_other_method_defaults_is_kept_and_named(
 def test_cell_keys_are_stable_and_name_the_run_dirs(tiny_sweep, tiny_data):
     out, _ = tiny_sweep
     cells = _spec(tiny_data).cells()
-    reordered = {k: cells[0][k] for k in reversed(list(cells[0]))}
-    assert cell_key(reordered) == cell_key(cells[0])
+    raw = cells[0].to_json()
+    reordered = {k: raw[k] for k in reversed(list(raw))}
+    assert cell_key(reordered) == cell_key(cells[0]) == cells[0].key
     assert len({cell_key(c) for c in cells}) == len(cells)
     assert all((cell_dir(out, c) / "result.json").exists() for c in cells)
 
@@ -351,3 +347,55 @@ def test_optimizer_axis_gives_each_optimizer_its_own_lrs():
     assert effective_protocol(old)["grid"] == [{"table_lr": 0.05, "embedding_l2": 0.0}]
     alone = ProtocolConfig(table_lrs=[0.05], embedding_l2s=[0.0], optimizers=["rowwise_adagrad"])
     assert alone.points() == effective_protocol(old)["grid"]
+
+
+def test_records_round_trip_and_keep_the_keys_earlier_sweeps_wrote():
+    import dataclasses
+
+    from ctr.sweep import Cell, CellResult, ProtocolConfig
+    from ctr.sweep.spec import SUMMARY_KEYS
+
+    spec = SweepSpec.from_json(
+        {"data": "d", "methods": ["hash"], "budgets": ["2x"], "reference": False}
+    )
+    (cell,) = spec.cells()
+    # A cell's key hashes the JSON sweeps have always written: finished cells keep their dirs.
+    written = {
+        "data": "d",
+        "model": "deepfm",
+        "model_options": {},
+        "dim": 16,
+        "method": "hash",
+        "budget": "2x",
+        "method_options": {},
+        "seed": 0,
+        "protocol": dataclasses.asdict(ProtocolConfig()),
+    }
+    assert cell.to_json() == written and cell.key == cell_key(written)
+    assert Cell.from_json(json.loads(json.dumps(written))) == cell
+    # A cell written before the optimiser axis trained the Adagrad grid alone.
+    old = {**written, "protocol": {"table_lrs": [0.05], "embedding_l2s": [0.0]}}
+    assert Cell.from_json(old).protocol.points() == [{"table_lr": 0.05, "embedding_l2": 0.0}]
+
+    done = CellResult.of(
+        cell,
+        "done",
+        summary={"test_auc": 0.75, "valid_auc": 0.76},
+        chosen={"table_lr": 0.05},
+        batch_size=256,
+        grid=[{"table_lr": 0.05, "valid_auc": 0.76}],
+        grid_train_seconds=1.0,
+        cell_seconds=2.0,
+    )
+    raw = json.loads(json.dumps(done.to_json()))
+    assert set(raw) == {
+        *("data", "model", "method", "budget", "seed", "status", "key"),
+        *("method_defaults", "code_version", *SUMMARY_KEYS, "chosen", "batch_size", "grid"),
+        *("grid_train_seconds", "cell_seconds"),
+    }
+    assert raw["test_auc"] == 0.75 and raw["key"] == cell.key
+    assert CellResult.from_json(raw) == done and CellResult.from_json(raw).to_json() == raw
+    infeasible = CellResult.of(cell, "infeasible", reason="needs more bytes")
+    raw = infeasible.to_json()
+    assert raw["reason"] == "needs more bytes" and "test_auc" not in raw and "grid" not in raw
+    assert CellResult.from_json(raw) == infeasible
