@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ctr.run import RunConfig, train_run
-from ctr.sweep import SweepSpec, feasibility, run_sweep
-from ctr.sweep_report import write_report
+from ctr.sweep import Cell, SweepSpec, feasibility, run_sweep
+from ctr.sweep.report import write_report
 from ctr.trainer import TrainConfig
 from datasets.io import atomic_write_text
 from datasets.synthetic import SyntheticConfig, generate_synthetic
@@ -156,8 +156,16 @@ def mean_std(values: list[float]) -> str:
 def fits(data: str | Path, method: str, budget: str, **options: object) -> str | None:
     """None when ``method`` fits ``budget`` on ``data`` at dim 16, else why not: the sweep's
     own rule (:func:`ctr.sweep.feasibility`, the method's solver; nothing is built)."""
-    cell = {"data": str(data), "method": method, "dim": 16, "budget": budget}
-    return feasibility({**cell, "method_options": options})
+    cell = Cell.from_json(
+        {
+            "data": str(data),
+            "method": method,
+            "dim": 16,
+            "budget": budget,
+            "method_options": options,
+        }
+    )
+    return feasibility(cell)
 
 
 def staged_run(name: str, seed: int = 0, **run: object) -> dict:

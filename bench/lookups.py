@@ -38,13 +38,14 @@ from compressors import (
     pack_codes,
     pack_rows,
 )
-from ctr.artifact import CompactModel, export
 from ctr.embedding import features_from_dataset
 from ctr.metrics import auc_logloss
 from ctr.run import RunConfig, build_run_model, load_run_model
+from ctr.serving.compact import CompactModel
+from ctr.serving.export import export
 from ctr.trainer import table_modules
-from datasets.format import DatasetMeta
 from datasets.loader import BatchLoader
+from datasets.prepared import DatasetMeta
 
 
 def bench_lookup_speed(args: argparse.Namespace) -> dict:

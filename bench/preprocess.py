@@ -17,7 +17,7 @@ import pyarrow.csv as pcsv
 
 from bench.common import CACHE, print_table
 from datasets.io import atomic_write
-from datasets.prepare.criteo import CRITEO_COLUMNS
+from datasets.readers.criteo import CRITEO_COLUMNS
 from datasets.synthetic import CRITEO_KAGGLE_CARDINALITIES, splitmix64
 
 

@@ -19,8 +19,8 @@ from bench.common import (
 from compressors import COMPRESSORS, BudgetError
 from ctr.run import RunConfig, build_run_model
 from ctr.trainer import DEFAULT_TABLE_LRS, TrainConfig, Trainer
-from datasets.format import DatasetMeta
 from datasets.loader import BatchLoader
+from datasets.prepared import DatasetMeta
 from datasets.synthetic import SIGNAL_PATTERN
 
 # (label, method, options): DNIS with the paper's |e ⊙ α| score and with α's column ranking.

@@ -32,8 +32,8 @@ from bench.lookups import (
 from ctr import CompactModel, EmbeddingLayer, build_model, export
 from ctr.embedding import features_from_dataset
 from datasets.encode import RawEncoder
-from datasets.format import DatasetMeta
 from datasets.loader import BatchLoader
+from datasets.prepared import DatasetMeta
 
 SERVING_ROWS = 200_000
 # (clients, rows per request): one caller, a few callers with small batches, many callers.

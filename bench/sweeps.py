@@ -19,8 +19,8 @@ from bench.common import (
 )
 from ctr.run import RunConfig, build_run_model
 from ctr.trainer import TrainConfig, Trainer
-from datasets.format import DatasetMeta
 from datasets.loader import BatchLoader
+from datasets.prepared import DatasetMeta
 
 INTER_FEATURE = ("hash", "unified", "qr", "tt", "robe", "dhe", "adapt")
 INTER_FEATURE_BUDGETS = ("10x", "100x", "1000x")

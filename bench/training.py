@@ -37,8 +37,8 @@ from bench.common import CACHE, cached_run, default_dataset, print_table, timed_
 from ctr.models.layers import FirstOrder, fm_interaction, mlp
 from ctr.run import RunConfig, build_run_model
 from ctr.trainer import TrainConfig, Trainer, table_modules
-from datasets.format import DatasetMeta
 from datasets.loader import BatchLoader
+from datasets.prepared import DatasetMeta
 
 
 class PlainDeepFM:

@@ -67,7 +67,7 @@ from compressors.core.registry import (
 from compressors.core.storage import Lookup, ServeTables, TableSpec, pack_rows
 from compressors.core.tables import TABLE_KIND, TableMethod, TableServing
 from compressors.precision.binary import BinaryServing, binarize, binary_export
-from compressors.pruning.common import RemapMap, build_bitmap, build_remap
+from compressors.pruning.remap import RemapMap, build_bitmap, build_remap
 
 register_serving(TABLE_KIND)(TableServing)
 

@@ -27,7 +27,7 @@ from compressors.core.layout import IdRangeCheck
 from compressors.core.registry import method_options
 from datasets.encode import load_field_vocabs
 from datasets.fingerprint import MISSING, fingerprint_strings
-from datasets.format import DatasetMeta
+from datasets.prepared import DatasetMeta
 
 KEYS = ("id", "fingerprint")
 

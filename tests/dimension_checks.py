@@ -10,11 +10,11 @@ from table_checks import check_memory_matches_artifact
 from torchrec import KeyedJaggedTensor
 
 from compressors import Compressor, FeatureSpec, Plan
-from ctr.artifact import CompactModel
 from ctr.run import RunConfig, build_run_model, load_run_model, train_run
+from ctr.serving.compact import CompactModel
 from ctr.trainer import TrainConfig, Trainer
-from datasets.format import DatasetMeta
 from datasets.loader import BatchLoader
+from datasets.prepared import DatasetMeta
 
 
 def config(

@@ -9,8 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datasets.format import SPLITS, DatasetMeta, load_vocab
 from datasets.prepare import PrepareOptions
+from datasets.prepared import SPLITS, DatasetMeta, load_vocab
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

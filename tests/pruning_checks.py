@@ -8,11 +8,12 @@ from typing import Any
 import torch
 from table_checks import artifact_embedding_bytes
 
-from ctr.artifact import CompactModel, export
 from ctr.run import RunConfig, load_run_model, train_run
+from ctr.serving.compact import CompactModel
+from ctr.serving.export import export
 from ctr.trainer import TrainConfig
-from datasets.format import DatasetMeta
 from datasets.loader import BatchLoader
+from datasets.prepared import DatasetMeta
 from datasets.synthetic import SIGNAL_PATTERN
 
 

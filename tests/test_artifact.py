@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from ctr import CompactModel, EmbeddingLayer, build_model, export, features_from_dataset
-from ctr.artifact import ArtifactError
+from ctr.serving.manifest import ArtifactError
 from datasets.loader import BatchLoader
 
 
@@ -103,7 +103,7 @@ def test_export_replaces_atomically_and_loads_without_pickle(tiny_data, tmp_path
 def test_predicts_from_raw_values_like_from_prepared_ids(tiny_data, tmp_path):
     import pyarrow.parquet as pq
 
-    from datasets.format import DatasetMeta, load_vocab
+    from datasets.prepared import DatasetMeta, load_vocab
 
     model = _model(tiny_data)
     export(model, tmp_path / "a", dataset=tiny_data)

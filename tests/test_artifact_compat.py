@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchrec import KeyedJaggedTensor
 
-from ctr.artifact import CompactModel
+from ctr.serving.compact import CompactModel
 
 FIXTURES = Path(__file__).parent / "fixtures" / "artifacts"
 

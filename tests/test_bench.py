@@ -79,14 +79,14 @@ def test_unknown_section_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_fits_is_the_sweeps_feasibility_rule(tiny_data: Path) -> None:
     from bench.common import fits
-    from ctr.sweep import feasibility
+    from ctr.sweep import Cell, feasibility
 
     assert fits(tiny_data, "full", "1x") is None
     assert fits(tiny_data, "hash", "10x") is None
     refused = fits(tiny_data, "hash", "100000x")
     assert refused and refused.startswith("hash:")
     cell = {"data": str(tiny_data), "method": "hash", "dim": 16, "budget": "100000x"}
-    assert refused == feasibility({**cell, "method_options": {}})
+    assert refused == feasibility(Cell.from_json(cell))
 
 
 def test_write_result_replaces_the_file_whole(

@@ -33,10 +33,11 @@ from compressors import (
     solve,
 )
 from compressors.core.registry import COMPRESSORS
-from ctr.artifact import CompactModel, export
 from ctr.cli import main
 from ctr.embedding import features_from_dataset
 from ctr.run import RunConfig, load_run_model, train_run
+from ctr.serving.compact import CompactModel
+from ctr.serving.export import export
 from ctr.trainer import TrainConfig
 from datasets.loader import BatchLoader
 

@@ -15,8 +15,8 @@ from torchrec import KeyedJaggedTensor
 
 from ctr.cli import main
 from ctr.embedding import EmbeddingLayer
-from datasets.format import DatasetMeta, PreparedDataError
 from datasets.loader import BatchLoader
+from datasets.prepared import DatasetMeta, PreparedDataError
 from datasets.synthetic import SyntheticConfig, generate_synthetic
 
 CONFIG = SyntheticConfig(rows=3_000, cardinalities=(30, 200, 50), num_dense=2, multi_hot_fields=1)
@@ -90,8 +90,9 @@ def test_reprepared_data_is_refused_at_export_predict_and_resume(trained, tmp_pa
 
 
 def test_export_refuses_a_vocabulary_changed_after_the_check(trained, tmp_path):
-    from ctr.artifact import ArtifactError, export
     from ctr.run import load_run_model
+    from ctr.serving.export import export
+    from ctr.serving.manifest import ArtifactError
 
     data, run, _ = trained
     model, cfg = load_run_model(run)

@@ -14,16 +14,11 @@ import pytest
 from prepare_support import FIXTURES, options
 
 from datasets.encode import RawEncoder
-from datasets.prepare import (
-    CriteoConfig,
-    Kdd12Config,
-    prepare_avazu,
-    prepare_criteo,
-    prepare_kdd12,
-    prepare_movielens,
-    prepare_table,
-)
-from datasets.prepare.table import TableSchema
+from datasets.readers.avazu import prepare_avazu
+from datasets.readers.criteo import CriteoConfig, prepare_criteo
+from datasets.readers.kdd12 import Kdd12Config, prepare_kdd12
+from datasets.readers.movielens import prepare_movielens
+from datasets.readers.table import TableSchema, prepare_table
 from datasets.synthetic import SyntheticConfig, generate_synthetic
 
 # Raw values a field may take beside its own vocabulary's.
@@ -170,7 +165,7 @@ def test_bad_values_are_refused_alike_with_a_warm_memo(tmp_path):
 
 
 def test_a_format_without_declared_sources_is_not_memoised(tmp_path, monkeypatch):
-    from datasets.prepare.criteo import CriteoFormat
+    from datasets.readers.criteo import CriteoFormat
 
     monkeypatch.setattr(CriteoFormat, "sources", property(lambda self: None))
     encoder = _prepared("criteo", tmp_path)

@@ -12,7 +12,7 @@ import torch
 from compressors import FeatureSpec
 from compressors.core.keys import FingerprintKeys
 from ctr import CompactModel, EmbeddingLayer, build_model, export, features_from_dataset
-from ctr.artifact import MANIFEST_FILE, TENSORS_FILE
+from ctr.serving.manifest import MANIFEST_FILE, TENSORS_FILE
 from datasets.encode import RawEncoder
 from datasets.fingerprint import MISSING, fingerprint_strings
 from datasets.loader import BatchLoader

@@ -62,7 +62,7 @@ def test_train_and_serve_flags_default_to_their_configs(tiny_data):
     # One source of defaults: a flag's default is its config field's, never a second literal.
     from ctr.cli.train import _run_config
     from ctr.run import RunConfig
-    from ctr.serve import ServeConfig
+    from ctr.serving.http.config import ServeConfig
     from ctr.trainer import TrainConfig
 
     args = build_parser(["train"]).parse_args(["train", "--data", str(tiny_data), "--out", "r"])

@@ -22,14 +22,14 @@ from safetensors.torch import load_file, save_file
 
 from compressors.core.base import Stage
 from ctr import EmbeddingLayer, build_model, export, features_from_dataset
-from ctr.artifact import MANIFEST_FILE, TENSORS_FILE
-from datasets.format import VOCAB_FILE, DatasetMeta, PreparedDataError
+from ctr.serving.manifest import MANIFEST_FILE, TENSORS_FILE
+from datasets.prepared import VOCAB_FILE, DatasetMeta, PreparedDataError
 
 ALLOWED_GROWTH_MB = 200
 
 CHILD = """
 import json, resource, sys
-from ctr.artifact import CompactModel
+from ctr.serving.compact import CompactModel
 out = {}
 for case in sys.argv[1:]:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torchrec import KeyedJaggedTensor
 
-from datasets.format import DatasetMeta, PreparedDataError
 from datasets.loader import PAD_LABEL, BatchLoader
+from datasets.prepared import DatasetMeta, PreparedDataError
 
 
 def _all(loader, **kw):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ctr.cli import main
-from datasets.format import DatasetMeta
+from datasets.prepared import DatasetMeta
 from datasets.synthetic import SyntheticConfig, generate_synthetic
 
 CONFIG = SyntheticConfig(rows=3_000, cardinalities=(30, 200, 50), num_dense=2)

@@ -20,7 +20,7 @@ from compressors.pruning.optembed import LongTailStep, OptEmbed, ste_derivative
 from compressors.pruning.serving import PrunedServing
 from ctr.run import load_run_model, train_run
 from ctr.trainer import RunContext
-from datasets.format import DatasetMeta
+from datasets.prepared import DatasetMeta
 
 DIM = 16
 

@@ -36,8 +36,10 @@ from compressors.precision.common import (
     stochastic_round,
     unpack_codes,
 )
-from ctr.artifact import EMBEDDING_PREFIX, MANIFEST_FILE, TENSORS_FILE, CompactModel, export
 from ctr.run import RunConfig, load_run_model, train_run
+from ctr.serving.compact import CompactModel
+from ctr.serving.export import export
+from ctr.serving.manifest import EMBEDDING_PREFIX, MANIFEST_FILE, TENSORS_FILE
 from ctr.trainer import TrainConfig
 from datasets.loader import BatchLoader
 

@@ -13,9 +13,10 @@ import pytest
 from prepare_support import FIXTURES, options, read_all_splits, read_split
 
 from datasets.encode import RawEncoder
-from datasets.format import DatasetMeta, load_vocab
-from datasets.prepare import BadInputError, TableSchema, prepare_table
-from datasets.prepare.quantiles import ZERO_TOKEN
+from datasets.prepare import BadInputError
+from datasets.prepared import DatasetMeta, load_vocab
+from datasets.readers.quantiles import ZERO_TOKEN
+from datasets.readers.table import TableSchema, prepare_table
 
 ADULT = FIXTURES / "adult"
 FILES = [ADULT / "adult.data", ADULT / "adult.test"]

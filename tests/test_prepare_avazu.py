@@ -10,9 +10,9 @@ import pytest
 from prepare_support import FIXTURES, decode, gzip_copy, options, read_all_splits
 
 from datasets.encode import RawEncoder
-from datasets.prepare import BadInputError, prepare_avazu
-from datasets.prepare.avazu import AVAZU_COLUMNS, split_hour
+from datasets.prepare import BadInputError
 from datasets.prepare.columns import Issues
+from datasets.readers.avazu import AVAZU_COLUMNS, prepare_avazu, split_hour
 
 TRAIN_CSV = FIXTURES / "avazu" / "train.csv"
 

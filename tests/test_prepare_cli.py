@@ -9,7 +9,7 @@ import pytest
 from prepare_support import FIXTURES, read_all_splits
 
 from ctr.cli.prepare import add_prepare_parser
-from datasets.format import DatasetMeta
+from datasets.prepared import DatasetMeta
 
 QUIET = ["--no-progress"]
 

@@ -17,13 +17,9 @@ from datasets.prepare.columns import (
     parse_numbers,
     token_lists,
 )
-from datasets.prepare.common import (
-    ValueCounter,
-    build_vocab,
-    global_ranges,
-    random_split,
-)
 from datasets.prepare.sources import prefetch
+from datasets.prepare.splits import global_ranges, random_split
+from datasets.prepare.vocab import ValueCounter, build_vocab
 
 
 def test_parse_numbers_flags_each_bad_row_once_under_its_first_reason():

@@ -15,16 +15,17 @@ import pytest
 import torch
 from prepare_support import FIXTURES, decode, gzip_copy, options, read_all_splits, read_split
 
-from datasets.format import DatasetMeta, load_vocab
 from datasets.loader import BatchLoader
-from datasets.prepare import (
-    BadInputError,
+from datasets.prepare import BadInputError, PrepareOptions
+from datasets.prepared import DatasetMeta, load_vocab
+from datasets.readers.criteo import (
+    CRITEO_DENSE,
+    CRITEO_SPARSE,
     CriteoConfig,
     CriteoDays,
-    PrepareOptions,
+    kaggle_day_bounds,
     prepare_criteo,
 )
-from datasets.prepare.criteo import CRITEO_DENSE, CRITEO_SPARSE, kaggle_day_bounds
 
 TRAIN_TXT = FIXTURES / "criteo" / "train.txt"
 

@@ -7,10 +7,9 @@ import pytest
 from prepare_support import FIXTURES, options, read_all_splits
 
 from datasets.encode import RawEncoder
-from datasets.format import load_vocab
-from datasets.prepare import CriteoConfig, Kdd12Config, prepare_criteo, prepare_kdd12
-from datasets.prepare.criteo import CRITEO_COLUMNS, CRITEO_DENSE
-from datasets.prepare.kdd12 import KDD12_COLUMNS
+from datasets.prepared import load_vocab
+from datasets.readers.criteo import CRITEO_COLUMNS, CRITEO_DENSE, CriteoConfig, prepare_criteo
+from datasets.readers.kdd12 import KDD12_COLUMNS, Kdd12Config, prepare_kdd12
 from datasets.synthetic import SyntheticConfig, generate_synthetic
 
 TRAIN_TXT = FIXTURES / "criteo" / "train.txt"

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 from prepare_support import FIXTURES, decode, options, read_all_splits, read_split
 
-from datasets.format import SPLITS
-from datasets.prepare import Kdd12Config, prepare_kdd12
-from datasets.prepare.common import random_split
-from datasets.prepare.kdd12 import KDD12_FEATURES
+from datasets.prepare.splits import random_split
+from datasets.prepared import SPLITS
+from datasets.readers.kdd12 import KDD12_FEATURES, Kdd12Config, prepare_kdd12
 
 TRAINING_TXT = FIXTURES / "kdd12" / "training.txt"
 ALL_TRAIN = {"min_count": 1, "split": "ordered", "fractions": (1.0, 0.0, 0.0)}

@@ -14,10 +14,10 @@ import torch
 from prepare_support import FIXTURES, decode, options, read_all_splits, read_split
 
 from datasets.encode import RawEncoder
-from datasets.format import load_vocab
 from datasets.loader import BatchLoader
-from datasets.prepare import BadInputError, MovieLensConfig, prepare_movielens
-from datasets.prepare.movielens import GENRES_100K
+from datasets.prepare import BadInputError
+from datasets.prepared import load_vocab
+from datasets.readers.movielens import GENRES_100K, MovieLensConfig, prepare_movielens
 
 ML_100K, ML_1M = FIXTURES / "ml-100k", FIXTURES / "ml-1m"
 ALL_TRAIN = {"split": "ordered", "fractions": (1.0, 0.0, 0.0)}

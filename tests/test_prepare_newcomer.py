@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ctr.cli import main
-from datasets.format import DatasetMeta
+from datasets.prepared import DatasetMeta
 
 
 def _write(path: Path, labels: list[str], bom: bool = False, header: bool = True) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from datasets.prepare.quantiles import ZERO_TOKEN, NumericSketch
+from datasets.readers.quantiles import ZERO_TOKEN, NumericSketch
 
 
 def _fed(values: np.ndarray, size: int = 4096, chunk: int = 10_000) -> NumericSketch:

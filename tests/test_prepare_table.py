@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from prepare_support import FIXTURES, decode, options, read_all_splits
 
-from datasets.prepare import BadInputError, TableSchema, prepare_table
+from datasets.prepare import BadInputError
+from datasets.readers.table import TableSchema, prepare_table
 
 LOGS_CSV = FIXTURES / "table" / "logs.csv"
 SCHEMA_JSON = FIXTURES / "table" / "schema.json"

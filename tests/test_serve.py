@@ -350,7 +350,9 @@ def test_hot_swap_under_load_loses_nothing_and_refuses_a_corrupt_artifact(server
 
 def test_a_bad_value_fails_only_its_own_request_in_a_batch(servers):
     """The batcher encodes a batch's raw requests together; a bad one is found and failed alone."""
-    from ctr.serve import RawColumns, RequestError, load_served, run_batch
+    from ctr.serving.http.batcher import RawColumns, run_batch
+    from ctr.serving.http.models import load_served
+    from ctr.serving.http.requests import RequestError
 
     served = load_served(servers["root"] / "plain")
     records = _records(servers["data"], 30, seed=4)

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from datasets.format import DatasetMeta, load_vocab
+from datasets.prepared import DatasetMeta, load_vocab
 from datasets.synthetic import SyntheticConfig, generate_synthetic
 
 

@@ -34,8 +34,8 @@ def add_parsers(sub: Any) -> None:
 
 
 def _is_demo_output(path: Path) -> bool:
-    from datasets.format import is_prepared_dataset
     from datasets.io import only_names
+    from datasets.prepared import is_prepared_dataset
 
     return only_names(path, DEMO_ENTRIES) and is_prepared_dataset(path / "data")
 

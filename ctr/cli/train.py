@@ -137,7 +137,7 @@ def _run_config(args: argparse.Namespace) -> Any:
     from compressors.core.registry import COMPRESSORS
     from ctr.run import RunConfig, auto_batch_size
     from ctr.trainer import DEFAULT_TABLE_LRS, TrainConfig
-    from datasets.format import DatasetMeta
+    from datasets.prepared import DatasetMeta
 
     batch_size = args.batch_size
     if batch_size is None:
@@ -206,8 +206,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from compressors.core.budget import describe_bytes
-    from ctr.artifact import export
     from ctr.run import load_run_model
+    from ctr.serving.export import export
 
     model, cfg = load_run_model(args.run)
     if args.storage:
@@ -230,8 +230,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ctr.artifact import CompactModel
     from ctr.metrics import auc_logloss
+    from ctr.serving.compact import CompactModel
     from datasets.loader import BatchLoader
 
     if args.out:

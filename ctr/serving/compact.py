@@ -45,9 +45,9 @@ from ctr.serving.manifest import (
     load_manifest,
 )
 from datasets.encode import RawEncoder, format_for_meta, load_field_vocabs
-from datasets.format import VOCAB_FILE, DatasetMeta, SparseField
 from datasets.io import file_sha256
 from datasets.loader import BatchLoader
+from datasets.prepared import VOCAB_FILE, DatasetMeta, SparseField
 
 
 class ServingEmbedding(nn.Module):

@@ -36,8 +36,8 @@ from ctr.serving.manifest import (
     Manifest,
     is_artifact,
 )
-from datasets.format import VOCAB_FILE, DatasetMeta
 from datasets.io import file_sha256, replace_dir
+from datasets.prepared import VOCAB_FILE, DatasetMeta
 
 
 def export(

@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ctr.models import MODELS
-from datasets.format import VOCAB_FILE
 from datasets.io import only_names
+from datasets.prepared import VOCAB_FILE
 
 ARTIFACT_FORMAT = "ctr-compress/artifact"
 ARTIFACT_VERSION = 1

@@ -55,8 +55,8 @@ from ctr.sweep.spec import (
     SweepSpec,
     cell_dir,
 )
-from datasets.format import DatasetMeta
 from datasets.io import atomic_write_text
+from datasets.prepared import DatasetMeta
 
 Log = Callable[[str], None]
 
