@@ -26,13 +26,19 @@ from typing import Any
 from compressors.core.base import Plan
 from compressors.core.budget import parse_budget
 from compressors.core.decay import EmbeddingRows
-from ctr import resources
-from ctr.distributed import DistInfo
 from ctr.embedding import EmbeddingLayer, features_from_dataset
 from ctr.models import CTRModel, build_model
-from ctr.trainer import ARCHITECTURE_KEY, TrainConfig, Trainer, load_weights, seed_everything
-from datasets.format import DatasetMeta, atomic_write_text
-from datasets.io import check_output_dir, refuse_current_dir, replace_dir
+from ctr.training import resources
+from ctr.training.distributed import DistInfo
+from ctr.training.trainer import (
+    ARCHITECTURE_KEY,
+    TrainConfig,
+    Trainer,
+    load_weights,
+    seed_everything,
+)
+from datasets.format import DatasetMeta
+from datasets.io import atomic_write_text, check_output_dir, refuse_current_dir, replace_dir
 from datasets.loader import BatchLoader
 
 

@@ -7,7 +7,7 @@ parameters (tables and groups flagged ``embedding``) can get decoupled L2 (``emb
 lazy per row on fused tables) and plateau lr decay; ``module_optimizer="table"`` trains
 embedding groups with the tables' optimizer family and lr (the fair-comparison protocol).
 Single-process runs swap each EBC for a ``FusedEmbeddingBagCollection``; under ``torchrun``
-the model is wrapped in TorchRec's DMP instead (``ctr.distributed``).
+the model is wrapped in TorchRec's DMP instead (``ctr.training.distributed``).
 
 The run directory receives ``config.json`` (written by the caller), ``metrics.jsonl`` (one
 line per evaluation), ``checkpoint.pt`` (atomic; everything needed to continue exactly),
@@ -52,8 +52,10 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from compressors.core.base import Compressor, Stage
 from compressors.core.decay import EmbeddingRows
+from compressors.core.optim import RowwiseAdagrad
 from compressors.core.storage import TrainTables
-from ctr.distributed import (
+from ctr.models.base import CTRModel
+from ctr.training.distributed import (
     DistInfo,
     ShardedTableOptimizer,
     dense_parameters,
@@ -61,9 +63,7 @@ from ctr.distributed import (
     load_full_state_dict,
     shard_model,
 )
-from ctr.metrics import auc_logloss
-from ctr.models.base import CTRModel
-from ctr.optim import RowwiseAdagrad
+from ctr.training.metrics import auc_logloss
 from datasets.loader import PAD_LABEL, BatchLoader
 from datasets.progress import progress_bar
 
