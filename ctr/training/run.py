@@ -19,32 +19,24 @@ import json
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from compressors.core.base import Plan
-from compressors.core.budget import parse_budget
+from compressors.core.base import Plan, plan_context
 from compressors.core.decay import EmbeddingRows
 from ctr.embedding import EmbeddingLayer, features_from_dataset
 from ctr.models import CTRModel, build_model
 from ctr.training import resources
+from ctr.training.checkpoint import ARCHITECTURE_KEY, load_weights, seed_everything
+from ctr.training.config import RunConfig, RunError, read_config
 from ctr.training.distributed import DistInfo
-from ctr.training.trainer import (
-    ARCHITECTURE_KEY,
-    TrainConfig,
-    Trainer,
-    load_weights,
-    seed_everything,
-)
+from ctr.training.placement import Placement, placement_for
+from ctr.training.summary import RunSummary
+from ctr.training.trainer import Trainer
 from datasets.format import DatasetMeta
 from datasets.io import atomic_write_text, check_output_dir, refuse_current_dir, replace_dir
 from datasets.loader import BatchLoader
-
-
-class RunError(RuntimeError):
-    """A run directory that cannot be used as asked."""
-
 
 MIN_STEPS_PER_EPOCH = 200
 
@@ -59,59 +51,6 @@ def auto_batch_size(train_rows: int, low: int = 256, high: int = 4096) -> int:
     return int(min(high, max(low, 1 << (target.bit_length() - 1))))
 
 
-@dataclass
-class RunConfig:
-    """Everything that defines a run; saved as ``config.json``."""
-
-    data: str
-    model: str = "deepfm"
-    model_options: dict[str, Any] = field(default_factory=dict)
-    dim: int = 16
-    compressor: str = "full"
-    budget: str | int | float = "1x"
-    method_options: dict[str, Any] = field(default_factory=dict)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    # The dataset's vocabulary identity (DatasetMeta.vocabulary()) when training started;
-    # recorded by train_run, checked on resume and export.
-    vocabulary: dict[str, Any] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def validate(self) -> None:
-        """Refuses settings that cannot train, naming the ``ctr train`` flag."""
-        if not isinstance(self.dim, int) or self.dim < 1:
-            raise ValueError(f"--dim must be a positive integer, got {self.dim}")
-        self.train.validate()
-
-    @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> RunConfig:
-        raw = dict(raw)
-        raw["train"] = TrainConfig(**raw.get("train", {}))
-        return cls(**raw)
-
-    @classmethod
-    def load(cls, run_dir: str | Path) -> RunConfig:
-        path = Path(run_dir) / "config.json"
-        if not path.exists():
-            raise RunError(f"{run_dir}: not a run directory (no config.json)")
-        raw = _read_config(path)
-        try:
-            return cls.from_json(raw)
-        except TypeError as e:
-            raise RunError(f"{path}: not a run config ({e})") from e
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise RunError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
-    if not isinstance(raw, dict):
-        raise RunError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return raw
-
-
 def build_run_model(cfg: RunConfig, meta: DatasetMeta | None = None) -> CTRModel:
     """The run's model, freshly initialised from its seed (deterministic).
 
@@ -120,22 +59,21 @@ def build_run_model(cfg: RunConfig, meta: DatasetMeta | None = None) -> CTRModel
     if meta is None:
         meta = DatasetMeta.load(cfg.data)
         meta.check_vocabulary(cfg.vocabulary, "the vocabulary the run was trained with")
+    cfg = cfg.resolved()
     seed_everything(cfg.train.seed)
-    layer = EmbeddingLayer(
-        features_from_dataset(meta, cfg.method_options.get("keys") == "fingerprint"),
-        cfg.dim,
-        cfg.compressor,
-        cfg.budget,
-        **cfg.method_options,
-    )
-    # train_bytes counts the table optimizer's state, as the trainer will set it.
-    layer.compressor.table_optimizer = cfg.train.table_optimizer
+    # The run's optimizers are plan inputs (train_bytes counts their state): the method is
+    # built for them once.
+    with plan_context(cfg.plan_context()):
+        layer = EmbeddingLayer(
+            features_from_dataset(meta, cfg.method_options.get("keys") == "fingerprint"),
+            cfg.dim,
+            cfg.compressor,
+            cfg.budget,
+            **cfg.method_options,
+        )
     for rows in layer.modules():
         if isinstance(rows, EmbeddingRows):  # weights and their optimizer state load next
             rows.use_optimizer(cfg.train.table_optimizer)
-    layer.compressor.module_optimizer = (
-        cfg.train.table_optimizer if cfg.train.module_optimizer == "table" else "adam"
-    )
     return build_model(cfg.model, layer, len(meta.dense), **cfg.model_options)
 
 
@@ -199,6 +137,8 @@ def train_run(
     run_dir = Path(run_dir)
     start = time.perf_counter()
     cfg.validate()
+    cfg = cfg.resolved()  # config.json records the optimiser and lr the run trains with
+    placement = placement_for(dist_info)
     meta = DatasetMeta.load(cfg.data)
     meta.check_shards()  # a missing test shard must not wait until after training
     meta.verify_vocabulary()
@@ -206,19 +146,19 @@ def train_run(
     # resume and predict can tell re-prepared data from the data the weights learned.
     cfg = replace(cfg, data=str(Path(cfg.data).resolve()), vocabulary=meta.vocabulary())
     mode = _check_run_dir(cfg, run_dir, meta, overwrite)
-    if dist_info is None:
+    if placement.world_size == 1:
         check_memory(cfg, meta)  # before the model allocates anything
         resources.warn_if_oversubscribed()
-    main = dist_info is None or dist_info.is_main
+    main = placement.is_main
     model = build_run_model(cfg, meta)
     if mode == "resume" and (run_dir / PLAN_FILE).exists():
         check_run_plan(model, run_dir)  # resuming: the same layout, or a clear error
     if mode != "replace":
-        return _train(cfg, run_dir, meta, model, dist_info, start, fresh=mode == "new")
+        return _train(cfg, run_dir, meta, model, placement, start, fresh=mode == "new")
     staging = replace_dir(run_dir, "run", is_run_dir, True, in_place=True) if main else None
     with staging or nullcontext():
-        _barrier(dist_info)  # every rank starts after the previous run is out of the way
-        return _train(cfg, run_dir, meta, model, dist_info, start, fresh=True)
+        placement.barrier()  # every rank starts after the previous run is out of the way
+        return _train(cfg, run_dir, meta, model, placement, start, fresh=True)
 
 
 def check_memory(cfg: RunConfig, meta: DatasetMeta) -> int:
@@ -234,7 +174,10 @@ def check_memory(cfg: RunConfig, meta: DatasetMeta) -> int:
     from compressors.core.budget import describe_bytes
 
     features = features_from_dataset(meta, cfg.method_options.get("keys") == "fingerprint")
-    plan = solve(cfg.compressor, features, cfg.dim, cfg.budget, **cfg.method_options)
+    context = cfg.resolved().plan_context()
+    plan = solve(
+        cfg.compressor, features, cfg.dim, cfg.budget, context=context, **cfg.method_options
+    )
     dense = 16 * _dense_parameters(cfg, meta)
     rows = max(cfg.train.batch_size, cfg.train.eval_batch_size)
     batch = 2 * 4 * rows * len(meta.sparse) * cfg.dim
@@ -268,29 +211,22 @@ def _dense_parameters(cfg: RunConfig, meta: DatasetMeta) -> int:
     return sum(p.numel() for k, p in model.named_parameters() if not k.startswith("embedding."))
 
 
-def _barrier(dist_info: DistInfo | None) -> None:
-    if dist_info is not None:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 def _train(
     cfg: RunConfig,
     run_dir: Path,
     meta: DatasetMeta,
     model: CTRModel,
-    dist_info: DistInfo | None,
+    placement: Placement,
     start: float,
     fresh: bool,
 ) -> dict[str, Any]:
-    if dist_info is None or dist_info.is_main:
+    if placement.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_json(), indent=2))
         if fresh or not (run_dir / PLAN_FILE).exists():
             plan = model.embedding.compressor.plan()
             atomic_write_text(run_dir / PLAN_FILE, json.dumps(plan.to_json(), indent=2))
-    rank, world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
+    rank, world = placement.rank, placement.world_size
     tc = cfg.train
 
     def loader(split: str, train: bool) -> BatchLoader:
@@ -310,9 +246,9 @@ def _train(
         )
 
     train_loader = loader("train", True)
-    if dist_info is None or dist_info.is_main:
+    if placement.is_main:
         _warn_if_few_steps(len(train_loader), meta.rows("train"), tc.batch_size)
-    trainer = Trainer(model, train_loader, loader("valid", False), tc, run_dir, dist_info)
+    trainer = Trainer(model, train_loader, loader("valid", False), tc, run_dir, placement=placement)
     record = trainer.fit()
     if not record["finished"]:
         return {"finished": False, "steps": record["steps"]}
@@ -322,34 +258,34 @@ def _train(
     # Lazy embedding L2's per-row state is training memory too (the method's report cannot
     # know the run's L2 setting).
     decay_bytes = trainer.decay_state_bytes()
-    summary = {
-        "model": cfg.model,
-        "compressor": cfg.compressor,
-        "budget": cfg.budget,
-        "dim": cfg.dim,
-        "test_auc": test["auc"],
-        "test_logloss": test["logloss"],
-        "valid_auc": valid["auc"],
-        "valid_logloss": valid["logloss"],
-        "serve_bytes": memory.serve_bytes,
-        "train_bytes": memory.train_bytes + decay_bytes,
-        "train_parts": {"embedding": memory.train_bytes, "lazy_l2_state": decay_bytes},
-        "full_bytes": memory.full_bytes,
-        "budget_bytes": parse_budget(cfg.budget, memory.full_bytes),
-        "ratio": memory.ratio,
-        "memory_parts": memory.parts,
-        "hyperparameters": model.embedding.compressor.hyperparameters(),
-        "samples_per_sec": record["samples_per_sec"],
-        "steps": record["steps"],
-        "train_seconds": trainer.state.train_seconds,
-        "stage_seconds": record["stage_seconds"],
-        "batch_size": tc.batch_size,
-        "world_size": world,
-        "teacher_test_auc": meta.extra.get("teacher", {}).get("test_auc"),
-        "wall_seconds": time.perf_counter() - start,
-        "finished": True,
-    }
-    if dist_info is None or dist_info.is_main:
+    compressor = model.embedding.compressor
+    summary = RunSummary(
+        model=cfg.model,
+        compressor=cfg.compressor,
+        budget=cfg.budget,
+        dim=cfg.dim,
+        test_auc=test["auc"],
+        test_logloss=test["logloss"],
+        valid_auc=valid["auc"],
+        valid_logloss=valid["logloss"],
+        serve_bytes=memory.serve_bytes,
+        train_bytes=memory.train_bytes + decay_bytes,
+        train_parts={"embedding": memory.train_bytes, "lazy_l2_state": decay_bytes},
+        full_bytes=memory.full_bytes,
+        budget_bytes=compressor.budget_bytes,  # as the method parsed it
+        ratio=memory.ratio,
+        memory_parts=memory.parts,
+        hyperparameters=compressor.hyperparameters(),
+        samples_per_sec=record["samples_per_sec"],
+        steps=record["steps"],
+        train_seconds=trainer.state.train_seconds,
+        stage_seconds=record["stage_seconds"],
+        batch_size=tc.batch_size,
+        world_size=world,
+        teacher_test_auc=meta.extra.get("teacher", {}).get("test_auc"),
+        wall_seconds=time.perf_counter() - start,
+    ).to_json()
+    if placement.is_main:
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
@@ -392,8 +328,16 @@ def is_run_dir(path: Path) -> bool:
     return (
         isinstance(raw, dict)
         and "data" in raw
-        and all(p.name in names and p.is_file() and not p.is_symlink() for p in path.iterdir())
+        and all(
+            (p.name in names or _is_temporary(p.name)) and p.is_file() and not p.is_symlink()
+            for p in path.iterdir()
+        )
     )
+
+
+def _is_temporary(name: str) -> bool:
+    """A temporary :func:`datasets.io.atomic_write` leaves when killed mid-write."""
+    return name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in RUN_FILES)
 
 
 def _check_run_dir(cfg: RunConfig, run_dir: Path, meta: DatasetMeta, overwrite: bool) -> str:
@@ -402,7 +346,7 @@ def _check_run_dir(cfg: RunConfig, run_dir: Path, meta: DatasetMeta, overwrite: 
     refuse_current_dir(run_dir)
     path = run_dir / "config.json"
     if path.is_file():
-        existing = _read_config(path)
+        existing = read_config(path)
         mine = json.loads(json.dumps(cfg.to_json()))
         # Runs recorded before paths were resolved hold the path as given.
         existing["data"] = str(Path(existing.get("data", "")).resolve())
