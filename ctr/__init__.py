@@ -23,10 +23,11 @@ _EXPORTS = {
     "features_from_dataset": "ctr.embedding",
     "MODELS": "ctr.models",
     "build_model": "ctr.models",
-    "RunConfig": "ctr.training.run",
+    "RunConfig": "ctr.training.config",
+    "RunSummary": "ctr.training.summary",
     "load_run_model": "ctr.training.run",
     "train_run": "ctr.training.run",
-    "TrainConfig": "ctr.training.trainer",
+    "TrainConfig": "ctr.training.config",
     "Trainer": "ctr.training.trainer",
 }
 

@@ -156,21 +156,18 @@ def is_planning() -> bool:
 @dataclass(frozen=True)
 class PlanContext:
     """Plan inputs that are a run's training choices rather than the method's options: the
-    optimizer of the physical tables (``None``: the method's
-    :attr:`~Compressor.default_optimizer`) and of embedding modules (TT cores, ROBE's array,
-    DHE's network: their own Adam, or the tables' family under the fair protocol). They set
-    the plan's ``train_bytes`` (optimizer state) and are not recorded among its options.
+    optimizer of the physical tables and of embedding modules (TT cores, ROBE's array, DHE's
+    network: their own Adam, or the tables' family under the fair protocol). They set the
+    plan's ``train_bytes`` (optimizer state) and are not recorded among its options.
 
     A method reads them once, as it is built (:func:`plan_context` around
     :func:`~compressors.core.registry.solve` or ``build_compressor``, or their ``context``
-    argument)."""
+    argument). Outside a run the defaults hold: fbgemm's rowwise Adagrad and Adam; a run
+    resolves its ``"auto"`` optimizer to the method's :attr:`~Compressor.default_optimizer`
+    and passes it here."""
 
-    table_optimizer: str | None = None
+    table_optimizer: str = "rowwise_adagrad"
     module_optimizer: str = "adam"
-
-    def table_optimizer_of(self, method: type) -> str:
-        """The table optimizer ``method`` (a Compressor class) plans for."""
-        return self.table_optimizer or getattr(method, "default_optimizer", "rowwise_adagrad")
 
 
 _DEFAULT_CONTEXT = PlanContext()
@@ -228,7 +225,7 @@ class SearchedBytes:
         context: dict[str, Any] = {}
         if cls.plan_context is not SearchedBytes.plan_context:
             # What the built method's plan_context() will read: the run's table optimizer.
-            context["table_optimizer"] = current_plan_context().table_optimizer_of(cls)
+            context["table_optimizer"] = current_plan_context().table_optimizer
         return cls.bound_plan(features, dim, budget_bytes, options, context)
 
     @classmethod
@@ -512,7 +509,7 @@ class Compressor(nn.Module):
         # Plan inputs from the run (train_bytes counts their state), read once as the method
         # is built: see PlanContext.
         context = current_plan_context()
-        self.table_optimizer = context.table_optimizer_of(type(self))
+        self.table_optimizer = context.table_optimizer
         self.module_optimizer = context.module_optimizer
         # The options it was built with (the registry sets them; plans record them).
         self.options: dict[str, Any] = {}

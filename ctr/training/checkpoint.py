@@ -231,7 +231,9 @@ class Checkpointed:
             self._best = state
 
     def _restore_best(self) -> None:
-        best = self._best or self.files.load_weights("best.pt", "best weights")
+        best = self._best
+        if best is None:
+            best = self.files.load_weights("best.pt", "best weights")
         if best is None:
             return
         # Weights only: the architecture the stage ended with stays (masks, thresholds, α).
