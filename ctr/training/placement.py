@@ -156,6 +156,13 @@ class Sharded(Placement):
     def check(self, compressor: Compressor, config: TrainConfig) -> None:
         if config.embedding_l2:
             raise RuntimeError("embedding_l2 runs in a single process only (not under DMP)")
+        if config.table_optimizer == "adam":
+            raise ValueError(
+                f"{compressor.name}: table optimizer adam (the method's default, or "
+                "--table-optimizer adam) trains its tables outside fbgemm's fused kernels, "
+                "which DMP cannot shard; train it without torchrun or pass --table-optimizer "
+                "rowwise_adagrad"
+            )
         # Bilevel and reshaping stages, and a method's own procedures (searches,
         # quantisation passes: they read whole tables that DMP holds as shards), run in
         # one process only; refusing beats hanging in a collective.

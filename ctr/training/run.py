@@ -146,6 +146,9 @@ def train_run(
     # resume and predict can tell re-prepared data from the data the weights learned.
     cfg = replace(cfg, data=str(Path(cfg.data).resolve()), vocabulary=meta.vocabulary())
     mode = _check_run_dir(cfg, run_dir, meta, overwrite)
+    # Every rank reads the directory before the main one writes into it (a rank that found
+    # the main one's half-written files would refuse alone and leave the others waiting).
+    placement.barrier()
     if placement.world_size == 1:
         check_memory(cfg, meta)  # before the model allocates anything
         resources.warn_if_oversubscribed()
