@@ -45,7 +45,7 @@ def test_auto_resolves_to_the_methods_optimizer_at_its_default_lr():
 
 def test_plan_inputs_travel_through_solve_and_build():
     features = _features()
-    for name in ("full", "pep", "tt"):
+    for name in ("hash", "pep", "tt"):
         context = PlanContext(table_optimizer="adam", module_optimizer="adam")
         plan = solve(name, features, 8, "2x", context=context)
         built = build_compressor(name, features, 8, "2x", context=context)
