@@ -23,11 +23,12 @@ _EXPORTS = {
     "features_from_dataset": "ctr.embedding",
     "MODELS": "ctr.models",
     "build_model": "ctr.models",
-    "RunConfig": "ctr.run",
-    "load_run_model": "ctr.run",
-    "train_run": "ctr.run",
-    "TrainConfig": "ctr.trainer",
-    "Trainer": "ctr.trainer",
+    "RunConfig": "ctr.training.config",
+    "RunSummary": "ctr.training.summary",
+    "load_run_model": "ctr.training.run",
+    "train_run": "ctr.training.run",
+    "TrainConfig": "ctr.training.config",
+    "Trainer": "ctr.training.trainer",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -88,6 +88,7 @@ def train_model(data: Path, method: str, budget: Any, epochs: float, seed: int =
         budget=budget,
         method_options=options,
         train=TrainConfig(
+            table_optimizer="rowwise_adagrad",  # named: "auto" gives DNIS its paper's Adam
             epochs=epochs,
             batch_size=1024,
             lr=3e-3,

@@ -27,7 +27,10 @@ def config(data: Path, method: str, budget: Any, epochs: float = 0.2, **options:
         compressor=method,
         budget=budget,
         method_options=options,
+        # Named: "auto" would train the pruning family with its paper's Adam.
         train=TrainConfig(
+            table_optimizer="rowwise_adagrad",
+            table_lr=0.05,
             epochs=epochs,
             batch_size=256 if tiny else 1024,
             progress=False,

@@ -40,7 +40,16 @@ def _trainer(data, compressor="full", budget="1x", **train):
         dim=8,
         compressor=compressor,
         budget=budget,
-        train=TrainConfig(**{"epochs": 1, "batch_size": 256, "progress": False, **train}),
+        # Rowwise Adagrad named: TrainConfig's "auto" would give the pruning family Adam.
+        train=TrainConfig(
+            **{
+                "epochs": 1,
+                "batch_size": 256,
+                "progress": False,
+                "table_optimizer": "rowwise_adagrad",
+                **train,
+            }
+        ),
     )
     meta = DatasetMeta.load(data)
     model = build_run_model(cfg, meta)
@@ -124,6 +133,7 @@ def test_plateau_decay_and_resume_with_l2_are_exact(
     def cfg(**extra):
         train = dict(
             table_optimizer=optimizer,
+            table_lr=0.05,  # high enough for Adam's plateaus too
             epochs=3,
             batch_size=256,
             progress=False,

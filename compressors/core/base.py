@@ -153,6 +153,43 @@ def is_planning() -> bool:
     return _PLANNING.get()
 
 
+@dataclass(frozen=True)
+class PlanContext:
+    """Plan inputs that are a run's training choices rather than the method's options: the
+    optimizer of the physical tables and of embedding modules (TT cores, ROBE's array, DHE's
+    network: their own Adam, or the tables' family under the fair protocol). They set the
+    plan's ``train_bytes`` (optimizer state) and are not recorded among its options.
+
+    A method reads them once, as it is built (:func:`plan_context` around
+    :func:`~compressors.core.registry.solve` or ``build_compressor``, or their ``context``
+    argument). Outside a run the defaults hold: fbgemm's rowwise Adagrad and Adam; a run
+    resolves its ``"auto"`` optimizer to the method's :attr:`~Compressor.default_optimizer`
+    and passes it here."""
+
+    table_optimizer: str = "rowwise_adagrad"
+    module_optimizer: str = "adam"
+
+
+_DEFAULT_CONTEXT = PlanContext()
+_PLAN_CONTEXT: contextvars.ContextVar[PlanContext | None] = contextvars.ContextVar(
+    "plan_context", default=None
+)
+
+
+@contextlib.contextmanager
+def plan_context(context: PlanContext | None) -> Iterator[PlanContext]:
+    """Within it, methods are solved and built for ``context`` (None: the defaults)."""
+    token = _PLAN_CONTEXT.set(context or _DEFAULT_CONTEXT)
+    try:
+        yield current_plan_context()
+    finally:
+        _PLAN_CONTEXT.reset(token)
+
+
+def current_plan_context() -> PlanContext:
+    return _PLAN_CONTEXT.get() or _DEFAULT_CONTEXT
+
+
 class SearchedBytes:
     """Mixin of methods whose exact serving bytes a training stage decides (OptEmbed's search,
     PEP's and DeepLight's pruning, DNIS's prune): their plan bounds them by the budget.
@@ -185,7 +222,11 @@ class SearchedBytes:
     def solve(
         cls, features: Sequence[FeatureSpec], dim: int, budget_bytes: int, options: dict[str, Any]
     ) -> Plan:
-        return cls.bound_plan(features, dim, budget_bytes, options, {})
+        context: dict[str, Any] = {}
+        if cls.plan_context is not SearchedBytes.plan_context:
+            # What the built method's plan_context() will read: the run's table optimizer.
+            context["table_optimizer"] = current_plan_context().table_optimizer
+        return cls.bound_plan(features, dim, budget_bytes, options, context)
 
     @classmethod
     def bound_plan(
@@ -465,11 +506,11 @@ class Compressor(nn.Module):
         self.dim = dim
         self.budget_bytes = budget_bytes
         self.full_bytes = full_bytes(features, dim)
-        # The optimizer that trains physical tables; the trainer sets it (train_bytes uses it).
-        self.table_optimizer = "rowwise_adagrad"
-        # The optimizer of embedding modules (TT cores, ROBE's array, DHE's network): their
-        # own Adam, or the tables' family under the fair protocol; the trainer's run sets it.
-        self.module_optimizer = "adam"
+        # Plan inputs from the run (train_bytes counts their state), read once as the method
+        # is built: see PlanContext.
+        context = current_plan_context()
+        self.table_optimizer = context.table_optimizer
+        self.module_optimizer = context.module_optimizer
         # The options it was built with (the registry sets them; plans record them).
         self.options: dict[str, Any] = {}
 

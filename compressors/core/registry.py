@@ -8,12 +8,21 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
-from compressors.core.base import Compressor, ExportedEmbedding, FeatureSpec, Plan, full_bytes
+from compressors.core.base import (
+    Compressor,
+    ExportedEmbedding,
+    FeatureSpec,
+    Plan,
+    PlanContext,
+    full_bytes,
+    plan_context,
+)
 from compressors.core.budget import Budget, parse_budget
 from compressors.core.options import OptionSpec, check_options, option_specs, options_dataclass
 
@@ -61,11 +70,18 @@ def options_type(name: str) -> type:
 
 
 def solve(
-    name: str, features: Sequence[FeatureSpec], dim: int, budget: Budget = "1x", **options: Any
+    name: str,
+    features: Sequence[FeatureSpec],
+    dim: int,
+    budget: Budget = "1x",
+    *,
+    context: PlanContext | None = None,
+    **options: Any,
 ) -> Plan:
     """What method ``name`` would build under ``budget``, with its exact bytes, without
     allocating any weights. Raises ``BudgetError`` when the budget cannot be met, and
-    ``OptionError`` (a TypeError) for unknown or ill-typed options.
+    ``OptionError`` (a TypeError) for unknown or ill-typed options. ``context``: the run's
+    optimizers (:class:`~compressors.core.base.PlanContext`; default: the one in effect).
 
     Example::
 
@@ -74,25 +90,39 @@ def solve(
     """
     cls = _lookup(name)
     check_options(name, option_specs(cls), options)
-    return cls.solve(features, dim, parse_budget(budget, full_bytes(features, dim)), options)
+    budget_bytes = parse_budget(budget, full_bytes(features, dim))
+    with _context(context):
+        return cls.solve(features, dim, budget_bytes, options)
 
 
 def build_compressor(
-    name: str, features: Sequence[FeatureSpec], dim: int, budget: Budget = "1x", **options: Any
+    name: str,
+    features: Sequence[FeatureSpec],
+    dim: int,
+    budget: Budget = "1x",
+    *,
+    context: PlanContext | None = None,
+    **options: Any,
 ) -> Compressor:
-    """Builds method ``name`` for ``features`` at ``dim`` under ``budget`` (see budget.py)."""
+    """Builds method ``name`` for ``features`` at ``dim`` under ``budget`` (see budget.py),
+    planned for ``context`` (the run's optimizers; default: the one in effect)."""
     cls = _lookup(name)
     check_options(name, option_specs(cls), options)
     budget_bytes = parse_budget(budget, full_bytes(features, dim))
-    method = cls(features, dim, budget_bytes, **options)
+    with _context(context):
+        method = cls(features, dim, budget_bytes, **options)
     method.options = dict(options)
     return method
 
 
-def build_from_plan(plan: Plan, features: Sequence[FeatureSpec]) -> Compressor:
+def build_from_plan(
+    plan: Plan, features: Sequence[FeatureSpec], context: PlanContext | None = None
+) -> Compressor:
     """Builds the method ``plan`` describes (from ``solve()`` or a run's ``plan.json``);
     raises ValueError when this version's solver would build something else."""
-    method = build_compressor(plan.method, features, plan.dim, plan.budget_bytes, **plan.options)
+    method = build_compressor(
+        plan.method, features, plan.dim, plan.budget_bytes, context=context, **plan.options
+    )
     method.check_plan(plan)
     return method
 
@@ -107,6 +137,11 @@ def build_serving(
             f"no serving module for export kind {exported.kind!r}; known: {sorted(SERVING)}"
         )
     return SERVING[exported.kind](exported, **dict((options or {}).get(exported.kind, {})))
+
+
+def _context(context: PlanContext | None) -> Any:
+    """``context`` in effect, or the one already in effect when None."""
+    return plan_context(context) if context is not None else contextlib.nullcontext()
 
 
 def _lookup(name: str) -> type[Compressor]:

@@ -37,12 +37,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from compressors.core.base import Compressor, ExportedEmbedding, FeatureSpec, MemoryReport
 from compressors.core.budget import BudgetError, describe_bytes
 from compressors.core.layout import OffsetMap
+from compressors.core.optim import SparseRowOptimizer  # noqa: F401 (re-exported)
 from compressors.core.registry import register
 from compressors.core.storage import Lookup, TableSpec, row_bytes
 from compressors.core.tables import TABLE_KIND
@@ -53,61 +53,6 @@ if TYPE_CHECKING:
 
 TABLE = "shared"
 _INIT_CHUNK_ROWS = 1 << 20
-
-
-class SparseRowOptimizer(nn.Module):
-    """Updates only the rows a batch read; state lives in buffers (checkpointed with the model).
-
-    ``sgd`` keeps nothing, ``rowwise_adagrad`` one float per row (fbgemm's default), ``adagrad``
-    one float per value, ``adam`` two (first and second moments) plus a step count: *lazy*
-    Adam, as TensorFlow's LazyAdam and PyTorch's ``SparseAdam`` — only the rows a batch read
-    update their moments, bias correction uses the global step (β = 0.9, 0.999).
-    """
-
-    KINDS: ClassVar[tuple[str, ...]] = ("sgd", "rowwise_adagrad", "adagrad", "adam")
-    BETAS: ClassVar[tuple[float, float]] = (0.9, 0.999)
-
-    def __init__(self, kind: str, rows: int, dim: int, eps: float = 1e-8) -> None:
-        super().__init__()
-        if kind not in self.KINDS:
-            raise ValueError(f"unknown optimizer {kind!r}; choose from {self.KINDS}")
-        self.kind = kind
-        self.eps = eps
-        shape = {
-            "sgd": (0,),
-            "rowwise_adagrad": (rows,),
-            "adagrad": (rows, dim),
-            "adam": (2, rows, dim),
-        }[kind]
-        self.register_buffer("state", torch.zeros(shape))
-        if kind == "adam":
-            self.register_buffer("count", torch.zeros((), dtype=torch.int64))
-
-    def step(
-        self, rows: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, lr: float
-    ) -> torch.Tensor:
-        """The updated fp32 values of ``rows`` (unique) given their values and gradients."""
-        if self.kind == "sgd":
-            return weight - lr * grad
-        if self.kind == "rowwise_adagrad":
-            acc = self.state[rows] + grad.pow(2).mean(1)
-            self.state[rows] = acc
-            return weight - lr * grad / (acc.sqrt().unsqueeze(1) + self.eps)
-        if self.kind == "adam":
-            (b1, b2), t = self.BETAS, int(self.count) + 1
-            self.count.fill_(t)
-            m = b1 * self.state[0, rows] + (1 - b1) * grad
-            v = b2 * self.state[1, rows] + (1 - b2) * grad.pow(2)
-            self.state[0, rows], self.state[1, rows] = m, v
-            m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
-            return weight - lr * m_hat / (v_hat.sqrt() + self.eps)
-        acc = self.state[rows] + grad.pow(2)
-        self.state[rows] = acc
-        return weight - lr * grad / (acc.sqrt() + self.eps)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
 
 
 @dataclass

@@ -1,0 +1,141 @@
+"""Row-wise Adagrad outside fbgemm, and the sparse-row optimizers of a method's own rows.
+
+fbgemm's fused rowwise Adagrad (what trains the physical tables) keeps one accumulator per
+table row: ``s += mean(g_row²)``, ``w_row -= lr · g_row / (sqrt(s) + eps)``. This module holds
+the one copy of that rule outside fbgemm (:func:`rowwise_adagrad_rows`), used by
+
+- :class:`RowwiseAdagrad`, a ``torch.optim.Optimizer`` for ordinary parameters: the
+  fair-comparison protocol (``TrainConfig(module_optimizer="table")``) trains TT cores,
+  ROBE's array and DHE's network with the tables' family. TorchRec's ``RowWiseAdagrad`` only
+  takes 2-D parameters, this one any shape: a row is a slice along the first dimension (a 1-D
+  parameter has one-element rows, i.e. plain Adagrad);
+- :class:`SparseRowOptimizer`, which steps only the rows a batch read, its state in buffers
+  (integer tables, the pruning family's row tables).
+
+``eps`` is :data:`EPS` = 1e-8 everywhere: fbgemm's kernels default (its
+``SplitTableBatchedEmbeddingBagsCodegen(eps=1.0e-8)``; TorchRec's fused tables pass no eps
+and so train with it), so a module under the protocol and a table follow the same rule.
+
+Example::
+
+    opt = RowwiseAdagrad(module.parameters(), lr=0.05)
+    rows_opt = SparseRowOptimizer("rowwise_adagrad", rows=1000, dim=16)
+    new_values = rows_opt.step(rows, values, grads, lr=0.05)
+
+Deviations: TorchRec's own ``RowWiseAdagrad`` defaults to eps 1e-10 (earlier versions of this
+module did too); 1e-8 follows the kernel that actually trains the tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+#: The denominator's epsilon of every Adagrad and Adam here (fbgemm's default).
+EPS = 1e-8
+
+
+def rowwise_adagrad_rows(
+    rows: torch.Tensor, grad: torch.Tensor, acc: torch.Tensor, lr: float, eps: float = EPS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row-wise Adagrad step of ``rows`` [N, D] with gradients ``grad`` [N, D] and
+    accumulators ``acc`` [N]: ``(new rows, new accumulators)``."""
+    acc = acc + grad.pow(2).mean(1)
+    return rows - lr * grad / (acc.sqrt().unsqueeze(1) + eps), acc
+
+
+class RowwiseAdagrad(torch.optim.Optimizer):
+    """Adagrad with one accumulator per row (first-dimension slice) of each parameter."""
+
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter] | Iterable[dict],
+        lr: float = 0.01,
+        eps: float = EPS,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if lr <= 0 or eps <= 0 or weight_decay < 0:
+            raise ValueError(
+                f"RowwiseAdagrad: bad lr={lr}, eps={eps} or weight_decay={weight_decay}"
+            )
+        super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201 (torch's signature)
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if group["weight_decay"]:
+                    grad = grad.add(p, alpha=group["weight_decay"])
+                rows = grad.reshape(grad.shape[0], -1) if grad.dim() > 1 else grad.view(-1, 1)
+                state = self.state[p]
+                if "sum" not in state:
+                    state["sum"] = torch.zeros(rows.shape[0], dtype=torch.float32)
+                values = p.reshape(rows.shape)
+                new, state["sum"] = rowwise_adagrad_rows(
+                    values, rows, state["sum"], group["lr"], group["eps"]
+                )
+                p.copy_(new.view_as(p))
+        return loss
+
+
+class SparseRowOptimizer(nn.Module):
+    """Updates only the rows a batch read; state lives in buffers (checkpointed with the model).
+
+    ``sgd`` keeps nothing, ``rowwise_adagrad`` one float per row (fbgemm's default), ``adagrad``
+    one float per value, ``adam`` two (first and second moments) plus a step count: *lazy*
+    Adam, as TensorFlow's LazyAdam and PyTorch's ``SparseAdam`` — only the rows a batch read
+    update their moments, bias correction uses the global step (β = 0.9, 0.999).
+    """
+
+    KINDS: ClassVar[tuple[str, ...]] = ("sgd", "rowwise_adagrad", "adagrad", "adam")
+    BETAS: ClassVar[tuple[float, float]] = (0.9, 0.999)
+
+    def __init__(self, kind: str, rows: int, dim: int, eps: float = EPS) -> None:
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown optimizer {kind!r}; choose from {self.KINDS}")
+        self.kind = kind
+        self.eps = eps
+        shape = {
+            "sgd": (0,),
+            "rowwise_adagrad": (rows,),
+            "adagrad": (rows, dim),
+            "adam": (2, rows, dim),
+        }[kind]
+        self.register_buffer("state", torch.zeros(shape))
+        if kind == "adam":
+            self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+
+    def step(
+        self, rows: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, lr: float
+    ) -> torch.Tensor:
+        """The updated fp32 values of ``rows`` (unique) given their values and gradients."""
+        if self.kind == "sgd":
+            return weight - lr * grad
+        if self.kind == "rowwise_adagrad":
+            new, self.state[rows] = rowwise_adagrad_rows(
+                weight, grad, self.state[rows], lr, self.eps
+            )
+            return new
+        if self.kind == "adam":
+            (b1, b2), t = self.BETAS, int(self.count) + 1
+            self.count.fill_(t)
+            m = b1 * self.state[0, rows] + (1 - b1) * grad
+            v = b2 * self.state[1, rows] + (1 - b2) * grad.pow(2)
+            self.state[0, rows], self.state[1, rows] = m, v
+            m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
+            return weight - lr * m_hat / (v_hat.sqrt() + self.eps)
+        acc = self.state[rows] + grad.pow(2)
+        self.state[rows] = acc
+        return weight - lr * grad / (acc.sqrt() + self.eps)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())

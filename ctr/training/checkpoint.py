@@ -1,0 +1,292 @@
+"""A run's files on disk: weights, the checkpoint, and where the run stands.
+
+The run directory receives ``config.json`` (written by the caller), ``metrics.jsonl`` (one
+line per evaluation), ``checkpoint.pt`` (everything needed to continue exactly),
+``best.pt`` (best validation weights), ``model.pt`` (final weights, what ``ctr export``
+reads) and, when a stage rewinds, ``initial.pt`` (the weights at step 0). Every file is
+written beside and renamed into place (:func:`datasets.io.atomic_write`); all ``.pt`` files
+load with ``torch.load(weights_only=True)`` and hold whole (unsharded) tensors, so a DMP
+run's files read like a single process's. After a stage that changes shapes, ``model.pt``
+and the checkpoint carry the compressor's architecture record under
+:data:`ARCHITECTURE_KEY`.
+
+Example::
+
+    files = RunFiles(run_dir, main=True)
+    files.save_weights("best.pt", state, architecture=None)
+    payload = files.read_checkpoint(world_size=1)   # None when the run starts afresh
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ctr.training.placement import embedding_rows, table_modules
+from datasets.io import atomic_write
+
+if TYPE_CHECKING:
+    from compressors.core.base import Compressor
+    from ctr.training.config import TrainConfig
+    from ctr.training.placement import Placement
+
+ARCHITECTURE_KEY = "__architecture__"
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; saved in every checkpoint."""
+
+    stage: int = 0
+    stage_started: bool = False
+    epoch: int = 0
+    batch: int = 0
+    stage_step: int = 0
+    step: int = 0
+    best_auc: float = -math.inf
+    bad_evals: int = 0
+    samples: int = 0
+    train_seconds: float = 0.0
+    lr_scale: float = 1.0
+    finished: bool = False
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    architecture: dict[str, Any] | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_weights(path: Path, what: str) -> Any:
+    """``torch.load`` (no pickle) with a one-line error naming the file when it is damaged."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RuntimeError(
+            f"{path}: unreadable {what} file ({reason}); it is truncated or corrupt — "
+            "delete it to start this run afresh"
+        ) from e
+
+
+def save(obj: Any, path: Path) -> None:
+    """``torch.save`` beside ``path``, renamed into place."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+class RunFiles:
+    """The ``.pt`` files and ``metrics.jsonl`` of one run directory (None: keep nothing).
+    Only the main process writes; every process reads."""
+
+    def __init__(self, run_dir: Path | None, main: bool) -> None:
+        self.run_dir, self.main = run_dir, main
+        if run_dir and main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path | None:
+        return self.run_dir / name if self.run_dir else None
+
+    def exists(self, name: str) -> bool:
+        path = self.path(name)
+        return path is not None and path.exists()
+
+    def save_weights(
+        self, name: str, state: dict[str, Any], architecture: dict[str, Any] | None = None
+    ) -> None:
+        if self.run_dir and self.main:
+            if architecture is not None:
+                state = {**state, ARCHITECTURE_KEY: json.dumps(architecture)}
+            save(state, self.run_dir / name)
+
+    def load_weights(self, name: str, what: str) -> dict[str, Any] | None:
+        """The weights in ``name`` without their architecture record; None when absent."""
+        if not self.exists(name):
+            return None
+        state = load_weights(self.path(name), what)  # type: ignore[arg-type]
+        state.pop(ARCHITECTURE_KEY, None)
+        return state
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        if self.run_dir and self.main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def write_checkpoint(
+        self,
+        model: dict[str, Any],
+        optimizers: dict[str, Any],
+        state: TrainState,
+        stage_state: dict[str, Any] | None,
+        rng: list[torch.Tensor],
+    ) -> None:
+        if self.run_dir and self.main:
+            payload = {
+                "model": model,
+                "optimizers": optimizers,
+                "state": asdict(state),
+                "stage_state": stage_state,
+                "torch_rng": rng,
+                "world_size": len(rng),
+            }
+            save(payload, self.run_dir / "checkpoint.pt")
+
+    def read_checkpoint(self, world_size: int) -> dict[str, Any] | None:
+        """The checkpoint's payload (``"state"`` as a :class:`TrainState`); None when the
+        run starts afresh. Refuses one written by another number of processes."""
+        path = self.path("checkpoint.pt")
+        if path is None or not path.exists():
+            return None
+        payload = load_weights(path, "checkpoint")
+        if payload["world_size"] != world_size:
+            raise RuntimeError(
+                f"{path} was written by {payload['world_size']} process(es); resume it with "
+                f"the same number (now {world_size})"
+            )
+        payload["state"] = TrainState(**payload["state"])
+        return payload
+
+
+class Checkpointed:
+    """The trainer's persistence (a mixin of :class:`~ctr.training.trainer.Trainer`, which
+    provides ``model``, ``net``, ``compressor``, ``placement``, ``files``, ``state``,
+    ``config`` and ``_setup_optimizers``): whole weights, best and initial weights, rewinds,
+    the checkpoint and resuming from it."""
+
+    model: nn.Module
+    net: nn.Module
+    compressor: Compressor
+    placement: Placement
+    files: RunFiles
+    config: TrainConfig
+    state: TrainState
+    stage_state: dict[str, Any] | None
+    table_optimizers: dict[str, Any]
+    _best: dict[str, torch.Tensor] | None
+    _initial: dict[str, torch.Tensor] | None
+
+    # ---------------------------------------------------------------- rewinds
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        """The model's weights at step 0 (kept in memory, or read from ``initial.pt``)."""
+        if self._initial is None:
+            if not self.files.exists("initial.pt"):
+                raise RuntimeError(
+                    "the initial weights were not saved: only runs with a rewinding stage keep them"
+                )
+            self._initial = load_weights(self.files.path("initial.pt"), "initial weights")  # type: ignore[arg-type]
+        return self._initial
+
+    def _rewind(self) -> None:
+        """Every weight back to step 0, but the compressor's ``rewind_keep()`` entries;
+        optimizer states start afresh (a lottery-ticket restart)."""
+        current = self.full_state()
+        prefix = _prefix_of(self.model, self.compressor)
+        keep = [prefix + k for k in self.compressor.rewind_keep()]
+        initial = self.initial_state()
+        # The compressor fits its own step-0 weights to shapes a rebuild may have changed.
+        own = self.compressor.rewind_state(
+            {k[len(prefix) :]: v for k, v in initial.items() if k.startswith(prefix)}
+        )
+        initial = {k: v for k, v in initial.items() if not k.startswith(prefix)}
+        initial.update({prefix + k: v for k, v in own.items()})
+        state = {
+            k: current[k] if any(k.startswith(p) for p in keep) else v for k, v in initial.items()
+        }
+        self._load_weights(state)
+        # Fused table optimizers keep their state in place: zero it (rowwise Adagrad's
+        # accumulators start at zero); the other optimizers are built anew.
+        self.placement.reset_table_state(self.table_optimizers)
+        for tables in table_modules(self.model):
+            if tables.sparse_optimizer is not None:  # its step counts start afresh too
+                tables.reset_optimizer(self.config.table_optimizer, self.config.table_lr)
+        self._setup_optimizers()
+
+    # ---------------------------------------------------------------- persistence
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Unsharded weights (a copy), on every rank."""
+        return self.placement.full_state(self.model, self.net)
+
+    def _flush_decay(self) -> None:
+        """Lazily decayed rows brought up to date (before the weights are read whole)."""
+        for rows in embedding_rows(self.model):
+            rows.flush_decay()
+
+    def _load_weights(self, state: dict[str, Any]) -> None:
+        self.placement.load_state(self.model, self.net, state)
+
+    def _save_model(self, name: str) -> None:
+        state = self.full_state()
+        self.files.save_weights(name, state, self.state.architecture)
+        if name == "best.pt":
+            self._best = state
+
+    def _restore_best(self) -> None:
+        best = self._best
+        if best is None:
+            best = self.files.load_weights("best.pt", "best weights")
+        if best is None:
+            return
+        # Weights only: the architecture the stage ended with stays (masks, thresholds, α).
+        prefix = _prefix_of(self.model, self.compressor)
+        keep = [prefix + k for k in self.compressor.architecture_state()]
+        if keep:
+            current = self.full_state()
+            best = {
+                k: current[k] if any(k.startswith(p) for p in keep) else v for k, v in best.items()
+            }
+        self._load_weights(best)
+
+    def _save_initial(self) -> None:
+        """Keeps the step-0 weights when a stage will rewind to them."""
+        if not any(s.rewind for s in self.compressor.stages):
+            return
+        self._initial = self.full_state()
+        self.files.save_weights("initial.pt", self._initial)
+
+    def _checkpoint(self) -> None:
+        """Everything needed to continue exactly; under DMP gathered whole (collective)."""
+        if not self.run_dir:
+            return
+        self.files.write_checkpoint(
+            self.full_state(),
+            {k: o.state_dict() for k, o in self._all_optimizers().items()},
+            self.state,
+            self.stage_state,
+            self.placement.rng_states(),
+        )
+
+    def _resume(self) -> None:
+        payload = self.files.read_checkpoint(self.placement.world_size)
+        if payload is None:
+            seed_everything(self.config.seed)
+            self._save_initial()
+            return
+        state = payload["state"]
+        if state.architecture is not None:
+            self.compressor.rebuild(state.architecture)
+            self._setup_optimizers()
+        self._load_weights(payload["model"])
+        for k, opt in self._all_optimizers().items():
+            opt.load_state_dict(payload["optimizers"][k])
+        self.state = state
+        self._apply_lr_scale()
+        self.stage_state = payload.get("stage_state")
+        torch.set_rng_state(payload["torch_rng"][self.placement.rank])
+
+
+def _prefix_of(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    """``module``'s state-dict prefix inside ``model`` (e.g. ``"embedding.compressor."``)."""
+    for name, m in model.named_modules():
+        if m is module:
+            return f"{name}." if name else ""
+    raise ValueError("module is not part of the model")

@@ -1,0 +1,207 @@
+"""TorchRec DistributedModelParallel for the same models, under ``torchrun``.
+
+Physical tables are sharded table-wise with fbgemm's fused optimizer (on CPU the planner
+may otherwise pick data-parallel for small tables, and the combined optimizer then fails
+with "Duplicate param key"); everything else is replicated with DDP.
+
+Example (run with ``torchrun --nproc_per_node 2 -m ctr.cli train ...``)::
+
+    info = init_from_env()
+    dmp = shard_model(model, info, table_optimizer="rowwise_adagrad", table_lr=0.05)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
+from torchrec import EmbeddingBagCollection
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingEnv, ShardingType
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from compressors.core.storage import TABLE_OPTIMIZERS
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_from_env() -> DistInfo | None:
+    """Joins the process group ``torchrun`` describes; None when running alone."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return None
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), backend)
+
+
+def shutdown() -> None:
+    """Leaves the process group (without it a rank can abort at exit)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def shard_model(
+    model: nn.Module, info: DistInfo, table_optimizer: str, table_lr: float
+) -> DistributedModelParallel:
+    """Wraps ``model`` in DMP, copying its current weights into the shards."""
+    if table_optimizer == "adam":
+        raise ValueError(
+            "--table-optimizer adam trains its tables outside fbgemm's fused kernels (fbgemm has "
+            "no CPU Adam), which DMP cannot shard; train it without torchrun"
+        )
+    if table_optimizer not in TABLE_OPTIMIZERS:
+        raise ValueError(f"unknown table optimizer {table_optimizer!r}")
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ebcs = [m for m in model.modules() if isinstance(m, EmbeddingBagCollection)]
+    constraints = {}
+    for ebc in ebcs:
+        apply_optimizer_in_backward(
+            TABLE_OPTIMIZERS[table_optimizer], ebc.parameters(), {"lr": table_lr}
+        )
+        for cfg in ebc.embedding_bag_configs():
+            constraints[cfg.name] = ParameterConstraints(
+                sharding_types=[ShardingType.TABLE_WISE.value], compute_kernels=["fused"]
+            )
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if info.backend == "nccl"
+        else torch.device("cpu")
+    )
+    topology = Topology(world_size=info.world_size, compute_device=device.type)
+    sharders = [EmbeddingBagCollectionSharder()]
+    plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(
+        model, sharders, dist.GroupMember.WORLD
+    )
+    dmp = DistributedModelParallel(
+        model,
+        env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+        device=device,
+        plan=plan,
+        sharders=sharders,
+    )
+    load_full_state_dict(dmp, initial)
+    return dmp
+
+
+def dense_parameters(dmp: DistributedModelParallel) -> list[nn.Parameter]:
+    """Parameters not trained by a fused in-backward optimizer."""
+    return [p for _, p in in_backward_optimizer_filter(dmp.named_parameters()) if p.requires_grad]
+
+
+_SHARDED = "__sharded__"
+
+
+def unshard(tree: Any) -> Any:
+    """``tree`` (nested dicts) with every ShardedTensor assembled whole, on every rank.
+
+    Ranks may hold different keys (a fused optimizer lists only its local tables), so each
+    rank sends its local shards in one ``all_gather_object`` and the trees are merged.
+    Collective: call on all ranks.
+    """
+    pieces: dict[tuple, tuple[list[int], torch.dtype, list]] = {}
+
+    def collect(node: Any, path: tuple) -> Any:
+        if isinstance(node, ShardedTensor):
+            shards = [
+                (list(sh.metadata.shard_offsets), sh.tensor.detach().cpu().clone())
+                for sh in node.local_shards()
+            ]
+            pieces[path] = (list(node.size()), node.dtype, shards)
+            return (_SHARDED, path)
+        if isinstance(node, dict):
+            return {k: collect(v, (*path, k)) for k, v in node.items()}
+        if isinstance(node, torch.Tensor):
+            return node.detach().cpu().clone()
+        return node
+
+    skeleton = collect(tree, ())
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (skeleton, pieces))
+    whole: dict[tuple, torch.Tensor] = {}
+    for _, rank_pieces in everyone:
+        for path, (size, dtype, shards) in rank_pieces.items():
+            full = whole.setdefault(path, torch.empty(size, dtype=dtype))
+            for offsets, tensor in shards:
+                full[tuple(slice(o, o + n) for o, n in zip(offsets, tensor.shape, strict=True))] = (
+                    tensor
+                )
+    merged = _merge([s for s, _ in everyone])
+    return _fill(merged, whole)
+
+
+def _merge(trees: list[Any]) -> Any:
+    """Union of nested dicts (a key present on any rank is kept)."""
+    if not all(isinstance(t, dict) for t in trees):
+        return trees[0]
+    keys = list(dict.fromkeys(k for t in trees for k in t))
+    return {k: _merge([t[k] for t in trees if k in t]) for k in keys}
+
+
+def _fill(node: Any, whole: dict[tuple, torch.Tensor]) -> Any:
+    if isinstance(node, tuple) and len(node) == 2 and node[0] == _SHARDED:
+        return whole[node[1]]
+    if isinstance(node, dict):
+        return {k: _fill(v, whole) for k, v in node.items()}
+    return node
+
+
+def copy_into_shards(target: Any, full: Any, where: str = "") -> None:
+    """Copies whole tensors of ``full`` into the matching (sharded or plain) tensors of
+    ``target`` in place; both are nested dicts of the same shape."""
+    if isinstance(target, ShardedTensor):
+        for shard in target.local_shards():
+            offsets, sizes = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+            index = tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))
+            shard.tensor.copy_(full[index])
+    elif isinstance(target, torch.Tensor):
+        target.copy_(full)
+    elif isinstance(target, dict):
+        for key, value in target.items():
+            if key not in full:
+                raise KeyError(f"saved state lacks {where}{key!r}")
+            copy_into_shards(value, full[key], f"{where}{key}.")
+
+
+def full_state_dict(dmp: DistributedModelParallel) -> dict[str, torch.Tensor]:
+    """The unsharded model state dict, on every rank. Collective."""
+    return unshard(dmp.state_dict())
+
+
+def load_full_state_dict(dmp: DistributedModelParallel, state: dict[str, torch.Tensor]) -> None:
+    """Copies full tensors into the local shards (and replicated parameters) of ``dmp``."""
+    with torch.no_grad():
+        copy_into_shards(dmp.state_dict(), state)
+
+
+class ShardedTableOptimizer:
+    """Checkpoint view of DMP's fused table optimizer: whole tensors out, shards back in."""
+
+    def __init__(self, dmp: DistributedModelParallel) -> None:
+        self.optimizer = dmp.fused_optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return unshard(self.optimizer.state_dict())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            copy_into_shards(self.optimizer.state_dict()["state"], state["state"])
