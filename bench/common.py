@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ctr.run import RunConfig, train_run
 from ctr.sweep import Cell, SweepSpec, feasibility, run_sweep
 from ctr.sweep.report import write_report
-from ctr.trainer import TrainConfig
+from ctr.training.run import RunConfig, train_run
+from ctr.training.trainer import TrainConfig
 from datasets.io import atomic_write_text
 from datasets.synthetic import SyntheticConfig, generate_synthetic
 

@@ -39,11 +39,11 @@ from compressors import (
     pack_rows,
 )
 from ctr.embedding import features_from_dataset
-from ctr.metrics import auc_logloss
-from ctr.run import RunConfig, build_run_model, load_run_model
 from ctr.serving.compact import CompactModel
 from ctr.serving.export import export
-from ctr.trainer import table_modules
+from ctr.training.metrics import auc_logloss
+from ctr.training.run import RunConfig, build_run_model, load_run_model
+from ctr.training.trainer import table_modules
 from datasets.loader import BatchLoader
 from datasets.prepared import DatasetMeta
 

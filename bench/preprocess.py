@@ -96,7 +96,8 @@ def _criteo_bench_schema() -> pa.Schema:
 
 _PREPARE_CHILD = """
 import json, sys, time
-from datasets.prepare import PrepareOptions, prepare_criteo
+from datasets.prepare import PrepareOptions
+from datasets.readers.criteo import prepare_criteo
 start = time.perf_counter()
 options = PrepareOptions(overwrite=True, progress=False)
 meta = prepare_criteo([sys.argv[1]], sys.argv[2], options=options)

@@ -17,8 +17,8 @@ from bench.common import (
     staged_run,
 )
 from compressors import COMPRESSORS, BudgetError
-from ctr.run import RunConfig, build_run_model
-from ctr.trainer import DEFAULT_TABLE_LRS, TrainConfig, Trainer
+from ctr.training.run import RunConfig, build_run_model
+from ctr.training.trainer import DEFAULT_TABLE_LRS, TrainConfig, Trainer
 from datasets.loader import BatchLoader
 from datasets.prepared import DatasetMeta
 from datasets.synthetic import SIGNAL_PATTERN

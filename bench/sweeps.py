@@ -17,8 +17,8 @@ from bench.common import (
     seed_stats,
     timed_steps,
 )
-from ctr.run import RunConfig, build_run_model
-from ctr.trainer import TrainConfig, Trainer
+from ctr.training.run import RunConfig, build_run_model
+from ctr.training.trainer import TrainConfig, Trainer
 from datasets.loader import BatchLoader
 from datasets.prepared import DatasetMeta
 

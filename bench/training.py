@@ -35,8 +35,8 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from bench.common import CACHE, cached_run, default_dataset, print_table, timed_steps
 from ctr.models.layers import FirstOrder, fm_interaction, mlp
-from ctr.run import RunConfig, build_run_model
-from ctr.trainer import TrainConfig, Trainer, table_modules
+from ctr.training.run import RunConfig, build_run_model
+from ctr.training.trainer import TrainConfig, Trainer, table_modules
 from datasets.loader import BatchLoader
 from datasets.prepared import DatasetMeta
 

@@ -17,8 +17,8 @@ logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 # Public names, imported on first use (PEP 562): ``ctr --help`` and ``ctr methods`` do not
 # pay for torch's import.
 _EXPORTS = {
-    "CompactModel": "ctr.artifact",
-    "export": "ctr.artifact",
+    "CompactModel": "ctr.serving.compact",
+    "export": "ctr.serving.export",
     "EmbeddingLayer": "ctr.embedding",
     "features_from_dataset": "ctr.embedding",
     "MODELS": "ctr.models",

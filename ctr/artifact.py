@@ -1,7 +1,8 @@
 """Moved to :mod:`ctr.serving` (``manifest``, ``export``, ``compact``); this name stays for one
 release."""
 
-from ctr.serving.compact import CompactModel, ServingEmbedding
+from ctr.embedding import ServingEmbedding
+from ctr.serving.compact import CompactModel
 from ctr.serving.export import export, serving_footprint
 from ctr.serving.manifest import (
     ARTIFACT_FILES,

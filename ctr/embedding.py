@@ -142,3 +142,27 @@ class EmbeddingLayer(nn.Module):
 
     def export(self) -> ExportedEmbedding:
         return self.compressor.export()
+
+
+class ServingEmbedding(nn.Module):
+    """A serving module with the attributes models expect of an embedding layer."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        num_features: int,
+        dim: int,
+        method: str,
+        cardinality: dict[str, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.module = module
+        self.num_features = num_features
+        self.dim = dim
+        self.method = method
+        self.check_ids = IdRangeCheck(cardinality) if cardinality is not None else None
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        if self.check_ids is not None:
+            self.check_ids(features)
+        return self.module(features)

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch.distributed as dist
 
 from compressors import BudgetError, available, solve
-from ctr.distributed import init_from_env, shutdown
 from ctr.embedding import features_from_dataset
-from ctr.run import RunConfig, train_run
-from ctr.trainer import TrainConfig
+from ctr.training.distributed import init_from_env, shutdown
+from ctr.training.run import RunConfig, train_run
+from ctr.training.trainer import TrainConfig
 
 
 def main(data: str, out: str, only: list[str]) -> None:

@@ -10,9 +10,9 @@ from table_checks import check_memory_matches_artifact
 from torchrec import KeyedJaggedTensor
 
 from compressors import Compressor, FeatureSpec, Plan
-from ctr.run import RunConfig, build_run_model, load_run_model, train_run
 from ctr.serving.compact import CompactModel
-from ctr.trainer import TrainConfig, Trainer
+from ctr.training.run import RunConfig, build_run_model, load_run_model, train_run
+from ctr.training.trainer import TrainConfig, Trainer
 from datasets.loader import BatchLoader
 from datasets.prepared import DatasetMeta
 

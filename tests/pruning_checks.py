@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from table_checks import artifact_embedding_bytes
 
-from ctr.run import RunConfig, load_run_model, train_run
 from ctr.serving.compact import CompactModel
 from ctr.serving.export import export
-from ctr.trainer import TrainConfig
+from ctr.training.run import RunConfig, load_run_model, train_run
+from ctr.training.trainer import TrainConfig
 from datasets.loader import BatchLoader
 from datasets.prepared import DatasetMeta
 from datasets.synthetic import SIGNAL_PATTERN
@@ -102,7 +102,7 @@ def zeroed_auc(run_dir: Path, data: Path) -> float:
     model, _ = load_run_model(run_dir)
     with torch.no_grad():
         model.embedding.compressor.table.weight.zero_()
-    from ctr.trainer import Trainer
+    from ctr.training.trainer import Trainer
 
     meta = DatasetMeta.load(data)
     loader = BatchLoader(meta, "test", 16384)

@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 
 from compressors import Compressor, FeatureSpec
 from compressors.core.registry import method_options
-from ctr.run import RunConfig, build_run_model, load_run_model, train_run
 from ctr.serving.compact import CompactModel
 from ctr.serving.export import export
 from ctr.serving.manifest import MANIFEST_FILE, TENSORS_FILE
-from ctr.trainer import TrainConfig, Trainer
+from ctr.training.run import RunConfig, build_run_model, load_run_model, train_run
+from ctr.training.trainer import TrainConfig, Trainer
 from datasets.loader import BatchLoader
 from datasets.prepared import DatasetMeta
 from datasets.synthetic import SyntheticConfig

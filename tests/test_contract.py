@@ -35,10 +35,10 @@ from compressors import (
 from compressors.core.registry import COMPRESSORS
 from ctr.cli import main
 from ctr.embedding import features_from_dataset
-from ctr.run import RunConfig, load_run_model, train_run
 from ctr.serving.compact import CompactModel
 from ctr.serving.export import export
-from ctr.trainer import TrainConfig
+from ctr.training.run import RunConfig, load_run_model, train_run
+from ctr.training.trainer import TrainConfig
 from datasets.loader import BatchLoader
 
 METHODS = available()

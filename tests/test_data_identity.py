@@ -90,9 +90,9 @@ def test_reprepared_data_is_refused_at_export_predict_and_resume(trained, tmp_pa
 
 
 def test_export_refuses_a_vocabulary_changed_after_the_check(trained, tmp_path):
-    from ctr.run import load_run_model
     from ctr.serving.export import export
     from ctr.serving.manifest import ArtifactError
+    from ctr.training.run import load_run_model
 
     data, run, _ = trained
     model, cfg = load_run_model(run)

@@ -15,7 +15,7 @@ from pruning_checks import check_artifact, check_resume, config, zeroed_auc
 from compressors import FeatureSpec, build_compressor
 from compressors.pruning.deeplight import DeepLight, deeplight_sparsity, stage_sparsity
 from compressors.pruning.serving import PrunedServing
-from ctr.run import load_run_model, train_run
+from ctr.training.run import load_run_model, train_run
 
 
 def test_schedule_rises_to_the_target():

@@ -9,7 +9,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from compressors import FeatureSpec, build_compressor
-from ctr.trainer import table_modules
+from ctr.training.trainer import table_modules
 
 FEATURES = [FeatureSpec("a", 50), FeatureSpec("b", 30), FeatureSpec("c", 7, multi_hot=True)]
 

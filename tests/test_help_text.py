@@ -61,9 +61,9 @@ def test_every_sweep_spec_field_is_documented():
 def test_train_and_serve_flags_default_to_their_configs(tiny_data):
     # One source of defaults: a flag's default is its config field's, never a second literal.
     from ctr.cli.train import _run_config
-    from ctr.run import RunConfig
     from ctr.serving.http.config import ServeConfig
-    from ctr.trainer import TrainConfig
+    from ctr.training.run import RunConfig
+    from ctr.training.trainer import TrainConfig
 
     args = build_parser(["train"]).parse_args(["train", "--data", str(tiny_data), "--out", "r"])
     # Picked per run: the batch size from the data, the table optimizer and lr from the method.

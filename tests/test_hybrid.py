@@ -26,11 +26,11 @@ from compressors.core.hybrid import (
     pool_bags,
     premixed_salts,
 )
-from ctr.run import RunConfig, load_run_model, train_run
 from ctr.serving.compact import CompactModel
 from ctr.serving.export import export
 from ctr.serving.manifest import MANIFEST_FILE, TENSORS_FILE
-from ctr.trainer import TrainConfig
+from ctr.training.run import RunConfig, load_run_model, train_run
+from ctr.training.trainer import TrainConfig
 from datasets.loader import BatchLoader
 from datasets.prepared import DatasetMeta
 from datasets.synthetic import SyntheticConfig

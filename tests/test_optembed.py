@@ -18,8 +18,8 @@ from compressors.core.storage import row_bytes
 from compressors.pruning.bytes import bitmap_bytes, dim_choices, remap_bytes
 from compressors.pruning.optembed import LongTailStep, OptEmbed, ste_derivative
 from compressors.pruning.serving import PrunedServing
-from ctr.run import load_run_model, train_run
-from ctr.trainer import RunContext
+from ctr.training.run import load_run_model, train_run
+from ctr.training.trainer import RunContext
 from datasets.prepared import DatasetMeta
 
 DIM = 16
@@ -217,7 +217,7 @@ def test_candidates_scored_in_batch_equal_each_scored_alone(tiny_data):
     rows set, evaluated alone on the same sample."""
     from sklearn.metrics import roc_auc_score
 
-    from ctr.run import build_run_model
+    from ctr.training.run import build_run_model
     from datasets.loader import BatchLoader
 
     meta = DatasetMeta.load(tiny_data)

@@ -17,8 +17,8 @@ from compressors.core.storage import row_bytes
 from compressors.pruning.bytes import bitmap_bytes
 from compressors.pruning.pep import PEP, soft_threshold
 from ctr.embedding import features_from_dataset
-from ctr.run import load_run_model, train_run
-from ctr.trainer import Trainer
+from ctr.training.run import load_run_model, train_run
+from ctr.training.trainer import Trainer
 from datasets.loader import BatchLoader
 
 

@@ -36,11 +36,11 @@ from compressors.precision.common import (
     stochastic_round,
     unpack_codes,
 )
-from ctr.run import RunConfig, load_run_model, train_run
 from ctr.serving.compact import CompactModel
 from ctr.serving.export import export
 from ctr.serving.manifest import EMBEDDING_PREFIX, MANIFEST_FILE, TENSORS_FILE
-from ctr.trainer import TrainConfig
+from ctr.training.run import RunConfig, load_run_model, train_run
+from ctr.training.trainer import TrainConfig
 from datasets.loader import BatchLoader
 
 DIM = 16

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from compressors.core.decay import RowDecay
-from ctr.optim import RowwiseAdagrad
-from ctr.run import RunConfig, build_run_model, train_run
-from ctr.trainer import TrainConfig, Trainer
-from datasets.format import DatasetMeta
+from compressors.core.optim import RowwiseAdagrad
+from ctr.training.run import RunConfig, build_run_model, train_run
+from ctr.training.trainer import TrainConfig, Trainer
 from datasets.loader import BatchLoader
+from datasets.prepared import DatasetMeta
 
 
 def test_row_decay_lazy_equals_dense_under_sparse_sgd():

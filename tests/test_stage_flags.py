@@ -10,8 +10,8 @@ import torch
 from compressors.baseline.full import Full
 from compressors.core.base import SCHEDULED, Stage
 from compressors.core.registry import COMPRESSORS
-from ctr.run import RunConfig, train_run
-from ctr.trainer import TrainConfig
+from ctr.training.run import RunConfig, train_run
+from ctr.training.trainer import TrainConfig
 
 PREFIX = "embedding.compressor."
 

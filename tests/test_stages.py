@@ -12,8 +12,8 @@ from compressors.core.base import Stage
 from compressors.core.layout import Combiner
 from compressors.core.registry import COMPRESSORS
 from compressors.core.storage import TrainTables
-from ctr.run import RunConfig, load_run_model, train_run
-from ctr.trainer import TrainConfig, Trainer
+from ctr.training.run import RunConfig, load_run_model, train_run
+from ctr.training.trainer import TrainConfig, Trainer
 from datasets.loader import BatchLoader
 
 PREFIX = "embedding.compressor."
@@ -230,7 +230,7 @@ def test_frozen_dense_stage_leaves_the_network_unchanged(tiny_data, tmp_path, mo
 
 
 def _fresh_model(data, name):
-    from ctr.run import build_run_model
+    from ctr.training.run import build_run_model
 
     return build_run_model(_config(data, name))
 

@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 
 from ctr.cli import main
-from ctr.run import auto_batch_size
 from ctr.sweep import SweepSpec, cell_dir, cell_key, code_version, run_sweep
 from ctr.sweep.report import against_full, learns_on_validation, write_report
 from ctr.sweep.stats import compare, pareto_front
+from ctr.training.run import auto_batch_size
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL = {

@@ -8,8 +8,8 @@ import torch
 from compressors.baseline.full import Full
 from compressors.core.base import Stage
 from compressors.core.registry import COMPRESSORS
-from ctr.run import RunConfig, RunError, train_run
-from ctr.trainer import TrainConfig
+from ctr.training.run import RunConfig, RunError, train_run
+from ctr.training.trainer import TrainConfig
 
 SMALL_MLP = {"hidden": [64, 64]}
 

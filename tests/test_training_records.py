@@ -19,8 +19,8 @@ from ctr.training.placement import SingleProcess, placement_for
 from ctr.training.run import build_run_model, is_run_dir, train_run
 from ctr.training.summary import RunSummary
 from ctr.training.trainer import Trainer
-from datasets.format import DatasetMeta
 from datasets.loader import BatchLoader
+from datasets.prepared import DatasetMeta
 
 
 def _features():

@@ -188,7 +188,7 @@ class FieldModule(nn.Module):
     def train_bytes(self, optimizer: str = "adam") -> int:
         """fp32 weights, buffers and the state ``optimizer`` keeps for the weights (Adam: two
         moments per weight; Adagrad: one; row-wise Adagrad: one per first-dimension slice,
-        :class:`ctr.optim.RowwiseAdagrad`; SGD: none)."""
+        :class:`compressors.core.optim.RowwiseAdagrad`; SGD: none)."""
         params = dict(self.named_parameters())
         state = self.state_dict()
         weights = sum(p.numel() * p.element_size() for p in params.values())

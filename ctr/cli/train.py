@@ -1,7 +1,7 @@
 """``ctr train``, ``ctr export`` and ``ctr predict``.
 
-The train flags' defaults are :class:`ctr.run.RunConfig`'s and :class:`ctr.trainer.TrainConfig`'s
-fields, the model and method choices the registries (``MODELS``, the compressors' registry):
+The train flags' defaults are :class:`~ctr.training.config.RunConfig`'s and
+:class:`~ctr.training.config.TrainConfig`'s fields, the model and method choices the registries (``MODELS``, the compressors' registry):
 building these parsers imports torch, so ``ctr.cli.main`` builds them only for these commands.
 """
 
@@ -51,17 +51,13 @@ TRAIN_FLAGS_AFTER_TABLES = {
     "seed": "seed of initialisation and shuffling",
     "max_steps": "stop after N steps (resumable)",
 }
-# LEAD: ``table_optimizer`` "auto" is resolved here while TrainConfig's own default is
-# rowwise_adagrad; once TrainConfig defaults to "auto" (resolved in ctr/training), the flag
-# joins TRAIN_FLAGS (choices: "auto" + DEFAULT_TABLE_LRS) and _run_config stops resolving.
-AUTO_TABLE_OPTIMIZER = "auto"
 
 
 def add_parsers(sub: Any) -> None:
     from compressors.core.registry import available
     from ctr.models import MODELS
-    from ctr.run import RunConfig
-    from ctr.trainer import DEFAULT_TABLE_LRS, TrainConfig
+    from ctr.training.run import RunConfig
+    from ctr.training.trainer import DEFAULT_TABLE_LRS, TrainConfig
 
     fmt = HelpFormatter
     p = sub.add_parser("train", help=HELP["train"], epilog=EPILOG_TRAIN, formatter_class=fmt)
@@ -94,19 +90,20 @@ def add_parsers(sub: Any) -> None:
         "--batch-size", type=int, default=None, help="default: >= 200 steps/epoch in 256..4096"
     )
     lrs = ", ".join(f"{lr:g} for {name}" for name, lr in DEFAULT_TABLE_LRS.items())
-    p.add_argument(
-        "--table-lr",
-        type=float,
-        default=None,
-        help=f"lr of the embedding tables' optimizer (default: the optimizer's, {lrs})",
+    add_field(
+        p,
+        TrainConfig,
+        "table_lr",
+        f"lr of the embedding tables' optimizer (default: the optimizer's, {lrs})",
     )
-    p.add_argument(
-        "--table-optimizer",
-        default=AUTO_TABLE_OPTIMIZER,
-        choices=[AUTO_TABLE_OPTIMIZER, *DEFAULT_TABLE_LRS],
-        help="optimizer of every embedding table: auto (default) is the method's "
+    add_field(
+        p,
+        TrainConfig,
+        "table_optimizer",
+        "optimizer of every embedding table: auto (default) is the method's "
         "(rowwise_adagrad, fbgemm's fused kernel; adam for optembed, pep, deeplight, dnis); "
         "adam is lazy sparse Adam outside fbgemm's CPU fused kernels, single process",
+        choices=["auto", *DEFAULT_TABLE_LRS],
     )
     add_fields(p, TrainConfig, TRAIN_FLAGS_AFTER_TABLES, max_steps=int)
     p.add_argument("--out", required=True, type=Path, help="run directory")
@@ -134,9 +131,8 @@ def add_parsers(sub: Any) -> None:
 
 
 def _run_config(args: argparse.Namespace) -> Any:
-    from compressors.core.registry import COMPRESSORS
-    from ctr.run import RunConfig, auto_batch_size
-    from ctr.trainer import DEFAULT_TABLE_LRS, TrainConfig
+    from ctr.training.config import RunConfig, TrainConfig, resolve_table_optimizer
+    from ctr.training.run import auto_batch_size
     from datasets.prepared import DatasetMeta
 
     batch_size = args.batch_size
@@ -144,13 +140,10 @@ def _run_config(args: argparse.Namespace) -> Any:
         rows = DatasetMeta.load(args.data).rows("train")
         batch_size = auto_batch_size(rows)
         print(f"batch size {batch_size} ({rows // batch_size} steps per epoch; set --batch-size)")
-    optimizer, table_lr = args.table_optimizer, args.table_lr
-    if optimizer == AUTO_TABLE_OPTIMIZER:
-        method = COMPRESSORS.get(args.compressor)
-        optimizer = method.default_optimizer if method is not None else "rowwise_adagrad"
-    if table_lr is None:
-        table_lr = DEFAULT_TABLE_LRS[optimizer]
-    if args.table_optimizer == AUTO_TABLE_OPTIMIZER or args.table_lr is None:
+    optimizer, table_lr = resolve_table_optimizer(
+        args.compressor, args.table_optimizer, args.table_lr
+    )
+    if args.table_optimizer == "auto" or args.table_lr is None:
         print(f"table optimizer {optimizer} at lr {table_lr:g} (set --table-optimizer/--table-lr)")
     train = TrainConfig(
         **config_values(args, [*TRAIN_FLAGS, *TRAIN_FLAGS_AFTER_TABLES]),
@@ -172,14 +165,14 @@ def _run_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ctr.resources import configure_threads
+    from ctr.training.resources import configure_threads
 
     # First: OpenMP reads its wait policy when torch loads it. The run warns of busy CPUs
     # once its settings are checked (an error comes first).
     configure_threads(warn=False)
     from compressors.core.budget import describe_bytes
-    from ctr.distributed import init_from_env, shutdown
-    from ctr.run import train_run
+    from ctr.training.distributed import init_from_env, shutdown
+    from ctr.training.run import train_run
 
     info = init_from_env()
     try:
@@ -206,8 +199,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from compressors.core.budget import describe_bytes
-    from ctr.run import load_run_model
     from ctr.serving.export import export
+    from ctr.training.run import load_run_model
 
     model, cfg = load_run_model(args.run)
     if args.storage:
@@ -230,8 +223,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ctr.metrics import auc_logloss
     from ctr.serving.compact import CompactModel
+    from ctr.training.metrics import auc_logloss
     from datasets.loader import BatchLoader
 
     if args.out:

@@ -31,7 +31,7 @@ from torchrec import KeyedJaggedTensor
 
 from compressors import ExportedEmbedding, build_serving
 from compressors.core.keys import FingerprintKeys
-from ctr.embedding import IdRangeCheck, features_from_dataset
+from ctr.embedding import ServingEmbedding, features_from_dataset  # noqa: F401 (re-export)
 from ctr.models import MODELS, CTRModel
 from ctr.serving.manifest import (
     EMBEDDING_PREFIX,
@@ -48,30 +48,6 @@ from datasets.encode import RawEncoder, format_for_meta, load_field_vocabs
 from datasets.io import file_sha256
 from datasets.loader import BatchLoader
 from datasets.prepared import VOCAB_FILE, DatasetMeta, SparseField
-
-
-class ServingEmbedding(nn.Module):
-    """A serving module with the attributes models expect of an embedding layer."""
-
-    def __init__(
-        self,
-        module: nn.Module,
-        num_features: int,
-        dim: int,
-        method: str,
-        cardinality: dict[str, int] | None = None,
-    ) -> None:
-        super().__init__()
-        self.module = module
-        self.num_features = num_features
-        self.dim = dim
-        self.method = method
-        self.check_ids = IdRangeCheck(cardinality) if cardinality is not None else None
-
-    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        if self.check_ids is not None:
-            self.check_ids(features)
-        return self.module(features)
 
 
 class CompactModel(nn.Module):

@@ -4,8 +4,8 @@ Every cell (one dataset, model, method, budget and seed) is trained by the same
 :class:`ProtocolConfig`: all embedding parameters — tables, TT cores, ROBE's array, DHE's
 network, the pruning family's row tables, ``full``'s tables alike — use one optimiser family
 (rowwise Adagrad by default, what fbgemm fuses on CPU; modules get
-:class:`ctr.optim.RowwiseAdagrad`; the optimiser can be an axis of the grid, Adam included, see
-:class:`ProtocolConfig`) with decoupled embedding L2
+:class:`compressors.core.optim.RowwiseAdagrad`; the optimiser can be an axis of the grid,
+Adam included, see :class:`ProtocolConfig`) with decoupled embedding L2
 (:mod:`compressors.core.decay`); the dense network uses Adam. Each cell tries every point of the
 validation grid (embedding lr × embedding L2), each point trained up to ``epochs`` with
 ``evals_per_epoch`` evaluations per epoch, patience, lr decay on plateau and best-weight
@@ -18,7 +18,7 @@ Layout of a sweep directory::
     OUT/sweep.json                        the spec (latest)
     OUT/cells/<method>-<budget>-<model>-seed<S>-<hash>/
         cell.json                         the cell's config (its hash names the dir)
-        p0/, p1/, ...                     one resumable run dir per grid point (ctr.run)
+        p0/, p1/, ...                     one resumable run dir per grid point (ctr.training.run)
         result.json                       written atomically when the cell is done
 
 Rerunning the same command resumes: finished cells are read back, an interrupted grid point
@@ -45,7 +45,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ctr.resources import available_cpus
 from ctr.sweep.spec import (
     CELL_FILE,
     RESULT_FILE,
@@ -55,6 +54,7 @@ from ctr.sweep.spec import (
     SweepSpec,
     cell_dir,
 )
+from ctr.training.resources import available_cpus
 from datasets.io import atomic_write_text
 from datasets.prepared import DatasetMeta
 
@@ -158,7 +158,7 @@ def run_cell(cell: Cell, directory: str | Path, meta: DatasetMeta | None = None)
 
     ``meta``: the cell's dataset as the sweep read it, the sweep having decided already that
     the cell is feasible; without it, both are done here."""
-    from ctr.run import RunConfig, auto_batch_size, train_run
+    from ctr.training.run import RunConfig, auto_batch_size, train_run
 
     directory = Path(directory)
     done = directory / RESULT_FILE
@@ -219,7 +219,7 @@ def _write_result(result: CellResult, directory: Path) -> CellResult:
 
 # ---------------------------------------------------------------- executors
 def _set_threads(threads: int) -> None:
-    from ctr.resources import configure_threads
+    from ctr.training.resources import configure_threads
 
     os.environ["OMP_NUM_THREADS"] = str(threads)
     configure_threads(threads, warn=False)

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ctr.training.summary import RunSummary
+
 CELL_FILE = "cell.json"
 RESULT_FILE = "result.json"
 SPEC_FILE = "sweep.json"
@@ -38,7 +40,7 @@ class ProtocolConfig:
     ``optimizer``, or, with ``optimizers`` (e.g. ``["rowwise_adagrad", "adam"]``: each method
     can have its paper's optimiser and ``full`` the same chance), each optimiser × its lrs
     (``optimizer_lrs``, else ``table_lrs``) × ``embedding_l2s``. ``batch_size`` 0 picks
-    :func:`ctr.run.auto_batch_size`.
+    :func:`ctr.training.run.auto_batch_size`.
 
     The default grid is rowwise Adagrad and Adam, each 3 lrs × 3 L2 values (18 points); the
     Adagrad part alone (``optimizers=[]`` or ``--optimizers rowwise_adagrad``) is the grid
@@ -113,8 +115,8 @@ class ProtocolConfig:
         return out
 
     def train_config(self, point: dict[str, Any], seed: int, batch_size: int) -> Any:
-        """The :class:`ctr.trainer.TrainConfig` of one grid point."""
-        from ctr.trainer import TrainConfig
+        """The :class:`ctr.training.config.TrainConfig` of one grid point."""
+        from ctr.training.trainer import TrainConfig
 
         return TrainConfig(
             epochs=self.epochs,
@@ -201,25 +203,17 @@ def cell_dir(out: str | Path, cell: Cell) -> Path:
     return Path(out) / "cells" / cell.dir_name()
 
 
-# LEAD: the run-summary keys a cell result copies from its chosen grid point's summary.json.
-# One spot to wire to ctr.training's RunSummary (e.g. ``tuple(f.name for f in
-# fields(RunSummary))`` minus the run-identity keys, or ``summary: RunSummary`` below).
-SUMMARY_KEYS = (
-    "test_auc",
-    "test_logloss",
-    "valid_auc",
-    "serve_bytes",
-    "train_bytes",
-    "full_bytes",
-    "budget_bytes",
-    "ratio",
-    "hyperparameters",
-    "samples_per_sec",
-    "steps",
-    "train_seconds",
-    "stage_seconds",
-    "wall_seconds",
-    "teacher_test_auc",
+#: What a cell result copies from its chosen grid point's summary.json: every key of
+#: :class:`~ctr.training.summary.RunSummary` but the run's identity (the cell names it) and
+#: what only the run needs (it stays in the grid point's own summary.json).
+SUMMARY_KEYS = tuple(
+    k
+    for k in RunSummary.keys()
+    if k
+    not in {
+        *("model", "compressor", "budget", "dim", "valid_logloss", "train_parts"),
+        *("memory_parts", "batch_size", "world_size", "finished"),
+    }
 )
 
 

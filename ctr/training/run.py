@@ -34,9 +34,9 @@ from ctr.training.distributed import DistInfo
 from ctr.training.placement import Placement, placement_for
 from ctr.training.summary import RunSummary
 from ctr.training.trainer import Trainer
-from datasets.format import DatasetMeta
 from datasets.io import atomic_write_text, check_output_dir, refuse_current_dir, replace_dir
 from datasets.loader import BatchLoader
+from datasets.prepared import DatasetMeta
 
 MIN_STEPS_PER_EPOCH = 200
 
@@ -202,7 +202,7 @@ def _dense_parameters(cfg: RunConfig, meta: DatasetMeta) -> int:
     import torch
     from torch import nn
 
-    from ctr.artifact import ServingEmbedding
+    from ctr.embedding import ServingEmbedding
     from ctr.models import MODELS
 
     stub = ServingEmbedding(nn.Identity(), len(meta.sparse), cfg.dim, cfg.compressor)
