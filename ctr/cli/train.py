@@ -2,7 +2,8 @@
 
 The train flags' defaults are :class:`~ctr.training.config.RunConfig`'s and
 :class:`~ctr.training.config.TrainConfig`'s fields, the model and method choices the
-registries (``MODELS``, the compressors' registry): building these parsers imports torch, so ``ctr.cli.main`` builds them only for these commands.
+registries (``MODELS``, the compressors' registry): building these parsers imports torch,
+so ``ctr.cli.main`` builds them only for these commands.
 """
 
 from __future__ import annotations

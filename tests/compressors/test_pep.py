@@ -1,0 +1,222 @@
+"""pep: soft thresholds that prune to the budget's sparsity (frequent ids defend their
+entries), a lottery-ticket retrain with the found mask, the fallback reported, exact export
+bytes and predictions at fp32/fp16/int8, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from compressors import BudgetError, FeatureSpec, build_compressor
+from compressors.core.storage import row_bytes
+from compressors.pruning.bytes import bitmap_bytes
+from compressors.pruning.pep import PEP, soft_threshold
+from ctr.embedding import features_from_dataset
+from ctr.training.run import load_run_model, train_run
+from ctr.training.trainer import Trainer
+from datasets.loader import BatchLoader
+from tests.helpers.pruning_checks import check_artifact, check_resume, config, zeroed_auc
+
+
+def test_soft_threshold_formula_and_gradients():
+    w = torch.tensor([-0.5, -0.05, 0.0, 0.02, 0.3], requires_grad=True)
+    s = torch.tensor(-2.0, requires_grad=True)
+    g = torch.sigmoid(s)
+    out = soft_threshold(w, g)
+    expected = torch.sign(w) * torch.clamp(w.abs() - g, min=0)
+    torch.testing.assert_close(out, expected)
+    assert out[1] == 0 and out[3] == 0 and out[4] > 0
+    out[4].backward()  # d/ds of (0.3 - g(s)) = -g'(s)
+    torch.testing.assert_close(s.grad, -g.detach() * (1 - g.detach()))
+
+
+def test_budget_becomes_a_number_of_entries():
+    feats = [FeatureSpec("a", 1000), FeatureSpec("b", 200)]
+    plan = PEP.solve_budget(feats, 16, 20_000)
+    # 5 bytes per fp32 entry (value + uint8 column); row pointers: a 2-byte offset per row
+    # (+1) and an int32 base per 64 of them.
+    pointers = (1001 + 201) * 2 + (16 + 4) * 4
+    assert plan["target_entries"] == (20_000 - pointers) // 5
+    assert build_compressor("pep", feats, 16, 20_000).target_entries == plan["target_entries"]
+    # int8 CSR: 2 bytes an entry, plus one fp32 scale per field.
+    int8 = PEP.solve_budget(feats, 16, 20_000, storage="int8")
+    assert int8["target_entries"] == (20_000 - pointers - 2 * 4) // 2
+    # int4 has no CSR form: every entry may need an int4 row of its own, every field a remap
+    # (a rank bitmap here: 20 bytes per 64 ids).
+    int4 = PEP.solve_budget(feats, 16, 20_000, storage="int4")
+    remaps = bitmap_bytes(1000) + bitmap_bytes(200)
+    assert remaps == (16 + 4) * 20
+    assert int4["target_entries"] == (20_000 - remaps) // row_bytes(16, "int4")
+    with pytest.raises(BudgetError, match="row pointers"):
+        build_compressor("pep", feats, 16, "40x")
+    with pytest.raises(ValueError, match="int4"):
+        build_compressor("pep", feats, 6, "2x", storage="int4")  # 3 code bytes: not packable
+    # The reference's granularity (a threshold per entry) is the default; its thresholds and
+    # their Adam moments are training bytes.
+    layer = build_compressor("pep", feats, 16, 38_400)
+    assert layer.threshold.shape == (1200, 16) and layer.granularity == "feature_dim"
+    assert PEP.solve_budget(feats, 16, 38_400)["train_bytes"] == layer.memory().train_bytes
+    assert float(torch.sigmoid(layer.threshold.max())) < 1e-6  # nothing pruned at the start
+    assert build_compressor("pep", feats, 16, "2x", granularity="field_dim").threshold.shape == (
+        2,
+        16,
+    )
+    assert build_compressor("pep", feats, 16, "2x", granularity="field").threshold.shape == (2, 1)
+
+
+@pytest.mark.parametrize("granularity", ["feature_dim", "field"])
+def test_a_mask_that_overshoots_the_budget_is_filled_nearest_threshold_first(granularity):
+    feats = [FeatureSpec("a", 1000), FeatureSpec("b", 200)]
+
+    def frozen(**options):
+        torch.manual_seed(0)
+        layer = build_compressor("pep", feats, 16, "10x", granularity=granularity, **options)
+        with torch.no_grad():  # thresholds that jumped past the target: ~99% pruned
+            layer.table.weight.normal_(0, 0.01)
+            layer.threshold.fill_(float(torch.logit(torch.tensor(0.025))))
+        layer._freeze(step=7)
+        return layer
+
+    paper, filled = frozen(fill_budget=False), frozen()
+    found = int(paper.mask.sum())
+    assert found < paper.target_entries  # the overshoot, kept as found
+    assert not paper.hyperparameters()["filled_entries"]
+    assert int(filled.mask.sum()) == filled.target_entries  # the budget's entries exactly
+    assert filled.hyperparameters()["filled_entries"] == filled.target_entries - found
+    assert filled.reached_sparsity == paper.reached_sparsity  # what the thresholds reached
+    assert bool((paper.mask <= filled.mask).all())
+    margin = filled.table.weight.abs()  # one threshold for all: nearest = largest |w|
+    back = filled.mask & ~paper.mask
+    assert margin[back].min() >= margin[~filled.mask].max()
+
+
+@pytest.fixture(scope="module")
+def run(learn_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pep") / "run"
+    # 64 search steps: threshold_lr 0.4 starts the pruning after ~25 (module docstring).
+    train_run(config(learn_data, "pep", "5x", threshold_lr=0.4, check_every=2), out)
+    return out
+
+
+def test_thresholds_reach_the_budget_and_frequent_ids_defend_their_entries(run, learn_data):
+    model, _ = load_run_model(run)
+    layer = model.embedding.compressor
+    initial = torch.load(run / "initial.pt", weights_only=True)
+    w0 = initial["embedding.compressor.table.weight"]
+    s0 = initial["embedding.compressor.threshold"]
+    at_init = float((soft_threshold(w0, torch.sigmoid(s0)) == 0).float().mean())
+    hp = layer.hyperparameters()
+    # The learned thresholds (not the magnitude fallback) reached the budget's sparsity.
+    assert bool(layer.found) and not hp["fallback"]
+    assert hp["reached_sparsity"] >= hp["target_sparsity"] > at_init + 0.5
+    # The data gradient holds the thresholds of frequent ids down: the most frequent fifth
+    # of the rows ends with lower thresholds, and keeps more entries, than the rarest fifth.
+    freq = torch.cat([torch.as_tensor(f.frequencies) for f in features_from_dataset(learn_data)])
+    order = torch.argsort(freq.float(), stable=True)
+    fifth = len(order) // 5
+    rare, frequent = order[:fifth], order[-fifth:]
+    s = layer.threshold.detach()
+    assert s[frequent].mean() < s[rare].mean() - 0.05
+    assert layer.mask[frequent].float().mean() > 2 * layer.mask[rare].float().mean()
+
+
+def test_the_record_says_what_the_thresholds_reached_when_pruning_dips_validation(
+    learn_data, tmp_path, monkeypatch
+):
+    # Validation AUC falls through the search (as pruning can make it) and evaluations are
+    # frequent with patience 1, so the search's first evaluation is its best. A search stage
+    # that early-stopped or restored its best weights would roll the thresholds and the
+    # found mask back to before the target was reached and report the magnitude fallback
+    # (fallback=True, reached_sparsity near 0) although the thresholds had reached it; the
+    # search stage runs to its end (early_stop=False) and keeps its architecture
+    # (restore_best=False), so the record says what the thresholds did.
+    evaluate = Trainer.evaluate
+
+    def falling_during_the_search(self, loader, max_batches=None):
+        metrics = evaluate(self, loader, max_batches)
+        if self.state.stage == 0 and loader is self.valid:
+            metrics["auc"] = 0.9 - self.state.step / 1000
+        return metrics
+
+    monkeypatch.setattr(Trainer, "evaluate", falling_during_the_search)
+    cfg = config(learn_data, "pep", "5x", threshold_lr=0.4, check_every=2)
+    cfg.train.eval_every, cfg.train.patience = 4, 1
+    train_run(cfg, tmp_path / "run")
+    layer = load_run_model(tmp_path / "run")[0].embedding.compressor
+    history = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    search = [h for h in history if h["stage"] == "search"]
+    hp = layer.hyperparameters()
+    assert not hp["fallback"] and hp["reached_sparsity"] >= hp["target_sparsity"], hp
+    steps = math.ceil(0.2 * len(BatchLoader(learn_data, "train", 1024)))
+    assert search[-1]["step"] == steps  # the whole schedule ran
+    assert search[0]["step"] < hp["found_step"] < steps  # the best came before the target
+    assert int(layer.mask.sum()) <= layer.target_entries
+
+
+def test_retrain_keeps_the_mask(run):
+    model, _ = load_run_model(run)
+    layer = model.embedding.compressor
+    assert layer.nonzeros() <= layer.target_entries
+    assert int(layer.mask.sum()) <= layer.target_entries
+    initial = torch.load(run / "initial.pt", weights_only=True)["embedding.compressor.table.weight"]
+    w = layer.table.weight
+    assert torch.equal(w[~layer.mask], initial[~layer.mask])  # pruned entries never trained
+    assert not torch.equal(w[layer.mask], initial[layer.mask])  # the ticket retrained
+    assert layer.memory().serve_bytes <= layer.budget_bytes
+
+
+def test_pep_learns(run, learn_data):
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test_auc"] > 0.66
+    assert zeroed_auc(run, learn_data) < summary["test_auc"] - 0.04
+
+
+def test_artifact_matches_serve_bytes_and_predictions(run, learn_data, tmp_path):
+    manifest = check_artifact(run, learn_data, tmp_path / "a", atol=1e-5)
+    forms = {p["form"] for p in manifest["embedding"]["config"]["plans"]}
+    assert forms <= {"csr", "rows", "dense", "empty"} and forms
+
+
+def test_int8_export_serves_csr_codes_with_exact_bytes(run, learn_data, tmp_path):
+    layer = load_run_model(run)[0].embedding.compressor
+    fp32, nnz = layer.memory().serve_bytes, layer.nonzeros()
+    manifest = check_artifact(run, learn_data, tmp_path / "a", atol=0.05, storage="int8")
+    cfg = manifest["embedding"]["config"]
+    assert cfg["dtype"] == "int8" and {p["form"] for p in cfg["plans"]} == {"csr"}
+    # Each entry's value shrinks from 4 bytes to 1; each field adds its 4-byte scale.
+    assert manifest["embedding"]["serve_bytes"] == fp32 - 3 * nnz + 4 * len(cfg["plans"])
+
+
+def test_fp16_storage_and_field_dim_thresholds_report_the_fallback(learn_data, tmp_path, caplog):
+    out = tmp_path / "run"
+    train_run(
+        config(
+            learn_data,
+            "pep",
+            "3x",
+            epochs=0.1,
+            storage="fp16",
+            granularity="field_dim",
+            threshold_lr=None,  # the reference's: the network's lr
+        ),
+        out,
+    )
+    model, _ = load_run_model(out)
+    layer = model.embedding.compressor
+    assert model.embedding.memory().serve_bytes <= layer.budget_bytes
+    # 32 steps at the network's lr cannot start the pruning: the fallback says so.
+    hp = layer.hyperparameters()
+    assert hp["fallback"] and 0 <= hp["reached_sparsity"] < hp["target_sparsity"]
+    assert "magnitude pruning" in caplog.text
+    check_artifact(out, learn_data, tmp_path / "a", atol=1e-2)
+
+
+def test_each_stage_resumes_after_a_kill(tiny_data, tmp_path):
+    cfg = config(tiny_data, "pep", "3x", epochs=0.5, check_every=2, threshold_lr=0.2)
+    check_resume(cfg, tmp_path, [5, 12])
