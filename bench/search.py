@@ -124,7 +124,7 @@ def bench_dimension(args: argparse.Namespace) -> dict:
 
 def bench_dnis_kept(args: argparse.Namespace) -> dict:
     """What DNIS keeps per field and frequency block on planted-teacher data, beside each
-    field's planted signal (the setting of tests/test_dnis.py's planted test)."""
+    field's planted signal (the setting of tests/compressors/test_dnis.py's planted test)."""
 
     cards = (40, 120, 600, 25, 300, 80, 15, 1000)
     data = default_dataset(args, rows=args.rows or 400_000, cardinalities=cards, num_dense=4)

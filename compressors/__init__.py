@@ -23,7 +23,7 @@ Adding a method is one module in its family's folder, nothing else:
    trains in several steps;
 4. import the module in the family's ``__init__.py``.
 
-``tests/test_contract.py`` then tests it (budgets, ``solve()`` bytes, export, resume, DMP,
+``tests/contract/test_contract.py`` then tests it (budgets, ``solve()`` bytes, export, resume, DMP,
 options); ``compressors/catalog.json`` (what ``ctr methods`` prints) refreshes itself.
 ``solve(name, features, dim, budget, **options)`` gives a method's plan and exact bytes
 without building it; ``build_from_plan`` builds exactly what a plan describes.

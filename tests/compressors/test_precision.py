@@ -405,7 +405,7 @@ def test_artifact_bytes_and_predictions_match_training(runs, learn_data, tmp_pat
     served = compact(batch.dense_features, batch.sparse_features)
     # int16 is served as fp16 values (relative 2^-11 per value), and so are binary's
     # multi-plane rows (its default serving decodes them to fp16 rows at load; the exact
-    # plane decode is tests/test_binary_serving.py's); the rest is exact up to float
+    # plane decode is tests/compressors/test_binary_serving.py's); the rest is exact up to float
     # summation order.
     tolerance = 1e-2 if name in ("int16", "binary") else 1e-4
     assert (trained - served).abs().max().item() < tolerance

@@ -1,7 +1,7 @@
 """Driver of the conformance suite's DMP check: under one ``torchrun`` process group, trains
 every registered method a few steps with TorchRec DMP and writes what happened per method.
 
-Usage (tests/test_contract.py launches it)::
+Usage (tests/contract/test_contract.py launches it)::
 
     torchrun --nproc_per_node 2 tests/helpers/contract_dmp.py DATA OUT_DIR [METHOD ...]
     # OUT_DIR/dmp.json: {"hash": {"status": "trained"}, "alpt": {"status": "error", ...}}

@@ -201,7 +201,7 @@ def test_bilevel_steps_can_draw_from_a_held_out_share_of_training_rows(
 
     monkeypatch.setattr(Trainer, "valid_step", record)
     train_run(_config(tiny_data, _HeldOut.name, batch_size=128, patience=99), tmp_path / "r")
-    # Disjoint shares of the training split (tests/test_loader.py checks that they are).
+    # Disjoint shares of the training split (tests/datasets/test_loader.py checks that they are).
     assert streams == {("train", (0.75, 1.0), (0.0, 0.75))}
 
 
