@@ -1,4 +1,4 @@
-"""Silent wrong results refused: another vocabulary, out-of-range ids, bad labels (issue 8)."""
+"""Silent wrong results refused: another vocabulary, out-of-range ids, bad labels."""
 
 from __future__ import annotations
 

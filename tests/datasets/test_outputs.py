@@ -1,4 +1,4 @@
-"""No command deletes what it did not create: output directories and files (issue 8)."""
+"""No command deletes what it did not create: output directories and files."""
 
 from __future__ import annotations
 

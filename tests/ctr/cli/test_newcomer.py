@@ -1,4 +1,4 @@
-"""The newcomer's path: refusals before work, errors that name the file or flag (issue 8)."""
+"""The newcomer's path: refusals before work, errors that name the file or flag."""
 
 from __future__ import annotations
 
