@@ -116,7 +116,43 @@ class BlockRemapMap(IndexMap):
             raise ValueError("block_remap: needs an int32 vector 'remap' and block_rows >= 1")
         if remap.numel() and (int(remap.min()) < 0 or int(remap.max()) >= blocks):
             raise ValueError(f"block_remap: remap entries outside [0, {blocks})")
-        return cls(config["features"], config["offsets"], rows, remap, blocks)
+        features, offsets = config["features"], config["offsets"]
+        if not isinstance(offsets, list) or len(offsets) != len(features):
+            raise ValueError("block_remap: needs one offset per feature")
+        return cls(features, offsets, rows, remap, blocks)
+
+    def check_tables(self, rows: dict[str, int], lookups: Sequence[Lookup]) -> None:
+        # Remap entries are checked against ``blocks``: the table must hold exactly that
+        # many blocks, or fbgemm would read past it (zeros, with a log line).
+        tables = {lk.table for lk in lookups if lk.key in self.lookup_keys}
+        want = self.blocks * self.block_rows
+        for t in sorted(tables):
+            if rows[t] != want:
+                raise ValueError(
+                    f"block_remap: table {t!r} has {rows[t]} rows; {self.blocks} blocks of "
+                    f"{self.block_rows} rows need {want}"
+                )
+
+    def check_fields(self, cardinalities: dict[str, int]) -> None:
+        if self.features != list(cardinalities):
+            raise ValueError(
+                f"block_remap: config fields {self.features[:5]}... are not the features "
+                f"{list(cardinalities)[:5]}..."
+            )
+        start = 0
+        for name, offset in zip(self.features, self.offsets, strict=True):
+            if offset != start:
+                raise ValueError(
+                    f"block_remap: field {name!r} starts at row {offset}; the features' "
+                    f"cardinalities place it at {start}"
+                )
+            start += cardinalities[name]
+        want = block_count(start, self.block_rows)
+        if len(self.remap) != want:
+            raise ValueError(
+                f"block_remap: remap has {len(self.remap)} entries; {start} rows in blocks of "
+                f"{self.block_rows} need {want}"
+            )
 
 
 def block_count(rows: int, block_rows: int) -> int:

@@ -27,7 +27,7 @@ head is an id prefix and needs no remap. Each tier has its own code stream at it
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -486,12 +486,20 @@ def words_per_row(parts: int, bits: int) -> int:
 
 
 def row_words(
-    plan: CodebookPlan, streams: Sequence[torch.Tensor], words: int, dtype: torch.dtype
+    plan: CodebookPlan,
+    streams: Sequence[torch.Tensor],
+    words: int,
+    dtype: torch.dtype,
+    names: Sequence[str] | None = None,
 ) -> torch.Tensor:
     """Every row's codes (global row order) from the tiers' packed streams, as ``words``
     integers per row ``[N, words]``: word ``k`` holds codes ``k·c .. (k+1)·c - 1`` (``c =
     P/words``), code ``k·c + i`` at bits ``[i·b, (i+1)·b)`` (``b`` the head tier's width).
-    Decoded in chunks, so loading holds no more than a chunk's codes at int64."""
+    Decoded in chunks, so loading holds no more than a chunk's codes at int64.
+
+    Every code is checked against its tier's centroid count as it is decoded (one ``max``
+    per chunk): a packed code of ``b`` bits can name up to ``2^b`` centroids, and one
+    beyond ``K`` would read a neighbouring codebook's or a clamped centroid, silently."""
     head_start, tail_start = tier_offsets(plan)
     per_word = plan.parts // words
     out = torch.empty(sum(plan.cardinalities), words, dtype=dtype)
@@ -505,10 +513,34 @@ def row_words(
                 stop = min(count, start + DECODE_ROWS)
                 index = torch.arange(first + start, first + stop).unsqueeze(1) * plan.parts
                 codes = unpack_codes(padded[tier], index + within, plan.bits[tier])
+                _check_codes(codes, plan.choices[tier], tier, f, start, names)
                 packed = (codes.view(-1, words, per_word) << shifts).sum(-1)
                 out[row + start : row + stop] = packed.to(dtype)
             row += count
     return out
+
+
+def _check_codes(
+    codes: torch.Tensor,
+    choices: int,
+    tier: int,
+    field: int,
+    start: int,
+    names: Sequence[str] | None,
+) -> None:
+    """Refuses codes ``[n, P]`` (ids ``start..`` of a field's tier) outside ``[0, choices)``."""
+    if codes.numel() == 0:
+        return
+    high = codes.amax(1)
+    if int(high.max()) < choices:
+        return
+    row = int((high >= choices).nonzero()[0, 0])
+    name = names[field] if names is not None else f"#{field}"
+    raise ValueError(
+        f"codebook: codes.{tier} holds code {int(high[row])} for row {start + row} of field "
+        f"{name!r}'s {'head' if tier == 0 else 'tail'}; its tier has {choices} centroids "
+        f"(codes in [0, {choices}))"
+    )
 
 
 class CodebookServing(nn.Module):
@@ -537,7 +569,7 @@ class CodebookServing(nn.Module):
         per_word = plan.parts // self.words
         width = next(w for w in RESIDENT_WIDTHS if 8 * w >= per_word * bits)
         streams = [exported.tensors[f"codes.{t}"] for t in range(len(plan.choices))]
-        codes = row_words(plan, streams, self.words, RESIDENT_WIDTHS[width])
+        codes = row_words(plan, streams, self.words, RESIDENT_WIDTHS[width], names)
         self.register_buffer("codes", codes)
         self.joint = joint_parts(per_word, bits)
         if plan.groups > 1 and self.joint > 1:
@@ -567,6 +599,13 @@ class CodebookServing(nn.Module):
         self.resident_bytes = self.codes.numel() * width + table.numel() * 4
         self._order: dict[tuple[str, ...], list[int]] = {}
 
+    def check_fields(self, cardinalities: Mapping[str, int], dim: int) -> None:
+        """Refuses a config whose fields, rows or dim are not the model's (the artifact's
+        features): swapped cardinalities keep every size and would read other fields' codes."""
+        _check_field_rows("codebook", self.names, self.plan.cardinalities, cardinalities)
+        if self.plan.dim != dim:
+            raise ValueError(f"codebook: config dim {self.plan.dim}, the embedding's is {dim}")
+
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         keys = features.keys()
         if keys != self.names:
@@ -591,6 +630,22 @@ class CodebookServing(nn.Module):
             index = index + (fields * self.lookups * self.entries).unsqueeze(1)
         out = self.values.index_select(0, index.view(-1)).view(-1, p.dim)
         return pool_bags(out, features)
+
+
+def _check_field_rows(
+    what: str, names: Sequence[str], rows: Sequence[int], cardinalities: Mapping[str, int]
+) -> None:
+    if list(names) != list(cardinalities):
+        raise ValueError(
+            f"{what}: config fields {list(names)[:5]}... are not the features "
+            f"{list(cardinalities)[:5]}..."
+        )
+    for name, n in zip(names, rows, strict=True):
+        if n != cardinalities[name]:
+            raise ValueError(
+                f"{what}: config gives field {name!r} {n} rows, its cardinality is "
+                f"{cardinalities[name]}"
+            )
 
 
 def _order_of(keys: Sequence[str], names: Sequence[str]) -> list[int]:

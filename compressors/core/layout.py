@@ -58,6 +58,14 @@ class IndexMap(nn.Module):
     def from_config(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> IndexMap:
         raise NotImplementedError
 
+    def check_tables(self, rows: dict[str, int], lookups: Sequence[Lookup]) -> None:
+        """Serving: refuses (``ValueError``) tables of ``rows`` (by name) that this map's
+        rows would read past; only maps whose rows come from stored tensors check."""
+
+    def check_fields(self, cardinalities: dict[str, int]) -> None:
+        """Serving: refuses (``ValueError``) a map built for other fields or cardinalities
+        than the model's; only maps whose config states per-field sizes check."""
+
     def check_keys(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Returns ``features`` with keys in this map's field order (permuting if needed)."""
         keys = features.keys()

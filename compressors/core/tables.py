@@ -198,13 +198,22 @@ class TableServing(nn.Module):
             map_cfg,
             {k[len(prefix) :]: v for k, v in exported.tensors.items() if k.startswith(prefix)},
         )
+        self.index_map.check_tables({t.name: t.rows for t in tables}, lookups)
         self.tables = ServeTables(
             tables, lookups, {t.name: exported.tensors[f"table.{t.name}"] for t in tables}
         )
         dims = {t.name: t.dim for t in tables}
+        self.dim = int(cfg["dim"])
         self.combiner = Combiner(
             lookups, [dims[lk.table] for lk in lookups], cfg["num_fields"], cfg["dim"], cfg["op"]
         )
+
+    def check_fields(self, cardinalities: dict[str, int], dim: int) -> None:
+        """Refuses a config built for another dim or (where the index map states them)
+        other fields than the model's."""
+        if self.dim != dim:
+            raise ValueError(f"tables: config dim {self.dim}, the embedding's is {dim}")
+        self.index_map.check_fields(cardinalities)
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         return self.combiner(self.tables(self.index_map(features)))

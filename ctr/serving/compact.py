@@ -153,6 +153,12 @@ class CompactModel(nn.Module):
         with torch.random.fork_rng():
             try:
                 module = build_serving(exported, serving_options)
+                # A module whose config states per-field sizes checks them against the
+                # model's features: a self-consistent config for other fields fits every
+                # tensor and would serve other rows.
+                check = getattr(module, "check_fields", None)
+                if check is not None:
+                    check({f["name"]: f["cardinality"] for f in spec.features}, emb["dim"])
             except (ValueError, KeyError, TypeError, IndexError) as e:
                 given = dict((serving_options or {}).get(exported.kind, {}))
                 what = f"config or the serving options {given}" if given else "config"
