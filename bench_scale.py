@@ -144,6 +144,11 @@ def synthetic_config(target_ids: int, rows_per_id: float = 2.0) -> Any:
             break
         rows = round(rows * 1.5)
     lo, hi = 1e-4, MAX_SCALE
+    if ids(lo) > target_ids:
+        raise ValueError(
+            f"--scale-ids: {target_ids:,} ids is below the smallest Criteo-shaped vocabulary "
+            f"of {rows:,} rows (about {ids(lo):,.0f} ids)"
+        )
     for _ in range(30):
         mid = math.sqrt(lo * hi)
         lo, hi = (mid, hi) if ids(mid) < target_ids else (lo, mid)
