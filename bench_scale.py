@@ -66,9 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="1e6,4e6",
         help="scale: target vocabularies (total ids), comma-separated (e.g. 1e6,4e6,16e6)",
     )
-    if not any("--methods" in a.option_strings for a in parser._actions):
+    try:
         group.add_argument("--methods", default="", help="methods (default: all registered)")
-    group.add_argument("--scale-budget", default="10x", help="scale: budget of every method but full")
+    except argparse.ArgumentError:
+        pass  # the bench's own --methods (comma-separated) serves this section too
+    group.add_argument(
+        "--scale-budget", default="10x", help="scale: budget of every method but full"
+    )
     group.add_argument(
         "--scale-steps", type=int, default=10, help="scale: training steps per (cut) epoch"
     )
