@@ -13,7 +13,10 @@ Every registered method (``--methods`` restricts them) trains at ``--scale-budge
 ``full`` at 1x) in a fresh subprocess on one thread, so its peak RSS is its own:
 
 - **step ms**: median wall time of the first training stage's steps after ``--scale-warmup``
-  (the method's ``after_step`` hook and a bilevel stage's architecture step included);
+  (the method's ``after_step`` hook and a bilevel stage's architecture step included), and
+  its CPU time (the process's), which the fits and the plot use: on a shared machine wall
+  time mostly measures the other processes, and every method runs in its own process, so
+  wall times of two methods are never side by side;
 - **stage s**: each stage's wall time. Every stage runs its configured share of an epoch, the
   run's epoch being cut to ``--scale-steps`` steps (options named ``*_epochs`` with a number
   as default are scaled alike), so searches, pruning passes and rebuilds at the end of a
@@ -250,23 +253,24 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     )
     trainer = Trainer(model, train, valid, cfg.train)
 
-    # Per step: train step + a bilevel stage's architecture step + the method's hook.
-    steps_by_stage: dict[str, list[float]] = {}
+    # Per step: train step + a bilevel stage's architecture step + the method's hook, in
+    # wall and CPU seconds (the process's: on a shared machine wall time measures the others).
+    steps_by_stage: dict[str, list[tuple[float, float]]] = {}
     compressor = trainer.compressor
 
     def timed(fn: Any, new_step: bool) -> Any:
         def wrapper(*a: Any, **k: Any) -> Any:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             try:
                 return fn(*a, **k)
             finally:
-                dt = time.perf_counter() - t
+                dt, dc = time.perf_counter() - t, time.process_time() - c
                 stage = compressor.stages[trainer.state.stage].name
                 times = steps_by_stage.setdefault(stage, [])
                 if new_step or not times:
-                    times.append(dt)
+                    times.append((dt, dc))
                 else:
-                    times[-1] += dt
+                    times[-1] = (times[-1][0] + dt, times[-1][1] + dc)
 
         return wrapper
 
@@ -277,10 +281,12 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     record = trainer.fit()
     fit_s = time.perf_counter() - start
     warm = spec["warmup"]
-    by_stage = {
-        k: statistics.median(v[warm:] if len(v) > warm else v) * 1e3
-        for k, v in steps_by_stage.items()
-    }
+
+    def median_ms(v: list[tuple[float, float]], i: int) -> float:
+        return statistics.median(x[i] for x in (v[warm:] if len(v) > warm else v)) * 1e3
+
+    by_stage = {k: median_ms(v, 0) for k, v in steps_by_stage.items()}
+    cpu_by_stage = {k: median_ms(v, 1) for k, v in steps_by_stage.items()}
     first = next(iter(steps_by_stage), None)
     memory = model.embedding.memory()
 
@@ -307,7 +313,9 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         "status": "ok",
         "finished": record["finished"],
         "step_ms": by_stage.get(first),
+        "step_cpu_ms": cpu_by_stage.get(first),
         "step_ms_by_stage": by_stage,
+        "step_cpu_ms_by_stage": cpu_by_stage,
         "steps_by_stage": {k: len(v) for k, v in steps_by_stage.items()},
         "stage_s": record["stage_seconds"],
         "build_s": build_s,
@@ -480,7 +488,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ok = [r for r in runs if r["method"] == method and r["status"] == "ok"]
         ids = [r["ids"] for r in ok]
         fits[method] = {
-            "step_exponent": fit_exponent(ids, [r["step_ms"] for r in ok]),
+            "step_exponent": fit_exponent(ids, [r["step_cpu_ms"] for r in ok]),
             "rss_exponent": fit_exponent(ids, [r["rss_above_base_bytes"] for r in ok]),
             "rss_per_train_byte": marginal_rss(ok),
             "points": len(ok),
@@ -495,7 +503,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _print_progress(row: dict[str, Any]) -> None:
     if row["status"] == "ok":
         print(
-            f"  {row['method']:10s} {row['ids']:>11,} ids: step {row['step_ms']:.1f} ms, "
+            f"  {row['method']:10s} {row['ids']:>11,} ids: step {row['step_ms']:.1f} ms "
+            f"({row['step_cpu_ms']:.1f} ms CPU), "
             f"peak {row['peak_rss_bytes'] / 2**20:.0f} MiB, {row.get('wall_s', 0):.0f} s",
             flush=True,
         )
@@ -517,6 +526,7 @@ def table_rows(runs: list[dict[str, Any]], fits: dict[str, dict[str, Any]]) -> l
             {
                 **row,
                 "step ms": r["step_ms"],
+                "step cpu ms": r["step_cpu_ms"],
                 "stages s": " ".join(f"{k}={v:.1f}" for k, v in r["stage_s"].items()),
                 "train MiB": r["train_bytes"] / mb,
                 "peak MiB": r["peak_rss_bytes"] / mb,
@@ -571,7 +581,7 @@ def plot_scale(runs: list[dict[str, Any]], fits: dict[str, dict[str, Any]], path
         return "no plot: no method finished"
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     panels = [
-        ("step_ms", "step_exponent", "step time (ms)"),
+        ("step_cpu_ms", "step_exponent", "step CPU time (ms, one thread)"),
         ("rss_above_base_bytes", "rss_exponent", "peak RSS above imports (bytes)"),
     ]
     for ax, (key, fit_key, label) in zip(axes, panels, strict=True):

@@ -79,7 +79,7 @@ def test_section_at_a_tiny_scale_records_figures_and_refusals(tmp_path, monkeypa
         assert r["status"] == "ok", r
         assert r["finished"]
         assert r["budget"] == ("1x" if method == "full" else "10x")
-        assert r["step_ms"] > 0
+        assert r["step_ms"] > 0 and r["step_cpu_ms"] > 0
         assert r["steps_by_stage"]["train"] == 3
         assert set(r["stage_s"]) == {"train"}
         assert r["train_bytes"] > 0 and r["serve_bytes"] > 0
