@@ -22,8 +22,11 @@ Every registered method (``--methods`` restricts them) trains at ``--scale-budge
   as default are scaled alike), so searches, pruning passes and rebuilds at the end of a
   stage run once at full vocabulary;
 - **peak RSS** (the child's ``VmHWM``; ``ru_maxrss`` of a child on Linux carries its parent's
-  high-water mark across fork and exec) and the RSS above the child's after its imports,
-  against the method's ``train_bytes`` plus one decoded shard;
+  high-water mark across fork and exec) after building and training, and what exporting and
+  then loading and serving the artifact added to it; the training peak above the child's RSS
+  after its imports is set against the method's ``train_bytes`` plus one decoded shard, and
+  its growth from the smallest to the largest vocabulary against theirs (``dRSS/dtrain``:
+  the constant dense network and activations cancel out; 1 is ideal);
 - **export** time and artifact size (``ctr.export``), then **serving lookups/s**: ids per
   second of the reloaded artifact's embedding (``CompactModel``) over test batches, each
   batch's best of 3 on the thread's CPU clock.
@@ -280,6 +283,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     record = trainer.fit()
     fit_s = time.perf_counter() - start
+    fit_peak_kb = _status_kb("VmHWM")  # building and training; export and serving come next
     warm = spec["warmup"]
 
     def median_ms(v: list[tuple[float, float]], i: int) -> float:
@@ -296,6 +300,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
         export(model, artifact)
         export_s = time.perf_counter() - start
+        export_peak_kb = _status_kb("VmHWM")
         export_bytes = sum(p.stat().st_size for p in artifact.iterdir())
         start = time.perf_counter()
         compact = CompactModel.load(artifact)
@@ -308,6 +313,10 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     finally:
         shutil.rmtree(scratch)  # the bench's own scratch directory
     peak_kb = _status_kb("VmHWM")
+    import resource
+
+    # For reference only: on Linux it carries the parent's high-water mark across exec.
+    ru_maxrss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     shard_bytes = ROWS_PER_SHARD * _decoded_row_bytes(meta)
     return {
         "status": "ok",
@@ -325,7 +334,10 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         "serve_bytes": memory.serve_bytes,
         "full_bytes": memory.full_bytes,
         "peak_rss_bytes": peak_kb * 1024,
+        "fit_peak_rss_bytes": fit_peak_kb * 1024,
+        "export_peak_rss_bytes": export_peak_kb * 1024,
         "base_rss_bytes": base_kb * 1024,
+        "ru_maxrss_bytes": ru_maxrss_kb * 1024,
         "buffer_bytes": shard_bytes,
         "export_s": export_s,
         "export_bytes": export_bytes,
@@ -478,7 +490,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result = run_child(spec, args.scale_timeout)
             row = {"method": method, "budget": spec["budget"], "ids": info["ids"], **result}
             if row["status"] == "ok":
-                above = row["peak_rss_bytes"] - row["base_rss_bytes"]
+                above = row["fit_peak_rss_bytes"] - row["base_rss_bytes"]
                 row["rss_above_base_bytes"] = above
                 row["rss_over_train"] = above / max(row["train_bytes"] + row["buffer_bytes"], 1)
             runs.append(row)
@@ -505,6 +517,7 @@ def _print_progress(row: dict[str, Any]) -> None:
         print(
             f"  {row['method']:10s} {row['ids']:>11,} ids: step {row['step_ms']:.1f} ms "
             f"({row['step_cpu_ms']:.1f} ms CPU), "
+            f"train peak {row['fit_peak_rss_bytes'] / 2**20:.0f} MiB, "
             f"peak {row['peak_rss_bytes'] / 2**20:.0f} MiB, {row.get('wall_s', 0):.0f} s",
             flush=True,
         )
@@ -529,8 +542,10 @@ def table_rows(runs: list[dict[str, Any]], fits: dict[str, dict[str, Any]]) -> l
                 "step cpu ms": r["step_cpu_ms"],
                 "stages s": " ".join(f"{k}={v:.1f}" for k, v in r["stage_s"].items()),
                 "train MiB": r["train_bytes"] / mb,
-                "peak MiB": r["peak_rss_bytes"] / mb,
+                "train peak MiB": r["fit_peak_rss_bytes"] / mb,
                 "above import MiB": r["rss_above_base_bytes"] / mb,
+                "+export MiB": (r["export_peak_rss_bytes"] - r["fit_peak_rss_bytes"]) / mb,
+                "+serve MiB": (r["peak_rss_bytes"] - r["export_peak_rss_bytes"]) / mb,
                 "/(train+shard)": r["rss_over_train"],
                 "export s": r["export_s"],
                 "export MiB": r["export_bytes"] / mb,
@@ -582,7 +597,7 @@ def plot_scale(runs: list[dict[str, Any]], fits: dict[str, dict[str, Any]], path
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     panels = [
         ("step_cpu_ms", "step_exponent", "step CPU time (ms, one thread)"),
-        ("rss_above_base_bytes", "rss_exponent", "peak RSS above imports (bytes)"),
+        ("rss_above_base_bytes", "rss_exponent", "training peak RSS above imports (bytes)"),
     ]
     for ax, (key, fit_key, label) in zip(axes, panels, strict=True):
         for method in dict.fromkeys(r["method"] for r in ok):
