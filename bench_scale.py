@@ -610,7 +610,7 @@ def plot_scale(runs: list[dict[str, Any]], fits: dict[str, dict[str, Any]], path
         ax.set_xlabel("ids (vocabulary)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-    axes[1].legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, ncol=2)
     fig.suptitle("cost against vocabulary; k = fitted log-log exponent")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
