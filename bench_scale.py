@@ -175,7 +175,7 @@ def _replace(config: Any, **changes: Any) -> Any:
 
 def scale_dataset(target_ids: int, rows_per_id: float, root: Path) -> dict[str, Any]:
     """The cached dataset for ``target_ids`` (generated streaming on first use)."""
-    from datasets.format import DatasetMeta
+    from datasets.prepared import DatasetMeta
     from datasets.synthetic import generate_synthetic
 
     cfg = synthetic_config(target_ids, rows_per_id)
@@ -219,11 +219,10 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from compressors import method_options
-    from ctr import CompactModel, RunConfig, Trainer, export
-    from ctr.run import build_run_model, check_memory
-    from ctr.trainer import TrainConfig
-    from datasets.format import DatasetMeta
+    from ctr import CompactModel, RunConfig, TrainConfig, Trainer, export
+    from ctr.training.run import build_run_model, check_memory
     from datasets.loader import BatchLoader
+    from datasets.prepared import DatasetMeta
 
     torch.set_num_threads(1)
     base_kb = _status_kb("VmRSS")
@@ -244,6 +243,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         method_options=options,
         train=TrainConfig(epochs=fraction, batch_size=bs, progress=False, eval_batch_size=8192),
     )
+    cfg = cfg.resolved()  # the table optimiser and lr the method trains with, as train_run
     cfg.validate()
     check_memory(cfg, meta)
     start = time.perf_counter()

@@ -9,7 +9,7 @@ import math
 import pytest
 
 import bench_scale as scale
-from datasets.format import DatasetMeta
+from datasets.prepared import DatasetMeta
 from datasets.synthetic import SyntheticConfig, generate_synthetic
 
 
