@@ -92,6 +92,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--scale-timeout", type=float, default=300.0, help="scale: seconds per method and scale"
     )
     group.add_argument(
+        "--scale-budgets",
+        default="",
+        help='scale: per-method budgets as JSON, e.g. \'{"int8": "3x"}\' (methods that cannot '
+        "reach --scale-budget: int8, int16, ptq, alpt, autodim)",
+    )
+    group.add_argument(
         "--scale-options",
         default="",
         help='scale: per-method options as JSON, e.g. \'{"optembed": {"generations": 5}}\'',
@@ -468,6 +474,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--scale-options: invalid JSON ({e.msg})") from None
     if not isinstance(options, dict):
         raise ValueError("--scale-options: expected a JSON object of method -> options")
+    try:
+        budgets = json.loads(args.scale_budgets) if args.scale_budgets else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--scale-budgets: invalid JSON ({e.msg})") from None
+    if not isinstance(budgets, dict):
+        raise ValueError("--scale-budgets: expected a JSON object of method -> budget")
     root = cache_dir() / "scale"
     root.mkdir(parents=True, exist_ok=True)
     data, runs = [], []
@@ -479,7 +491,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             spec = {
                 "data": info["path"],
                 "method": method,
-                "budget": "1x" if method == "full" else args.scale_budget,
+                "budget": budgets.get(method, "1x" if method == "full" else args.scale_budget),
                 "options": options.get(method, {}),
                 "model": args.scale_model,
                 "batch_size": args.scale_batch_size,
