@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import loadgen
+from bench import loadgen, scale
 
 # name -> (module in bench/, function, runs by default). A section takes the parsed arguments
 # and returns its figures (a JSON-able dict).
@@ -34,6 +34,7 @@ SECTIONS: dict[str, tuple[str, str, bool]] = {
     "table_less_claim": ("sweeps", "bench_table_less_claim", False),
     "fair_sweep": ("sweeps", "bench_fair_sweep", False),
     "search_backends": ("search", "bench_search_backends", False),
+    "scale": ("scale", "run", False),
 }
 
 
@@ -76,6 +77,7 @@ def parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--sweep-epochs", type=float, default=None, help="max epochs per point")
     sweep.add_argument("--workers", type=int, default=1, help="parallel cell processes")
+    scale.add_arguments(p)  # light: the section imports torch in its children only
     # serving's load generator: its spec (JSON) on stdin, its figures (JSON) on stdout
     p.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
     return p

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-import bench_scale as scale
+from bench import scale
 from datasets.prepared import DatasetMeta
 from datasets.synthetic import SyntheticConfig, generate_synthetic
 

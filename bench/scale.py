@@ -36,7 +36,7 @@ A method that refuses (its budget cannot be met, not enough memory, an error, th
 a log-log plot of step time and RSS above imports against ids with each method's fitted
 exponent (least squares on the logs).
 
-Run: ``python bench_scale.py --scale-ids 1e6,4e6 --methods full,hash,pep``.
+Run: ``python bench.py --only scale --scale-ids 1e6,4e6 --methods full,hash,pep``.
 """
 
 from __future__ import annotations
@@ -376,7 +376,7 @@ def _lookups_per_s(embedding: Any, batches: list, repeats: int = 3) -> float:
 
 
 def _module_name() -> str:
-    return "bench_scale" if __name__ == "__main__" else __name__
+    return __name__
 
 
 def _repo_root() -> Path:
@@ -631,27 +631,3 @@ def plot_scale(runs: list[dict[str, Any]], fits: dict[str, dict[str, Any]], path
     plt.close(fig)
     os.replace(tmp, path)
     return str(path)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Runs the section alone and writes ``<cache>/results/scale.json``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    try:
-        result = run(args)
-    except ValueError as e:
-        parser.error(str(e))
-    result["wall_s"] = round(time.perf_counter() - start, 1)
-    path = cache_dir() / "results" / f"{SECTION}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    os.replace(tmp, path)
-    print(f"[{SECTION}] done in {result['wall_s']} s -> {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
