@@ -96,6 +96,7 @@ def add_parsers(sub: Any) -> None:
         TrainConfig,
         "table_lr",
         f"lr of the embedding tables' optimizer (default: the optimizer's, {lrs})",
+        type=float,
     )
     add_field(
         p,

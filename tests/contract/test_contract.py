@@ -250,11 +250,14 @@ def test_storage_of_a_fixed_format_method_is_refused(trained, tmp_path, capsys):
 
 # ---------------------------------------------------------------- resume
 @pytest.mark.parametrize("name", METHODS)
-def test_killed_run_resumes_to_the_uninterrupted_weights(
-    name, trained, tiny_data, features, tmp_path
-):
-    whole = trained(name)
+def test_killed_run_resumes_to_the_uninterrupted_weights(name, tiny_data, features, tmp_path):
+    # The uninterrupted run trains here, beside the resumed one: the module's shared run may
+    # have trained under another process state (thread settings other tests change), and a
+    # difference from that is not what this test is about. (Seen once, for mgqe, in a
+    # whole-suite run at OMP_NUM_THREADS=2; never alone.)
     cfg = _config(tiny_data, name, _train_budget(name, features))
+    whole = tmp_path / "whole"
+    train_run(cfg, whole)
     first = train_run(_config(tiny_data, name, cfg.budget, max_steps=2), tmp_path / "r")
     assert first == {"finished": False, "steps": 2}
     train_run(cfg, tmp_path / "r")
