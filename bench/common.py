@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.output import CACHE, fmt, print_table  # noqa: F401 (the sections import them here)
 from ctr.sweep import Cell, SweepSpec, feasibility, run_sweep
 from ctr.sweep.report import write_report
 from ctr.training.run import RunConfig, train_run
@@ -20,30 +20,7 @@ from ctr.training.trainer import TrainConfig
 from datasets.io import atomic_write_text
 from datasets.synthetic import SyntheticConfig, generate_synthetic
 
-CACHE = Path(os.environ.get("CTR_BENCH_CACHE", ".bench-cache"))
 ROOT = Path(__file__).resolve().parent.parent  # the repository: bench.py's folder
-
-
-def print_table(title: str, rows: list[dict]) -> None:
-    """Prints ``rows`` (dicts sharing keys) as an aligned text table."""
-    print(f"\n== {title} ==")
-    if not rows:
-        print("(no rows)")
-        return
-    keys = list(rows[0])
-    cells = [[fmt(r.get(k)) for k in keys] for r in rows]
-    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    print("  ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True)))
-    for c in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)))
-
-
-def fmt(v: object) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e3 else f"{v:,.0f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return "" if v is None else str(v)
 
 
 DEFAULT_ROWS = 1_000_000

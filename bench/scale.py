@@ -53,15 +53,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.output import CACHE, print_table
+
 SECTION = "scale"
 ROWS_PER_SHARD = 1 << 16
 RESULT_TAG = "SCALE_RESULT "
 MAX_SCALE = 4.0  # times Criteo Kaggle's cardinalities; beyond, more rows per id are drawn
-
-
-def cache_dir() -> Path:
-    """The bench cache (``CTR_BENCH_CACHE``, default ``.bench-cache``), as ``bench.py``."""
-    return Path(os.environ.get("CTR_BENCH_CACHE", ".bench-cache"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -480,7 +477,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--scale-budgets: invalid JSON ({e.msg})") from None
     if not isinstance(budgets, dict):
         raise ValueError("--scale-budgets: expected a JSON object of method -> budget")
-    root = cache_dir() / "scale"
+    root = CACHE / "scale"
     root.mkdir(parents=True, exist_ok=True)
     data, runs = [], []
     for target in targets:
@@ -519,7 +516,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
     table = table_rows(runs, fits)
     print_table(f"scale: every method at {args.scale_budget} (full at 1x), one thread", table)
-    plot = plot_scale(runs, fits, cache_dir() / "results" / "scale.png")
+    plot = plot_scale(runs, fits, CACHE / "results" / "scale.png")
     print(f"scale: plot {plot}")
     return {"data": data, "runs": runs, "fits": fits, "table": table, "plot": plot}
 
@@ -569,28 +566,6 @@ def table_rows(runs: list[dict[str, Any]], fits: dict[str, dict[str, Any]]) -> l
             }
         )
     return rows
-
-
-def print_table(title: str, rows: list[dict]) -> None:
-    """``rows`` as an aligned text table (the union of their keys, in first-seen order)."""
-    print(f"\n== {title} ==")
-    if not rows:
-        print("(no rows)")
-        return
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    cells = [[_fmt(r.get(k)) for k in keys] for r in rows]
-    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    print("  ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True)))
-    for c in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)))
-
-
-def _fmt(v: object) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 1e3 else f"{v:,.0f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return "" if v is None else str(v)
 
 
 def plot_scale(runs: list[dict[str, Any]], fits: dict[str, dict[str, Any]], path: Path) -> str:

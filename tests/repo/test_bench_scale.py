@@ -58,6 +58,7 @@ def test_parse_ids_names_the_flag() -> None:
 
 def test_section_at_a_tiny_scale_records_figures_and_refusals(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("CTR_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(scale, "CACHE", tmp_path / "cache")
     args = _args(
         "--scale-ids", "8000",
         "--methods", "full,hash,qr",
