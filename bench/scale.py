@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.output import CACHE, print_table
+from datasets.io import atomic_write
 
 SECTION = "scale"
 ROWS_PER_SHARD = 1 << 16
@@ -601,8 +602,6 @@ def plot_scale(runs: list[dict[str, Any]], fits: dict[str, dict[str, Any]], path
     fig.suptitle("cost against vocabulary; k = fitted log-log exponent")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
     return str(path)
