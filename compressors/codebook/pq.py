@@ -36,7 +36,7 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from compressors.core.base import ExportedEmbedding
-from compressors.core.hybrid import pool_bags
+from compressors.core.hybrid import pool_bags, take_rows
 from compressors.core.layout import IdRangeCheck, field_index
 from compressors.core.storage import Lookup, TableSpec, TrainTables
 
@@ -332,7 +332,7 @@ class ProductQuantizer(nn.Module):
         index = torch.arange(p.parts, device=codes.device) * p.choices[0] + codes
         if p.groups > 1:
             index = index + (fields * p.parts * p.choices[0]).unsqueeze(1)
-        return values.reshape(-1, p.sub_dim)[index]
+        return take_rows(values.reshape(-1, p.sub_dim), index)
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         # Each distinct row of the batch is quantized once; values then read their row's.
@@ -340,7 +340,7 @@ class ProductQuantizer(nn.Module):
         p = self.plan
         if not self.training:
             out = self.gather(self.codes(query, ids, fields), fields).reshape(-1, p.dim)
-            return pool_bags(out[inverse], features)
+            return pool_bags(take_rows(out, inverse), features)
         q = query.view(-1, p.parts, p.sub_dim)
         if self.mode == "vq":
             chosen = self.gather(self.codes(query, ids, fields), fields)
@@ -349,7 +349,7 @@ class ProductQuantizer(nn.Module):
             # (a mean over the batch's values, so a row counts as often as it is read).
             out = q + (chosen - q).detach()
             error = (chosen - q.detach()).square().sum((1, 2))
-            self.regularizer = error[inverse].mean() / p.dim
+            self.regularizer = take_rows(error, inverse).mean() / p.dim
         else:
             scores = self.scores(query, ids, fields)
             soft = scores.softmax(-1)
@@ -359,9 +359,9 @@ class ProductQuantizer(nn.Module):
             if p.groups == 1:
                 out = torch.einsum("npk,pkd->npd", weights, values[0])
             else:
-                out = torch.einsum("npk,npkd->npd", weights, values[fields])
+                out = torch.einsum("npk,npkd->npd", weights, take_rows(values, fields))
             self.regularizer = query.new_zeros(())
-        return pool_bags(out.reshape(-1, p.dim)[inverse], features)
+        return pool_bags(take_rows(out.reshape(-1, p.dim), inverse), features)
 
     @torch.no_grad()
     def all_codes(self) -> list[torch.Tensor]:

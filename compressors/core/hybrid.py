@@ -94,6 +94,20 @@ def hash_premixed(values: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
     return mix64(values.to(torch.int64).unsqueeze(-1) ^ mixed) & _INT63
 
 
+def take_rows(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``source[index]`` (rows of ``source`` along dim 0, shaped ``index.shape + source.shape[1:]``)
+    through ``index_select``, whose backward sums repeated indices in a fixed order.
+
+    Advanced indexing's backward on CPU adds the gradients of repeated indices in parallel, in
+    whatever order the threads reach them, so with two or more threads a step is not bitwise
+    reproducible and a resumed run drifts from the uninterrupted one. Use this for every
+    differentiable gather whose index repeats (a batch's values into its unique rows, codes
+    into codebooks, fields into per-field parameters).
+    """
+    flat = source.index_select(0, index.reshape(-1))
+    return flat.view(*index.shape, *source.shape[1:])
+
+
 def pool_bags(rows: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
     """Sum-pools one row per value of ``features`` into ``[B, keys, dim]`` (EBC semantics).
 

@@ -50,6 +50,7 @@ from compressors.core.hybrid import (
     pool_bags,
     premixed_salts,
     register_field_module,
+    take_rows,
 )
 from compressors.core.layout import field_index
 from compressors.core.registry import register, register_serving
@@ -202,7 +203,7 @@ class DeepHashEmbedding(FieldModule):
                 mine = torch.nonzero(owner == j).squeeze(1)
                 if len(mine):
                     embedded = embedded.index_copy(0, mine, network(self._encode(unique[mine])))
-        return pool_bags(embedded[inverse], features)
+        return pool_bags(take_rows(embedded, inverse), features)
 
     def activation_bytes(self, batch: int = ACTIVATION_BATCH) -> int:
         """Per-batch working memory kept for backward (see the module docstring): encodings,

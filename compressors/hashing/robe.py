@@ -41,6 +41,7 @@ from compressors.core.hybrid import (
     pool_bags,
     premixed_salts,
     register_field_module,
+    take_rows,
 )
 from compressors.core.layout import field_index
 from compressors.core.registry import register, register_serving
@@ -99,7 +100,7 @@ class RobeArray(FieldModule):
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         index, signs = self.locate(features.values(), field_index(features))
-        return pool_bags(self.array[index] * signs, features)
+        return pool_bags(take_rows(self.array, index) * signs, features)
 
     def to_config(self) -> dict[str, Any]:
         return {**super().to_config(), "size": self.size, "chunk": self.chunk, "seed": self.seed}

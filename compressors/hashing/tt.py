@@ -46,6 +46,7 @@ from compressors.core.hybrid import (
     HybridServing,
     pool_bags,
     register_field_module,
+    take_rows,
 )
 from compressors.core.registry import register, register_serving
 from compressors.core.storage import TableSpec
@@ -148,8 +149,8 @@ class TTCores(nn.Module):
         # All n1·n2 prefix products G1[i1]·G2[i2] at once: [n1·n2, d1·d2, r].
         left = torch.einsum("iar,jrbs->ijabs", self.core0, self.core1)
         left = left.reshape(n1 * n2, d1 * d2, self.rank)
-        rows = torch.bmm(left[prefix], self.core2[unique % n3])  # [U, d1·d2, d3]
-        return rows.reshape(len(unique), -1)[inverse]
+        rows = torch.bmm(take_rows(left, prefix), take_rows(self.core2, unique % n3))
+        return take_rows(rows.reshape(len(unique), -1), inverse)  # rows: [U, d1·d2, d3]
 
     def full_table(self) -> torch.Tensor:
         """Every row (``[n1·n2·n3, dim]``) by explicit contraction — for checks, not lookups."""

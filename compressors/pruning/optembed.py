@@ -66,6 +66,7 @@ from compressors.core.base import (
     full_bytes,
 )
 from compressors.core.budget import BudgetError, describe_bytes
+from compressors.core.hybrid import take_rows
 from compressors.core.registry import register
 from compressors.core.storage import check_dtype, optimizer_state_bytes, row_bytes
 from compressors.pruning.bytes import dim_choices, index_bytes, row_plan
@@ -343,8 +344,8 @@ class OptEmbed(SearchedBytes, Compressor):
         if self.normalise:
             if self.training:
                 self._track_scale(fields, norms.detach())
-            norms = norms / self.scales()[fields]
-        x = norms - self.threshold[fields]
+            norms = norms / take_rows(self.scales(), fields)
+        x = norms - take_rows(self.threshold, fields)
         return self._read_rows(rows, weight, LongTailStep.apply(x))
 
     @torch.no_grad()

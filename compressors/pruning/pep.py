@@ -64,6 +64,7 @@ import torch
 from torch import nn
 
 from compressors.core.base import SCHEDULED, FeatureSpec, Stage
+from compressors.core.hybrid import take_rows
 from compressors.core.registry import register
 from compressors.pruning.entry_pruned import EntryPruned
 
@@ -155,8 +156,8 @@ class PEP(EntryPruned):
         if bool(self.found):
             return weight * self.mask[rows].to(weight.dtype)
         if self.granularity == "feature_dim":
-            return soft_threshold(weight, torch.sigmoid(self.threshold[rows]))
-        g = torch.sigmoid(self.threshold)[self.table.field_of(rows)]
+            return soft_threshold(weight, torch.sigmoid(take_rows(self.threshold, rows)))
+        g = take_rows(torch.sigmoid(self.threshold), self.table.field_of(rows))
         return soft_threshold(weight, g)
 
     def optimizer_groups(self) -> list[dict[str, Any]]:

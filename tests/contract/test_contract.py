@@ -251,8 +251,10 @@ def test_storage_of_a_fixed_format_method_is_refused(trained, tmp_path, capsys):
 # ---------------------------------------------------------------- resume
 # A known defect: dpq's and mgqe's resumed quantizer keys differed from the uninterrupted
 # run's in two whole-suite runs on a loaded machine (mgqe once, dpq once), never in a run of
-# this test alone, of this module, or of tests/compressors with it (each repeated). Until its
-# cause is found they are expected to fail sometimes, not always.
+# this test alone, of this module, or of tests/compressors with it (each repeated). The likely
+# cause, advanced indexing's backward adding repeated indices in thread order, is fixed
+# (``take_rows``; test_determinism.py), but no loaded whole-suite run has confirmed it yet,
+# so they stay expected to fail sometimes, not always.
 FLAKY_RESUME = {"dpq", "mgqe"}
 
 
@@ -262,7 +264,8 @@ FLAKY_RESUME = {"dpq", "mgqe"}
         pytest.param(
             m,
             marks=pytest.mark.xfail(
-                reason="resume not always exact under load (cause unknown)", strict=False
+                reason="resume not always exact under load (likely cause fixed, unconfirmed)",
+                strict=False,
             ),
         )
         if m in FLAKY_RESUME
