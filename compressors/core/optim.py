@@ -12,6 +12,11 @@ the one copy of that rule outside fbgemm (:func:`rowwise_adagrad_rows`), used by
 - :class:`SparseRowOptimizer`, which steps only the rows a batch read, its state in buffers
   (integer tables, the pruning family's row tables).
 
+And :class:`Adam`, torch's Adam whose parameters may also take sparse gradients and still
+step every entry as dense Adam does (a method's per-entry parameters, e.g. PEP's
+thresholds: one gradient row per row a batch read, but coupled L2 and the moments move
+every entry at every step).
+
 ``eps`` is :data:`EPS` = 1e-8 everywhere: fbgemm's kernels default (its
 ``SplitTableBatchedEmbeddingBagsCodegen(eps=1.0e-8)``; TorchRec's fused tables pass no eps
 and so train with it), so a module under the protocol and a table follow the same rule.
@@ -83,6 +88,64 @@ class RowwiseAdagrad(torch.optim.Optimizer):
                 )
                 p.copy_(new.view_as(p))
         return loss
+
+
+class Adam(torch.optim.Adam):
+    """``torch.optim.Adam`` that also takes sparse gradients (``F.embedding(..., sparse=True)``)
+    and applies them as the dense gradient they stand for: zeros but at their rows.
+
+    Dense Adam with L2 (``weight_decay``, coupled) moves *every* entry at every step a
+    parameter has a gradient: the decay term and the moments are never zero. A lazy Adam
+    (``torch.optim.SparseAdam``) would leave the entries a batch did not read alone, which is
+    another optimiser. This one keeps dense Adam's rule and result: the sparse values are
+    written into a persistent zero buffer and the parameter's group steps with torch's fused
+    kernel (one pass over parameter, gradient and moments, no temporaries), then the written
+    rows are zeroed again. What it saves over a dense gradient is the per-step allocation of
+    a gradient, the decayed gradient and the denominators of the whole parameter (four
+    temporaries of its size, and their page faults). The state (``step``, ``exp_avg``,
+    ``exp_avg_sq``) is torch's, checkpointed as usual; the buffer is not state.
+
+    A group that never saw a sparse gradient steps exactly as in ``torch.optim.Adam``; one
+    that did runs fused from then on. The fused kernel evaluates the same formula in another
+    order: results agree with the unfused dense step to float rounding (a few ulps), not bit
+    for bit.
+
+    Example::
+
+        opt = Adam([threshold], lr=0.1, weight_decay=1e-5)
+        F.embedding(rows, threshold, sparse=True).sum().backward()
+        opt.step()
+    """
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 (torch's signature)
+        super().__init__(*args, **kwargs)
+        self._dense_grads: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201 (torch's signature)
+        written = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or not p.grad.is_sparse:
+                    continue
+                if not group["fused"]:
+                    group["fused"] = True  # the kernel that reads the buffer in one pass
+                    for state in (self.state[q] for q in group["params"] if q in self.state):
+                        state["step"] = state["step"].to(p.device)  # where fused keeps it
+                buf = self._dense_grads.get(id(p))
+                if buf is None:
+                    buf = self._dense_grads[id(p)] = torch.zeros_like(p)
+                sparse = p.grad.coalesce()
+                rows = sparse.indices()[0]
+                buf.index_put_((rows,), sparse.values())
+                written.append((p, p.grad, buf, rows))
+                p.grad = buf
+        try:
+            return super().step(closure)
+        finally:
+            for p, grad, buf, rows in written:
+                buf.index_fill_(0, rows, 0.0)
+                p.grad = grad
 
 
 class SparseRowOptimizer(nn.Module):

@@ -61,6 +61,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from compressors.core.base import SCHEDULED, FeatureSpec, Stage
@@ -72,6 +73,7 @@ if TYPE_CHECKING:
     from compressors.core.base import StageContext
 
 log = logging.getLogger(__name__)
+_CHUNK_ROWS = 1 << 18
 GRANULARITIES = ("feature_dim", "field", "field_dim")
 
 
@@ -156,7 +158,12 @@ class PEP(EntryPruned):
         if bool(self.found):
             return weight * self.mask[rows].to(weight.dtype)
         if self.granularity == "feature_dim":
-            return soft_threshold(weight, torch.sigmoid(take_rows(self.threshold, rows)))
+            # A sparse gradient (the rows read): the trainer's Adam applies it as the dense
+            # one without building a table-sized gradient each step (core.optim.Adam). The
+            # rows are unique, so no repeated index sums in a thread-dependent order (the
+            # reason for take_rows below); coalescing sorts them.
+            threshold = F.embedding(rows, self.threshold, sparse=True)
+            return soft_threshold(weight, torch.sigmoid(threshold))
         g = take_rows(torch.sigmoid(self.threshold), self.table.field_of(rows))
         return soft_threshold(weight, g)
 
@@ -182,7 +189,22 @@ class PEP(EntryPruned):
         ]
 
     def extra_train_bytes(self) -> int:
-        return self.threshold.numel() * 4 * 3  # the value and Adam's two moments
+        return self.threshold.numel() * 4 * 4  # the value, its gradient, Adam's two moments
+
+    @torch.no_grad()
+    def nonzeros(self) -> int:
+        """Entries the model reads as non-zero. While searching, ``|w| > g(s)`` counted in
+        place (``sign(w)·relu(|w| − g) ≠ 0`` exactly when ``|w| > g``, in floats too), chunk
+        by chunk, without building the soft-thresholded values: the search checks it every
+        ``check_every`` steps over the whole table."""
+        if bool(self.found) or self.granularity != "feature_dim":
+            return super().nonzeros()
+        self.table.flush_decay()
+        weight, total = self.table.weight, 0
+        for s in range(0, self.table.rows, _CHUNK_ROWS):
+            chunk = slice(s, min(s + _CHUNK_ROWS, self.table.rows))
+            total += int((weight[chunk].abs() > torch.sigmoid(self.threshold[chunk])).sum())
+        return total
 
     @classmethod
     def solve_budget(
@@ -191,7 +213,8 @@ class PEP(EntryPruned):
         plan = super().solve_budget(features, dim, budget_bytes, **options)
         rows = sum(f.cardinality for f in features)
         shape = threshold_shape(options.get("granularity", "feature_dim"), rows, len(features), dim)
-        plan["train_bytes"] += shape[0] * shape[1] * 4 * 3  # thresholds and Adam's moments
+        # The thresholds, their gradient and Adam's two moments.
+        plan["train_bytes"] += shape[0] * shape[1] * 4 * 4
         return plan
 
     def after_step(self, ctx: StageContext) -> None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from compressors.core.optim import RowwiseAdagrad
+from compressors.core.optim import Adam, RowwiseAdagrad
 
 if TYPE_CHECKING:
     from compressors.core.base import Compressor
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 # Optimizers a compressor's parameter group may ask for (and the protocol's module families).
 OPTIMIZERS: dict[str, Any] = {
-    "adam": torch.optim.Adam,
+    "adam": Adam,  # torch's, taking sparse gradients as dense Adam (PEP's thresholds)
     "sgd": torch.optim.SGD,
     "adagrad": torch.optim.Adagrad,
     "rowwise_adagrad": RowwiseAdagrad,

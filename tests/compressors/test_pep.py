@@ -10,12 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+from torchrec import KeyedJaggedTensor
 
 from compressors import BudgetError, FeatureSpec, build_compressor
+from compressors.core.optim import Adam
 from compressors.core.storage import row_bytes
 from compressors.pruning.bytes import bitmap_bytes
 from compressors.pruning.pep import PEP, soft_threshold
 from ctr.embedding import features_from_dataset
+from ctr.training.config import TrainConfig
+from ctr.training.optimizers import build_optimizers
 from ctr.training.run import load_run_model, train_run
 from ctr.training.trainer import Trainer
 from datasets.loader import BatchLoader
@@ -220,3 +225,68 @@ def test_fp16_storage_and_field_dim_thresholds_report_the_fallback(learn_data, t
 def test_each_stage_resumes_after_a_kill(tiny_data, tmp_path):
     cfg = config(tiny_data, "pep", "3x", epochs=0.5, check_every=2, threshold_lr=0.2)
     check_resume(cfg, tmp_path, [5, 12])
+
+
+def _kjt(features, batch: int, gen: torch.Generator) -> KeyedJaggedTensor:
+    ids = [torch.randint(0, f.cardinality, (batch,), generator=gen) for f in features]
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=[f.name for f in features],
+        values=torch.cat(ids),
+        lengths=torch.ones(batch * len(features), dtype=torch.int64),
+    )
+
+
+def test_search_steps_equal_the_dense_threshold_gradients_and_adam():
+    # The thresholds' gradient is sparse (the rows a batch read) and core.optim.Adam applies
+    # it as the dense gradient torch's Adam stepped before: every threshold moves (coupled
+    # L2), read ones by their data gradient too; the table's rows alike.
+    feats = [FeatureSpec("a", 500), FeatureSpec("b", 300)]
+    layers = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        layers.append(build_compressor("pep", feats, 16, "5x", threshold_init=-3.0))
+    old, new = layers
+
+    def dense_values(rows, weight):  # the formula before, its gradient dense
+        return soft_threshold(weight, torch.sigmoid(old.threshold[rows]))
+
+    old.values = dense_values
+    cfg = TrainConfig(lr=0.01)
+    opts = []
+    for layer, kind in ((old, torch.optim.Adam), (new, None)):
+        built = build_optimizers(layer, [nn.Parameter(torch.zeros(1))], cfg).train["compressor0"]
+        if kind is not None:  # the old optimizer, with the group's settings
+            group = built.param_groups[0]
+            built = kind([layer.threshold], lr=group["lr"], weight_decay=group["weight_decay"])
+        opts.append(built)
+    assert isinstance(opts[1], Adam)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        batch = _kjt(feats, 64, gen)
+        target = torch.randn(64, 2, 16, generator=gen)
+        for layer, opt in zip(layers, opts, strict=True):
+            layer.train()
+            opt.zero_grad()
+            (layer(batch) * target).sum().backward()
+            opt.step()
+            layer.table.step(0.05)
+        assert new.threshold.grad.is_sparse and not old.threshold.grad.is_sparse
+        torch.testing.assert_close(new.threshold, old.threshold, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(new.table.weight, old.table.weight, rtol=1e-6, atol=1e-7)
+    assert (new.threshold.detach() != -3.0).all()  # every threshold moved
+
+
+@pytest.mark.parametrize("granularity", ["feature_dim", "field"])
+def test_nonzeros_counts_what_the_model_reads(granularity):
+    feats = [FeatureSpec("a", 700), FeatureSpec("b", 300)]
+    layer = build_compressor("pep", feats, 16, "5x", granularity=granularity)
+    with torch.no_grad():
+        layer.table.weight.normal_(0, 0.05)
+        layer.table.weight[::7] = 0.0
+        layer.threshold.normal_(-3.0, 1.0)
+        g = torch.sigmoid(layer.threshold[:5])
+        if granularity == "feature_dim":
+            layer.table.weight[:5] = g  # exactly at the threshold: pruned
+    expected = int((layer.all_values() != 0).sum())
+    assert 0 < expected < layer.mask.numel()
+    assert layer.nonzeros() == expected
