@@ -11,6 +11,21 @@ from datasets.synthetic import SyntheticConfig, generate_synthetic
 
 logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` need a CUDA device: skipped where torch sees none."""
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in marked:
+        item.add_marker(skip)
+
+
 # Few values per field so a model can approach the teacher with a few hundred thousand rows.
 SMALL_CARDINALITIES = (40, 120, 600, 25, 300, 80, 15, 1000)
 

@@ -60,7 +60,10 @@ class RowDecay:
         self.mode = mode
         self.now = 0.0  # Σ log(1 - lr_t·rate) over the steps taken (float64)
         self.last = (
-            {k: torch.zeros(w.shape[0], dtype=torch.float64) for k, w in self.weights.items()}
+            {
+                k: torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+                for k, w in self.weights.items()
+            }
             if mode == "lazy" and rate > 0
             else {}
         )

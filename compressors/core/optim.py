@@ -81,7 +81,7 @@ class RowwiseAdagrad(torch.optim.Optimizer):
                 rows = grad.reshape(grad.shape[0], -1) if grad.dim() > 1 else grad.view(-1, 1)
                 state = self.state[p]
                 if "sum" not in state:
-                    state["sum"] = torch.zeros(rows.shape[0], dtype=torch.float32)
+                    state["sum"] = torch.zeros(rows.shape[0], device=p.device)
                 values = p.reshape(rows.shape)
                 new, state["sum"] = rowwise_adagrad_rows(
                     values, rows, state["sum"], group["lr"], group["eps"]

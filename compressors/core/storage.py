@@ -274,7 +274,8 @@ class TrainTables(EmbeddingRows, nn.Module):
             tables=self.ebc.embedding_bag_configs(),
             optimizer_type=TABLE_OPTIMIZERS[optimizer],
             optimizer_kwargs={"lr": lr, **kwargs},
-            device=torch.device("cpu"),
+            # fbgemm's kernel for the weights' device: its CPU one, or fbgemm-gpu's CUDA one.
+            device=next(iter(old.values())).device if old else torch.device("cpu"),
         )
         with torch.no_grad():
             for name, w in old.items():

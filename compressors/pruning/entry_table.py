@@ -128,8 +128,9 @@ class EntryTable(EmbeddingRows, nn.Module):
         them and the bags' offsets — what :meth:`pool` needs to pool any values of those rows
         (a search scoring many masks of one batch looks it up once)."""
         features = self._check(features)
-        counts = torch.tensor(features.length_per_key(), device=self.weight.device)
-        fields = torch.repeat_interleave(torch.arange(len(self.names)), counts)
+        device = self.weight.device
+        counts = torch.tensor(features.length_per_key(), device=device)
+        fields = torch.repeat_interleave(torch.arange(len(self.names), device=device), counts)
         ids = features.values() + self._offsets[fields]
         rows, inverse = torch.unique(ids, return_inverse=True)
         if self.decay is not None:  # lazily decayed rows brought up to date before a read

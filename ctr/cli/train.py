@@ -51,6 +51,7 @@ TRAIN_FLAGS_AFTER_TABLES = {
     "patience": "evals without improvement to stop",
     "seed": "seed of initialisation and shuffling",
     "max_steps": "stop after N steps (resumable)",
+    "device": "auto (CUDA when present, else cpu), cpu, cuda or cuda:N (single process)",
 }
 
 

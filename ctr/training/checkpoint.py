@@ -71,7 +71,8 @@ def seed_everything(seed: int) -> None:
 def load_weights(path: Path, what: str) -> Any:
     """``torch.load`` (no pickle) with a one-line error naming the file when it is damaged."""
     try:
-        return torch.load(path, weights_only=True)
+        # On the host: a run trained on CUDA loads, exports and resumes anywhere.
+        return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise RuntimeError(

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from compressors.core.base import PlanContext
+from ctr.training.device import check_device
 
 #: Each table optimiser's learning rate when a run leaves it to the defaults: Adam's scale is
 #: not the Adagrad family's.
@@ -69,7 +70,9 @@ class TrainConfig:
     fair-comparison protocol, ``ctr.sweep``). ``embedding_l2`` is decoupled weight decay on
     every embedding parameter (``l2_mode`` ``"lazy"`` at sparse cost or the exact ``"dense"``
     reference; see :mod:`compressors.core.decay`). ``lr_decay`` < 1 multiplies the embedding
-    learning rates each time an evaluation does not improve (decay on plateau).
+    learning rates each time an evaluation does not improve (decay on plateau). ``device``:
+    where a single-process run computes (``auto``: CUDA when present; :mod:`ctr.training.device`);
+    a run may resume on another device.
     """
 
     epochs: float = 1.0
@@ -91,6 +94,7 @@ class TrainConfig:
     max_steps: int | None = None
     eval_batch_size: int = 16384
     progress: bool = True
+    device: str = "auto"
 
     def resolved(self, compressor: str | type | None) -> TrainConfig:
         """This config with ``table_optimizer`` and ``table_lr`` resolved for ``compressor``
@@ -118,6 +122,7 @@ class TrainConfig:
         for flag, value, ok, expected in checks:
             if not ok:
                 raise ValueError(f"{flag} must be {expected}, got {value}")
+        check_device(self.device)
 
 
 class RunError(RuntimeError):

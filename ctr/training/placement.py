@@ -45,10 +45,18 @@ class Placement(ABC):
 
     rank: int = 0
     world_size: int = 1
+    #: Where the model computes (set by :meth:`wrap`); batches follow it (:meth:`to_device`).
+    device: torch.device = torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def to_device(self, batch: Any) -> Any:
+        """``batch`` (a TorchRec ``Batch``) on the model's device; on the CPU, itself."""
+        if self.device.type == "cpu":
+            return batch
+        return batch.to(self.device, non_blocking=True)
 
     @abstractmethod
     def check(self, compressor: Compressor, config: TrainConfig) -> None:
@@ -104,7 +112,11 @@ class SingleProcess(Placement):
         pass
 
     def wrap(self, model: nn.Module, config: TrainConfig) -> nn.Module:
-        return model
+        from ctr.training.device import resolve_device
+
+        self.device = resolve_device(config.device)
+        # Before the tables are fused: the fused kernel is built for the weights' device.
+        return model if self.device.type == "cpu" else model.to(self.device)
 
     def setup_tables(
         self, model: nn.Module, net: nn.Module, config: TrainConfig
@@ -176,6 +188,9 @@ class Sharded(Placement):
 
     def wrap(self, model: nn.Module, config: TrainConfig) -> nn.Module:
         from ctr.training.distributed import shard_model
+
+        if self.info.backend == "nccl":
+            self.device = torch.device("cuda", torch.cuda.current_device())
 
         return shard_model(model, self.info, config.table_optimizer, config.table_lr)  # type: ignore[arg-type]
 

@@ -375,5 +375,6 @@ def _check_run_dir(cfg: RunConfig, run_dir: Path, meta: DatasetMeta, overwrite: 
 
 
 def _resume_relevant(train: dict[str, Any]) -> dict[str, Any]:
-    # Stopping points and display settings may change between a run and its resumption.
-    return {k: v for k, v in train.items() if k not in ("max_steps", "progress")}
+    # Stopping points, display settings and the device may change between a run and its
+    # resumption.
+    return {k: v for k, v in train.items() if k not in ("max_steps", "progress", "device")}

@@ -346,6 +346,7 @@ class Trainer(Checkpointed):
 
     def loss(self, batch: Any) -> torch.Tensor:
         """Mean BCE of the model's logits on ``batch`` (the data loss, no penalty)."""
+        batch = self.placement.to_device(batch)
         logits = self.net(batch.dense_features, batch.sparse_features)
         return F.binary_cross_entropy_with_logits(logits, batch.labels)
 
@@ -428,19 +429,19 @@ class Trainer(Checkpointed):
         for i, batch in enumerate(loader.epoch(0)):
             if max_batches is not None and i >= max_batches:
                 break
+            batch = self.placement.to_device(batch)
             probs.append(torch.sigmoid(self.net(batch.dense_features, batch.sparse_features)))
             labels.append(batch.labels)
-        p = self.placement.gather(torch.cat(probs))
-        y = self.placement.gather(torch.cat(labels))
+        p = self.placement.gather(torch.cat(probs)).cpu()
+        y = self.placement.gather(torch.cat(labels)).cpu()
         keep = y != PAD_LABEL
         return auc_logloss(y[keep].numpy(), p[keep].numpy())
 
     def predict(self, loader: BatchLoader) -> np.ndarray:
         self.net.eval()
         with torch.no_grad():
-            return torch.cat(
-                [
-                    torch.sigmoid(self.net(b.dense_features, b.sparse_features))
-                    for b in loader.epoch(0)
-                ]
-            ).numpy()
+            probs = []
+            for b in loader.epoch(0):
+                b = self.placement.to_device(b)
+                probs.append(torch.sigmoid(self.net(b.dense_features, b.sparse_features)).cpu())
+            return torch.cat(probs).numpy()
