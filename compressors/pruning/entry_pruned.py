@@ -159,7 +159,7 @@ class EntryPruned(SearchedBytes, Compressor):
         """Values of table rows ``[start, stop)`` as the model reads them."""
         stop = self.table.rows if stop is None else stop
         self.table.flush_decay()
-        rows = torch.arange(start, stop)
+        rows = torch.arange(start, stop, device=self.table.weight.device)
         return self.values(rows, self.table.weight[start:stop])
 
     @torch.no_grad()

@@ -352,7 +352,7 @@ class OptEmbed(SearchedBytes, Compressor):
     def _track_scale(self, fields: torch.Tensor, norms: torch.Tensor) -> None:
         """Moves each field's scale towards the mean L1 norm of its rows in this batch."""
         count = torch.bincount(fields, minlength=self.num_features)
-        total = torch.zeros(self.num_features).index_add_(0, fields, norms)
+        total = torch.zeros(self.num_features, device=norms.device).index_add_(0, fields, norms)
         seen = count > 0
         mean = total[seen] / count[seen]
         old = self.field_scale[seen]
@@ -364,7 +364,7 @@ class OptEmbed(SearchedBytes, Compressor):
         """What a row's L1 norm is divided by before its threshold: the field's tracked mean
         norm (``thresholds="field"``), 1 for raw norms or a field not seen yet."""
         if not self.normalise:
-            return torch.ones(self.num_features)
+            return torch.ones(self.num_features, device=self.field_scale.device)
         return torch.where(self.field_scale > 0, self.field_scale, 1.0)
 
     def _masked_rows(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -377,13 +377,13 @@ class OptEmbed(SearchedBytes, Compressor):
             self._capture.append(features)
         if bool(self.frozen):
             out = self.table(features, self._masked_rows)
-            cols = torch.arange(self.dim)
+            cols = torch.arange(self.dim, device=out.device)
             return out * (cols < self.dims.unsqueeze(1)).to(out.dtype)  # [F, D] dim masks
         out = self.table(features, self._supernet_rows)
         if self.training and self.search_dims:
             # A uniformly drawn prefix 1..D per (sample, field): every dim choice trains.
-            keep = torch.randint(1, self.dim + 1, out.shape[:2]).unsqueeze(2)
-            out = out * (torch.arange(self.dim) < keep).to(out.dtype)
+            keep = torch.randint(1, self.dim + 1, out.shape[:2]).to(out.device).unsqueeze(2)
+            out = out * (torch.arange(self.dim, device=out.device) < keep).to(out.dtype)
         return out
 
     def penalty(self) -> torch.Tensor:

@@ -255,12 +255,12 @@ class PEP(EntryPruned):
             return
         gate = torch.sigmoid(self.threshold)
         if self.granularity != "feature_dim":
-            gate = gate[self.table.field_of(torch.arange(self.table.rows))]
+            gate = gate[self.table.field_of(torch.arange(self.table.rows, device=gate.device))]
         self.table.flush_decay()
         margin = self.table.weight.abs() - gate
         margin = torch.where(self.mask, torch.full_like(margin, float("inf")), margin)
         chosen = torch.topk(margin.flatten(), self.target_entries, sorted=False).indices
-        mask = torch.zeros(self.mask.numel(), dtype=torch.bool)
+        mask = torch.zeros(self.mask.numel(), dtype=torch.bool, device=self.mask.device)
         mask[chosen] = True
         self.mask.copy_(mask.view_as(self.mask))
         self.filled.fill_(self.target_entries - kept)
