@@ -97,6 +97,7 @@ class BatchLoader:
         self._cache: dict[int, _Columns] | None = {} if self.rows <= cache_rows else None
         self.prefetch = prefetch
         self.row_share = (0.0, 1.0)
+        self.pin_memory = False
 
     def share(self, low: float, high: float) -> BatchLoader:
         """The rows ``[low, high)`` of every shard, as shares of its rows (``share(0, .9)`` and
@@ -121,6 +122,13 @@ class BatchLoader:
         other.batch_size, other.shuffle, other.drop_last = batch_size, shuffle, drop_last
         return other
 
+    def pinned(self) -> BatchLoader:
+        """The same batches in page-locked memory (on the prefetch thread when there is one),
+        so copies to a CUDA device run asynchronously; needs CUDA."""
+        other = copy.copy(self)
+        other.pin_memory = True
+        return other
+
     def __len__(self) -> int:
         full, rest = divmod(self.rows, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
@@ -131,6 +139,8 @@ class BatchLoader:
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """The batches of one epoch, skipping the first ``start_batch`` (for resuming)."""
         batches = self._epoch(epoch, start_batch)
+        if self.pin_memory:
+            batches = (b.pin_memory() for b in batches)
         if self.prefetch > 0:
             return prefetched(batches, self.prefetch, name="batch-prefetch")
         return batches

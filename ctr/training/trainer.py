@@ -136,6 +136,10 @@ class Trainer(Checkpointed):
             )
         self.placement.check(self.compressor, self.config)
         self.net: torch.nn.Module = self.placement.wrap(model, self.config)
+        if self.placement.device.type == "cuda":  # page-locked batches: asynchronous copies
+            self.train, self.valid, self.search = (
+                loader.pinned() for loader in (self.train, self.valid, self.search)
+            )
         self._setup_optimizers()
         self.files = RunFiles(self.run_dir, self.main)
 

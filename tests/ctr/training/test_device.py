@@ -60,3 +60,21 @@ def test_training_on_cuda_matches_the_cpu_start(method, tiny_data, tmp_path):
         model, _ = load_run_model(tmp_path / device)
         assert next(model.parameters()).device.type == "cpu"  # checkpoints load on the host
     assert abs(aucs["cpu"] - aucs["cuda"]) < 0.02, aucs
+
+
+@pytest.mark.cuda
+def test_batches_are_page_locked_for_a_cuda_run(tiny_data):
+    from ctr.training.run import build_run_model
+    from ctr.training.trainer import Trainer
+    from datasets.loader import BatchLoader
+    from datasets.prepared import DatasetMeta
+
+    cfg = config(tiny_data, "full", "1x").resolved()
+    cfg.train.device = "cuda"
+    model = build_run_model(cfg, DatasetMeta.load(tiny_data))
+    loader = BatchLoader(tiny_data, "train", 256)
+    trainer = Trainer(model, loader, BatchLoader(tiny_data, "valid", 256), cfg.train)
+    batch = next(iter(trainer.train))
+    assert batch.dense_features.is_pinned() and batch.sparse_features.values().is_pinned()
+    assert not next(iter(loader)).dense_features.is_pinned()  # the caller's loader unchanged
+    assert trainer.placement.to_device(batch).labels.device.type == "cuda"
