@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import gpu_smoke, loadgen, scale
+from bench import gpu_smoke, loadgen, scale, scale_step
 
 # name -> (module in bench/, function, runs by default). A section takes the parsed arguments
 # and returns its figures (a JSON-able dict).
@@ -35,6 +35,7 @@ SECTIONS: dict[str, tuple[str, str, bool]] = {
     "fair_sweep": ("sweeps", "bench_fair_sweep", False),
     "search_backends": ("search", "bench_search_backends", False),
     "scale": ("scale", "run", False),
+    "scale_step": ("scale_step", "bench_scale_step", False),
     "gpu_smoke": ("gpu_smoke", "bench_gpu_smoke", False),
 }
 
@@ -79,6 +80,7 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("--sweep-epochs", type=float, default=None, help="max epochs per point")
     sweep.add_argument("--workers", type=int, default=1, help="parallel cell processes")
     scale.add_arguments(p)  # light: the section imports torch in its children only
+    scale_step.add_arguments(p)
     gpu_smoke.add_arguments(p)  # light: torch is imported when the section runs
     # serving's load generator: its spec (JSON) on stdin, its figures (JSON) on stdout
     p.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)

@@ -107,3 +107,18 @@ def test_a_run_past_its_timeout_is_a_refusal(tmp_path) -> None:
     spec = {"data": str(tmp_path / "missing"), "method": "full"}
     result = scale.run_child(spec, timeout=0.05)
     assert result == {"status": "refused", "reason": "timed out after 0.05 s"}
+
+
+def test_scale_step_interleaves_methods_with_full(tmp_path, monkeypatch) -> None:
+    from bench import scale_step
+
+    monkeypatch.setattr(scale_step, "CACHE", tmp_path / "cache")
+    parser = argparse.ArgumentParser()
+    scale.add_arguments(parser)
+    scale_step.add_arguments(parser)
+    argv = ["--scale-ids", "2e4", "--methods", "pep", "--scale-batch-size", "256"]
+    args = parser.parse_args([*argv, "--scale-step-count", "3", "--scale-warmup", "1"])
+    rows = {r["method"]: r for r in scale_step.bench_scale_step(args)["rows"]}
+    assert list(rows) == ["full", "pep"]
+    assert rows["full"]["median / full"] == 1 and rows["pep"]["stage"] == "search"
+    assert rows["pep"]["table optimizer"] == "adam" and rows["pep"]["mean cpu ms"] > 0
