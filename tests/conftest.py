@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ import pytest
 from datasets.synthetic import SyntheticConfig, generate_synthetic
 
 logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+# `--device auto` means the CPU here, on any machine (subprocesses inherit it): the suite
+# checks the CPU path; tests marked `cuda` name their device.
+os.environ.setdefault("CTR_DEVICE", "cpu")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -14,7 +14,18 @@ from tests.helpers.pruning_checks import config
 
 def test_auto_is_the_cpu_without_cuda_and_cuda_is_refused_there(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("CTR_DEVICE", raising=False)
     assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda", 0)  # what auto picks on a GPU
+    monkeypatch.setenv("CTR_DEVICE", "cpu")  # ... unless the environment says otherwise
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setenv("CTR_DEVICE", "tpu")
+    with pytest.raises(ValueError, match=r"CTR_DEVICE \(what --device auto means\): expected"):
+        resolve_device("auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("CTR_DEVICE")
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match=r"--device cuda: torch sees no CUDA device"):
         resolve_device("cuda")
