@@ -16,12 +16,14 @@ Example::
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import math
 import numbers
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -183,8 +185,12 @@ class RawEncoder:
     ) -> EncodedRecords:
         """Per column, each value's features from the memo; the values not in it are
         encoded together in one vectorised call (as the rows of a small table, one column's
-        new values under another's: a row's features depend on that row only)."""
-        entries: dict[str, list[tuple | None]] = {}
+        new values under another's: a row's features depend on that row only).
+
+        The per-value work runs in C (``map`` over the values and the memo's ``get``): a
+        column of strings, or of floats, is its own keys (:func:`_memo_keys`), and a column
+        with one dense or single-hot feature memoises the bare number (:class:`_ColumnPlan`)."""
+        entries: dict[str, list[Any]] = {}
         new_values: dict[str, dict[Any, Any]] = {}  # column -> key -> raw value not memoised
         new_keys: dict[str, list[Any]] = {}  # column -> every row's key, for the new values
         for c in self.fields:
@@ -196,8 +202,8 @@ class RawEncoder:
                     new_values[c] = {_NONE_KEY: None}
                 entries[c] = [got] * n
                 continue
-            keys = list(map(_memo_key, values))
-            if None in keys:  # a value the memo cannot key (NaN, an odd type): no memo
+            keys = _memo_keys(values)
+            if keys is None:  # a value the memo cannot key (NaN, an odd type): no memo
                 return self._encode_vectorised(columns, n)
             got_list = list(map(memo.get, keys))
             if None in got_list:
@@ -235,12 +241,18 @@ class RawEncoder:
         lengths: dict[str, np.ndarray] = {}
         for c, column in plan.items():
             got = entries[c]
+            if column.bare:  # the entries are the feature's values themselves
+                for _, j in column.dense:
+                    dense[:, j] = got
+                for _, name in column.single:
+                    sparse[name] = np.array(got, dtype=np.int64)
+                continue
             for pos, j in column.dense:
-                dense[:, j] = [e[pos] for e in got]  # type: ignore[index]
+                dense[:, j] = list(map(itemgetter(pos), got))
             for pos, name in column.single:
-                sparse[name] = np.fromiter((e[pos] for e in got), np.int64, n)  # type: ignore[index]
+                sparse[name] = np.array(list(map(itemgetter(pos), got)), dtype=np.int64)
             for pos, name in column.multi:
-                bags = [e[pos] for e in got]  # type: ignore[index]
+                bags = list(map(itemgetter(pos), got))
                 sparse[name] = bags
                 lengths[name] = np.fromiter(map(len, bags), np.int64, n)
         return EncodedRecords(dense, {f.name: sparse[f.name] for f in self.meta.sparse}, lengths)
@@ -375,14 +387,19 @@ class RawEncoder:
 @dataclass
 class _ColumnPlan:
     """Where one raw column's features go: ``(position in its memo entry, dense index)`` and
-    ``(position, sparse field)`` for single- and multi-hot fields."""
+    ``(position, sparse field)`` for single- and multi-hot fields. A column with exactly one
+    dense or single-hot feature (:attr:`bare`) memoises that number itself, not a 1-tuple."""
 
     dense: list[tuple[int, int]] = field(default_factory=list)
     single: list[tuple[int, str]] = field(default_factory=list)
     multi: list[tuple[int, str]] = field(default_factory=list)
     size: int = 0
 
-    def entries(self, encoded: EncodedRecords, rows: int) -> list[tuple]:
+    @property
+    def bare(self) -> bool:
+        return self.size == 1 and not self.multi
+
+    def entries(self, encoded: EncodedRecords, rows: int) -> list[Any]:
         """The features from this column of the first ``rows`` rows, as the memo holds them
         (Python floats and ints: a float32 goes back to float32 exactly)."""
         parts: list[Any] = [None] * self.size
@@ -392,7 +409,7 @@ class _ColumnPlan:
             parts[pos] = encoded.sparse[name][:rows].tolist()  # type: ignore[call-overload]
         for pos, name in self.multi:
             parts[pos] = encoded.sparse[name][:rows]
-        return list(zip(*parts, strict=True))
+        return parts[0] if self.bare else list(zip(*parts, strict=True))
 
 
 def _memo_plan(
@@ -415,28 +432,50 @@ def _memo_plan(
 
 
 #: the memo key of a missing value (an absent field or null)
-_NONE_KEY = (type(None), None)
+_NONE_KEY = (id(type(None)), None)
+
+
+def _memo_keys(values: Sequence[Any]) -> Sequence[Any] | None:
+    """:func:`_memo_key` of every value, or ``None`` when one cannot be keyed. A column of
+    strings is its own keys, and so is one of floats without NaN or zeros (the checks run
+    in C, value by value)."""
+    kinds = set(map(type, values))
+    if kinds == {str} or (
+        kinds == {float} and 0.0 not in values and not any(map(math.isnan, values))
+    ):
+        return values
+    keys = list(map(_memo_key, values))
+    return None if None in keys else keys
 
 
 def _memo_key(value: Any) -> Any:
     """A hashable key that tells apart every raw value that may encode differently (type
-    included: 1, 1.0, True and "1" are four keys); ``None`` when the value cannot be keyed."""
+    included: 1, 1.0, True and "1" are four keys); ``None`` when the value cannot be keyed.
+
+    The type is keyed by its ``id`` (types of raw values live as long as the process), not
+    the type object: a key of numbers and strings only is one the cyclic garbage collector
+    stops tracking, so a full memo costs a server's collections nothing."""
     kind = type(value)
     if kind is str:
         return value
     if kind is float or isinstance(value, float | np.floating):
         if value != value:  # NaN never equals itself: no memo
             return None
-        # 0.0 == -0.0, but their text (and a transform's output) may differ.
-        return (kind, value, repr(value)) if value == 0 else (kind, value)
+        if value == 0:  # 0.0 == -0.0, but their text (and a transform's output) may differ
+            return (id(kind), value, repr(value))
+        # A float is its own key: no other key equals it (strings never do, other numbers
+        # and subclasses of float are keyed with their type).
+        return value if kind is float else (id(kind), value)
     if kind is list or kind is tuple:
         items = tuple(map(_memo_key, value))
-        return None if None in items else (kind, items)
+        return None if None in items else (id(kind), items)
     try:
         hash(value)
     except TypeError:
         return None
-    return (kind, value)
+    if gc.is_tracked(value):  # a container-like value would keep its key tracked
+        return None
+    return (id(kind), value)
 
 
 def format_for_meta(meta: DatasetMeta) -> Format:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import select
@@ -68,7 +69,7 @@ from ctr.serving.http.batcher import Batcher, RawColumns
 from ctr.serving.http.config import ServeConfig
 from ctr.serving.http.metrics import Metrics
 from ctr.serving.http.models import Served, load_served, resolve_artifact
-from ctr.serving.http.reload import ModelManager
+from ctr.serving.http.reload import ModelManager, settle_gc
 from ctr.serving.http.requests import RequestError, ids_records, read_json, request_columns
 from datasets.encode import EncodedRecords
 
@@ -226,7 +227,12 @@ def serve(
         return
     sock = _listener(family, host, port)
     bound = sock.getsockname()[1]
-    app = create_app(source, config, on_ready=lambda served: _announce(served, host, bound))
+
+    def ready(served: Served) -> None:
+        settle_gc()  # this process is the server: its collector may be tuned
+        _announce(served, host, bound)
+
+    app = create_app(source, config, on_ready=ready)
     server = uvicorn.Server(
         uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
     )
@@ -288,6 +294,9 @@ def _serve_workers(
     keeper.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     keeper.bind((host, port))
     port = keeper.getsockname()[1]
+    # Frozen before the fork: the workers' collectors never walk (write) the shared objects.
+    gc.collect()
+    gc.freeze()
     ready_r, ready_w = os.pipe()
     parent = os.getpid()
     children: dict[int, int] = {}  # pid -> worker index
@@ -324,6 +333,7 @@ def _serve_workers(
             os._exit(code)
 
     def ready(app: Starlette, restarted: bool) -> None:
+        settle_gc()
         if restarted:
             app.state.manager.reload_soon("worker restart")
         os.write(ready_w, b"r")

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -84,9 +85,18 @@ def run_batch(
 def _merge(items: Sequence[RawColumns]) -> RawColumns:
     if len(items) == 1:
         return items[0]
+    rows = sum(it.rows for it in items)
+    first = items[0].columns.keys()
+    if all(it.columns.keys() == first for it in items):  # the usual case: the same fields
+        return RawColumns(
+            {k: list(chain.from_iterable([it.columns[k] for it in items])) for k in first}, rows
+        )
     fields = dict.fromkeys(k for it in items for k in it.columns)
-    columns = {k: [v for it in items for v in it.columns.get(k, [None] * it.rows)] for k in fields}
-    return RawColumns(columns, sum(it.rows for it in items))
+    columns = {
+        k: list(chain.from_iterable([it.columns.get(k) or [None] * it.rows for it in items]))
+        for k in fields
+    }
+    return RawColumns(columns, rows)
 
 
 def _encode_raw(served: Served, raw: RawColumns) -> EncodedRecords:
