@@ -131,6 +131,11 @@ class RawEncoder:
         self._numeric = set(meta.dense)
         self._index: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
         self._plan = _memo_plan(fmt.sources, meta, self.fields)
+        # (raw column, dense index) and (raw column, sparse field) of the bare columns
+        self._bare: tuple[list[tuple[str, int]], list[tuple[str, str]]] = (
+            [(c, p.dense[0][1]) for c, p in (self._plan or {}).items() if p.bare and p.dense],
+            [(c, p.single[0][1]) for c, p in (self._plan or {}).items() if p.bare and p.single],
+        )
         self._memo: dict[str, dict[Any, tuple]] = {c: {} for c in self.fields}
         self._combined: tuple[np.ndarray, np.ndarray, dict[str, np.uint64]] | None = None
         self._new_share = 0.0  # recent batches' share of values not in the memo (moving mean)
@@ -239,14 +244,21 @@ class RawEncoder:
         dense = np.empty((n, len(self.meta.dense)), dtype=np.float32)
         sparse: dict[str, np.ndarray | list[np.ndarray]] = {}
         lengths: dict[str, np.ndarray] = {}
+        # Columns whose entries are the feature's values themselves: one array call each
+        # for all the dense features and all the single-hot ones.
+        bare_dense, bare_single = self._bare
+        if bare_dense:
+            dense[:, [j for _, j in bare_dense]] = np.array(
+                [entries[c] for c, _ in bare_dense], dtype=np.float32
+            ).T
+        if bare_single:
+            block = np.array([entries[c] for c, _ in bare_single], dtype=np.int64)
+            for (_, name), ids in zip(bare_single, block, strict=True):
+                sparse[name] = ids
         for c, column in plan.items():
-            got = entries[c]
-            if column.bare:  # the entries are the feature's values themselves
-                for _, j in column.dense:
-                    dense[:, j] = got
-                for _, name in column.single:
-                    sparse[name] = np.array(got, dtype=np.int64)
+            if column.bare:
                 continue
+            got = entries[c]
             for pos, j in column.dense:
                 dense[:, j] = list(map(itemgetter(pos), got))
             for pos, name in column.single:
@@ -394,10 +406,7 @@ class _ColumnPlan:
     single: list[tuple[int, str]] = field(default_factory=list)
     multi: list[tuple[int, str]] = field(default_factory=list)
     size: int = 0
-
-    @property
-    def bare(self) -> bool:
-        return self.size == 1 and not self.multi
+    bare: bool = False  # set by _memo_plan once every feature is placed
 
     def entries(self, encoded: EncodedRecords, rows: int) -> list[Any]:
         """The features from this column of the first ``rows`` rows, as the memo holds them
@@ -428,6 +437,8 @@ def _memo_plan(
         target = column.dense if j is not None else column.multi if multi_hot else column.single
         target.append((column.size, j if j is not None else name))  # type: ignore[arg-type]
         column.size += 1
+    for column in plan.values():
+        column.bare = column.size == 1 and not column.multi
     return plan
 
 

@@ -198,7 +198,8 @@ class CompactModel(nn.Module):
         fields count as missing values); needs an artifact exported with its dataset.
         """
         batch = self.raw_encoder.encode(records).to_batch()
-        return torch.sigmoid(self.model(batch.dense_features, batch.sparse_features)).numpy()
+        logits = self.forward_encoded(batch.dense_features, batch.sparse_features)
+        return torch.sigmoid(logits).numpy()
 
     @property
     def fingerprint_fields(self) -> list[str]:
@@ -210,7 +211,18 @@ class CompactModel(nn.Module):
         """Like :meth:`predict_records` for columns (field -> equally long value lists),
         encoded column by column without a loop over rows."""
         batch = self.raw_encoder.encode_columns(columns).to_batch()
-        return torch.sigmoid(self.model(batch.dense_features, batch.sparse_features)).numpy()
+        logits = self.forward_encoded(batch.dense_features, batch.sparse_features)
+        return torch.sigmoid(logits).numpy()
+
+    @torch.no_grad()
+    def forward_encoded(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """:meth:`forward` for ids already known to lie in their fields' ranges (the raw
+        encoder's, or ids checked on arrival): without the serving embedding's range check
+        of every call, a tenth of a one-row prediction."""
+        embedding = self.model.embedding
+        if isinstance(embedding, ServingEmbedding) and type(self.model).forward is CTRModel.forward:
+            return self.model.logits(dense, embedding.module(sparse))
+        return self.model(dense, sparse)
 
     @functools.cached_property
     def raw_encoder(self) -> RawEncoder:

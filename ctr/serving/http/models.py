@@ -175,4 +175,6 @@ def forward(served: Served, parts: Sequence[EncodedRecords]) -> np.ndarray:
         stride=n,
     )
     with torch.inference_mode():
-        return torch.sigmoid(served.model(dense, kjt)).numpy()
+        # Raw values' ids come from the encoder, and ids sent as such were range-checked
+        # on arrival (ids_records): no second check per forward.
+        return torch.sigmoid(served.model.forward_encoded(dense, kjt)).numpy()

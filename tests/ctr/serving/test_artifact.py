@@ -137,3 +137,23 @@ def test_loading_does_not_move_the_global_random_stream(tiny_data, tmp_path):
     torch.manual_seed(7)
     CompactModel.load(tmp_path / "a")
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("name", ["deepfm", "dlrm", "fm"])
+def test_forward_of_encoded_ids_equals_the_checked_forward(tiny_data, tmp_path, name):
+    """``forward_encoded`` (ids known in range: no per-call range check) answers exactly as
+    ``forward``, which still refuses an id outside its field's range."""
+    from torchrec import KeyedJaggedTensor
+
+    export(_model(tiny_data, name=name), tmp_path / "a")
+    compact = CompactModel.load(tmp_path / "a")
+    batch = next(iter(BatchLoader(tiny_data, "test", batch_size=64)))
+    dense, sparse = batch.dense_features, batch.sparse_features
+    torch.testing.assert_close(
+        compact.forward_encoded(dense, sparse), compact(dense, sparse), rtol=0, atol=0
+    )
+    values = sparse.values().clone()
+    values[0] = 10**6
+    bad = KeyedJaggedTensor(keys=sparse.keys(), values=values, lengths=sparse.lengths())
+    with pytest.raises(ValueError, match="outside"):
+        compact(dense, bad)
