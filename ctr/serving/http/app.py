@@ -140,7 +140,7 @@ def create_app(
                 if isinstance(payload, dict)
                 else set()
             )
-            columns, n, ids = request_columns(payload, accepted, config.max_rows)
+            columns, n, ids = request_columns(payload, accepted, config.max_rows, keep_rows=True)
             if not ids and served.encoder is None:
                 raise RequestError(
                     400, 'this artifact was exported without its vocabulary; send "ids": true'

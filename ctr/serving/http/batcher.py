@@ -25,7 +25,7 @@ import pyarrow as pa
 from ctr.serving.http.config import ServeConfig
 from ctr.serving.http.metrics import Metrics
 from ctr.serving.http.models import Served, forward
-from ctr.serving.http.requests import RequestError
+from ctr.serving.http.requests import RequestError, Rows
 from datasets.encode import EncodedRecords
 
 log = logging.getLogger("ctr.serve")
@@ -33,10 +33,14 @@ log = logging.getLogger("ctr.serve")
 
 @dataclass
 class RawColumns:
-    """A request's validated raw columns, encoded with the rest of its batch."""
+    """A request's validated raw values, encoded with the rest of its batch: columns, or
+    rows (:class:`Rows`, made columns with the whole batch)."""
 
-    columns: dict[str, list[Any]]
+    columns: dict[str, list[Any]] | Rows
     rows: int
+
+    def as_columns(self) -> dict[str, list[Any]]:
+        return self.columns.columns() if isinstance(self.columns, Rows) else self.columns
 
 
 @dataclass
@@ -86,6 +90,12 @@ def _merge(items: Sequence[RawColumns]) -> RawColumns:
     if len(items) == 1:
         return items[0]
     rows = sum(it.rows for it in items)
+    forms = [it.columns for it in items]
+    if all(isinstance(f, Rows) for f in forms):  # the rows form: one pass a field
+        records = list(chain.from_iterable([f.rows for f in forms]))  # type: ignore[union-attr]
+        fields = set().union(*[f.fields for f in forms])  # type: ignore[union-attr]
+        return RawColumns({k: [r.get(k) for r in records] for k in fields}, rows)
+    items = [RawColumns(it.as_columns(), it.rows) for it in items]
     first = items[0].columns.keys()
     if all(it.columns.keys() == first for it in items):  # the usual case: the same fields
         return RawColumns(
@@ -102,7 +112,7 @@ def _merge(items: Sequence[RawColumns]) -> RawColumns:
 def _encode_raw(served: Served, raw: RawColumns) -> EncodedRecords:
     assert served.encoder is not None
     try:
-        return served.encoder.encode_columns(raw.columns, raw.rows)
+        return served.encoder.encode_columns(raw.as_columns(), raw.rows)
     except (ValueError, OverflowError, TypeError, pa.ArrowException) as e:
         raise RequestError(400, str(e)) from e
 

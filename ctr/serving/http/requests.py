@@ -62,8 +62,13 @@ async def read_json(request: Request, limit: int) -> Any:
         raise RequestError(400, "malformed request: JSON nested too deeply") from None
 
 
-def request_columns(payload: Any, accepted: set[str], max_rows: int) -> tuple[dict, int, bool]:
-    """Validates a parsed request body -> (field -> list of values, rows, ids mode)."""
+def request_columns(
+    payload: Any, accepted: set[str], max_rows: int, keep_rows: bool = False
+) -> tuple[dict, int, bool]:
+    """Validates a parsed request body -> (field -> list of values, rows, ids mode).
+
+    With ``keep_rows``, a raw (not ids) rows-form body is validated but left as rows: the
+    first item is then :class:`Rows`, turned into columns with the rest of its batch."""
     if not isinstance(payload, dict):
         raise RequestError(400, "the body must be a JSON object with 'instances' or 'inputs'")
     unknown = sorted(set(payload) - {"instances", "inputs", "ids"})
@@ -92,6 +97,8 @@ def request_columns(payload: Any, accepted: set[str], max_rows: int) -> tuple[di
             raise RequestError(
                 400, f"instances[{i}]: unknown field {key!r}; expected {sorted(accepted)}"
             )
+        if keep_rows and not ids:
+            return Rows(rows, present), n, ids  # type: ignore[return-value]
         return {key: [row.get(key) for row in rows] for key in present}, n, ids
     columns = payload["inputs"]
     if not isinstance(columns, dict):
@@ -113,6 +120,20 @@ def request_columns(payload: Any, accepted: set[str], max_rows: int) -> tuple[di
     n = next(iter(sizes.values()), 0)
     _check_rows(n, max_rows)
     return columns, n, ids
+
+
+class Rows:
+    """A rows-form request's validated rows and the fields they hold: columns are built for
+    a whole batch at once (one pass a field over all its requests' rows)."""
+
+    __slots__ = ("fields", "rows")
+
+    def __init__(self, rows: list[dict[str, Any]], fields: set[str]) -> None:
+        self.rows = rows
+        self.fields = fields
+
+    def columns(self) -> dict[str, list[Any]]:
+        return {key: [row.get(key) for row in self.rows] for key in self.fields}
 
 
 def _check_rows(n: int, max_rows: int) -> None:

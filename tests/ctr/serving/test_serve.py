@@ -352,7 +352,7 @@ def test_a_bad_value_fails_only_its_own_request_in_a_batch(servers):
     """The batcher encodes a batch's raw requests together; a bad one is found and failed alone."""
     from ctr.serving.http.batcher import RawColumns, run_batch
     from ctr.serving.http.models import load_served
-    from ctr.serving.http.requests import RequestError
+    from ctr.serving.http.requests import RequestError, Rows
 
     served = load_served(servers["root"] / "plain")
     records = _records(servers["data"], 30, seed=4)
@@ -361,11 +361,20 @@ def test_a_bad_value_fails_only_its_own_request_in_a_batch(servers):
         for part in (records[:10], records[10:30])
     ]
     bad = RawColumns({"I1": ["abc", 1.0]}, 2)
-    probs, outcome = run_batch(served, [good[0], bad, good[1]])
-    assert isinstance(outcome[1], RequestError) and "'I1'" in outcome[1].message
     expected = served.model.predict_records(records)
-    np.testing.assert_allclose(probs[slice(*outcome[0])], expected[:10], atol=1e-6)
-    np.testing.assert_allclose(probs[slice(*outcome[2])], expected[10:], atol=1e-6)
+    # Rows-form requests keep their rows until the batch builds its columns.
+    rows = [
+        RawColumns(Rows(part, {k for r in part for k in r}), len(part))
+        for part in (records[:10], records[10:30])
+    ]
+    bad_rows = RawColumns(Rows([{"I1": "abc"}, {"I1": 1.0}], {"I1"}), 2)
+    for items in ([good[0], bad, good[1]], [rows[0], bad_rows, rows[1]], [rows[0], bad, good[1]]):
+        probs, outcome = run_batch(served, items)
+        assert isinstance(outcome[1], RequestError) and "'I1'" in outcome[1].message
+        np.testing.assert_allclose(probs[slice(*outcome[0])], expected[:10], atol=1e-6)
+        np.testing.assert_allclose(probs[slice(*outcome[2])], expected[10:], atol=1e-6)
+    probs, outcome = run_batch(served, rows)  # all good: one pass over both requests' rows
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
 
 
 def _keep_alive_latencies(port: int, request: bytes, count: int) -> list[float]:
