@@ -16,7 +16,6 @@ Example::
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import math
 import numbers
@@ -443,7 +442,7 @@ def _memo_plan(
 
 
 #: the memo key of a missing value (an absent field or null)
-_NONE_KEY = (id(type(None)), None)
+_NONE_KEY = (type(None), None)
 
 
 def _memo_keys(values: Sequence[Any]) -> Sequence[Any] | None:
@@ -461,11 +460,7 @@ def _memo_keys(values: Sequence[Any]) -> Sequence[Any] | None:
 
 def _memo_key(value: Any) -> Any:
     """A hashable key that tells apart every raw value that may encode differently (type
-    included: 1, 1.0, True and "1" are four keys); ``None`` when the value cannot be keyed.
-
-    The type is keyed by its ``id`` (types of raw values live as long as the process), not
-    the type object: a key of numbers and strings only is one the cyclic garbage collector
-    stops tracking, so a full memo costs a server's collections nothing."""
+    included: 1, 1.0, True and "1" are four keys); ``None`` when the value cannot be keyed."""
     kind = type(value)
     if kind is str:
         return value
@@ -473,20 +468,18 @@ def _memo_key(value: Any) -> Any:
         if value != value:  # NaN never equals itself: no memo
             return None
         if value == 0:  # 0.0 == -0.0, but their text (and a transform's output) may differ
-            return (id(kind), value, repr(value))
+            return (kind, value, repr(value))
         # A float is its own key: no other key equals it (strings never do, other numbers
         # and subclasses of float are keyed with their type).
-        return value if kind is float else (id(kind), value)
+        return value if kind is float else (kind, value)
     if kind is list or kind is tuple:
         items = tuple(map(_memo_key, value))
-        return None if None in items else (id(kind), items)
+        return None if None in items else (kind, items)
     try:
         hash(value)
     except TypeError:
         return None
-    if gc.is_tracked(value):  # a container-like value would keep its key tracked
-        return None
-    return (id(kind), value)
+    return (kind, value)
 
 
 def format_for_meta(meta: DatasetMeta) -> Format:

@@ -244,3 +244,25 @@ def test_one_search_over_all_fields_equals_the_field_by_field_lookup(kind, tmp_p
     encoder._combined = (np.zeros(0, np.uint64), np.zeros(0, np.int64), {})
     for name, ids in encoder._all_ids(tokens).items():
         np.testing.assert_array_equal(ids, got[name])
+
+
+def test_columns_of_one_type_are_their_own_keys_and_answer_alike(tmp_path):
+    """Columns of only strings or only floats are their own memo keys (zeros, -0.0 and NaN
+    among floats are keyed apart or not memoised), answering as the vectorised path."""
+    import math
+
+    encoder = _prepared("criteo", tmp_path)
+    known = encoder.vocabs["C1"].values.to_pylist()
+    vocab = [known[i % len(known)] for i in range(5)]
+    batches = [
+        {"I1": [2.5, 1e20, 3.0], "C1": [vocab[0], "never-seen", vocab[1]]},
+        {"I1": [0.0, -0.0, 2.5], "C1": [vocab[1], vocab[1], ""]},
+        {"I1": [-0.0, 0.0, 3.0], "C1": [vocab[2], vocab[0], "never-seen"]},
+        {"I1": [math.nan, 2.5, 0.0], "C1": [vocab[3], vocab[4], vocab[0]]},
+        {"I1": [3, 3.0, True], "C1": [vocab[0], vocab[0], vocab[0]]},
+    ]
+    for _ in range(2):
+        for columns in batches:
+            _assert_same(encoder.encode_columns(columns), encoder._encode_vectorised(columns, 3))
+    assert not any(k != k for k in encoder._memo["I1"])  # NaN was never memoised
+    assert 2.5 in encoder._memo["I1"] and vocab[0] in encoder._memo["C1"]  # their own keys
