@@ -29,7 +29,8 @@ its first request for more (default 0: no wait; raise it for fuller batches at l
 A batch's raw values are encoded together (small batches from the encoder's memo of recent
 values, larger ones in one vectorised pass over all its requests' rows: the per-field fixed
 cost is paid once per batch, not per request) and its forward runs, both on a dedicated
-thread, never on the event loop; a value that fails to encode fails only its own request.
+thread (a batch of at most 16 rows with nothing queued behind it: on the event loop, without
+thread hand-offs); a value that fails to encode fails only its own request.
 Bad requests get a JSON ``{"error": ...}``:
 malformed JSON 400, unknown field / wrong type / ragged columns 400 naming the field, body
 over ``max_body_bytes`` 413, more than ``max_rows`` rows 413, non-JSON content type 415, and

@@ -4,8 +4,9 @@ A batch takes every request that queued while the previous forward ran (an idle 
 a lone request at once) up to ``max_batch`` rows, and waits up to ``max_delay_ms`` since its
 first request for more. A batch's raw values are encoded together (one vectorised pass over all
 its requests' rows: the per-field fixed cost is paid once per batch) and its forward runs on a
-dedicated thread, never on the event loop; a value that fails to encode fails only its own
-request. A full queue (over ``max_queue_rows`` rows waiting) answers 503 with ``Retry-After``.
+dedicated thread (a small batch with nothing queued behind it: on the event loop, see
+``Batcher.INLINE_ROWS``); a value that fails to encode fails only its own request. A full
+queue (over ``max_queue_rows`` rows waiting) answers 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
