@@ -48,6 +48,15 @@ class ValueCounter:
         if self._pending > max(merged, self.MERGE_ROWS):
             self._merge()
 
+    def add_counts(self, values: pa.Array, counts: np.ndarray, missing: int) -> None:
+        """Merges another counter's :meth:`result` and missing count (a worker's piece)."""
+        self.missing += missing
+        self._parts.append(pa.table({"value": values, "count": pa.array(counts, pa.int64())}))
+        self._pending += len(values)
+        merged = len(self._merged) if self._merged is not None else 0
+        if self._pending > max(merged, self.MERGE_ROWS):
+            self._merge()
+
     def result(self) -> tuple[pa.Array, np.ndarray]:
         """Distinct values sorted ascending (bytewise) and their counts."""
         self._merge()
