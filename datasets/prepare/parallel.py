@@ -246,7 +246,7 @@ def _count_piece(
     lines = sum(
         count_chunks(fmt, reader, piece.source, plan, gate, block_bytes, counters, piece.span)
     )
-    return {f: (*c.result(), c.missing) for f, c in counters.items()}, lines
+    return {f: (*c.result(ordered=False), c.missing) for f, c in counters.items()}, lines
 
 
 def _encode_piece(
