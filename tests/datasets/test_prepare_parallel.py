@@ -10,6 +10,7 @@ as a difference.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -207,3 +208,13 @@ def test_ray_executor_on_a_local_instance(tmp_path):
     o = options(**SMALL, min_count=2, workers=2, executor="ray", address="local")
     prepare_criteo([CRITEO], two, options=o)
     _same_dataset(one, two)
+
+
+def test_progress_counts_every_line_of_both_passes(tmp_path, capsys):
+    path = _criteo_tsv(tmp_path / "train.txt", 1200)
+    o = replace(options(**SMALL, split="random", workers=2), progress=True)
+    prepare_criteo([path], tmp_path / "data", options=o)
+    lines = capsys.readouterr().err.splitlines()
+    assert "count (train): 0 rows" in lines and "encode: 0/1,200 rows" in lines
+    assert any(x.startswith("count (train): 1,200 rows in") for x in lines)
+    assert any(x.startswith("encode: 1,200/1,200 rows in") for x in lines)
