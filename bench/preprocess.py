@@ -192,15 +192,21 @@ def bench_preprocess(args: argparse.Namespace) -> dict:
 
 def _worker_scaling(path: Path, n: int, args: argparse.Namespace, rounds: int = 2) -> dict:
     """``--workers`` 1 and N on the same file, alternating (1, N, 1, N, ...) so that load from
-    other work on the machine falls on both alike; the ratio is the median of each round's."""
+    other work on the machine falls on both alike; the ratio is the median of each round's.
+
+    Also the CPU ratio (one worker's CPU seconds over N's, workers included): the parallel
+    efficiency. Where the kernel groups CPU time by session (``sched_autogroup_enabled``, as
+    on a shared development machine) one command's processes share one session's slice
+    however many they are, so the wall ratio there measures overhead, not scaling; the CPU
+    ratio times N is what an otherwise idle machine of N cores would give at most."""
     workers = max(2, getattr(args, "workers", 1) or 1)
-    runs, ratios = [], []
+    runs, ratios, cpu_ratios = [], [], []
     for r in range(rounds):
-        seconds = {}
+        seconds, cpus = {}, {}
         for w in (1, workers):
             out = CACHE / "preprocess" / f"out-{n}-w{w}"
             result, rss, cpu = _run_child(_PREPARE_CHILD, str(path), str(out), str(w))
-            seconds[w] = result["seconds"]
+            seconds[w], cpus[w] = result["seconds"], cpu
             runs.append(
                 {
                     "round": r,
@@ -212,6 +218,7 @@ def _worker_scaling(path: Path, n: int, args: argparse.Namespace, rounds: int = 
                 }
             )
         ratios.append(seconds[1] / seconds[workers])
+        cpu_ratios.append(cpus[1] / cpus[workers])
         same = _same_ids(CACHE / "preprocess" / f"out-{n}-w1", out)
         if not same:
             raise RuntimeError(f"--workers {workers} wrote other ids than one process")
@@ -220,12 +227,23 @@ def _worker_scaling(path: Path, n: int, args: argparse.Namespace, rounds: int = 
         "workers": workers,
         "rows_per_s_ratio(median)": round(float(np.median(ratios)), 2),
         "ratios": " ".join(f"{x:.2f}" for x in ratios),
+        "cpu_s_ratio(median)": round(float(np.median(cpu_ratios)), 2),
         "cpus": len(os.sched_getaffinity(0)),
         "load_avg_1min": round(os.getloadavg()[0], 1),
+        "autogroup": _autogroup(),
     }
     print_table(f"preprocess: --workers 1 vs {workers}, interleaved", runs)
     print_table(f"preprocess: rows/s of --workers {workers} over one worker (same ids)", [summary])
     return {"runs": runs, **summary}
+
+
+def _autogroup() -> str:
+    try:
+        return {"0": "off", "1": "on"}[
+            Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip()
+        ]
+    except (OSError, KeyError):
+        return "?"
 
 
 def _same_ids(a: Path, b: Path) -> bool:
