@@ -41,6 +41,7 @@ import shutil
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -347,7 +348,12 @@ class _LocalPool(_Pool):
         return self.pool.submit(fn, *args)
 
     def _result(self, handle: Any) -> Any:
-        return handle.result()
+        try:
+            return handle.result()
+        except BrokenProcessPool:
+            raise OSError(
+                "a --workers process died (killed, or out of memory?); no dataset was written"
+            ) from None
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

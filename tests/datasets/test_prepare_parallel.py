@@ -10,6 +10,7 @@ as a difference.
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,12 +19,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from datasets.prepare import BadInputError
+from datasets.prepare.engine import prepare_dataset
 from datasets.prepare.parallel import ParallelPasses
 from datasets.prepare.sources import TextSource
 from datasets.prepare.splits import FileReader, random_split
 from datasets.prepared import SPLITS, DatasetMeta
 from datasets.readers.avazu import prepare_avazu
-from datasets.readers.criteo import CRITEO_COLUMNS, prepare_criteo
+from datasets.readers.criteo import CRITEO_COLUMNS, CriteoFormat, prepare_criteo
 from datasets.readers.kdd12 import prepare_kdd12
 from datasets.readers.movielens import prepare_movielens
 from datasets.readers.table import TableSchema, prepare_table
@@ -189,6 +191,28 @@ def test_first_bad_row_fails_as_in_one_process_and_keeps_the_old_dataset(tmp_pat
     assert errors[0] == errors[1] and f"{path}:6:" in errors[0]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "train.txt"]  # no staging
+
+
+class _DyingFormat(CriteoFormat):
+    """Criteo whose transform kills the worker process running it (not the test's)."""
+
+    def transform(self, raw, issues, labeled=True):
+        if str(os.getpid()) != os.environ["TEST_PARENT_PID"]:
+            os._exit(3)
+        return super().transform(raw, issues, labeled)
+
+
+def test_a_dead_worker_is_one_error_and_keeps_the_old_dataset(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_PARENT_PID", str(os.getpid()))  # workers inherit it
+    out = tmp_path / "data"
+    prepare_criteo([CRITEO], out, options=options(min_count=2))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    reader = FileReader([TextSource(CRITEO, CRITEO_COLUMNS, "\t")])
+    o = options(**SMALL, split="random", overwrite=True, workers=2)
+    with pytest.raises(OSError, match="a --workers process died"):
+        prepare_dataset(_DyingFormat(), reader, out, random_split(), o)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
 def test_bad_worker_counts_are_refused(tmp_path):
