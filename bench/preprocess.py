@@ -1,5 +1,7 @@
 """The ``preprocess`` section: a Criteo-format TSV through ``prepare criteo`` in a fresh
-process per size: rows/s, CPU seconds and peak RSS, and how they grow with the input."""
+process per size: rows/s, CPU seconds and peak RSS, and how they grow with the input; then
+the smaller file with ``--workers`` 1 and N (N = ``bench.py --workers``, at least 2),
+interleaved, for the rows/s ratio of N workers to one."""
 
 from __future__ import annotations
 
@@ -99,7 +101,8 @@ import json, sys, time
 from datasets.prepare import PrepareOptions
 from datasets.readers.criteo import prepare_criteo
 start = time.perf_counter()
-options = PrepareOptions(overwrite=True, progress=False)
+workers = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+options = PrepareOptions(overwrite=True, progress=False, workers=workers)
 meta = prepare_criteo([sys.argv[1]], sys.argv[2], options=options)
 print(json.dumps({"seconds": time.perf_counter() - start,
                   "rows": sum(meta.rows(s) for s in meta.splits),
@@ -183,4 +186,79 @@ def bench_preprocess(args: argparse.Namespace) -> dict:
     }
     print_table("preprocess: prepare criteo (days split, min_count 10), one process per run", rows)
     print_table("preprocess: growth from the smaller to the larger run", [ratios])
-    return {"runs": rows, **ratios}
+    scaling = _worker_scaling(CACHE / "preprocess" / f"criteo-{sizes[0]}.tsv", sizes[0], args)
+    return {"runs": rows, **ratios, "workers": scaling}
+
+
+def _worker_scaling(path: Path, n: int, args: argparse.Namespace, rounds: int = 2) -> dict:
+    """``--workers`` 1 and N on the same file, alternating (1, N, 1, N, ...) so that load from
+    other work on the machine falls on both alike; the ratio is the median of each round's.
+
+    Also the CPU ratio (one worker's CPU seconds over N's, workers included): the parallel
+    efficiency. Where the kernel groups CPU time by session (``sched_autogroup_enabled``, as
+    on a shared development machine) one command's processes share one session's slice
+    however many they are, so the wall ratio there measures overhead, not scaling; the CPU
+    ratio times N is what an otherwise idle machine of N cores would give at most."""
+    workers = max(2, getattr(args, "workers", 1) or 1)
+    runs, ratios, cpu_ratios = [], [], []
+    for r in range(rounds):
+        seconds, cpus = {}, {}
+        for w in (1, workers):
+            out = CACHE / "preprocess" / f"out-{n}-w{w}"
+            result, rss, cpu = _run_child(_PREPARE_CHILD, str(path), str(out), str(w))
+            seconds[w], cpus[w] = result["seconds"], cpu
+            runs.append(
+                {
+                    "round": r,
+                    "workers": w,
+                    "seconds": round(result["seconds"], 1),
+                    "rows_per_s": round(n / result["seconds"]),
+                    "cpu_s(incl. workers)": round(cpu, 1),
+                    "driver_peak_rss_MB": round(rss),
+                }
+            )
+        ratios.append(seconds[1] / seconds[workers])
+        cpu_ratios.append(cpus[1] / cpus[workers])
+        same = _same_ids(CACHE / "preprocess" / f"out-{n}-w1", out)
+        if not same:
+            raise RuntimeError(f"--workers {workers} wrote other ids than one process")
+    summary = {
+        "rows": n,
+        "workers": workers,
+        "rows_per_s_ratio(median)": round(float(np.median(ratios)), 2),
+        "ratios": " ".join(f"{x:.2f}" for x in ratios),
+        "cpu_s_ratio(median)": round(float(np.median(cpu_ratios)), 2),
+        "cpus": len(os.sched_getaffinity(0)),
+        "load_avg_1min": round(os.getloadavg()[0], 1),
+        "autogroup": _autogroup(),
+    }
+    print_table(f"preprocess: --workers 1 vs {workers}, interleaved", runs)
+    print_table(f"preprocess: rows/s of --workers {workers} over one worker (same ids)", [summary])
+    return {"runs": runs, **summary}
+
+
+def _autogroup() -> str:
+    try:
+        return {"0": "off", "1": "on"}[
+            Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip()
+        ]
+    except (OSError, KeyError):
+        return "?"
+
+
+def _same_ids(a: Path, b: Path) -> bool:
+    """Whether two prepared datasets hold the same vocabulary and rows (ids and values)."""
+    import pyarrow.parquet as pq
+
+    from datasets.prepared import SPLITS, DatasetMeta
+
+    if not pq.read_table(a / "vocab.parquet").equals(pq.read_table(b / "vocab.parquet")):
+        return False
+    meta_a, meta_b = DatasetMeta.load(a), DatasetMeta.load(b)
+    for split in SPLITS:
+        if meta_a.split(split).files != meta_b.split(split).files:
+            return False
+        for fa, fb in zip(meta_a.files(split), meta_b.files(split), strict=True):
+            if not pq.read_table(fa).equals(pq.read_table(fb)):
+                return False
+    return True

@@ -21,7 +21,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from datasets.prepare.base import BAD_ROW_POLICIES, PrepareOptions
+from datasets.prepare.base import BAD_ROW_POLICIES, EXECUTORS, PrepareOptions
 from datasets.prepare.sources import BadInputError
 from datasets.readers.base import Reader
 from datasets.readers.registry import READERS
@@ -103,6 +103,25 @@ def _common(p: argparse.ArgumentParser, split_choices: list[str], min_count: int
         default=d.rows_per_shard,
         help=f"rows per parquet shard (default {d.rows_per_shard})",
     )
+    p.add_argument(
+        "--workers",
+        default=str(d.workers),
+        metavar="N",
+        help="processes (or Ray tasks in flight) for both passes; the dataset is the one a "
+        f"single process writes (default {d.workers}: one process)",
+    )
+    p.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default=d.executor,
+        help="local: processes on this machine; ray: tasks on a Ray cluster whose nodes see "
+        "the input and --out paths (default local)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address for --executor ray (default: a private local instance)",
+    )
 
 
 def _run(reader: Reader) -> Callable[[argparse.Namespace], int]:
@@ -119,6 +138,9 @@ def _run(reader: Reader) -> Callable[[argparse.Namespace], int]:
                 block_bytes=args.block_mb << 20,
                 rows_per_shard=args.rows_per_shard,
                 max_dropped_fraction=args.max_dropped_fraction,
+                workers=_workers(args.workers),
+                executor=args.executor,
+                address=args.address,
             )
             reader.prepare(args, options)
         except (BadInputError, ValueError, OSError) as e:
@@ -127,6 +149,17 @@ def _run(reader: Reader) -> Callable[[argparse.Namespace], int]:
         return 0
 
     return run
+
+
+def _workers(text: str) -> int:
+    # Parsed here, not by argparse, so a bad value is one line like every other error.
+    try:
+        workers = int(text)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise ValueError(f"--workers needs a whole number of processes >= 1, got {text!r}")
+    return workers
 
 
 def _fractions(text: str) -> tuple[float, float, float]:

@@ -26,6 +26,7 @@ from datasets.prepared import SparseField
 
 LABEL = "label"  # the label column of every prepared dataset, whatever the raw name
 BAD_ROW_POLICIES = ("skip", "fail")
+EXECUTORS = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,12 @@ class PrepareOptions:
     ``max_dropped_fraction``: a run whose bad rows exceed this share of the lines read fails
     instead of writing ``meta.json`` (a broken join or a wrong schema drops most rows; that
     must not pass for a dataset).
+
+    ``workers`` > 1 runs both passes over that many processes (``executor="local"``) or
+    as Ray tasks (``executor="ray"``: on the cluster at ``address``, or a private local
+    instance when it is ``None`` or ``"local"``); the ids, rows and shards are those of one
+    process (see :mod:`datasets.prepare.parallel`). One worker on ``local`` is the serial
+    engine itself.
     """
 
     min_count: int | None = None
@@ -53,6 +60,13 @@ class PrepareOptions:
     rows_per_shard: int = 1 << 20
     max_examples: int = 5
     max_dropped_fraction: float = 0.05
+    workers: int = 1
+    executor: str = "local"
+    address: str | None = None
+
+    @property
+    def parallel(self) -> bool:
+        return self.workers > 1 or self.executor != "local"
 
     def validate(self) -> None:
         if self.on_bad_row not in BAD_ROW_POLICIES:
@@ -73,6 +87,10 @@ class PrepareOptions:
             raise ValueError(
                 f"max_dropped_fraction must be in [0, 1], got {self.max_dropped_fraction}"
             )
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"--workers must be a whole number >= 1, got {self.workers!r}")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"--executor must be one of {EXECUTORS}, got {self.executor!r}")
         if self.block_bytes < 1 << 10 or self.rows_per_shard < 1:
             raise ValueError("block_bytes must be at least 1 KiB and rows_per_shard positive")
 

@@ -108,6 +108,20 @@ class BadRows:
                 self.first_detail[f.reason] = f"field {f.field!r} value {value!r}"
             self._count(f.reason, f.field, lines[f.mask], path)
 
+    def merge(self, other: BadRows) -> None:
+        """Adds the report of the rows after ours (a later piece of ``--workers``): counts
+        add up and examples keep file order, as if one process had read both."""
+        for reason, detail in other.first_detail.items():
+            self.first_detail.setdefault(reason, detail)
+        for reason, r in other.reasons.items():
+            entry = self.reasons.setdefault(reason, {"count": 0, "examples": []})
+            entry["count"] += r["count"]
+            room = self.max_examples - len(entry["examples"])
+            entry["examples"] += r["examples"][: max(room, 0)]
+            for field, n in r.get("fields", {}).items():
+                fields = entry.setdefault("fields", {})
+                fields[field] = fields.get(field, 0) + n
+
     def report(self) -> dict[str, Any]:
         return {k: dict(v) for k, v in sorted(self.reasons.items())}
 
@@ -194,9 +208,34 @@ def _prepare_into(
 ) -> DatasetMeta:
     """Both passes into the staging directory ``out``; messages name ``final``."""
     min_count = options.min_count or 1
-    vocabs, frequencies, distinct, lines_counted = _count_train_values(
-        fmt, reader, plan, options, out
-    )
+    if options.parallel:
+        # Imported here: the parallel driver builds on this module's passes.
+        from datasets.prepare.parallel import ParallelPasses
+
+        passes = ParallelPasses(fmt, reader, plan, options, out)
+    else:
+        passes = None
+    try:
+        return _run_passes(fmt, reader, out, final, plan, options, name, min_count, passes)
+    finally:
+        if passes is not None:
+            passes.close()
+
+
+def _run_passes(
+    fmt: Format,
+    reader: FileReader,
+    out: Path,
+    final: Path,
+    plan: SplitPlan,
+    options: PrepareOptions,
+    name: str | None,
+    min_count: int,
+    passes: Any,
+) -> DatasetMeta:
+    count = passes.count if passes is not None else _count_train_values
+    encode = passes.encode if passes is not None else _encode_splits
+    vocabs, frequencies, distinct, lines_counted = count(fmt, reader, plan, options, out)
     all_oov = [f for f, v in vocabs.items() if v.cardinality == 1 and distinct.get(f, 0) > 0]
     if all_oov and options.min_count and options.min_count > 1:
         print(
@@ -208,7 +247,7 @@ def _prepare_into(
     sparse = fmt.sparse_fields({f: v.cardinality for f, v in vocabs.items()})
     # The counting pass read every line when any line may be train (random split).
     total = lines_counted if plan.kind == "random" else None
-    splits, bad, lines_read, fitted_counts = _encode_splits(
+    splits, bad, lines_read, fitted_counts = encode(
         fmt, reader, plan, vocabs, sparse, out, options, total
     )
     frequencies.update(fitted_counts)
@@ -278,8 +317,7 @@ def _count_train_values(
     """Pass 1: counts train tokens (and shows the format its train rows, for fitted fields),
     saves the vocabulary; returns the vocabularies, the train counts by id of the counted
     fields, the distinct train values per field and the lines read."""
-    fitted = set(fmt.fitted_fields)
-    counters = {f: ValueCounter() for f in fmt.sparse if f not in fitted}
+    counters = new_counters(fmt)
     gate = BadRows(options.on_bad_row, record=False)  # pass 2 reports; this one only fails
     gate.add("", reader.side_rejected, [], np.empty(0))
     lines = 0
@@ -287,18 +325,48 @@ def _count_train_values(
         for i in range(len(reader.sources)):
             if not plan.uses(i, "train"):
                 continue
-            end = plan.end(i, "train")
-            chunks = _transformed(fmt, reader, i, plan, gate, options.block_bytes)
-            for chunk, features, keep, codes in chunks:
-                if end is not None and len(chunk.positions) and chunk.positions[0] >= end:
-                    break
-                train = keep & (codes == 0)
-                fmt.observe(features, train)
-                for f, counter in counters.items():
-                    counter.add(_rows(as_array(features.tokens[f]), train))
-                read = chunk.table.num_rows + len(chunk.rejected)
+            for read in count_chunks(fmt, reader, i, plan, gate, options.block_bytes, counters):
                 lines += read
                 bar.update(read)
+    return build_vocabs(fmt, counters, options, out) + (lines,)
+
+
+def new_counters(fmt: Format) -> dict[str, ValueCounter]:
+    """A token counter per sparse field the format does not fit itself."""
+    fitted = set(fmt.fitted_fields)
+    return {f: ValueCounter() for f in fmt.sparse if f not in fitted}
+
+
+def count_chunks(
+    fmt: Format,
+    reader: FileReader,
+    source: int,
+    plan: SplitPlan,
+    gate: BadRows,
+    block_bytes: int,
+    counters: dict[str, ValueCounter],
+    span: tuple[int, int, int] | None = None,
+) -> Iterator[int]:
+    """Counts the train tokens of one source (or of its ``span``), showing the format its
+    train rows; yields the lines read per chunk."""
+    end = plan.end(source, "train")
+    for chunk, features, keep, codes in _transformed(
+        fmt, reader, source, plan, gate, block_bytes, span
+    ):
+        if end is not None and len(chunk.positions) and chunk.positions[0] >= end:
+            break
+        train = keep & (codes == 0)
+        fmt.observe(features, train)
+        for f, counter in counters.items():
+            counter.add(_rows(as_array(features.tokens[f]), train))
+        yield chunk.table.num_rows + len(chunk.rejected)
+
+
+def build_vocabs(
+    fmt: Format, counters: dict[str, ValueCounter], options: PrepareOptions, out: Path
+) -> tuple[dict[str, FieldVocab], dict[str, np.ndarray], dict[str, int]]:
+    """After pass 1: the vocabularies (saved into ``out``), the train counts by id of the
+    counted fields and the distinct train values per field."""
     vocabs, frequencies, distinct = {}, {}, {}
     for f, counter in counters.items():
         vocabs[f], frequencies[f], distinct[f] = build_vocab(counter, options.min_count or 1)
@@ -306,7 +374,7 @@ def _count_train_values(
         vocabs[f], distinct[f] = FieldVocab(pa.array(tokens, pa.string())), len(tokens)
     vocabs = {f: vocabs[f] for f in fmt.sparse}
     save_vocab(out, {f: (v.values, np.arange(1, v.cardinality)) for f, v in vocabs.items()})
-    return vocabs, frequencies, distinct, lines
+    return vocabs, frequencies, distinct
 
 
 def _encode_splits(
@@ -321,7 +389,7 @@ def _encode_splits(
 ) -> tuple[dict[str, SplitInfo], BadRows, int, dict[str, np.ndarray]]:
     """Pass 2: encodes every row into its split's shards; returns the splits, the bad-row
     report, the lines read and the train counts by id of the format's fitted fields."""
-    fitted = {f: np.zeros(vocabs[f].cardinality, dtype=np.int64) for f in fmt.fitted_fields}
+    fitted = fitted_counters(fmt, vocabs)
     block_bytes = encode_block_bytes(options.block_bytes, vocabs)
     schema = arrow_schema(LABEL, fmt.dense, sparse)
     writers = {s: ShardWriter(out, s, schema, options.rows_per_shard) for s in SPLITS}
@@ -332,22 +400,48 @@ def _encode_splits(
         for i in range(len(reader.sources)):
             if not plan.uses(i):
                 continue
-            for chunk, features, keep, codes in _transformed(
-                fmt, reader, i, plan, bad, block_bytes
+            for read, parts in encode_chunks(
+                fmt, reader, i, plan, bad, block_bytes, vocabs, fitted
             ):
-                table = encode_features(fmt, features, keep, vocabs)
-                codes = codes[keep]
-                for f, counts in fitted.items():
-                    ids = table[f].to_numpy(zero_copy_only=False)[codes == 0]
-                    counts += np.bincount(ids, minlength=len(counts))
-                for code, split in enumerate(SPLITS):
-                    in_split = codes == code
-                    if in_split.any():
-                        writers[split].write(_rows(table, in_split))
-                read = chunk.table.num_rows + len(chunk.rejected)
+                for split, part in parts.items():
+                    writers[split].write(part)
                 lines += read
                 bar.update(read)
     return {s: w.close() for s, w in writers.items()}, bad, lines, fitted
+
+
+def fitted_counters(fmt: Format, vocabs: dict[str, FieldVocab]) -> dict[str, np.ndarray]:
+    """Zeroed train counts by id of the format's fitted fields (pass 2 counts them)."""
+    return {f: np.zeros(vocabs[f].cardinality, dtype=np.int64) for f in fmt.fitted_fields}
+
+
+def encode_chunks(
+    fmt: Format,
+    reader: FileReader,
+    source: int,
+    plan: SplitPlan,
+    bad: BadRows,
+    block_bytes: int,
+    vocabs: dict[str, FieldVocab],
+    fitted: dict[str, np.ndarray],
+    span: tuple[int, int, int] | None = None,
+) -> Iterator[tuple[int, dict[str, pa.Table]]]:
+    """Encodes one source (or its ``span``) chunk by chunk, adding the fitted fields' train
+    ids to ``fitted``; yields the lines read and the encoded rows of each split present."""
+    for chunk, features, keep, codes in _transformed(
+        fmt, reader, source, plan, bad, block_bytes, span
+    ):
+        table = encode_features(fmt, features, keep, vocabs)
+        codes = codes[keep]
+        for f, counts in fitted.items():
+            ids = table[f].to_numpy(zero_copy_only=False)[codes == 0]
+            counts += np.bincount(ids, minlength=len(counts))
+        parts = {}
+        for code, split in enumerate(SPLITS):
+            in_split = codes == code
+            if in_split.any():
+                parts[split] = _rows(table, in_split)
+        yield chunk.table.num_rows + len(chunk.rejected), parts
 
 
 def encode_block_bytes(block_bytes: int, vocabs: dict[str, FieldVocab]) -> int:
@@ -368,9 +462,16 @@ def _transformed(
     plan: SplitPlan,
     bad: BadRows,
     block_bytes: int,
+    span: tuple[int, int, int] | None = None,
 ) -> Iterator[tuple[RawChunk, Features, np.ndarray, np.ndarray]]:
-    """Transformed chunks of one source with the keep mask and split codes of output rows."""
-    for chunk in prefetch(reader.chunks(source, block_bytes)):
+    """Transformed chunks of one source (or of its ``span``) with the keep mask and split
+    codes of output rows."""
+    chunks = (
+        reader.chunks(source, block_bytes)
+        if span is None
+        else reader.chunks(source, block_bytes, span)
+    )
+    for chunk in prefetch(chunks):
         issues = Issues(chunk.table.num_rows)
         features = fmt.transform(chunk.table, issues, labeled=True)
         bad.add(chunk.path, chunk.rejected, issues.first_reasons(), chunk.lines)

@@ -115,8 +115,17 @@ class TextSource:
         lines = sum(block.count(b"\n") for block, _ in _blocks(self.path, block_bytes))
         return max(lines - (1 if self.header else 0), 0)
 
-    def chunks(self, block_bytes: int = 32 << 20) -> Iterator[RawChunk]:
-        for block, first_line in _blocks(self.path, block_bytes):
+    def chunks(
+        self,
+        block_bytes: int = 32 << 20,
+        start: int = 0,
+        stop: int | None = None,
+        line: int = 1,
+    ) -> Iterator[RawChunk]:
+        """Chunks of the whole file, or of the bytes ``[start, stop)``: a range that begins on
+        a line start whose number is ``line`` (a piece of ``--workers``; plain files only,
+        a gzip stream cannot be entered in the middle)."""
+        for block, first_line in _blocks(self.path, block_bytes, start, stop, line):
             if first_line == 1 and _is_utf8(self.encoding):
                 block = block.removeprefix(UTF8_BOM)
             if first_line == 1 and self.header:
@@ -226,7 +235,9 @@ class ParquetSource:
     def count_rows(self, block_bytes: int = 0) -> int:
         return pq.ParquetFile(self.path).metadata.num_rows
 
-    def chunks(self, block_bytes: int = 32 << 20) -> Iterator[RawChunk]:
+    def chunks(self, block_bytes: int = 32 << 20, **whole_file: object) -> Iterator[RawChunk]:
+        if whole_file:
+            raise ValueError(f"{self.path}: a parquet source is read whole, not by byte range")
         pf = pq.ParquetFile(self.path)
         # Raw text is ~1 byte per parquet byte; aim for chunks of similar memory.
         row_bytes = max(pf.metadata.serialized_size // max(pf.metadata.num_rows, 1), 64)
@@ -263,22 +274,63 @@ def prefetch(chunks: Iterator[RawChunk], depth: int = 2) -> Iterator[RawChunk]:
     return prefetched(chunks, depth, name="read-ahead")
 
 
-def _open(path: Path) -> BinaryIO:
+def line_aligned_cuts(path: Path, pieces: int) -> list[int]:
+    """Byte offsets cutting a plain file into about ``pieces`` ranges, each starting on a
+    line start: ``[0, ..., size]`` (fewer ranges when lines are longer than a range)."""
+    size = path.stat().st_size
+    cuts = [0]
     with open(path, "rb") as f:
-        magic = f.read(2)
-    return gzip.open(path, "rb") if magic == GZIP_MAGIC else open(path, "rb")
+        for j in range(1, pieces):
+            f.seek(j * size // pieces)
+            f.readline()  # to the start of the next line
+            at = f.tell()
+            if cuts[-1] < at < size:
+                cuts.append(at)
+    return [*cuts, size]
 
 
-def _blocks(path: Path, block_bytes: int) -> Iterator[tuple[bytes, int]]:
-    """Blocks of whole lines, each ending with a newline, and the line number of their first."""
-    line = 1
+def count_newlines(path: Path, start: int, stop: int, block_bytes: int = 8 << 20) -> int:
+    """Line breaks in the bytes ``[start, stop)`` of a plain file (where its ranges' lines
+    start: a cheap read, no parsing)."""
+    n = 0
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = stop - start
+        while left > 0:
+            data = f.read(min(block_bytes, left))
+            if not data:
+                break
+            n += data.count(b"\n")
+            left -= len(data)
+    return n
+
+
+def is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == GZIP_MAGIC
+
+
+def _open(path: Path) -> BinaryIO:
+    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+
+
+def _blocks(
+    path: Path, block_bytes: int, start: int = 0, stop: int | None = None, line: int = 1
+) -> Iterator[tuple[bytes, int]]:
+    """Blocks of whole lines, each ending with a newline, and the line number of their first;
+    of the whole file, or of the bytes ``[start, stop)`` whose first line is ``line``."""
     carry = b""
+    left = None if stop is None else stop - start
     try:
         with _open(path) as f:
-            while True:
-                data = f.read(block_bytes)
+            if start:
+                f.seek(start)
+            while left is None or left > 0:
+                data = f.read(block_bytes if left is None else min(block_bytes, left))
                 if not data:
                     break
+                if left is not None:
+                    left -= len(data)
                 data = carry + data if carry else data
                 cut = data.rfind(b"\n") + 1
                 if cut == 0:

@@ -47,8 +47,15 @@ class FileReader:
     def count_rows(self, source: int, block_bytes: int) -> int:
         return self.sources[source].count_rows(block_bytes)
 
-    def chunks(self, source: int, block_bytes: int) -> Iterator[RawChunk]:
-        return self.sources[source].chunks(block_bytes)
+    def chunks(
+        self, source: int, block_bytes: int, span: tuple[int, int, int] | None = None
+    ) -> Iterator[RawChunk]:
+        """The chunks of one source, or of its ``span``: ``(start byte, stop byte, first
+        line)`` of a plain text file (a piece of ``--workers``)."""
+        if span is None:
+            return self.sources[source].chunks(block_bytes)
+        start, stop, first_line = span
+        return self.sources[source].chunks(block_bytes, start, stop, first_line)
 
 
 @dataclass

@@ -48,15 +48,26 @@ class ValueCounter:
         if self._pending > max(merged, self.MERGE_ROWS):
             self._merge()
 
-    def result(self) -> tuple[pa.Array, np.ndarray]:
-        """Distinct values sorted ascending (bytewise) and their counts."""
+    def add_counts(self, values: pa.Array, counts: np.ndarray, missing: int) -> None:
+        """Merges another counter's :meth:`result` and missing count (a worker's piece)."""
+        self.missing += missing
+        self._parts.append(pa.table({"value": values, "count": pa.array(counts, pa.int64())}))
+        self._pending += len(values)
+        merged = len(self._merged) if self._merged is not None else 0
+        if self._pending > max(merged, self.MERGE_ROWS):
+            self._merge()
+
+    def result(self, ordered: bool = True) -> tuple[pa.Array, np.ndarray]:
+        """Distinct values sorted ascending (bytewise) and their counts; ``ordered=False``
+        skips the sort (a piece's counts, which the driver merges and sorts once)."""
         self._merge()
         table = (
             self._merged
             if self._merged is not None
             else pa.table({"value": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
         )
-        table = table.take(pc.sort_indices(table["value"]))
+        if ordered:
+            table = table.take(pc.sort_indices(table["value"]))
         return as_array(table["value"]), table["count"].to_numpy()
 
     def _merge(self) -> None:

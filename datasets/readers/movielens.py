@@ -133,8 +133,10 @@ class MovieLensReader(FileReader):
             items_table = self._genre_lists(items_table, lines, str(items.path))
         self.items = items_table.select(["item_id", "title", "genres"])
 
-    def chunks(self, source: int, block_bytes: int) -> Iterator[RawChunk]:
-        for chunk in super().chunks(source, block_bytes):
+    def chunks(
+        self, source: int, block_bytes: int, span: tuple[int, int, int] | None = None
+    ) -> Iterator[RawChunk]:
+        for chunk in super().chunks(source, block_bytes, span):
             yield self._join(chunk)
 
     def _join(self, chunk: RawChunk) -> RawChunk:

@@ -204,3 +204,22 @@ def test_adult_through_flags_with_text_labels_and_buckets(tmp_path, capsys):
     half = ["--label", "clicked", "--categorical", "site", "--positive", "1", *QUIET]
     assert _run("table", logs, "--out", str(tmp_path / "half"), *half) == 2
     assert "`positive` needs `negative` too" in capsys.readouterr().err
+
+
+def test_workers_flag_writes_the_one_process_dataset(tmp_path):
+    args = ["criteo", str(FIXTURES / "criteo" / "train.txt"), "--min-count", "2", *QUIET]
+    assert _run(*args, "--out", str(tmp_path / "one")) == 0
+    assert _run(*args, "--out", str(tmp_path / "two"), "--workers", "2") == 0
+    assert read_all_splits(tmp_path / "one").equals(read_all_splits(tmp_path / "two"))
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "two", "1.5"])
+def test_a_bad_workers_value_is_one_line(tmp_path, capsys, value):
+    args = ["criteo", str(FIXTURES / "criteo" / "train.txt"), "--out", str(tmp_path / "d")]
+    assert _run(*args, "--workers", value, *QUIET) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"ctr prepare criteo: error: --workers needs a whole number of processes >= 1, "
+        f"got {value!r}\n"
+    )
+    assert not (tmp_path / "d").exists()
