@@ -11,6 +11,8 @@ as a difference.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from datasets.readers.criteo import CRITEO_COLUMNS, CriteoFormat, prepare_criteo
 from datasets.readers.kdd12 import prepare_kdd12
 from datasets.readers.movielens import prepare_movielens
 from datasets.readers.table import TableSchema, prepare_table
+from tests.helpers import ROOT
 from tests.helpers.prepare_support import FIXTURES, gzip_copy, options
 
 CRITEO = FIXTURES / "criteo" / "train.txt"
@@ -229,8 +232,18 @@ def test_ray_executor_on_a_local_instance(tmp_path):
     one = tmp_path / "one"
     two = tmp_path / "ray"
     prepare_criteo([CRITEO], one, options=options(**SMALL, min_count=2))
-    o = options(**SMALL, min_count=2, workers=2, executor="ray", address="local")
-    prepare_criteo([CRITEO], two, options=o)
+    # In a child process, as the sweep's Ray test: Ray's helper processes then end with it
+    # instead of living on in the test session's process.
+    code = (
+        "import sys; from tests.helpers.prepare_support import options; "
+        "from datasets.readers.criteo import prepare_criteo; "
+        f"o = options(**{SMALL!r}, min_count=2, workers=2, executor='ray', address='local'); "
+        "prepare_criteo([sys.argv[1]], sys.argv[2], options=o)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, "-c", code, str(CRITEO), str(two)], env=env, check=True, timeout=600
+    )
     _same_dataset(one, two)
 
 
