@@ -146,6 +146,8 @@ def choose_dims(
 class AutoDim(SearchedBytes, Compressor):
     """Per-field dimension search by Gumbel-softmax mixtures, then a budgeted retrain."""
 
+    data_parallel = True  # replicated state stays identical across ranks (base class)
+
     name = "autodim"
     learns_on_validation = True  # the architecture weights (search stage)
     option_help = {

@@ -172,6 +172,8 @@ class PruneProfile:
 class DNIS(SearchedBytes, Compressor):
     """Frequency-block soft selection α searched on validation data, then magnitude pruning."""
 
+    data_parallel = True  # replicated state stays identical across ranks (base class)
+
     name = "dnis"
     default_optimizer = "adam"  # the paper's; its criteria need it (docs/methods)
     learns_on_validation = True  # α (search stage)

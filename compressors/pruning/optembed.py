@@ -70,7 +70,7 @@ from compressors.core.hybrid import take_rows
 from compressors.core.registry import register
 from compressors.core.storage import check_dtype, optimizer_state_bytes, row_bytes
 from compressors.pruning.bytes import dim_choices, index_bytes, row_plan
-from compressors.pruning.entry_table import EntryTable, refuse_distributed, row_optimizer
+from compressors.pruning.entry_table import EntryTable, row_optimizer
 from compressors.pruning.serving import export_pruned
 
 if TYPE_CHECKING:
@@ -155,6 +155,8 @@ def floor_bytes(
 @register
 class OptEmbed(SearchedBytes, Compressor):
     """Row pruning by learned thresholds + per-field dims by evolution (module docstring)."""
+
+    data_parallel = True  # replicated state stays identical across ranks (base class)
 
     name = "optembed"
     default_optimizer = "adam"  # the paper's; its criteria need it (docs/methods)
@@ -414,9 +416,6 @@ class OptEmbed(SearchedBytes, Compressor):
         ]
 
     # ---------------------------------------------------------------- stages
-    def on_stage_start(self, stage: Stage, ctx: StageContext) -> None:
-        refuse_distributed(self.name)
-
     @torch.no_grad()
     def current_row_mask(self) -> torch.Tensor:
         """The rows kept now: the frozen mask, or the supernet's hard step."""
@@ -679,7 +678,9 @@ class OptEmbed(SearchedBytes, Compressor):
                         "offsets": offsets,
                     }
                 )
-                rows += int((labels >= 0).sum())  # padding rows (label -1) do not count
+                # Padding rows (label -1) do not count; under torchrun each rank holds its
+                # share of every batch, so the sample's size is counted over all ranks.
+                rows += int(ctx.gather((labels >= 0).sum().view(1)).sum())
         finally:
             self._capture = None
         return sample
@@ -727,7 +728,9 @@ class OptEmbed(SearchedBytes, Compressor):
         y = torch.cat(labels)
         valid = y >= 0
         scores = torch.stack([torch.cat(c) for c in logits])[:, valid]
-        return batched_auc(scores, y[valid]).tolist()
+        # Every rank scores its share of the sample; all decide on the pooled one.
+        y, scores = ctx.gather(y[valid]), ctx.gather(scores.T.contiguous()).T
+        return batched_auc(scores, y).tolist()
 
     # ---------------------------------------------------------------- evolution
     def _random_dim(self, gen: torch.Generator) -> int:
