@@ -17,6 +17,8 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -64,3 +66,35 @@ def average_sparse(grad: torch.Tensor) -> torch.Tensor:
     g = grad.coalesce()
     rows, values = average_rows(g.indices()[0], g.values())
     return torch.sparse_coo_tensor(rows.unsqueeze(0), values, g.shape).coalesce()
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
+def batch_share(draw: Callable[[int], torch.Tensor], local: int) -> torch.Tensor:
+    """Random draws for this rank's ``local`` rows of a global batch: ``draw(n)`` makes
+    ``n`` rows' worth; the whole batch is drawn (every rank has the same generator state)
+    and this rank's contiguous share kept, so draws and generator state are one process's
+    on the global batch (each rank holds an equal contiguous share of it)."""
+    world = world_size()
+    if world == 1:
+        return draw(local)
+    start = rank() * local
+    return draw(local * world)[start : start + local]
+
+
+def union_rows(rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sorted union of every rank's unique ``rows`` and each one's ``values`` (values
+    of a row must agree across the ranks that hold it: a replicated row's statistic).
+    Collective; the identity in one process."""
+    if world_size() == 1:
+        return rows, values
+    all_rows = torch.cat(all_gather_rows(rows))
+    all_values = torch.cat(all_gather_rows(values))
+    union, inverse = torch.unique(all_rows, return_inverse=True)
+    out = values.new_zeros((len(union), *values.shape[1:]))
+    return union, out.index_copy_(0, inverse, all_values)

@@ -66,6 +66,7 @@ from compressors.core.base import (
     full_bytes,
 )
 from compressors.core.budget import BudgetError, describe_bytes
+from compressors.core.collective import batch_share, union_rows
 from compressors.core.hybrid import take_rows
 from compressors.core.registry import register
 from compressors.core.storage import check_dtype, optimizer_state_bytes, row_bytes
@@ -345,14 +346,17 @@ class OptEmbed(SearchedBytes, Compressor):
         norms = weight.abs().sum(1)
         if self.normalise:
             if self.training:
-                self._track_scale(fields, norms.detach())
+                self._track_scale(rows, norms.detach())
             norms = norms / take_rows(self.scales(), fields)
         x = norms - take_rows(self.threshold, fields)
         return self._read_rows(rows, weight, LongTailStep.apply(x))
 
     @torch.no_grad()
-    def _track_scale(self, fields: torch.Tensor, norms: torch.Tensor) -> None:
-        """Moves each field's scale towards the mean L1 norm of its rows in this batch."""
+    def _track_scale(self, rows: torch.Tensor, norms: torch.Tensor) -> None:
+        """Moves each field's scale towards the mean L1 norm of its rows in this batch (the
+        global batch's under torchrun: every rank's rows pooled)."""
+        rows, norms = union_rows(rows, norms)
+        fields = self.table.field_of(rows)
         count = torch.bincount(fields, minlength=self.num_features)
         total = torch.zeros(self.num_features, device=norms.device).index_add_(0, fields, norms)
         seen = count > 0
@@ -384,7 +388,12 @@ class OptEmbed(SearchedBytes, Compressor):
         out = self.table(features, self._supernet_rows)
         if self.training and self.search_dims:
             # A uniformly drawn prefix 1..D per (sample, field): every dim choice trains.
-            keep = torch.randint(1, self.dim + 1, out.shape[:2]).to(out.device).unsqueeze(2)
+            fields = out.shape[1]
+            keep = (
+                batch_share(lambda n: torch.randint(1, self.dim + 1, (n, fields)), out.shape[0])
+                .to(out.device)
+                .unsqueeze(2)
+            )
             out = out * (torch.arange(self.dim, device=out.device) < keep).to(out.dtype)
         return out
 
