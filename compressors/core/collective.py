@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def world_size() -> int:
@@ -65,7 +66,9 @@ def average_sparse(grad: torch.Tensor) -> torch.Tensor:
         return grad
     g = grad.coalesce()
     rows, values = average_rows(g.indices()[0], g.values())
-    return torch.sparse_coo_tensor(rows.unsqueeze(0), values, g.shape).coalesce()
+    return torch.sparse_coo_tensor(
+        rows.unsqueeze(0), values, g.shape, check_invariants=False, is_coalesced=True
+    )
 
 
 def rank() -> int:
@@ -98,3 +101,27 @@ def union_rows(rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, 
     union, inverse = torch.unique(all_rows, return_inverse=True)
     out = values.new_zeros((len(union), *values.shape[1:]))
     return union, out.index_copy_(0, inverse, all_values)
+
+
+def batch_norm(norm: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` with the global batch's statistics under torchrun (``norm`` without
+    affine): every rank's sums pooled by a differentiable all-reduce, so the output, the
+    gradients (averaged over ranks afterwards) and the running statistics are one
+    process's on the global batch. ``torch.nn.SyncBatchNorm`` does this on GPUs only."""
+    if world_size() == 1 or not norm.training:
+        return norm(x)
+    from torch.distributed.nn.functional import all_reduce
+
+    local = torch.cat([x.sum(0), (x * x).sum(0), x.new_full((1,), x.shape[0])])
+    pooled = all_reduce(local)
+    width = x.shape[1]
+    n = pooled[-1]
+    mean = pooled[:width] / n
+    var = (pooled[width : 2 * width] / n - mean * mean).clamp_min(0.0)
+    if norm.track_running_stats:
+        with torch.no_grad():
+            m = norm.momentum if norm.momentum is not None else 0.1
+            norm.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            norm.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)), alpha=m)
+            norm.num_batches_tracked.add_(1)
+    return (x - mean) / torch.sqrt(var + norm.eps)
