@@ -125,3 +125,14 @@ def batch_norm(norm: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
             norm.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)), alpha=m)
             norm.num_batches_tracked.add_(1)
     return (x - mean) / torch.sqrt(var + norm.eps)
+
+
+def average(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s mean over the ranks (dense; collective; ``t`` itself in one process): for a
+    gradient hook that must see the global batch's gradient, not this rank's share."""
+    world = world_size()
+    if world == 1:
+        return t
+    out = t.clone()
+    dist.all_reduce(out)
+    return out / world
