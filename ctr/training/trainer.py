@@ -224,9 +224,10 @@ class Trainer(Checkpointed):
                 self._flush_decay()  # a method's own procedure reads its tables whole
                 self.compressor.run_stage(stage, ctx)
             self._flush_decay()
-            self.compressor.on_stage_end(stage, ctx)
-            # Decisions taken on every rank (masks, thresholds, α, dims) are rank 0's.
+            # Every rank holds rank 0's state (identical already, unless a bug let them
+            # drift), so the decisions each rank takes from it next (masks, dims) agree.
             self.placement.sync(self.model)
+            self.compressor.on_stage_end(stage, ctx)
             if stage.rebuilds:
                 self.state.architecture = self.compressor.architecture()
                 self._rebuilt()
