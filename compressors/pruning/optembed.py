@@ -31,7 +31,8 @@ Deviations from the paper (and the reference):
 - A smaller search by default (10 generations of 10 children, 2,048 validation rows).
 - Crossover cuts over fields (the reference's cut point is drawn over the dim); children are
   copies; mutation draws any allowed dim.
-- Tables train with the run's table optimizer, in a single process (plain fp32 buffers).
+- Tables train with the run's table optimizer (plain fp32 buffers; replicated under
+  torchrun, the ranks' row gradients averaged).
 - ``pruned_rows="field_vector"`` (the reference's ``mode_oov='oov'``) starts at zero and
   passes a data gradient to the thresholds; ``"zero"`` (the default) is the paper's.
 

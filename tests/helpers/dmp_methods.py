@@ -17,7 +17,8 @@ from ctr.training.distributed import init_from_env, shutdown
 from ctr.training.run import train_run
 
 #: method -> (options, TrainConfig fields): each stage's machinery at least once (pep with
-#: lazy embedding L2 on its replicated rows; autodim with its tables sharded).
+#: lazy embedding L2 on its replicated rows; autodim with its tables sharded; int8's
+#: replicated code table).
 METHODS = {
     "pep": ({}, {"embedding_l2": 1e-3}),
     "deeplight": ({}, {}),
@@ -25,6 +26,7 @@ METHODS = {
     "dnis": ({}, {}),
     "autodim": ({}, {}),
     "mde": ({}, {}),
+    "int8": ({}, {}),
 }
 
 
