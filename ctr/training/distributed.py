@@ -162,16 +162,20 @@ def _empty_sparse(p: torch.Tensor) -> torch.Tensor:
     )
 
 
+_GLOO_CARRIERS = {torch.bool: torch.uint8, torch.int16: torch.int32}
+
+
 @torch.no_grad()
 def broadcast_replicated(module: nn.Module) -> None:
     """Copies rank 0's plain (unsharded) parameters and buffers to every rank. Collective."""
     for value in module.state_dict().values():
         if not isinstance(value, torch.Tensor) or isinstance(value, ShardedTensor):
             continue
-        if value.dtype == torch.bool:  # gloo has no bool broadcast
-            carrier = value.to(torch.uint8)
+        carrier_dtype = _GLOO_CARRIERS.get(value.dtype)
+        if carrier_dtype is not None:  # gloo has no bool or int16 broadcast
+            carrier = value.to(carrier_dtype)
             dist.broadcast(carrier, src=0)
-            value.copy_(carrier.bool())
+            value.copy_(carrier)
         else:
             dist.broadcast(value, src=0)
 
