@@ -440,6 +440,12 @@ class StageContext(Protocol):
         """A generator seeded by the run's seed and the stage (reproducible searches)."""
         ...
 
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``t`` concatenated along the first dimension (``t`` itself in one
+        process): a procedure scoring on ``valid_batches`` (each rank's share of every
+        batch) pools its scores this way so that every rank decides on the whole batches."""
+        ...
+
 
 def _flat(plan: dict[str, Any]) -> dict[str, Any]:
     """A plan's JSON with its ``details`` (and other dicts) flattened one level, as
@@ -474,6 +480,13 @@ class Compressor(nn.Module):
     #: pruning family and DNIS, whose magnitude criteria and α assume it). Sweeps choose it
     #: explicitly (the protocol's optimiser axis).
     default_optimizer: ClassVar[str] = "rowwise_adagrad"
+    #: True when the method trains data-parallel under ``torchrun``: its own row tables
+    #: average their gradients over the ranks (:mod:`compressors.core.collective`), its
+    #: procedures decide from replicated state and data pooled with ``StageContext.gather``,
+    #: so every rank holds what one process would. Such a method's stages (searches,
+    #: evolutions, bilevel and rebuilding stages) run on every rank; its TorchRec tables are
+    #: still sharded unless its table optimizer has no fused kernel (then replicated).
+    data_parallel: ClassVar[bool] = False
     #: True when some parameters learn on validation batches (a bilevel search, as DARTS-style
     #: papers do): the validation split is then training data too, which reports flag.
     learns_on_validation: ClassVar[bool] = False

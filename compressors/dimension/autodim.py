@@ -72,6 +72,7 @@ from compressors.core.base import (
     full_bytes,
 )
 from compressors.core.budget import BudgetError, describe_bytes
+from compressors.core.collective import batch_norm
 from compressors.core.layout import DirectMap
 from compressors.core.registry import register
 from compressors.core.storage import Lookup, TableSpec, TrainTables, check_dtype
@@ -145,6 +146,8 @@ def choose_dims(
 @register
 class AutoDim(SearchedBytes, Compressor):
     """Per-field dimension search by Gumbel-softmax mixtures, then a budgeted retrain."""
+
+    data_parallel = True  # replicated state stays identical across ranks (base class)
 
     name = "autodim"
     learns_on_validation = True  # the architecture weights (search stage)
@@ -253,7 +256,7 @@ class AutoDim(SearchedBytes, Compressor):
         batch, fields, k = pooled.shape[0], self.num_features, len(self.candidates)
         e = pooled.view(batch, fields, self.dim)
         h = torch.einsum("bfi,fkoi->bfko", e, self.transforms * self._columns)
-        h = self.norm(h.reshape(batch, -1)).view(batch, fields, k, self.dim)
+        h = batch_norm(self.norm, h.reshape(batch, -1)).view(batch, fields, k, self.dim)
         mixed = (h * self.weights().view(1, fields, k, 1)).sum(2)
         return mixed * self.field_scale + self.field_shift
 

@@ -53,6 +53,7 @@ from compressors.core.base import (
     full_bytes,
 )
 from compressors.core.budget import BudgetError, describe_bytes
+from compressors.core.collective import average
 from compressors.core.csr import column_bytes, column_dtype
 from compressors.core.registry import register
 from compressors.core.storage import (
@@ -171,6 +172,8 @@ class PruneProfile:
 @register
 class DNIS(SearchedBytes, Compressor):
     """Frequency-block soft selection α searched on validation data, then magnitude pruning."""
+
+    data_parallel = True  # replicated state stays identical across ranks (base class)
 
     name = "dnis"
     default_optimizer = "adam"  # the paper's; its criteria need it (docs/methods)
@@ -534,7 +537,10 @@ class DNIS(SearchedBytes, Compressor):
 
 
 def normalise_per_block(grad: torch.Tensor) -> torch.Tensor:
-    """α's gradient divided, row by row (per frequency block), by its mean absolute value."""
+    """α's gradient divided, row by row (per frequency block), by its mean absolute value
+    (of the global batch's gradient under torchrun: the ranks' are averaged first, as the
+    normalisation is not linear)."""
+    grad = average(grad)
     return grad / (grad.abs().mean(dim=-1, keepdim=True) + 1e-8)
 
 

@@ -36,13 +36,14 @@ import torch
 
 from compressors.core.base import FeatureSpec, full_bytes
 from compressors.core.budget import BudgetError, describe_bytes
+from compressors.core.collective import world_size
 from compressors.core.registry import register
 from compressors.core.storage import row_bytes
 from compressors.precision.common import fbgemm_rows
 from compressors.precision.integer import IntegerEmbedding
 
 if TYPE_CHECKING:
-    from compressors.core.base import StageContext
+    from compressors.core.base import Stage, StageContext
 
 AUTO = "auto"
 BIT_CHOICES = (8, 4, 2)
@@ -145,6 +146,14 @@ class ALPT(IntegerEmbedding):
 
     def steps_train_bytes(self) -> int:
         return (self.step.numel() + self.step_state.numel()) * 4
+
+    def on_stage_start(self, stage: Stage, ctx: StageContext) -> None:
+        if world_size() > 1:
+            raise RuntimeError(
+                f"{self.name}: learns each row's step from a second pass over the batch with "
+                "its rows replaced, which needs the whole global batch on one rank; train it "
+                "without torchrun"
+            )
 
     def update_steps(self, rows: torch.Tensor, updated: torch.Tensor, ctx: StageContext) -> None:
         if self.step_lr == 0:

@@ -18,7 +18,8 @@ serving type, so ``int16`` exports fp16 values ``fp16(q·s)`` — relative error
 
 Limitations (by design): these tables cannot use fbgemm's fused fp32 training kernels, so a
 step is slower than ``full``'s; and they are buffers, not TorchRec tables, so DMP would
-replicate rather than shard them (single-process training only). Precision saves the same
+replicate rather than shard them: under torchrun every rank holds the whole code table and
+applies the global batch's update (the ranks' row gradients averaged). Precision saves the same
 fraction of every row, so no field is left uncompressed for being small.
 
 Example::
@@ -41,6 +42,7 @@ from torchrec import KeyedJaggedTensor
 
 from compressors.core.base import Compressor, ExportedEmbedding, FeatureSpec, MemoryReport
 from compressors.core.budget import BudgetError, describe_bytes
+from compressors.core.collective import average_rows
 from compressors.core.layout import OffsetMap
 from compressors.core.optim import SparseRowOptimizer  # noqa: F401 (re-exported)
 from compressors.core.registry import register
@@ -183,12 +185,16 @@ class IntegerEmbedding(Compressor):
         pending, self._pending = self._pending, None
         if pending is None or pending.weight.grad is None:
             return
-        updated = self.weight_optimizer.step(
-            pending.rows, pending.weight.detach(), pending.weight.grad, ctx.table_lr
+        # Under torchrun: every rank's rows, the global batch's gradients (the table is
+        # replicated, so every rank then makes the same update).
+        rows, grad = average_rows(pending.rows, pending.weight.grad)
+        values = (
+            pending.weight.detach() if len(rows) == len(pending.rows) else self.dequantize(rows)
         )
+        updated = self.weight_optimizer.step(rows, values, grad, ctx.table_lr)
         with torch.enable_grad():
-            self.update_steps(pending.rows, updated, ctx)
-        self.store(pending.rows, updated)
+            self.update_steps(rows, updated, ctx)
+        self.store(rows, updated)
 
     # ---------------------------------------------------------------- accounting and export
     def memory(self) -> MemoryReport:
@@ -228,6 +234,8 @@ class IntegerEmbedding(Compressor):
 
 class FixedStepTraining(IntegerEmbedding):
     """int8/int16 training with one fixed power-of-two step (see module docstring)."""
+
+    data_parallel = True  # replicated codes, the ranks' row gradients averaged
 
     BITS: ClassVar[int] = 8
     option_help = {

@@ -25,7 +25,7 @@ from compressors.pruning.bytes import (  # noqa: F401
     remap_form,
     row_plan,
 )
-from compressors.pruning.entry_table import EntryTable, refuse_distributed, row_optimizer  # noqa: F401
+from compressors.pruning.entry_table import EntryTable, row_optimizer  # noqa: F401
 from compressors.pruning.remap import (  # noqa: F401
     POPCOUNT,
     RankBitmap,

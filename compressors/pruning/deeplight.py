@@ -37,7 +37,7 @@ Deviations from the paper:
   paper's.
 - Only the embedding tables are pruned (DeepLight also prunes the DNN and the field-pair
   weights): this layer owns only them.
-- Tables are plain buffers stepped by the layer (single-process training); their optimizer
+- Tables are plain buffers stepped by the layer (replicated under torchrun); their optimizer
   is the paper's Adam under ``--table-optimizer auto`` (the default), the run's otherwise.
 
 Measured figures: ``docs/methods/deeplight.md``.

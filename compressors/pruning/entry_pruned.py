@@ -38,7 +38,6 @@ from compressors.core.base import (
     FeatureSpec,
     MemoryReport,
     SearchedBytes,
-    Stage,
     full_bytes,
 )
 from compressors.core.budget import BudgetError, describe_bytes
@@ -51,11 +50,11 @@ from compressors.pruning.bytes import (
     index_bytes,
     max_csr_entries,
 )
-from compressors.pruning.entry_table import EntryTable, refuse_distributed, row_optimizer
+from compressors.pruning.entry_table import EntryTable, row_optimizer
 from compressors.pruning.serving import export_pruned
 
 if TYPE_CHECKING:
-    from compressors.core.base import StageContext
+    pass
 
 _CHUNK_ROWS = 1 << 18
 log = logging.getLogger(__name__)
@@ -79,6 +78,8 @@ def max_entries(features: Sequence[FeatureSpec], dim: int, budget: int, dtype: s
 
 class EntryPruned(SearchedBytes, Compressor):
     """Entry masks over one fp32 table; subclasses define :meth:`values` and the stages."""
+
+    data_parallel = True  # replicated state stays identical across ranks (base class)
 
     option_help = {
         "optimizer": "optimizer of the table rows: sgd, adagrad, rowwise_adagrad or adam "
@@ -150,9 +151,6 @@ class EntryPruned(SearchedBytes, Compressor):
     # ---------------------------------------------------------------- training
     def forward(self, features):  # type: ignore[no-untyped-def]
         return self.table(features, self.values)
-
-    def on_stage_start(self, stage: Stage, ctx: StageContext) -> None:
-        refuse_distributed(self.name)
 
     @torch.no_grad()
     def all_values(self, start: int = 0, stop: int | None = None) -> torch.Tensor:

@@ -13,8 +13,10 @@ fused tables use (row-wise Adagrad by default;
 :class:`~compressors.core.decay.EmbeddingRows`: stepped at the run's current embedding lr and
 decayed by its embedding L2 like the fused tables. ``train_bytes`` counts the whole fp32
 table, its optimizer state and the masks: these methods need the full table while training,
-and say so. The tables are buffers, not TorchRec tables, so training is single-process
-(:func:`refuse_distributed`).
+and say so. The tables are buffers, not TorchRec tables, so training is replicated
+under ``torchrun``: :meth:`step` averages the ranks' row gradients first
+(:func:`~compressors.core.collective.average_rows`), so every rank applies the global batch's
+update to identical rows.
 
 The byte arithmetic lives in :mod:`compressors.pruning.bytes`, the index maps in
 :mod:`compressors.pruning.remap`, the ``pruned`` export and its serving module in
@@ -33,21 +35,11 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from compressors.core.base import FeatureSpec
+from compressors.core.collective import average_rows
 from compressors.core.decay import EmbeddingRows
 from compressors.precision.integer import SparseRowOptimizer
 
 _CHUNK_ROWS = 1 << 18
-
-
-def refuse_distributed(method: str) -> None:
-    """These tables are plain buffers: under DMP they would be replicated and drift apart."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise RuntimeError(
-            f"{method}: its masked tables train in a single process only (they are not "
-            "TorchRec tables DMP can shard); train it without torchrun"
-        )
 
 
 def row_optimizer(options: dict[str, Any]) -> str:
@@ -151,8 +143,14 @@ class EntryTable(EmbeddingRows, nn.Module):
         pending, self._pending = self._pending, None
         if pending is None or pending[1].grad is None:
             return None
-        rows, weight = pending
-        self.weight[rows] = self.optimizer.step(rows, weight.detach(), weight.grad, lr)
+        rows, grad = average_rows(pending[0], pending[1].grad)
+        if len(rows) != len(pending[0]):  # other ranks read rows this one did not
+            if self.decay is not None:
+                self.decay.touch({"weight": rows})
+            values = self.weight[rows]
+        else:
+            values = pending[1].detach()
+        self.weight[rows] = self.optimizer.step(rows, values, grad, lr)
         return rows
 
     def step_rows(self, lr: float) -> None:

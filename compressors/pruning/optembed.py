@@ -31,7 +31,8 @@ Deviations from the paper (and the reference):
 - A smaller search by default (10 generations of 10 children, 2,048 validation rows).
 - Crossover cuts over fields (the reference's cut point is drawn over the dim); children are
   copies; mutation draws any allowed dim.
-- Tables train with the run's table optimizer, in a single process (plain fp32 buffers).
+- Tables train with the run's table optimizer (plain fp32 buffers; replicated under
+  torchrun, the ranks' row gradients averaged).
 - ``pruned_rows="field_vector"`` (the reference's ``mode_oov='oov'``) starts at zero and
   passes a data gradient to the thresholds; ``"zero"`` (the default) is the paper's.
 
@@ -66,11 +67,12 @@ from compressors.core.base import (
     full_bytes,
 )
 from compressors.core.budget import BudgetError, describe_bytes
+from compressors.core.collective import batch_share, union_rows
 from compressors.core.hybrid import take_rows
 from compressors.core.registry import register
 from compressors.core.storage import check_dtype, optimizer_state_bytes, row_bytes
 from compressors.pruning.bytes import dim_choices, index_bytes, row_plan
-from compressors.pruning.entry_table import EntryTable, refuse_distributed, row_optimizer
+from compressors.pruning.entry_table import EntryTable, row_optimizer
 from compressors.pruning.serving import export_pruned
 
 if TYPE_CHECKING:
@@ -155,6 +157,8 @@ def floor_bytes(
 @register
 class OptEmbed(SearchedBytes, Compressor):
     """Row pruning by learned thresholds + per-field dims by evolution (module docstring)."""
+
+    data_parallel = True  # replicated state stays identical across ranks (base class)
 
     name = "optembed"
     default_optimizer = "adam"  # the paper's; its criteria need it (docs/methods)
@@ -343,14 +347,17 @@ class OptEmbed(SearchedBytes, Compressor):
         norms = weight.abs().sum(1)
         if self.normalise:
             if self.training:
-                self._track_scale(fields, norms.detach())
+                self._track_scale(rows, norms.detach())
             norms = norms / take_rows(self.scales(), fields)
         x = norms - take_rows(self.threshold, fields)
         return self._read_rows(rows, weight, LongTailStep.apply(x))
 
     @torch.no_grad()
-    def _track_scale(self, fields: torch.Tensor, norms: torch.Tensor) -> None:
-        """Moves each field's scale towards the mean L1 norm of its rows in this batch."""
+    def _track_scale(self, rows: torch.Tensor, norms: torch.Tensor) -> None:
+        """Moves each field's scale towards the mean L1 norm of its rows in this batch (the
+        global batch's under torchrun: every rank's rows pooled)."""
+        rows, norms = union_rows(rows, norms)
+        fields = self.table.field_of(rows)
         count = torch.bincount(fields, minlength=self.num_features)
         total = torch.zeros(self.num_features, device=norms.device).index_add_(0, fields, norms)
         seen = count > 0
@@ -382,7 +389,12 @@ class OptEmbed(SearchedBytes, Compressor):
         out = self.table(features, self._supernet_rows)
         if self.training and self.search_dims:
             # A uniformly drawn prefix 1..D per (sample, field): every dim choice trains.
-            keep = torch.randint(1, self.dim + 1, out.shape[:2]).to(out.device).unsqueeze(2)
+            fields = out.shape[1]
+            keep = (
+                batch_share(lambda n: torch.randint(1, self.dim + 1, (n, fields)), out.shape[0])
+                .to(out.device)
+                .unsqueeze(2)
+            )
             out = out * (torch.arange(self.dim, device=out.device) < keep).to(out.dtype)
         return out
 
@@ -414,9 +426,6 @@ class OptEmbed(SearchedBytes, Compressor):
         ]
 
     # ---------------------------------------------------------------- stages
-    def on_stage_start(self, stage: Stage, ctx: StageContext) -> None:
-        refuse_distributed(self.name)
-
     @torch.no_grad()
     def current_row_mask(self) -> torch.Tensor:
         """The rows kept now: the frozen mask, or the supernet's hard step."""
@@ -679,7 +688,9 @@ class OptEmbed(SearchedBytes, Compressor):
                         "offsets": offsets,
                     }
                 )
-                rows += int((labels >= 0).sum())  # padding rows (label -1) do not count
+                # Padding rows (label -1) do not count; under torchrun each rank holds its
+                # share of every batch, so the sample's size is counted over all ranks.
+                rows += int(ctx.gather((labels >= 0).sum().view(1)).sum())
         finally:
             self._capture = None
         return sample
@@ -727,7 +738,9 @@ class OptEmbed(SearchedBytes, Compressor):
         y = torch.cat(labels)
         valid = y >= 0
         scores = torch.stack([torch.cat(c) for c in logits])[:, valid]
-        return batched_auc(scores, y[valid]).tolist()
+        # Every rank scores its share of the sample; all decide on the pooled one.
+        y, scores = ctx.gather(y[valid]), ctx.gather(scores.T.contiguous()).T
+        return batched_auc(scores, y).tolist()
 
     # ---------------------------------------------------------------- evolution
     def _random_dim(self, gen: torch.Generator) -> int:

@@ -45,7 +45,8 @@ Deviations from the paper (reasons and figures: ``docs/methods/pep.md``):
 - One run prunes to its budget's sparsity (the reference saves the table at several
   parameter counts along one run, ``candidate_p``).
 - The table is a plain buffer stepped by the layer (fbgemm's fused kernels cannot
-  reparameterise entries), so training is single-process.
+  reparameterise entries); under torchrun it is replicated, the ranks' row gradients
+  averaged.
 
 Example::
 

@@ -161,8 +161,8 @@ class RunFiles:
 class Checkpointed:
     """The trainer's persistence (a mixin of :class:`~ctr.training.trainer.Trainer`, which
     provides ``model``, ``net``, ``compressor``, ``placement``, ``files``, ``state``,
-    ``config`` and ``_setup_optimizers``): whole weights, best and initial weights, rewinds,
-    the checkpoint and resuming from it."""
+    ``config``, ``_setup_optimizers`` and ``_rebuilt``): whole weights, best and initial
+    weights, rewinds, the checkpoint and resuming from it."""
 
     model: nn.Module
     net: nn.Module
@@ -275,7 +275,7 @@ class Checkpointed:
         state = payload["state"]
         if state.architecture is not None:
             self.compressor.rebuild(state.architecture)
-            self._setup_optimizers()
+            self._rebuilt()
         self._load_weights(payload["model"])
         for k, opt in self._all_optimizers().items():
             opt.load_state_dict(payload["optimizers"][k])

@@ -129,3 +129,6 @@ class RunContext:
 
     def rng(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1009 + self.trainer.state.stage)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        return self.trainer.placement.gather(t)

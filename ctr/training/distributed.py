@@ -24,10 +24,12 @@ from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimi
 from torchrec import EmbeddingBagCollection
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DataParallelWrapper
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from compressors.core.collective import average_sparse
 from compressors.core.storage import TABLE_OPTIMIZERS
 
 
@@ -60,10 +62,20 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+class _NoDataParallel(DataParallelWrapper):
+    """Leaves the unsharded modules unwrapped: the trainer averages their gradients itself
+    (:func:`average_gradients`)."""
+
+    def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
+        pass
+
+
 def shard_model(
-    model: nn.Module, info: DistInfo, table_optimizer: str, table_lr: float
+    model: nn.Module, info: DistInfo, table_optimizer: str, table_lr: float, ddp: bool = True
 ) -> DistributedModelParallel:
-    """Wraps ``model`` in DMP, copying its current weights into the shards."""
+    """Wraps ``model`` in DMP, copying its current weights into the shards; with
+    ``ddp=False`` the rest is left to :func:`average_gradients` instead of DDP (made
+    identical across ranks here)."""
     if table_optimizer == "adam":
         raise ValueError(
             "--table-optimizer adam trains its tables outside fbgemm's fused kernels (fbgemm has "
@@ -98,9 +110,74 @@ def shard_model(
         device=device,
         plan=plan,
         sharders=sharders,
+        data_parallel_wrapper=None if ddp else _NoDataParallel(),
     )
     load_full_state_dict(dmp, initial)
+    if not ddp:
+        broadcast_replicated(dmp)  # DDP would have broadcast rank 0's parameters
     return dmp
+
+
+def average_gradients(params: list[nn.Parameter]) -> None:
+    """Replaces each parameter's gradient by its mean over the ranks. Collective.
+
+    Each rank's loss is the mean over its equal share of the global batch, so the mean of
+    the ranks' gradients is the global batch's: the step equals one process's. A parameter
+    without a gradient on some ranks (a batch share that missed it) gets zeros there; one
+    without a gradient anywhere keeps none (its optimizer skips it, as in one process).
+    Dense gradients go in one flat all-reduce per dtype; sparse row gradients (unfused
+    tables) are gathered and summed per row, staying sparse (memory of the rows read, not
+    of the table).
+    """
+    if not params:
+        return
+    kinds = torch.tensor(
+        [0 if p.grad is None else 2 if p.grad.is_sparse else 1 for p in params], dtype=torch.int8
+    )
+    dist.all_reduce(kinds, op=dist.ReduceOp.MAX)
+    dense: dict[torch.dtype, list[nn.Parameter]] = {}
+    for p, kind in zip(params, kinds.tolist(), strict=True):
+        if kind == 2:
+            grad = p.grad if p.grad is not None else _empty_sparse(p)
+            p.grad = average_sparse(grad)
+        elif kind == 1:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dense.setdefault(p.grad.dtype, []).append(p)
+    world = dist.get_world_size()
+    for group in dense.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for p in group:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+            offset += n
+
+
+def _empty_sparse(p: torch.Tensor) -> torch.Tensor:
+    return torch.sparse_coo_tensor(
+        torch.zeros((1, 0), dtype=torch.int64), p.new_zeros((0, *p.shape[1:])), p.shape
+    )
+
+
+_GLOO_CARRIERS = {torch.bool: torch.uint8, torch.int16: torch.int32}
+
+
+@torch.no_grad()
+def broadcast_replicated(module: nn.Module) -> None:
+    """Copies rank 0's plain (unsharded) parameters and buffers to every rank. Collective."""
+    for value in module.state_dict().values():
+        if not isinstance(value, torch.Tensor) or isinstance(value, ShardedTensor):
+            continue
+        carrier_dtype = _GLOO_CARRIERS.get(value.dtype)
+        if carrier_dtype is not None:  # gloo has no bool or int16 broadcast
+            carrier = value.to(carrier_dtype)
+            dist.broadcast(carrier, src=0)
+            value.copy_(carrier)
+        else:
+            dist.broadcast(value, src=0)
 
 
 def dense_parameters(dmp: DistributedModelParallel) -> list[nn.Parameter]:

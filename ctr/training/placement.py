@@ -93,6 +93,23 @@ class Placement(ABC):
         """Every rank's ``t`` concatenated (evaluation pools all predictions)."""
         return t
 
+    def replicated_parameters(self, model: nn.Module, net: nn.Module) -> list[nn.Parameter]:
+        """Parameters whose gradients :meth:`average_gradients` must average (none in one
+        process, or where DDP does it)."""
+        return []
+
+    def average_gradients(self, params: list[nn.Parameter]) -> None:  # noqa: B027
+        """Averages ``params``' gradients over the ranks (collective; nothing in one
+        process)."""
+
+    def sync(self, model: nn.Module) -> None:  # noqa: B027
+        """Makes every rank's replicated state rank 0's (collective; nothing in one
+        process)."""
+
+    def rewrap(self, model: nn.Module, net: nn.Module, config: TrainConfig) -> nn.Module:
+        """The module to train after a stage rebuilt the method's tables."""
+        return net
+
     def rng_states(self) -> list[torch.Tensor]:
         """Every rank's torch RNG state (dropout draws differ per rank)."""
         return [torch.get_rng_state()]
@@ -121,51 +138,68 @@ class SingleProcess(Placement):
     def setup_tables(
         self, model: nn.Module, net: nn.Module, config: TrainConfig
     ) -> tuple[list[nn.Parameter], dict[str, Any]]:
-        tables = table_modules(model)
-        for t in tables:
-            t.fuse(config.table_optimizer, config.table_lr)  # type: ignore[arg-type]
-        for rows in embedding_rows(model):
-            rows.use_optimizer(config.table_optimizer)
-            rows.set_weight_decay(config.embedding_l2, config.l2_mode)
-        fused = {id(p) for t in tables for p in t.parameters()}
-        dense = [p for p in model.parameters() if p.requires_grad and id(p) not in fused]
-        return dense, {f"tables{i}": t.table_optimizer() for i, t in enumerate(tables)}
+        return _setup_local_tables(model, config)
 
     def set_table_lr(self, tables: dict[str, Any], lr: float) -> None:
-        for opt in tables.values():
-            for g in opt.param_groups:
-                g["lr"] = lr
-            opt.step()  # a fused optimizer hands its lr to fbgemm on step()/zero_grad()
+        _set_local_table_lr(tables, lr)
 
     def reset_table_state(self, tables: dict[str, Any]) -> None:
         for opt in tables.values():
             _zero_tensors(opt.state_dict()["state"])
 
     def full_state(self, model: nn.Module, net: nn.Module) -> dict[str, Any]:
-        for rows in embedding_rows(model):
-            rows.flush_decay()  # lazily decayed rows brought up to date
-        # Extra state (get_extra_state) may hold plain values beside the tensors.
-        return {
-            k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
-            for k, v in model.state_dict().items()
-        }
+        return _local_state(model)
 
     def load_state(self, model: nn.Module, net: nn.Module, state: dict[str, Any]) -> None:
-        model.load_state_dict(state)
-        for rows in embedding_rows(model):
-            if rows.decay is not None:
-                rows.decay.reset()
+        _load_local_state(model, state)
 
 
 class Sharded(Placement):
     """TorchRec DMP under ``torchrun``: tables sharded table-wise with fbgemm's fused
-    optimizer, everything else replicated (:mod:`ctr.training.distributed`)."""
+    optimizer, everything else replicated (:mod:`ctr.training.distributed`).
+
+    A method that trains data-parallel (``Compressor.data_parallel``: the pruning family,
+    OptEmbed, DNIS, AutoDim) runs its stages on every rank. Its replicated parameters'
+    gradients are averaged explicitly after each backward (:meth:`average_gradients`, in
+    place of DDP, whose static graph cannot follow parameters that stop being used, a
+    backward towards the architecture parameters only, or a rebuild), and its state is
+    made rank 0's after each stage (:meth:`sync`). When it has no TorchRec tables, or its
+    table optimizer has no fused kernel (Adam), nothing is sharded: the whole model is
+    replicated (``replicate``) and trains as in one process on the averaged gradients.
+    """
 
     def __init__(self, info: DistInfo) -> None:
         self.info = info
         self.rank, self.world_size = info.rank, info.world_size
+        self.replicate = False  # the whole model on every rank (set by check)
+        self.explicit = False  # gradients averaged by average_gradients, not DDP
 
     def check(self, compressor: Compressor, config: TrainConfig) -> None:
+        from compressors.core.storage import SPARSE_TABLE_OPTIMIZERS
+
+        self.explicit = compressor.data_parallel
+        self.replicate = compressor.data_parallel and (
+            config.table_optimizer in SPARSE_TABLE_OPTIMIZERS or not table_modules(compressor)
+        )
+        if self.replicate:
+            return  # every rank trains the whole model on averaged gradients
+        if compressor.data_parallel:
+            if config.embedding_l2:
+                raise RuntimeError(
+                    f"{compressor.name}: embedding_l2 on tables DMP shards runs in a single "
+                    "process only (with --table-optimizer adam the tables are replicated "
+                    "and take it)"
+                )
+            # A procedure of the method reads its tables whole, which DMP holds as shards.
+            procedures = [s.name for s in compressor.stages if not s.trains]
+            if procedures:
+                raise RuntimeError(
+                    f"{compressor.name}: stages {procedures} read the tables whole, which DMP "
+                    "shards under --table-optimizer "
+                    f"{config.table_optimizer}; train it with --table-optimizer adam (its "
+                    "tables are then replicated) or without torchrun"
+                )
+            return
         if config.embedding_l2:
             raise RuntimeError("embedding_l2 runs in a single process only (not under DMP)")
         if config.table_optimizer == "adam":
@@ -191,32 +225,77 @@ class Sharded(Placement):
 
         if self.info.backend == "nccl":
             self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.replicate:
+            self.sync(model)  # identical from the start, whatever each rank initialised
+            return model
+        return shard_model(
+            model,
+            self.info,
+            config.table_optimizer,  # type: ignore[arg-type]
+            config.table_lr,  # type: ignore[arg-type]
+            ddp=not self.explicit,
+        )
 
-        return shard_model(model, self.info, config.table_optimizer, config.table_lr)  # type: ignore[arg-type]
+    def rewrap(self, model: nn.Module, net: nn.Module, config: TrainConfig) -> nn.Module:
+        if self.replicate:
+            return net
+        # A rebuild replaced the sharded tables by new, unsharded ones: shard those.
+        return self.wrap(model, config)
 
     def setup_tables(
         self, model: nn.Module, net: nn.Module, config: TrainConfig
     ) -> tuple[list[nn.Parameter], dict[str, Any]]:
         from ctr.training.distributed import ShardedTableOptimizer, dense_parameters
 
+        if self.replicate:
+            return _setup_local_tables(model, config)
         return dense_parameters(net), {"tables": ShardedTableOptimizer(net)}  # type: ignore[arg-type]
 
     def set_table_lr(self, tables: dict[str, Any], lr: float) -> None:
-        pass  # DMP's fused optimizer keeps the lr it was sharded with
+        if self.replicate:
+            _set_local_table_lr(tables, lr)
+        # else DMP's fused optimizer keeps the lr it was sharded with
 
     def reset_table_state(self, tables: dict[str, Any]) -> None:
         for opt in tables.values():
-            _zero_tensors(opt.optimizer.state_dict()["state"])
+            inner = opt if self.replicate else opt.optimizer
+            _zero_tensors(inner.state_dict()["state"])
 
     def full_state(self, model: nn.Module, net: nn.Module) -> dict[str, Any]:
         from ctr.training.distributed import full_state_dict
 
+        if self.replicate:
+            return _local_state(model)
         return full_state_dict(net)  # type: ignore[arg-type]
 
     def load_state(self, model: nn.Module, net: nn.Module, state: dict[str, Any]) -> None:
         from ctr.training.distributed import load_full_state_dict
 
-        load_full_state_dict(net, state)  # type: ignore[arg-type]
+        if self.replicate:
+            _load_local_state(model, state)
+        else:
+            load_full_state_dict(net, state)  # type: ignore[arg-type]
+
+    def replicated_parameters(self, model: nn.Module, net: nn.Module) -> list[nn.Parameter]:
+        from ctr.training.distributed import dense_parameters
+
+        if not self.explicit:
+            return []  # DDP averages them
+        if self.replicate:  # unfused tables' sparse gradients included
+            return [p for p in model.parameters() if p.requires_grad]
+        return dense_parameters(net)  # type: ignore[arg-type]
+
+    def average_gradients(self, params: list[nn.Parameter]) -> None:
+        from ctr.training.distributed import average_gradients
+
+        if self.explicit:
+            average_gradients(params)
+
+    def sync(self, model: nn.Module) -> None:
+        from ctr.training.distributed import broadcast_replicated
+
+        if self.explicit:
+            broadcast_replicated(model)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
@@ -256,3 +335,43 @@ def _zero_tensors(tree: Any) -> None:
     elif isinstance(tree, dict):
         for v in tree.values():
             _zero_tensors(v)
+
+
+def _setup_local_tables(
+    model: nn.Module, config: TrainConfig
+) -> tuple[list[nn.Parameter], dict[str, Any]]:
+    """Fuses the tables in place (or readies their sparse optimizer) and sets the rows'
+    optimizer and L2: (parameters the trainer's optimizers own, the table optimizers)."""
+    tables = table_modules(model)
+    for t in tables:
+        t.fuse(config.table_optimizer, config.table_lr)  # type: ignore[arg-type]
+    for rows in embedding_rows(model):
+        rows.use_optimizer(config.table_optimizer)
+        rows.set_weight_decay(config.embedding_l2, config.l2_mode)
+    fused = {id(p) for t in tables for p in t.parameters()}
+    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in fused]
+    return dense, {f"tables{i}": t.table_optimizer() for i, t in enumerate(tables)}
+
+
+def _set_local_table_lr(tables: dict[str, Any], lr: float) -> None:
+    for opt in tables.values():
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.step()  # a fused optimizer hands its lr to fbgemm on step()/zero_grad()
+
+
+def _local_state(model: nn.Module) -> dict[str, Any]:
+    for rows in embedding_rows(model):
+        rows.flush_decay()  # lazily decayed rows brought up to date
+    # Extra state (get_extra_state) may hold plain values beside the tensors.
+    return {
+        k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+        for k, v in model.state_dict().items()
+    }
+
+
+def _load_local_state(model: nn.Module, state: dict[str, Any]) -> None:
+    model.load_state_dict(state)
+    for rows in embedding_rows(model):
+        if rows.decay is not None:
+            rows.decay.reset()

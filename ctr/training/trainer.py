@@ -153,6 +153,8 @@ class Trainer(Checkpointed):
         dense, self.table_optimizers = self.placement.setup_tables(
             self.model, self.net, self.config
         )
+        # Gradients the placement averages over ranks itself (none in one process).
+        self.replicated = self.placement.replicated_parameters(self.model, self.net)
         built = build_optimizers(self.compressor, dense, self.config)
         self.optimizers, self.valid_optimizers = built.train, built.valid
         self.embedding_groups = built.embedding
@@ -222,10 +224,13 @@ class Trainer(Checkpointed):
                 self._flush_decay()  # a method's own procedure reads its tables whole
                 self.compressor.run_stage(stage, ctx)
             self._flush_decay()
+            # Every rank holds rank 0's state (identical already, unless a bug let them
+            # drift), so the decisions each rank takes from it next (masks, dims) agree.
+            self.placement.sync(self.model)
             self.compressor.on_stage_end(stage, ctx)
             if stage.rebuilds:
                 self.state.architecture = self.compressor.architecture()
-                self._setup_optimizers()
+                self._rebuilt()
             seconds = self.state.stage_seconds
             seconds[stage.name] = seconds.get(stage.name, 0.0) + time.perf_counter() - started
             self._log_stage(stage, seconds[stage.name])
@@ -243,6 +248,11 @@ class Trainer(Checkpointed):
             "stage_seconds": dict(self.state.stage_seconds),
             "history": self.state.history,
         }
+
+    def _rebuilt(self) -> None:
+        """The method rebuilt its tables: shard the new ones, optimizers afresh."""
+        self.net = self.placement.rewrap(self.model, self.net, self.config)
+        self._setup_optimizers()
 
     def _log_stage(self, stage: Stage, seconds: float) -> None:
         """One log line per finished stage: its wall time (also in the summary)."""
@@ -366,6 +376,7 @@ class Trainer(Checkpointed):
         for opt in self.optimizers.values():
             opt.zero_grad()
         total.backward()
+        self.placement.average_gradients(self.replicated)
         for name, opt in self.optimizers.items():
             if dense or name != "dense":
                 opt.step()
@@ -393,6 +404,7 @@ class Trainer(Checkpointed):
         for opt in self.valid_optimizers.values():
             opt.zero_grad()
         (loss + self.compressor.penalty()).backward(inputs=params)
+        self.placement.average_gradients(params)
         for opt in self.valid_optimizers.values():
             opt.step()
         return loss.item()
