@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -41,6 +39,7 @@ from ctr.training.run import RunConfig, load_run_model, train_run
 from ctr.training.trainer import TrainConfig
 from datasets.loader import BatchLoader
 from tests.helpers import ROOT
+from tests.helpers.torchrun import torchrun_command
 
 METHODS = available()
 TABLE_METHODS = [m for m in METHODS if issubclass(COMPRESSORS[m], TableMethod)]
@@ -295,29 +294,13 @@ def dmp_results(tiny_data, tmp_path_factory):
     """One torchrun process group that trains every method (tests/helpers/contract_dmp.py)."""
     out = tmp_path_factory.mktemp("contract_dmp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        str(ROOT / "tests" / "helpers" / "contract_dmp.py"),
-        str(tiny_data),
-        str(out),
-    ]
+    cmd = torchrun_command(
+        str(ROOT / "tests" / "helpers" / "contract_dmp.py"), str(tiny_data), str(out)
+    )
     # Every method in one process group: minutes alone, far more on a shared machine.
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads((out / "dmp.json").read_text())
-
-
-def _free_port() -> int:
-    """A port the OS hands out (a fixed one collides with another test session's group)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("name", METHODS)

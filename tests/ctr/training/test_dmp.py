@@ -3,9 +3,10 @@ and an interrupted DMP run resumes exactly."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
+
+from tests.helpers.torchrun import torchrun_command
 
 ARGS = [
     "train",
@@ -30,32 +31,9 @@ def _run(cmd, env):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
-def _free_port() -> int:
-    # A port the OS just handed out: two test sessions on one machine do not collide.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(data, out, env, *extra):
     _run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(_free_port()),
-            "-m",
-            "ctr.cli",
-            *ARGS,
-            "--data",
-            str(data),
-            "--out",
-            str(out),
-            *extra,
-        ],
+        torchrun_command("-m", "ctr.cli", *ARGS, "--data", str(data), "--out", str(out), *extra),
         env,
     )
 

@@ -5,41 +5,27 @@ batch's)."""
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
 from ctr.training.run import train_run
 from tests.helpers.dmp_methods import METHODS, run_config
+from tests.helpers.torchrun import torchrun_command
 
 ROOT = Path(__file__).resolve().parents[3]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_data_parallel_methods_match_one_process(tiny_data, tmp_path):
     methods = list(METHODS)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
+    cmd = torchrun_command(
         str(ROOT / "tests" / "helpers" / "dmp_methods.py"),
         str(tiny_data),
         str(tmp_path / "dmp"),
         *methods,
-    ]
+    )
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for method in methods:
