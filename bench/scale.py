@@ -466,18 +466,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     unknown = sorted(set(methods) - set(available()))
     if unknown:
         raise ValueError(f"--methods: unknown {unknown}; registered: {available()}")
-    try:
-        options = json.loads(args.scale_options) if args.scale_options else {}
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--scale-options: invalid JSON ({e.msg})") from None
-    if not isinstance(options, dict):
-        raise ValueError("--scale-options: expected a JSON object of method -> options")
-    try:
-        budgets = json.loads(args.scale_budgets) if args.scale_budgets else {}
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--scale-budgets: invalid JSON ({e.msg})") from None
-    if not isinstance(budgets, dict):
-        raise ValueError("--scale-budgets: expected a JSON object of method -> budget")
+    options = _json_object(args.scale_options, "--scale-options", "method -> options")
+    budgets = _json_object(args.scale_budgets, "--scale-budgets", "method -> budget")
     root = CACHE / "scale"
     root.mkdir(parents=True, exist_ok=True)
     data, runs = [], []
@@ -605,3 +595,14 @@ def plot_scale(runs: list[dict[str, Any]], fits: dict[str, dict[str, Any]], path
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return str(path)
+
+
+def _json_object(text: str | None, flag: str, what: str) -> dict:
+    """``flag``'s JSON object (empty when not given), or a one-line error naming the flag."""
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag}: invalid JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag}: expected a JSON object of {what}")
+    return value
