@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.output import CACHE, print_table
-from datasets.io import atomic_write
+from datasets.io import atomic_write, atomic_write_text
 
 SECTION = "scale"
 ROWS_PER_SHARD = 1 << 16
@@ -99,6 +99,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--scale-options",
         default="",
         help='scale: per-method options as JSON, e.g. \'{"optembed": {"generations": 5}}\'',
+    )
+    group.add_argument(
+        "--scale-reuse",
+        action="store_true",
+        help="scale: reuse a saved run of the same method, data and settings (each run is "
+        "saved under <bench cache>/scale/runs/ with the commit it ran on) instead of rerunning "
+        "it, so a table can be built up over several invocations",
     )
 
 
@@ -487,7 +494,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "warmup": args.scale_warmup,
                 "scratch": str(root),
             }
-            result = run_child(spec, args.scale_timeout)
+            saved = root / "runs" / _run_key(spec)
+            result = _load_run(saved, spec) if args.scale_reuse else None
+            if result is None:
+                result = {**run_child(spec, args.scale_timeout), "commit": _commit()}
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(saved, json.dumps({"spec": spec, **result}))
+            else:
+                print(f"  {method}: reusing {saved} (commit {result.get('commit')})", flush=True)
             row = {"method": method, "budget": spec["budget"], "ids": info["ids"], **result}
             if row["status"] == "ok":
                 above = row["fit_peak_rss_bytes"] - row["base_rss_bytes"]
@@ -512,6 +526,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"data": data, "runs": runs, "fits": fits, "table": table, "plot": plot}
 
 
+def _run_key(spec: dict[str, Any]) -> str:
+    """A saved run's file name: method, budget and data, plus a digest of the other settings."""
+    import hashlib
+
+    digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{spec['method']}-{spec['budget']}-{Path(spec['data']).name}-{digest}.json"
+
+
+def _load_run(path: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved result of exactly ``spec``, or None (missing, unreadable, other settings, or
+    a timeout, which a rerun with a longer ``--scale-timeout`` may finish)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if saved.pop("spec", None) != spec or saved.get("reason", "").startswith("timed out"):
+        return None
+    return saved
+
+
+def _commit() -> str | None:
+    """The repository's commit (with ``+`` when the tree has changes), or None outside git."""
+    try:
+        run = {"cwd": _repo_root(), "capture_output": True, "text": True, "timeout": 10}
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **run).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], **run).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+" if dirty else "")) or None
+
+
 def _print_progress(row: dict[str, Any]) -> None:
     if row["status"] == "ok":
         print(
@@ -532,6 +577,7 @@ def table_rows(runs: list[dict[str, Any]], fits: dict[str, dict[str, Any]]) -> l
     for r in runs:
         fit = fits.get(r["method"], {})
         row: dict[str, Any] = {"method": r["method"], "budget": r["budget"], "ids": r["ids"]}
+        row["commit"] = r.get("commit")
         if r["status"] != "ok":
             rows.append({**row, "step ms": None, "refused": r["reason"]})
             continue

@@ -59,7 +59,7 @@ def test_parse_ids_names_the_flag() -> None:
 def test_section_at_a_tiny_scale_records_figures_and_refusals(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("CTR_BENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(scale, "CACHE", tmp_path / "cache")
-    args = _args(
+    args_list = [
         "--scale-ids", "8000",
         "--methods", "full,hash,qr",
         "--scale-steps", "3",
@@ -67,8 +67,8 @@ def test_section_at_a_tiny_scale_records_figures_and_refusals(tmp_path, monkeypa
         "--scale-batch-size", "512",
         "--scale-options", json.dumps({"qr": {"no_such_option": 1}}),
         "--scale-budgets", json.dumps({"hash": "12x"}),
-    )  # fmt: skip
-    result = scale.run(args)
+    ]  # fmt: skip
+    result = scale.run(_args(*args_list))
     json.dumps(result)  # the bench writes it as JSON
     (data,) = result["data"]
     meta = DatasetMeta.load(data["path"])
@@ -99,8 +99,21 @@ def test_section_at_a_tiny_scale_records_figures_and_refusals(tmp_path, monkeypa
     assert [r["method"] for r in result["table"]] == ["full", "hash", "qr"]
     assert result["table"][2]["refused"]
     assert result["plot"].endswith("scale.png")
-    # The plot and the dataset stay in the bench cache; no scratch artifact is left behind.
-    assert sorted(p.name for p in (tmp_path / "cache" / "scale").iterdir()) == ["data"]
+    # The plot, the dataset and the saved runs stay in the bench cache; no scratch artifact
+    # is left behind.
+    assert sorted(p.name for p in (tmp_path / "cache" / "scale").iterdir()) == ["data", "runs"]
+    assert len(list((tmp_path / "cache" / "scale" / "runs").iterdir())) == 3
+
+    # --scale-reuse builds the table from the saved runs of the same settings, and reruns
+    # what differs.
+    def no_rerun(spec, timeout):
+        raise AssertionError(f"reran {spec['method']}")
+
+    monkeypatch.setattr(scale, "run_child", no_rerun)
+    again = scale.run(_args(*args_list, "--scale-reuse"))
+    assert again["runs"] == result["runs"]
+    with pytest.raises(AssertionError, match="reran full"):
+        scale.run(_args(*args_list, "--scale-reuse", "--scale-steps", "2"))
 
 
 def test_a_run_past_its_timeout_is_a_refusal(tmp_path) -> None:
