@@ -12,6 +12,7 @@ Example (run with ``torchrun --nproc_per_node 2 -m ctr.cli train ...``)::
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -56,10 +57,18 @@ def init_from_env() -> DistInfo | None:
 
 
 def shutdown() -> None:
-    """Leaves the process group (without it a rank can abort at exit)."""
+    """Leaves the process group (without it a rank can abort at exit).
+
+    Models, DMP wrappers and pending work still in reference cycles hold the group's backend
+    (and its worker threads) alive past ``destroy_process_group``, to be torn down during
+    interpreter finalisation, where a C++ thread can be destroyed unjoined ("terminate called
+    without an active exception"); collecting them first lets the backend go here, in order.
+    """
     if dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 class _NoDataParallel(DataParallelWrapper):
