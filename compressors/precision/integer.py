@@ -281,7 +281,10 @@ class FixedStepTraining(IntegerEmbedding):
     def export_table(self) -> tuple[str, torch.Tensor]:
         if self.bits == 8:
             return "int8", fbgemm_rows(self.codes, self.step.expand(self.rows), 8)
-        return "fp16", (self.codes.float() * self.step).half()
+        out = torch.empty(self.codes.shape, dtype=torch.float16)
+        for start in range(0, len(out), 1 << 16):  # no whole-table fp32 temporary
+            out[start : start + (1 << 16)] = self.codes[start : start + (1 << 16)] * self.step
+        return "fp16", out
 
     def hyperparameters(self) -> dict[str, Any]:
         return {**super().hyperparameters(), "step": float(self.step), "max_abs": self.max_abs}
