@@ -624,11 +624,20 @@ def plot_scale(runs: list[dict[str, Any]], fits: dict[str, dict[str, Any]], path
         ("rss_above_base_bytes", "rss_exponent", "training peak RSS above imports (bytes)"),
     ]
     for ax, (key, fit_key, label) in zip(axes, panels, strict=True):
-        for method in dict.fromkeys(r["method"] for r in ok):
+        for i, method in enumerate(dict.fromkeys(r["method"] for r in ok)):
             pts = sorted((r["ids"], r[key]) for r in ok if r["method"] == method and r[key])
             k = fits.get(method, {}).get(fit_key)
             name = f"{method} (k={k:.2f})" if k is not None else method
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            # 20 colours, and a marker and a dash that change with them: every method of
+            # the registry gets its own look.
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                color=plt.get_cmap("tab20")(i % 20),
+                marker="osD^v<>P"[i % 8],
+                linestyle="-" if i % 2 == 0 else "--",
+                label=name,
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("ids (vocabulary)")
