@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import os
 import select
@@ -59,19 +60,28 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import torch
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from ctr.serving.http.batcher import Batcher, RawColumns
 from ctr.serving.http.config import ServeConfig
 from ctr.serving.http.metrics import Metrics
 from ctr.serving.http.models import Served, load_served, resolve_artifact
 from ctr.serving.http.reload import ModelManager, settle_gc
-from ctr.serving.http.requests import RequestError, ids_records, read_json, request_columns
+from ctr.serving.http.requests import (
+    RequestError,
+    check_media,
+    ids_records,
+    parse_json,
+    read_body,
+    request_columns,
+)
 from datasets.encode import EncodedRecords
 
 log = logging.getLogger("ctr.serve")
@@ -126,20 +136,24 @@ def create_app(
     def error(e: RequestError) -> JSONResponse:
         return JSONResponse({"error": e.message}, e.status, headers=e.headers)
 
-    async def predict(request: Request) -> Response:
+    async def predict(scope: Scope, receive: Receive, send: Send) -> None:
+        # A raw ASGI endpoint (no Request/Response objects, no middleware: ``_App`` calls it
+        # directly): a ranking service's request spends its time here, on the event loop.
         start = time.perf_counter()
         status = 200
         try:
             served = manager.current
-            payload = await read_json(request, config.max_body_bytes)
+            content_type, content_length = _content_headers(scope["headers"])
+            check_media(content_type, content_length, config.max_body_bytes)
+            payload = parse_json(await read_body(_chunks(receive), config.max_body_bytes))
             accepted = (
                 (
-                    set(served.dense) | {f["name"] for f in served.sparse}
+                    served.id_fields
                     if payload.get("ids") is True or served.encoder is None
-                    else set(served.encoder.fields)
+                    else served.raw_fields
                 )
                 if isinstance(payload, dict)
-                else set()
+                else frozenset()
             )
             columns, n, ids = request_columns(payload, accepted, config.max_rows, keep_rows=True)
             if not ids and served.encoder is None:
@@ -153,17 +167,30 @@ def create_app(
             )
             predictions = await batcher.submit(served, encoded, n)
             metrics.rows_predicted += n
-            return JSONResponse({"predictions": predictions})
+            body = orjson.dumps({"predictions": predictions})
+            headers: list[tuple[bytes, bytes]] = []
         except RequestError as e:
-            status = e.status
-            return error(e)
+            status, body, headers = e.status, _error_body(e.message), _raw_headers(e.headers)
         except RecursionError:
             status = 400  # a value nested too deeply for the encoder: the request's fault
-            return error(RequestError(400, "malformed request: a value is nested too deeply"))
+            body, headers = _error_body("malformed request: a value is nested too deeply"), []
         except Exception as e:
             status = 500
             log.exception("predict failed")
-            return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, 500)
+            body, headers = _error_body(f"internal error: {type(e).__name__}: {e}"), []
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        *headers,
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
         finally:
             metrics.requests["/v1/predict", status] += 1
             metrics.latency.observe(time.perf_counter() - start)
@@ -198,9 +225,10 @@ def create_app(
         text = metrics.render(batcher.queued_rows, batcher.queue.qsize(), manager.current)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
-    app = Starlette(
+    app = _App(
+        predict,
         routes=[
-            Route("/v1/predict", predict, methods=["POST"]),
+            Route("/v1/predict", _AsgiEndpoint(predict), methods=["POST"]),
             Route("/v1/metadata", metadata, methods=["GET"]),
             Route("/v1/reload", reload, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
@@ -212,6 +240,69 @@ def create_app(
     app.state.manager = manager
     app.state.batcher = batcher
     return app
+
+
+class _App(Starlette):
+    """The Starlette app, with ``POST /v1/predict`` answered by its raw ASGI endpoint before
+    the routing and middleware (other paths and methods, 405 included, go through them)."""
+
+    def __init__(self, predict: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._predict = predict
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == PREDICT and scope["method"] == "POST":
+            await self._predict(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
+class _AsgiEndpoint:
+    """A raw ASGI callable as a route's endpoint (a function would be wrapped as a request
+    handler); the route keeps its method check."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+PREDICT = "/v1/predict"
+
+
+def _content_headers(headers: list[tuple[bytes, bytes]]) -> tuple[str, str | None]:
+    """(content type, content length or None) of a request's raw ASGI headers (the first of
+    each, as Starlette's ``Headers.get``)."""
+    ctype: str | None = None
+    length: str | None = None
+    for name, value in headers:
+        if name == b"content-type" and ctype is None:
+            ctype = value.decode("latin-1")
+        elif name == b"content-length" and length is None:
+            length = value.decode("latin-1")
+    return ctype or "", length
+
+
+async def _chunks(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
+
+
+def _error_body(message: str) -> bytes:
+    try:
+        return orjson.dumps({"error": message})
+    except TypeError:  # a lone surrogate (from the request) is not UTF-8: escape it
+        return json.dumps({"error": message}).encode()
+
+
+def _raw_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
 
 def serve(
@@ -234,10 +325,18 @@ def serve(
         _announce(served, host, bound)
 
     app = create_app(source, config, on_ready=ready)
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
-    )
+    server = uvicorn.Server(_uvicorn_config(app))
     server.run(sockets=[sock])
+
+
+def _uvicorn_config(app: Starlette) -> Any:
+    """uvicorn's settings: httptools and uvloop where installed (both pinned), no access log,
+    and no proxy-header rewriting (nothing here reads the client's address)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="on", proxy_headers=False
+    )
 
 
 def _listener(family: int, host: str, port: int, reuse_port: bool = False) -> socket.socket:
@@ -324,9 +423,7 @@ def _serve_workers(
                 worker=(index, config.workers),
                 on_reload=lambda: os.kill(parent, signal.SIGUSR1),
             )
-            uvicorn.Server(
-                uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
-            ).run(sockets=[sock])
+            uvicorn.Server(_uvicorn_config(app)).run(sockets=[sock])
             code = 0
         except BaseException:
             log.exception("worker %d failed", index)

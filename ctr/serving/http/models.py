@@ -8,6 +8,7 @@ a batch's encoded parts.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -44,6 +45,16 @@ class Served:
     @property
     def version(self) -> str:
         return self.path.name
+
+    @functools.cached_property
+    def raw_fields(self) -> frozenset[str]:
+        """The fields a request of raw values may name."""
+        return frozenset(self.encoder.fields) if self.encoder is not None else frozenset()
+
+    @functools.cached_property
+    def id_fields(self) -> frozenset[str]:
+        """The fields a request of ids (``"ids": true``) may name."""
+        return frozenset(self.dense) | {f["name"] for f in self.sparse}
 
     def metadata(self) -> dict[str, Any]:
         manifest = self.model.manifest

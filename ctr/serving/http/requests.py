@@ -9,9 +9,12 @@ over the limit 413, too many rows 413, non-JSON content type 415.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import orjson
 from starlette.requests import Request
 
 from datasets.encode import EncodedRecords
@@ -36,18 +39,32 @@ def _reject_constant(name: str) -> Any:
     raise RequestError(400, f"{name} is not a JSON number; send finite numbers or null")
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+# 20 digits in a row: an integer orjson would read as a float (it keeps 64 bits), where the
+# standard decoder keeps the exact int; such a body takes the standard decoder.
+_LONG_DIGITS = re.compile(rb"[0-9]{20}")
+
+
+def check_media(content_type: str, content_length: str | None, limit: int) -> None:
+    """The request's declared content type and length (415, 413) before its body is read."""
+    media = content_type.split(";")[0].strip().lower()
     if media not in JSON_TYPES and not media.endswith("+json"):
         raise RequestError(415, f"content type {media or 'none'!r}; send application/json")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestError(413, f"body of {int(declared)} bytes exceeds the limit of {limit}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestError(413, f"body exceeds the limit of {limit} bytes")
+    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
+        raise RequestError(413, f"body of {int(content_length)} bytes exceeds the limit of {limit}")
+
+
+def parse_json(body: bytes) -> Any:
+    """A request body -> its JSON value, as :func:`json.loads` with non-finite constants
+    refused reads it (the same values: ints stay ints, floats the nearest double).
+
+    orjson parses; any body it refuses is parsed again by the standard decoder, which names
+    the error (line and column) or takes what orjson alone refuses (an escaped lone
+    surrogate, a number beyond a double's range, nesting deeper than orjson's 1024 levels)."""
+    if not _LONG_DIGITS.search(body):
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
     try:
         # Decoded explicitly: json.loads(bytes) would also guess UTF-16/32 from a BOM.
         return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
@@ -60,6 +77,24 @@ async def read_json(request: Request, limit: int) -> Any:
     except RecursionError:
         # No request nests deeper than rows of lists of values; json gives up far deeper.
         raise RequestError(400, "malformed request: JSON nested too deeply") from None
+
+
+async def read_body(chunks: Iterable[bytes] | Any, limit: int) -> bytes:
+    """The body from an async iterator of chunks, refused (413) once over ``limit`` bytes."""
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > limit:
+            raise RequestError(413, f"body exceeds the limit of {limit} bytes")
+    return bytes(body)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """A Starlette request's JSON body, its content type and size checked first."""
+    check_media(
+        request.headers.get("content-type", ""), request.headers.get("content-length"), limit
+    )
+    return parse_json(await read_body(request.stream(), limit))
 
 
 def request_columns(
