@@ -36,7 +36,7 @@ from torchrec.datasets.utils import Batch
 
 from datasets.fingerprint import MISSING, fingerprint_strings
 from datasets.prepare.base import Format
-from datasets.prepare.columns import Issues
+from datasets.prepare.columns import Features, Issues
 from datasets.prepare.vocab import FieldVocab
 from datasets.prepared import VOCAB_FILE, DatasetMeta, PreparedDataError
 from datasets.readers.registry import READERS
@@ -222,7 +222,7 @@ class RawEncoder:
             rows = max(map(len, new_values.values()))
             table = {c: [*m.values(), *[None] * (rows - len(m))] for c, m in new_values.items()}
             try:
-                fresh = self._encode_vectorised(table, rows)
+                fresh = self._encode_some(table, rows)
             except (ValueError, OverflowError, TypeError, pa.ArrowException):
                 # The request's own rows, vectorised: the same error, naming its record.
                 return self._encode_vectorised(columns, n)
@@ -278,22 +278,49 @@ class RawEncoder:
             }
         )
         issues = Issues(n)
-        features = self.format.transform(table, issues, labeled=False)
+        return self._encoded(self.format.transform(table, issues, labeled=False), issues, n)
+
+    def _encode_some(self, columns: Mapping[str, Sequence[Any]], n: int) -> EncodedRecords:
+        """The features of the given raw columns only (as :meth:`_encode_vectorised` computes
+        them; the other features are left zero and absent), through the format's
+        ``transform_columns`` where it offers it: the memo's new values pay for their own
+        columns, not for every column of the format."""
+        table = pa.table(
+            {
+                c: _raw_column(c, v, self.format.multi_valued.get(c), c in self._numeric)
+                for c, v in columns.items()
+            }
+        )
+        issues = Issues(n)
+        features = self.format.transform_columns(table, issues)
+        if features is None:
+            return self._encode_vectorised(columns, n)
+        return self._encoded(features, issues, n)
+
+    def _encoded(self, features: Features, issues: Issues, n: int) -> EncodedRecords:
+        """A transform's features -> ids and dense floats; the first flagged row refused.
+        Features a partial transform left out are absent (sparse) or zero (dense)."""
         for flag in issues.first_reasons():
             i = int(np.argmax(flag.mask))
             raise ValueError(
                 f"record {i}: {flag.reason} in field {flag.field!r} "
                 f"(value {flag.values[i].as_py()!r})"
             )
-        dense = (
-            np.stack([features.dense[d] for d in self.meta.dense], axis=1)
-            if self.meta.dense
-            else np.zeros((n, 0), dtype=np.float32)
-        )
+        if not self.meta.dense:
+            dense = np.zeros((n, 0), dtype=np.float32)
+        elif len(features.dense) == len(self.meta.dense):
+            dense = np.stack([features.dense[d] for d in self.meta.dense], axis=1)
+        else:
+            dense = np.zeros((n, len(self.meta.dense)), dtype=np.float32)
+            for j, d in enumerate(self.meta.dense):
+                if d in features.dense:
+                    dense[:, j] = features.dense[d]
         sparse: dict[str, np.ndarray | list[np.ndarray]] = {}
         lengths: dict[str, np.ndarray] = {}
         flat_tokens: dict[str, pa.Array] = {}
         for f in self.meta.sparse:
+            if f.name not in features.tokens:
+                continue
             tokens = features.tokens[f.name]
             if isinstance(tokens, pa.ChunkedArray):
                 tokens = tokens.combine_chunks()
@@ -309,6 +336,8 @@ class RawEncoder:
         else:
             ids = {name: self._ids(name, t) for name, t in flat_tokens.items()}
         for f in self.meta.sparse:
+            if f.name not in ids:
+                continue
             if f.multi_hot:
                 sparse[f.name] = np.split(ids[f.name], np.cumsum(lengths[f.name])[:-1])
             else:

@@ -166,3 +166,11 @@ class Format(ABC):
     @abstractmethod
     def transform(self, raw: pa.Table, issues: Issues, labeled: bool = True) -> Features:
         """Raw string columns -> features; flags bad rows in ``issues`` instead of raising."""
+
+    def transform_columns(self, raw: pa.Table, issues: Issues) -> Features | None:
+        """Unlabelled features of a table holding only some feature columns: the features
+        :attr:`sources` derives from those columns, without the others' work (a transform's
+        cost is mostly a fixed cost per column). ``None`` (the default) where the format does
+        not offer it: the caller transforms a whole table. Serving encodes the values its
+        memo has not seen with it, so one new value costs its own column's work."""
+        return None

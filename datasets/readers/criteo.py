@@ -25,11 +25,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from datasets.prepare.base import Format, PrepareOptions
@@ -100,11 +101,20 @@ class CriteoFormat(Format):
 
     def transform(self, raw: pa.Table, issues: Issues, labeled: bool = True) -> Features:
         label = parse_binary_label(raw["label"], "label", issues) if labeled else None
-        numbers = {d: parse_numbers(raw[d], d, issues) for d in CRITEO_DENSE}
+        return self._features(raw, issues, label, CRITEO_COLUMNS)
+
+    def transform_columns(self, raw: pa.Table, issues: Issues) -> Features:
+        return self._features(raw, issues, None, set(raw.column_names))
+
+    def _features(
+        self, raw: pa.Table, issues: Issues, label: np.ndarray | None, have: Collection[str]
+    ) -> Features:
+        numbers = {d: parse_numbers(raw[d], d, issues) for d in CRITEO_DENSE if d in have}
         dense = {d: dense_transform(self.config.dense_transform, x) for d, x in numbers.items()}
-        tokens = {c: raw[c] for c in CRITEO_SPARSE}
+        tokens = {c: raw[c] for c in CRITEO_SPARSE if c in have}
         for d, b in zip(CRITEO_DENSE, self.buckets, strict=False):
-            tokens[b] = log_square_buckets(numbers[d])
+            if d in have:
+                tokens[b] = log_square_buckets(numbers[d])
         return Features(label, dense, tokens)
 
 

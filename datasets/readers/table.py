@@ -36,7 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -240,26 +240,49 @@ class TableFormat(Format):
 
     def transform(self, raw: pa.Table, issues: Issues, labeled: bool = True) -> Features:
         cfg = self.config
-
-        def column(name: str) -> pa.Array:
-            return trim_spaces(raw[name]) if cfg.trim else raw[name]
-
         label = None
         if labeled and cfg.positive:
             label = parse_named_label(
-                column(cfg.label), cfg.label, cfg.positive, cfg.negative, issues
+                self._column(raw, cfg.label), cfg.label, cfg.positive, cfg.negative, issues
             )
         elif labeled:
-            label = parse_unit_label(column(cfg.label), cfg.label, issues)
-        numbers = {c: parse_numbers(column(c), c, issues) for c in cfg.numeric}
-        dense = {c: dense_transform(cfg.numeric_transform, numbers[c]) for c in self.dense}
-        tokens = {c: as_strings(column(c)) for c in cfg.categorical}
-        tokens.update({c: token_lists(column(c), sep) for c, sep in cfg.multi_valued.items()})
+            label = parse_unit_label(self._column(raw, cfg.label), cfg.label, issues)
+        return self._features(raw, issues, label, self.columns)
+
+    def transform_columns(self, raw: pa.Table, issues: Issues) -> Features:
+        return self._features(raw, issues, None, set(raw.column_names))
+
+    def _column(self, raw: pa.Table, name: str) -> pa.Array:
+        return trim_spaces(raw[name]) if self.config.trim else raw[name]
+
+    def _features(
+        self, raw: pa.Table, issues: Issues, label: np.ndarray | None, have: Collection[str]
+    ) -> Features:
+        cfg = self.config
+        numbers = {
+            c: parse_numbers(self._column(raw, c), c, issues) for c in cfg.numeric if c in have
+        }
+        dense = {
+            c: dense_transform(cfg.numeric_transform, numbers[c]) for c in self.dense if c in have
+        }
+        tokens = {c: as_strings(self._column(raw, c)) for c in cfg.categorical if c in have}
+        tokens.update(
+            {
+                c: token_lists(self._column(raw, c), sep)
+                for c, sep in cfg.multi_valued.items()
+                if c in have
+            }
+        )
         if self.buckets:  # empty while pass 1 is still sketching the train values
             tokens.update(
-                {bucket_field(c): self.buckets[c].tokens(numbers[c]) for c in self.bucketed}
+                {
+                    bucket_field(c): self.buckets[c].tokens(numbers[c])
+                    for c in self.bucketed
+                    if c in have
+                }
             )
-        return Features(label, dense, tokens, numbers={c: numbers[c] for c in self.bucketed})
+        bucketed = {c: numbers[c] for c in self.bucketed if c in have}
+        return Features(label, dense, tokens, numbers=bucketed)
 
 
 def prepare_table(

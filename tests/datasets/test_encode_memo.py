@@ -145,6 +145,35 @@ def test_a_warm_memo_answers_without_the_vectorised_transform(tmp_path, monkeypa
         np.testing.assert_array_equal(got.sparse[name], ids[3:5])
 
 
+@pytest.mark.parametrize("kind", ["criteo", "table", "synthetic"])
+def test_new_values_transform_only_their_own_columns(kind, tmp_path, monkeypatch):
+    encoder = _prepared(kind, tmp_path)
+    candidates = _candidates(encoder)
+    records = _records(candidates, 8, np.random.default_rng(3))
+    encoder.encode(records)  # warm: every column's values of these rows are memoised
+    column = next(c for c in encoder.fields if c not in encoder.format.multi_valued)
+    fresh = [
+        dict(r, **{column: 123.25 if column in encoder.meta.dense else "never-seen-2"})
+        for r in records[:2]
+    ]
+    transformed: list[list[str]] = []
+    real = encoder.format.transform_columns
+
+    def spy(raw, issues):
+        transformed.append(raw.column_names)
+        return real(raw, issues)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a whole table was transformed for one column's new value")
+
+    columns = {c: [r.get(c) for r in fresh] for c in encoder.fields}
+    want = encoder._encode_vectorised(columns, 2)
+    monkeypatch.setattr(encoder.format, "transform_columns", spy)
+    monkeypatch.setattr(encoder, "_encode_vectorised", refuse)
+    _assert_same(encoder.encode(fresh), want)
+    assert transformed == [[column]]
+
+
 def test_bad_values_are_refused_alike_with_a_warm_memo(tmp_path):
     encoder = _prepared("criteo", tmp_path)
     encoder.encode([{"I3": "1", "C1": "x"}, {"I3": 2}])  # warm

@@ -18,7 +18,7 @@ SAME_VALUES = [
     b'{"inputs": {"C1": ' + b"[" * 900 + b"]" * 900 + b"}}",
     b'{"instances": [{"I1": 0.30000001192092896, "I2": -0.0, "I3": 1E-7}]}',
     b'{"a": 1, "a": 2}',
-    "{\"instances\": [{\"C1\": \"caf\u00e9 \u2603\"}]}".encode(),
+    '{"instances": [{"C1": "caf\u00e9 \u2603"}]}'.encode(),
 ]
 
 
