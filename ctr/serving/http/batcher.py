@@ -26,7 +26,7 @@ import pyarrow as pa
 from ctr.serving.http.config import ServeConfig
 from ctr.serving.http.metrics import Metrics
 from ctr.serving.http.models import Served, forward
-from ctr.serving.http.requests import RequestError, Rows
+from ctr.serving.http.requests import RequestError, Rows, rows_to_columns
 from datasets.encode import EncodedRecords
 
 log = logging.getLogger("ctr.serve")
@@ -95,7 +95,7 @@ def _merge(items: Sequence[RawColumns]) -> RawColumns:
     if all(isinstance(f, Rows) for f in forms):  # the rows form: one pass a field
         records = list(chain.from_iterable([f.rows for f in forms]))  # type: ignore[union-attr]
         fields = set().union(*[f.fields for f in forms])  # type: ignore[union-attr]
-        return RawColumns({k: [r.get(k) for r in records] for k in fields}, rows)
+        return RawColumns(rows_to_columns(records, fields), rows)
     items = [RawColumns(it.as_columns(), it.rows) for it in items]
     first = items[0].columns.keys()
     if all(it.columns.keys() == first for it in items):  # the usual case: the same fields

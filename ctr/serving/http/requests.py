@@ -9,7 +9,8 @@ over the limit 413, too many rows 413, non-JSON content type 415.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -170,7 +171,19 @@ class Rows:
         self.fields = fields
 
     def columns(self) -> dict[str, list[Any]]:
-        return {key: [row.get(key) for row in self.rows] for key in self.fields}
+        return rows_to_columns(self.rows, self.fields)
+
+
+def rows_to_columns(rows: list[dict[str, Any]], fields: Collection[str]) -> dict[str, list[Any]]:
+    """Rows (each holding some of ``fields``) -> field -> every row's value (None where a row
+    lacks the field). Where every row holds every field (a row's keys are among ``fields``,
+    so equal counts say so), the transpose runs in C: ``itemgetter`` a row, ``zip`` the
+    tuples."""
+    keys = list(fields)
+    if rows and len(keys) > 1 and sum(map(len, rows)) == len(rows) * len(keys):
+        values = zip(*map(itemgetter(*keys), rows), strict=True)
+        return dict(zip(keys, map(list, values), strict=True))
+    return {key: [row.get(key) for row in rows] for key in keys}
 
 
 def _check_rows(n: int, max_rows: int) -> None:

@@ -44,3 +44,14 @@ def test_parse_json_refuses_with_the_standard_decoders_message(body, words):
     with pytest.raises(RequestError) as e:
         parse_json(body)
     assert e.value.status == 400 and words in e.value.message
+
+
+def test_rows_become_columns_alike_whether_or_not_every_row_holds_every_field():
+    from ctr.serving.http.requests import rows_to_columns
+
+    full = [{"a": 1, "b": "x"}, {"b": "y", "a": 2}]
+    assert rows_to_columns(full, {"a", "b"}) == {"a": [1, 2], "b": ["x", "y"]}
+    ragged = [{"a": 1}, {"b": "y", "a": 2}]
+    assert rows_to_columns(ragged, ["a", "b"]) == {"a": [1, 2], "b": [None, "y"]}
+    assert rows_to_columns([{"a": 1}], ["a"]) == {"a": [1]}
+    assert rows_to_columns([{}], []) == {}
