@@ -237,6 +237,23 @@ def bench_serving(args: argparse.Namespace) -> dict:
                 "predict_records p50_ms": p50_cold * 1e3,
             }
         )
+        # One never-seen categorical value in an otherwise memoised row: what a new value
+        # costs by itself (its own column's transform).
+        warm = raw_records(1)[0]
+        compact.predict_records([warm])
+        field = next(f.name for f in meta.sparse if not f.multi_hot)
+        one_new = [dict(warm, **{field: f"never-seen-{storage}-{i}"}) for i in range(30)]
+        rate_one, p50_one = best_rate(
+            lambda m=compact, c=one_new: len(m.predict_records([c.pop()])), 25
+        )
+        inproc_rows.append(
+            {
+                "storage": storage,
+                "rows/call": "1 (one new value)",
+                "predict_records rows/s": rate_one,
+                "predict_records p50_ms": p50_one * 1e3,
+            }
+        )
         for row in http_rows:
             if row["storage"] == storage:
                 b = row["batch rows (1 worker)"] or coalesced.get(
