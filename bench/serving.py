@@ -90,18 +90,35 @@ def _stop_server(proc: object) -> None:
         proc.wait(10)
 
 
-def _batch_rows(port: int) -> tuple[float, float]:
-    """(sum, count) of rows per forward from the answering worker's /metrics."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-    finally:
-        conn.close()
-    values = dict(
-        line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("ctr_batch_rows_")
-    )
-    return float(values["ctr_batch_rows_sum"]), float(values["ctr_batch_rows_count"])
+def _batch_rows(port: int, workers: int) -> dict[str, tuple[float, float]]:
+    """Worker pid -> (sum, count) of rows per forward, from /metrics on new connections until
+    every worker answered (the kernel spreads connections over them; at most 64 tries)."""
+    seen: dict[str, tuple[float, float]] = {}
+    for _ in range(64):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        values = dict(
+            line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("ctr_batch_rows_")
+        )
+        pid = re.search(r'ctr_worker\{[^}]*pid="(\d+)"', text)
+        seen[pid.group(1) if pid else "-"] = (
+            float(values["ctr_batch_rows_sum"]),
+            float(values["ctr_batch_rows_count"]),
+        )
+        if len(seen) >= workers:
+            break
+    return seen
+
+
+def _mean_batch(before: dict, after: dict) -> float:
+    """Rows per forward over all workers between two :func:`_batch_rows` readings."""
+    rows = sum(a[0] - before.get(pid, (0.0, 0.0))[0] for pid, a in after.items())
+    forwards = sum(a[1] - before.get(pid, (0.0, 0.0))[1] for pid, a in after.items())
+    return rows / max(forwards, 1)
 
 
 def _first_rows(batch: object, n: int) -> tuple[object, object]:
@@ -164,12 +181,12 @@ def bench_serving(args: argparse.Namespace) -> dict:
         path = CACHE / "serving" / storage
         export(model, path, dataset=data, overwrite=True)  # its own cache
         compact = CompactModel.load(path)
-        coalesced: dict[tuple[int, int], float] = {}
+        coalesced: dict[tuple[int, int, int], float] = {}  # (workers, clients, rows)
         for workers in worker_counts:
             proc, port = _start_server(path, "--workers", str(workers))
             try:
                 for clients, rows in SERVING_LOADS:
-                    before = _batch_rows(port) if workers == 1 else (0.0, 0.0)
+                    before = _batch_rows(port, workers)
                     spec = {
                         "port": port,
                         "bodies": bodies[rows],
@@ -180,17 +197,16 @@ def bench_serving(args: argparse.Namespace) -> dict:
                         "max_requests": 200_000,
                     }
                     load = _run_load(spec)
-                    if workers == 1:
-                        after = _batch_rows(port)
-                        count = after[1] - before[1]
-                        coalesced[clients, rows] = (after[0] - before[0]) / max(count, 1)
+                    coalesced[workers, clients, rows] = _mean_batch(
+                        before, _batch_rows(port, workers)
+                    )
                     http_rows.append(
                         {
                             "storage": storage,
                             "workers": workers,
                             "clients x rows": f"{clients} x {rows}",
                             **load,
-                            "batch rows (1 worker)": coalesced.get((clients, rows)),
+                            "batch rows": coalesced[workers, clients, rows],
                         }
                     )
             finally:
@@ -256,9 +272,7 @@ def bench_serving(args: argparse.Namespace) -> dict:
         )
         for row in http_rows:
             if row["storage"] == storage:
-                b = row["batch rows (1 worker)"] or coalesced.get(
-                    tuple(int(x) for x in row["clients x rows"].split(" x ")), 1
-                )
+                b = row["batch rows"]
                 ref = next(
                     r
                     for r in inproc_rows
