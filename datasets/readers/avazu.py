@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -64,9 +65,19 @@ class AvazuFormat(Format):
 
     def transform(self, raw: pa.Table, issues: Issues, labeled: bool = True) -> Features:
         label = parse_binary_label(raw["click"], "click", issues) if labeled else None
-        hour_of_day, weekday = split_hour(as_array(raw["hour"]), issues)
-        tokens = {"hour_of_day": hour_of_day, "weekday": weekday}
-        tokens.update({c: raw[c] for c in self.categorical})
+        return self._features(raw, issues, label, AVAZU_COLUMNS)
+
+    def transform_columns(self, raw: pa.Table, issues: Issues) -> Features:
+        return self._features(raw, issues, None, set(raw.column_names))
+
+    def _features(
+        self, raw: pa.Table, issues: Issues, label: np.ndarray | None, have: Collection[str]
+    ) -> Features:
+        tokens = {}
+        if "hour" in have:
+            hour_of_day, weekday = split_hour(as_array(raw["hour"]), issues)
+            tokens = {"hour_of_day": hour_of_day, "weekday": weekday}
+        tokens.update({c: raw[c] for c in self.categorical if c in have})
         return Features(label, {}, tokens)
 
 
