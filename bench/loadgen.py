@@ -1,6 +1,10 @@
 """The serving section's load generator, run in its own process so the clients' work does
 not share an interpreter with the server or the in-process figures: a spec (JSON) on stdin,
-its figures (JSON) on stdout. ``python -m bench.loadgen`` (or ``python bench.py --loadgen``)."""
+its figures (JSON) on stdout. ``python -m bench.loadgen`` (or ``python bench.py --loadgen``).
+
+Each client is an asyncio protocol on its own keep-alive connection (no stream objects and
+no timeout wrapper a request: the load generator shares the server's cores, so what it
+spends a request is taken from the server), on uvloop where it is installed."""
 
 from __future__ import annotations
 
@@ -13,6 +17,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+#: a request unanswered this long is an error (its connection is closed and opened again)
+TIMEOUT_S = 10.0
+
 
 def _http_request(body: bytes) -> bytes:
     return (
@@ -21,70 +28,156 @@ def _http_request(body: bytes) -> bytes:
     )
 
 
+class _Run:
+    """What the clients share: the requests, the phase's deadline and budget, the figures."""
+
+    def __init__(self, spec: dict) -> None:
+        self.requests = [_http_request(b.encode()) for b in spec["bodies"]]
+        self.port = spec["port"]
+        self.deadline = 0.0
+        self.budget = 0
+        self.latencies: list[float] = []
+        self.errors: dict[str, int] = {}
+        self.clients: dict[int, _Client] = {}  # slot -> its current connection
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+
+class _Client(asyncio.Protocol):
+    """One keep-alive connection sending its next request as soon as the answer came."""
+
+    def __init__(self, run: _Run, slot: int, done: asyncio.Future) -> None:
+        self.run = run
+        self.slot = slot
+        self.index = slot  # the next body, round robin
+        self.done = done
+        run.clients[slot] = self
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.start = 0.0  # of the request in flight; 0.0: none
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.send()
+
+    def send(self) -> None:
+        run = self.run
+        if time.perf_counter() >= run.deadline or run.budget <= 0:
+            self.start = 0.0
+            if not self.done.done():
+                self.done.set_result(None)
+            return
+        run.budget -= 1
+        self.start = time.perf_counter()
+        self.transport.write(run.requests[self.index % len(run.requests)])  # type: ignore[union-attr]
+        self.index += 1
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = bytes(self.buffer[:end]).lower()
+        try:
+            length = int(head.split(b"content-length:")[1].split(b"\r\n")[0])
+        except (IndexError, ValueError):
+            self.fail("ValueError")
+            return
+        if len(self.buffer) < end + 4 + length:
+            return
+        del self.buffer[: end + 4 + length]
+        if head[9:12] == b"200":
+            self.run.latencies.append(time.perf_counter() - self.start)
+        else:
+            self.run.error(head[9:12].decode())
+        self.send()
+
+    def fail(self, kind: str) -> None:
+        """An error: the connection is closed; the client connects again and goes on."""
+        self.run.error(kind)
+        self.start = 0.0
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if not self.done.done():
+            if exc is not None or self.start:
+                self.run.error(type(exc).__name__ if exc else "ConnectionClosed")
+            asyncio.get_running_loop().create_task(_connect(self.run, self.slot, self.done))
+
+
+async def _connect(run: _Run, slot: int, done: asyncio.Future) -> None:
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.wait_for(
+            loop.create_connection(lambda: _Client(run, slot, done), "127.0.0.1", run.port),
+            TIMEOUT_S,
+        )
+    except (TimeoutError, OSError) as e:
+        run.error(type(e).__name__)
+        if time.perf_counter() < run.deadline:
+            await asyncio.sleep(0.1)
+            await _connect(run, slot, done)
+        elif not done.done():
+            done.set_result(None)
+
+
+async def _phase(run: _Run, slots: int, seconds: float, budget: int) -> None:
+    """Every client sends until ``seconds`` pass or ``budget`` requests went out; a request
+    in flight longer than :data:`TIMEOUT_S` fails its connection."""
+    loop = asyncio.get_running_loop()
+    run.deadline = time.perf_counter() + seconds
+    run.budget = budget
+    dones = [loop.create_future() for _ in range(slots)]
+    for slot in range(slots):
+        client = run.clients.get(slot)
+        if client is not None and client.transport is not None:
+            client.done = dones[slot]
+            client.send()
+        else:
+            loop.create_task(_connect(run, slot, dones[slot]))
+    pending = set(dones)
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+        now = time.perf_counter()
+        for client in list(run.clients.values()):
+            if client.transport is not None and client.start and now - client.start > TIMEOUT_S:
+                client.fail("TimeoutError")
+
+
 async def load_clients(spec: dict) -> dict:
     """``spec["clients"]`` keep-alive connections to 127.0.0.1, each sending the next of
     ``spec["bodies"]`` as soon as its answer came (closed loop), for ``spec["seconds"]`` or
-    ``spec["max_requests"]`` in all, whichever ends first; a request over 10 s is an error."""
-    requests = [_http_request(b.encode()) for b in spec["bodies"]]
-    rows = spec["rows"]
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    budget = [spec["max_requests"]]
-
-    async def client(k: int, deadline: float) -> None:
-        conn = None
-        i = k
-        while time.perf_counter() < deadline and budget[0] > 0:
-            budget[0] -= 1
-            start = time.perf_counter()
-            try:
-                if conn is None:
-                    conn = await asyncio.wait_for(
-                        asyncio.open_connection("127.0.0.1", spec["port"]), 10
-                    )
-                    conn[1].get_extra_info("socket").setsockopt(
-                        socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
-                    )
-                reader, writer = conn
-                writer.write(requests[i % len(requests)])
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-                await asyncio.wait_for(reader.readexactly(length), 10)
-                status = head[9:12].decode()
-                if status != "200":
-                    errors[status] = errors.get(status, 0) + 1
-                    continue
-                latencies.append(time.perf_counter() - start)
-            except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as e:
-                errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
-                if conn is not None:
-                    conn[1].close()
-                conn = None
-            finally:
-                i += 1
-        if conn is not None:
-            conn[1].close()
-
-    # Warm-up (connections, the server's memo of the bodies' values), then the measured run.
-    warm = time.perf_counter() + spec["warmup_s"]
-    await asyncio.gather(*(client(k, warm) for k in range(spec["clients"])))
-    latencies.clear()
-    errors.clear()
-    budget[0] = spec["max_requests"]
+    ``spec["max_requests"]`` in all, whichever ends first; a request over 10 s is an error.
+    A warm-up of ``spec["warmup_s"]`` on the same connections comes first, not counted."""
+    run = _Run(spec)
+    slots = spec["clients"]
+    # Connect (nothing sent: no budget yet), warm up (the server's memo of the bodies'
+    # values), then the measured run.
+    await _phase(run, slots, TIMEOUT_S, 0)
+    await _phase(run, slots, spec["warmup_s"], spec["max_requests"])
+    run.latencies.clear()
+    run.errors.clear()
     started = time.perf_counter()
-    end = started + spec["seconds"]
-    await asyncio.gather(*(client(k, end) for k in range(spec["clients"])))
+    await _phase(run, slots, spec["seconds"], spec["max_requests"])
     elapsed = time.perf_counter() - started
-    done = len(latencies)
-    q = [float(x) * 1e3 for x in percentiles(latencies, (50, 99, 99.9))]
+    for client in run.clients.values():
+        if client.transport is not None:
+            client.transport.close()
+    done = len(run.latencies)
+    q = [float(x) * 1e3 for x in percentiles(run.latencies, (50, 99, 99.9))]
+    rows = spec["rows"]
     return {
         "requests/s": done / elapsed,
         "rows/s": done * rows / elapsed,
         "p50_ms": q[0],
         "p99_ms": q[1],
         "p999_ms": q[2],
-        "errors": sum(errors.values()),
-        "error kinds": ",".join(f"{k}:{v}" for k, v in sorted(errors.items())) or "-",
+        "errors": sum(run.errors.values()),
+        "error kinds": ",".join(f"{k}:{v}" for k, v in sorted(run.errors.items())) or "-",
     }
 
 
@@ -93,7 +186,14 @@ def percentiles(values: list[float], qs: Sequence[float]) -> list[float]:
 
 
 def main() -> int:
-    print(json.dumps(asyncio.run(load_clients(json.loads(sys.stdin.read())))))
+    spec = json.loads(sys.stdin.read())
+    try:
+        import uvloop
+
+        result = uvloop.run(load_clients(spec))
+    except ImportError:
+        result = asyncio.run(load_clients(spec))
+    print(json.dumps(result))
     return 0
 
 
