@@ -165,7 +165,9 @@ class BlockMap(IndexMap):
         rows = place - self._starts[lookup] if self.relative else values
         # The sample of every value, then values ordered by (lookup, sample).
         sample = torch.repeat_interleave(
-            torch.arange(len(lengths), device=values.device) % max(batch, 1), lengths
+            torch.arange(len(lengths), device=values.device) % max(batch, 1),
+            lengths,
+            output_size=len(values),
         )
         slot = lookup * batch + sample
         order = torch.argsort(slot, stable=True)
