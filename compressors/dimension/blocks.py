@@ -171,7 +171,11 @@ class BlockMap(IndexMap):
         )
         slot = lookup * batch + sample
         order = torch.argsort(slot, stable=True)
-        counts = torch.bincount(slot, minlength=len(self.lookup_keys) * batch)
+        # Counted by index_add: bincount sizes its output by the largest slot, a
+        # device-to-host sync each step on a GPU (slots lie below L·B, checked above).
+        counts = slot.new_zeros(len(self.lookup_keys) * batch).index_add_(
+            0, slot, torch.ones_like(slot)
+        )
         return KeyedJaggedTensor(
             keys=self.lookup_keys, values=rows[order], lengths=counts, stride=batch
         )
