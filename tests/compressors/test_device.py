@@ -20,10 +20,9 @@ Marked ``cuda``: the same forward on a CUDA device, where torch sees one.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchrec import KeyedJaggedTensor
 
@@ -54,13 +53,39 @@ LATER = {
 }
 
 
-class _ZeroScalars(TorchDispatchMode):
-    """A host read of a meta value (``int(t)``, ``bool(t)``) gives 0."""
+aten = torch.ops.aten
+# Ops that move data between devices on purpose.
+_MOVES = {aten._to_copy.default, aten.copy_.default, aten._local_scalar_dense.default}
+# CUDA indexes a device tensor with host indices (copying them over); not the reverse.
+_INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default}
+
+
+class _CudaDeviceRules(TorchDispatchMode):
+    """CUDA's device rule, enforced where meta is laxer: an op meeting a meta tensor may
+    take a host tensor only as a 0-dim scalar (or as indices into a meta tensor). Meta
+    itself lets a host tensor be indexed by meta indices, which CUDA refuses. With
+    ``zero_scalars`` a host read of a meta value (``int(t)``, ``bool(t)``) gives 0."""
+
+    def __init__(self, zero_scalars: bool) -> None:
+        super().__init__()
+        self.zero_scalars = zero_scalars
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
+        kwargs = kwargs or {}
+        if func is aten._local_scalar_dense.default and args[0].is_meta and self.zero_scalars:
             return 0
-        return func(*args, **(kwargs or {}))
+        if func not in _MOVES:
+            leaves = pytree.tree_leaves((args, kwargs))
+            tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+            if func in _INDEXING and args[0].is_meta:  # (self, indices[, values, ...])
+                tensors = [args[0], *[t for t in args[2:3] if isinstance(t, torch.Tensor)]]
+            host = [t for t in tensors if t.device.type == "cpu" and t.dim() > 0]
+            if host and any(t.is_meta for t in tensors):
+                raise RuntimeError(
+                    f"{func}: a host tensor {tuple(host[0].shape)} meets device (meta) "
+                    "tensors; on CUDA: Expected all tensors to be on the same device"
+                )
+        return func(*args, **kwargs)
 
 
 def _layer(name):
@@ -124,8 +149,9 @@ def test_the_forward_makes_its_tensors_on_the_batch_device(name, train, later, m
             LATER[name](layer)
     layer.train(train)
     kjt = _batch(layer.features)
-    with _ZeroScalars() if name in HOST_READS else contextlib.nullcontext():
-        out = _on_meta(layer)(_to(kjt, META))
+    layer, kjt = _on_meta(layer), _to(kjt, META)
+    with _CudaDeviceRules(zero_scalars=name in HOST_READS):
+        out = layer(kjt)
     assert out.device == META and out.shape == (BATCH, len(layer.features), DIM)
     if train:
         (out.sum() + layer.penalty()).backward()
@@ -133,13 +159,23 @@ def test_the_forward_makes_its_tensors_on_the_batch_device(name, train, later, m
         assert all(g.device == META for g in grads)
 
 
-def test_the_check_goes_red_on_a_host_tensor_in_the_forward(meta_unique, monkeypatch):
-    """The check's own mechanism: a forward adding a host tensor fails on meta."""
+@pytest.mark.parametrize("mistake", ["added", "indexed"])
+def test_the_check_goes_red_on_a_host_tensor_in_the_forward(mistake, meta_unique, monkeypatch):
+    """The check's own mechanism: a forward adding a host tensor, or indexing one with the
+    batch's indices (which meta alone lets pass), fails."""
     layer = _layer("hash")
     forward = type(layer).forward
-    monkeypatch.setattr(type(layer), "forward", lambda self, f: forward(self, f) + torch.zeros(DIM))
-    with pytest.raises((RuntimeError, NotImplementedError), match="device|meta"):
-        _on_meta(layer)(_to(_batch(layer.features), META))
+
+    def wrong(self, f):
+        out = forward(self, f)
+        if mistake == "added":
+            return out + torch.zeros(DIM)
+        return out + torch.ones(DIM)[torch.zeros(DIM, dtype=torch.long, device=out.device)]
+
+    monkeypatch.setattr(type(layer), "forward", wrong)
+    layer, kjt = _on_meta(layer), _to(_batch(layer.features), META)
+    with pytest.raises(RuntimeError, match="same device"), _CudaDeviceRules(False):
+        layer(kjt)
 
 
 @pytest.mark.cuda
