@@ -4,9 +4,10 @@ A CPU-only machine cannot run CUDA, but PyTorch's ``meta`` device makes the same
 error: an op mixing a meta tensor with a CPU one of more than zero dimensions raises, as CUDA
 does ("Expected all tensors to be on the same device"). So the forward, its backward and the
 penalty run with the method and the batch on ``meta``; a tensor built without ``device=``
-(``torch.arange(n)`` meeting the batch) fails there. 0-dim tensors stay on the host, as
-CUDA allows them in any op: the methods' state flags (``frozen``, ``found``), which their
-forwards read with ``bool()``.
+(``torch.arange(n)`` meeting the batch) fails there. Where meta is laxer than CUDA (it lets
+a host tensor be indexed by meta indices) a dispatch mode applies CUDA's rule. 0-dim
+tensors stay on the host, as CUDA allows them in any op: the methods' state flags
+(``frozen``, ``found``), which their forwards read with ``bool()``.
 
 Meta tensors have shapes but no values: ``torch.unique`` (which batch rows a lookup reads)
 runs here as "every value its own row", which keeps every shape a real batch could give;
