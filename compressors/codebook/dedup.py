@@ -410,7 +410,7 @@ class Dedup(Compressor):
     def apply_dedup(self) -> None:
         """Merges the trained table's blocks down to the budget's count (deterministic)."""
         weight = self.tables.weights()[TABLE].detach().float()
-        blocks = weight.reshape(self.blocks, -1).numpy()
+        blocks = weight.reshape(self.blocks, -1).cpu().numpy()  # the merge runs on the host
         s = self.settings
         rep, self.report = deduplicate(
             blocks,
@@ -429,8 +429,9 @@ class Dedup(Compressor):
 
     def served_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(the representatives' original block ids, every block's compact remap): ``keep``
-        blocks, padded with unmerged spares when fewer merges were needed."""
-        rep = self.index_map.remap.long()
+        blocks, padded with unmerged spares when fewer merges were needed. On the host (what
+        the artifact stores)."""
+        rep = self.index_map.remap.long().cpu()
         distinct = torch.unique(rep)
         if len(distinct) < self.keep:
             taken = set(distinct.tolist())
@@ -463,7 +464,7 @@ class Dedup(Compressor):
             raise ValueError("dedup: the dedup stage has not run; train the run to its end")
         distinct, remap = self.served_blocks()
         weight = self.tables.weights()[TABLE].detach().reshape(self.blocks, self.block_rows, -1)
-        rows = weight[distinct].reshape(-1, self.dim)
+        rows = weight[distinct.to(weight.device)].reshape(-1, self.dim).cpu()
         table = TableSpec(TABLE, len(distinct) * self.block_rows, self.dim, self.storage)
         index_map = BlockRemapMap(
             self.feature_names, self.offsets, self.block_rows, remap, len(distinct)

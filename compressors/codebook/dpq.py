@@ -229,7 +229,7 @@ class DPQ(Compressor):
 
     def penalty(self) -> torch.Tensor:
         if not self.training or self.mode != "vq":
-            return torch.zeros(())
+            return torch.zeros((), device=self.quantizer.keys.device)
         return self.reg_weight * self.quantizer.regularizer
 
     def optimizer_groups(self) -> list[dict[str, Any]]:

@@ -371,21 +371,24 @@ class ProductQuantizer(nn.Module):
         self.eval()
         try:
             weight = self.query.weights()[QUERY_TABLE]
+            device = weight.device
             fields = torch.repeat_interleave(
-                torch.arange(len(p.cardinalities)), torch.tensor(p.cardinalities)
+                torch.arange(len(p.cardinalities), device=device),
+                torch.tensor(p.cardinalities, device=device),
+                output_size=weight.shape[0],
             )
-            ids = torch.arange(weight.shape[0]) - self._offsets[fields]
+            ids = torch.arange(weight.shape[0], device=device) - self._offsets[fields]
             out = []
             for start in range(0, weight.shape[0], ASSIGN_CHUNK):
                 stop = min(weight.shape[0], start + ASSIGN_CHUNK)
                 q = weight[start:stop].detach().float()
                 out.append(self.codes(q, ids[start:stop], fields[start:stop]))
-            codes = torch.cat(out)
+            codes = torch.cat(out).cpu()  # assigned on the model's device, packed on the host
         finally:
             self.train(was)
         if len(p.choices) == 1:
             return [codes]
-        tail = ids >= torch.tensor(p.heads)[fields]
+        tail = (ids >= torch.tensor(p.heads, device=device)[fields]).cpu()
         return [codes[~tail], codes[tail]]
 
     def export(self, method: str) -> ExportedEmbedding:

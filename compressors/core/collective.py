@@ -33,7 +33,7 @@ def world_size() -> int:
 
 def all_gather_rows(t: torch.Tensor) -> list[torch.Tensor]:
     """Every rank's ``t`` (first dimensions may differ between ranks; the rest must agree)."""
-    n = torch.tensor([t.shape[0]], dtype=torch.int64)
+    n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)  # NCCL: on the GPU
     sizes = [torch.zeros_like(n) for _ in range(world_size())]
     dist.all_gather(sizes, n)
     longest = int(max(s.item() for s in sizes))

@@ -116,11 +116,19 @@ def pool_bags(rows: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
     """
     num_keys, batch = len(features.keys()), features.stride()
     lengths = features.lengths()
-    if rows.shape[0] == lengths.numel() and bool(torch.all(lengths == 1)):
-        pooled = rows  # one-hot fields: every bag is its single row
+    # One-hot fields: every bag is its single row. Checked on the host only: on a GPU the
+    # check would cost a device-to-host sync each step, and the sum below gives those rows.
+    if (
+        rows.shape[0] == lengths.numel()
+        and lengths.device.type == "cpu"
+        and bool(torch.all(lengths == 1))
+    ):
+        pooled = rows
     else:
         bags = torch.repeat_interleave(
-            torch.arange(lengths.numel(), device=lengths.device), lengths
+            torch.arange(lengths.numel(), device=lengths.device),
+            lengths,
+            output_size=rows.shape[0],
         )
         pooled = rows.new_zeros(lengths.numel(), rows.shape[1]).index_add_(0, bags, rows)
     return pooled.view(num_keys, batch, -1).transpose(0, 1)

@@ -81,7 +81,10 @@ def field_index(features: KeyedJaggedTensor) -> torch.Tensor:
     """For every value of ``features``, the position of its key (vectorised)."""
     device = features.values().device
     counts = torch.tensor(features.length_per_key(), device=device)
-    return torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
+    # output_size: no device-to-host sync to size the result.
+    return torch.repeat_interleave(
+        torch.arange(len(counts), device=device), counts, output_size=features.values().numel()
+    )
 
 
 class IdRangeCheck:
@@ -97,7 +100,7 @@ class IdRangeCheck:
 
     def __call__(self, features: KeyedJaggedTensor) -> None:
         values = features.values()
-        if values.numel() == 0:
+        if values.numel() == 0 or values.is_meta:  # meta tensors hold no ids to check
             return
         keys = tuple(features.keys())
         key = (keys, values.device)

@@ -160,7 +160,14 @@ class SparseRowOptimizer(nn.Module):
     KINDS: ClassVar[tuple[str, ...]] = ("sgd", "rowwise_adagrad", "adagrad", "adam")
     BETAS: ClassVar[tuple[float, float]] = (0.9, 0.999)
 
-    def __init__(self, kind: str, rows: int, dim: int, eps: float = EPS) -> None:
+    def __init__(
+        self,
+        kind: str,
+        rows: int,
+        dim: int,
+        eps: float = EPS,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         if kind not in self.KINDS:
             raise ValueError(f"unknown optimizer {kind!r}; choose from {self.KINDS}")
@@ -172,9 +179,9 @@ class SparseRowOptimizer(nn.Module):
             "adagrad": (rows, dim),
             "adam": (2, rows, dim),
         }[kind]
-        self.register_buffer("state", torch.zeros(shape))
+        self.register_buffer("state", torch.zeros(shape, device=device))
         if kind == "adam":
-            self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+            self.register_buffer("count", torch.zeros((), dtype=torch.int64, device=device))
 
     def step(
         self, rows: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, lr: float

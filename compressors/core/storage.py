@@ -228,7 +228,8 @@ class TrainTables(EmbeddingRows, nn.Module):
         # EBCs emit lookups grouped by table, and a sharded EBC in its own sharding order:
         # reorder by key into lookup order (cached per emitted order; usually a no-op).
         if keys not in self._perms:
-            self._perms[keys] = _permutation(keys, widths, self._keys)
+            perm = _permutation(keys, widths, self._keys)
+            self._perms[keys] = None if perm is None else perm.to(out.device)  # copied once
         perm = self._perms[keys]
         return out if perm is None else out.index_select(1, perm.to(out.device))
 

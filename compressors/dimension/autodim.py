@@ -302,7 +302,7 @@ class AutoDim(SearchedBytes, Compressor):
         """Per field, the candidate dims weighted by the architecture's softmax (now while
         searching, at the search's end after it): the search's preference, unrepaired."""
         weights = self.searched_weights if self.blocks is not None else F.softmax(self.arch, 1)
-        candidates = torch.tensor(self.candidates, dtype=weights.dtype)
+        candidates = torch.tensor(self.candidates, dtype=weights.dtype, device=weights.device)
         expected = (weights.detach() * candidates).sum(1).tolist()
         return dict(zip(self.feature_names, expected, strict=True))
 

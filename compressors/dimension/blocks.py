@@ -165,11 +165,17 @@ class BlockMap(IndexMap):
         rows = place - self._starts[lookup] if self.relative else values
         # The sample of every value, then values ordered by (lookup, sample).
         sample = torch.repeat_interleave(
-            torch.arange(len(lengths), device=values.device) % max(batch, 1), lengths
+            torch.arange(len(lengths), device=values.device) % max(batch, 1),
+            lengths,
+            output_size=len(values),
         )
         slot = lookup * batch + sample
         order = torch.argsort(slot, stable=True)
-        counts = torch.bincount(slot, minlength=len(self.lookup_keys) * batch)
+        # Counted by index_add: bincount sizes its output by the largest slot, a
+        # device-to-host sync each step on a GPU (slots lie below L·B, checked above).
+        counts = slot.new_zeros(len(self.lookup_keys) * batch).index_add_(
+            0, slot, torch.ones_like(slot)
+        )
         return KeyedJaggedTensor(
             keys=self.lookup_keys, values=rows[order], lengths=counts, stride=batch
         )

@@ -150,7 +150,7 @@ class PruneProfile:
         self.rows = [len(b) for b in blocks]
         self.sorted = [b.reshape(-1).sort().values for b in blocks]
         self.column_max = torch.stack(
-            [b.amax(0) if len(b) else torch.full((dim,), -1.0) for b in blocks]
+            [b.amax(0) if len(b) else b.new_full((dim,), -1.0) for b in blocks]
         )
 
     def largest(self) -> float:
@@ -158,7 +158,7 @@ class PruneProfile:
 
     def forms(self, threshold: float) -> list[BlockForm]:
         columns = (self.column_max > threshold).sum(1).tolist()
-        t = torch.tensor([threshold])
+        t = torch.tensor([threshold], device=self.column_max.device)
         forms = []
         for rows, values, cols in zip(self.rows, self.sorted, columns, strict=True):
             nnz = len(values) - int(torch.searchsorted(values, t, right=True))
@@ -319,7 +319,7 @@ class DNIS(SearchedBytes, Compressor):
 
     def penalty(self) -> torch.Tensor:
         if not self._searching or self.l1 == 0:
-            return torch.zeros(())
+            return torch.zeros((), device=self.alpha.device)
         return self.l1 * self.alpha.abs().sum()
 
     def architecture_state(self) -> list[str]:
@@ -403,8 +403,8 @@ class DNIS(SearchedBytes, Compressor):
         mass = torch.stack([b.abs().mean(0) for b in blocks]).flatten()
         order = torch.argsort(mass, stable=True)
         order = order[torch.argsort(alpha.flatten()[order], stable=True)]
-        rank = torch.empty(len(order))
-        rank[order] = torch.arange(1, len(order) + 1, dtype=torch.float32)
+        rank = torch.empty(len(order), device=order.device)
+        rank[order] = torch.arange(1, len(order) + 1, dtype=torch.float32, device=order.device)
         rank = rank.view(len(blocks), self.dim)
         return [torch.where(b != 0, rank[i], 0.0) for i, b in enumerate(blocks)]
 
@@ -475,7 +475,7 @@ class DNIS(SearchedBytes, Compressor):
         for key, (f, start, stop), kept, form in zip(
             self.router.lookup_keys, self._lookup_ranges(), kept_entries, forms, strict=True
         ):
-            block = weights[f][start:stop] * kept
+            block, kept = (weights[f][start:stop] * kept).cpu(), kept.cpu()  # packed on the host
             spec = {
                 "key": key,
                 "field": f,

@@ -71,6 +71,7 @@ TABLE = "shared"
 PLANE_RESIDUAL = 1 - 2 / math.pi
 # Bit j of byte c, as a sign: SIGNS[c, j] = +1 if (c >> j) & 1 else -1.
 SIGNS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).float() * 2 - 1
+_SIGNS_ON: dict[torch.device, torch.Tensor] = {}  # SIGNS copied once to each device that reads it
 # Serving decodes (BinaryServing): "auto" serves a one-plane field as plane rows and a field
 # of more planes as fp16 rows decoded at load, so every id is one kernel lookup; "planes"
 # serves every plane as its own row (exact at any b, b lookups an id); "rows" decodes every
@@ -112,7 +113,8 @@ def binarize(
         scale = (residual.abs().mean(1) if per_row else residual.abs().mean().view(1)).half()
         residual -= scale.float().unsqueeze(1) * (positive.float() * 2 - 1)
         padded = F.pad(positive.to(torch.int32), (0, pad)).view(n, -1, 8)
-        planes.append((padded << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8))
+        shifts = torch.arange(8, dtype=torch.int32, device=padded.device)
+        planes.append((padded << shifts).sum(-1).to(torch.uint8))
         scales.append(scale)
     stacked = torch.stack(scales, 1)
     return torch.stack(planes, 1), stacked if per_row else stacked[0]
@@ -121,10 +123,17 @@ def binarize(
 def unbinarize(codes: torch.Tensor, scales: torch.Tensor, dim: int) -> torch.Tensor:
     """Rows ``Σ_k s_k · sign_k`` from codes ``[n, b, m]`` and fp32 scales ``[n, b]`` (or
     ``[b]``, shared by the rows)."""
-    signs = SIGNS[codes.long()].flatten(2)[..., :dim]  # [n, b, D]
+    table = SIGNS if codes.device.type == "cpu" else _signs_on(codes.device)
+    signs = table[codes.long()].flatten(2)[..., :dim]  # [n, b, D]
     if scales.dim() == 1:
         return torch.einsum("nbd,b->nd", signs, scales)
     return torch.einsum("nbd,nb->nd", signs, scales)
+
+
+def _signs_on(device: torch.device) -> torch.Tensor:
+    if device not in _SIGNS_ON:
+        _SIGNS_ON[device] = SIGNS.to(device)
+    return _SIGNS_ON[device]
 
 
 def pooled_binary_lookup(

@@ -65,14 +65,14 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if (d * bits) % 8:
         raise ValueError(f"{d} codes of {bits} bits do not fill whole bytes")
     grouped = codes.to(torch.int32).view(n, d // per_byte, per_byte)
-    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+    shifts = torch.arange(per_byte, dtype=torch.int32, device=codes.device) * bits
     return (grouped << shifts).sum(-1).to(torch.uint8)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: bytes ``[n, m]`` -> unsigned codes ``[n, m*8/bits]``."""
     per_byte = 8 // bits
-    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+    shifts = torch.arange(per_byte, dtype=torch.int32, device=packed.device) * bits
     codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return codes.flatten(1).to(torch.uint8)
 
@@ -105,7 +105,7 @@ def fbgemm_scale_bias(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 # ---------------------------------------------------------------- reconstruction error
 def row_errors(weight: torch.Tensor, dtype: str) -> torch.Tensor:
     """``||e_v − Q(e_v)||²`` per row, through the exact packing an artifact stores."""
-    out = torch.empty(weight.shape[0])
+    out = torch.empty(weight.shape[0], device=weight.device)
     for start in range(0, weight.shape[0], _CHUNK_ROWS):
         w = weight[start : start + _CHUNK_ROWS].detach().float()
         if dtype == "fp32":
@@ -193,18 +193,20 @@ def row_frequencies(method: TableMethod) -> dict[str, torch.Tensor]:
     once per lookup). Fields without frequencies count each value once (uniform).
     """
     layout = method.layout
-    acc = {t.name: torch.zeros(t.rows, dtype=torch.float64) for t in layout.tables}
+    # The index map runs where the method's tables (and its own buffers) are.
+    on = {"device": next(iter(method.tables.weights().values())).device}
+    acc = {t.name: torch.zeros(t.rows, dtype=torch.float64, **on) for t in layout.tables}
     names = method.feature_names
     for fi, spec in enumerate(method.features):
         counts = (
-            torch.ones(spec.cardinality, dtype=torch.float64)
+            torch.ones(spec.cardinality, dtype=torch.float64, **on)
             if spec.frequencies is None
-            else torch.as_tensor(spec.frequencies, dtype=torch.float64)
+            else torch.as_tensor(spec.frequencies, dtype=torch.float64, **on)
         )
         mine = [lk for lk in layout.lookups if lk.field == fi]
         for start in range(0, spec.cardinality, _CHUNK_ROWS):
-            ids = torch.arange(start, min(start + _CHUNK_ROWS, spec.cardinality))
-            lengths = torch.zeros(len(names), len(ids), dtype=torch.int64)
+            ids = torch.arange(start, min(start + _CHUNK_ROWS, spec.cardinality), **on)
+            lengths = torch.zeros(len(names), len(ids), dtype=torch.int64, **on)
             lengths[fi] = 1
             kjt = KeyedJaggedTensor(
                 keys=names, values=ids, lengths=lengths.flatten(), stride=len(ids)

@@ -122,7 +122,11 @@ class EntryTable(EmbeddingRows, nn.Module):
         features = self._check(features)
         device = self.weight.device
         counts = torch.tensor(features.length_per_key(), device=device)
-        fields = torch.repeat_interleave(torch.arange(len(self.names), device=device), counts)
+        fields = torch.repeat_interleave(
+            torch.arange(len(self.names), device=device),
+            counts,
+            output_size=features.values().numel(),
+        )
         ids = features.values() + self._offsets[fields]
         rows, inverse = torch.unique(ids, return_inverse=True)
         if self.decay is not None:  # lazily decayed rows brought up to date before a read
@@ -158,7 +162,10 @@ class EntryTable(EmbeddingRows, nn.Module):
 
     def use_optimizer(self, kind: str) -> None:
         if self.follows_run and kind != self.optimizer.kind:
-            self.optimizer = SparseRowOptimizer(kind, self.rows, self.dim)
+            # Set after the model moved to its device: the state lives beside the weights.
+            self.optimizer = SparseRowOptimizer(
+                kind, self.rows, self.dim, device=self.weight.device
+            )
 
     def train_bytes(self) -> int:
         return self.weight.numel() * 4 + self.optimizer.nbytes

@@ -120,13 +120,15 @@ def batched_auc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     n_pos = int(pos.sum())
     n_neg = labels.numel() - n_pos
     if n_pos == 0 or n_neg == 0:
-        return torch.full((scores.shape[0],), float("nan"))
-    out = torch.empty(scores.shape[0], dtype=torch.float64)
+        return torch.full((scores.shape[0],), float("nan"), device=scores.device)
+    out = torch.empty(scores.shape[0], dtype=torch.float64, device=scores.device)
     for c, row in enumerate(scores.double()):
         values, inverse = torch.unique(row, return_inverse=True)
         if len(values) == len(row):  # no ties: ranks are the sort positions
             ranks = torch.empty_like(row)
-            ranks[torch.argsort(row)] = torch.arange(1, len(row) + 1, dtype=row.dtype)
+            ranks[torch.argsort(row)] = torch.arange(
+                1, len(row) + 1, dtype=row.dtype, device=row.device
+            )
         else:  # a tie shares the mean of the ranks it spans
             counts = torch.bincount(inverse, minlength=len(values)).double()
             ends = torch.cumsum(counts, 0)
@@ -358,14 +360,14 @@ class OptEmbed(SearchedBytes, Compressor):
         global batch's under torchrun: every rank's rows pooled)."""
         rows, norms = union_rows(rows, norms)
         fields = self.table.field_of(rows)
-        count = torch.bincount(fields, minlength=self.num_features)
+        # Every field at once, unseen ones kept by where (no boolean indexing: no
+        # device-to-host sync each step on a GPU).
+        count = fields.new_zeros(self.num_features).index_add_(0, fields, torch.ones_like(fields))
         total = torch.zeros(self.num_features, device=norms.device).index_add_(0, fields, norms)
-        seen = count > 0
-        mean = total[seen] / count[seen]
-        old = self.field_scale[seen]
-        self.field_scale[seen] = torch.where(
-            old > 0, SCALE_MOMENTUM * old + (1 - SCALE_MOMENTUM) * mean, mean
-        )
+        mean = total / count.clamp(min=1)
+        old = self.field_scale
+        moved = torch.where(old > 0, SCALE_MOMENTUM * old + (1 - SCALE_MOMENTUM) * mean, mean)
+        self.field_scale.copy_(torch.where(count > 0, moved, old))
 
     def scales(self) -> torch.Tensor:
         """What a row's L1 norm is divided by before its threshold: the field's tracked mean
@@ -390,17 +392,16 @@ class OptEmbed(SearchedBytes, Compressor):
         if self.training and self.search_dims:
             # A uniformly drawn prefix 1..D per (sample, field): every dim choice trains.
             fields = out.shape[1]
-            keep = (
-                batch_share(lambda n: torch.randint(1, self.dim + 1, (n, fields)), out.shape[0])
-                .to(out.device)
-                .unsqueeze(2)
-            )
+            keep = batch_share(
+                lambda n: torch.randint(1, self.dim + 1, (n, fields), device=out.device),
+                out.shape[0],
+            ).unsqueeze(2)
             out = out * (torch.arange(self.dim, device=out.device) < keep).to(out.dtype)
         return out
 
     def penalty(self) -> torch.Tensor:
         if not self.prune_rows or bool(self.frozen):
-            return torch.zeros(())
+            return torch.zeros((), device=self.threshold.device)
         return self.alpha * torch.exp(-self.threshold).sum()
 
     def optimizer_groups(self) -> list[dict[str, Any]]:
@@ -437,7 +438,7 @@ class OptEmbed(SearchedBytes, Compressor):
     def row_scores(self) -> torch.Tensor:
         """Every row's ``‖e‖₁/s_f − t_f``, the step's own argument (``s_f`` = 1 for raw norms):
         above 0 the supernet keeps the row; the fill brings pruned rows back highest first."""
-        fields = self.table.field_of(torch.arange(self.table.rows))
+        fields = self.table.field_of(torch.arange(self.table.rows, device=self.row_mask.device))
         return self.table.row_norms() / self.scales()[fields] - self.threshold.detach()[fields]
 
     def run_stage(self, stage: Stage, ctx: StageContext) -> None:
@@ -485,7 +486,7 @@ class OptEmbed(SearchedBytes, Compressor):
         kept = self.kept_per_field()
         if self.candidate_bytes(low, kept) <= self.budget_bytes:
             return
-        fields = self.table.field_of(torch.arange(self.table.rows))
+        fields = self.table.field_of(torch.arange(self.table.rows, device=self.row_mask.device))
         norms = self.table.row_norms() / self.scales()[fields]
         per_field = []
         for f in range(self.num_features):
@@ -532,28 +533,33 @@ class OptEmbed(SearchedBytes, Compressor):
             # Place within the field: rank in a stable sort by field, minus the field's start.
             by_field = torch.argsort(fields, stable=True)
             starts = torch.cumsum(torch.bincount(fields, minlength=self.num_features), 0)
-            starts = torch.cat([torch.zeros(1, dtype=torch.int64), starts[:-1]])
+            starts = torch.cat([starts.new_zeros(1), starts[:-1]])
             place = torch.empty_like(rows)
-            place[by_field] = torch.arange(len(rows)) - starts[fields[by_field]] + 1
+            place[by_field] = (
+                torch.arange(len(rows), device=rows.device) - starts[fields[by_field]] + 1
+            )
             self._order = (rows, fields, place)
         return self._order
 
     def _field_bytes(self, fields: torch.Tensor, kept: torch.Tensor, dims: torch.Tensor):
         """Serve bytes of ``fields`` holding ``kept`` rows at ``dims`` (vectorised
         :func:`~compressors.pruning.bytes.row_plan`; every argument a tensor of one length)."""
-        if self._consts is None or self._consts[0] != self.storage:
+        key = (self.storage, fields.device)
+        if self._consts is None or self._consts[0] != key:
             packable = set(dim_choices(self.dim, self.storage)) | {self.dim}
+            on = {"device": fields.device}
             self._consts = (
-                self.storage,
-                torch.tensor([f.cardinality for f in self.features]),
+                key,
+                torch.tensor([f.cardinality for f in self.features], **on),
                 torch.tensor(  # 0 for dims the storage cannot pack (never a field's)
                     [
                         row_bytes(d, self.storage) if d in packable else 0
                         for d in range(self.dim + 1)
-                    ]
+                    ],
+                    **on,
                 ),
-                torch.tensor([index_bytes(f.cardinality, 1) for f in self.features]),
-                torch.tensor([index_bytes(f.cardinality, 2**15) for f in self.features]),
+                torch.tensor([index_bytes(f.cardinality, 1) for f in self.features], **on),
+                torch.tensor([index_bytes(f.cardinality, 2**15) for f in self.features], **on),
             )
         _, cards, rbs, narrow, wide = self._consts
         cards, rb = cards[fields], rbs[dims]
@@ -571,11 +577,12 @@ class OptEmbed(SearchedBytes, Compressor):
         """The pruned rows ``fill_budget`` gives back at ``dims``: the supernet's best first,
         each while its exact bytes (remap included) still fit; a row whose field's next row
         does not fit is passed over, as are the rest of that field's. Empty without the fill."""
+        device = self.row_mask.device
         if not (self.prune_rows and self.fill_budget):
-            return torch.zeros(0, dtype=torch.int64)
+            return torch.zeros(0, dtype=torch.int64, device=device)
         rows, fields, place = self._fill_order()
-        kept0 = torch.tensor(self.kept_per_field())
-        dim_of = torch.tensor(list(dims))
+        kept0 = torch.tensor(self.kept_per_field(), device=device)
+        dim_of = torch.tensor(list(dims), device=device)
         spare = self.budget_bytes - self.candidate_bytes(dims, kept0.tolist())
         # A row's exact marginal bytes: its field grows from kept0 + place - 1 to kept0 + place
         # rows (rows are taken as a prefix or passed over a field at a time, so place holds).
@@ -584,20 +591,20 @@ class OptEmbed(SearchedBytes, Compressor):
             fields, k - 1, dim_of[fields]
         )
         taken = []
-        alive = torch.ones(len(rows), dtype=torch.bool)
+        alive = torch.ones(len(rows), dtype=torch.bool, device=device)
         while spare > 0:
             idx = torch.nonzero(alive).squeeze(1)
             if not len(idx):
                 break
             cum = torch.cumsum(cost[idx], 0)
-            n = int(torch.searchsorted(cum, torch.tensor(spare), right=True))
+            n = int(torch.searchsorted(cum, torch.tensor(spare, device=device), right=True))
             if n:
                 taken.append(idx[:n])
                 spare -= int(cum[n - 1])
                 alive[idx[:n]] = False
                 continue
             alive &= fields != fields[idx[0]]  # its field's next row does not fit
-        return rows[torch.cat(taken)] if taken else torch.zeros(0, dtype=torch.int64)
+        return rows[torch.cat(taken)] if taken else rows.new_zeros(0)
 
     @torch.no_grad()
     def _fill_rows(self) -> int:
@@ -626,11 +633,11 @@ class OptEmbed(SearchedBytes, Compressor):
             sl = self.table.field_slice(f)
             rows = w[sl].abs() * self.row_mask[sl].unsqueeze(1)
             freq = (
-                torch.as_tensor(spec.frequencies, dtype=torch.float32) + 1.0
+                torch.as_tensor(spec.frequencies, dtype=torch.float32, device=w.device) + 1.0
                 if spec.frequencies is not None
-                else torch.ones(spec.cardinality)
+                else torch.ones(spec.cardinality, device=w.device)
             )
-            mass[f] = (freq.unsqueeze(1) * rows).sum(0).double().numpy()
+            mass[f] = (freq.unsqueeze(1) * rows).sum(0).double().cpu().numpy()
         return mass
 
     def repair(self, dims: list[int], kept: Sequence[int], mass: np.ndarray) -> list[int]:
@@ -709,8 +716,11 @@ class OptEmbed(SearchedBytes, Compressor):
             keep = self.row_mask.clone()
             keep[self.filled_rows(dims)] = True
             keeps.append(keep)
-        cols = torch.arange(self.dim)
-        dmasks = (cols < torch.tensor([list(d) for d in candidates]).unsqueeze(2)).float()
+        device = self.row_mask.device
+        cols = torch.arange(self.dim, device=device)
+        dmasks = (
+            cols < torch.tensor([list(d) for d in candidates], device=device).unsqueeze(2)
+        ).float()
         logits: list[list[torch.Tensor]] = [[] for _ in candidates]
         labels = []
         ctx.model.eval()

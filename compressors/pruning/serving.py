@@ -108,16 +108,17 @@ def export_pruned(
 ) -> ExportedEmbedding:
     """The ``pruned`` export of ``plans``; ``field_values(f)`` are field ``f``'s ``[n_f, D]``
     values as the trained model reads them, ``row_keep(f)`` its kept rows (bool),
-    ``oov_vector(f)`` the ``[D]`` vector its pruned ids read (fields whose plan has ``oov``)."""
+    ``oov_vector(f)`` the ``[D]`` vector its pruned ids read (fields whose plan has ``oov``).
+    They may live on any device; the artifact is packed on the host."""
     table_plans = [p for p in plans if p.form in ("dense", "rows")]
     sparse_plans = [p for p in plans if p.form in ("csr", "empty")]
     tensors: dict[str, torch.Tensor] = {}
     tables, lookups, remaps, bitmaps = [], [], {}, {}
     for f, p in enumerate(plans):
         if p.form in ("dense", "rows"):
-            values = field_values(f)[:, : p.dim]
+            values = field_values(f)[:, : p.dim].cpu()
             if p.form == "rows":
-                keep = row_keep(f)
+                keep = row_keep(f).cpu()
                 if int(keep.sum()) != p.kept:
                     raise RuntimeError(f"{method}: field {p.name!r} keeps {int(keep.sum())} rows")
                 if remap_form(p.rows, p.stored_rows) == "bitmap":
@@ -128,13 +129,13 @@ def export_pruned(
                 if p.oov:
                     if oov_vector is None:
                         raise RuntimeError(f"{method}: field {p.name!r} has no OOV vector")
-                    values = torch.cat([values, oov_vector(f)[: p.dim].unsqueeze(0)])
+                    values = torch.cat([values, oov_vector(f)[: p.dim].cpu().unsqueeze(0)])
             spec = TableSpec(f"t_{p.name}", values.shape[0], p.dim, dtype)
             tables.append(spec)
             lookups.append(Lookup(p.name, spec.name, field=len(lookups)))
             tensors[f"table.{spec.name}"] = pack_rows(values, dtype)
         elif p.form == "csr":
-            csr = pack_csr(field_values(f), dtype)
+            csr = pack_csr(field_values(f).cpu(), dtype)
             if csr["values"].numel() != p.nnz:
                 raise RuntimeError(
                     f"{method}: field {p.name!r} has {csr['values'].numel()} entries"

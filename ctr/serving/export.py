@@ -58,10 +58,13 @@ def export(
     """
     path = Path(path)
     embedding = model.embedding.export()
-    tensors = {EMBEDDING_PREFIX + k: v.detach().contiguous() for k, v in embedding.tensors.items()}
+    # The artifact is host memory, whatever device the model trained on.
+    tensors = {
+        EMBEDDING_PREFIX + k: v.detach().cpu().contiguous() for k, v in embedding.tensors.items()
+    }
     for k, v in model.state_dict().items():
         if not k.startswith("embedding."):
-            tensors[MODEL_PREFIX + k] = v.detach().contiguous()
+            tensors[MODEL_PREFIX + k] = v.detach().cpu().contiguous()
     memory = model.embedding.memory()
     keyed = list(getattr(model.embedding, "fingerprint_fields", []))
     meta = (

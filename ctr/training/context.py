@@ -98,14 +98,17 @@ class RunContext:
         return self.trainer.loss(batch)
 
     def train_batches(self) -> Iterator:
+        # On the model's device, as the trainer's own steps see them.
+        to_device = self.trainer.placement.to_device
         epoch = 0
         while True:
             # Seeds apart from the training stages' epochs (which use epoch + 1000 * stage).
-            yield from self.trainer.train.epoch(10**6 + 1000 * self.trainer.state.stage + epoch)
+            for batch in self.trainer.train.epoch(10**6 + 1000 * self.trainer.state.stage + epoch):
+                yield to_device(batch)
             epoch += 1
 
     def valid_batches(self) -> Iterator:
-        return self.trainer.valid_batches()
+        return map(self.trainer.placement.to_device, self.trainer.valid_batches())
 
     def evaluate(self, split: str = "valid", max_batches: int | None = None) -> dict[str, float]:
         loaders = {"valid": self.trainer.valid, "train": self.trainer.train}

@@ -141,7 +141,9 @@ def average_gradients(params: list[nn.Parameter]) -> None:
     if not params:
         return
     kinds = torch.tensor(
-        [0 if p.grad is None else 2 if p.grad.is_sparse else 1 for p in params], dtype=torch.int8
+        [0 if p.grad is None else 2 if p.grad.is_sparse else 1 for p in params],
+        dtype=torch.int8,
+        device=params[0].device,  # NCCL reduces device tensors only
     )
     dist.all_reduce(kinds, op=dist.ReduceOp.MAX)
     dense: dict[torch.dtype, list[nn.Parameter]] = {}
@@ -167,7 +169,9 @@ def average_gradients(params: list[nn.Parameter]) -> None:
 
 def _empty_sparse(p: torch.Tensor) -> torch.Tensor:
     return torch.sparse_coo_tensor(
-        torch.zeros((1, 0), dtype=torch.int64), p.new_zeros((0, *p.shape[1:])), p.shape
+        torch.zeros((1, 0), dtype=torch.int64, device=p.device),
+        p.new_zeros((0, *p.shape[1:])),
+        p.shape,
     )
 
 

@@ -135,6 +135,10 @@ class SingleProcess(Placement):
         # Before the tables are fused: the fused kernel is built for the weights' device.
         return model if self.device.type == "cpu" else model.to(self.device)
 
+    def rewrap(self, model: nn.Module, net: nn.Module, config: TrainConfig) -> nn.Module:
+        # A rebuild made its new tables on the host; the fused kernel is built for theirs.
+        return net if self.device.type == "cpu" else net.to(self.device)
+
     def setup_tables(
         self, model: nn.Module, net: nn.Module, config: TrainConfig
     ) -> tuple[list[nn.Parameter], dict[str, Any]]:
@@ -226,6 +230,8 @@ class Sharded(Placement):
         if self.info.backend == "nccl":
             self.device = torch.device("cuda", torch.cuda.current_device())
         if self.replicate:
+            if self.device.type != "cpu":  # NCCL broadcasts, and batches arrive, on the GPU
+                model = model.to(self.device)
             self.sync(model)  # identical from the start, whatever each rank initialised
             return model
         return shard_model(
@@ -238,7 +244,7 @@ class Sharded(Placement):
 
     def rewrap(self, model: nn.Module, net: nn.Module, config: TrainConfig) -> nn.Module:
         if self.replicate:
-            return net
+            return net if self.device.type == "cpu" else net.to(self.device)
         # A rebuild replaced the sharded tables by new, unsharded ones: shard those.
         return self.wrap(model, config)
 
