@@ -433,7 +433,8 @@ class StageContext(Protocol):
         ...
 
     def initial_state(self) -> dict[str, torch.Tensor]:
-        """The model's ``state_dict`` at step 0 (a rewind's target), read from the run."""
+        """The model's ``state_dict`` at step 0 (a rewind's target), read from the run; the
+        compressor's ``rewind_keep()`` entries may be absent (a rewind reads them live)."""
         ...
 
     def rng(self) -> torch.Generator:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -178,7 +179,8 @@ class Checkpointed:
 
     # ---------------------------------------------------------------- rewinds
     def initial_state(self) -> dict[str, torch.Tensor]:
-        """The model's weights at step 0 (kept in memory, or read from ``initial.pt``)."""
+        """The model's weights at step 0 (kept in memory less the entries a rewind keeps, or
+        read whole from ``initial.pt``)."""
         if self._initial is None:
             if not self.files.exists("initial.pt"):
                 raise RuntimeError(
@@ -190,9 +192,8 @@ class Checkpointed:
     def _rewind(self) -> None:
         """Every weight back to step 0, but the compressor's ``rewind_keep()`` entries;
         optimizer states start afresh (a lottery-ticket restart)."""
-        current = self.full_state()
         prefix = _prefix_of(self.model, self.compressor)
-        keep = [prefix + k for k in self.compressor.rewind_keep()]
+        kept = self._rewind_kept()
         initial = self.initial_state()
         # The compressor fits its own step-0 weights to shapes a rebuild may have changed.
         own = self.compressor.rewind_state(
@@ -200,9 +201,11 @@ class Checkpointed:
         )
         initial = {k: v for k, v in initial.items() if not k.startswith(prefix)}
         initial.update({prefix + k: v for k, v in own.items()})
-        state = {
-            k: current[k] if any(k.startswith(p) for p in keep) else v for k, v in initial.items()
-        }
+        # The kept entries are read in place (no copy of every table) before the load.
+        current = self.placement.live_state(self.model, self.net)
+        state = {k: v for k, v in initial.items() if not kept(k)}
+        state.update({k: v for k, v in current.items() if kept(k)})
+        del current
         self._load_weights(state)
         # Fused table optimizers keep their state in place: zero it (rowwise Adagrad's
         # accumulators start at zero); the other optimizers are built anew.
@@ -225,7 +228,17 @@ class Checkpointed:
     def _load_weights(self, state: dict[str, Any]) -> None:
         self.placement.load_state(self.model, self.net, state)
 
+    def _rewind_kept(self) -> Callable[[str], bool]:
+        """Whether a state-dict name is one a rewind keeps (the compressor's ``rewind_keep``)."""
+        prefix = _prefix_of(self.model, self.compressor)
+        keep = tuple(prefix + k for k in self.compressor.rewind_keep())
+        return lambda k: k.startswith(keep) if keep else False
+
     def _save_model(self, name: str) -> None:
+        if name == "best.pt":
+            self._best = None  # the new copy replaces it: never two at once
+        elif not self.files.run_dir:
+            return  # nothing to write, and no copy of every table to build for it
         state = self.full_state()
         self.files.save_weights(name, state, self.state.architecture)
         if name == "best.pt":
@@ -241,18 +254,25 @@ class Checkpointed:
         prefix = _prefix_of(self.model, self.compressor)
         keep = [prefix + k for k in self.compressor.architecture_state()]
         if keep:
-            current = self.full_state()
+            # Read in place (no copy of every table): the load below only copies into them.
+            current = self.placement.live_state(self.model, self.net)
             best = {
                 k: current[k] if any(k.startswith(p) for p in keep) else v for k, v in best.items()
             }
+            del current
         self._load_weights(best)
+        self._best = None  # loaded: the stage is over, and the next starts its own
 
     def _save_initial(self) -> None:
         """Keeps the step-0 weights when a stage will rewind to them."""
         if not any(s.rewind for s in self.compressor.stages):
             return
-        self._initial = self.full_state()
-        self.files.save_weights("initial.pt", self._initial)
+        state = self.full_state()
+        self.files.save_weights("initial.pt", state)
+        # Held without the entries a rewind keeps (read from the model when it rewinds): a
+        # mask or per-entry thresholds would be a second copy of table-sized state.
+        kept = self._rewind_kept()
+        self._initial = {k: v for k, v in state.items() if not kept(k)}
 
     def _checkpoint(self) -> None:
         """Everything needed to continue exactly; under DMP gathered whole (collective)."""

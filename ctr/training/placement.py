@@ -85,6 +85,11 @@ class Placement(ABC):
     def full_state(self, model: nn.Module, net: nn.Module) -> dict[str, Any]:
         """Unsharded weights (a copy), on every rank."""
 
+    def live_state(self, model: nn.Module, net: nn.Module) -> dict[str, Any]:
+        """Unsharded weights to read before a load replaces them: the model's own tensors
+        where this process holds them whole (no copy of every table), else a copy."""
+        return self.full_state(model, net)
+
     @abstractmethod
     def load_state(self, model: nn.Module, net: nn.Module, state: dict[str, Any]) -> None:
         """Loads whole weights into the model (or its shards)."""
@@ -153,6 +158,9 @@ class SingleProcess(Placement):
 
     def full_state(self, model: nn.Module, net: nn.Module) -> dict[str, Any]:
         return _local_state(model)
+
+    def live_state(self, model: nn.Module, net: nn.Module) -> dict[str, Any]:
+        return _local_state(model, copy_tensors=False)
 
     def load_state(self, model: nn.Module, net: nn.Module, state: dict[str, Any]) -> None:
         _load_local_state(model, state)
@@ -274,6 +282,11 @@ class Sharded(Placement):
             return _local_state(model)
         return full_state_dict(net)  # type: ignore[arg-type]
 
+    def live_state(self, model: nn.Module, net: nn.Module) -> dict[str, Any]:
+        if self.replicate:
+            return _local_state(model, copy_tensors=False)
+        return self.full_state(model, net)
+
     def load_state(self, model: nn.Module, net: nn.Module, state: dict[str, Any]) -> None:
         from ctr.training.distributed import load_full_state_dict
 
@@ -366,12 +379,14 @@ def _set_local_table_lr(tables: dict[str, Any], lr: float) -> None:
         opt.step()  # a fused optimizer hands its lr to fbgemm on step()/zero_grad()
 
 
-def _local_state(model: nn.Module) -> dict[str, Any]:
+def _local_state(model: nn.Module, copy_tensors: bool = True) -> dict[str, Any]:
     for rows in embedding_rows(model):
         rows.flush_decay()  # lazily decayed rows brought up to date
     # Extra state (get_extra_state) may hold plain values beside the tensors.
     return {
-        k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+        k: (v.detach().clone() if copy_tensors else v.detach())
+        if isinstance(v, torch.Tensor)
+        else copy.deepcopy(v)
         for k, v in model.state_dict().items()
     }
 
