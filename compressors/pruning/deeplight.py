@@ -177,11 +177,16 @@ class DeepLight(EntryPruned):
         otherwise only the live ones compete."""
         keep = max(round((1.0 - sparsity) * self.mask.numel()), self.target_entries)
         self.table.flush_decay()
+        weight = self.table.weight
+
+        def magnitude(start: int, stop: int) -> torch.Tensor:
+            return weight[start:stop].abs()
+
         if self.regrow:
-            self.keep_top(self.table.weight.abs(), keep, revive=True)
-            self.table.weight.mul_(self.mask)
+            self.keep_top(magnitude, keep, revive=True)
+            weight.mul_(self.mask)
         elif keep < int(self.mask.sum()):
-            self.keep_top(self.table.weight.abs(), keep)
+            self.keep_top(magnitude, keep)
 
     def after_step(self, ctx: StageContext) -> None:
         super().after_step(ctx)

@@ -27,7 +27,7 @@ Example::
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -57,7 +57,59 @@ if TYPE_CHECKING:
     pass
 
 _CHUNK_ROWS = 1 << 18
+_SELECT_ROWS = 1 << 16  # rows a selection pass reads at once (1M entries at dim 16)
 log = logging.getLogger(__name__)
+
+
+def _ordered(values: torch.Tensor) -> torch.Tensor:
+    """float32 -> int64 keys in ``[0, 2**32)`` ordered as the floats (``-0.0`` as ``0.0``)."""
+    bits = (values.float() + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negatives: reverse their order
+    return bits.to(torch.int64) + (1 << 31)
+
+
+@torch.no_grad()
+def top_entries(
+    score: Callable[[int, int], torch.Tensor],
+    rows: int,
+    k: int,
+    out: torch.Tensor,
+    chunk_rows: int | None = None,
+) -> None:
+    """``out`` (bool ``[rows, D]``) = the ``k`` entries of largest score (ties by position);
+    ``score(start, stop)`` gives rows ``[start, stop)`` of the float scores.
+
+    An exact radix select over chunks of rows (the 32-bit keys of the scores, 8 bits a
+    pass: four histograms, then one pass writing ``out``) instead of ``torch.topk`` over the
+    flattened table, whose CPU kernel copies every entry with its index (12-16 bytes an
+    entry) beside the input: the working set stays a few chunks, whatever the table."""
+    out.zero_()
+    if k <= 0:
+        return
+    step = chunk_rows or _SELECT_ROWS
+    chunks = [(a, min(a + step, rows)) for a in range(0, rows, step)]
+    prefix, need = 0, k  # the k-th largest key's leading bytes; entries of it still to take
+    for shift in (24, 16, 8, 0):
+        hist = torch.zeros(256, dtype=torch.int64)
+        for a, b in chunks:
+            key = _ordered(score(a, b)).flatten()
+            if shift < 24:
+                key = key[(key >> (shift + 8)) == prefix]
+            hist += torch.bincount((key >> shift) & 255, minlength=256)
+        above = torch.cumsum(hist.flip(0), 0).flip(0) - hist  # keys of larger bytes
+        byte = int(torch.nonzero(above < need).min())  # the k-th largest key's byte
+        need -= int(above[byte])
+        prefix = (prefix << 8) | byte
+    for a, b in chunks:
+        key = _ordered(score(a, b))
+        keep = key > prefix
+        tied = key == prefix
+        if need > 0 and bool(tied.any()):
+            flat = tied.flatten()
+            chosen = torch.nonzero(flat).flatten()[:need]
+            need -= len(chosen)
+            keep.view(-1)[chosen] = True
+        out[a:b] = keep
 
 
 def entry_floor_bytes(features: Sequence[FeatureSpec], dim: int, dtype: str) -> int:
@@ -161,6 +213,13 @@ class EntryPruned(SearchedBytes, Compressor):
         return self.values(rows, self.table.weight[start:stop])
 
     @torch.no_grad()
+    def mask_nonzero_values(self) -> None:
+        """The mask = the entries the model reads as non-zero, chunk by chunk."""
+        for s in range(0, self.table.rows, _CHUNK_ROWS):
+            stop = min(s + _CHUNK_ROWS, self.table.rows)
+            self.mask[s:stop] = self.all_values(s, stop) != 0
+
+    @torch.no_grad()
     def nonzeros(self) -> int:
         return sum(
             int((self.all_values(s, min(s + _CHUNK_ROWS, self.table.rows)) != 0).sum())
@@ -168,19 +227,29 @@ class EntryPruned(SearchedBytes, Compressor):
         )
 
     @torch.no_grad()
-    def keep_top(self, scores: torch.Tensor, k: int, revive: bool = False) -> None:
-        """Sets the mask to the ``k`` entries of largest ``scores`` (``[N, D]``, non-negative;
-        ties by position). Without ``revive`` an entry already masked stays masked; with it
-        every entry competes (a pruned entry that regrew can come back)."""
+    def keep_top(
+        self,
+        scores: torch.Tensor | Callable[[int, int], torch.Tensor],
+        k: int,
+        revive: bool = False,
+    ) -> None:
+        """Sets the mask to the ``k`` entries of largest ``scores`` (``[N, D]``, or a function
+        of ``(start, stop)`` giving rows ``[start, stop)`` of them, so no table-sized copy need
+        exist; ties by position). Without ``revive`` an entry already masked stays masked;
+        with it every entry competes (a pruned entry that regrew can come back)."""
+        score = scores if callable(scores) else lambda a, b: scores[a:b]
         if revive:
-            flat = scores.flatten()
-            k = min(k, flat.numel())
+            k = min(k, self.mask.numel())
+            eligible = score
         else:
-            flat = torch.where(self.mask, scores, torch.full_like(scores, -1.0)).flatten()
             k = min(k, int(self.mask.sum()))
-        mask = torch.zeros_like(flat, dtype=torch.bool)
-        mask[torch.topk(flat, k, sorted=False).indices] = True
-        self.mask.copy_(mask.view_as(self.mask))
+
+            def eligible(a: int, b: int) -> torch.Tensor:
+                return score(a, b).masked_fill(~self.mask[a:b], float("-inf"))
+
+        chosen = torch.empty_like(self.mask)  # eligible() reads the mask while selecting
+        top_entries(eligible, self.table.rows, k, chosen)
+        self.mask.copy_(chosen)
 
     # ---------------------------------------------------------------- memory and export
     @torch.no_grad()

@@ -68,7 +68,7 @@ from torch import nn
 from compressors.core.base import SCHEDULED, FeatureSpec, Stage
 from compressors.core.hybrid import take_rows
 from compressors.core.registry import register
-from compressors.pruning.entry_pruned import EntryPruned
+from compressors.pruning.entry_pruned import EntryPruned, top_entries
 
 if TYPE_CHECKING:
     from compressors.core.base import StageContext
@@ -230,7 +230,7 @@ class PEP(EntryPruned):
 
     @torch.no_grad()
     def _freeze(self, step: int) -> None:
-        self.mask.copy_(self.all_values() != 0)
+        self.mask_nonzero_values()
         self.reached_sparsity.fill_(1 - int(self.mask.sum()) / self.mask.numel())
         self._fill()
         self.found.fill_(True)
@@ -250,28 +250,31 @@ class PEP(EntryPruned):
         """``fill_budget``: the thresholds rise for every entry at once, so between two checks
         the sparsity can jump past the budget's. Restores the pruned entries with the largest
         ``|w| − g(s)`` (the nearest to surviving) up to the target: the budget's sparsity, as
-        asked (figures: ``docs/methods/pep.md``)."""
+        asked (figures: ``docs/methods/pep.md``). Chunk by chunk: no table-sized margins."""
         kept = int(self.mask.sum())
         if not self.fill_budget or kept >= self.target_entries:
             return
-        gate = torch.sigmoid(self.threshold)
-        if self.granularity != "feature_dim":
-            gate = gate[self.table.field_of(torch.arange(self.table.rows, device=gate.device))]
         self.table.flush_decay()
-        margin = self.table.weight.abs() - gate
-        margin = torch.where(self.mask, torch.full_like(margin, float("inf")), margin)
-        chosen = torch.topk(margin.flatten(), self.target_entries, sorted=False).indices
-        mask = torch.zeros(self.mask.numel(), dtype=torch.bool, device=self.mask.device)
-        mask[chosen] = True
-        self.mask.copy_(mask.view_as(self.mask))
+        weight, mask = self.table.weight, self.mask
+
+        def margin(start: int, stop: int) -> torch.Tensor:
+            if self.granularity == "feature_dim":
+                gate = torch.sigmoid(self.threshold[start:stop])
+            else:
+                rows = torch.arange(start, stop, device=weight.device)
+                gate = torch.sigmoid(self.threshold)[self.table.field_of(rows)]
+            return (weight[start:stop].abs() - gate).masked_fill(mask[start:stop], float("inf"))
+
+        chosen = torch.empty_like(mask)
+        top_entries(margin, self.table.rows, self.target_entries, chosen)
+        mask.copy_(chosen)
         self.filled.fill_(self.target_entries - kept)
 
     @torch.no_grad()
     def on_stage_end(self, stage: Stage, ctx: StageContext) -> None:
         if stage.name != "search" or bool(self.found):
             return
-        soft = self.all_values()
-        self.mask.copy_(soft != 0)
+        self.mask_nonzero_values()
         self.reached_sparsity.fill_(1 - int(self.mask.sum()) / self.mask.numel())
         self.fallback.fill_(True)
         log.warning(
@@ -282,7 +285,7 @@ class PEP(EntryPruned):
             ctx.step,
             self.target_sparsity,
         )
-        self.keep_top(soft.abs(), self.target_entries)
+        self.keep_top(lambda start, stop: self.all_values(start, stop).abs(), self.target_entries)
         self.found.fill_(True)
         self.found_step.fill_(ctx.step)
 

@@ -17,6 +17,7 @@ from compressors import BudgetError, FeatureSpec, build_compressor
 from compressors.core.optim import Adam
 from compressors.core.storage import row_bytes
 from compressors.pruning.bytes import bitmap_bytes
+from compressors.pruning.entry_pruned import top_entries
 from compressors.pruning.pep import PEP, soft_threshold
 from ctr.embedding import features_from_dataset
 from ctr.training.config import TrainConfig
@@ -290,3 +291,72 @@ def test_nonzeros_counts_what_the_model_reads(granularity):
     expected = int((layer.all_values() != 0).sum())
     assert 0 < expected < layer.mask.numel()
     assert layer.nonzeros() == expected
+
+
+def test_top_entries_selects_what_topk_selects_chunk_by_chunk():
+    # The stage-end selections run over chunks of rows (no table-sized copies): the same
+    # entries as torch.topk over the flattened table, ties by position.
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        n, d = (
+            int(torch.randint(1, 200, (1,), generator=g)),
+            int(torch.randint(1, 17, (1,), generator=g)),
+        )
+        x = torch.randn(n, d, generator=g)  # distinct values: one answer
+        if trial % 3 == 0:
+            x[torch.rand(n, d, generator=g) < 0.3] = float("-inf")
+        if trial % 4 == 0:
+            x[torch.rand(n, d, generator=g) < 0.2] = float("inf")
+        k = int(torch.randint(0, n * d + 1, (1,), generator=g))
+        # No tied infinities across the cut: all of +inf in, all of -inf out.
+        k = max(int((x == float("inf")).sum()), min(k, int((x > float("-inf")).sum())))
+        out = torch.empty(n, d, dtype=torch.bool)
+        rows = int(torch.randint(1, 40, (1,), generator=g))
+        top_entries(lambda a, b, x=x: x[a:b], n, k, out, chunk_rows=rows)
+        ref = torch.zeros(n * d, dtype=torch.bool)
+        ref[torch.topk(x.flatten(), k, sorted=False).indices] = True
+        assert torch.equal(out, ref.view(n, d)), trial
+    ties = torch.tensor([[3.0, 1.0, 1.0], [1.0, 0.5, 1.0]])
+    out = torch.empty(2, 3, dtype=torch.bool)
+    top_entries(lambda a, b: ties[a:b], 2, 3, out, chunk_rows=1)
+    assert out.tolist() == [[True, True, True], [False, False, False]]
+
+
+@pytest.mark.parametrize("granularity", ["feature_dim", "field"])
+def test_stage_end_masks_equal_the_whole_table_computation(granularity, monkeypatch):
+    import compressors.pruning.entry_pruned as entry_pruned
+
+    monkeypatch.setattr(entry_pruned, "_CHUNK_ROWS", 37)
+    monkeypatch.setattr(entry_pruned, "_SELECT_ROWS", 53)
+    feats = [FeatureSpec("a", 1000), FeatureSpec("b", 200)]
+
+    def layer(threshold: float) -> PEP:
+        torch.manual_seed(0)
+        pep = build_compressor("pep", feats, 16, "10x", granularity=granularity)
+        with torch.no_grad():
+            pep.table.weight.normal_(0, 0.01)
+            pep.threshold.normal_(threshold, 0.3)
+        return pep
+
+    # The magnitude fallback: the largest |ŵ| among the non-zeros (the whole-table code).
+    pep = layer(-6.0)
+    soft = pep.all_values()
+    flat = torch.where(soft != 0, soft.abs(), torch.full_like(soft, -1.0)).flatten()
+    want = torch.zeros(flat.numel(), dtype=torch.bool)
+    want[
+        torch.topk(flat, min(pep.target_entries, int((soft != 0).sum())), sorted=False).indices
+    ] = True
+    pep.on_stage_end(pep.stages[0], type("Ctx", (), {"step": 5})())
+    assert torch.equal(pep.mask, want.view_as(pep.mask))
+    # The fill after an overshoot: the pruned entries of largest |w| − g(s).
+    pep = layer(float(torch.logit(torch.tensor(0.03))))
+    gate = torch.sigmoid(pep.threshold)
+    if granularity != "feature_dim":
+        gate = gate[pep.table.field_of(torch.arange(pep.table.rows))]
+    found = pep.all_values() != 0
+    margin = torch.where(found, float("inf"), pep.table.weight.abs() - gate).flatten()
+    want = torch.zeros(margin.numel(), dtype=torch.bool)
+    want[torch.topk(margin, pep.target_entries, sorted=False).indices] = True
+    assert int(found.sum()) < pep.target_entries
+    pep._freeze(step=3)
+    assert torch.equal(pep.mask, want.view_as(pep.mask))
