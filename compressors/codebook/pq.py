@@ -64,16 +64,17 @@ def stream_bytes(rows: int, parts: int, bits: int) -> int:
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes ``[n, P]`` (each ``< 2**bits``) -> uint8 ``[⌈n·P·bits/8⌉]``: code ``i`` (row-major)
     occupies bits ``[i·bits, (i+1)·bits)`` of the stream, least significant bit first."""
-    flat = codes.reshape(-1).to(torch.int64)
+    flat = codes.reshape(-1)  # any integer dtype: widened a chunk at a time
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
         raise ValueError(f"codes outside [0, 2**{bits})")
     out = torch.empty(stream_bytes(flat.numel(), 1, bits), dtype=torch.uint8)
-    # Chunks of a multiple of 8 codes start on a byte boundary.
-    chunk = 1 << 20
+    # Chunks of a multiple of 8 codes start on a byte boundary; the bit matrix of one is
+    # 8·bits bytes a code (8 MiB at 8 bits).
+    chunk = 1 << 17
     shifts = torch.arange(bits)
     weights = 1 << torch.arange(8)
     for start in range(0, flat.numel(), chunk):
-        part = flat[start : start + chunk]
+        part = flat[start : start + chunk].to(torch.int64)
         bitstream = ((part.unsqueeze(1) >> shifts) & 1).reshape(-1)
         pad = -bitstream.numel() % 8
         if pad:
@@ -213,15 +214,28 @@ def assignment_scores(
     depend on which other rows share the batch (a matmul's blocking might): training, eval
     and export pick the same codes bit for bit.
     """
-    scores = None
+    # Without gradients the sum accumulates in place (one score buffer and one term
+    # buffer, the same floats in the same order): exporting scores every row.
+    inplace = not (torch.is_grad_enabled() and (query.requires_grad or keys.requires_grad))
+    scores = term = None
     for j in range(query.shape[2]):
         k = keys[..., j]  # [G, P, K]
         k = k[0] if group is None else k[group]  # [P, K] or [n, P, K]
         q = query[:, :, j].unsqueeze(-1)
-        term = (q - k).square() if mode == "vq" else q * k
-        scores = term if scores is None else scores + term
+        if not inplace:
+            term = (q - k).square() if mode == "vq" else q * k
+            scores = term if scores is None else scores + term
+        elif scores is None:
+            scores = (q - k).square_() if mode == "vq" else q * k
+        else:
+            term = (
+                torch.sub(q, k, out=term).square_() if mode == "vq" else torch.mul(q, k, out=term)
+            )
+            scores.add_(term)
     assert scores is not None
-    return -scores if mode == "vq" else scores
+    if mode != "vq":
+        return scores
+    return scores.neg_() if inplace else -scores
 
 
 class ProductQuantizer(nn.Module):
@@ -317,6 +331,8 @@ class ProductQuantizer(nn.Module):
             # Batch statistics need the whole batch at once.
             with torch.no_grad():
                 return self.scores(query.detach(), ids, fields).argmax(-1)
+        if self.bn is None and len(p.choices) > 1:
+            return self._tier_codes(query, ids, fields)
         chunk = max(1, SCORE_ENTRIES // (p.parts * p.choices[0]))
         out = []
         with torch.no_grad():
@@ -324,6 +340,30 @@ class ProductQuantizer(nn.Module):
                 part = slice(start, start + chunk)
                 out.append(self.scores(query[part].detach(), ids[part], fields[part]).argmax(-1))
         return torch.cat(out) if out else ids.new_zeros(0, p.parts)
+
+    @torch.no_grad()
+    def _tier_codes(
+        self, query: torch.Tensor, ids: torch.Tensor, fields: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`codes` tier by tier: a tail row is scored against its tier's
+        ``choices[1]`` centroids only, not against all of the head's with the rest masked
+        (the same argmax, a fraction of the work)."""
+        p = self.plan
+        tail, _, group = self.tiers(ids, fields)
+        assert tail is not None
+        out = ids.new_empty(len(query), p.parts)
+        for rows, k in (
+            (torch.nonzero(~tail).flatten(), p.choices[0]),
+            (torch.nonzero(tail).flatten(), p.choices[1]),
+        ):
+            keys = self.keys[:, :, :k]
+            chunk = max(1, SCORE_ENTRIES // (p.parts * k))
+            for start in range(0, len(rows), chunk):
+                part = rows[start : start + chunk]
+                q = query[part].detach().view(-1, p.parts, p.sub_dim)
+                g = None if group is None else group[part]
+                out[part] = assignment_scores(q, keys, g, self.mode).argmax(-1)
+        return out
 
     def gather(self, codes: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
         """Values of ``codes`` ``[n, P]`` -> ``[n, P, d]``."""
@@ -365,7 +405,8 @@ class ProductQuantizer(nn.Module):
 
     @torch.no_grad()
     def all_codes(self) -> list[torch.Tensor]:
-        """Every row's codes (eval-mode assignment), split by tier: ``[rows_t, P]`` each."""
+        """Every row's codes (eval-mode assignment, uint8), split by tier: ``[rows_t, P]``
+        each."""
         p = self.plan
         was = self.training
         self.eval()
@@ -382,7 +423,8 @@ class ProductQuantizer(nn.Module):
             for start in range(0, weight.shape[0], ASSIGN_CHUNK):
                 stop = min(weight.shape[0], start + ASSIGN_CHUNK)
                 q = weight[start:stop].detach().float()
-                out.append(self.codes(q, ids[start:stop], fields[start:stop]))
+                # uint8: codes are at most MAX_BITS wide (an eighth of int64's bytes)
+                out.append(self.codes(q, ids[start:stop], fields[start:stop]).to(torch.uint8))
             codes = torch.cat(out).cpu()  # assigned on the model's device, packed on the host
         finally:
             self.train(was)

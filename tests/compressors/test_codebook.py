@@ -141,6 +141,52 @@ def test_dpq_learns_codes_that_reconstruct_planted_clusters(mode):
     assert all(len(torch.unique(after[:, p])) >= USED_CODES[mode] for p in range(2))
 
 
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("dpq", {"mode": "vq"}),
+        ("dpq", {"mode": "sx", "batch_norm": False}),
+        ("mgqe", {"mode": "vq"}),
+        ("mgqe", {"mode": "vq", "codebooks": "field"}),
+        ("mgqe", {"mode": "sx", "batch_norm": False}),
+    ],
+)
+def test_codes_equal_the_masked_full_scores_argmax(method, options, monkeypatch):
+    # Codes are computed without gradients in place, tier by tier (a tail row against its
+    # own centroids only) and in small chunks: the same argmax as every row scored against
+    # all the head's centroids with the tail's extra choices masked out.
+    import compressors.codebook.pq as pq
+
+    monkeypatch.setattr(pq, "SCORE_ENTRIES", 300)
+    monkeypatch.setattr(pq, "ASSIGN_CHUNK", 77)
+    torch.manual_seed(0)
+    feats = [
+        FeatureSpec("a", 400, frequencies=np.arange(400, 0, -1).astype(float)),
+        FeatureSpec("b", 300, frequencies=np.arange(300, 0, -1).astype(float)),
+    ]
+    extra = {"head_choices": 16, "tail_choices": 4} if method == "mgqe" else {"choices": 16}
+    layer = build_compressor(method, feats, 8, "2x", parts=4, **extra, **options)
+    q = layer.quantizer
+    with torch.no_grad():
+        q.keys.normal_(0, 0.01)
+        q.query.weights()[pq.QUERY_TABLE].normal_(0, 0.01)
+    weight = q.query.weights()[pq.QUERY_TABLE].detach()
+    fields = torch.repeat_interleave(torch.arange(2), torch.tensor([400, 300]))
+    ids = torch.arange(700) - q._offsets[fields]
+    want = q.scores(weight, ids, fields).argmax(-1)  # the whole table, masked, with autograd
+    for training in (True, False):
+        q.train(training)
+        assert torch.equal(q.codes(weight, ids, fields), want)
+    codes = torch.cat(q.all_codes()) if len(q.plan.choices) == 1 else None
+    if codes is None:
+        head, tail = q.all_codes()
+        is_tail = ids >= torch.tensor(q.plan.heads)[fields]
+        assert torch.equal(head.long(), want[~is_tail]) and torch.equal(tail.long(), want[is_tail])
+        assert int(tail.max()) < 4
+    else:
+        assert torch.equal(codes.long(), want)
+
+
 # ---------------------------------------------------------------- MGQE
 def test_mgqe_head_is_the_globally_most_frequent_values_and_tail_codes_are_shorter():
     # Field "hot" is frequent throughout, "cold" rare: the global top 10% is all in "hot".
