@@ -198,7 +198,10 @@ def lsh_pairs(
             pairs.append(np.stack([order[:-step][same], order[step:][same]], 1))
     out = np.concatenate(pairs)
     out.sort(axis=1)
-    return np.unique(out, axis=0)
+    # Distinct pairs in (i, j) order: one int64 key each, sorted (not a row-wise unique).
+    keys = np.sort(out[:, 0] * np.int64(n) + out[:, 1])
+    keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
+    return np.stack([keys // n, keys % n], 1)
 
 
 def similarity(blocks: np.ndarray, pairs: np.ndarray, fp: float) -> np.ndarray:
@@ -208,6 +211,67 @@ def similarity(blocks: np.ndarray, pairs: np.ndarray, fp: float) -> np.ndarray:
         p = pairs[start : start + (1 << 14)]
         out[start : start + len(p)] = (np.abs(blocks[p[:, 0]] - blocks[p[:, 1]]) <= fp).mean(1)
     return out
+
+
+def greedy_merges(
+    pairs: np.ndarray,
+    rep: np.ndarray,
+    absorbed: np.ndarray,
+    limit: int,
+    chain: bool = False,
+) -> np.ndarray:
+    """Merges along ``pairs`` ``[m, 2]`` in their order, as one pass of the rule in
+    :func:`deduplicate` would pair by pair, stopping after ``limit`` merges; updates ``rep``
+    and ``absorbed`` and returns the positions of the pairs that merged (ascending).
+
+    The rule: a pair merges when both blocks are still served (``rep[b] == b``) and not both
+    have absorbed others (unless ``chain``); the one that has not absorbed (else the first)
+    points at the other. A pair's outcome depends only on the earlier pairs that share one
+    of its blocks, so the pass is decided in rounds, all vectorised: every pair that is the
+    earliest undecided one at both of its blocks is decided at once (no two of them share a
+    block), and pairs that can no longer merge (a block merged away, or both absorbing) are
+    dropped. Past ``limit`` the rest of the pass would not have run: merges are kept in
+    order up to it."""
+    m, n = len(pairs), len(rep)
+    if m == 0 or limit <= 0:
+        return np.zeros(0, dtype=np.int64)
+    left, right = pairs[:, 0], pairs[:, 1]
+    gone = rep != np.arange(n)  # merged into another block: for good
+    hub = absorbed.copy()  # absorbed others: stays served while chain is off
+
+    def alive(k: np.ndarray) -> np.ndarray:
+        a, b = left[k], right[k]
+        ok = ~(gone[a] | gone[b])
+        return ok if chain else ok & ~(hub[a] & hub[b])
+
+    undecided = np.arange(m)
+    undecided = undecided[alive(undecided)]
+    taken, sources, targets = [], [], []
+    first = np.full(n, m, dtype=np.int64)
+    while len(undecided):
+        a, b = left[undecided], right[undecided]
+        first[a] = m
+        first[b] = m
+        np.minimum.at(first, a, undecided)
+        np.minimum.at(first, b, undecided)
+        ready = (first[a] == undecided) & (first[b] == undecided)
+        k, a, b = undecided[ready], a[ready], b[ready]
+        swap = hub[a]  # the block that absorbed others stays served
+        src, dst = np.where(swap, b, a), np.where(swap, a, b)
+        gone[src] = True
+        hub[dst] = True
+        taken.append(k)
+        sources.append(src)
+        targets.append(dst)
+        undecided = undecided[~ready]
+        undecided = undecided[alive(undecided)]
+    if not taken:
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(np.concatenate(taken), kind="stable")[:limit]
+    src, dst = np.concatenate(sources)[order], np.concatenate(targets)[order]
+    rep[src] = dst
+    absorbed[dst] = True
+    return np.concatenate(taken)[order]
 
 
 def deduplicate(
@@ -222,7 +286,8 @@ def deduplicate(
     seed: int,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Merges blocks ``[n, E]`` until ``keep`` distinct ones remain: ``(representative of
-    every block, report)``. The last block is never merged (it may be padded)."""
+    every block, report)``. The last block is never merged (it may be padded). Every pass
+    over pairs is :func:`greedy_merges` (the pair-by-pair rule, decided vectorised)."""
     n = len(blocks)
     rep = np.arange(n)
     absorbed = np.zeros(n, dtype=bool)  # a representative that others merged into
@@ -234,35 +299,27 @@ def deduplicate(
     rng = np.random.default_rng(seed)
     pairs = lsh_pairs(blocks[:mergeable], bands, hashes, width, rng)
     merged = 0
-
-    def merge(i: int, j: int, chain: bool = False) -> bool:
-        # Both must still be served; a block merges only into the block it was compared
-        # with, so one that absorbed others stays (two such merge only in the last resort).
-        if rep[i] != i or rep[j] != j:
-            return False
-        if absorbed[i]:
-            if absorbed[j] and not chain:
-                return False
-            i, j = j, i
-        rep[i] = j
-        absorbed[j] = True
-        return True
-
+    # Both blocks of a pair must still be served; a block merges only into the block it was
+    # compared with, so one that absorbed others stays (two such merge only in the last
+    # resort, chain=True).
     tolerance = fp
+    live = pairs
     for _ in range(max(rounds, 0)):
         if len(pairs) == 0:
             break
-        scores = similarity(blocks, pairs, tolerance)
+        # Pairs that can no longer merge (a block merged away, or both absorbing) never
+        # will: dropped before scoring (the others keep their order).
+        a, b = live[:, 0], live[:, 1]
+        live = live[(rep[a] == a) & (rep[b] == b) & ~(absorbed[a] & absorbed[b])]
+        scores = similarity(blocks, live, tolerance)
         order = np.argsort(-scores, kind="stable")
-        for k in order:
-            if merged >= need or scores[k] < sim:
-                break
-            i, j = pairs[k]
-            if merge(int(i), int(j)):
-                merged += 1
-                report["lsh_merges"] += 1
-                low = report["min_sim"]
-                report["min_sim"] = float(scores[k]) if low is None else min(low, scores[k])
+        order = order[scores[order] >= sim]  # the pass stops at the first pair below sim
+        done = greedy_merges(live[order], rep, absorbed, need - merged)
+        if len(done):
+            merged += len(done)
+            report["lsh_merges"] += len(done)
+            low = float(scores[order[done]].min())
+            report["min_sim"] = low if report["min_sim"] is None else min(report["min_sim"], low)
         report["fp"] = tolerance
         if merged >= need:
             break
@@ -274,15 +331,12 @@ def deduplicate(
         order = served[np.argsort(np.percentile(blocks[served], 75, axis=1), kind="stable")]
         pairs_n = np.stack([order[:-1], order[1:]], 1)
         dist = np.linalg.norm(blocks[pairs_n[:, 0]] - blocks[pairs_n[:, 1]], axis=1)
-        progress = False
-        for k in np.argsort(dist, kind="stable"):
-            if merged >= need:
-                break
-            if merge(int(pairs_n[k, 0]), int(pairs_n[k, 1]), chain=True):
-                merged += 1
-                report["neighbour_merges"] += 1
-                progress = True
-        if not progress:  # cannot happen while two served blocks remain
+        done = greedy_merges(
+            pairs_n[np.argsort(dist, kind="stable")], rep, absorbed, need - merged, chain=True
+        )
+        merged += len(done)
+        report["neighbour_merges"] += len(done)
+        if not len(done):  # cannot happen while two served blocks remain
             break
     while True:  # last-resort merges may chain: point every block at its final block
         nxt = rep[rep]
@@ -434,10 +488,9 @@ class Dedup(Compressor):
         rep = self.index_map.remap.long().cpu()
         distinct = torch.unique(rep)
         if len(distinct) < self.keep:
-            taken = set(distinct.tolist())
-            spare = torch.tensor(
-                [b for b in range(self.blocks) if b not in taken], dtype=torch.long
-            )
+            free = torch.ones(self.blocks, dtype=torch.bool)
+            free[distinct] = False
+            spare = torch.nonzero(free).flatten()
             distinct = torch.cat([distinct, spare[: self.keep - len(distinct)]]).sort().values
         compact = torch.full((self.blocks,), -1, dtype=torch.long)
         compact[distinct] = torch.arange(len(distinct))

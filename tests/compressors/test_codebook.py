@@ -240,6 +240,51 @@ def test_dedup_merges_exactly_the_planted_near_duplicates():
     assert report["fp"] == 0.01 and report["min_sim"] == 1.0
 
 
+def _merges_pair_by_pair(pairs, rep, absorbed, limit, chain):
+    # The rule, one pair at a time (what dedup ran before its passes were vectorised).
+    taken = []
+    for k, (i, j) in enumerate(pairs.tolist()):
+        if len(taken) >= limit:
+            break
+        if rep[i] != i or rep[j] != j:
+            continue
+        if absorbed[i]:
+            if absorbed[j] and not chain:
+                continue
+            i, j = j, i
+        rep[i] = j
+        absorbed[j] = True
+        taken.append(k)
+    return np.array(taken, dtype=np.int64)
+
+
+@pytest.mark.parametrize("chain", [False, True])
+def test_dedup_vectorised_merge_passes_equal_the_pair_by_pair_rule(chain):
+    rng = np.random.default_rng(0)
+    for trial in range(150):
+        n = int(rng.integers(2, 60))
+        pairs = np.sort(rng.integers(0, n, (int(rng.integers(0, 4 * n)), 2)), axis=1)
+        pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+        rep = np.arange(n)
+        absorbed = np.zeros(n, dtype=bool)
+        for i, j in np.sort(rng.integers(0, n, (n // 4, 2)), axis=1):  # a state mid-way
+            if i != j and rep[i] == i and rep[j] == j and not absorbed[i]:
+                rep[i], absorbed[j] = j, True
+        limit = int(rng.integers(0, n + 1))
+        want_rep, want_abs = rep.copy(), absorbed.copy()
+        want = _merges_pair_by_pair(pairs, want_rep, want_abs, limit, chain)
+        got = dedup_module.greedy_merges(pairs, rep, absorbed, limit, chain=chain)
+        assert np.array_equal(got, want), trial
+        assert np.array_equal(rep, want_rep) and np.array_equal(absorbed, want_abs), trial
+
+
+def test_dedup_lsh_pairs_are_the_distinct_sorted_pairs():
+    blocks = np.random.default_rng(0).normal(0, 0.01, (300, 8)).astype(np.float32)
+    pairs = dedup_module.lsh_pairs(blocks, 4, 2, 0.5, np.random.default_rng(1))
+    assert len(pairs) and (pairs[:, 0] < pairs[:, 1]).all()
+    assert np.array_equal(pairs, np.unique(pairs, axis=0))
+
+
 def test_dedup_serves_every_row_from_its_representative_block():
     features = [FeatureSpec("a", 300), FeatureSpec("b", 340)]  # 640 rows: 40 blocks of 16
     method = build_compressor("dedup", features, 4, "1.5x", block_rows=16)
