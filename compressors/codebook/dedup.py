@@ -188,20 +188,28 @@ def lsh_pairs(
     mix = np.array([1_000_003**k for k in range(hashes)], dtype=np.int64)
     keys = (codes * mix).sum(-1)
     # Each block meets at most ``window`` sorted neighbours per band: pairs stay bounded.
+    # A pair (i < j) is kept as one int64 key i·n + j (distinct pairs in (i, j) order are
+    # the sorted distinct keys): half the bytes of the pairs themselves while collecting.
     window = max(1, min(WINDOW, MAX_PAIRS // max(n * bands, 1)))
-    pairs = []
+    found = []
     for band in range(bands):
         order = np.argsort(keys[:, band], kind="stable")
         sorted_keys = keys[order, band]
         for step in range(1, window + 1):
             same = sorted_keys[step:] == sorted_keys[:-step]
-            pairs.append(np.stack([order[:-step][same], order[step:][same]], 1))
-    out = np.concatenate(pairs)
-    out.sort(axis=1)
-    # Distinct pairs in (i, j) order: one int64 key each, sorted (not a row-wise unique).
-    keys = np.sort(out[:, 0] * np.int64(n) + out[:, 1])
-    keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
-    return np.stack([keys // n, keys % n], 1)
+            i, j = order[:-step][same], order[step:][same]
+            found.append(np.minimum(i, j) * np.int64(n) + np.maximum(i, j))
+    del proj, codes, keys
+    pair_keys = np.concatenate(found)
+    del found
+    pair_keys.sort()
+    pair_keys = pair_keys[np.concatenate([[True], pair_keys[1:] != pair_keys[:-1]])]
+    # int32 block ids while they fit (a quarter of the int64 pairs' bytes per pass later)
+    dtype = np.int32 if n < 2**31 else np.int64
+    out = np.empty((len(pair_keys), 2), dtype=dtype)
+    out[:, 0] = pair_keys // n
+    out[:, 1] = pair_keys % n
+    return out
 
 
 def similarity(blocks: np.ndarray, pairs: np.ndarray, fp: float) -> np.ndarray:
@@ -244,10 +252,11 @@ def greedy_merges(
         ok = ~(gone[a] | gone[b])
         return ok if chain else ok & ~(hub[a] & hub[b])
 
-    undecided = np.arange(m)
+    index = np.int32 if m < 2**31 - 1 else np.int64  # positions (and the sentinel m)
+    undecided = np.arange(m, dtype=index)
     undecided = undecided[alive(undecided)]
     taken, sources, targets = [], [], []
-    first = np.full(n, m, dtype=np.int64)
+    first = np.full(n, m, dtype=index)
     while len(undecided):
         a, b = left[undecided], right[undecided]
         first[a] = m
@@ -271,7 +280,7 @@ def greedy_merges(
     src, dst = np.concatenate(sources)[order], np.concatenate(targets)[order]
     rep[src] = dst
     absorbed[dst] = True
-    return np.concatenate(taken)[order]
+    return np.concatenate(taken)[order].astype(np.int64)
 
 
 def deduplicate(
@@ -311,14 +320,19 @@ def deduplicate(
         # will: dropped before scoring (the others keep their order).
         a, b = live[:, 0], live[:, 1]
         live = live[(rep[a] == a) & (rep[b] == b) & ~(absorbed[a] & absorbed[b])]
-        scores = similarity(blocks, live, tolerance)
-        order = np.argsort(-scores, kind="stable")
-        order = order[scores[order] >= sim]  # the pass stops at the first pair below sim
-        done = greedy_merges(live[order], rep, absorbed, need - merged)
+        # Negated in place: most similar first (stable), and the pass stops at the first
+        # pair below sim, a prefix of that order.
+        negated = similarity(blocks, live, tolerance)
+        np.negative(negated, out=negated)
+        order = np.argsort(negated, kind="stable")[: int((negated <= -sim).sum())]
+        del negated  # the merged pairs' scores are recomputed below (fewer, and exact)
+        candidates = live[order]
+        del order
+        done = greedy_merges(candidates, rep, absorbed, need - merged)
         if len(done):
             merged += len(done)
             report["lsh_merges"] += len(done)
-            low = float(scores[order[done]].min())
+            low = float(similarity(blocks, candidates[done], tolerance).min())
             report["min_sim"] = low if report["min_sim"] is None else min(report["min_sim"], low)
         report["fp"] = tolerance
         if merged >= need:
