@@ -62,10 +62,10 @@ log = logging.getLogger(__name__)
 
 
 def _ordered(values: torch.Tensor) -> torch.Tensor:
-    """float32 -> int64 keys in ``[0, 2**32)`` ordered as the floats (``-0.0`` as ``0.0``)."""
+    """float32 -> int32 keys ordered as the floats (``-0.0`` as ``0.0``): a negative float's
+    bits have their order reversed by flipping all but the sign bit."""
     bits = (values.float() + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0
-    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negatives: reverse their order
-    return bits.to(torch.int64) + (1 << 31)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 @torch.no_grad()
@@ -79,37 +79,44 @@ def top_entries(
     """``out`` (bool ``[rows, D]``) = the ``k`` entries of largest score (ties by position);
     ``score(start, stop)`` gives rows ``[start, stop)`` of the float scores.
 
-    An exact radix select over chunks of rows (the 32-bit keys of the scores, 8 bits a
-    pass: four histograms, then one pass writing ``out``) instead of ``torch.topk`` over the
-    flattened table, whose CPU kernel copies every entry with its index (12-16 bytes an
-    entry) beside the input: the working set stays a few chunks, whatever the table."""
+    An exact radix select over chunks of rows (the scores' order-preserving 32-bit keys,
+    16 bits a pass: two histograms, then one pass writing ``out``) instead of ``torch.topk``
+    over the flattened table, whose CPU kernel copies every entry with its index beside the
+    input: the working set stays a few chunks, whatever the table."""
     out.zero_()
     if k <= 0:
         return
     step = chunk_rows or _SELECT_ROWS
     chunks = [(a, min(a + step, rows)) for a in range(0, rows, step)]
-    prefix, need = 0, k  # the k-th largest key's leading bytes; entries of it still to take
-    for shift in (24, 16, 8, 0):
-        hist = torch.zeros(256, dtype=torch.int64)
-        for a, b in chunks:
-            key = _ordered(score(a, b)).flatten()
-            if shift < 24:
-                key = key[(key >> (shift + 8)) == prefix]
-            hist += torch.bincount((key >> shift) & 255, minlength=256)
-        above = torch.cumsum(hist.flip(0), 0).flip(0) - hist  # keys of larger bytes
-        byte = int(torch.nonzero(above < need).min())  # the k-th largest key's byte
-        need -= int(above[byte])
-        prefix = (prefix << 8) | byte
+    high = torch.zeros(1 << 16, dtype=torch.int64)
+    for a, b in chunks:  # the keys' top 16 bits, shifted to [0, 2**16)
+        high += torch.bincount(
+            ((_ordered(score(a, b)) >> 16) + (1 << 15)).flatten(), minlength=1 << 16
+        )
+    top, need = _kth_bucket(high, k)
+    top -= 1 << 15
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    for a, b in chunks:  # the low 16 bits of the keys in that bucket
+        key = _ordered(score(a, b)).flatten()
+        low += torch.bincount(key[(key >> 16) == top] & 0xFFFF, minlength=1 << 16)
+    bottom, need = _kth_bucket(low, need)
+    threshold = (top << 16) | bottom  # the k-th largest key; ``need`` of its ties to take
     for a, b in chunks:
         key = _ordered(score(a, b))
-        keep = key > prefix
-        tied = key == prefix
-        if need > 0 and bool(tied.any()):
-            flat = tied.flatten()
-            chosen = torch.nonzero(flat).flatten()[:need]
-            need -= len(chosen)
-            keep.view(-1)[chosen] = True
+        keep = key > threshold
+        if need > 0:
+            tied = torch.nonzero((key == threshold).flatten()).flatten()[:need]
+            need -= len(tied)
+            keep.view(-1)[tied] = True
         out[a:b] = keep
+
+
+def _kth_bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bucket holding the ``k``-th largest of the counted keys, and how many of its
+    keys are among the ``k`` largest."""
+    above = torch.cumsum(hist.flip(0), 0).flip(0) - hist  # keys in higher buckets
+    bucket = int(torch.nonzero(above < k).min())
+    return bucket, k - int(above[bucket])
 
 
 def entry_floor_bytes(features: Sequence[FeatureSpec], dim: int, dtype: str) -> int:
