@@ -88,14 +88,14 @@ def top_entries(
         return
     step = chunk_rows or _SELECT_ROWS
     chunks = [(a, min(a + step, rows)) for a in range(0, rows, step)]
-    high = torch.zeros(1 << 16, dtype=torch.int64)
+    high = torch.zeros(1 << 16, dtype=torch.int64, device=out.device)
     for a, b in chunks:  # the keys' top 16 bits, shifted to [0, 2**16)
         high += torch.bincount(
             ((_ordered(score(a, b)) >> 16) + (1 << 15)).flatten(), minlength=1 << 16
         )
     top, need = _kth_bucket(high, k)
     top -= 1 << 15
-    low = torch.zeros(1 << 16, dtype=torch.int64)
+    low = torch.zeros(1 << 16, dtype=torch.int64, device=out.device)
     for a, b in chunks:  # the low 16 bits of the keys in that bucket
         key = _ordered(score(a, b)).flatten()
         low += torch.bincount(key[(key >> 16) == top] & 0xFFFF, minlength=1 << 16)
