@@ -10,7 +10,8 @@ tensors stay on the host, as CUDA allows them in any op: the methods' state flag
 (``frozen``, ``found``), which their forwards read with ``bool()``.
 
 Meta tensors have shapes but no values: ``torch.unique`` (which batch rows a lookup reads)
-runs here as "every value its own row", which keeps every shape a real batch could give;
+runs here as "every value its own row", and ``torch.nonzero`` as "every element non-zero",
+which keeps every shape a real batch could give;
 a forward that reads a value on the host (``int(t)``: BlockMap's id range check) reads 0
 there. Each method runs from its first stage's state and, where a later stage forwards
 otherwise (binarized codes, a frozen mask, the searched dims), from that state too. The
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.fx.experimental._config as fx_config
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchrec import KeyedJaggedTensor
@@ -136,6 +138,9 @@ def meta_unique(monkeypatch):
         return (flat, inverse) if return_inverse else flat
 
     monkeypatch.setattr(torch, "unique", unique)
+    # torch.nonzero (mgqe's code tiers) likewise: every element non-zero, meta's own stand-in.
+    with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+        yield
 
 
 @pytest.mark.parametrize("later", [False, True], ids=["first", "later"])
