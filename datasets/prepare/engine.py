@@ -35,6 +35,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -212,75 +213,58 @@ def _prepare_into(
         # Imported here: the parallel driver builds on this module's passes.
         from datasets.prepare.parallel import ParallelPasses
 
-        passes = ParallelPasses(fmt, reader, plan, options, out)
+        parallel = contextlib.closing(ParallelPasses(fmt, reader, plan, options, out))
     else:
-        passes = None
-    try:
-        return _run_passes(fmt, reader, out, final, plan, options, name, min_count, passes)
-    finally:
-        if passes is not None:
-            passes.close()
-
-
-def _run_passes(
-    fmt: Format,
-    reader: FileReader,
-    out: Path,
-    final: Path,
-    plan: SplitPlan,
-    options: PrepareOptions,
-    name: str | None,
-    min_count: int,
-    passes: Any,
-) -> DatasetMeta:
-    count = passes.count if passes is not None else _count_train_values
-    encode = passes.encode if passes is not None else _encode_splits
-    vocabs, frequencies, distinct, lines_counted = count(fmt, reader, plan, options, out)
-    all_oov = [f for f, v in vocabs.items() if v.cardinality == 1 and distinct.get(f, 0) > 0]
-    if all_oov and options.min_count and options.min_count > 1:
-        print(
-            f"{final}: warning: --min-count {options.min_count} maps every value of "
-            f"{len(all_oov)} of {len(vocabs)} fields ({', '.join(all_oov[:5])}) to OOV: none of "
-            "their values is that frequent in train; lower --min-count",
-            file=sys.stderr,
+        parallel = contextlib.nullcontext()
+    with parallel as passes:
+        count = passes.count if passes is not None else _count_train_values
+        encode = passes.encode if passes is not None else _encode_splits
+        vocabs, frequencies, distinct, lines_counted = count(fmt, reader, plan, options, out)
+        all_oov = [f for f, v in vocabs.items() if v.cardinality == 1 and distinct.get(f, 0) > 0]
+        if all_oov and options.min_count and options.min_count > 1:
+            print(
+                f"{final}: warning: --min-count {options.min_count} maps every value of "
+                f"{len(all_oov)} of {len(vocabs)} fields ({', '.join(all_oov[:5])}) to OOV: "
+                "none of their values is that frequent in train; lower --min-count",
+                file=sys.stderr,
+            )
+        sparse = fmt.sparse_fields({f: v.cardinality for f, v in vocabs.items()})
+        # The counting pass read every line when any line may be train (random split).
+        total = lines_counted if plan.kind == "random" else None
+        splits, bad, lines_read, fitted_counts = encode(
+            fmt, reader, plan, vocabs, sparse, out, options, total
         )
-    sparse = fmt.sparse_fields({f: v.cardinality for f, v in vocabs.items()})
-    # The counting pass read every line when any line may be train (random split).
-    total = lines_counted if plan.kind == "random" else None
-    splits, bad, lines_read, fitted_counts = encode(
-        fmt, reader, plan, vocabs, sparse, out, options, total
-    )
-    frequencies.update(fitted_counts)
-    save_frequencies(out, {f.name: frequencies[f.name] for f in sparse})
-    if bad.total:
-        print(f"{final}: {bad.summary()}", file=sys.stderr)
-    if splits["train"].rows == 0:
-        why = f" ({bad.headline()}){label_hint(fmt, bad)}" if bad.total else ""
-        raise BadInputError(
-            f"{reader.paths}: no usable train rows in {lines_read:,} lines read{why}"
+        frequencies.update(fitted_counts)
+        save_frequencies(out, {f.name: frequencies[f.name] for f in sparse})
+        if bad.total:
+            print(f"{final}: {bad.summary()}", file=sys.stderr)
+        if splits["train"].rows == 0:
+            why = f" ({bad.headline()}){label_hint(fmt, bad)}" if bad.total else ""
+            raise BadInputError(
+                f"{reader.paths}: no usable train rows in {lines_read:,} lines read{why}"
+            )
+        check_dropped(
+            bad, lines_read + len(reader.side_rejected), options.max_dropped_fraction, final, fmt
         )
-    check_dropped(
-        bad, lines_read + len(reader.side_rejected), options.max_dropped_fraction, final, fmt
-    )
-    meta = DatasetMeta(
-        name=name or fmt.name,
-        label=LABEL,
-        dense=list(fmt.dense),
-        sparse=sparse,
-        splits=splits,
-        options={
-            **fmt.describe(),
-            "min_count": min_count,
-            "split": plan.describe(),
-            "on_bad_row": options.on_bad_row,
-            "sources": reader.paths,
-        },
-        bad_rows=bad.report(),
-        extra={"raw_distinct_train_values": distinct, "lines_read": lines_read},
-        root=out,
-    )
-    meta.save(out)
-    return meta
+        meta = DatasetMeta(
+            name=name or fmt.name,
+            label=LABEL,
+            dense=list(fmt.dense),
+            sparse=sparse,
+            splits=splits,
+            options={
+                **fmt.describe(),
+                "min_count": min_count,
+                "split": plan.describe(),
+                "on_bad_row": options.on_bad_row,
+                "sources": reader.paths,
+            },
+            bad_rows=bad.report(),
+            extra={"raw_distinct_train_values": distinct, "lines_read": lines_read},
+            root=out,
+        )
+        meta.save(out)
+        return meta
 
 
 def check_dropped(
