@@ -193,7 +193,7 @@ class Checkpointed:
         """Every weight back to step 0, but the compressor's ``rewind_keep()`` entries;
         optimizer states start afresh (a lottery-ticket restart)."""
         prefix = _prefix_of(self.model, self.compressor)
-        kept = self._rewind_kept()
+        kept = self._compressor_entries(self.compressor.rewind_keep())
         initial = self.initial_state()
         # The compressor fits its own step-0 weights to shapes a rebuild may have changed.
         own = self.compressor.rewind_state(
@@ -228,10 +228,11 @@ class Checkpointed:
     def _load_weights(self, state: dict[str, Any]) -> None:
         self.placement.load_state(self.model, self.net, state)
 
-    def _rewind_kept(self) -> Callable[[str], bool]:
-        """Whether a state-dict name is one a rewind keeps (the compressor's ``rewind_keep``)."""
+    def _compressor_entries(self, names: list[str]) -> Callable[[str], bool]:
+        """Whether a state-dict name is one of the compressor's ``names`` (its
+        ``rewind_keep()`` or ``architecture_state()``), prefixed as the model holds them."""
         prefix = _prefix_of(self.model, self.compressor)
-        keep = tuple(prefix + k for k in self.compressor.rewind_keep())
+        keep = tuple(prefix + k for k in names)
         return lambda k: k.startswith(keep) if keep else False
 
     def _save_model(self, name: str) -> None:
@@ -251,14 +252,12 @@ class Checkpointed:
         if best is None:
             return
         # Weights only: the architecture the stage ended with stays (masks, thresholds, α).
-        prefix = _prefix_of(self.model, self.compressor)
-        keep = [prefix + k for k in self.compressor.architecture_state()]
-        if keep:
+        architecture = self.compressor.architecture_state()
+        if architecture:
+            kept = self._compressor_entries(architecture)
             # Read in place (no copy of every table): the load below only copies into them.
             current = self.placement.live_state(self.model, self.net)
-            best = {
-                k: current[k] if any(k.startswith(p) for p in keep) else v for k, v in best.items()
-            }
+            best = {k: current[k] if kept(k) else v for k, v in best.items()}
             del current
         self._load_weights(best)
         self._best = None  # loaded: the stage is over, and the next starts its own
@@ -271,7 +270,7 @@ class Checkpointed:
         self.files.save_weights("initial.pt", state)
         # Held without the entries a rewind keeps (read from the model when it rewinds): a
         # mask or per-entry thresholds would be a second copy of table-sized state.
-        kept = self._rewind_kept()
+        kept = self._compressor_entries(self.compressor.rewind_keep())
         self._initial = {k: v for k, v in state.items() if not kept(k)}
 
     def _checkpoint(self) -> None:
