@@ -37,7 +37,7 @@ from compressors.core.tables import TableMethod
 # From most to least precise; every table method can serve any of these.
 DTYPES = ("fp32", "fp16", "int8", "int4", "int2")
 _CHUNK_ROWS = 1 << 20  # bounds the temporary memory of table-wide passes
-_PACK_CHUNK_ROWS = 1 << 16  # rows packed at a time (int32 temporaries of a few MB)
+PACK_CHUNK_ROWS = 1 << 16  # rows packed at a time (int32 temporaries of a few MB)
 
 
 def valid_dtypes(dim: int, candidates: Sequence[str] = DTYPES) -> list[str]:
@@ -88,8 +88,8 @@ def fbgemm_rows(codes: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Ten
     n, d = codes.shape
     out = torch.empty(n, SCALE_BIAS_BYTES + d * bits // 8, dtype=torch.uint8)
     # In row chunks: whole-table int32 temporaries would be 4-8x the packed table.
-    for start in range(0, n, _PACK_CHUNK_ROWS):
-        end = min(n, start + _PACK_CHUNK_ROWS)
+    for start in range(0, n, PACK_CHUNK_ROWS):
+        end = min(n, start + PACK_CHUNK_ROWS)
         step16 = step[start:end].to(torch.float16).reshape(-1, 1)
         out[start:end, :SCALE_BIAS_BYTES] = torch.cat([step16, step16 * lo], 1).view(torch.uint8)
         out[start:end, SCALE_BIAS_BYTES:] = pack_codes(codes[start:end].to(torch.int32) - lo, bits)

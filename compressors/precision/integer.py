@@ -48,7 +48,12 @@ from compressors.core.optim import SparseRowOptimizer  # noqa: F401 (re-exported
 from compressors.core.registry import register
 from compressors.core.storage import Lookup, TableSpec, row_bytes
 from compressors.core.tables import TABLE_KIND
-from compressors.precision.common import fbgemm_rows, signed_range, stochastic_round
+from compressors.precision.common import (
+    PACK_CHUNK_ROWS,
+    fbgemm_rows,
+    signed_range,
+    stochastic_round,
+)
 
 if TYPE_CHECKING:
     from compressors.core.base import StageContext
@@ -282,8 +287,9 @@ class FixedStepTraining(IntegerEmbedding):
         if self.bits == 8:
             return "int8", fbgemm_rows(self.codes, self.step.expand(self.rows), 8)
         out = torch.empty(self.codes.shape, dtype=torch.float16)
-        for start in range(0, len(out), 1 << 16):  # no whole-table fp32 temporary
-            out[start : start + (1 << 16)] = self.codes[start : start + (1 << 16)] * self.step
+        for start in range(0, len(out), PACK_CHUNK_ROWS):  # no whole-table fp32 temporary
+            rows = slice(start, start + PACK_CHUNK_ROWS)
+            out[rows] = self.codes[rows] * self.step
         return "fp16", out
 
     def hyperparameters(self) -> dict[str, Any]:

@@ -103,7 +103,7 @@ def test_our_codes_match_fbgemm_packing(dtype, monkeypatch):
     step = torch.rand(64) * 0.1 + 1e-3
     packed = fbgemm_rows(q, step, bits)
     # Packed in row chunks (the last one short): the same bytes as in one piece.
-    monkeypatch.setattr(precision_common, "_PACK_CHUNK_ROWS", 10)
+    monkeypatch.setattr(precision_common, "PACK_CHUNK_ROWS", 10)
     assert torch.equal(fbgemm_rows(q, step, bits), packed)
     assert packed.shape == (64, row_bytes(DIM, dtype))
     expected = q.float() * step.half().float().unsqueeze(1)
