@@ -47,6 +47,14 @@ class _Columns:
     def rows(self) -> int:
         return len(self.labels)
 
+    def take(self, rows: np.ndarray) -> _Columns:
+        """A copy of just ``rows`` (in that order)."""
+        multi = []
+        for bag in self.multi:
+            values, lengths = _gather_bags(bag, rows)
+            multi.append((np.concatenate([[0], np.cumsum(lengths)]), values))
+        return _Columns(self.labels[rows], self.dense[rows], self.single[:, rows], multi)
+
 
 def _check_batch_size(batch_size: int, world_size: int) -> None:
     if batch_size < 1:
@@ -168,6 +176,10 @@ class BatchLoader:
                         yield self._batch(carry)
                     index += 1
                     carry, carried = [], 0
+            # A batch that spans shards keeps only its rows of this one, not the whole decoded
+            # shard: with a small row share (a few rows of every shard) a batch would otherwise
+            # hold dozens of decoded shards at once, a count that grows with the split.
+            carry = [(cols.take(r), np.arange(len(r))) for cols, r in carry]
         if carried and not self.drop_last and index >= start_batch:
             yield self._batch(carry)
 

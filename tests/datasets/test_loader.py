@@ -78,6 +78,43 @@ def test_row_shares_split_the_split_in_disjoint_covering_parts(tiny_data):
         whole.share(0.5, 0.5)
 
 
+def test_a_batch_spanning_shards_holds_only_its_rows_of_them(tiny_data, monkeypatch):
+    """A small share takes a few rows of every shard: a batch must not keep every decoded
+    shard it drew from alive (their number grows with the split), only the rows it takes."""
+    import weakref
+
+    decoded: list[weakref.ref] = []
+    decode = BatchLoader._decode
+
+    def tracked(self, table, path):
+        cols = decode(self, table, path)
+        decoded.append(weakref.ref(cols))
+        return cols
+
+    monkeypatch.setattr(BatchLoader, "_decode", tracked)
+    whole = BatchLoader(tiny_data, "train", batch_size=1000, cache_rows=0)
+    part = whole.share(0.0, 0.1)  # ~100 rows of each shard: one batch spans every shard
+    assert len(whole.files) >= 3 and len(part) == 1
+    batches = []
+    for batch in part.epoch(0):
+        assert sum(ref() is not None for ref in decoded) <= 1, "decoded shards held by a batch"
+        batches.append(batch)
+    assert len(decoded) == len(whole.files)
+    # The same rows as gathering from the whole shards (multi-hot bags included).
+    meta = DatasetMeta.load(tiny_data)
+    table = pq.read_table(meta.files("train")).to_pandas()
+    per_shard = [pq.read_metadata(f).num_rows for f in meta.files("train")]
+    starts = np.cumsum([0, *per_shard[:-1]])
+    want = np.concatenate([s + np.arange(int(n * 0.1)) for s, n in zip(starts, per_shard, strict=True)])
+    got = batches[0]
+    np.testing.assert_array_equal(got.labels.numpy(), table["label"].to_numpy()[want])
+    np.testing.assert_array_equal(
+        got.sparse_features["C1"].values().numpy(), table["C1"].to_numpy()[want]
+    )
+    bags = [list(table["M1"][i]) for i in want]
+    assert [t.tolist() for t in got.sparse_features["M1"].to_dense()] == bags
+
+
 def test_start_batch_skips_exactly(tiny_data):
     loader = BatchLoader(tiny_data, "train", batch_size=700, shuffle=True, seed=5)
     full = _all(loader)
