@@ -105,7 +105,9 @@ def test_a_batch_spanning_shards_holds_only_its_rows_of_them(tiny_data, monkeypa
     table = pq.read_table(meta.files("train")).to_pandas()
     per_shard = [pq.read_metadata(f).num_rows for f in meta.files("train")]
     starts = np.cumsum([0, *per_shard[:-1]])
-    want = np.concatenate([s + np.arange(int(n * 0.1)) for s, n in zip(starts, per_shard, strict=True)])
+    want = np.concatenate(
+        [s + np.arange(int(n * 0.1)) for s, n in zip(starts, per_shard, strict=True)]
+    )
     got = batches[0]
     np.testing.assert_array_equal(got.labels.numpy(), table["label"].to_numpy()[want])
     np.testing.assert_array_equal(
