@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from datasets.io import atomic_path, atomic_write, atomic_write_text, file_sha256, only_names
 
@@ -96,31 +96,45 @@ class DatasetMeta:
         return [f.name for f in self.sparse]
 
     def frequencies(self) -> dict[str, np.ndarray]:
-        """Per-field train counts indexed by id (index 0 counts OOV occurrences)."""
+        """Per-field train counts indexed by id (index 0 counts OOV occurrences).
+
+        The arrays map the file (copy-on-write: writes stay in memory, never reach it), so a
+        method that never reads them costs no memory for them: at millions of ids they are
+        8 bytes per id, which every method is handed and few use. The counts are checked
+        whole here, read in chunks, so the check does not make them resident either."""
         assert self.root is not None, "meta was not loaded from a directory"
         path = self.root / FREQUENCIES_FILE
         if not path.exists():
             raise PreparedDataError(f"{path}: missing frequency file")
         try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError) as e:
+            with safe_open(str(path), framework="np") as f:  # checks the header and offsets
+                names = set(f.keys())
+            header, start = _safetensors_header(path)
+        except (SafetensorError, OSError, ValueError) as e:
             raise PreparedDataError(f"{path}: unreadable frequency file ({e})") from e
         out = {}
         for f in self.sparse:
-            if f.name not in tensors:
+            if f.name not in names:
                 raise PreparedDataError(f"{path}: no frequencies for field {f.name!r}")
-            counts = tensors[f.name]
-            if counts.shape != (f.cardinality,):
+            entry = header[f.name]
+            shape, dtype = tuple(entry["shape"]), entry["dtype"]
+            if shape != (f.cardinality,):
                 raise PreparedDataError(
-                    f"{path}: field {f.name!r} has {counts.shape[0]} counts, "
+                    f"{path}: field {f.name!r} has {shape[0] if shape else 0} counts, "
                     f"cardinality is {f.cardinality}"
                 )
-            if counts.dtype != np.int64 or (len(counts) and counts.min() < 0):
+            offset = start + entry["data_offsets"][0]
+            low = _chunked_min(path, offset, f.cardinality) if dtype == "I64" else 0
+            if dtype != "I64" or low < 0:
                 raise PreparedDataError(
                     f"{path}: field {f.name!r} counts must be non-negative int64, "
-                    f"got {counts.dtype} (min {counts.min(initial=0)})"
+                    f"got {_SAFETENSORS_DTYPES.get(dtype, dtype)} (min {low})"
                 )
-            out[f.name] = counts
+            out[f.name] = (
+                np.memmap(path, dtype="<i8", mode="c", offset=offset, shape=shape).view(np.ndarray)
+                if f.cardinality
+                else np.zeros(0, dtype=np.int64)
+            )
         return out
 
     def vocabulary(self) -> dict[str, Any]:
@@ -340,6 +354,30 @@ class ShardWriter:
         self.info.files.append(str(self._path().relative_to(self.root)))
         self.info.rows += self._shard_rows
         self._writer = None
+
+
+_SAFETENSORS_DTYPES = {"I64": "int64", "I32": "int32", "F32": "float32", "F64": "float64"}
+
+
+def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (name -> dtype, shape, data_offsets) and where its data
+    starts."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    return header, 8 + size
+
+
+def _chunked_min(path: Path, offset: int, count: int, chunk: int = 1 << 20) -> int:
+    """The smallest of ``count`` int64 at ``offset`` of ``path``, read ``chunk`` at a time
+    (not mapped: the pages never join this process's memory)."""
+    low = 0
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for first in range(0, count, chunk):
+            part = np.fromfile(f, dtype="<i8", count=min(chunk, count - first))
+            low = min(low, int(part.min()))
+    return low
 
 
 def save_frequencies(root: str | os.PathLike, counts: Mapping[str, np.ndarray]) -> None:
