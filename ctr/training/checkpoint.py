@@ -22,6 +22,9 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
+import tempfile
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,11 +72,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_weights(path: Path, what: str) -> Any:
-    """``torch.load`` (no pickle) with a one-line error naming the file when it is damaged."""
+def load_weights(path: Path, what: str, mmap: bool = False) -> Any:
+    """``torch.load`` (no pickle) with a one-line error naming the file when it is damaged.
+    ``mmap`` maps the tensors from the file instead of reading them into memory: weights
+    that are only copied into a model's own (restored) need no second copy of every table."""
     try:
         # On the host: a run trained on CUDA loads, exports and resumes anywhere.
-        return torch.load(path, weights_only=True, map_location="cpu")
+        return torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise RuntimeError(
@@ -111,11 +116,11 @@ class RunFiles:
                 state = {**state, ARCHITECTURE_KEY: json.dumps(architecture)}
             save(state, self.run_dir / name)
 
-    def load_weights(self, name: str, what: str) -> dict[str, Any] | None:
+    def load_weights(self, name: str, what: str, mmap: bool = False) -> dict[str, Any] | None:
         """The weights in ``name`` without their architecture record; None when absent."""
         if not self.exists(name):
             return None
-        state = load_weights(self.path(name), what)  # type: ignore[arg-type]
+        state = load_weights(self.path(name), what, mmap)  # type: ignore[arg-type]
         state.pop(ARCHITECTURE_KEY, None)
         return state
 
@@ -174,20 +179,18 @@ class Checkpointed:
     state: TrainState
     stage_state: dict[str, Any] | None
     table_optimizers: dict[str, Any]
-    _best: dict[str, torch.Tensor] | None
-    _initial: dict[str, torch.Tensor] | None
+    _spill: Path | None
 
     # ---------------------------------------------------------------- rewinds
     def initial_state(self) -> dict[str, torch.Tensor]:
-        """The model's weights at step 0 (kept in memory less the entries a rewind keeps, or
-        read whole from ``initial.pt``)."""
-        if self._initial is None:
-            if not self.files.exists("initial.pt"):
-                raise RuntimeError(
-                    "the initial weights were not saved: only runs with a rewinding stage keep them"
-                )
-            self._initial = load_weights(self.files.path("initial.pt"), "initial weights")  # type: ignore[arg-type]
-        return self._initial
+        """The model's weights at step 0, mapped from the file that holds them (read as
+        they are used, not a second copy of every table kept in memory)."""
+        state = self._read_weights("initial.pt", "initial weights")
+        if state is None:
+            raise RuntimeError(
+                "the initial weights were not saved: only runs with a rewinding stage keep them"
+            )
+        return state
 
     def _rewind(self) -> None:
         """Every weight back to step 0, but the compressor's ``rewind_keep()`` entries;
@@ -235,20 +238,56 @@ class Checkpointed:
         keep = tuple(prefix + k for k in names)
         return lambda k: k.startswith(keep) if keep else False
 
+    def _live_state(self) -> dict[str, Any]:
+        """Unsharded weights to write: the model's own tensors where this process holds them
+        whole (writing them needs no copy of every table), else a gathered copy."""
+        return self.placement.live_state(self.model, self.net)
+
+    def _weights_path(self, name: str) -> Path:
+        """Where this process keeps ``best.pt`` or ``initial.pt``: the run directory's file
+        (main process), else a private temporary directory (no run directory, or another
+        rank's copy, which must not race the main process's file)."""
+        if self.files.run_dir and self.main:
+            return self.files.run_dir / name
+        if self._spill is None:
+            self._spill = Path(tempfile.mkdtemp(prefix="ctr-weights-"))
+            weakref.finalize(self, shutil.rmtree, self._spill, True)  # its own directory
+        return self._spill / name
+
+    def _write_weights(
+        self, name: str, architecture: dict[str, Any] | None = None, write: bool = True
+    ) -> None:
+        """The weights streamed to ``name``'s file (no copy of them kept in memory). Every
+        rank reads them (under DMP a collective), ``write`` says whether this one writes."""
+        state = self._live_state()
+        if not write:
+            return
+        if architecture is not None:
+            state[ARCHITECTURE_KEY] = json.dumps(architecture)
+        save(state, self._weights_path(name))
+
+    def _read_weights(self, name: str, what: str) -> dict[str, Any] | None:
+        """``name``'s weights mapped from its file (a resumed run's other ranks read the run
+        directory's); None when there is none."""
+        path = self._weights_path(name)
+        if not path.exists():
+            path = self.files.path(name)  # type: ignore[assignment]
+            if path is None or not path.exists():
+                return None
+        state = load_weights(path, what, mmap=True)
+        state.pop(ARCHITECTURE_KEY, None)
+        return state
+
     def _save_model(self, name: str) -> None:
+        """``best.pt`` (kept on disk, in the run directory or a temporary one: never a whole
+        copy in memory) or ``model.pt`` (only with a run directory)."""
         if name == "best.pt":
-            self._best = None  # the new copy replaces it: never two at once
-        elif not self.files.run_dir:
-            return  # nothing to write, and no copy of every table to build for it
-        state = self.full_state()
-        self.files.save_weights(name, state, self.state.architecture)
-        if name == "best.pt":
-            self._best = state
+            self._write_weights(name, self.state.architecture)
+        elif self.files.run_dir:
+            self._write_weights(name, self.state.architecture, write=self.main)
 
     def _restore_best(self) -> None:
-        best = self._best
-        if best is None:
-            best = self.files.load_weights("best.pt", "best weights")
+        best = self._read_weights("best.pt", "best weights")
         if best is None:
             return
         # Weights only: the architecture the stage ended with stays (masks, thresholds, α).
@@ -259,26 +298,27 @@ class Checkpointed:
             current = self.placement.live_state(self.model, self.net)
             best = {k: current[k] if kept(k) else v for k, v in best.items()}
             del current
-        self._load_weights(best)
-        self._best = None  # loaded: the stage is over, and the next starts its own
+        self._load_weights(best)  # copies from the mapped file into the model's own tensors
+        del best
+        self._forget_best()
+
+    def _forget_best(self) -> None:
+        """The stage is over (its best restored), and the next starts its own."""
+        if self._spill is not None:
+            (self._spill / "best.pt").unlink(missing_ok=True)
 
     def _save_initial(self) -> None:
-        """Keeps the step-0 weights when a stage will rewind to them."""
+        """Keeps the step-0 weights on disk when a stage will rewind to them."""
         if not any(s.rewind for s in self.compressor.stages):
             return
-        state = self.full_state()
-        self.files.save_weights("initial.pt", state)
-        # Held without the entries a rewind keeps (read from the model when it rewinds): a
-        # mask or per-entry thresholds would be a second copy of table-sized state.
-        kept = self._compressor_entries(self.compressor.rewind_keep())
-        self._initial = {k: v for k, v in state.items() if not kept(k)}
+        self._write_weights("initial.pt")
 
     def _checkpoint(self) -> None:
         """Everything needed to continue exactly; under DMP gathered whole (collective)."""
         if not self.run_dir:
             return
         self.files.write_checkpoint(
-            self.full_state(),
+            self._live_state(),  # written as the model holds them: no copy of every table
             {k: o.state_dict() for k, o in self._all_optimizers().items()},
             self.state,
             self.stage_state,

@@ -119,8 +119,7 @@ class Trainer(Checkpointed):
         self.placement = placement or placement_for(dist_info)
         self.state = TrainState()
         self.stage_state: dict[str, Any] | None = None
-        self._best: dict[str, torch.Tensor] | None = None
-        self._initial: dict[str, torch.Tensor] | None = None
+        self._spill: Path | None = None  # best and initial weights without a run directory
         # Architecture steps from the validation split (the papers), or from a held-out
         # share of the training split that no stage then trains on (the validation split
         # stays unseen, for early stopping and the sweep's choice of learning rate).
@@ -206,7 +205,7 @@ class Trainer(Checkpointed):
                 self.state.epoch = self.state.batch = self.state.stage_step = 0
                 self.state.best_auc, self.state.bad_evals = -math.inf, 0
                 self.stage_state = None
-                self._best = None
+                self._forget_best()
                 # Each stage starts at the base embedding lr: a pruning stage's dips in
                 # validation AUC must not slow the retraining that follows.
                 self.state.lr_scale = 1.0
