@@ -711,11 +711,18 @@ class OptEmbed(SearchedBytes, Compressor):
         ``SCORE_ROWS`` rows; no model is copied."""
         if self._sample is None:
             self._sample = self._search_sample(ctx)
+        # Each candidate's kept rows, read only at the sample's rows (a mask of every row per
+        # candidate would cost a byte per id per candidate): the frozen mask or a filled row.
         keeps = []
         for dims in candidates:
-            keep = self.row_mask.clone()
-            keep[self.filled_rows(dims)] = True
-            keeps.append(keep)
+            filled = self.filled_rows(dims)
+            keeps.append(
+                [
+                    self.row_mask[part["rows"]] | torch.isin(part["rows"], filled)
+                    for part in self._sample
+                ]
+            )
+            del filled
         device = self.row_mask.device
         cols = torch.arange(self.dim, device=device)
         dmasks = (
@@ -724,7 +731,7 @@ class OptEmbed(SearchedBytes, Compressor):
         logits: list[list[torch.Tensor]] = [[] for _ in candidates]
         labels = []
         ctx.model.eval()
-        for part in self._sample:
+        for p, part in enumerate(self._sample):
             weight = self.table.weight[part["rows"]]
             size = len(part["labels"])
             step = max(1, SCORE_ROWS // max(size, 1))
@@ -732,7 +739,7 @@ class OptEmbed(SearchedBytes, Compressor):
                 group = range(lo, min(lo + step, len(candidates)))
                 embs = []
                 for c in group:
-                    keep = keeps[c][part["rows"]].to(weight.dtype)
+                    keep = keeps[c][p].to(weight.dtype)
                     values = self._read_rows(part["rows"], weight, keep)
                     pooled = self.table.pool(part["inverse"], values, part["offsets"])
                     embs.append(pooled * dmasks[c])
