@@ -25,7 +25,8 @@ import random
 import shutil
 import tempfile
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -298,9 +299,17 @@ class Checkpointed:
             current = self.placement.live_state(self.model, self.net)
             best = {k: current[k] if kept(k) else v for k, v in best.items()}
             del current
-        self._load_weights(best)  # copies from the mapped file into the model's own tensors
+        # Copied from the mapped file into the model's own tensors, the file's pages let go as
+        # each module is loaded: else the whole file would be resident at the end, a second
+        # copy of every table in this process's memory (if reclaimable).
+        with _released_as_loaded(self.model, self._best_file()):
+            self._load_weights(best)
         del best
         self._forget_best()
+
+    def _best_file(self) -> Path | None:
+        path = self._weights_path("best.pt")
+        return path if path.exists() else self.files.path("best.pt")
 
     def _forget_best(self) -> None:
         """The stage is over (its best restored), and the next starts its own."""
@@ -342,6 +351,53 @@ class Checkpointed:
         self._apply_lr_scale()
         self.stage_state = payload.get("stage_state")
         torch.set_rng_state(payload["torch_rng"][self.placement.rank])
+
+
+_MADV_DONTNEED = 4  # Linux
+
+
+def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """This process's mappings of ``path`` (Linux; none elsewhere)."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = [line.split() for line in f]
+    except OSError:
+        return []
+    target = str(path.resolve())
+    ranges = []
+    for parts in lines:
+        if len(parts) >= 6 and " ".join(parts[5:]) == target and parts[1].endswith("p"):
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            ranges.append((start, end - start))
+    return ranges
+
+
+@contextmanager
+def _released_as_loaded(model: nn.Module, path: Path | None) -> Iterator[None]:
+    """While loading ``model`` from tensors mapped (privately, read only) from ``path``:
+    after each module is loaded, the file's resident pages are dropped from this process
+    (``MADV_DONTNEED``: clean private pages refault from the file if read again), so at most
+    about one module's tensors are resident at a time rather than the whole file."""
+    ranges = _mapped_ranges(path) if path is not None else []
+    if not ranges:
+        yield
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+    def release(*_: Any) -> None:
+        for start, length in ranges:
+            libc.madvise(start, length, _MADV_DONTNEED)
+
+    handles = [m.register_load_state_dict_post_hook(release) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        release()
 
 
 def _prefix_of(model: torch.nn.Module, module: torch.nn.Module) -> str:

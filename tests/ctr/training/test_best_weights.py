@@ -9,6 +9,7 @@ a method needs.
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +103,42 @@ def test_no_whole_copy_of_the_weights_is_made_or_kept(tiny_data, tmp_path, monke
     monkeypatch.setattr(trainer, "_evaluate_and_track", held_after_each_evaluation)
     trainer.fit()
     assert trainer.state.finished
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs /proc/self/smaps")
+def test_restoring_lets_the_mapped_files_pages_go_module_by_module(tmp_path):
+    """Loading from a mapped file would otherwise leave the whole file resident (a second
+    copy of every table in this process's RSS) until the load ends."""
+    from ctr.training.checkpoint import _released_as_loaded, load_weights
+
+    model = torch.nn.Sequential(*(torch.nn.Linear(1024, 1024) for _ in range(4)))  # 4 MiB each
+    path = tmp_path / "best.pt"
+    torch.save(model.state_dict(), path)
+    target = torch.nn.Sequential(*(torch.nn.Linear(1024, 1024) for _ in range(4)))
+    seen = []
+
+    def resident(*_):
+        total, inside = 0, False
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split()
+                if head and "-" in head[0] and ":" not in head[0]:
+                    inside = line.rstrip().endswith(str(path))
+                elif inside and line.startswith("Rss:"):
+                    total += int(line.split()[1]) * 1024
+        seen.append(total)
+
+    hooks = [m.register_load_state_dict_pre_hook(resident) for m in target]
+    state = load_weights(path, "best weights", mmap=True)
+    with _released_as_loaded(target, path):
+        target.load_state_dict(state)
+    resident()
+    for h in hooks:
+        h.remove()
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), state.values(), strict=True)
+    )
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), target.parameters(), strict=True)
+    )
+    assert max(seen) < 1 << 20, seen  # no module's pages still held when the next loads
