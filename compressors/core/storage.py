@@ -38,6 +38,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 
 from compressors.core.decay import EmbeddingRows, RowDecay
+from compressors.core.spill import spilled
 
 BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
 SCALE_BIAS_BYTES = 4
@@ -271,16 +272,22 @@ class TrainTables(EmbeddingRows, nn.Module):
         if isinstance(self.ebc, FusedEmbeddingBagCollection):
             return
         old = self.weights()
-        fused = FusedEmbeddingBagCollection(
-            tables=self.ebc.embedding_bag_configs(),
-            optimizer_type=TABLE_OPTIMIZERS[optimizer],
-            optimizer_kwargs={"lr": lr, **kwargs},
-            # fbgemm's kernel for the weights' device: its CPU one, or fbgemm-gpu's CUDA one.
-            device=next(iter(old.values())).device if old else torch.device("cpu"),
-        )
-        with torch.no_grad():
-            for name, w in old.items():
-                fused.embedding_bags[name].weight.copy_(w)
+        # fbgemm's kernel for the weights' device: its CPU one, or fbgemm-gpu's CUDA one.
+        device = next(iter(old.values())).device if old else torch.device("cpu")
+        configs = self.ebc.embedding_bag_configs()
+        # The old tables wait in a file while the fused ones are allocated: never both whole
+        # in memory at once.
+        with spilled(old) as mapped:
+            del old
+            fused = FusedEmbeddingBagCollection(
+                tables=configs,
+                optimizer_type=TABLE_OPTIMIZERS[optimizer],
+                optimizer_kwargs={"lr": lr, **kwargs},
+                device=device,
+            )
+            with torch.no_grad():
+                for name, w in mapped():
+                    fused.embedding_bags[name].weight.copy_(w)
         self.ebc = fused
         self._direct = _DirectLookup.of(fused)
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from compressors.core.spill import mapped_ranges, release_mapped
 from ctr.training.placement import embedding_rows, table_modules
 from datasets.io import atomic_write
 
@@ -353,43 +354,19 @@ class Checkpointed:
         torch.set_rng_state(payload["torch_rng"][self.placement.rank])
 
 
-_MADV_DONTNEED = 4  # Linux
-
-
-def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
-    """This process's mappings of ``path`` (Linux; none elsewhere)."""
-    try:
-        with open("/proc/self/maps") as f:
-            lines = [line.split() for line in f]
-    except OSError:
-        return []
-    target = str(path.resolve())
-    ranges = []
-    for parts in lines:
-        if len(parts) >= 6 and " ".join(parts[5:]) == target and parts[1].endswith("p"):
-            start, end = (int(x, 16) for x in parts[0].split("-"))
-            ranges.append((start, end - start))
-    return ranges
-
-
 @contextmanager
 def _released_as_loaded(model: nn.Module, path: Path | None) -> Iterator[None]:
     """While loading ``model`` from tensors mapped (privately, read only) from ``path``:
     after each module is loaded, the file's resident pages are dropped from this process
     (``MADV_DONTNEED``: clean private pages refault from the file if read again), so at most
     about one module's tensors are resident at a time rather than the whole file."""
-    ranges = _mapped_ranges(path) if path is not None else []
+    ranges = mapped_ranges(path) if path is not None else []
     if not ranges:
         yield
         return
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
     def release(*_: Any) -> None:
-        for start, length in ranges:
-            libc.madvise(start, length, _MADV_DONTNEED)
+        release_mapped(ranges)
 
     handles = [m.register_load_state_dict_post_hook(release) for m in model.modules()]
     try:
