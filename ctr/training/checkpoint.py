@@ -303,7 +303,11 @@ class Checkpointed:
         # Copied from the mapped file into the model's own tensors, the file's pages let go as
         # each module is loaded: else the whole file would be resident at the end, a second
         # copy of every table in this process's memory (if reclaimable).
-        with _released_as_loaded(self.model, self._best_file()):
+        with _released_as_loaded(self.model, self._best_file()) as ranges:
+            if self.placement.world_size == 1:  # the model's own tensors: no copy to read
+                live = self.placement.live_state(self.model, self.net)
+                best = _copy_mapped_into(live, best, ranges)
+                del live
             self._load_weights(best)
         del best
         self._forget_best()
@@ -355,14 +359,14 @@ class Checkpointed:
 
 
 @contextmanager
-def _released_as_loaded(model: nn.Module, path: Path | None) -> Iterator[None]:
+def _released_as_loaded(model: nn.Module, path: Path | None) -> Iterator[list[tuple[int, int]]]:
     """While loading ``model`` from tensors mapped (privately, read only) from ``path``:
     after each module is loaded, the file's resident pages are dropped from this process
     (``MADV_DONTNEED``: clean private pages refault from the file if read again), so at most
     about one module's tensors are resident at a time rather than the whole file."""
     ranges = mapped_ranges(path) if path is not None else []
     if not ranges:
-        yield
+        yield ranges
         return
 
     def release(*_: Any) -> None:
@@ -370,11 +374,48 @@ def _released_as_loaded(model: nn.Module, path: Path | None) -> Iterator[None]:
 
     handles = [m.register_load_state_dict_post_hook(release) for m in model.modules()]
     try:
-        yield
+        yield ranges
     finally:
         for h in handles:
             h.remove()
         release()
+
+
+def _copy_mapped_into(
+    live: dict[str, Any],
+    state: dict[str, Any],
+    ranges: list[tuple[int, int]],
+    chunk_bytes: int = 64 << 20,
+) -> dict[str, Any]:
+    """``state`` (mapped from a file) copied into the same-shaped ``live`` tensors in chunks
+    of rows, the file's pages dropped after each chunk: a table held as one tensor (the
+    pruning family's) is never resident whole from the file beside the model. Returns
+    ``state`` with those entries replaced by the live tensors themselves, so the load that
+    follows (with its modules' own rules) copies each onto itself, or from a temporary that
+    now holds the restored values."""
+    if not ranges:
+        return state
+    out = dict(state)
+    with torch.no_grad():
+        for k, src in state.items():
+            dst = live.get(k)
+            if (
+                not isinstance(src, torch.Tensor)
+                or not isinstance(dst, torch.Tensor)
+                or dst is src
+                or src.dim() == 0
+                or dst.shape != src.shape
+                or dst.dtype != src.dtype
+                or dst.device != src.device
+            ):
+                continue
+            row = max(1, src[0].numel() * src.element_size())
+            step = max(1, chunk_bytes // row)
+            for i in range(0, src.shape[0], step):
+                dst[i : i + step].copy_(src[i : i + step])
+                release_mapped(ranges)
+            out[k] = dst
+    return out
 
 
 def _prefix_of(model: torch.nn.Module, module: torch.nn.Module) -> str:

@@ -142,3 +142,42 @@ def test_restoring_lets_the_mapped_files_pages_go_module_by_module(tmp_path):
         torch.equal(a, b) for a, b in zip(model.parameters(), target.parameters(), strict=True)
     )
     assert max(seen) < 1 << 20, seen  # no module's pages still held when the next loads
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs /proc/self/smaps")
+def test_a_table_held_as_one_tensor_is_restored_a_chunk_at_a_time(tmp_path, monkeypatch):
+    """The pruning family holds its table as one tensor: one module, so the per-module
+    release alone would leave it resident whole from the file."""
+    from ctr.training import checkpoint
+    from ctr.training.checkpoint import _copy_mapped_into, load_weights
+
+    table = torch.randn(4096, 1024)  # 16 MiB
+    path = tmp_path / "best.pt"
+    torch.save({"table": table, "scale": torch.ones(())}, path)
+    state = load_weights(path, "best weights", mmap=True)
+    ranges = checkpoint.mapped_ranges(path)
+    live = {"table": torch.zeros_like(table), "scale": torch.zeros(())}
+    seen = []
+    release = checkpoint.release_mapped
+
+    def recorded(r):
+        release(r)
+        seen.append(_resident_bytes(path))
+
+    monkeypatch.setattr(checkpoint, "release_mapped", recorded)
+    out = _copy_mapped_into(live, state, ranges, chunk_bytes=1 << 20)
+    assert out["table"] is live["table"] and torch.equal(live["table"], table)
+    assert out["scale"] is state["scale"]  # 0-d: left to the load
+    assert len(seen) == 16 and max(seen) < 1 << 20, seen
+
+
+def _resident_bytes(path):
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and ":" not in head[0]:
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
+    return total
