@@ -4,12 +4,20 @@ its figures (JSON) on stdout. ``python -m bench.loadgen`` (or ``python bench.py 
 
 Each client is an asyncio protocol on its own keep-alive connection (no stream objects and
 no timeout wrapper a request: the load generator shares the server's cores, so what it
-spends a request is taken from the server), on uvloop where it is installed."""
+spends a request is taken from the server), on uvloop where it is installed.
+
+After a warm-up, the figures are measured in ``spec["windows"]`` windows of ``spec["seconds"]``
+each: the result is each figure's median over the windows, with every window kept. Each window
+also says what else ran meanwhile (:class:`Usage`: the machine's busy cores from
+``/proc/stat`` less the server's (``spec["watch_pids"]``) and the load generator's own CPU
+time) and flags itself disturbed past :data:`DISTURBED_CORES`; a disturbed window is kept and
+counted, never dropped."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import sys
 import time
@@ -19,6 +27,84 @@ import numpy as np
 
 #: a request unanswered this long is an error (its connection is closed and opened again)
 TIMEOUT_S = 10.0
+#: a window is disturbed when other processes used more than this many cores during it
+DISTURBED_CORES = 0.25
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+class Usage:
+    """A reading of what the machine's CPUs did so far: busy time of all CPUs, CPU time of the
+    watched processes (all their threads), their threads' time waiting for a CPU (run-queue
+    delay, from ``schedstat``), this process's CPU time, and the load average. Linux only; on
+    other systems (or where a file is missing) the figures read as 0."""
+
+    def __init__(self, pids: Sequence[int] = ()) -> None:
+        self.time = time.perf_counter()
+        self.busy = _busy_seconds()
+        self.own = time.process_time()
+        self.watched, self.wait = 0.0, 0.0
+        for pid in pids:
+            cpu, wait = _process_seconds(pid)
+            self.watched += cpu
+            self.wait += wait
+        self.loadavg = _loadavg()
+
+    def since(self, before: Usage) -> dict:
+        """Per second of wall time between ``before`` and this reading: cores busy on the
+        machine, used by the watched processes, by this process, and by everything else;
+        the watched threads' run-queue wait (ms a second); the load average at both ends."""
+        wall = max(self.time - before.time, 1e-9)
+        busy = (self.busy - before.busy) / wall
+        watched = (self.watched - before.watched) / wall
+        own = (self.own - before.own) / wall
+        other = busy - watched - own
+        return {
+            "machine cores": busy,
+            "server cores": watched,
+            "loadgen cores": own,
+            "other cores": other,
+            "server runq ms/s": (self.wait - before.wait) / wall * 1e3,
+            "loadavg": f"{before.loadavg:.2f}-{self.loadavg:.2f}",
+            "disturbed": other > DISTURBED_CORES,
+        }
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _busy_seconds() -> float:
+    """Busy CPU time of the whole machine (``/proc/stat``: all but idle and iowait)."""
+    fields = _read("/proc/stat").split("\n", 1)[0].split()[1:9]
+    if len(fields) < 8:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields)
+    return (user + nice + system + irq + softirq + steal) / _TICK
+
+
+def _process_seconds(pid: int) -> tuple[float, float]:
+    """(CPU seconds, seconds its threads waited for a CPU) of a process so far."""
+    stat = _read(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
+    cpu = (int(stat[11]) + int(stat[12])) / _TICK if len(stat) > 12 else 0.0
+    wait = 0.0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        tasks = []
+    for task in tasks:
+        fields = _read(f"/proc/{pid}/task/{task}/schedstat").split()
+        if len(fields) > 1:
+            wait += int(fields[1]) / 1e9
+    return cpu, wait
+
+
+def _loadavg() -> float:
+    fields = _read("/proc/loadavg").split()
+    return float(fields[0]) if fields else 0.0
 
 
 def _http_request(body: bytes) -> bytes:
@@ -150,26 +236,47 @@ async def _phase(run: _Run, slots: int, seconds: float, budget: int) -> None:
 
 async def load_clients(spec: dict) -> dict:
     """``spec["clients"]`` keep-alive connections to 127.0.0.1, each sending the next of
-    ``spec["bodies"]`` as soon as its answer came (closed loop), for ``spec["seconds"]`` or
-    ``spec["max_requests"]`` in all, whichever ends first; a request over 10 s is an error.
-    A warm-up of ``spec["warmup_s"]`` on the same connections comes first, not counted."""
+    ``spec["bodies"]`` as soon as its answer came (closed loop). A warm-up of
+    ``spec["warmup_s"]`` on the same connections comes first, not counted; then
+    ``spec.get("windows", 1)`` windows of ``spec["seconds"]`` (or ``spec["max_requests"]``
+    requests, whichever ends first) are measured. A request over 10 s is an error.
+
+    Returns each figure's median over the windows, ``"windows"``: every window's figures
+    and its :class:`Usage` (``spec.get("watch_pids")``: the server's processes), and
+    ``"disturbed windows"``: how many were."""
     run = _Run(spec)
     slots = spec["clients"]
+    pids = spec.get("watch_pids", [])
     # Connect (nothing sent: no budget yet), warm up (the server's memo of the bodies'
-    # values), then the measured run.
+    # values), then the measured windows.
     await _phase(run, slots, TIMEOUT_S, 0)
     await _phase(run, slots, spec["warmup_s"], spec["max_requests"])
-    run.latencies.clear()
-    run.errors.clear()
-    started = time.perf_counter()
-    await _phase(run, slots, spec["seconds"], spec["max_requests"])
-    elapsed = time.perf_counter() - started
+    windows = []
+    for _ in range(spec.get("windows", 1)):
+        run.latencies.clear()
+        run.errors.clear()
+        before = Usage(pids)
+        await _phase(run, slots, spec["seconds"], spec["max_requests"])
+        usage = Usage(pids).since(before)
+        elapsed = time.perf_counter() - before.time
+        windows.append({**_figures(run, spec["rows"], elapsed), **usage})
     for client in run.clients.values():
         if client.transport is not None:
             client.transport.close()
+    keys = ("requests/s", "rows/s", "p50_ms", "p99_ms", "p999_ms", "errors")
+    result = {k: float(np.median([w[k] for w in windows])) for k in keys}
+    result["errors"] = sum(w["errors"] for w in windows)  # every error counts, not a median
+    result["error kinds"] = (
+        ",".join(sorted({w["error kinds"] for w in windows if w["error kinds"] != "-"})) or "-"
+    )
+    result["disturbed windows"] = sum(w["disturbed"] for w in windows)
+    result["windows"] = windows
+    return result
+
+
+def _figures(run: _Run, rows: int, elapsed: float) -> dict:
     done = len(run.latencies)
     q = [float(x) * 1e3 for x in percentiles(run.latencies, (50, 99, 99.9))]
-    rows = spec["rows"]
     return {
         "requests/s": done / elapsed,
         "rows/s": done * rows / elapsed,

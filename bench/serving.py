@@ -22,6 +22,7 @@ from torchrec import KeyedJaggedTensor
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from bench.common import CACHE, ROOT, default_dataset, print_table
+from bench.loadgen import DISTURBED_CORES, Usage
 from bench.lookups import (
     binary_tables,
     codebook_tables,
@@ -81,6 +82,16 @@ def _start_server(path: Path, *args: str) -> tuple[object, int]:
     return proc, port
 
 
+def _server_pids(proc: object) -> list[int]:
+    """The server process and its workers (its children, where ``/proc`` lists them)."""
+    pids = [proc.pid]
+    try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return pids + [int(c) for c in children]
+
+
 def _stop_server(proc: object) -> None:
     proc.terminate()
     try:
@@ -121,6 +132,21 @@ def _mean_batch(before: dict, after: dict) -> float:
     return rows / max(forwards, 1)
 
 
+def _setting_usage(windows: list[dict]) -> dict:
+    """A setting's share of the machine over its windows: medians of the server's, the load
+    generator's and the other processes' cores, the server's run-queue wait, the load
+    average from the first window's start to the last one's end, and the rows/s of each
+    window (so a swing between windows shows in the table)."""
+    return {
+        "server cores": float(np.median([w["server cores"] for w in windows])),
+        "loadgen cores": float(np.median([w["loadgen cores"] for w in windows])),
+        "other cores": float(np.median([w["other cores"] for w in windows])),
+        "server runq ms/s": float(np.median([w["server runq ms/s"] for w in windows])),
+        "loadavg": f"{windows[0]['loadavg'].split('-')[0]}-{windows[-1]['loadavg'].split('-')[1]}",
+        "rows/s windows": "/".join(f"{w['rows/s']:.0f}" for w in windows),
+    }
+
+
 def _first_rows(batch: object, n: int) -> tuple[object, object]:
     """(dense, KJT) of the first ``n`` rows of a loader batch (single-hot or multi-hot)."""
     kjt = batch.sparse_features
@@ -143,7 +169,11 @@ def bench_serving(args: argparse.Namespace) -> dict:
     meta = DatasetMeta.load(data)
     encoder = RawEncoder.load(data)
     rng = np.random.default_rng(0)
-    seconds = float(os.environ.get("CTR_BENCH_SERVING_S", "4"))
+    # Each setting: a warm-up on the same connections, then several windows; the figures are
+    # each one's median over the windows, every window kept in the JSON with what else ran.
+    seconds = float(os.environ.get("CTR_BENCH_SERVING_S", "2"))
+    windows = int(os.environ.get("CTR_BENCH_SERVING_WINDOWS", "3"))
+    warmup_s = float(os.environ.get("CTR_BENCH_SERVING_WARMUP_S", "1.5"))
     worker_counts = [int(w) for w in os.environ.get("CTR_BENCH_SERVING_WORKERS", "1,2").split(",")]
 
     def raw_records(n: int) -> list[dict]:
@@ -173,7 +203,7 @@ def bench_serving(args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - start)
         return n / min(times), float(np.median(times))
 
-    http_rows, inproc_rows, forms_rows = [], [], []
+    http_rows, inproc_rows, forms_rows, machine = [], [], [], []
     for storage in ("fp32", "int8"):
         torch.manual_seed(0)
         layer = EmbeddingLayer(features_from_dataset(meta), 16, "full", "1x", storage=storage)
@@ -184,6 +214,7 @@ def bench_serving(args: argparse.Namespace) -> dict:
         coalesced: dict[tuple[int, int, int], float] = {}  # (workers, clients, rows)
         for workers in worker_counts:
             proc, port = _start_server(path, "--workers", str(workers))
+            pids = _server_pids(proc)
             try:
                 for clients, rows in SERVING_LOADS:
                     before = _batch_rows(port, workers)
@@ -193,7 +224,9 @@ def bench_serving(args: argparse.Namespace) -> dict:
                         "rows": rows,
                         "clients": clients,
                         "seconds": seconds,
-                        "warmup_s": 1.0,
+                        "warmup_s": warmup_s,
+                        "windows": windows,
+                        "watch_pids": pids,
                         "max_requests": 200_000,
                     }
                     load = _run_load(spec)
@@ -207,12 +240,14 @@ def bench_serving(args: argparse.Namespace) -> dict:
                             "clients x rows": f"{clients} x {rows}",
                             **load,
                             "batch rows": coalesced[workers, clients, rows],
+                            **_setting_usage(load["windows"]),
                         }
                     )
             finally:
                 _stop_server(proc)
 
         # In process, at the same batch sizes: raw records (encode + forward) and ids.
+        inproc_before = Usage()
         sizes = sorted({1, 8, *(max(1, round(b)) for b in coalesced.values())})
         for n in sizes:
             records = raw_records(n)
@@ -270,6 +305,7 @@ def bench_serving(args: argparse.Namespace) -> dict:
                 "predict_records p50_ms": p50_one * 1e3,
             }
         )
+        machine.append({"storage": storage, "in process": Usage().since(inproc_before)})
         for row in http_rows:
             if row["storage"] == storage:
                 b = row["batch rows"]
@@ -300,11 +336,18 @@ def bench_serving(args: argparse.Namespace) -> dict:
             }
         )
     print_table(
-        f"serving: ctr serve on 127.0.0.1, keep-alive clients in their own process, {seconds:g} s "
-        "per setting, rows form (shared machine: absolute figures are noisy)",
-        http_rows,
+        f"serving: ctr serve on 127.0.0.1, keep-alive clients in their own process, rows form; "
+        f"medians of {windows} windows of {seconds:g} s after {warmup_s:g} s of warm-up; "
+        f"'other cores': CPU used meanwhile by processes other than the server and the load "
+        f"generator (median; a window over {DISTURBED_CORES} is disturbed: kept, counted)",
+        [{k: v for k, v in r.items() if k != "windows"} for r in http_rows],
     )
     print_table("serving: in-process CompactModel at the same batch sizes (1 thread)", inproc_rows)
+    print_table(
+        "serving: what else ran during the in-process figures (cores; the bench's own "
+        "process is 'loadgen cores' here)",
+        [{"storage": m["storage"], **m["in process"]} for m in machine],
+    )
     print_table("serving: rows form vs columns form, 10k rows in process", forms_rows)
 
     # Binary serving vs fp32 lookups, b=1 and b=2 side by side: the fast decode ("auto": one
@@ -374,6 +417,7 @@ def bench_serving(args: argparse.Namespace) -> dict:
     return {
         "http": http_rows,
         "in_process": inproc_rows,
+        "in_process_machine": machine,
         "forms": forms_rows,
         "binary": binary_rows,
         "pruned_index": pruned_rows,
