@@ -330,13 +330,81 @@ def serve(
 
 
 def _uvicorn_config(app: Starlette) -> Any:
-    """uvicorn's settings: httptools and uvloop where installed (both pinned), no access log,
-    and no proxy-header rewriting (nothing here reads the client's address)."""
+    """uvicorn's settings: httptools (pinned; with each answer sent in one write, see
+    :class:`OneSend`) and uvloop where installed, no access log, and no proxy-header
+    rewriting (nothing here reads the client's address)."""
     import uvicorn
 
     return uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="on", proxy_headers=False
+        app,
+        http=_protocol_class(),
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        proxy_headers=False,
     )
+
+
+def _protocol_class() -> Any:
+    """uvicorn's httptools protocol on a :class:`OneSend` transport ("auto": uvicorn's own
+    choice, where httptools is missing)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return "auto"
+
+    class Protocol(HttpToolsProtocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(OneSend(transport, self.loop))  # type: ignore[arg-type]
+
+    return Protocol
+
+
+class OneSend:
+    """A connection's transport that sends an answer's head together with its body.
+
+    uvicorn writes a response as two transport writes, the head (status line and headers)
+    on ``http.response.start`` and the body on ``http.response.body``; uvloop sends each at
+    once, so every answer cost two ``send`` calls, two TCP segments through the kernel, and
+    often two wake-ups of the client. Here a write that ends a head (``\\r\\n\\r\\n``) is
+    held and sent with the next write: one ``send`` an answer. A held write that nothing
+    follows (a streamed response's first chunk not ready yet, ``100 Continue``) is sent at the
+    loop's next iteration, and before the connection closes. Everything else is the
+    transport's own."""
+
+    __slots__ = ("_transport", "_loop", "_held")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held = b""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._held:
+            data, self._held = self._held + bytes(data), b""
+        elif data[-4:] == b"\r\n\r\n":
+            self._held = bytes(data)
+            self._loop.call_soon(self.flush)
+            return
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        """Sends a held write now."""
+        if self._held:
+            held, self._held = self._held, b""
+            if not self._transport.is_closing():
+                self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def _listener(family: int, host: str, port: int, reuse_port: bool = False) -> socket.socket:

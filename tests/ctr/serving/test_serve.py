@@ -7,6 +7,7 @@ Every loop is bounded and both processes are always terminated.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -501,3 +502,49 @@ def _alive(pid: int) -> bool:
     with contextlib.suppress(OSError):
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     return False
+
+
+class _Transport:
+    """A fake transport recording its writes."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str) -> str:
+        return f"info:{name}"
+
+
+def test_an_answer_is_one_write():
+    """uvicorn writes an answer's head, then its body: the transport sends them in one write
+    (one send, one segment); a head nothing follows goes out at the loop's next iteration,
+    and before a close. Without the holding, the head and body are two writes."""
+    from ctr.serving.http.app import OneSend
+
+    loop = asyncio.new_event_loop()
+    try:
+        raw = _Transport()
+        transport = OneSend(raw, loop)
+        head = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+        transport.write(head)
+        transport.write(b"{}")
+        assert raw.writes == [head + b"{}"]
+        transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # nothing follows it
+        assert len(raw.writes) == 1
+        loop.run_until_complete(asyncio.sleep(0))
+        assert raw.writes[-1] == b"HTTP/1.1 100 Continue\r\n\r\n"
+        transport.write(head)
+        transport.close()
+        assert raw.writes[-1] == head and raw.closed
+        assert transport.get_extra_info("peername") == "info:peername"
+    finally:
+        loop.close()
