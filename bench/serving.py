@@ -233,6 +233,15 @@ def bench_serving(args: argparse.Namespace) -> dict:
                     coalesced[workers, clients, rows] = _mean_batch(
                         before, _batch_rows(port, workers)
                     )
+                    # The in-process reference at this batch, measured right after the
+                    # setting (the server idle): the machine's state drifts over a run,
+                    # and the table below is measured after every server has stopped.
+                    batch = max(1, round(coalesced[workers, clients, rows]))
+                    records = raw_records(batch)
+                    adjacent, _ = best_rate(
+                        lambda m=compact, r=records: len(m.predict_records(r)),
+                        max(5, min(200, 20_000 // batch)),
+                    )
                     http_rows.append(
                         {
                             "storage": storage,
@@ -240,6 +249,8 @@ def bench_serving(args: argparse.Namespace) -> dict:
                             "clients x rows": f"{clients} x {rows}",
                             **load,
                             "batch rows": coalesced[workers, clients, rows],
+                            "in-process @ batch, adjacent": adjacent,
+                            "vs adjacent": load["rows/s"] / adjacent,
                             **_setting_usage(load["windows"]),
                         }
                     )
