@@ -388,6 +388,9 @@ class OneSend:
             return
         self._transport.write(data)
 
+    def writelines(self, chunks: Any) -> None:
+        self.write(b"".join(chunks))
+
     def flush(self) -> None:
         """Sends a held write now."""
         if self._held:

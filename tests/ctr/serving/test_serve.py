@@ -543,6 +543,9 @@ def test_an_answer_is_one_write():
         loop.run_until_complete(asyncio.sleep(0))
         assert raw.writes[-1] == b"HTTP/1.1 100 Continue\r\n\r\n"
         transport.write(head)
+        transport.writelines([b"{", b"}"])
+        assert raw.writes[-1] == head + b"{}"
+        transport.write(head)
         transport.close()
         assert raw.writes[-1] == head and raw.closed
         assert transport.get_extra_info("peername") == "info:peername"
