@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -141,6 +142,58 @@ def test_load_generator_runs_in_its_own_process() -> None:
     assert figures["errors"] == 0
     assert figures["requests/s"] > 0
     assert figures["p50_ms"] <= figures["p99_ms"]
+    assert len(figures["windows"]) == 1 and figures["disturbed windows"] in (0, 1)
+
+
+def test_load_generator_measures_windows_and_what_else_ran() -> None:
+    """Several windows, each kept with its own figures and the machine's use meanwhile; the
+    result is their median (errors summed)."""
+    from bench.serving import _run_load
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Answer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        spec = {
+            "port": server.server_address[1],
+            "bodies": ['{"instances": [{}]}'],
+            "rows": 1,
+            "clients": 2,
+            "seconds": 0.3,
+            "warmup_s": 0.1,
+            "windows": 3,
+            "watch_pids": [os.getpid()],  # the server is this process's thread
+            "max_requests": 30,
+        }
+        figures = _run_load(spec)
+    finally:
+        server.shutdown()
+        server.server_close()
+    windows = figures["windows"]
+    assert len(windows) == 3
+    assert figures["rows/s"] == sorted(w["rows/s"] for w in windows)[1]
+    for w in windows:
+        assert {"server cores", "loadgen cores", "other cores", "disturbed", "loadavg"} <= set(w)
+    assert figures["disturbed windows"] == sum(w["disturbed"] for w in windows)
+
+
+def test_a_window_is_disturbed_when_other_processes_used_the_cores() -> None:
+    """Other cores = the machine's busy cores less the watched processes' and the load
+    generator's own; over the threshold the window is flagged."""
+    from bench.loadgen import DISTURBED_CORES, Usage
+
+    before, after = Usage(), Usage()
+    before.time, after.time = 0.0, 2.0
+    before.busy, after.busy = 10.0, 13.0  # 1.5 cores busy
+    before.watched, after.watched = 5.0, 6.0  # the server: 0.5 cores
+    before.own, after.own = 1.0, 1.2  # the load generator: 0.1 cores
+    before.wait, after.wait = 0.0, 0.5
+    got = after.since(before)
+    assert got["other cores"] == pytest.approx(0.9)
+    assert got["server runq ms/s"] == pytest.approx(250.0)
+    assert got["disturbed"] is True
+    after.busy = 10.0 + 2 * (0.6 + DISTURBED_CORES / 2)
+    assert after.since(before)["disturbed"] is False
 
 
 def test_driver_runs_a_section_and_writes_its_figures(
