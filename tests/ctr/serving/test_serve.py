@@ -483,7 +483,11 @@ def test_workers_share_the_port_swap_together_and_restart(tiny_data, tmp_path):
                 break
             assert time.monotonic() < deadline, "the dead worker was not replaced"
             time.sleep(0.5)
-        assert _versions_everywhere(server, "v2", current)
+        # The new worker starts with the model the server process loaded (v1) and reloads
+        # in the background once it takes requests: it serves v2 once that load is done.
+        deadline = time.monotonic() + 60
+        while not _versions_everywhere(server, "v2", current):
+            assert time.monotonic() < deadline, "the restarted worker still serves v1"
     finally:
         server.stop()
     gone = time.monotonic() + 15
