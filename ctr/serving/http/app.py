@@ -452,7 +452,8 @@ def _serve_workers(
     is each worker's own copy): ``SIGHUP`` to this process reaches every worker, a
     ``POST /v1/reload`` that swaps tells this process to reload the others, and each worker
     polls a directory of versions. A worker that dies is started again (after a second) and
-    first reloads, to serve the version the others serve. ``SIGTERM``/``SIGINT`` stop all.
+    reloads in the background, to serve the version the others serve (until that load is
+    done it answers with the model loaded here). ``SIGTERM``/``SIGINT`` stop all.
     """
     import uvicorn
 
