@@ -155,6 +155,13 @@ class Batcher:
         self.executor.shutdown(wait=True)
 
     async def submit(self, served: Served, encoded: EncodedRecords, rows: int) -> list[float]:
+        return await self.enqueue(served, encoded, rows)
+
+    def enqueue(
+        self, served: Served, encoded: EncodedRecords | RawColumns, rows: int
+    ) -> asyncio.Future:
+        """Queues a request; its future gets the predictions (or the request's error). A full
+        queue raises 503 at once."""
         if self.queued_rows + rows > self.config.max_queue_rows:
             raise RequestError(
                 503,
@@ -165,7 +172,7 @@ class Batcher:
         future = asyncio.get_running_loop().create_future()
         self.queued_rows += rows
         self.queue.put_nowait(Pending(served, encoded, rows, future))
-        return await future
+        return future
 
     async def _next(self, timeout: float | None) -> Pending | None:
         if self._carry is not None:
