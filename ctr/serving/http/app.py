@@ -402,10 +402,10 @@ def _protocol_class() -> Any:
     class _Direct:
         """The connection's request in progress, as uvicorn's protocol reads its ``cycle``."""
 
-        __slots__ = ("body", "keep_alive", "response_complete", "disconnected", "start")
+        __slots__ = ("chunks", "keep_alive", "response_complete", "disconnected", "start")
 
         def __init__(self, keep_alive: bool) -> None:
-            self.body = bytearray()
+            self.chunks: list[bytes] = []
             self.keep_alive = keep_alive
             self.response_complete = False
             self.disconnected = False
@@ -459,7 +459,9 @@ def _protocol_class() -> Any:
         def on_body(self, body: bytes) -> None:
             cycle = self.cycle
             if type(cycle) is _Direct:
-                cycle.body += body  # at most max_body_bytes: its Content-Length was checked
+                # At most max_body_bytes in all (its Content-Length was checked); usually
+                # one chunk, taken as it is.
+                cycle.chunks.append(body)
             else:
                 super().on_body(body)
 
@@ -470,11 +472,11 @@ def _protocol_class() -> Any:
             direct = self._direct
             assert direct is not None
             try:
-                future, n = direct.begin(bytes(cycle.body))
+                chunks, cycle.chunks = cycle.chunks, []
+                future, n = direct.begin(chunks[0] if len(chunks) == 1 else b"".join(chunks))
             except Exception as e:
                 self._answer(cycle, *failure(e))
                 return
-            cycle.body = bytearray()
             future.add_done_callback(lambda f: self._answer(cycle, *direct.answer(f, n)))
 
         def _answer(

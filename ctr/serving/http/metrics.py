@@ -8,6 +8,7 @@ worker that answered: each worker counts its own.
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -27,7 +28,8 @@ class Histogram:
         self.count = 0
 
     def observe(self, value: float) -> None:
-        self.counts[next((i for i, b in enumerate(self.buckets) if value <= b), -1)] += 1
+        # the first bucket whose bound is >= value (past the last: the +Inf count)
+        self.counts[bisect_left(self.buckets, value)] += 1
         self.sum += value
         self.count += 1
 
