@@ -36,8 +36,12 @@ from compressors.core.tables import TableMethod
 
 # From most to least precise; every table method can serve any of these.
 DTYPES = ("fp32", "fp16", "int8", "int4", "int2")
-_CHUNK_ROWS = 1 << 20  # bounds the temporary memory of table-wide passes
+_CHUNK_ROWS = 1 << 16  # bounds the temporary memory of table-wide passes (~4 MiB a float
+# temporary at dim 16; at 1M rows a pass held ~200 MiB of them)
 PACK_CHUNK_ROWS = 1 << 16  # rows packed at a time (int32 temporaries of a few MB)
+# Ids mapped at a time by row_frequencies: its lengths are int64 for every field (26 x 8
+# bytes per id on Criteo), 13 MiB at this size against 208 MiB at 1M ids.
+MAP_CHUNK_ROWS = 1 << 16
 
 
 def valid_dtypes(dim: int, candidates: Sequence[str] = DTYPES) -> list[str]:
@@ -117,15 +121,29 @@ def row_errors(weight: torch.Tensor, dtype: str) -> torch.Tensor:
     return out
 
 
-def fake_quantize(weight: torch.Tensor, dtype: str) -> torch.Tensor:
-    """The fp32 values the served ``dtype`` rows hold (pack, then unpack)."""
+def fake_quantize_(weight: torch.Tensor, dtype: str) -> None:
+    """Rounds ``weight`` in place to the values the served ``dtype`` rows hold, a chunk of
+    rows at a time (an out-of-place copy would hold a second whole table, twice over in
+    its chunks and their concatenation)."""
     if dtype == "fp32":
-        return weight.detach().float().clone()
-    parts = [
-        unpack_rows(pack_rows(weight[s : s + _CHUNK_ROWS], dtype), dtype)
-        for s in range(0, weight.shape[0], _CHUNK_ROWS)
-    ]
-    return torch.cat(parts)
+        return
+    with torch.no_grad():
+        for s in range(0, weight.shape[0], _CHUNK_ROWS):
+            chunk = weight[s : s + _CHUNK_ROWS]
+            chunk.copy_(unpack_rows(pack_rows(chunk, dtype), dtype))
+
+
+def weighted_error(weight: torch.Tensor, dtype: str, freq: torch.Tensor) -> float:
+    """``Σ_v freq_v · ||e_v − Q(e_v)||²`` in float64, a chunk of rows at a time (no per-row
+    error array, nor its float64 copy, over the whole table)."""
+    if dtype == "fp32":
+        return 0.0
+    total = torch.zeros((), dtype=torch.float64, device=weight.device)
+    for s in range(0, weight.shape[0], _CHUNK_ROWS):
+        w = weight[s : s + _CHUNK_ROWS].detach().float()
+        err = (unpack_rows(pack_rows(w, dtype), dtype) - w).pow(2).sum(1)
+        total += (err.double() * freq[s : s + len(w)]).sum()
+    return float(total)
 
 
 # ---------------------------------------------------------------- mixed precision
@@ -198,14 +216,17 @@ def row_frequencies(method: TableMethod) -> dict[str, torch.Tensor]:
     acc = {t.name: torch.zeros(t.rows, dtype=torch.float64, **on) for t in layout.tables}
     names = method.feature_names
     for fi, spec in enumerate(method.features):
-        counts = (
-            torch.ones(spec.cardinality, dtype=torch.float64, **on)
-            if spec.frequencies is None
-            else torch.as_tensor(spec.frequencies, dtype=torch.float64, **on)
-        )
         mine = [lk for lk in layout.lookups if lk.field == fi]
-        for start in range(0, spec.cardinality, _CHUNK_ROWS):
-            ids = torch.arange(start, min(start + _CHUNK_ROWS, spec.cardinality), **on)
+        for start in range(0, spec.cardinality, MAP_CHUNK_ROWS):
+            end = min(start + MAP_CHUNK_ROWS, spec.cardinality)
+            ids = torch.arange(start, end, **on)
+            # A chunk of the counts at a time: a float64 copy of a field's counts would be
+            # 8 bytes per id beside the (mapped) counts themselves.
+            counts = (
+                torch.ones(len(ids), dtype=torch.float64, **on)
+                if spec.frequencies is None
+                else torch.as_tensor(spec.frequencies[start:end], dtype=torch.float64, **on)
+            )
             lengths = torch.zeros(len(names), len(ids), dtype=torch.int64, **on)
             lengths[fi] = 1
             kjt = KeyedJaggedTensor(
@@ -216,7 +237,7 @@ def row_frequencies(method: TableMethod) -> dict[str, torch.Tensor]:
             for lk in mine:
                 jt = rows[lk.key]
                 acc[lk.table].index_add_(
-                    0, jt.values(), torch.repeat_interleave(counts[ids], jt.lengths())
+                    0, jt.values(), torch.repeat_interleave(counts, jt.lengths())
                 )
     return acc
 
@@ -240,9 +261,7 @@ def solve_mixed_precision(
         options = valid_dtypes(t.dim, candidates[i] if candidates is not None else DTYPES)
         costs.append({d: t.rows * row_bytes(t.dim, d) for d in options})
         w = freqs[t.name]
-        errors.append(
-            {d: float((row_errors(weights[t.name], d).double() * w).sum()) for d in options}
-        )
+        errors.append({d: weighted_error(weights[t.name], d, w) for d in options})
     fixed = layout.serve_bytes() - sum(t.serve_bytes for t in layout.tables)
     try:
         return choose_dtypes(costs, errors, budget_bytes, fixed)
@@ -264,4 +283,4 @@ def apply_table_dtypes(
         weights = method.tables.weights()
         with torch.no_grad():
             for t in layout.tables:
-                weights[t.name].copy_(fake_quantize(weights[t.name], t.dtype))
+                fake_quantize_(weights[t.name], t.dtype)

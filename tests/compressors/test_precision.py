@@ -235,6 +235,60 @@ def test_apply_table_dtypes_rounds_weights_to_served_values():
     assert layer.memory().serve_bytes == 300 * row_bytes(DIM, "int4")
 
 
+def test_mixed_precision_passes_are_chunked_with_the_same_result(monkeypatch):
+    """The error, frequency and rounding passes read a chunk of rows at a time (a whole-table
+    float temporary is several bytes per id at millions of ids) and give what one whole-table
+    pass gives: the same errors (to float64 summation order), dtypes and rounded weights."""
+    feats = features((5000, 3000, 800, 40))
+
+    def solve_and_round():
+        layer = build_compressor("full", feats, DIM)
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for w in layer.tables.weights().values():
+                w.copy_(torch.randn_like(w) * torch.rand(len(w), 1))
+        freqs = row_frequencies(layer)
+        weights = layer.tables.weights()
+        errors = {
+            (n, d): precision_common.weighted_error(weights[n], d, freqs[n])
+            for n in weights
+            for d in ("int2", "int4", "int8", "fp16")
+        }
+        dtypes = solve_mixed_precision(layer, layer.full_bytes // 5)
+        apply_table_dtypes(layer, dtypes)
+        return freqs, errors, dtypes, {n: w.detach().clone() for n, w in weights.items()}
+
+    whole = solve_and_round()
+    # The whole-table formula the chunked pass replaced, on the same weights.
+    layer = build_compressor("full", feats, DIM)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for v in layer.tables.weights().values():
+            v.copy_(torch.randn_like(v) * torch.rand(len(v), 1))
+    for (n, d), e in whole[1].items():
+        w = layer.tables.weights()[n]
+        assert e == pytest.approx(float((row_errors(w, d).double() * whole[0][n]).sum()), rel=1e-12)
+    seen = []
+    real_pack = precision_common.pack_rows
+
+    def pack_rows_recorded(w, dtype):
+        seen.append(len(w))
+        return real_pack(w, dtype)
+
+    monkeypatch.setattr(precision_common, "_CHUNK_ROWS", 700)
+    monkeypatch.setattr(precision_common, "MAP_CHUNK_ROWS", 900)
+    monkeypatch.setattr(precision_common, "pack_rows", pack_rows_recorded)
+    chunked = solve_and_round()
+    assert seen and max(seen) <= 700  # red when a pass packs a whole table again
+    for a, b in zip(whole[0].values(), chunked[0].values(), strict=True):
+        assert torch.equal(a, b)
+    for k, e in whole[1].items():
+        assert chunked[1][k] == pytest.approx(e, rel=1e-12)
+    assert chunked[2] == whole[2]
+    for n, w in whole[3].items():
+        assert torch.equal(chunked[3][n], w)
+
+
 # ---------------------------------------------------------------- budgets
 def _full_ratio(feats, dim, per_row):
     rows = sum(f.cardinality for f in feats)
