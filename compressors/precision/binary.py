@@ -80,6 +80,7 @@ DECODES = ("auto", "planes", "rows", "bits")
 PLANE_DTYPE = "int2"  # fbgemm row type of a served plane (codes 0/1)
 ROW_DTYPE = "fp16"  # fbgemm row type of a decoded multi-plane row
 DECODE_CHUNK = 1 << 16  # rows re-laid at once at load: bounds the temporaries
+BINARIZE_CHUNK_ROWS = 1 << 16  # rows binarized at a time with per-row scales
 
 
 def code_bytes(dim: int) -> int:
@@ -105,6 +106,15 @@ def binarize(
     fp16 scales ``[n, b]``, or ``[b]`` with ``per_row=False``). Each residual subtracts the
     fp16 scale actually served."""
     n, dim = weight.shape
+    if per_row and n > BINARIZE_CHUNK_ROWS:
+        # Rows are independent: a chunk at a time (the whole field's float and int32
+        # temporaries are ~400 bytes a row at dim 16), the same codes and scales.
+        codes = torch.empty(n, bits, code_bytes(dim), dtype=torch.uint8, device=weight.device)
+        row_scales = torch.empty(n, bits, dtype=torch.float16, device=weight.device)
+        for start in range(0, n, BINARIZE_CHUNK_ROWS):
+            stop = min(n, start + BINARIZE_CHUNK_ROWS)
+            codes[start:stop], row_scales[start:stop] = binarize(weight[start:stop], bits)
+        return codes, row_scales
     pad = code_bytes(dim) * 8 - dim
     residual = weight.detach().float().clone()
     planes, scales = [], []

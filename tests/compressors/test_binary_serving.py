@@ -93,6 +93,29 @@ def test_a_plane_row_decodes_to_exactly_its_scaled_signs():
         assert torch.equal(values.view(40, 3, 16).sum(1), unbinarize(codes, scales.float(), 16))
 
 
+def test_binarize_in_row_chunks_gives_the_whole_fields_codes(monkeypatch):
+    """Per-row scales binarize a chunk of rows at a time (a whole field's temporaries are
+    ~400 bytes a row): the same codes and scales as one pass; red when a pass over the whole
+    field returns."""
+    from compressors.precision import binary as binary_mod
+
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(100, 12, generator=gen)
+    whole = binarize(weight, 3)
+    padded_rows = []
+    real_pad = binary_mod.F.pad
+
+    def pad_recorded(x, *a, **k):
+        padded_rows.append(len(x))
+        return real_pad(x, *a, **k)
+
+    monkeypatch.setattr(binary_mod, "BINARIZE_CHUNK_ROWS", 7)
+    monkeypatch.setattr(binary_mod.F, "pad", pad_recorded)
+    chunked = binarize(weight, 3)
+    assert padded_rows and max(padded_rows) <= 7
+    assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
+
+
 def test_decodes_report_what_they_hold():
     exported = _export(16, [1, 2, 1])
     rows = sum(CARDS)
