@@ -84,6 +84,12 @@ def frequency_heads(
             )
         )
         return [(0, next(share)) if e else (0, 0) for e in eligible]
+    if all(
+        np.asarray(f.frequencies[:0]).dtype.kind in "iu"
+        for f, e in zip(features, eligible, strict=True)
+        if e
+    ):
+        return _integer_frequency_heads(features, slots, eligible)
     # One candidate list per field: [OOV count], then ids 1.. as a non-increasing envelope.
     candidates = []
     for f, e in zip(features, eligible, strict=True):
@@ -103,6 +109,76 @@ def frequency_heads(
         if spare and len(oov) and oov[0] == cut:
             oov_in, spare = 1, spare - 1
         ties = int(np.searchsorted(-env, -cut, side="right")) - taken
+        extra = min(ties, spare)
+        taken, spare = taken + extra, spare - extra
+        heads.append((0 if oov_in else 1, 1 + taken) if oov_in or taken else (0, 0))
+    return heads
+
+
+_SCAN_CHUNK = 1 << 20  # counts compared at a time by the integer heads' scans
+
+
+def _prefix_at_least(counts: Any, value: int, limit: int | None = None) -> int:
+    """How many of ids ``1, 2, ...`` lead with counts of at least ``value``: the length of
+    the non-increasing envelope's part ``>= value``. Scanned in chunks of the (mapped)
+    counts, up to ``limit`` of them."""
+    n = len(counts) - 1 if limit is None else limit
+    for start in range(1, n + 1, _SCAN_CHUNK):
+        below = np.flatnonzero(np.asarray(counts[start : min(n + 1, start + _SCAN_CHUNK)]) < value)
+        if len(below):
+            return start - 1 + int(below[0])
+    return n
+
+
+def _integer_frequency_heads(
+    features: Sequence[FeatureSpec], slots: int, eligible: Sequence[bool]
+) -> list[tuple[int, int]]:
+    """:func:`frequency_heads` for integer counts without a copy of them: the ``slots``-th
+    largest candidate is the largest count ``c`` with at least ``slots`` candidates
+    ``>= c``, found by bisection on ``c``; a field's candidates ``>= c`` are its OOV count's
+    and the prefix of ids whose counts stay ``>= c`` (scanned from the mapped counts, a
+    chunk at a time). Holds no per-id array (the pooled float64 envelopes and their
+    partition were ~32 bytes per id); the same heads."""
+    fields = [f.frequencies for f, e in zip(features, eligible, strict=True) if e]
+    total = sum(len(c) for c in fields)
+    if slots >= total:
+        return [
+            (0, f.cardinality) if e else (0, 0) for f, e in zip(features, eligible, strict=True)
+        ]
+    oovs = [int(c[0]) if len(c) else None for c in fields]
+    # Each field's envelope starts at its count of id 1; nothing pooled exceeds the largest
+    # of those and of the OOV counts.
+    top = max([int(c[1]) for c in fields if len(c) > 1] + [o for o in oovs if o is not None])
+
+    def at_least(value: int) -> int:
+        return sum(
+            (o is not None and o >= value) + _prefix_at_least(c, value)
+            for c, o in zip(fields, oovs, strict=True)
+        )
+
+    lo, hi = min(0, top), top  # at_least(lo) >= slots always (every count is >= 0)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if at_least(mid) >= slots:
+            lo = mid
+        else:
+            hi = mid - 1
+    cut = lo
+    above = [
+        ((o is not None and o > cut), _prefix_at_least(c, cut + 1))
+        for c, o in zip(fields, oovs, strict=True)
+    ]
+    spare = slots - sum(int(a) + b for a, b in above)
+    heads, it = [], iter(zip(fields, oovs, above, strict=True))
+    for e in eligible:
+        if not e:
+            heads.append((0, 0))
+            continue
+        counts, oov, (oov_in, taken) = next(it)
+        oov_in = int(oov_in)
+        if spare and oov is not None and oov == cut:
+            oov_in, spare = 1, spare - 1
+        ties = _prefix_at_least(counts, cut) - taken
         extra = min(ties, spare)
         taken, spare = taken + extra, spare - extra
         heads.append((0 if oov_in else 1, 1 + taken) if oov_in or taken else (0, 0))

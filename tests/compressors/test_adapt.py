@@ -93,3 +93,28 @@ def test_export_round_trip(tiny_data, tmp_path, shared_tail):
     summary = quick_train(tiny_data, tmp_path / "run", "adapt", "10x", shared_tail=shared_tail)
     assert summary["serve_bytes"] <= summary["budget_bytes"]
     check_round_trip(tiny_data, tmp_path / "run", tmp_path / "artifact")
+
+
+def test_integer_counts_give_the_float_pooled_heads_without_a_copy(monkeypatch):
+    """Integer counts are bisected from the mapped counts in chunks (no pooled float64
+    copy, ~32 bytes per id at build time) and give the heads of the pooled partition."""
+    from compressors.hashing import adapt as adapt_mod
+
+    rng = np.random.default_rng(7)
+    monkeypatch.setattr(adapt_mod, "_SCAN_CHUNK", 5)
+    for trial in range(40):
+        cards = rng.integers(1, 30, size=rng.integers(1, 5))
+        counts = [rng.integers(0, 6, n) * rng.integers(1, 3) for n in cards]
+        ints = [FeatureSpec(f"C{i}", len(c), frequencies=c) for i, c in enumerate(counts)]
+        floats = [
+            FeatureSpec(f"C{i}", len(c), frequencies=c.astype(np.float64))
+            for i, c in enumerate(counts)
+        ]
+        eligible = [bool(x) for x in rng.integers(0, 2, len(cards))]
+        for slots in range(0, int(sum(cards)) + 2):
+            assert frequency_heads(ints, slots, eligible) == frequency_heads(
+                floats, slots, eligible
+            ), (trial, slots)
+    # The float path is what pools a copy; the integer one never calls it.
+    monkeypatch.setattr(adapt_mod.np, "concatenate", None)
+    assert frequency_heads(ints, 3, [True] * len(ints))
