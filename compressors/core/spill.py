@@ -20,7 +20,7 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -59,20 +59,56 @@ def release_mapped(ranges: list[tuple[int, int]]) -> None:
         libc.madvise(start, length, _MADV_DONTNEED)
 
 
+CHUNK_BYTES = 64 << 20  # rows copied from a mapping at a time by Mapped.copy_into
+
+
+class Mapped:
+    """Spilled tensors handed back: iterate (``mapped()``) or copy into same-shaped targets
+    a chunk of rows at a time (:meth:`copy_into`), the file's pages dropped as they go."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], ranges: list[tuple[int, int]]) -> None:
+        self.tensors = tensors
+        self.ranges = ranges
+
+    def __call__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, value in self.tensors.items():
+            yield name, value
+            release_mapped(self.ranges)
+
+    def copy_into(
+        self, targets: Mapping[str, torch.Tensor], chunk_bytes: int | None = None
+    ) -> None:
+        """Copies every tensor into ``targets[name]``; from a file, ``chunk_bytes`` of rows
+        at a time with its pages dropped after each chunk, so one table held as a single
+        tensor is never resident whole from the file beside its copy."""
+        chunk_bytes = chunk_bytes or CHUNK_BYTES
+        with torch.no_grad():
+            for name, src in self.tensors.items():
+                dst = targets[name]
+                if not self.ranges or src.dim() == 0 or src.shape[0] == 0:
+                    dst.copy_(src)
+                    continue
+                step = max(1, chunk_bytes // max(1, src[0].numel() * src.element_size()))
+                for i in range(0, src.shape[0], step):
+                    dst[i : i + step].copy_(src[i : i + step])
+                    release_mapped(self.ranges)
+
+
 @contextmanager
 def spilled(
     tensors: Mapping[str, torch.Tensor],
-) -> Iterator[Callable[[], Iterator[tuple[str, torch.Tensor]]]]:
+) -> Iterator[Mapped]:
     """Writes host ``tensors`` to a private temporary file and frees their storage (the
     caller is replacing them: they are empty afterwards); yields a function iterating over
     them mapped from the file, each one's pages let go once the next is asked for. The file
-    is removed on exit. Tensors off the host, or sharing storage, are handed back as they are
+    is removed on exit (:class:`Mapped` also copies them into their replacements a chunk of
+    rows at a time). Tensors off the host, or sharing storage, are handed back as they are
     (nothing to gain, or not safe to free)."""
     storages = [t.untyped_storage() for t in tensors.values()]
     host = all(t.device.type == "cpu" for t in tensors.values())
     distinct = len({s.data_ptr() for s in storages}) == len(storages)
     if not tensors or not host or not distinct or not all(s.resizable() for s in storages):
-        yield lambda: iter(tensors.items())
+        yield Mapped(tensors, [])
         return
     folder = Path(tempfile.mkdtemp(prefix="ctr-spill-"))
     try:
@@ -80,14 +116,6 @@ def spilled(
         torch.save(dict(tensors), path)  # written from the tensors' own memory
         for storage in storages:
             storage.resize_(0)
-        mapped = torch.load(path, weights_only=True, mmap=True)
-        ranges = mapped_ranges(path)
-
-        def each() -> Iterator[tuple[str, torch.Tensor]]:
-            for name, value in mapped.items():
-                yield name, value
-                release_mapped(ranges)
-
-        yield each
+        yield Mapped(torch.load(path, weights_only=True, mmap=True), mapped_ranges(path))
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -285,9 +285,9 @@ class TrainTables(EmbeddingRows, nn.Module):
                 optimizer_kwargs={"lr": lr, **kwargs},
                 device=device,
             )
-            with torch.no_grad():
-                for name, w in mapped():
-                    fused.embedding_bags[name].weight.copy_(w)
+            # A chunk of rows at a time: a method with one big table (binary, the pruning
+            # family) would otherwise hold it whole from the file beside the fused one.
+            mapped.copy_into({n: b.weight for n, b in fused.embedding_bags.items()})
         self.ebc = fused
         self._direct = _DirectLookup.of(fused)
 

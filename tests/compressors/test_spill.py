@@ -45,3 +45,27 @@ def test_fusing_frees_the_old_tables_before_the_fused_ones_are_allocated(monkeyp
     after = train.weights()
     assert isinstance(train.ebc, real)
     assert all(torch.equal(after[k], before[k]) for k in before)  # the same weights
+
+
+def test_fusing_copies_a_big_table_from_the_file_a_chunk_of_rows_at_a_time(monkeypatch):
+    """One table held as one tensor is copied in chunks, the file's pages dropped after
+    each (red when it is copied whole: one release per table)."""
+    from compressors.core import spill
+
+    tables = [TableSpec("t0", rows=3000, dim=8), TableSpec("t1", rows=50, dim=8)]
+    train = TrainTables(tables, [Lookup("C1", "t0"), Lookup("C2", "t1")])
+    before = {k: v.detach().clone() for k, v in train.weights().items()}
+    released = []
+    real_release = spill.release_mapped
+
+    def counted(ranges):
+        released.append(len(ranges))
+        real_release(ranges)
+
+    monkeypatch.setattr(spill, "CHUNK_BYTES", 100 * 8 * 4)  # 100 rows
+    monkeypatch.setattr(spill, "release_mapped", counted)
+    train.fuse("rowwise_adagrad", 0.1)
+    if spill.sys.platform.startswith("linux"):
+        assert len(released) >= 3000 // 100 and all(released)
+    after = train.weights()
+    assert all(torch.equal(after[k], before[k]) for k in before)
