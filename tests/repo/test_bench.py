@@ -119,26 +119,31 @@ class _Answer(BaseHTTPRequestHandler):
         pass
 
 
-def test_load_generator_runs_in_its_own_process() -> None:
+def _load_against_stub(**spec: object) -> dict:
+    """The load generator's figures against a keep-alive stub server answering one row."""
     from bench.serving import _run_load
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Answer)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        spec = {
-            "port": server.server_address[1],
-            "bodies": ['{"instances": [{}]}'],
-            "rows": 1,
-            "clients": 2,
-            "seconds": 0.5,
-            "warmup_s": 0.1,
-            "max_requests": 50,
-        }
-        figures = _run_load(spec)
+        return _run_load(
+            {
+                "port": server.server_address[1],
+                "bodies": ['{"instances": [{}]}'],
+                "rows": 1,
+                "clients": 2,
+                "warmup_s": 0.1,
+                **spec,
+            }
+        )
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_load_generator_runs_in_its_own_process() -> None:
+    figures = _load_against_stub(seconds=0.5, max_requests=50)
     assert figures["errors"] == 0
     assert figures["requests/s"] > 0
     assert figures["p50_ms"] <= figures["p99_ms"]
@@ -148,27 +153,8 @@ def test_load_generator_runs_in_its_own_process() -> None:
 def test_load_generator_measures_windows_and_what_else_ran() -> None:
     """Several windows, each kept with its own figures and the machine's use meanwhile; the
     result is their median (errors summed)."""
-    from bench.serving import _run_load
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Answer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        spec = {
-            "port": server.server_address[1],
-            "bodies": ['{"instances": [{}]}'],
-            "rows": 1,
-            "clients": 2,
-            "seconds": 0.3,
-            "warmup_s": 0.1,
-            "windows": 3,
-            "watch_pids": [os.getpid()],  # the server is this process's thread
-            "max_requests": 30,
-        }
-        figures = _run_load(spec)
-    finally:
-        server.shutdown()
-        server.server_close()
+    # the server is this process's thread
+    figures = _load_against_stub(seconds=0.3, windows=3, watch_pids=[os.getpid()], max_requests=30)
     windows = figures["windows"]
     assert len(windows) == 3
     assert figures["rows/s"] == sorted(w["rows/s"] for w in windows)[1]

@@ -118,15 +118,7 @@ def test_restoring_lets_the_mapped_files_pages_go_module_by_module(tmp_path):
     seen = []
 
     def resident(*_):
-        total, inside = 0, False
-        with open("/proc/self/smaps") as f:
-            for line in f:
-                head = line.split()
-                if head and "-" in head[0] and ":" not in head[0]:
-                    inside = line.rstrip().endswith(str(path))
-                elif inside and line.startswith("Rss:"):
-                    total += int(line.split()[1]) * 1024
-        seen.append(total)
+        seen.append(_resident_bytes(path))
 
     hooks = [m.register_load_state_dict_pre_hook(resident) for m in target]
     state = load_weights(path, "best weights", mmap=True)
