@@ -81,17 +81,28 @@ class Mapped:
         """Copies every tensor into ``targets[name]``; from a file, ``chunk_bytes`` of rows
         at a time with its pages dropped after each chunk, so one table held as a single
         tensor is never resident whole from the file beside its copy."""
-        chunk_bytes = chunk_bytes or CHUNK_BYTES
         with torch.no_grad():
             for name, src in self.tensors.items():
-                dst = targets[name]
-                if not self.ranges or src.dim() == 0 or src.shape[0] == 0:
-                    dst.copy_(src)
-                    continue
-                step = max(1, chunk_bytes // max(1, src[0].numel() * src.element_size()))
-                for i in range(0, src.shape[0], step):
-                    dst[i : i + step].copy_(src[i : i + step])
-                    release_mapped(self.ranges)
+                copy_rows(targets[name], src, self.ranges, chunk_bytes)
+
+
+def copy_rows(
+    dst: torch.Tensor,
+    src: torch.Tensor,
+    ranges: list[tuple[int, int]],
+    chunk_bytes: int | None = None,
+) -> None:
+    """``src`` copied into the same-shaped ``dst``; where ``src`` is mapped from a file
+    (``ranges``, its mappings), ``chunk_bytes`` (:data:`CHUNK_BYTES`) of rows at a time with
+    the file's pages dropped after each chunk, so a table held as one tensor is never
+    resident whole from the file beside its copy."""
+    if not ranges or src.dim() == 0 or src.shape[0] == 0:
+        dst.copy_(src)
+        return
+    step = max(1, (chunk_bytes or CHUNK_BYTES) // max(1, src[0].numel() * src.element_size()))
+    for i in range(0, src.shape[0], step):
+        dst[i : i + step].copy_(src[i : i + step])
+        release_mapped(ranges)
 
 
 @contextmanager

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressors.core.spill import mapped_ranges, release_mapped
+from compressors.core.spill import copy_rows, mapped_ranges, release_mapped
 from ctr.training.placement import embedding_rows, table_modules
 from datasets.io import atomic_write
 
@@ -385,7 +385,7 @@ def _copy_mapped_into(
     live: dict[str, Any],
     state: dict[str, Any],
     ranges: list[tuple[int, int]],
-    chunk_bytes: int = 64 << 20,
+    chunk_bytes: int | None = None,
 ) -> dict[str, Any]:
     """``state`` (mapped from a file) copied into the same-shaped ``live`` tensors in chunks
     of rows, the file's pages dropped after each chunk: a table held as one tensor (the
@@ -409,11 +409,7 @@ def _copy_mapped_into(
                 or dst.device != src.device
             ):
                 continue
-            row = max(1, src[0].numel() * src.element_size())
-            step = max(1, chunk_bytes // row)
-            for i in range(0, src.shape[0], step):
-                dst[i : i + step].copy_(src[i : i + step])
-                release_mapped(ranges)
+            copy_rows(dst, src, ranges, chunk_bytes)
             out[k] = dst
     return out
 

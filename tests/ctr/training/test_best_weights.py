@@ -140,6 +140,7 @@ def test_restoring_lets_the_mapped_files_pages_go_module_by_module(tmp_path):
 def test_a_table_held_as_one_tensor_is_restored_a_chunk_at_a_time(tmp_path, monkeypatch):
     """The pruning family holds its table as one tensor: one module, so the per-module
     release alone would leave it resident whole from the file."""
+    from compressors.core import spill
     from ctr.training import checkpoint
     from ctr.training.checkpoint import _copy_mapped_into, load_weights
 
@@ -150,13 +151,13 @@ def test_a_table_held_as_one_tensor_is_restored_a_chunk_at_a_time(tmp_path, monk
     ranges = checkpoint.mapped_ranges(path)
     live = {"table": torch.zeros_like(table), "scale": torch.zeros(())}
     seen = []
-    release = checkpoint.release_mapped
+    release = spill.release_mapped
 
     def recorded(r):
         release(r)
         seen.append(_resident_bytes(path))
 
-    monkeypatch.setattr(checkpoint, "release_mapped", recorded)
+    monkeypatch.setattr(spill, "release_mapped", recorded)  # the chunked copy's release
     out = _copy_mapped_into(live, state, ranges, chunk_bytes=1 << 20)
     assert out["table"] is live["table"] and torch.equal(live["table"], table)
     assert out["scale"] is state["scale"]  # 0-d: left to the load
