@@ -179,7 +179,9 @@ class BatchLoader:
             # A batch that spans shards keeps only its rows of this one, not the whole decoded
             # shard: with a small row share (a few rows of every shard) a batch would otherwise
             # hold dozens of decoded shards at once, a count that grows with the split.
-            carry = [(cols.take(r), np.arange(len(r))) for cols, r in carry]
+            # Only the last entry can be this shard's; the earlier ones were cut at their own.
+            if carry and carry[-1][0] is cols:
+                carry[-1] = (cols.take(carry[-1][1]), np.arange(len(carry[-1][1])))
         if carried and not self.drop_last and index >= start_batch:
             yield self._batch(carry)
 
